@@ -1,0 +1,31 @@
+//! # fledge-core — the pure heart of Fledge
+//!
+//! Everything that decides lives here, with no I/O, no async and no clock of its own, so the
+//! controller, the tests, the simulation benchmark and the browser simulator all run exactly the
+//! same code. Data flows through it like this:
+//!
+//! ```text
+//! filter (Wasm) ──writes──▶ metrics named by `contract` ──scraped by controller──▶ `observe::Observation`
+//!                                                                                   │
+//!  `spec::Canary` (validated) ─────────────────────────────────────────────────┐     ▼
+//!                                                  `rollout::step(spec, status, input, now)`
+//!                                                                 │   uses `analysis::evaluate`
+//!                                                                 ▼
+//!                                                 (new `CanaryStatus`, `Vec<Action>`)
+//! ```
+//!
+//! - [`contract`]: metric names, label keys, response classes — shared by filter and controller.
+//! - [`filter_config`]: the filter's plugin configuration schema and its validation.
+//! - [`observe`]: per-subset traffic, latency histograms, cumulative → per-interval deltas.
+//! - [`duration`]: human durations (`30s`, `2m`) used in specs.
+//! - [`spec`]: the Canary spec and its validation (errors name the field and the fix).
+//! - [`analysis`]: judging one interval's observation against the spec's metrics.
+//! - [`rollout`]: the state machine.
+
+pub mod analysis;
+pub mod contract;
+pub mod duration;
+pub mod filter_config;
+pub mod observe;
+pub mod rollout;
+pub mod spec;
