@@ -1,0 +1,26 @@
+//! Metrics sources: where the controller reads per-subset traffic from.
+//!
+//! A source is built for one canary and returns, on each call, the traffic of that canary's
+//! stable and canary subsets *since the previous call* (a per-interval delta), or a typed
+//! error — never a silent zero. New backends are new files implementing [`MetricsSource`].
+
+use async_trait::async_trait;
+use fledge_core::observe::{Observation, ObservationError};
+
+/// Which series of the filter's metrics belong to one canary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubsetSelector {
+    /// Value of the `fledge_service` label.
+    pub service: String,
+    /// Value of the `fledge_subset` label for the stable version.
+    pub stable_subset: String,
+    /// Value of the `fledge_subset` label for the canary version.
+    pub canary_subset: String,
+}
+
+#[async_trait]
+pub trait MetricsSource: Send {
+    /// Traffic since the previous call. The first call only records a baseline and returns
+    /// `Err(ObservationError::Baseline)`.
+    async fn observe(&mut self) -> Result<Observation, ObservationError>;
+}
