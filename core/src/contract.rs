@@ -230,7 +230,11 @@ mod tests {
     fn stat_name_encoding_matches_istio_convention() {
         let name = encode_stat_name(
             REQUESTS_TOTAL,
-            &[(TAG_SERVICE, "app"), (TAG_SUBSET, "canary"), (TAG_CLASS, "5xx")],
+            &[
+                (TAG_SERVICE, "app"),
+                (TAG_SUBSET, "canary"),
+                (TAG_CLASS, "5xx"),
+            ],
         );
         assert_eq!(
             name,

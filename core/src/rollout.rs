@@ -1,1 +1,789 @@
-//! (being written)
+//! The rollout state machine: `step(spec, status, input, now) -> (new status, actions)`.
+//!
+//! It never sleeps, never does I/O and takes the clock as an argument, so the controller, the
+//! tests and simulations run the same decisions. The caller (the controller) is level-triggered:
+//! it makes the traffic router match `status.canary_weight`, persists the status, and calls
+//! [`step`] again once per analysis interval with a fresh observation (or with only a command
+//! when an operator asks for something).
+//!
+//! ```text
+//! Initializing ─▶ Progressing ⇄ Halted (no data / metrics down: never promotes)
+//!                    │   ⇅
+//!                    │ Paused (indefinite pause, waits for a promote request)
+//!                    ├─▶ Promoted   (last step passed: 100% canary)
+//!                    └─▶ RolledBack (failed checks reached the threshold, or aborted: 0% canary)
+//! ```
+
+use crate::analysis::{evaluate, AnalysisReport, Verdict};
+use crate::observe::{Observation, ObservationError};
+use crate::spec::{CanarySpec, Step};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Most recent transitions kept in the status.
+pub const HISTORY_LIMIT: usize = 100;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Phase {
+    #[default]
+    Initializing,
+    Progressing,
+    /// Waiting at an indefinite pause for a promote request.
+    Paused,
+    /// No usable data (no canary traffic, metrics unavailable): nothing advances until data
+    /// returns.
+    Halted,
+    Promoted,
+    RolledBack,
+}
+
+impl Phase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Promoted | Phase::RolledBack)
+    }
+}
+
+/// One entry of the status history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Transition {
+    pub at: DateTime<Utc>,
+    pub phase: Phase,
+    pub canary_weight: u8,
+    pub step: usize,
+    pub reason: String,
+}
+
+/// The last analysis and when it ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TimedReport {
+    pub at: DateTime<Utc>,
+    /// False when the step is before `startingStep`: shown, but not acted on.
+    pub enforced: bool,
+    #[serde(flatten)]
+    pub report: AnalysisReport,
+}
+
+/// Everything needed to continue a rollout after a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryStatus {
+    pub phase: Phase,
+    /// The weight (percent) the canary should receive; the controller makes the router match.
+    pub canary_weight: u8,
+    /// Index of the current step in the plan (`AnalysisSpec::plan`).
+    pub step: usize,
+    pub step_started_at: Option<DateTime<Utc>>,
+    /// Passing analyses at the current step.
+    pub step_passed_checks: u32,
+    /// Failed analyses since the rollout started.
+    pub failed_checks: u32,
+    pub started_at: Option<DateTime<Utc>>,
+    /// The latest reason, in one line.
+    pub message: String,
+    pub last_analysis: Option<TimedReport>,
+    pub history: Vec<Transition>,
+}
+
+/// A request from an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Command {
+    /// Continue past an indefinite pause.
+    Promote,
+    /// Roll back now.
+    Abort,
+}
+
+/// What one call of [`step`] is given besides the spec, status and time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Input {
+    /// `None` for a call that carries only a command (no analysis happens).
+    pub observation: Option<Result<Observation, ObservationError>>,
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventReason {
+    Started,
+    CanaryAdvanced,
+    Paused,
+    Resumed,
+    Halted,
+    AnalysisFailed,
+    Promoted,
+    RollbackTriggered,
+}
+
+/// Side effects the caller performs after persisting the new status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Action {
+    /// Route this percentage to the canary (the rest to stable).
+    SetWeight { canary: u8 },
+    /// Tell humans (log line, Kubernetes Event, webhook).
+    Event {
+        reason: EventReason,
+        warning: bool,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub status: CanaryStatus,
+    pub actions: Vec<Action>,
+}
+
+/// How this call's observation was judged, as far as advancing is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Judgement {
+    /// No observation in this call (command only, or only a baseline so far).
+    None,
+    /// Metrics judged and passed — or the step is before `startingStep` (nothing to enforce).
+    Pass,
+    Fail,
+    NoData,
+}
+
+/// Advance the rollout by one call. Pure: the same arguments always give the same decision.
+pub fn step(
+    spec: &CanarySpec,
+    status: &CanaryStatus,
+    input: &Input,
+    now: DateTime<Utc>,
+) -> Decision {
+    let mut machine = Machine {
+        spec,
+        plan: spec.analysis.plan(),
+        status: status.clone(),
+        actions: Vec::new(),
+        now,
+    };
+    machine.run(input);
+    Decision {
+        status: machine.status,
+        actions: machine.actions,
+    }
+}
+
+struct Machine<'a> {
+    spec: &'a CanarySpec,
+    plan: Vec<Step>,
+    status: CanaryStatus,
+    actions: Vec<Action>,
+    now: DateTime<Utc>,
+}
+
+impl Machine<'_> {
+    fn run(&mut self, input: &Input) {
+        if self.status.phase.is_terminal() {
+            return;
+        }
+        if input.command == Some(Command::Abort) {
+            self.roll_back("aborted by operator".to_string());
+            return;
+        }
+        if self.status.phase == Phase::Initializing {
+            self.status.started_at = Some(self.now);
+            self.event(EventReason::Started, false, "rollout started".into());
+            self.enter_step(0);
+            return;
+        }
+
+        let judgement = match &input.observation {
+            None | Some(Err(ObservationError::Baseline)) => Judgement::None,
+            Some(Err(err)) => {
+                self.halt(format!("metrics unavailable, not judging: {err}"));
+                Judgement::NoData
+            }
+            Some(Ok(observation)) => self.judge(observation),
+        };
+        if self.status.phase.is_terminal() {
+            return;
+        }
+        if judgement == Judgement::Pass && self.status.phase == Phase::Halted {
+            let phase = self.phase_for_current_step();
+            self.transition(phase, "data is back, resuming".into());
+            self.event(EventReason::Resumed, false, self.status.message.clone());
+        }
+        if self.ready_to_advance(judgement, input.command == Some(Command::Promote)) {
+            self.enter_step(self.status.step + 1);
+        }
+    }
+
+    fn judge(&mut self, observation: &Observation) -> Judgement {
+        let report = evaluate(&self.spec.analysis, observation);
+        let enforced = self.status.step >= self.spec.analysis.starting_step;
+        let verdict = report.verdict;
+        let reason = report.reason.clone();
+        self.status.last_analysis = Some(TimedReport {
+            at: self.now,
+            enforced,
+            report,
+        });
+        if !enforced {
+            return Judgement::Pass;
+        }
+        match verdict {
+            Verdict::Pass => {
+                self.status.step_passed_checks += 1;
+                Judgement::Pass
+            }
+            Verdict::NoData => {
+                self.halt(reason);
+                Judgement::NoData
+            }
+            Verdict::Fail => {
+                self.status.failed_checks += 1;
+                let threshold = self.spec.analysis.threshold;
+                let failed = self.status.failed_checks;
+                if failed >= threshold {
+                    self.roll_back(format!(
+                        "rolling back: failed checks threshold reached {failed}/{threshold}: {reason}"
+                    ));
+                } else {
+                    self.status.message =
+                        format!("analysis failed ({failed}/{threshold}): {reason}");
+                    self.event(
+                        EventReason::AnalysisFailed,
+                        true,
+                        self.status.message.clone(),
+                    );
+                }
+                Judgement::Fail
+            }
+        }
+    }
+
+    fn ready_to_advance(&self, judgement: Judgement, promote_requested: bool) -> bool {
+        if self.status.phase == Phase::Halted && !promote_requested {
+            return false;
+        }
+        match self.plan.get(self.status.step) {
+            // Hold each weight for at least one judged interval.
+            Some(Step::SetWeight(_)) => judgement == Judgement::Pass,
+            Some(Step::Pause(pause)) => match pause.duration {
+                Some(duration) => {
+                    let started = self.status.step_started_at.unwrap_or(self.now);
+                    judgement == Judgement::Pass && self.now - started >= duration.to_chrono()
+                }
+                // A human decides; a failing interval still blocks the move.
+                None => promote_requested && judgement != Judgement::Fail,
+            },
+            None => judgement == Judgement::Pass,
+        }
+    }
+
+    fn enter_step(&mut self, index: usize) {
+        self.status.step = index;
+        self.status.step_started_at = Some(self.now);
+        self.status.step_passed_checks = 0;
+        match self.plan.get(index).cloned() {
+            None => self.promote(),
+            Some(Step::SetWeight(weight)) => {
+                self.set_weight(weight);
+                self.transition(
+                    Phase::Progressing,
+                    format!(
+                        "advance canary weight to {weight}% (step {}/{})",
+                        index + 1,
+                        self.plan.len()
+                    ),
+                );
+                self.event(
+                    EventReason::CanaryAdvanced,
+                    false,
+                    self.status.message.clone(),
+                );
+            }
+            Some(Step::Pause(pause)) => {
+                let weight = self.status.canary_weight;
+                match pause.duration {
+                    Some(duration) => self.transition(
+                        Phase::Progressing,
+                        format!("pausing {duration} at {weight}% (step {}/{})", index + 1, self.plan.len()),
+                    ),
+                    None => self.transition(
+                        Phase::Paused,
+                        format!(
+                            "paused at {weight}% until promoted (step {}/{}); POST /api/v1/canaries/<name>/promote to continue",
+                            index + 1,
+                            self.plan.len()
+                        ),
+                    ),
+                }
+                self.event(EventReason::Paused, false, self.status.message.clone());
+            }
+        }
+    }
+
+    fn phase_for_current_step(&self) -> Phase {
+        match self.plan.get(self.status.step) {
+            Some(Step::Pause(pause)) if pause.duration.is_none() => Phase::Paused,
+            _ => Phase::Progressing,
+        }
+    }
+
+    fn promote(&mut self) {
+        self.set_weight(100);
+        self.transition(
+            Phase::Promoted,
+            "promotion completed: all traffic goes to the canary".into(),
+        );
+        self.event(EventReason::Promoted, false, self.status.message.clone());
+    }
+
+    fn roll_back(&mut self, reason: String) {
+        self.set_weight(0);
+        self.transition(Phase::RolledBack, reason);
+        self.event(
+            EventReason::RollbackTriggered,
+            true,
+            self.status.message.clone(),
+        );
+    }
+
+    fn halt(&mut self, reason: String) {
+        let first = self.status.phase != Phase::Halted;
+        if first {
+            self.transition(Phase::Halted, format!("halt advancement: {reason}"));
+            self.event(EventReason::Halted, true, self.status.message.clone());
+        } else {
+            self.status.message = format!("halt advancement: {reason}");
+        }
+    }
+
+    fn set_weight(&mut self, weight: u8) {
+        if self.status.canary_weight != weight || self.actions.is_empty() {
+            self.status.canary_weight = weight;
+            self.actions.push(Action::SetWeight { canary: weight });
+        }
+    }
+
+    fn transition(&mut self, phase: Phase, reason: String) {
+        self.status.phase = phase;
+        self.status.message = reason.clone();
+        self.status.history.push(Transition {
+            at: self.now,
+            phase,
+            canary_weight: self.status.canary_weight,
+            step: self.status.step,
+            reason,
+        });
+        let excess = self.status.history.len().saturating_sub(HISTORY_LIMIT);
+        self.status.history.drain(..excess);
+    }
+
+    fn event(&mut self, reason: EventReason, warning: bool, message: String) {
+        self.actions.push(Action::Event {
+            reason,
+            warning,
+            message,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::ResponseClass;
+    use crate::duration::HumanDuration;
+    use crate::observe::{LatencyHistogram, SubsetTraffic};
+    use crate::spec::tests::example;
+    use crate::spec::StepSpec;
+    use chrono::TimeZone;
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_700_000_000 + secs, 0).unwrap()
+    }
+
+    fn traffic(ok: u64, err: u64) -> SubsetTraffic {
+        let total = ok + err;
+        let mut tr = SubsetTraffic {
+            latency: LatencyHistogram {
+                bounds_ms: vec![50.0, 500.0],
+                cumulative: vec![total, total],
+                count: total,
+                sum_ms: 0.0,
+            },
+            ..Default::default()
+        };
+        tr.add(ResponseClass::Success, ok);
+        tr.add(ResponseClass::ServerError, err);
+        tr
+    }
+
+    fn healthy() -> Input {
+        Input {
+            observation: Some(Ok(Observation {
+                stable: traffic(500, 0),
+                canary: traffic(100, 0),
+            })),
+            command: None,
+        }
+    }
+    fn failing() -> Input {
+        Input {
+            observation: Some(Ok(Observation {
+                stable: traffic(500, 0),
+                canary: traffic(80, 20),
+            })),
+            command: None,
+        }
+    }
+    fn idle() -> Input {
+        Input {
+            observation: Some(Ok(Observation {
+                stable: traffic(500, 0),
+                canary: traffic(2, 0),
+            })),
+            command: None,
+        }
+    }
+    fn outage() -> Input {
+        Input {
+            observation: Some(Err(ObservationError::Unreachable(
+                "http://127.0.0.1:1: refused".into(),
+            ))),
+            command: None,
+        }
+    }
+    fn baseline() -> Input {
+        Input {
+            observation: Some(Err(ObservationError::Baseline)),
+            command: None,
+        }
+    }
+    fn command(c: Command) -> Input {
+        Input {
+            observation: None,
+            command: Some(c),
+        }
+    }
+
+    /// A spec with steps 20%, 40%, 60% (threshold 2, interval 10s, min 10 canary requests).
+    fn simple_spec() -> CanarySpec {
+        let mut spec = example().spec;
+        spec.analysis.steps = Some(vec![
+            StepSpec::set_weight(20),
+            StepSpec::set_weight(40),
+            StepSpec::set_weight(60),
+        ]);
+        spec
+    }
+
+    /// Run inputs one per 10 s, returning (phase, weight, step) after each.
+    fn drive(spec: &CanarySpec, inputs: &[Input]) -> (CanaryStatus, Vec<(Phase, u8, usize)>) {
+        let mut status = CanaryStatus::default();
+        let mut trace = Vec::new();
+        for (i, input) in inputs.iter().enumerate() {
+            status = step(spec, &status, input, t(10 * i as i64)).status;
+            trace.push((status.phase, status.canary_weight, status.step));
+        }
+        (status, trace)
+    }
+
+    use Phase::*;
+
+    #[test]
+    fn healthy_canary_walks_the_steps_and_promotes() {
+        let spec = simple_spec();
+        let (status, trace) = drive(&spec, &[baseline(), healthy(), healthy(), healthy()]);
+        assert_eq!(
+            trace,
+            vec![
+                (Progressing, 20, 0),
+                (Progressing, 40, 1),
+                (Progressing, 60, 2),
+                (Promoted, 100, 3),
+            ]
+        );
+        assert_eq!(status.failed_checks, 0);
+        let phases: Vec<Phase> = status.history.iter().map(|h| h.phase).collect();
+        assert_eq!(
+            phases,
+            vec![Progressing, Progressing, Progressing, Promoted]
+        );
+    }
+
+    #[test]
+    fn a_baseline_tick_does_not_advance() {
+        let spec = simple_spec();
+        let (_, trace) = drive(&spec, &[baseline(), baseline(), healthy()]);
+        assert_eq!(
+            trace,
+            vec![
+                (Progressing, 20, 0),
+                (Progressing, 20, 0),
+                (Progressing, 40, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn failed_checks_reach_threshold_and_roll_back() {
+        let spec = simple_spec(); // threshold 2
+        let (status, trace) = drive(
+            &spec,
+            &[baseline(), healthy(), failing(), healthy(), failing()],
+        );
+        assert_eq!(
+            trace,
+            vec![
+                (Progressing, 20, 0),
+                (Progressing, 40, 1),
+                (Progressing, 40, 1),
+                (Progressing, 60, 2),
+                (RolledBack, 0, 2),
+            ]
+        );
+        assert_eq!(status.failed_checks, 2);
+        assert!(
+            status
+                .message
+                .contains("failed checks threshold reached 2/2"),
+            "{}",
+            status.message
+        );
+        assert!(
+            status.message.contains("success rate 80%"),
+            "{}",
+            status.message
+        );
+    }
+
+    #[test]
+    fn a_failed_interval_holds_the_weight() {
+        let mut spec = simple_spec();
+        spec.analysis.threshold = 5;
+        let (status, trace) = drive(&spec, &[baseline(), failing(), failing(), healthy()]);
+        assert_eq!(
+            trace[1..],
+            [
+                (Progressing, 20, 0),
+                (Progressing, 20, 0),
+                (Progressing, 40, 1)
+            ]
+        );
+        assert_eq!(status.failed_checks, 2);
+    }
+
+    #[test]
+    fn no_traffic_halts_and_never_promotes() {
+        let spec = simple_spec();
+        let inputs: Vec<Input> = std::iter::once(baseline())
+            .chain((0..20).map(|_| idle()))
+            .collect();
+        let (status, trace) = drive(&spec, &inputs);
+        assert!(
+            trace[1..].iter().all(|s| *s == (Halted, 20, 0)),
+            "{trace:?}"
+        );
+        assert!(
+            status.message.contains("canary receives no traffic"),
+            "{}",
+            status.message
+        );
+        assert_eq!(status.failed_checks, 0);
+        // One Halted transition, not twenty.
+        assert_eq!(
+            status.history.iter().filter(|h| h.phase == Halted).count(),
+            1
+        );
+    }
+
+    #[test]
+    fn metrics_outage_halts_then_resumes() {
+        let spec = simple_spec();
+        let (status, trace) = drive(
+            &spec,
+            &[baseline(), outage(), outage(), healthy(), healthy()],
+        );
+        assert_eq!(
+            trace,
+            vec![
+                (Progressing, 20, 0),
+                (Halted, 20, 0),
+                (Halted, 20, 0),
+                (Progressing, 40, 1),
+                (Progressing, 60, 2),
+            ]
+        );
+        assert!(status
+            .history
+            .iter()
+            .any(|h| h.reason.contains("metrics unavailable")));
+        assert!(status.history.iter().any(|h| h.reason.contains("resuming")));
+    }
+
+    #[test]
+    fn analysis_before_starting_step_is_shown_but_not_enforced() {
+        let mut spec = simple_spec();
+        spec.analysis.starting_step = 2;
+        let (status, trace) = drive(
+            &spec,
+            &[baseline(), failing(), idle(), failing(), failing()],
+        );
+        assert_eq!(
+            trace,
+            vec![
+                (Progressing, 20, 0),
+                (Progressing, 40, 1),
+                (Progressing, 60, 2),
+                (Progressing, 60, 2),
+                (RolledBack, 0, 2),
+            ]
+        );
+        assert_eq!(status.failed_checks, 2);
+    }
+
+    #[test]
+    fn timed_pause_waits_for_its_duration() {
+        let mut spec = simple_spec();
+        spec.analysis.steps = Some(vec![
+            StepSpec::set_weight(20),
+            StepSpec::pause(Some(HumanDuration::from_secs(25))),
+            StepSpec::set_weight(50),
+        ]);
+        // Entered the pause at t=10; 25 s later is t=35, so the tick at t=40 leaves it.
+        let (_, trace) = drive(
+            &spec,
+            &[
+                baseline(),
+                healthy(),
+                healthy(),
+                healthy(),
+                healthy(),
+                healthy(),
+            ],
+        );
+        assert_eq!(
+            trace,
+            vec![
+                (Progressing, 20, 0),
+                (Progressing, 20, 1),
+                (Progressing, 20, 1),
+                (Progressing, 20, 1),
+                (Progressing, 50, 2),
+                (Promoted, 100, 3),
+            ]
+        );
+    }
+
+    #[test]
+    fn indefinite_pause_waits_for_promote_and_failures_still_count() {
+        let mut spec = simple_spec();
+        spec.analysis.steps = Some(vec![
+            StepSpec::set_weight(20),
+            StepSpec::pause(None),
+            StepSpec::set_weight(50),
+        ]);
+        let (status, trace) = drive(
+            &spec,
+            &[
+                baseline(),
+                healthy(),
+                healthy(),
+                healthy(),
+                failing(),
+                command(Command::Promote),
+                healthy(),
+                healthy(),
+            ],
+        );
+        assert_eq!(
+            trace,
+            vec![
+                (Progressing, 20, 0),
+                (Paused, 20, 1),
+                (Paused, 20, 1),
+                (Paused, 20, 1),
+                (Paused, 20, 1),
+                (Progressing, 50, 2),
+                (Promoted, 100, 3),
+                (Promoted, 100, 3),
+            ]
+        );
+        assert_eq!(status.failed_checks, 1);
+    }
+
+    #[test]
+    fn promote_does_not_skip_a_weight_step() {
+        let spec = simple_spec();
+        let (_, trace) = drive(&spec, &[baseline(), command(Command::Promote)]);
+        assert_eq!(trace[1], (Progressing, 20, 0));
+    }
+
+    #[test]
+    fn abort_rolls_back_from_any_live_phase() {
+        let spec = simple_spec();
+        let (status, trace) = drive(
+            &spec,
+            &[baseline(), idle(), command(Command::Abort), healthy()],
+        );
+        assert_eq!(trace[2..], [(RolledBack, 0, 0), (RolledBack, 0, 0)]);
+        assert_eq!(status.message, "aborted by operator");
+    }
+
+    #[test]
+    fn terminal_phases_ignore_everything() {
+        let spec = simple_spec();
+        for phase in [Promoted, RolledBack] {
+            let status = CanaryStatus {
+                phase,
+                canary_weight: 55,
+                ..Default::default()
+            };
+            for input in [healthy(), failing(), outage(), command(Command::Abort)] {
+                let d = step(&spec, &status, &input, t(0));
+                assert_eq!(d.status, status);
+                assert!(d.actions.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn actions_carry_weights_and_events() {
+        let spec = simple_spec();
+        let d = step(&spec, &CanaryStatus::default(), &baseline(), t(0));
+        assert!(d.actions.contains(&Action::SetWeight { canary: 20 }));
+        assert!(d.actions.iter().any(|a| matches!(
+            a,
+            Action::Event {
+                reason: EventReason::CanaryAdvanced,
+                ..
+            }
+        )));
+        let d2 = step(&spec, &d.status, &failing(), t(10));
+        assert!(d2.actions.iter().any(|a| matches!(
+            a,
+            Action::Event {
+                reason: EventReason::AnalysisFailed,
+                warning: true,
+                ..
+            }
+        )));
+        assert!(!d2
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::SetWeight { .. })));
+    }
+
+    #[test]
+    fn step_is_deterministic_and_history_bounded() {
+        let spec = simple_spec();
+        let mut status = CanaryStatus::default();
+        status = step(&spec, &status, &baseline(), t(0)).status;
+        for i in 0..300 {
+            let input = if i % 2 == 0 { idle() } else { outage() };
+            let a = step(&spec, &status, &input, t(i));
+            let b = step(&spec, &status, &input, t(i));
+            assert_eq!(a, b);
+            status = a.status;
+            // Alternate halt reasons without data coming back: still one halt.
+        }
+        assert!(status.history.len() <= HISTORY_LIMIT);
+        assert_eq!(status.phase, Halted);
+    }
+}

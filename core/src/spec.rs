@@ -1,1 +1,981 @@
-//! (being written)
+//! The Canary spec: what an operator writes, and its validation.
+//!
+//! The same types are read by `fledge run` from YAML and will be served as the Kubernetes CRD.
+//! Unknown fields are rejected at parse time (a typo must not silently change behaviour), and
+//! [`Canary::validate`] reports *every* problem at once, each naming the field and the fix.
+
+use crate::duration::HumanDuration;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+pub const API_VERSION: &str = "fledge.dev/v1alpha1";
+pub const KIND: &str = "Canary";
+
+/// Built-in metric: percentage of canary requests that did not fail (5xx / no response).
+pub const METRIC_SUCCESS_RATE: &str = "request-success-rate";
+/// Built-in metric: canary latency at a quantile, in milliseconds.
+pub const METRIC_DURATION: &str = "request-duration";
+pub const KNOWN_METRICS: [&str; 2] = [METRIC_SUCCESS_RATE, METRIC_DURATION];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Canary {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: CanarySpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CanarySpec {
+    /// The `fledge_service` label value of the service being canaried.
+    pub service: String,
+    /// The stable version: its `fledge_subset` label value.
+    pub stable: SubsetRef,
+    /// The canary version: its `fledge_subset` label value.
+    pub canary: SubsetRef,
+    pub metrics_source: MetricsSourceSpec,
+    pub router: RouterSpec,
+    pub analysis: AnalysisSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SubsetRef {
+    pub subset: String,
+}
+
+/// Where per-subset metrics are read from. Exactly one field is set (a structural schema,
+/// as Kubernetes CRDs require, instead of a tagged enum).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MetricsSourceSpec {
+    /// Scrape the filter's metrics straight from one or more Envoy admin endpoints (no
+    /// Prometheus needed). Counters of all endpoints are summed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envoy_admin: Option<EnvoyAdminSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvoyAdminSpec {
+    /// Admin base URLs, e.g. `http://127.0.0.1:9901`.
+    pub urls: Vec<String>,
+    /// Per-scrape timeout.
+    #[serde(default = "default_scrape_timeout")]
+    pub timeout: HumanDuration,
+}
+
+fn default_scrape_timeout() -> HumanDuration {
+    HumanDuration::from_secs(2)
+}
+
+/// How traffic weights are changed. Exactly one field is set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouterSpec {
+    /// Rewrite a file-based RDS resource that Envoy watches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envoy_rds: Option<EnvoyRdsSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvoyRdsSpec {
+    /// The RDS file (a DiscoveryResponse in JSON or YAML) named by Envoy's `path_config_source`.
+    pub path: String,
+    /// Name of the RouteConfiguration in that file.
+    pub route_configuration: String,
+    /// Name of the virtual host that holds the route.
+    pub virtual_host: String,
+    /// Name of the route whose `weighted_clusters` are shifted.
+    pub route: String,
+    pub stable_cluster: String,
+    pub canary_cluster: String,
+    /// Envoy admin base URL, used to check that new weights are live (`/config_dump`).
+    pub admin_url: String,
+    /// How long to wait for new weights to become live before reporting an error.
+    #[serde(default = "default_verify_timeout")]
+    pub verify_timeout: HumanDuration,
+}
+
+fn default_verify_timeout() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AnalysisSpec {
+    /// How often metrics are read and judged. Each weight step lasts at least one interval.
+    #[serde(default = "default_interval")]
+    pub interval: HumanDuration,
+    /// Failed analysis intervals (in total) before the canary is rolled back.
+    #[serde(default = "default_threshold")]
+    pub threshold: u32,
+    /// Fewer canary requests than this in an interval means "no data": the rollout halts (and
+    /// never promotes) until traffic returns.
+    #[serde(default = "default_min_canary_requests")]
+    pub min_canary_requests: u64,
+    /// Explicit steps (Argo Rollouts style). Exclusive with `stepWeight`/`stepWeights`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<StepSpec>>,
+    /// Increase the canary weight by this much per interval (Flagger style) up to `maxWeight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_weight: Option<u8>,
+    /// Last weight before promotion when `stepWeight` is used (default 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_weight: Option<u8>,
+    /// An explicit list of weights, one per interval (Flagger style).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_weights: Option<Vec<u8>>,
+    /// Index of the step from which metrics are judged; earlier steps only wait one interval.
+    #[serde(default)]
+    pub starting_step: usize,
+    #[serde(default)]
+    pub metrics: Vec<MetricSpec>,
+}
+
+fn default_interval() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+fn default_threshold() -> u32 {
+    5
+}
+fn default_min_canary_requests() -> u64 {
+    20
+}
+const DEFAULT_MAX_WEIGHT: u8 = 50;
+
+/// One step as written in a spec: exactly one of `setWeight` or `pause`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StepSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_weight: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<Pause>,
+}
+
+impl StepSpec {
+    pub fn set_weight(weight: u8) -> Self {
+        StepSpec {
+            set_weight: Some(weight),
+            pause: None,
+        }
+    }
+
+    pub fn pause(duration: Option<HumanDuration>) -> Self {
+        StepSpec {
+            set_weight: None,
+            pause: Some(Pause { duration }),
+        }
+    }
+
+    /// The step this spec describes; `None` unless exactly one field is set (rejected by
+    /// validation).
+    pub fn to_step(&self) -> Option<Step> {
+        match (self.set_weight, &self.pause) {
+            (Some(weight), None) => Some(Step::SetWeight(weight)),
+            (None, Some(pause)) => Some(Step::Pause(pause.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// One step of a rollout plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Send this percentage of traffic to the canary, and hold it for at least one passing
+    /// analysis interval.
+    SetWeight(u8),
+    /// Hold the current weight for a duration, or (no duration) until a promote request.
+    Pause(Pause),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Pause {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<HumanDuration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MetricSpec {
+    /// `request-success-rate` (percent) or `request-duration` (milliseconds at `quantile`).
+    pub name: String,
+    pub threshold_range: ThresholdRange,
+    /// For `request-duration`: the quantile judged (default 0.99).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantile: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ThresholdRange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+}
+
+impl ThresholdRange {
+    pub fn contains(&self, value: f64) -> bool {
+        self.min.is_none_or(|min| value >= min) && self.max.is_none_or(|max| value <= max)
+    }
+}
+
+impl fmt::Display for ThresholdRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.min, self.max) {
+            (Some(min), Some(max)) => write!(f, "{min}..{max}"),
+            (Some(min), None) => write!(f, ">= {min}"),
+            (None, Some(max)) => write!(f, "<= {max}"),
+            (None, None) => f.write_str("any"),
+        }
+    }
+}
+
+/// A metric check, resolved from a [`MetricSpec`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MetricKind {
+    SuccessRate,
+    Duration { quantile: f64 },
+}
+
+impl MetricSpec {
+    /// The check this spec describes; `None` for unknown names (rejected by validation).
+    pub fn kind(&self) -> Option<MetricKind> {
+        match self.name.as_str() {
+            METRIC_SUCCESS_RATE => Some(MetricKind::SuccessRate),
+            METRIC_DURATION => Some(MetricKind::Duration {
+                quantile: self.quantile.unwrap_or(0.99),
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl AnalysisSpec {
+    /// The concrete step list: `steps` as written, or the weights from `stepWeights` /
+    /// `stepWeight`+`maxWeight`. Promotion follows the last step.
+    pub fn plan(&self) -> Vec<Step> {
+        if let Some(steps) = &self.steps {
+            return steps.iter().filter_map(StepSpec::to_step).collect();
+        }
+        if let Some(weights) = &self.step_weights {
+            return weights.iter().map(|w| Step::SetWeight(*w)).collect();
+        }
+        if let Some(step) = self.step_weight.filter(|s| *s > 0) {
+            let max = self.max_weight.unwrap_or(DEFAULT_MAX_WEIGHT).min(100);
+            let mut weights = Vec::new();
+            let mut w = step;
+            while w < max {
+                weights.push(Step::SetWeight(w));
+                w = w.saturating_add(step);
+            }
+            weights.push(Step::SetWeight(max));
+            return weights;
+        }
+        Vec::new()
+    }
+}
+
+/// One problem in a spec: where it is, what is wrong, and what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecError {
+    pub field: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}; {}", self.field, self.problem, self.fix)
+    }
+}
+
+/// Every problem found in one spec.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct SpecErrors(pub Vec<SpecError>);
+
+impl fmt::Display for SpecErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        write!(
+            f,
+            "{n} problem{} in the Canary spec:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            write!(f, "\n  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+struct Problems(Vec<SpecError>);
+
+impl Problems {
+    fn add(
+        &mut self,
+        field: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        self.0.push(SpecError {
+            field: field.into(),
+            problem: problem.into(),
+            fix: fix.into(),
+        });
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_http_url(s: &str) -> bool {
+    (s.starts_with("http://") && s.len() > 7) || (s.starts_with("https://") && s.len() > 8)
+}
+
+impl Canary {
+    pub fn name(&self) -> &str {
+        &self.metadata.name
+    }
+
+    /// Check everything serde cannot: ranges, exclusive options, cross-field rules.
+    pub fn validate(&self) -> Result<(), SpecErrors> {
+        let mut p = Problems(Vec::new());
+        if self.api_version != API_VERSION {
+            p.add(
+                "apiVersion",
+                format!("unsupported apiVersion {:?}", self.api_version),
+                format!("write `apiVersion: {API_VERSION}`"),
+            );
+        }
+        if self.kind != KIND {
+            p.add(
+                "kind",
+                format!("unsupported kind {:?}", self.kind),
+                format!("write `kind: {KIND}`"),
+            );
+        }
+        if !is_dns_label(&self.metadata.name) {
+            p.add(
+                "metadata.name",
+                format!("{:?} is not a valid name", self.metadata.name),
+                "use 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit, e.g. `name: checkout`",
+            );
+        }
+        self.spec.validate_into(&mut p);
+        if p.0.is_empty() {
+            Ok(())
+        } else {
+            Err(SpecErrors(p.0))
+        }
+    }
+}
+
+impl CanarySpec {
+    fn validate_into(&self, p: &mut Problems) {
+        if self.service.trim().is_empty() {
+            p.add(
+                "spec.service",
+                "is empty",
+                "write the `fledge_service` label value the filter records, e.g. `service: app`",
+            );
+        }
+        for (field, subset) in [
+            ("spec.stable.subset", &self.stable.subset),
+            ("spec.canary.subset", &self.canary.subset),
+        ] {
+            if subset.trim().is_empty() {
+                p.add(
+                    field,
+                    "is empty",
+                    "write the `fledge_subset` label value of that version, e.g. `subset: canary`",
+                );
+            }
+        }
+        if !self.stable.subset.is_empty() && self.stable.subset == self.canary.subset {
+            p.add(
+                "spec.canary.subset",
+                format!("is the same as spec.stable.subset ({:?})", self.canary.subset),
+                "stable and canary must be different subsets, e.g. `stable: {subset: stable}` and `canary: {subset: canary}`",
+            );
+        }
+        match &self.metrics_source.envoy_admin {
+            None => p.add(
+                "spec.metricsSource",
+                "names no metrics source",
+                "add `envoyAdmin: {urls: [\"http://127.0.0.1:9901\"]}`",
+            ),
+            Some(admin) => {
+                if admin.urls.is_empty() {
+                    p.add(
+                        "spec.metricsSource.envoyAdmin.urls",
+                        "is empty",
+                        "list at least one Envoy admin URL, e.g. `urls: [\"http://127.0.0.1:9901\"]`",
+                    );
+                }
+                for (i, url) in admin.urls.iter().enumerate() {
+                    if !is_http_url(url) {
+                        p.add(
+                            format!("spec.metricsSource.envoyAdmin.urls[{i}]"),
+                            format!("{url:?} is not an http(s) URL"),
+                            "write the admin base URL, e.g. `http://127.0.0.1:9901`",
+                        );
+                    }
+                }
+                if admin.timeout.as_millis() == 0 {
+                    p.add(
+                        "spec.metricsSource.envoyAdmin.timeout",
+                        "must be greater than zero",
+                        "write e.g. `timeout: 2s`",
+                    );
+                }
+            }
+        }
+        match &self.router.envoy_rds {
+            None => p.add(
+                "spec.router",
+                "names no traffic router",
+                "add `envoyRds: {path: ..., routeConfiguration: ..., virtualHost: ..., route: ..., stableCluster: ..., canaryCluster: ..., adminUrl: ...}`",
+            ),
+            Some(rds) => {
+                let base = "spec.router.envoyRds";
+                for (field, value, example) in [
+                    ("path", &rds.path, "path: /etc/envoy/rds/routes.json"),
+                    ("routeConfiguration", &rds.route_configuration, "routeConfiguration: fledge_route"),
+                    ("virtualHost", &rds.virtual_host, "virtualHost: app"),
+                    ("route", &rds.route, "route: primary"),
+                    ("stableCluster", &rds.stable_cluster, "stableCluster: app_stable"),
+                    ("canaryCluster", &rds.canary_cluster, "canaryCluster: app_canary"),
+                ] {
+                    if value.trim().is_empty() {
+                        p.add(format!("{base}.{field}"), "is empty", format!("write e.g. `{example}`"));
+                    }
+                }
+                if !rds.stable_cluster.is_empty() && rds.stable_cluster == rds.canary_cluster {
+                    p.add(
+                        format!("{base}.canaryCluster"),
+                        "is the same as stableCluster",
+                        "name the two different clusters of the route's weighted_clusters",
+                    );
+                }
+                if !is_http_url(&rds.admin_url) {
+                    p.add(
+                        format!("{base}.adminUrl"),
+                        format!("{:?} is not an http(s) URL", rds.admin_url),
+                        "write the Envoy admin base URL, e.g. `adminUrl: http://127.0.0.1:9901`",
+                    );
+                }
+            }
+        }
+        self.analysis.validate_into(p);
+    }
+}
+
+impl AnalysisSpec {
+    fn validate_into(&self, p: &mut Problems) {
+        let base = "spec.analysis";
+        if self.interval.as_millis() < 1000 {
+            p.add(
+                format!("{base}.interval"),
+                format!("{} is shorter than 1s", self.interval),
+                "write e.g. `interval: 30s` (metrics need time to accumulate)",
+            );
+        }
+        if self.threshold == 0 {
+            p.add(
+                format!("{base}.threshold"),
+                "must be at least 1",
+                "write the number of failed intervals that triggers a rollback, e.g. `threshold: 5`",
+            );
+        }
+        let styles = [
+            self.steps.is_some(),
+            self.step_weight.is_some() || self.max_weight.is_some(),
+            self.step_weights.is_some(),
+        ];
+        match styles.iter().filter(|s| **s).count() {
+            0 => p.add(
+                base,
+                "has no steps",
+                "add `steps: [{setWeight: 20}, {pause: {duration: 1m}}, {setWeight: 50}]`, or `stepWeight: 10` with `maxWeight: 50`, or `stepWeights: [5, 20, 50]`",
+            ),
+            1 => {}
+            _ => p.add(
+                base,
+                "sets more than one of steps, stepWeight/maxWeight and stepWeights",
+                "keep exactly one way of describing the steps",
+            ),
+        }
+        if let Some(steps) = &self.steps {
+            if steps.is_empty() {
+                p.add(
+                    format!("{base}.steps"),
+                    "is empty",
+                    "list at least one step, e.g. `steps: [{setWeight: 20}]`",
+                );
+            }
+            for (i, step) in steps.iter().enumerate() {
+                if step.to_step().is_none() {
+                    p.add(
+                        format!("{base}.steps[{i}]"),
+                        "must set exactly one of setWeight and pause",
+                        "write `{setWeight: 20}`, `{pause: {duration: 1m}}` or `{pause: {}}` as separate steps",
+                    );
+                }
+                if let Some(w) = step.set_weight {
+                    if w > 100 {
+                        p.add(
+                            format!("{base}.steps[{i}].setWeight"),
+                            format!("{w} is above 100"),
+                            "write a percentage from 0 to 100",
+                        );
+                    }
+                }
+            }
+        }
+        if self.max_weight.is_some() && self.step_weight.is_none() {
+            p.add(
+                format!("{base}.stepWeight"),
+                "is missing while maxWeight is set",
+                "add e.g. `stepWeight: 10`",
+            );
+        }
+        if let Some(step) = self.step_weight {
+            if step == 0 || step > 100 {
+                p.add(
+                    format!("{base}.stepWeight"),
+                    format!("{step} is not between 1 and 100"),
+                    "write e.g. `stepWeight: 10`",
+                );
+            }
+            let max = self.max_weight.unwrap_or(DEFAULT_MAX_WEIGHT);
+            if max == 0 || max > 100 || max < step {
+                p.add(
+                    format!("{base}.maxWeight"),
+                    format!("{max} is not between stepWeight ({step}) and 100"),
+                    "write e.g. `maxWeight: 50`",
+                );
+            }
+        }
+        if let Some(weights) = &self.step_weights {
+            if weights.is_empty() {
+                p.add(
+                    format!("{base}.stepWeights"),
+                    "is empty",
+                    "write e.g. `stepWeights: [5, 20, 50]`",
+                );
+            }
+            for (i, w) in weights.iter().enumerate() {
+                if *w > 100 {
+                    p.add(
+                        format!("{base}.stepWeights[{i}]"),
+                        format!("{w} is above 100"),
+                        "write a percentage from 0 to 100",
+                    );
+                }
+            }
+        }
+        let plan_len = self.plan().len();
+        if plan_len > 0 && self.starting_step >= plan_len {
+            p.add(
+                format!("{base}.startingStep"),
+                format!(
+                    "{} is past the last step (there are {plan_len})",
+                    self.starting_step
+                ),
+                format!("write a step index from 0 to {}", plan_len - 1),
+            );
+        }
+        let mut seen = Vec::new();
+        for (i, metric) in self.metrics.iter().enumerate() {
+            let field = format!("{base}.metrics[{i}]");
+            if seen.contains(&metric.name.as_str()) {
+                p.add(
+                    format!("{field}.name"),
+                    format!("{:?} is listed twice", metric.name),
+                    "list each metric once",
+                );
+            }
+            seen.push(metric.name.as_str());
+            let range = metric.threshold_range;
+            if range.min.is_none() && range.max.is_none() {
+                p.add(
+                    format!("{field}.thresholdRange"),
+                    "has neither min nor max",
+                    "set a bound, e.g. `thresholdRange: {min: 99}`",
+                );
+            }
+            if let (Some(min), Some(max)) = (range.min, range.max) {
+                if min > max {
+                    p.add(
+                        format!("{field}.thresholdRange"),
+                        format!("min {min} is above max {max}"),
+                        "swap them or drop one",
+                    );
+                }
+            }
+            for (bound, value) in [("min", range.min), ("max", range.max)] {
+                if value.is_some_and(|v| !v.is_finite()) {
+                    p.add(
+                        format!("{field}.thresholdRange.{bound}"),
+                        "is not a finite number",
+                        "write a plain number",
+                    );
+                }
+            }
+            match metric.kind() {
+                None => p.add(
+                    format!("{field}.name"),
+                    format!("unknown metric {:?}", metric.name),
+                    format!("use one of: {}", KNOWN_METRICS.join(", ")),
+                ),
+                Some(MetricKind::SuccessRate) => {
+                    if metric.quantile.is_some() {
+                        p.add(
+                            format!("{field}.quantile"),
+                            "only applies to request-duration",
+                            "remove `quantile`",
+                        );
+                    }
+                    if range.min.is_some_and(|m| !(0.0..=100.0).contains(&m)) {
+                        p.add(
+                            format!("{field}.thresholdRange.min"),
+                            "is a percentage and must be between 0 and 100",
+                            "write e.g. `thresholdRange: {min: 99}`",
+                        );
+                    }
+                }
+                Some(MetricKind::Duration { quantile }) => {
+                    if !(quantile > 0.0 && quantile < 1.0) {
+                        p.add(
+                            format!("{field}.quantile"),
+                            format!("{quantile} is not between 0 and 1"),
+                            "write e.g. `quantile: 0.99`",
+                        );
+                    }
+                    if range.max.is_none() {
+                        p.add(
+                            format!("{field}.thresholdRange.max"),
+                            "is missing: a latency limit needs a maximum in milliseconds",
+                            "write e.g. `thresholdRange: {max: 500}`",
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) const EXAMPLE: &str = r#"
+apiVersion: fledge.dev/v1alpha1
+kind: Canary
+metadata: {name: app}
+spec:
+  service: app
+  stable: {subset: stable}
+  canary: {subset: canary}
+  metricsSource:
+    envoyAdmin: {urls: ["http://127.0.0.1:9901"]}
+  router:
+    envoyRds:
+      path: /tmp/rds/routes.json
+      routeConfiguration: fledge_route
+      virtualHost: app
+      route: primary
+      stableCluster: app_stable
+      canaryCluster: app_canary
+      adminUrl: http://127.0.0.1:9901
+  analysis:
+    interval: 10s
+    threshold: 2
+    minCanaryRequests: 10
+    steps:
+      - setWeight: 20
+      - pause: {duration: 30s}
+      - setWeight: 50
+      - pause: {}
+    metrics:
+      - {name: request-success-rate, thresholdRange: {min: 99}}
+      - {name: request-duration, quantile: 0.99, thresholdRange: {max: 500}}
+"#;
+
+    pub(crate) fn example() -> Canary {
+        serde_yaml::from_str(EXAMPLE).unwrap()
+    }
+
+    fn fields_of(canary: &Canary) -> Vec<String> {
+        match canary.validate() {
+            Ok(()) => vec![],
+            Err(SpecErrors(errors)) => errors.into_iter().map(|e| e.field).collect(),
+        }
+    }
+
+    #[test]
+    fn example_is_valid_and_parses_steps() {
+        let c = example();
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(
+            c.spec.analysis.plan(),
+            vec![
+                Step::SetWeight(20),
+                Step::Pause(Pause {
+                    duration: Some(HumanDuration::from_secs(30))
+                }),
+                Step::SetWeight(50),
+                Step::Pause(Pause { duration: None }),
+            ]
+        );
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let yaml = EXAMPLE
+            .replace("    interval: 10s\n", "")
+            .replace("    threshold: 2\n", "")
+            .replace("    minCanaryRequests: 10\n", "");
+        let c: Canary = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(c.spec.analysis.interval, HumanDuration::from_secs(30));
+        assert_eq!(c.spec.analysis.threshold, 5);
+        assert_eq!(c.spec.analysis.min_canary_requests, 20);
+    }
+
+    #[test]
+    fn step_weight_plans() {
+        let cases: &[(Option<u8>, Option<u8>, &[u8])] = &[
+            (Some(10), None, &[10, 20, 30, 40, 50]),
+            (Some(20), Some(80), &[20, 40, 60, 80]),
+            (Some(30), Some(80), &[30, 60, 80]),
+            (Some(50), Some(50), &[50]),
+            (Some(25), Some(100), &[25, 50, 75, 100]),
+        ];
+        for (step, max, want) in cases {
+            let mut a = example().spec.analysis;
+            a.steps = None;
+            a.step_weight = *step;
+            a.max_weight = *max;
+            let got: Vec<u8> = a
+                .plan()
+                .into_iter()
+                .map(|s| match s {
+                    Step::SetWeight(w) => w,
+                    Step::Pause(_) => panic!("pause in a stepWeight plan"),
+                })
+                .collect();
+            assert_eq!(got, *want, "stepWeight {step:?} maxWeight {max:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_at_parse_time() {
+        let yaml = EXAMPLE.replace("threshold: 2", "treshold: 2");
+        let err = serde_yaml::from_str::<Canary>(&yaml)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `treshold`"), "{err}");
+        assert!(err.contains("threshold"), "{err}");
+    }
+
+    #[test]
+    fn invalid_fields_are_named_with_a_fix() {
+        type Mutate = fn(&mut Canary);
+        let cases: &[(Mutate, &str)] = &[
+            (|c| c.api_version = "v1".into(), "apiVersion"),
+            (|c| c.kind = "Rollout".into(), "kind"),
+            (|c| c.metadata.name = "App_1".into(), "metadata.name"),
+            (|c| c.spec.service = " ".into(), "spec.service"),
+            (
+                |c| c.spec.canary.subset = "stable".into(),
+                "spec.canary.subset",
+            ),
+            (|c| c.spec.stable.subset = "".into(), "spec.stable.subset"),
+            (
+                |c| c.spec.analysis.interval = HumanDuration::from_millis(10),
+                "spec.analysis.interval",
+            ),
+            (|c| c.spec.analysis.threshold = 0, "spec.analysis.threshold"),
+            (
+                |c| c.spec.analysis.steps = Some(vec![]),
+                "spec.analysis.steps",
+            ),
+            (
+                |c| c.spec.analysis.steps = Some(vec![StepSpec::set_weight(120)]),
+                "spec.analysis.steps[0].setWeight",
+            ),
+            (
+                |c| {
+                    c.spec.analysis.steps = Some(vec![StepSpec {
+                        set_weight: Some(10),
+                        pause: Some(Pause::default()),
+                    }])
+                },
+                "spec.analysis.steps[0]",
+            ),
+            (
+                |c| c.spec.analysis.steps = Some(vec![StepSpec::default()]),
+                "spec.analysis.steps[0]",
+            ),
+            (
+                |c| c.spec.metrics_source.envoy_admin = None,
+                "spec.metricsSource",
+            ),
+            (|c| c.spec.router.envoy_rds = None, "spec.router"),
+            (|c| c.spec.analysis.steps = None, "spec.analysis"),
+            (|c| c.spec.analysis.step_weight = Some(10), "spec.analysis"),
+            (
+                |c| c.spec.analysis.starting_step = 4,
+                "spec.analysis.startingStep",
+            ),
+            (
+                |c| c.spec.analysis.metrics[0].name = "success".into(),
+                "spec.analysis.metrics[0].name",
+            ),
+            (
+                |c| c.spec.analysis.metrics[0].threshold_range = ThresholdRange::default(),
+                "spec.analysis.metrics[0].thresholdRange",
+            ),
+            (
+                |c| c.spec.analysis.metrics[0].threshold_range.min = Some(120.0),
+                "spec.analysis.metrics[0].thresholdRange.min",
+            ),
+            (
+                |c| c.spec.analysis.metrics[0].quantile = Some(0.5),
+                "spec.analysis.metrics[0].quantile",
+            ),
+            (
+                |c| c.spec.analysis.metrics[1].quantile = Some(1.5),
+                "spec.analysis.metrics[1].quantile",
+            ),
+            (
+                |c| {
+                    c.spec.analysis.metrics[1].threshold_range = ThresholdRange {
+                        min: Some(1.0),
+                        max: None,
+                    }
+                },
+                "spec.analysis.metrics[1].thresholdRange.max",
+            ),
+            (
+                |c| c.spec.analysis.metrics[1].name = METRIC_SUCCESS_RATE.into(),
+                "spec.analysis.metrics[1].name",
+            ),
+            (
+                |c| c.spec.analysis.metrics[0].threshold_range.max = Some(f64::NAN),
+                "spec.analysis.metrics[0].thresholdRange.max",
+            ),
+            (
+                |c| {
+                    let a = c.spec.metrics_source.envoy_admin.as_mut().unwrap();
+                    a.urls = vec!["127.0.0.1:9901".into()];
+                },
+                "spec.metricsSource.envoyAdmin.urls[0]",
+            ),
+            (
+                |c| {
+                    let a = c.spec.metrics_source.envoy_admin.as_mut().unwrap();
+                    a.urls.clear();
+                },
+                "spec.metricsSource.envoyAdmin.urls",
+            ),
+            (
+                |c| {
+                    let r = c.spec.router.envoy_rds.as_mut().unwrap();
+                    r.route = String::new();
+                },
+                "spec.router.envoyRds.route",
+            ),
+            (
+                |c| {
+                    let r = c.spec.router.envoy_rds.as_mut().unwrap();
+                    r.canary_cluster = r.stable_cluster.clone();
+                },
+                "spec.router.envoyRds.canaryCluster",
+            ),
+            (
+                |c| {
+                    let r = c.spec.router.envoy_rds.as_mut().unwrap();
+                    r.admin_url = "localhost".into();
+                },
+                "spec.router.envoyRds.adminUrl",
+            ),
+        ];
+        for (mutate, field) in cases {
+            let mut c = example();
+            mutate(&mut c);
+            let fields = fields_of(&c);
+            assert!(
+                fields.iter().any(|f| f == field),
+                "expected an error on {field}, got {fields:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn step_weight_ranges() {
+        let mut c = example();
+        c.spec.analysis.steps = None;
+        c.spec.analysis.step_weight = Some(60);
+        c.spec.analysis.max_weight = Some(50);
+        assert!(fields_of(&c).contains(&"spec.analysis.maxWeight".to_string()));
+        c.spec.analysis.step_weight = Some(0);
+        assert!(fields_of(&c).contains(&"spec.analysis.stepWeight".to_string()));
+        c.spec.analysis.step_weight = None;
+        assert!(fields_of(&c).contains(&"spec.analysis.stepWeight".to_string()));
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once_and_readably() {
+        let mut c = example();
+        c.spec.analysis.threshold = 0;
+        c.spec.analysis.metrics[0].name = "latency".into();
+        let err = c.validate().unwrap_err();
+        assert_eq!(err.0.len(), 2);
+        let text = err.to_string();
+        assert!(text.starts_with("2 problems in the Canary spec:"), "{text}");
+        assert!(
+            text.contains("spec.analysis.threshold: must be at least 1; write"),
+            "{text}"
+        );
+        assert!(
+            text.contains("use one of: request-success-rate, request-duration"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn threshold_range_contains() {
+        let r = ThresholdRange {
+            min: Some(99.0),
+            max: None,
+        };
+        assert!(r.contains(99.0) && r.contains(100.0) && !r.contains(98.9));
+        let r = ThresholdRange {
+            min: None,
+            max: Some(500.0),
+        };
+        assert!(r.contains(500.0) && !r.contains(500.1));
+    }
+}
