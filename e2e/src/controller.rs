@@ -1,0 +1,279 @@
+//! The controller under test: a running `fledge run` and the Canary manifest it reads.
+//!
+//! CLI contract: `fledge run -f <canary.yaml> --listen 127.0.0.1:PORT --state-dir DIR`, serving
+//! `GET /api/v1/canaries` (a JSON array of canaries with `name`, `phase`, `canaryWeight`,
+//! `step`, `message`) and printing progress lines on stdout.
+
+use crate::envoy::{
+    CANARY_CLUSTER, ROUTE_CONFIG_NAME, ROUTE_NAME, STABLE_CLUSTER, VIRTUAL_HOST_NAME,
+};
+use crate::http;
+use crate::paths;
+use crate::process::{abort_if_exited, free_port, wait_until, LogFollower, Proc};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Phases a canary can be in.
+pub const PHASE_PROMOTED: &str = "Promoted";
+pub const PHASE_ROLLED_BACK: &str = "RolledBack";
+pub const PHASE_HALTED: &str = "Halted";
+pub const PHASE_PROGRESSING: &str = "Progressing";
+pub const PHASE_INITIALIZING: &str = "Initializing";
+
+/// Phases after which the controller changes nothing more by itself.
+pub const TERMINAL_PHASES: [&str; 3] = [PHASE_PROMOTED, PHASE_ROLLED_BACK, PHASE_HALTED];
+
+/// Values for a `Canary` manifest aimed at one harness [`crate::Envoy`].
+#[derive(Debug, Clone)]
+pub struct CanaryManifest {
+    pub name: String,
+    /// `fledge_service` label value.
+    pub service: String,
+    pub stable_subset: String,
+    pub canary_subset: String,
+    /// Envoy admin base URL (metrics source and route verification).
+    pub envoy_admin_url: String,
+    /// The watched RDS file.
+    pub rds_path: PathBuf,
+    /// YAML of `spec.analysis` (indented by the renderer).
+    pub analysis_yaml: String,
+}
+
+impl CanaryManifest {
+    /// The demo's rollout: 3 s intervals, 2 failed checks to roll back, at least 10 canary
+    /// requests per check, steps 20 → 40 → pause 3 s → 60 → 80, success rate ≥ 99 % and
+    /// p99 ≤ 500 ms.
+    pub fn demo_analysis() -> String {
+        "interval: 3s
+threshold: 2
+minCanaryRequests: 10
+steps: [{setWeight: 20}, {setWeight: 40}, {pause: {duration: 3s}}, {setWeight: 60}, {setWeight: 80}]
+metrics:
+  - {name: request-success-rate, thresholdRange: {min: 99}}
+  - {name: request-duration, quantile: 0.99, thresholdRange: {max: 500}}
+"
+        .to_string()
+    }
+
+    /// A manifest for canary `name` of service `service` (subsets `stable` and `canary`) behind
+    /// the Envoy with admin `envoy_admin_url` and RDS file `rds_path`, with the demo analysis.
+    pub fn new(name: &str, service: &str, envoy_admin_url: &str, rds_path: &Path) -> Self {
+        CanaryManifest {
+            name: name.to_string(),
+            service: service.to_string(),
+            stable_subset: "stable".into(),
+            canary_subset: "canary".into(),
+            envoy_admin_url: envoy_admin_url.to_string(),
+            rds_path: rds_path.to_path_buf(),
+            analysis_yaml: Self::demo_analysis(),
+        }
+    }
+
+    /// The manifest as YAML.
+    pub fn to_yaml(&self) -> String {
+        let quote = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+        let analysis: String = self
+            .analysis_yaml
+            .lines()
+            .map(|line| format!("    {line}\n"))
+            .collect();
+        format!(
+            "apiVersion: fledge.dev/v1alpha1
+kind: Canary
+metadata: {{name: {name}}}
+spec:
+  service: {service}
+  stable: {{subset: {stable}}}
+  canary: {{subset: {canary}}}
+  metricsSource:
+    envoyAdmin: {{urls: [{admin}]}}
+  router:
+    envoyRds:
+      path: {rds}
+      routeConfiguration: {route_config}
+      virtualHost: {virtual_host}
+      route: {route}
+      stableCluster: {stable_cluster}
+      canaryCluster: {canary_cluster}
+      adminUrl: {admin}
+  analysis:
+{analysis}",
+            name = quote(&self.name),
+            service = quote(&self.service),
+            stable = quote(&self.stable_subset),
+            canary = quote(&self.canary_subset),
+            admin = quote(&self.envoy_admin_url),
+            rds = quote(&self.rds_path.display().to_string()),
+            route_config = quote(ROUTE_CONFIG_NAME),
+            virtual_host = quote(VIRTUAL_HOST_NAME),
+            route = quote(ROUTE_NAME),
+            stable_cluster = quote(STABLE_CLUSTER),
+            canary_cluster = quote(CANARY_CLUSTER),
+        )
+    }
+
+    /// Write the YAML to `path`.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.to_yaml()).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// One canary as the status API reports it. Unknown or missing fields are tolerated so a
+/// richer API does not break the harness; `raw` has everything.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanaryView {
+    pub name: String,
+    pub phase: String,
+    pub canary_weight: Option<u64>,
+    pub step: Option<u64>,
+    pub message: String,
+    pub raw: Value,
+}
+
+impl CanaryView {
+    pub fn from_json(value: &Value) -> CanaryView {
+        let text = |key: &str| value[key].as_str().unwrap_or_default().to_string();
+        CanaryView {
+            name: text("name"),
+            phase: text("phase"),
+            canary_weight: value["canaryWeight"].as_u64(),
+            step: value["step"].as_u64(),
+            message: text("message"),
+            raw: value.clone(),
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        TERMINAL_PHASES.contains(&self.phase.as_str())
+    }
+}
+
+/// A running `fledge run`; stopped on drop.
+#[derive(Debug)]
+pub struct Controller {
+    proc: Proc,
+    api_port: u16,
+}
+
+impl Controller {
+    /// Run `fledge run -f manifest --listen 127.0.0.1:<free port> --state-dir state_dir`,
+    /// logging to `log_path`, and wait until its API answers.
+    pub fn start(manifest: &Path, state_dir: &Path, log_path: &Path) -> Result<Controller> {
+        let binary = paths::fledge_binary()?;
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating {}", state_dir.display()))?;
+        let api_port = free_port()?;
+        let mut command = Command::new(binary);
+        command
+            .arg("run")
+            .arg("-f")
+            .arg(manifest)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{api_port}"))
+            .arg("--state-dir")
+            .arg(state_dir);
+        let mut proc = Proc::spawn("fledge", command, log_path)?;
+        let url = format!("http://127.0.0.1:{api_port}/api/v1/canaries");
+        wait_until("the fledge API to answer", Duration::from_secs(20), || {
+            abort_if_exited(&mut proc)?;
+            http::get_json(&url, Duration::from_secs(1)).map(Some)
+        })?;
+        tracing::info!(api_port, "fledge controller ready");
+        Ok(Controller { proc, api_port })
+    }
+
+    /// Base URL of the controller's HTTP server (dashboard and API).
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("{}/api/v1/canaries", self.base_url())
+    }
+
+    /// All canaries, as the API reports them.
+    pub fn canaries(&mut self) -> Result<Vec<CanaryView>> {
+        self.proc.ensure_running()?;
+        let value = http::get_json(&self.api_url(), Duration::from_secs(3))?;
+        let list = match &value {
+            Value::Array(items) => items.clone(),
+            Value::Object(map) => map
+                .get("canaries")
+                .or_else(|| map.get("items"))
+                .and_then(Value::as_array)
+                .cloned()
+                .ok_or_else(|| anyhow!("unexpected API answer: {value}"))?,
+            _ => bail!("unexpected API answer: {value}"),
+        };
+        Ok(list.iter().map(CanaryView::from_json).collect())
+    }
+
+    /// One canary by name.
+    pub fn canary(&mut self, name: &str) -> Result<CanaryView> {
+        self.canaries()?
+            .into_iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| anyhow!("canary {name:?} not in the API answer"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.proc.log_text()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.proc.log_tail(lines)
+    }
+
+    /// Print the controller's output as it comes, each line prefixed.
+    pub fn follow_log(&self, prefix: &str) -> LogFollower {
+        self.proc.follow_log(prefix)
+    }
+
+    /// Stop it now (it is also stopped on drop).
+    pub fn stop(mut self) {
+        self.proc.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_yaml_has_every_field_the_controller_needs() {
+        let manifest = CanaryManifest::new(
+            "app",
+            "app",
+            "http://127.0.0.1:9901",
+            Path::new("/tmp/x/rds/routes.json"),
+        );
+        let yaml = manifest.to_yaml();
+        for needle in [
+            "kind: Canary",
+            "metadata: {name: \"app\"}",
+            "envoyAdmin: {urls: [\"http://127.0.0.1:9901\"]}",
+            "path: \"/tmp/x/rds/routes.json\"",
+            "routeConfiguration: \"fledge_route\"",
+            "stableCluster: \"app_stable\"",
+            "    interval: 3s\n",
+            "    minCanaryRequests: 10\n",
+        ] {
+            assert!(yaml.contains(needle), "missing {needle:?} in\n{yaml}");
+        }
+    }
+
+    #[test]
+    fn canary_view_tolerates_missing_fields() {
+        let view = CanaryView::from_json(&serde_json::json!({"name": "app", "phase": "Promoted"}));
+        assert_eq!(view.name, "app");
+        assert!(view.is_terminal());
+        assert_eq!(view.canary_weight, None);
+    }
+}

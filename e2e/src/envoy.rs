@@ -1,0 +1,539 @@
+//! A running Envoy configured the way Fledge uses it standalone.
+//!
+//! [`Envoy::start`] writes into its directory:
+//! - `bootstrap.json`: admin and one listener on free 127.0.0.1 ports; HCM → (optional Fledge
+//!   Wasm filter) → router; static clusters `app_stable` / `app_canary`; `stats_tags` for every
+//!   tag of the metric contract; RDS from a file.
+//! - `rds/routes.json`: a `DiscoveryResponse` with route configuration `fledge_route`, virtual
+//!   host `app`, route `primary` splitting between the two clusters by weight.
+//!
+//! Envoy watches `rds/` and reloads `routes.json` when a file is renamed over it
+//! ([`Envoy::set_route_weights`] does exactly that). Facts checked by hand with Envoy 1.40:
+//! a weight of 0 for one cluster is accepted (and shown as `"weight": 0` in `/config_dump`); all
+//! weights 0 is rejected ("Sum of weights in the weighted_cluster must be greater than 0"),
+//! visible only as `rds.fledge_route.update_rejected` and a warning in the log; a renamed file is
+//! live in a few milliseconds.
+
+use crate::http;
+use crate::paths;
+use crate::process::{abort_if_exited, free_port, port_accepts, wait_until, Proc, ScratchDir};
+use anyhow::{anyhow, bail, Context, Result};
+use fledge_core::contract;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Names used in the generated configuration.
+pub const ROUTE_CONFIG_NAME: &str = "fledge_route";
+pub const VIRTUAL_HOST_NAME: &str = "app";
+pub const ROUTE_NAME: &str = "primary";
+pub const STABLE_CLUSTER: &str = "app_stable";
+pub const CANARY_CLUSTER: &str = "app_canary";
+
+/// Weights of the two clusters of the `primary` route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteWeights {
+    pub stable: u32,
+    pub canary: u32,
+}
+
+impl RouteWeights {
+    pub const ALL_STABLE: RouteWeights = RouteWeights {
+        stable: 100,
+        canary: 0,
+    };
+    pub const ALL_CANARY: RouteWeights = RouteWeights {
+        stable: 0,
+        canary: 100,
+    };
+
+    /// `canary` percent to the canary, the rest to stable.
+    pub fn canary_percent(canary: u32) -> RouteWeights {
+        let canary = canary.min(100);
+        RouteWeights {
+            stable: 100 - canary,
+            canary,
+        }
+    }
+}
+
+impl std::fmt::Display for RouteWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stable {} / canary {}", self.stable, self.canary)
+    }
+}
+
+/// The Fledge Wasm filter and its plugin configuration.
+#[derive(Debug, Clone)]
+pub struct WasmFilter {
+    pub wasm: PathBuf,
+    /// Plugin configuration as JSON text (passed to the filter as a `StringValue`).
+    pub plugin_config: String,
+}
+
+impl WasmFilter {
+    /// The release build of the filter (errors with "run make build-filter" if missing).
+    pub fn built(plugin_config: &str) -> Result<WasmFilter> {
+        Ok(WasmFilter {
+            wasm: paths::filter_wasm()?,
+            plugin_config: plugin_config.to_string(),
+        })
+    }
+
+    /// The plugin configuration mapping `app_stable` / `app_canary` to service `service` and
+    /// subsets `stable` / `canary`.
+    pub fn default_plugin_config(service: &str) -> String {
+        json!({
+            "clusters": {
+                STABLE_CLUSTER: {"service": service, "subset": "stable"},
+                CANARY_CLUSTER: {"service": service, "subset": "canary"},
+            }
+        })
+        .to_string()
+    }
+}
+
+/// How to start Envoy.
+#[derive(Debug, Clone)]
+pub struct EnvoyOptions {
+    /// Port of the stable backend (cluster `app_stable`).
+    pub stable_port: u16,
+    /// Port of the canary backend (cluster `app_canary`).
+    pub canary_port: u16,
+    /// The Fledge filter, or `None` for a plain proxy.
+    pub filter: Option<WasmFilter>,
+    /// Worker threads (`--concurrency`).
+    pub concurrency: u32,
+    pub initial_weights: RouteWeights,
+    /// Envoy log level (`-l`).
+    pub log_level: String,
+    /// Directory for bootstrap, RDS and log; `None` uses a temporary directory.
+    pub work_dir: Option<PathBuf>,
+}
+
+impl EnvoyOptions {
+    /// A plain proxy (no filter), one worker, all traffic to stable.
+    pub fn new(stable_port: u16, canary_port: u16) -> EnvoyOptions {
+        EnvoyOptions {
+            stable_port,
+            canary_port,
+            filter: None,
+            concurrency: 1,
+            initial_weights: RouteWeights::ALL_STABLE,
+            log_level: "info".into(),
+            work_dir: None,
+        }
+    }
+
+    pub fn with_filter(mut self, filter: WasmFilter) -> EnvoyOptions {
+        self.filter = Some(filter);
+        self
+    }
+
+    pub fn in_dir(mut self, dir: &Path) -> EnvoyOptions {
+        self.work_dir = Some(dir.to_path_buf());
+        self
+    }
+}
+
+/// A running Envoy; stopped on drop.
+#[derive(Debug)]
+pub struct Envoy {
+    // Field order matters: the process is stopped before its directory is removed.
+    proc: Proc,
+    admin_port: u16,
+    listener_port: u16,
+    rds_path: PathBuf,
+    rds_version: AtomicU64,
+    _dir: ScratchDir,
+}
+
+impl Envoy {
+    /// Write the configuration, start Envoy and wait until it is LIVE and its listener accepts.
+    pub fn start(options: EnvoyOptions) -> Result<Envoy> {
+        let binary = paths::envoy_binary()?;
+        let dir = ScratchDir::at_or_temp(options.work_dir.as_deref(), "envoy")?;
+        let rds_dir = dir.path().join("rds");
+        std::fs::create_dir_all(&rds_dir)
+            .with_context(|| format!("creating {}", rds_dir.display()))?;
+        let rds_path = rds_dir.join("routes.json");
+        write_rds_file(&rds_path, options.initial_weights, 1)?;
+
+        let admin_port = free_port()?;
+        let listener_port = free_port()?;
+        let bootstrap = bootstrap_config(&options, admin_port, listener_port, &rds_path)?;
+        let bootstrap_path = dir.path().join("bootstrap.json");
+        std::fs::write(&bootstrap_path, serde_json::to_vec_pretty(&bootstrap)?)
+            .with_context(|| format!("writing {}", bootstrap_path.display()))?;
+
+        let mut command = Command::new(&binary);
+        command
+            .arg("-c")
+            .arg(&bootstrap_path)
+            .arg("--concurrency")
+            .arg(options.concurrency.to_string())
+            // No shared memory, so parallel Envoys never clash on a base id.
+            .arg("--disable-hot-restart")
+            .arg("-l")
+            .arg(&options.log_level);
+        let log_path = dir.path().join("envoy.log");
+        let mut proc = Proc::spawn("envoy", command, &log_path)?;
+
+        let admin_url = format!("http://127.0.0.1:{admin_port}");
+        let started = Instant::now();
+        wait_until(
+            "Envoy admin /ready to say LIVE and the listener to accept",
+            Duration::from_secs(30),
+            || {
+                abort_if_exited(&mut proc)?;
+                let (status, body) =
+                    http::get(&format!("{admin_url}/ready"), Duration::from_secs(1))?;
+                Ok(
+                    (status == 200 && body.trim() == "LIVE" && port_accepts(listener_port))
+                        .then_some(()),
+                )
+            },
+        )
+        .with_context(|| format!("Envoy log tail:\n{}", proc.log_tail(30)))?;
+        tracing::info!(
+            admin_port,
+            listener_port,
+            filter = options.filter.is_some(),
+            startup_ms = started.elapsed().as_millis() as u64,
+            "envoy ready"
+        );
+        Ok(Envoy {
+            proc,
+            admin_port,
+            listener_port,
+            rds_path,
+            rds_version: AtomicU64::new(1),
+            _dir: dir,
+        })
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    pub fn listener_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.listener_port)
+    }
+
+    pub fn admin_port(&self) -> u16 {
+        self.admin_port
+    }
+
+    pub fn listener_port(&self) -> u16 {
+        self.listener_port
+    }
+
+    /// The watched RDS file (`<dir>/rds/routes.json`).
+    pub fn rds_path(&self) -> &Path {
+        &self.rds_path
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.proc.log_text()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.proc.log_tail(lines)
+    }
+
+    /// GET an admin path such as `/stats?filter=rds` (status must be 2xx).
+    pub fn admin_get(&self, path_and_query: &str) -> Result<String> {
+        http::get_ok(
+            &format!("{}{path_and_query}", self.admin_url()),
+            Duration::from_secs(5),
+        )
+    }
+
+    /// `/stats/prometheus` text.
+    pub fn stats_prometheus(&self) -> Result<String> {
+        self.admin_get("/stats/prometheus")
+    }
+
+    /// Rewrite the RDS file with new weights (temp file + rename in the watched directory).
+    /// Does not wait; see [`Envoy::wait_for_route_weights`].
+    pub fn set_route_weights(&self, weights: RouteWeights) -> Result<()> {
+        let current = read_rds_version(&self.rds_path).unwrap_or(0);
+        let previous = self.rds_version.load(Ordering::SeqCst);
+        let version = current.max(previous) + 1;
+        self.rds_version.store(version, Ordering::SeqCst);
+        write_rds_file(&self.rds_path, weights, version)
+    }
+
+    /// The weights and `version_info` Envoy is serving now, from
+    /// `/config_dump?resource=dynamic_route_configs`.
+    pub fn live_route_weights(&self) -> Result<(RouteWeights, String)> {
+        let dump: Value =
+            serde_json::from_str(&self.admin_get("/config_dump?resource=dynamic_route_configs")?)
+                .context("parsing config_dump")?;
+        live_weights_from_config_dump(&dump)
+    }
+
+    /// Wait until Envoy serves `weights`; returns how long that took.
+    pub fn wait_for_route_weights(
+        &self,
+        weights: RouteWeights,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let started = Instant::now();
+        wait_until(
+            &format!("Envoy to serve route weights {weights}"),
+            timeout,
+            || {
+                let (live, _) = self.live_route_weights()?;
+                Ok((live == weights).then_some(()))
+            },
+        )
+        .with_context(|| {
+            format!(
+                "RDS file {} not applied; Envoy log tail:\n{}",
+                self.rds_path.display(),
+                self.log_tail(10)
+            )
+        })?;
+        Ok(started.elapsed())
+    }
+
+    /// [`Envoy::set_route_weights`] then [`Envoy::wait_for_route_weights`] (10 s).
+    pub fn apply_route_weights(&self, weights: RouteWeights) -> Result<Duration> {
+        self.set_route_weights(weights)?;
+        self.wait_for_route_weights(weights, Duration::from_secs(10))
+    }
+
+    /// Stop Envoy now (it is also stopped on drop).
+    pub fn stop(mut self) {
+        self.proc.stop();
+    }
+}
+
+/// The route configuration resource for `weights`.
+pub fn route_configuration(weights: RouteWeights) -> Value {
+    json!({
+        "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+        "name": ROUTE_CONFIG_NAME,
+        "virtual_hosts": [{
+            "name": VIRTUAL_HOST_NAME,
+            "domains": ["*"],
+            "routes": [{
+                "name": ROUTE_NAME,
+                "match": {"prefix": "/"},
+                "route": {"weighted_clusters": {"clusters": [
+                    {"name": STABLE_CLUSTER, "weight": weights.stable},
+                    {"name": CANARY_CLUSTER, "weight": weights.canary},
+                ]}}
+            }]
+        }]
+    })
+}
+
+/// Write the RDS `DiscoveryResponse` atomically: a temp file in the same (watched) directory,
+/// then `rename(2)` over `path`.
+pub fn write_rds_file(path: &Path, weights: RouteWeights, version: u64) -> Result<()> {
+    let response = json!({
+        "version_info": version.to_string(),
+        "resources": [route_configuration(weights)],
+    });
+    let dir = path
+        .parent()
+        .ok_or_else(|| anyhow!("RDS path {} has no directory", path.display()))?;
+    let temp_path = dir.join(format!(".routes.json.tmp-{}-{version}", std::process::id()));
+    std::fs::write(&temp_path, serde_json::to_vec_pretty(&response)?)
+        .with_context(|| format!("writing {}", temp_path.display()))?;
+    std::fs::rename(&temp_path, path)
+        .with_context(|| format!("renaming {} to {}", temp_path.display(), path.display()))?;
+    Ok(())
+}
+
+fn read_rds_version(path: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let value: Value = serde_json::from_str(&text).ok()?;
+    value.get("version_info")?.as_str()?.parse().ok()
+}
+
+/// Extract the `primary` route's weights and the `version_info` from a config dump of
+/// `dynamic_route_configs`.
+pub fn live_weights_from_config_dump(dump: &Value) -> Result<(RouteWeights, String)> {
+    let configs = dump
+        .get("configs")
+        .and_then(Value::as_array)
+        .ok_or_else(|| anyhow!("config_dump has no dynamic route configs yet"))?;
+    let config = configs
+        .iter()
+        .find(|c| c["route_config"]["name"] == ROUTE_CONFIG_NAME)
+        .ok_or_else(|| anyhow!("route configuration {ROUTE_CONFIG_NAME} is not live"))?;
+    let version = config["version_info"].as_str().unwrap_or("").to_string();
+    let route = config["route_config"]["virtual_hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|host| host["routes"].as_array().into_iter().flatten())
+        .find(|route| route["name"] == ROUTE_NAME)
+        .ok_or_else(|| {
+            anyhow!("route {ROUTE_NAME} not found in live route configuration {ROUTE_CONFIG_NAME}")
+        })?;
+    let clusters = route["route"]["weighted_clusters"]["clusters"]
+        .as_array()
+        .ok_or_else(|| anyhow!("route {ROUTE_NAME} has no weighted_clusters"))?;
+    let weight_of = |cluster: &str| -> u32 {
+        clusters
+            .iter()
+            .find(|c| c["name"] == cluster)
+            // A missing weight is the proto default 0.
+            .and_then(|c| c["weight"].as_u64())
+            .and_then(|w| u32::try_from(w).ok())
+            .unwrap_or(0)
+    };
+    Ok((
+        RouteWeights {
+            stable: weight_of(STABLE_CLUSTER),
+            canary: weight_of(CANARY_CLUSTER),
+        },
+        version,
+    ))
+}
+
+fn static_cluster(name: &str, port: u16) -> Value {
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                "address": "127.0.0.1", "port_value": port
+            }}}}]}]
+        }
+    })
+}
+
+fn wasm_http_filter(filter: &WasmFilter) -> Value {
+    json!({
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "fledge",
+                "root_id": "fledge",
+                "failure_policy": "FAIL_OPEN",
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": filter.plugin_config,
+                },
+                "vm_config": {
+                    "vm_id": "fledge",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": filter.wasm.display().to_string()}}
+                }
+            }
+        }
+    })
+}
+
+fn bootstrap_config(
+    options: &EnvoyOptions,
+    admin_port: u16,
+    listener_port: u16,
+    rds_path: &Path,
+) -> Result<Value> {
+    let rds_dir = rds_path
+        .parent()
+        .ok_or_else(|| anyhow!("RDS path {} has no directory", rds_path.display()))?;
+    let mut http_filters = Vec::new();
+    if let Some(filter) = &options.filter {
+        if !filter.wasm.is_file() {
+            bail!("filter {} does not exist", filter.wasm.display());
+        }
+        http_filters.push(wasm_http_filter(filter));
+    }
+    http_filters.push(json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+    }));
+    let stats_tags: Vec<Value> = contract::ALL_TAGS
+        .iter()
+        .map(|tag| json!({"tag_name": tag, "regex": contract::stats_tag_regex(tag)}))
+        .collect();
+    Ok(json!({
+        "node": {"id": format!("fledge-e2e-{listener_port}"), "cluster": "fledge-e2e"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "stats_flush_interval": "1s",
+        "stats_config": {"stats_tags": stats_tags},
+        "static_resources": {
+            "listeners": [{
+                "name": "ingress",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener_port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "ingress",
+                        "generate_request_id": false,
+                        "rds": {
+                            "route_config_name": ROUTE_CONFIG_NAME,
+                            "config_source": {
+                                "resource_api_version": "V3",
+                                "path_config_source": {
+                                    "path": rds_path.display().to_string(),
+                                    "watched_directory": {"path": rds_dir.display().to_string()}
+                                }
+                            }
+                        },
+                        "http_filters": http_filters
+                    }
+                }]}]
+            }],
+            "clusters": [
+                static_cluster(STABLE_CLUSTER, options.stable_port),
+                static_cluster(CANARY_CLUSTER, options.canary_port),
+            ]
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_weights_back_from_a_config_dump() {
+        let dump = json!({"configs": [{
+            "version_info": "7",
+            "route_config": route_configuration(RouteWeights::canary_percent(40)),
+        }]});
+        let (weights, version) = live_weights_from_config_dump(&dump).expect("weights");
+        assert_eq!(
+            weights,
+            RouteWeights {
+                stable: 60,
+                canary: 40
+            }
+        );
+        assert_eq!(version, "7");
+        assert!(live_weights_from_config_dump(&json!({})).is_err());
+    }
+
+    #[test]
+    fn bootstrap_has_a_stats_tag_per_contract_tag() {
+        let options = EnvoyOptions::new(1, 2);
+        let config =
+            bootstrap_config(&options, 3, 4, Path::new("/x/rds/routes.json")).expect("config");
+        let tags = config["stats_config"]["stats_tags"]
+            .as_array()
+            .expect("tags");
+        assert_eq!(tags.len(), contract::ALL_TAGS.len());
+        assert_eq!(
+            tags[0]["regex"].as_str(),
+            Some(r"(fledge_service=\.=(.*?);\.;)")
+        );
+    }
+}
