@@ -1,0 +1,467 @@
+//! Metric ids: define each encoded stat name once, cache the ids, bound the cache.
+//!
+//! Envoy's `define_metric` allocates a new id on every call, so ids are defined once and kept:
+//! configured clusters are defined in `on_configure`; other clusters (Istio names, unknown
+//! names) on first sight. The cache maps the cluster name *bytes* (as read from the
+//! `xds.cluster_name` property) to an entry of ids, so a request costs one map lookup and no
+//! allocation. Growth is bounded: at most [`MAX_DYNAMIC_PAIRS`] lazily defined
+//! `(service, subset)` pairs (beyond that, new pairs are recorded as `(other, other)`) and at most
+//! [`MAX_CLUSTER_NAMES`] remembered cluster names (beyond that, new names are resolved on each
+//! request but never define new metrics).
+//!
+//! Everything here talks to the host through [`MetricHost`], which `host.rs` implements with
+//! proxy-wasm hostcalls and the tests implement with a fake.
+
+use fledge_core::contract::{self, ResponseClass};
+use fledge_core::filter_config::{FilterConfig, SubsetLabels};
+use std::collections::BTreeMap;
+
+/// Lazily defined `(service, subset)` pairs allowed per VM (configured pairs do not count).
+pub const MAX_DYNAMIC_PAIRS: usize = 128;
+/// Cluster names remembered per VM (configured names do not count).
+pub const MAX_CLUSTER_NAMES: usize = 1024;
+
+/// The kinds of metric the filter defines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Histogram,
+}
+
+/// The three metric hostcalls the filter needs. Failures are swallowed by the implementation
+/// (a metric that cannot be defined is simply not recorded): metrics must never break traffic.
+pub trait MetricHost {
+    /// Define a metric; `None` if the host refused.
+    fn define(&mut self, kind: MetricKind, name: &str) -> Option<u32>;
+    /// Add `delta` (> 0) to a counter.
+    fn increment(&mut self, id: u32, delta: i64);
+    /// Record a histogram sample.
+    fn record(&mut self, id: u32, value: u64);
+}
+
+/// The metric ids for one `(service, subset)` pair: one request counter per response class
+/// (indexed by [`ResponseClass::index`]) and one duration histogram.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubsetIds {
+    requests: [Option<u32>; ResponseClass::ALL.len()],
+    duration: Option<u32>,
+}
+
+impl SubsetIds {
+    /// Define all 7 metrics of a pair (6 classes + 1 histogram).
+    pub fn define(host: &mut impl MetricHost, labels: &SubsetLabels) -> Self {
+        let mut ids = SubsetIds::default();
+        for class in ResponseClass::ALL {
+            let name = contract::encode_stat_name(
+                contract::REQUESTS_TOTAL,
+                &[
+                    (contract::TAG_SERVICE, &labels.service),
+                    (contract::TAG_SUBSET, &labels.subset),
+                    (contract::TAG_CLASS, class.label()),
+                ],
+            );
+            if let Some(slot) = ids.requests.get_mut(class.index()) {
+                *slot = host.define(MetricKind::Counter, &name);
+            }
+        }
+        let name = contract::encode_stat_name(
+            contract::REQUEST_DURATION_MS,
+            &[
+                (contract::TAG_SERVICE, &labels.service),
+                (contract::TAG_SUBSET, &labels.subset),
+            ],
+        );
+        ids.duration = host.define(MetricKind::Histogram, &name);
+        ids
+    }
+
+    /// The request counter for `class`, if it could be defined.
+    pub fn requests(&self, class: ResponseClass) -> Option<u32> {
+        self.requests.get(class.index()).copied().flatten()
+    }
+
+    /// The duration histogram, if it could be defined.
+    pub fn duration(&self) -> Option<u32> {
+        self.duration
+    }
+}
+
+/// Cluster name → metric ids, defined once and bounded. Held by the root context and kept
+/// across reconfigurations (an id stays valid for the VM's lifetime, and re-defining a name would
+/// allocate another one).
+#[derive(Debug)]
+pub struct MetricCache {
+    /// Defined pairs; ids never change once defined.
+    pairs: Vec<SubsetIds>,
+    /// Labels → index into `pairs`.
+    by_labels: BTreeMap<SubsetLabels, usize>,
+    /// Cluster name bytes → index into `pairs`. Rebuilt on reconfiguration.
+    by_name: BTreeMap<Box<[u8]>, usize>,
+    /// Names in `by_name` that came from traffic rather than configuration.
+    dynamic_names: usize,
+    /// Pairs defined on first sight rather than from configuration.
+    dynamic_pairs: usize,
+    max_dynamic_pairs: usize,
+    max_names: usize,
+}
+
+impl Default for MetricCache {
+    fn default() -> Self {
+        Self::with_limits(MAX_DYNAMIC_PAIRS, MAX_CLUSTER_NAMES)
+    }
+}
+
+impl MetricCache {
+    pub fn with_limits(max_dynamic_pairs: usize, max_names: usize) -> Self {
+        MetricCache {
+            pairs: Vec::new(),
+            by_labels: BTreeMap::new(),
+            by_name: BTreeMap::new(),
+            dynamic_names: 0,
+            dynamic_pairs: 0,
+            max_dynamic_pairs,
+            max_names,
+        }
+    }
+
+    /// Adopt a (new) configuration: forget which name maps to which pair (the mapping may have
+    /// changed) and define every configured cluster's pair up front, so its series exist (at 0)
+    /// before the first request and no request pays for defining them.
+    pub fn reconfigure(&mut self, config: &FilterConfig, host: &mut impl MetricHost) {
+        self.by_name.clear();
+        self.dynamic_names = 0;
+        for name in config.clusters.keys() {
+            let labels = config.resolve(Some(name));
+            if let Some(index) = self.pair_index(labels, false, host) {
+                self.by_name.insert(name.as_bytes().into(), index);
+            }
+        }
+    }
+
+    /// The ids to record a request to `cluster` under (`None`: no cluster, e.g. no route).
+    pub fn ids_for(
+        &mut self,
+        cluster: Option<&[u8]>,
+        config: &FilterConfig,
+        host: &mut impl MetricHost,
+    ) -> SubsetIds {
+        let index = match cluster {
+            None => self.pair_index(SubsetLabels::other(), false, host),
+            Some(name) => match self.by_name.get(name) {
+                Some(&index) => Some(index),
+                None => self.miss(name, config, host),
+            },
+        };
+        index
+            .and_then(|i| self.pairs.get(i).copied())
+            .unwrap_or_default()
+    }
+
+    fn miss(
+        &mut self,
+        name: &[u8],
+        config: &FilterConfig,
+        host: &mut impl MetricHost,
+    ) -> Option<usize> {
+        let labels = match std::str::from_utf8(name) {
+            Ok(name) => config.resolve(Some(name)),
+            Err(_) => SubsetLabels::other(),
+        };
+        if self.dynamic_names >= self.max_names {
+            // Name cache full: still label correctly if the pair is known, but define nothing.
+            return match self.by_labels.get(&labels) {
+                Some(&index) => Some(index),
+                None => self.pair_index(SubsetLabels::other(), false, host),
+            };
+        }
+        let index = self.pair_index(labels, true, host)?;
+        self.by_name.insert(name.into(), index);
+        self.dynamic_names += 1;
+        Some(index)
+    }
+
+    /// The index of `labels`' pair, defining it if new. A new dynamic pair beyond the bound
+    /// becomes `(other, other)`, which is always allowed.
+    fn pair_index(
+        &mut self,
+        labels: SubsetLabels,
+        dynamic: bool,
+        host: &mut impl MetricHost,
+    ) -> Option<usize> {
+        if let Some(&index) = self.by_labels.get(&labels) {
+            return Some(index);
+        }
+        if dynamic && !labels.is_other() {
+            if self.dynamic_pairs >= self.max_dynamic_pairs {
+                return self.pair_index(SubsetLabels::other(), false, host);
+            }
+            self.dynamic_pairs += 1;
+        }
+        let ids = SubsetIds::define(host, &labels);
+        let index = self.pairs.len();
+        self.pairs.push(ids);
+        self.by_labels.insert(labels, index);
+        Some(index)
+    }
+
+    /// Number of defined `(service, subset)` pairs (each is 7 metrics).
+    pub fn defined_pairs(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// Number of remembered cluster names.
+    pub fn known_names(&self) -> usize {
+        self.by_name.len()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    use super::*;
+
+    /// A host that hands out ids like Envoy (a new id per define, even for a known name) and
+    /// records what the filter did.
+    #[derive(Debug, Default)]
+    pub struct FakeHost {
+        pub defined: Vec<(MetricKind, String)>,
+        pub counters: BTreeMap<u32, i64>,
+        pub samples: BTreeMap<u32, Vec<u64>>,
+        /// Refuse every define (host out of memory, bad name, ...).
+        pub refuse: bool,
+    }
+
+    impl FakeHost {
+        pub fn name(&self, id: u32) -> &str {
+            &self.defined[id as usize].1
+        }
+
+        pub fn id(&self, name: &str) -> u32 {
+            let matches: Vec<usize> = self
+                .defined
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, n))| n == name)
+                .map(|(i, _)| i)
+                .collect();
+            assert_eq!(matches.len(), 1, "{name} defined {} times", matches.len());
+            matches[0] as u32
+        }
+
+        /// Counter value by encoded name (0 if never incremented).
+        pub fn counter(&self, name: &str) -> i64 {
+            self.counters.get(&self.id(name)).copied().unwrap_or(0)
+        }
+
+        pub fn samples(&self, name: &str) -> Vec<u64> {
+            self.samples
+                .get(&self.id(name))
+                .cloned()
+                .unwrap_or_default()
+        }
+    }
+
+    impl MetricHost for FakeHost {
+        fn define(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
+            if self.refuse {
+                return None;
+            }
+            self.defined.push((kind, name.to_string()));
+            Some(self.defined.len() as u32 - 1)
+        }
+        fn increment(&mut self, id: u32, delta: i64) {
+            assert!(delta > 0, "Envoy rejects counter increments <= 0");
+            assert_eq!(self.defined[id as usize].0, MetricKind::Counter);
+            *self.counters.entry(id).or_default() += delta;
+        }
+        fn record(&mut self, id: u32, value: u64) {
+            assert_eq!(self.defined[id as usize].0, MetricKind::Histogram);
+            self.samples.entry(id).or_default().push(value);
+        }
+    }
+
+    pub fn requests_name(service: &str, subset: &str, class: &str) -> String {
+        contract::encode_stat_name(
+            contract::REQUESTS_TOTAL,
+            &[
+                (contract::TAG_SERVICE, service),
+                (contract::TAG_SUBSET, subset),
+                (contract::TAG_CLASS, class),
+            ],
+        )
+    }
+
+    pub fn duration_name(service: &str, subset: &str) -> String {
+        contract::encode_stat_name(
+            contract::REQUEST_DURATION_MS,
+            &[
+                (contract::TAG_SERVICE, service),
+                (contract::TAG_SUBSET, subset),
+            ],
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::*;
+    use super::*;
+
+    fn app_config() -> FilterConfig {
+        FilterConfig::parse(
+            r#"{"clusters": {"app_stable": {"service": "app", "subset": "stable"},
+                             "app_canary": {"service": "app", "subset": "canary"}}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn configured_pairs_are_defined_up_front_with_all_classes() {
+        let (config, mut host, mut cache) =
+            (app_config(), FakeHost::default(), MetricCache::default());
+        cache.reconfigure(&config, &mut host);
+        assert_eq!(host.defined.len(), 2 * 7);
+        assert_eq!(cache.defined_pairs(), 2);
+        for subset in ["stable", "canary"] {
+            for class in ResponseClass::ALL {
+                host.id(&requests_name("app", subset, class.label()));
+            }
+            assert_eq!(
+                host.defined[host.id(&duration_name("app", subset)) as usize].0,
+                MetricKind::Histogram
+            );
+        }
+        assert_eq!(
+            host.name(0),
+            "fledge_service=.=app;.;fledge_subset=.=canary;.;fledge_class=.=1xx;.;fledge_requests_total"
+        );
+
+        // Requests to configured clusters define nothing more.
+        let ids = cache.ids_for(Some(b"app_canary"), &config, &mut host);
+        assert_eq!(host.defined.len(), 14);
+        let id = ids.requests(ResponseClass::ServerError).unwrap();
+        assert_eq!(host.name(id), requests_name("app", "canary", "5xx"));
+        assert_eq!(
+            host.name(ids.duration().unwrap()),
+            duration_name("app", "canary")
+        );
+    }
+
+    #[test]
+    fn lazily_defined_once_per_pair() {
+        let (config, mut host, mut cache) =
+            (app_config(), FakeHost::default(), MetricCache::default());
+        cache.reconfigure(&config, &mut host);
+        let istio_a = b"outbound|80|v2|reviews.default.svc.cluster.local".as_slice();
+        let istio_b = b"outbound|9080|v2|reviews.default.svc.cluster.local".as_slice();
+        let first = cache.ids_for(Some(istio_a), &config, &mut host);
+        assert_eq!(host.defined.len(), 21);
+        for _ in 0..10 {
+            assert_eq!(cache.ids_for(Some(istio_a), &config, &mut host), first);
+        }
+        // Another cluster name with the same labels shares the pair's ids.
+        assert_eq!(cache.ids_for(Some(istio_b), &config, &mut host), first);
+        assert_eq!(host.defined.len(), 21);
+        // Unknown clusters and "no cluster" share (other, other), defined once.
+        let other = cache.ids_for(Some(b"BlackHoleCluster"), &config, &mut host);
+        assert_eq!(cache.ids_for(None, &config, &mut host), other);
+        assert_eq!(cache.ids_for(Some(b"\xff\xfe"), &config, &mut host), other);
+        assert_eq!(host.defined.len(), 28);
+        let id = other.requests(ResponseClass::NoResponse).unwrap();
+        assert_eq!(host.name(id), requests_name("other", "other", "none"));
+    }
+
+    #[test]
+    fn reconfigure_reuses_ids_and_remaps_names() {
+        let (config, mut host, mut cache) =
+            (app_config(), FakeHost::default(), MetricCache::default());
+        cache.reconfigure(&config, &mut host);
+        cache.reconfigure(&config, &mut host);
+        assert_eq!(host.defined.len(), 14, "same config again defines nothing");
+
+        // app_canary now serves subset v3: new pair defined, app_stable's ids reused.
+        let mut changed = config.clone();
+        changed.clusters.get_mut("app_canary").unwrap().subset = "v3".to_string();
+        let stable_before = cache.ids_for(Some(b"app_stable"), &config, &mut host);
+        cache.reconfigure(&changed, &mut host);
+        assert_eq!(host.defined.len(), 21);
+        assert_eq!(
+            cache.ids_for(Some(b"app_stable"), &changed, &mut host),
+            stable_before
+        );
+        let canary = cache.ids_for(Some(b"app_canary"), &changed, &mut host);
+        assert_eq!(
+            host.name(canary.requests(ResponseClass::Success).unwrap()),
+            requests_name("app", "v3", "2xx")
+        );
+    }
+
+    #[test]
+    fn dynamic_pairs_are_bounded() {
+        let config = FilterConfig::default();
+        let mut host = FakeHost::default();
+        let mut cache = MetricCache::with_limits(3, 100);
+        for i in 0..10 {
+            let name = format!("outbound|80|v{i}|svc.ns.svc.cluster.local");
+            cache.ids_for(Some(name.as_bytes()), &config, &mut host);
+        }
+        // 3 real pairs + (other, other), each 7 metrics, whatever the traffic.
+        assert_eq!(cache.defined_pairs(), 4);
+        assert_eq!(host.defined.len(), 4 * 7);
+        let late = cache.ids_for(
+            Some(b"outbound|80|v9|svc.ns.svc.cluster.local"),
+            &config,
+            &mut host,
+        );
+        assert_eq!(
+            host.name(late.requests(ResponseClass::Success).unwrap()),
+            requests_name("other", "other", "2xx")
+        );
+        let early = cache.ids_for(
+            Some(b"outbound|80|v1|svc.ns.svc.cluster.local"),
+            &config,
+            &mut host,
+        );
+        assert_eq!(
+            host.name(early.requests(ResponseClass::Success).unwrap()),
+            requests_name("svc", "v1", "2xx")
+        );
+    }
+
+    #[test]
+    fn cluster_names_are_bounded_but_known_pairs_still_label() {
+        let config = FilterConfig::default();
+        let mut host = FakeHost::default();
+        let mut cache = MetricCache::with_limits(100, 2);
+        cache.ids_for(Some(b"outbound|80|v1|svc"), &config, &mut host);
+        cache.ids_for(Some(b"unknown-1"), &config, &mut host);
+        assert_eq!(cache.known_names(), 2);
+        // Full: a new name for a known pair still gets that pair; a new pair becomes other.
+        let same_pair = cache.ids_for(Some(b"outbound|81|v1|svc"), &config, &mut host);
+        assert_eq!(
+            host.name(same_pair.duration().unwrap()),
+            duration_name("svc", "v1")
+        );
+        let new_pair = cache.ids_for(Some(b"outbound|80|v2|svc"), &config, &mut host);
+        assert_eq!(
+            host.name(new_pair.duration().unwrap()),
+            duration_name("other", "other")
+        );
+        assert_eq!(cache.known_names(), 2);
+        assert_eq!(cache.defined_pairs(), 2);
+    }
+
+    #[test]
+    fn refused_defines_yield_empty_ids_not_panics() {
+        let mut host = FakeHost {
+            refuse: true,
+            ..FakeHost::default()
+        };
+        let mut cache = MetricCache::default();
+        let config = app_config();
+        cache.reconfigure(&config, &mut host);
+        let ids = cache.ids_for(Some(b"app_canary"), &config, &mut host);
+        assert_eq!(ids, SubsetIds::default());
+        assert_eq!(ids.requests(ResponseClass::Success), None);
+        assert_eq!(ids.duration(), None);
+    }
+}
