@@ -4,6 +4,7 @@
 //! - Envoy is `$FLEDGE_ENVOY` if set, else `${FLEDGE_VENV:-<workspace>/.venv}/bin/envoy`.
 //! - The filter is `<target>/wasm32-wasip1/release/fledge_filter.wasm`, or `$FLEDGE_FILTER_WASM`.
 //! - `<target>` is `$CARGO_TARGET_DIR` if set, else `<workspace>/target`.
+//! - The controller is `$FLEDGE_BIN`, or `fledge` built by cargo (see [`cargo_binary`]).
 
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
@@ -117,8 +118,15 @@ pub fn cargo_binary(name: &str) -> Result<PathBuf> {
     )
 }
 
-/// The controller binary, `fledge`.
+/// The controller binary: `$FLEDGE_BIN` if set, else the cargo-built `fledge`.
 pub fn fledge_binary() -> Result<PathBuf> {
+    if let Some(explicit) = non_empty_env("FLEDGE_BIN") {
+        let path = PathBuf::from(explicit);
+        if is_executable(&path) {
+            return Ok(path);
+        }
+        bail!("FLEDGE_BIN={} is not an executable file", path.display());
+    }
     cargo_binary("fledge")
 }
 

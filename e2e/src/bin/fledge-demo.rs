@@ -1,2 +1,413 @@
-//! placeholder
-fn main() {}
+//! `fledge-demo` — a live, local canary release on real processes (`make demo`).
+//!
+//! ```text
+//!  load 100 rps ──▶ Envoy :listener ──[fledge filter]──▶ app_stable ──▶ backend (v1, later v2)
+//!                     │  admin /stats/prometheus         app_canary ──▶ backend (v2, later v3)
+//!                     ▼                 ▲ rds/routes.json (rewritten by fledge)
+//!                fledge run ────────────┘  status API /api/v1/canaries
+//! ```
+//!
+//! Act 1: v1 is stable, v2 is a healthy canary; `fledge run` moves traffic 20 → 40 → pause →
+//! 60 → 80 and promotes; the demo checks that ≥ 99 % of later requests reach v2.
+//! Act 2: the operator finalizes (stable backend restarted as v2, weights reset to 100/0), a v3
+//! canary answers 20 % of requests with 500; a new `fledge run` must roll it back, after which no
+//! request may reach v3.
+//!
+//! Every process runs in its own process group and is stopped on exit, on error and on Ctrl-C.
+//! The exit code is non-zero when an expectation fails.
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Parser;
+use fledge_e2e::controller::{CanaryManifest, Controller, PHASE_PROMOTED, PHASE_ROLLED_BACK};
+use fledge_e2e::process::kill_all_process_groups;
+use fledge_e2e::{
+    paths, Backend, BackendOptions, Envoy, EnvoyOptions, LoadGen, LoadOptions, LoadReport,
+    RouteWeights, WasmFilter,
+};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// Canary name, and the `fledge_service` label value the filter writes.
+const APP: &str = "app";
+/// How the filter maps Envoy clusters to service and subset labels.
+const PLUGIN_CONFIG: &str = r#"{"clusters":{"app_stable":{"service":"app","subset":"stable"},"app_canary":{"service":"app","subset":"canary"}}}"#;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fledge-demo",
+    about = "A live local canary release: promote a healthy v2, roll back a failing v3"
+)]
+struct Args {
+    /// Where configuration, state and logs go (default: <target>/fledge-demo/run-<time>).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Client load on the gateway, in requests per second.
+    #[arg(long, default_value_t = 100)]
+    rps: u32,
+    /// Upper bound for each rollout to finish, in seconds.
+    #[arg(long, default_value_t = 150)]
+    rollout_timeout_secs: u64,
+    /// Seconds between status lines.
+    #[arg(long, default_value_t = 2)]
+    status_every_secs: u64,
+    /// Keep everything running this many seconds at the end (to look at the API), then clean up.
+    #[arg(long, default_value_t = 0)]
+    hold_secs: u64,
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if let Err(error) = ctrlc::set_handler(|| {
+        eprintln!("\ninterrupted: stopping every process the demo started");
+        kill_all_process_groups();
+        std::process::exit(130);
+    }) {
+        eprintln!("warning: cannot install the Ctrl-C handler ({error}); processes are still stopped on normal exit");
+    }
+    match run(&args) {
+        Ok(()) => {
+            println!("\n✔ demo passed: v2 promoted, v3 rolled back; every process stopped.");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("\n✘ demo FAILED: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn banner(text: &str) {
+    println!("\n━━ {text}");
+}
+
+fn note(text: &str) {
+    println!("   {text}");
+}
+
+/// Everything the rollouts act on.
+struct Stage {
+    envoy: Envoy,
+    load: LoadGen,
+    work_dir: PathBuf,
+    rollout_timeout: Duration,
+    status_every: Duration,
+}
+
+fn run(args: &Args) -> Result<()> {
+    let work_dir = match &args.work_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            paths::target_dir()
+                .join("fledge-demo")
+                .join(format!("run-{stamp}"))
+        }
+    };
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
+
+    banner("Fledge demo: an automated canary release on a real Envoy");
+    let envoy_binary = paths::envoy_binary()?;
+    let wasm = paths::filter_wasm()?;
+    let fledge = paths::fledge_binary()?;
+    note(&format!("envoy:  {}", envoy_binary.display()));
+    note(&format!("filter: {}", wasm.display()));
+    note(&format!("fledge: {}", fledge.display()));
+    note(&format!("files and logs: {}", work_dir.display()));
+
+    banner("Starting v1 (stable) and v2 (canary) backends, Envoy with the fledge filter, and load");
+    let backend_options = |port: Option<u16>, error_rate: f64| BackendOptions {
+        port,
+        error_rate,
+        latency_ms: 5,
+        slow_fraction: 0.01,
+        slow_ms: 40,
+        seed: 7,
+        work_dir: Some(work_dir.join("backends")),
+    };
+    let stable = Backend::start("v1", backend_options(None, 0.0))?;
+    let canary = Backend::start("v2", backend_options(None, 0.0))?;
+    let envoy = Envoy::start(
+        EnvoyOptions::new(stable.port(), canary.port())
+            .with_filter(WasmFilter {
+                wasm,
+                plugin_config: PLUGIN_CONFIG.to_string(),
+            })
+            .in_dir(&work_dir.join("envoy")),
+    )?;
+    note(&format!(
+        "backends: stable v1 on :{}, canary v2 on :{}",
+        stable.port(),
+        canary.port()
+    ));
+    note(&format!(
+        "envoy: listener {}  admin {}  routes {}",
+        envoy.listener_url(),
+        envoy.admin_url(),
+        envoy.rds_path().display()
+    ));
+    let load_bound = Duration::from_secs(2 * args.rollout_timeout_secs + 120 + args.hold_secs);
+    let mut load_options = LoadOptions::new(args.rps, load_bound);
+    load_options.workers = 8;
+    let load = LoadGen::start(&envoy.listener_url(), load_options)?;
+    note(&format!(
+        "load: {} rps of GET {} (stops by itself after {}s at most)",
+        args.rps,
+        envoy.listener_url(),
+        load_bound.as_secs()
+    ));
+    std::thread::sleep(Duration::from_secs(2));
+    let warmup = load.snapshot();
+    note(&format!("warm-up: {}", warmup.summary()));
+    ensure!(
+        warmup.version_share("v1") > 0.99,
+        "before any rollout all traffic should reach v1: {}",
+        warmup.summary()
+    );
+
+    let stage = Stage {
+        envoy,
+        load,
+        work_dir: work_dir.clone(),
+        rollout_timeout: Duration::from_secs(args.rollout_timeout_secs),
+        status_every: Duration::from_secs(args.status_every_secs.max(1)),
+    };
+
+    // ── Act 1: a healthy canary is promoted.
+    banner("Act 1: rolling out v2 (healthy). Expect: Promoted");
+    let first = stage.rollout("rollout-1", PHASE_PROMOTED)?;
+    let (weights, _) = stage.envoy.live_route_weights()?;
+    note(&format!("envoy now serves: {weights}"));
+    std::thread::sleep(Duration::from_millis(500));
+    let after = stage.measure(Duration::from_secs(3));
+    note(&format!("last 3 s after promotion: {}", after.summary()));
+    ensure!(
+        after.responses() >= u64::from(args.rps),
+        "too few responses after promotion: {}",
+        after.summary()
+    );
+    ensure!(
+        after.version_share("v2") >= 0.99,
+        "after promotion ≥ 99% of requests should reach v2: {}",
+        after.summary()
+    );
+    note("✔ ≥ 99% of new requests reach v2");
+    first.controller.stop();
+
+    // ── The operator finalizes: stable becomes v2, all traffic back on stable.
+    banner("The operator finalizes: stable backend restarted as v2, route reset to 100/0");
+    let stable_port = stable.port();
+    stable.stop();
+    let stable = start_with_retry("v2", || backend_options(Some(stable_port), 0.0))?;
+    let reload = stage.envoy.apply_route_weights(RouteWeights::ALL_STABLE)?;
+    note(&format!(
+        "stable :{} now runs {}; weights 100/0 live after {} ms",
+        stable.port(),
+        stable.version(),
+        reload.as_millis()
+    ));
+    let settled = stage.measure(Duration::from_secs(2));
+    note(&format!("last 2 s: {}", settled.summary()));
+    ensure!(
+        settled.version_share("v2") >= 0.99,
+        "after finalizing, traffic should be on stable v2: {}",
+        settled.summary()
+    );
+
+    banner("Replacing the canary with v3, which answers 20% of requests with 500");
+    let canary_port = canary.port();
+    canary.stop();
+    let canary = start_with_retry("v3", || backend_options(Some(canary_port), 0.2))?;
+    note(&format!(
+        "canary :{} now runs {}",
+        canary.port(),
+        canary.version()
+    ));
+
+    // ── Act 2: a failing canary is rolled back.
+    banner("Act 2: rolling out v3 (20% errors). Expect: RolledBack");
+    let before_second = stage.load.snapshot();
+    let second = stage.rollout("rollout-2", PHASE_ROLLED_BACK)?;
+    let during = stage.load.snapshot().since(&before_second);
+    let (weights, _) = stage.envoy.live_route_weights()?;
+    note(&format!("envoy now serves: {weights}"));
+    std::thread::sleep(Duration::from_millis(500));
+    let served_by_v3_before = canary.served()?;
+    let after = stage.measure(Duration::from_secs(3));
+    let served_by_v3_after = canary.served()?;
+    note(&format!("last 3 s after rollback: {}", after.summary()));
+    ensure!(
+        after.responses() >= u64::from(args.rps),
+        "too few responses after rollback: {}",
+        after.summary()
+    );
+    ensure!(
+        after.version_count("v3") == 0 && served_by_v3_after == served_by_v3_before,
+        "after rollback no request may reach v3: client saw {} from v3, backend served {} more",
+        after.version_count("v3"),
+        served_by_v3_after - served_by_v3_before
+    );
+    note("✔ no request reaches v3");
+    note(&format!(
+        "blast radius of v3 during its rollout ({:.0} s): {} of {} client requests reached v3, {} got a 5xx",
+        during.elapsed.as_secs_f64(),
+        during.version_count("v3"),
+        during.responses(),
+        during.server_errors()
+    ));
+
+    banner("Summary");
+    note(&format!(
+        "v2 promoted in {:.0} s; v3 rolled back in {:.0} s",
+        first.took.as_secs_f64(),
+        second.took.as_secs_f64()
+    ));
+    note(&format!(
+        "load overall: {}",
+        stage.load.snapshot().summary()
+    ));
+    note(&format!("files and logs: {}", work_dir.display()));
+    if args.hold_secs > 0 {
+        note(&format!(
+            "holding for {} s: status API {} (Ctrl-C to stop early)",
+            args.hold_secs,
+            second.controller.api_url()
+        ));
+        std::thread::sleep(Duration::from_secs(args.hold_secs));
+    }
+    second.controller.stop();
+    drop(canary);
+    drop(stable);
+    Ok(())
+}
+
+/// A finished rollout: the controller (still running) and how long it took.
+struct Rollout {
+    controller: Controller,
+    took: Duration,
+}
+
+impl Stage {
+    /// Counts of what the clients got during the next `window`.
+    fn measure(&self, window: Duration) -> LoadReport {
+        let start = self.load.snapshot();
+        std::thread::sleep(window);
+        self.load.snapshot().since(&start)
+    }
+
+    /// Start `fledge run` with a fresh state directory, print its output and a status line
+    /// every few seconds, and wait (bounded) until the canary reaches a final phase, which must be
+    /// `expected`.
+    fn rollout(&self, label: &str, expected: &str) -> Result<Rollout> {
+        let manifest_path = self.work_dir.join(format!("{label}-canary.yaml"));
+        CanaryManifest::new(APP, APP, &self.envoy.admin_url(), self.envoy.rds_path())
+            .write(&manifest_path)?;
+        let state_dir = self.work_dir.join(format!("{label}-state"));
+        let log_path = self.work_dir.join(format!("{label}-fledge.log"));
+        note(&format!(
+            "fledge run -f {} --state-dir {}",
+            display(&manifest_path),
+            display(&state_dir)
+        ));
+        let mut controller = Controller::start(&manifest_path, &state_dir, &log_path)?;
+        note(&format!(
+            "status API: {}   (dashboard: {}/)",
+            controller.api_url(),
+            controller.base_url()
+        ));
+        let follower = controller.follow_log("   │ fledge: ");
+        let started = Instant::now();
+        let mut previous = self.load.snapshot();
+        let outcome = loop {
+            std::thread::sleep(self.status_every);
+            let view = controller.canary(APP).with_context(|| {
+                format!(
+                    "reading canary status; fledge log tail:\n{}",
+                    controller.log_tail(20)
+                )
+            })?;
+            let now = self.load.snapshot();
+            let window = now.since(&previous);
+            previous = now;
+            let live = self
+                .envoy
+                .live_route_weights()
+                .map(|(w, _)| format!("{}/{}", w.stable, w.canary))
+                .unwrap_or_else(|_| "?".into());
+            println!(
+                "   [{:>3}s] {:<12} weight {:>3}%  step {:<2} envoy {:<7} | last {:.0}s: {} | {}",
+                started.elapsed().as_secs(),
+                view.phase,
+                view.canary_weight
+                    .map(|w| w.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                view.step
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                live,
+                window.elapsed.as_secs_f64(),
+                window.summary(),
+                view.message
+            );
+            if view.is_terminal() {
+                break view;
+            }
+            if started.elapsed() > self.rollout_timeout {
+                bail!(
+                    "{label}: no final phase after {:?} (phase {}); fledge log tail:\n{}",
+                    self.rollout_timeout,
+                    view.phase,
+                    controller.log_tail(30)
+                );
+            }
+        };
+        drop(follower);
+        let took = started.elapsed();
+        if outcome.phase != expected {
+            bail!(
+                "{label}: expected {expected}, got {} ({}); fledge log tail:\n{}",
+                outcome.phase,
+                outcome.message,
+                controller.log_tail(30)
+            );
+        }
+        note(&format!(
+            "✔ {label}: {} after {:.0} s",
+            outcome.phase,
+            took.as_secs_f64()
+        ));
+        Ok(Rollout { controller, took })
+    }
+}
+
+/// Restart a backend on a port that was just released (a retry covers a slow release).
+fn start_with_retry(version: &str, options: impl Fn() -> BackendOptions) -> Result<Backend> {
+    let mut last_error = None;
+    for _ in 0..3 {
+        match Backend::start(version, options()) {
+            Ok(backend) => return Ok(backend),
+            Err(error) => {
+                last_error = Some(error);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+    match last_error {
+        Some(error) => Err(error.context(format!("starting backend {version}"))),
+        None => bail!("starting backend {version}"),
+    }
+}
+
+fn display(path: &Path) -> String {
+    path.display().to_string()
+}
