@@ -4,6 +4,11 @@
 //! stable and canary subsets *since the previous call* (a per-interval delta), or a typed
 //! error — never a silent zero. New backends are new files implementing [`MetricsSource`].
 
+pub mod envoy_admin;
+pub mod promtext;
+
+pub use envoy_admin::{EnvoyAdminSource, EnvoyAdminSourceError};
+
 use async_trait::async_trait;
 use fledge_core::observe::{Observation, ObservationError};
 
@@ -18,9 +23,12 @@ pub struct SubsetSelector {
     pub canary_subset: String,
 }
 
+/// `Sync` (like [`crate::router::TrafficRouter`]) so a task owning a boxed source can hold
+/// `&self` across an await point and still be spawned.
 #[async_trait]
-pub trait MetricsSource: Send {
+pub trait MetricsSource: Send + Sync {
     /// Traffic since the previous call. The first call only records a baseline and returns
-    /// `Err(ObservationError::Baseline)`.
+    /// `Err(ObservationError::Baseline)`. After any other error the previous reading is kept,
+    /// so the next `Ok` covers everything since the last successful call.
     async fn observe(&mut self) -> Result<Observation, ObservationError>;
 }

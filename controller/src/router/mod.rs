@@ -4,6 +4,12 @@
 //! canary's route — and nothing else of the route — and checks that new weights are live in the
 //! proxy. New backends are new files implementing [`TrafficRouter`].
 
+pub mod envoy_rds;
+#[cfg(test)]
+mod real_envoy_tests;
+
+pub use envoy_rds::{EnvoyRdsRouter, EnvoyRdsSettings};
+
 use async_trait::async_trait;
 
 /// Traffic split in percent; `stable + canary == 100`.

@@ -1,0 +1,1042 @@
+//! [`EnvoyAdminSource`]: per-subset traffic scraped from the `/stats/prometheus` endpoint of one
+//! or more Envoy admin APIs (e.g. the replicas of one gateway).
+//!
+//! Each scrape gives *cumulative* counters per Envoy. The source keeps the last reading of each
+//! endpoint and reports, per call, the sum over endpoints of `current.delta_since(previous)`,
+//! so one Envoy restarting (its counters reset) never yields a negative or inflated interval.
+//!
+//! Readings are committed all-or-nothing: if any endpoint fails, the call errors and *every*
+//! endpoint keeps its previous reading. A partial view must not produce a verdict, and the next
+//! full scrape then yields, for every endpoint, the traffic since the same earlier instant — so
+//! the stable/canary comparison still covers one common window and nothing is lost or counted
+//! twice.
+
+use super::promtext::{self, Sample};
+use super::{MetricsSource, SubsetSelector};
+use async_trait::async_trait;
+use fledge_core::contract::{
+    ResponseClass, REQUESTS_TOTAL, REQUEST_DURATION_MS, TAG_CLASS, TAG_SERVICE, TAG_SUBSET,
+};
+use fledge_core::observe::{LatencyHistogram, Observation, ObservationError, SubsetTraffic};
+use std::time::Duration;
+use tokio::task::JoinSet;
+
+/// The `filter` query parameter sent to `/stats/prometheus`. Envoy matches this regex against
+/// the full stat name *before* tag extraction (verified with Envoy 1.40: `^cluster\.app_stable\.`
+/// matches `envoy_cluster_upstream_rq_total{envoy_cluster_name="app_stable"}`, the tag-extracted
+/// `^cluster\.upstream_rq_total` matches nothing). The filter's full names look like
+/// `fledge_service=.=app;.;...;fledge_requests_total`, so the pattern is left unanchored.
+/// `server.uptime` lets us see restarts that counters alone would hide. Samples are filtered
+/// again here, so an Envoy that ignored the parameter would still be read correctly.
+const STATS_FILTER: &str = r"fledge_request|^server\.uptime$";
+
+/// Envoy's uptime gauge in seconds, as `/stats/prometheus` names it.
+const UPTIME_GAUGE: &str = "envoy_server_uptime";
+
+/// Why an [`EnvoyAdminSource`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvoyAdminSourceError {
+    #[error("no Envoy admin URL given; at least one is needed")]
+    NoEndpoints,
+    #[error("invalid Envoy admin URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("stable and canary subsets are both {0:?}; they must differ")]
+    SameSubsets(String),
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(#[source] reqwest::Error),
+}
+
+/// Reads one canary's traffic from one or more Envoy admin APIs.
+#[derive(Debug)]
+pub struct EnvoyAdminSource {
+    selector: SubsetSelector,
+    endpoints: Vec<Endpoint>,
+    client: reqwest::Client,
+}
+
+#[derive(Debug)]
+struct Endpoint {
+    /// As configured, for messages.
+    base_url: String,
+    stats_url: reqwest::Url,
+    /// Last reading that was part of a fully successful scrape.
+    previous: Option<EndpointReading>,
+}
+
+/// One Envoy's cumulative counters for the selected canary.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct EndpointReading {
+    stable: SubsetTraffic,
+    canary: SubsetTraffic,
+    uptime_seconds: Option<f64>,
+    /// Samples that look like ours but whose labels were not extracted (see `warn_untagged`).
+    untagged_series: usize,
+}
+
+impl EnvoyAdminSource {
+    /// A source reading every URL in `admin_urls` (Envoy admin base URLs such as
+    /// `http://127.0.0.1:9901`) for the canary described by `selector`. Each request is bounded
+    /// by `request_timeout`.
+    pub fn new(
+        admin_urls: Vec<String>,
+        selector: SubsetSelector,
+        request_timeout: Duration,
+    ) -> Result<Self, EnvoyAdminSourceError> {
+        if admin_urls.is_empty() {
+            return Err(EnvoyAdminSourceError::NoEndpoints);
+        }
+        if selector.stable_subset == selector.canary_subset {
+            return Err(EnvoyAdminSourceError::SameSubsets(selector.stable_subset));
+        }
+        let endpoints = admin_urls
+            .into_iter()
+            .map(|base_url| {
+                let stats_url = stats_url(&base_url)?;
+                Ok(Endpoint {
+                    base_url,
+                    stats_url,
+                    previous: None,
+                })
+            })
+            .collect::<Result<Vec<_>, EnvoyAdminSourceError>>()?;
+        let client = reqwest::Client::builder()
+            .timeout(request_timeout)
+            .connect_timeout(request_timeout)
+            .build()
+            .map_err(EnvoyAdminSourceError::HttpClient)?;
+        Ok(EnvoyAdminSource {
+            selector,
+            endpoints,
+            client,
+        })
+    }
+
+    /// Scrape every endpoint concurrently; results in endpoint order.
+    async fn scrape_all(&self) -> Vec<Result<EndpointReading, ObservationError>> {
+        let mut tasks = JoinSet::new();
+        for (index, endpoint) in self.endpoints.iter().enumerate() {
+            let client = self.client.clone();
+            let url = endpoint.stats_url.clone();
+            let base_url = endpoint.base_url.clone();
+            let selector = self.selector.clone();
+            tasks.spawn(async move { (index, scrape(&client, url, &base_url, &selector).await) });
+        }
+        let mut results: Vec<Option<Result<EndpointReading, ObservationError>>> =
+            self.endpoints.iter().map(|_| None).collect();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((index, result)) => {
+                    if let Some(slot) = results.get_mut(index) {
+                        *slot = Some(result);
+                    }
+                }
+                Err(join_error) => {
+                    tracing::error!(error = %join_error, "metrics scrape task failed");
+                }
+            }
+        }
+        results
+            .into_iter()
+            .zip(&self.endpoints)
+            .map(|(result, endpoint)| {
+                result.unwrap_or_else(|| {
+                    Err(ObservationError::Unreachable(format!(
+                        "{}: scrape task did not finish",
+                        endpoint.base_url
+                    )))
+                })
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl MetricsSource for EnvoyAdminSource {
+    async fn observe(&mut self) -> Result<Observation, ObservationError> {
+        let results = self.scrape_all().await;
+
+        let mut readings = Vec::with_capacity(results.len());
+        let mut unreachable = Vec::new();
+        let mut malformed = Vec::new();
+        for result in results {
+            match result {
+                Ok(reading) => readings.push(reading),
+                Err(ObservationError::Unreachable(message)) => unreachable.push(message),
+                Err(ObservationError::Malformed(message)) => malformed.push(message),
+                // A scrape never returns this; if it did, the readings must not go out of step.
+                Err(other @ ObservationError::Baseline) => malformed.push(other.to_string()),
+            }
+        }
+        if !unreachable.is_empty() || !malformed.is_empty() {
+            // Previous readings stay as they are: see the module docs.
+            let all: Vec<String> = unreachable.iter().chain(&malformed).cloned().collect();
+            tracing::warn!(
+                service = %self.selector.service,
+                failed = all.len(),
+                endpoints = self.endpoints.len(),
+                problems = %all.join("; "),
+                "metrics scrape incomplete; no observation this interval"
+            );
+            return Err(if unreachable.is_empty() {
+                ObservationError::Malformed(malformed.join("; "))
+            } else {
+                ObservationError::Unreachable(all.join("; "))
+            });
+        }
+
+        for (endpoint, reading) in self.endpoints.iter().zip(&readings) {
+            if reading.untagged_series > 0 {
+                warn_untagged(&endpoint.base_url, reading.untagged_series);
+            }
+        }
+
+        if self.endpoints.iter().any(|e| e.previous.is_none()) {
+            for (endpoint, reading) in self.endpoints.iter_mut().zip(readings) {
+                endpoint.previous = Some(reading);
+            }
+            tracing::debug!(service = %self.selector.service, "metrics baseline taken");
+            return Err(ObservationError::Baseline);
+        }
+
+        let mut stable = MergedSubset::new(&self.selector.stable_subset);
+        let mut canary = MergedSubset::new(&self.selector.canary_subset);
+        for (endpoint, reading) in self.endpoints.iter().zip(&readings) {
+            let Some(previous) = endpoint.previous.as_ref() else {
+                continue;
+            };
+            let (stable_delta, canary_delta) = interval_since(previous, reading);
+            if restarted(previous, reading) {
+                tracing::info!(
+                    endpoint = %endpoint.base_url,
+                    "Envoy restarted since the previous scrape; counting from its restart"
+                );
+            }
+            stable.add(&endpoint.base_url, &stable_delta)?;
+            canary.add(&endpoint.base_url, &canary_delta)?;
+        }
+        for (endpoint, reading) in self.endpoints.iter_mut().zip(readings) {
+            endpoint.previous = Some(reading);
+        }
+        Ok(Observation {
+            stable: stable.traffic,
+            canary: canary.traffic,
+        })
+    }
+}
+
+/// Sum of one subset's interval over endpoints, remembering who set the bucket layout so a
+/// mismatch can name both sides.
+struct MergedSubset<'a> {
+    subset: &'a str,
+    traffic: SubsetTraffic,
+    buckets_from: Option<String>,
+}
+
+impl<'a> MergedSubset<'a> {
+    fn new(subset: &'a str) -> Self {
+        MergedSubset {
+            subset,
+            traffic: SubsetTraffic::default(),
+            buckets_from: None,
+        }
+    }
+
+    fn add(&mut self, endpoint: &str, delta: &SubsetTraffic) -> Result<(), ObservationError> {
+        let before = self.traffic.latency.bounds_ms.clone();
+        if !self.traffic.merge(delta) {
+            return Err(ObservationError::Malformed(format!(
+                "latency histogram buckets of subset {:?} differ between Envoys: {} has {:?}, \
+                 {} has {:?}; give every Envoy the same stats_config histogram bucket settings",
+                self.subset,
+                self.buckets_from.as_deref().unwrap_or("another endpoint"),
+                before,
+                endpoint,
+                delta.latency.bounds_ms
+            )));
+        }
+        if self.buckets_from.is_none() && !delta.latency.bounds_ms.is_empty() {
+            self.buckets_from = Some(endpoint.to_string());
+        }
+        Ok(())
+    }
+}
+
+fn restarted(previous: &EndpointReading, current: &EndpointReading) -> bool {
+    matches!(
+        (previous.uptime_seconds, current.uptime_seconds),
+        (Some(before), Some(now)) if now < before
+    )
+}
+
+/// One endpoint's (stable, canary) traffic between two cumulative readings.
+fn interval_since(
+    previous: &EndpointReading,
+    current: &EndpointReading,
+) -> (SubsetTraffic, SubsetTraffic) {
+    if restarted(previous, current) {
+        // Everything counted now happened since the restart, even if some counters already
+        // grew past their old values (which `delta_since` could not tell from growth).
+        return (current.stable.clone(), current.canary.clone());
+    }
+    (
+        subset_delta(&current.stable, &previous.stable),
+        subset_delta(&current.canary, &previous.canary),
+    )
+}
+
+fn subset_delta(current: &SubsetTraffic, previous: &SubsetTraffic) -> SubsetTraffic {
+    let previous_histogram_absent =
+        previous.latency.bounds_ms.is_empty() && previous.latency.count == 0;
+    if previous_histogram_absent && !current.latency.bounds_ms.is_empty() {
+        // Envoy publishes histograms on its stats flush, after the counters: a histogram that
+        // did not exist yet is all zeros in the current layout, not a counter reset (which
+        // would count the requests already reported last interval again).
+        let zeros = SubsetTraffic {
+            by_class: previous.by_class,
+            latency: LatencyHistogram {
+                bounds_ms: current.latency.bounds_ms.clone(),
+                cumulative: vec![0; current.latency.cumulative.len()],
+                count: 0,
+                sum_ms: 0.0,
+            },
+        };
+        return current.delta_since(&zeros);
+    }
+    current.delta_since(previous)
+}
+
+fn warn_untagged(endpoint: &str, count: usize) {
+    tracing::warn!(
+        endpoint,
+        series = count,
+        "found fledge series without fledge_service/fledge_subset labels; Envoy needs a \
+         stats_config.stats_tags entry per fledge tag (see fledge_core::contract::stats_tag_regex)"
+    );
+}
+
+fn stats_url(base_url: &str) -> Result<reqwest::Url, EnvoyAdminSourceError> {
+    let invalid = |reason: String| EnvoyAdminSourceError::InvalidUrl {
+        url: base_url.to_string(),
+        reason,
+    };
+    let base = reqwest::Url::parse(base_url.trim_end_matches('/'))
+        .map_err(|error| invalid(error.to_string()))?;
+    if base.scheme() != "http" && base.scheme() != "https" {
+        return Err(invalid(
+            "only http:// and https:// are supported".to_string(),
+        ));
+    }
+    let mut url = base.clone();
+    url.set_path(&format!(
+        "{}/stats/prometheus",
+        base.path().trim_end_matches('/')
+    ));
+    url.set_query(None);
+    url.query_pairs_mut().append_pair("filter", STATS_FILTER);
+    Ok(url)
+}
+
+async fn scrape(
+    client: &reqwest::Client,
+    url: reqwest::Url,
+    base_url: &str,
+    selector: &SubsetSelector,
+) -> Result<EndpointReading, ObservationError> {
+    let unreachable = |what: String| ObservationError::Unreachable(format!("{base_url}: {what}"));
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|error| unreachable(describe_request_error(&error)))?;
+    let status = response.status();
+    let body = response.text().await.map_err(|error| {
+        unreachable(format!(
+            "reading the response: {}",
+            describe_request_error(&error)
+        ))
+    })?;
+    if !status.is_success() {
+        return Err(unreachable(format!(
+            "HTTP {status} from /stats/prometheus: {}",
+            body.chars().take(200).collect::<String>().trim()
+        )));
+    }
+    let samples = promtext::parse(&body).map_err(|error| {
+        ObservationError::Malformed(format!("{base_url}/stats/prometheus: {error}"))
+    })?;
+    reading_from_samples(&samples, selector)
+        .map_err(|problem| ObservationError::Malformed(format!("{base_url}: {problem}")))
+}
+
+/// reqwest's top-level message hides the cause ("error sending request"); include the chain.
+fn describe_request_error(error: &reqwest::Error) -> String {
+    let mut message = if error.is_timeout() {
+        format!("timed out: {error}")
+    } else {
+        error.to_string()
+    };
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// Which of the canary's two subsets a sample belongs to, if any.
+#[derive(Clone, Copy)]
+enum Side {
+    Stable,
+    Canary,
+}
+
+fn side_of(sample: &Sample, selector: &SubsetSelector) -> Option<Side> {
+    if sample.label(TAG_SERVICE) != Some(selector.service.as_str()) {
+        return None;
+    }
+    let subset = sample.label(TAG_SUBSET)?;
+    if subset == selector.stable_subset {
+        Some(Side::Stable)
+    } else if subset == selector.canary_subset {
+        Some(Side::Canary)
+    } else {
+        None
+    }
+}
+
+/// Accumulates one subset's series. Series that differ in labels other than ours (e.g. extra
+/// tags) are summed.
+#[derive(Default)]
+struct SubsetAccumulator {
+    by_class: [u64; 6],
+    /// `(le, cumulative count)` for finite bounds, unordered.
+    finite_buckets: Vec<(f64, u64)>,
+    infinite_bucket: Option<u64>,
+    sum_ms: Option<f64>,
+    count: Option<u64>,
+}
+
+impl SubsetAccumulator {
+    fn add_requests(&mut self, sample: &Sample) -> Result<(), String> {
+        let class_label = sample
+            .label(TAG_CLASS)
+            .ok_or_else(|| format!("{} sample without a {TAG_CLASS} label", sample.name))?;
+        let class = ResponseClass::from_label(class_label).ok_or_else(|| {
+            format!(
+                "{} has unknown {TAG_CLASS} {class_label:?}; this controller knows {}",
+                sample.name,
+                ResponseClass::ALL.map(ResponseClass::label).join(", ")
+            )
+        })?;
+        let n = whole_count(sample)?;
+        if let Some(slot) = self.by_class.get_mut(class.index()) {
+            *slot = slot.saturating_add(n);
+        }
+        Ok(())
+    }
+
+    fn add_bucket(&mut self, sample: &Sample) -> Result<(), String> {
+        let le_text = sample
+            .label("le")
+            .ok_or_else(|| format!("{} sample without an le label", sample.name))?;
+        let le = le_text
+            .parse::<f64>()
+            .ok()
+            .filter(|le| !le.is_nan())
+            .ok_or_else(|| format!("{} has an invalid le {le_text:?}", sample.name))?;
+        let n = whole_count(sample)?;
+        if le == f64::INFINITY {
+            self.infinite_bucket = Some(self.infinite_bucket.unwrap_or(0).saturating_add(n));
+        } else if let Some(bucket) = self.finite_buckets.iter_mut().find(|(b, _)| *b == le) {
+            bucket.1 = bucket.1.saturating_add(n);
+        } else {
+            self.finite_buckets.push((le, n));
+        }
+        Ok(())
+    }
+
+    fn add_sum(&mut self, sample: &Sample) -> Result<(), String> {
+        if !sample.value.is_finite() || sample.value < 0.0 {
+            return Err(format!(
+                "{} is {}, expected a non-negative number",
+                sample.name, sample.value
+            ));
+        }
+        self.sum_ms = Some(self.sum_ms.unwrap_or(0.0) + sample.value);
+        Ok(())
+    }
+
+    fn add_count(&mut self, sample: &Sample) -> Result<(), String> {
+        let n = whole_count(sample)?;
+        self.count = Some(self.count.unwrap_or(0).saturating_add(n));
+        Ok(())
+    }
+
+    fn finish(mut self, subset: &str) -> Result<SubsetTraffic, String> {
+        self.finite_buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let bounds_ms: Vec<f64> = self.finite_buckets.iter().map(|(le, _)| *le).collect();
+        let cumulative: Vec<u64> = self.finite_buckets.iter().map(|(_, n)| *n).collect();
+        if cumulative
+            .windows(2)
+            .any(|pair| matches!(pair, [a, b] if b < a))
+        {
+            return Err(format!(
+                "{REQUEST_DURATION_MS} buckets of subset {subset:?} decrease with le: {:?}",
+                self.finite_buckets
+            ));
+        }
+        let highest_finite = cumulative.last().copied().unwrap_or(0);
+        let count = self
+            .count
+            .or(self.infinite_bucket)
+            .unwrap_or(highest_finite);
+        if count < highest_finite {
+            return Err(format!(
+                "{REQUEST_DURATION_MS} of subset {subset:?} counts {count} requests but a bucket holds {highest_finite}"
+            ));
+        }
+        Ok(SubsetTraffic {
+            by_class: self.by_class,
+            latency: LatencyHistogram {
+                bounds_ms,
+                cumulative,
+                count,
+                sum_ms: self.sum_ms.unwrap_or(0.0),
+            },
+        })
+    }
+}
+
+/// A counter value as an integer; Envoy prints counters as whole numbers.
+fn whole_count(sample: &Sample) -> Result<u64, String> {
+    let value = sample.value;
+    // 2^64: the first value that does not fit.
+    if value.is_finite()
+        && value >= 0.0
+        && value.fract() == 0.0
+        && value < 18_446_744_073_709_551_616.0
+    {
+        Ok(value as u64)
+    } else {
+        Err(format!(
+            "{} is {value}, expected a whole non-negative count",
+            sample.name
+        ))
+    }
+}
+
+/// The selected canary's cumulative traffic in one scrape. A subset without series has seen no
+/// request yet (the filter creates a series on the first request) and counts as zero.
+fn reading_from_samples(
+    samples: &[Sample],
+    selector: &SubsetSelector,
+) -> Result<EndpointReading, String> {
+    let bucket_name = format!("{REQUEST_DURATION_MS}_bucket");
+    let sum_name = format!("{REQUEST_DURATION_MS}_sum");
+    let count_name = format!("{REQUEST_DURATION_MS}_count");
+
+    let mut stable = SubsetAccumulator::default();
+    let mut canary = SubsetAccumulator::default();
+    let mut uptime_seconds = None;
+    let mut untagged_series = 0;
+    for sample in samples {
+        let name = sample.name.as_str();
+        if name == UPTIME_GAUGE {
+            uptime_seconds = Some(sample.value).filter(|v| v.is_finite());
+            continue;
+        }
+        let is_ours =
+            name == REQUESTS_TOTAL || name == bucket_name || name == sum_name || name == count_name;
+        if !is_ours {
+            // Without stats_tags Envoy folds the tags into the name instead.
+            if name.contains(REQUESTS_TOTAL) && name.contains(TAG_SUBSET) {
+                untagged_series += 1;
+            }
+            continue;
+        }
+        let accumulator = match side_of(sample, selector) {
+            Some(Side::Stable) => &mut stable,
+            Some(Side::Canary) => &mut canary,
+            None => continue,
+        };
+        if name == REQUESTS_TOTAL {
+            accumulator.add_requests(sample)?;
+        } else if name == bucket_name {
+            accumulator.add_bucket(sample)?;
+        } else if name == sum_name {
+            accumulator.add_sum(sample)?;
+        } else {
+            accumulator.add_count(sample)?;
+        }
+    }
+    Ok(EndpointReading {
+        stable: stable.finish(&selector.stable_subset)?,
+        canary: canary.finish(&selector.canary_subset)?,
+        uptime_seconds,
+        untagged_series,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::extract::{RawQuery, State};
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    use std::sync::{Arc, Mutex};
+
+    /// What the fake admin answers on `/stats/prometheus`.
+    #[derive(Clone)]
+    enum Reply {
+        Text(String),
+        Status(StatusCode),
+        /// Answer only after this long (to trip the client's timeout).
+        Slow(Duration),
+    }
+
+    #[derive(Clone)]
+    struct FakeState {
+        reply: Arc<Mutex<Reply>>,
+        last_query: Arc<Mutex<Option<String>>>,
+    }
+
+    /// A fake Envoy admin on 127.0.0.1:<free port>; stopped when dropped.
+    struct FakeAdmin {
+        url: String,
+        state: FakeState,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    impl FakeAdmin {
+        async fn start(text: &str) -> FakeAdmin {
+            let state = FakeState {
+                reply: Arc::new(Mutex::new(Reply::Text(text.to_string()))),
+                last_query: Arc::new(Mutex::new(None)),
+            };
+            let app = axum::Router::new()
+                .route("/stats/prometheus", get(serve_stats))
+                .with_state(state.clone());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let server = tokio::spawn(async move {
+                axum::serve(listener, app).await.unwrap();
+            });
+            FakeAdmin { url, state, server }
+        }
+
+        fn set(&self, reply: Reply) {
+            *self.state.reply.lock().unwrap() = reply;
+        }
+
+        fn set_text(&self, text: &str) {
+            self.set(Reply::Text(text.to_string()));
+        }
+    }
+
+    impl Drop for FakeAdmin {
+        fn drop(&mut self) {
+            self.server.abort();
+        }
+    }
+
+    async fn serve_stats(
+        State(state): State<FakeState>,
+        RawQuery(query): RawQuery,
+    ) -> (StatusCode, String) {
+        *state.last_query.lock().unwrap() = query;
+        let reply = state.reply.lock().unwrap().clone();
+        match reply {
+            Reply::Text(text) => (StatusCode::OK, text),
+            Reply::Status(status) => (status, "unavailable".to_string()),
+            Reply::Slow(delay) => {
+                tokio::time::sleep(delay).await;
+                (StatusCode::OK, String::new())
+            }
+        }
+    }
+
+    fn selector() -> SubsetSelector {
+        SubsetSelector {
+            service: "app".to_string(),
+            stable_subset: "stable".to_string(),
+            canary_subset: "canary".to_string(),
+        }
+    }
+
+    fn source(urls: &[&str]) -> EnvoyAdminSource {
+        EnvoyAdminSource::new(
+            urls.iter().map(|u| u.to_string()).collect(),
+            selector(),
+            Duration::from_millis(500),
+        )
+        .unwrap()
+    }
+
+    /// Envoy-shaped text for service `app`: per subset (name, 2xx, 5xx, bucket counts for
+    /// le=10,100 and the total), with an optional uptime.
+    fn envoy_text(subsets: &[(&str, u64, u64, [u64; 2], u64)], uptime: Option<u64>) -> String {
+        let mut text = String::new();
+        if let Some(uptime) = uptime {
+            text.push_str(&format!(
+                "# TYPE envoy_server_uptime gauge\nenvoy_server_uptime{{}} {uptime}\n"
+            ));
+        }
+        text.push_str("# TYPE fledge_requests_total counter\n");
+        for (subset, ok, failed, _, _) in subsets {
+            text.push_str(&format!(
+                "fledge_requests_total{{fledge_service=\"app\",fledge_subset=\"{subset}\",fledge_class=\"2xx\"}} {ok}\n\
+                 fledge_requests_total{{fledge_service=\"app\",fledge_subset=\"{subset}\",fledge_class=\"5xx\"}} {failed}\n"
+            ));
+        }
+        text.push_str("# TYPE fledge_request_duration_ms histogram\n");
+        for (subset, _, _, [le10, le100], total) in subsets {
+            let series = format!("fledge_service=\"app\",fledge_subset=\"{subset}\"");
+            text.push_str(&format!(
+                "fledge_request_duration_ms_bucket{{{series},le=\"10\"}} {le10}\n\
+                 fledge_request_duration_ms_bucket{{{series},le=\"100\"}} {le100}\n\
+                 fledge_request_duration_ms_bucket{{{series},le=\"+Inf\"}} {total}\n\
+                 fledge_request_duration_ms_sum{{{series}}} {}.5\n\
+                 fledge_request_duration_ms_count{{{series}}} {total}\n",
+                total * 10
+            ));
+        }
+        text
+    }
+
+    fn requests(traffic: &SubsetTraffic) -> (u64, u64) {
+        (
+            traffic.count(ResponseClass::Success),
+            traffic.count(ResponseClass::ServerError),
+        )
+    }
+
+    #[tokio::test]
+    async fn first_call_is_baseline_then_deltas() {
+        let admin = FakeAdmin::start(&envoy_text(
+            &[
+                ("stable", 100, 1, [90, 100], 101),
+                ("canary", 10, 0, [9, 10], 10),
+            ],
+            Some(50),
+        ))
+        .await;
+        let mut source = source(&[&admin.url]);
+        assert_eq!(source.observe().await, Err(ObservationError::Baseline));
+        assert_eq!(
+            admin.state.last_query.lock().unwrap().as_deref(),
+            Some("filter=fledge_request%7C%5Eserver%5C.uptime%24")
+        );
+
+        admin.set_text(&envoy_text(
+            &[
+                ("stable", 150, 2, [135, 150], 152),
+                ("canary", 20, 3, [15, 22], 23),
+            ],
+            Some(60),
+        ));
+        let observation = source.observe().await.unwrap();
+        assert_eq!(requests(&observation.stable), (50, 1));
+        assert_eq!(requests(&observation.canary), (10, 3));
+        assert_eq!(observation.stable.latency.bounds_ms, vec![10.0, 100.0]);
+        assert_eq!(observation.stable.latency.cumulative, vec![45, 50]);
+        assert_eq!(observation.stable.latency.count, 51);
+        assert_eq!(observation.canary.latency.cumulative, vec![6, 12]);
+        assert_eq!(observation.canary.latency.count, 13);
+        assert!((observation.canary.latency.sum_ms - 130.0).abs() < 1e-9);
+
+        // Nothing new: an empty interval, not an error.
+        let observation = source.observe().await.unwrap();
+        assert_eq!(observation.stable.requests(), 0);
+        assert_eq!(observation.canary.requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn two_endpoints_are_summed_and_a_restart_of_one_counts_from_its_restart() {
+        let a = FakeAdmin::start(&envoy_text(
+            &[("stable", 100, 0, [100, 100], 100)],
+            Some(500),
+        ))
+        .await;
+        let b = FakeAdmin::start(&envoy_text(
+            &[("stable", 200, 0, [200, 200], 200)],
+            Some(500),
+        ))
+        .await;
+        let mut source = source(&[&a.url, &b.url]);
+        assert_eq!(source.observe().await, Err(ObservationError::Baseline));
+
+        a.set_text(&envoy_text(
+            &[("stable", 110, 0, [110, 110], 110)],
+            Some(510),
+        ));
+        b.set_text(&envoy_text(
+            &[("stable", 205, 0, [205, 205], 205)],
+            Some(510),
+        ));
+        let observation = source.observe().await.unwrap();
+        assert_eq!(requests(&observation.stable), (15, 0));
+        assert_eq!(observation.stable.latency.count, 15);
+
+        // b restarted: its counters went down to 7.
+        a.set_text(&envoy_text(
+            &[("stable", 120, 0, [120, 120], 120)],
+            Some(520),
+        ));
+        b.set_text(&envoy_text(&[("stable", 7, 1, [8, 8], 8)], Some(3)));
+        let observation = source.observe().await.unwrap();
+        assert_eq!(requests(&observation.stable), (10 + 7, 1));
+        assert_eq!(observation.stable.latency.cumulative, vec![18, 18]);
+
+        // b restarted again and already counted more than before; only uptime reveals it.
+        a.set_text(&envoy_text(
+            &[("stable", 120, 0, [120, 120], 120)],
+            Some(530),
+        ));
+        b.set_text(&envoy_text(&[("stable", 30, 1, [31, 31], 31)], Some(2)));
+        let observation = source.observe().await.unwrap();
+        assert_eq!(requests(&observation.stable), (30, 1));
+    }
+
+    #[tokio::test]
+    async fn a_failed_endpoint_fails_the_interval_and_keeps_every_previous_reading() {
+        let a = FakeAdmin::start(&envoy_text(&[("canary", 10, 0, [10, 10], 10)], None)).await;
+        let b = FakeAdmin::start(&envoy_text(&[("canary", 20, 0, [20, 20], 20)], None)).await;
+        let mut source = source(&[&a.url, &b.url]);
+        assert_eq!(source.observe().await, Err(ObservationError::Baseline));
+
+        a.set_text(&envoy_text(&[("canary", 15, 0, [15, 15], 15)], None));
+        b.set(Reply::Status(StatusCode::SERVICE_UNAVAILABLE));
+        match source.observe().await {
+            Err(ObservationError::Unreachable(message)) => {
+                assert!(message.contains(&b.url), "{message}");
+                assert!(message.contains("503"), "{message}");
+                assert!(!message.contains(&a.url), "{message}");
+            }
+            other => panic!("expected Unreachable, got {other:?}"),
+        }
+
+        // Both back: each endpoint's delta runs from the last full scrape (10 and 20).
+        a.set_text(&envoy_text(&[("canary", 17, 0, [17, 17], 17)], None));
+        b.set_text(&envoy_text(&[("canary", 26, 0, [26, 26], 26)], None));
+        let observation = source.observe().await.unwrap();
+        assert_eq!(requests(&observation.canary), (7 + 6, 0));
+    }
+
+    #[tokio::test]
+    async fn unreachable_and_slow_endpoints_are_named() {
+        let good = FakeAdmin::start(&envoy_text(&[], None)).await;
+        let closed_port_url = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", listener.local_addr().unwrap())
+        };
+        let mut closed = source(&[&good.url, &closed_port_url]);
+        match closed.observe().await {
+            Err(ObservationError::Unreachable(message)) => {
+                assert!(message.contains(&closed_port_url), "{message}")
+            }
+            other => panic!("expected Unreachable, got {other:?}"),
+        }
+
+        let slow = FakeAdmin::start("").await;
+        slow.set(Reply::Slow(Duration::from_secs(5)));
+        let mut timing_out = EnvoyAdminSource::new(
+            vec![slow.url.clone()],
+            selector(),
+            Duration::from_millis(100),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        match timing_out.observe().await {
+            Err(ObservationError::Unreachable(message)) => {
+                assert!(message.contains(&slow.url), "{message}");
+                assert!(message.contains("timed out"), "{message}");
+            }
+            other => panic!("expected Unreachable, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn malformed_bodies() {
+        let cases: &[(&str, &str)] = &[
+            ("garbage", "<html>oops</html>"),
+            ("bad escape", "fledge_requests_total{fledge_service=\"a\\q\"} 1"),
+            (
+                "fractional counter",
+                "fledge_requests_total{fledge_service=\"app\",fledge_subset=\"canary\",fledge_class=\"2xx\"} 1.5",
+            ),
+            (
+                "unknown class",
+                "fledge_requests_total{fledge_service=\"app\",fledge_subset=\"canary\",fledge_class=\"6xx\"} 1",
+            ),
+            (
+                "bucket without le",
+                "fledge_request_duration_ms_bucket{fledge_service=\"app\",fledge_subset=\"canary\"} 1",
+            ),
+            (
+                "decreasing buckets",
+                "fledge_request_duration_ms_bucket{fledge_service=\"app\",fledge_subset=\"canary\",le=\"1\"} 5\n\
+                 fledge_request_duration_ms_bucket{fledge_service=\"app\",fledge_subset=\"canary\",le=\"2\"} 4",
+            ),
+        ];
+        let admin = FakeAdmin::start("").await;
+        for (what, body) in cases {
+            admin.set_text(body);
+            let mut source = source(&[&admin.url]);
+            match source.observe().await {
+                Err(ObservationError::Malformed(message)) => {
+                    assert!(message.contains(&admin.url), "{what}: {message}")
+                }
+                other => panic!("{what}: expected Malformed, got {other:?}"),
+            }
+        }
+        admin.set_text("<html>oops</html>");
+        let mut source = source(&[&admin.url]);
+        let Err(ObservationError::Malformed(message)) = source.observe().await else {
+            panic!("expected Malformed");
+        };
+        assert!(message.contains("line 1"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn missing_subsets_and_other_services_count_as_zero() {
+        let other_service = "fledge_requests_total{fledge_service=\"other\",fledge_subset=\"canary\",fledge_class=\"5xx\"} 99\n\
+                             fledge_requests_total{fledge_service=\"app\",fledge_subset=\"v3\",fledge_class=\"5xx\"} 99\n";
+        let admin = FakeAdmin::start(&format!(
+            "{other_service}{}",
+            envoy_text(&[("stable", 10, 0, [10, 10], 10)], None)
+        ))
+        .await;
+        let mut source = source(&[&admin.url]);
+        assert_eq!(source.observe().await, Err(ObservationError::Baseline));
+        admin.set_text(&format!(
+            "{other_service}{}",
+            envoy_text(&[("stable", 12, 0, [12, 12], 12)], None)
+        ));
+        let observation = source.observe().await.unwrap();
+        assert_eq!(requests(&observation.stable), (2, 0));
+        assert_eq!(observation.canary, SubsetTraffic::default());
+
+        // The canary's first requests: everything it has counted is the interval.
+        admin.set_text(&envoy_text(
+            &[("stable", 12, 0, [12, 12], 12), ("canary", 3, 1, [4, 4], 4)],
+            None,
+        ));
+        let observation = source.observe().await.unwrap();
+        assert_eq!(requests(&observation.canary), (3, 1));
+        assert_eq!(observation.canary.latency.count, 4);
+    }
+
+    #[tokio::test]
+    async fn histogram_appearing_after_counters_is_not_counted_twice() {
+        let counters_only = "fledge_requests_total{fledge_service=\"app\",fledge_subset=\"canary\",fledge_class=\"2xx\"} 5\n";
+        let admin = FakeAdmin::start(counters_only).await;
+        let mut source = source(&[&admin.url]);
+        assert_eq!(source.observe().await, Err(ObservationError::Baseline));
+        admin.set_text(&envoy_text(&[("canary", 8, 0, [8, 8], 8)], None));
+        let observation = source.observe().await.unwrap();
+        assert_eq!(requests(&observation.canary), (3, 0));
+        assert_eq!(observation.canary.latency.count, 8);
+    }
+
+    #[tokio::test]
+    async fn different_buckets_across_endpoints_are_malformed() {
+        let a = FakeAdmin::start(&envoy_text(&[("canary", 0, 0, [0, 0], 0)], None)).await;
+        let b_text = |n: u64| {
+            format!(
+                "fledge_request_duration_ms_bucket{{fledge_service=\"app\",fledge_subset=\"canary\",le=\"5\"}} {n}\n\
+                 fledge_request_duration_ms_count{{fledge_service=\"app\",fledge_subset=\"canary\"}} {n}\n"
+            )
+        };
+        let b = FakeAdmin::start(&b_text(0)).await;
+        let mut source = source(&[&a.url, &b.url]);
+        assert_eq!(source.observe().await, Err(ObservationError::Baseline));
+        a.set_text(&envoy_text(&[("canary", 1, 0, [1, 1], 1)], None));
+        b.set_text(&b_text(1));
+        match source.observe().await {
+            Err(ObservationError::Malformed(message)) => {
+                assert!(
+                    message.contains("buckets of subset \"canary\" differ"),
+                    "{message}"
+                );
+                assert!(
+                    message.contains(&a.url) && message.contains(&b.url),
+                    "{message}"
+                );
+            }
+            other => panic!("expected Malformed, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn escaped_label_values_select_series() {
+        let text = "fledge_requests_total{fledge_service=\"app\",fledge_subset=\"can\\\"ary\\\\x\",fledge_class=\"2xx\"} 4\n";
+        let admin = FakeAdmin::start(text).await;
+        let mut source = EnvoyAdminSource::new(
+            vec![admin.url.clone()],
+            SubsetSelector {
+                service: "app".to_string(),
+                stable_subset: "stable".to_string(),
+                canary_subset: "can\"ary\\x".to_string(),
+            },
+            Duration::from_millis(500),
+        )
+        .unwrap();
+        assert_eq!(source.observe().await, Err(ObservationError::Baseline));
+        admin.set_text(&text.replace("} 4", "} 9"));
+        let observation = source.observe().await.unwrap();
+        assert_eq!(requests(&observation.canary), (5, 0));
+    }
+
+    #[test]
+    fn construction_errors() {
+        let build = |urls: &[&str], selector: SubsetSelector| {
+            EnvoyAdminSource::new(
+                urls.iter().map(|u| u.to_string()).collect(),
+                selector,
+                Duration::from_secs(1),
+            )
+        };
+        assert!(matches!(
+            build(&[], selector()),
+            Err(EnvoyAdminSourceError::NoEndpoints)
+        ));
+        assert!(matches!(
+            build(&["not a url"], selector()),
+            Err(EnvoyAdminSourceError::InvalidUrl { .. })
+        ));
+        assert!(matches!(
+            build(&["ftp://127.0.0.1:9901"], selector()),
+            Err(EnvoyAdminSourceError::InvalidUrl { .. })
+        ));
+        let mut same = selector();
+        same.canary_subset = same.stable_subset.clone();
+        assert!(matches!(
+            build(&["http://127.0.0.1:9901"], same),
+            Err(EnvoyAdminSourceError::SameSubsets(_))
+        ));
+    }
+
+    #[test]
+    fn stats_url_keeps_a_path_prefix() {
+        let cases = [
+            (
+                "http://127.0.0.1:9901",
+                "http://127.0.0.1:9901/stats/prometheus?",
+            ),
+            (
+                "http://127.0.0.1:9901/",
+                "http://127.0.0.1:9901/stats/prometheus?",
+            ),
+            (
+                "http://gw:9901/admin/",
+                "http://gw:9901/admin/stats/prometheus?",
+            ),
+        ];
+        for (base, want_prefix) in cases {
+            let url = stats_url(base).unwrap().to_string();
+            assert!(url.starts_with(want_prefix), "{base}: {url}");
+        }
+    }
+}
