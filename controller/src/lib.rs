@@ -1,11 +1,28 @@
 //! # fledge-controller
 //!
-//! The I/O shell around `fledge-core`. For each canary it loops:
+//! The I/O shell around `fledge-core`. For each canary, [`runner::CanaryTask`] loops:
 //!
 //! ```text
-//! MetricsSource::observe ──▶ core::rollout::step ──▶ TrafficRouter::set_weights + verify ──▶ state file
-//!   (Envoy admin scrape)       (pure decision)          (Envoy file RDS)                     + HTTP status API
+//!  TrafficRouter::set_weights + verify ◀── status.canary_weight (level-triggered, every loop)
+//!        (Envoy file RDS)                        ▲
+//!                                                │
+//!  MetricsSource::observe ──▶ core::rollout::step ──▶ StateStore::save ──▶ progress lines
+//!   (Envoy admin scrape)        (pure decision)        (atomic file)         + Registry → HTTP API
 //! ```
+//!
+//! - [`config`]: read and validate Canary YAML files.
+//! - [`metrics`]: the `MetricsSource` seam and its backends.
+//! - [`router`]: the `TrafficRouter` seam and its backends.
+//! - [`backends`]: the one place that maps a spec to backends.
+//! - [`state`]: atomic per-canary state files.
+//! - [`runner`]: the per-canary loop and the shared registry.
+//! - [`api`]: the status/command HTTP API.
 
+pub mod api;
+pub mod backends;
+pub mod config;
 pub mod metrics;
+pub mod progress;
 pub mod router;
+pub mod runner;
+pub mod state;

@@ -1,1 +1,164 @@
-fn main() {}
+//! `fledge` — automated, metrics-driven canary releases for Envoy and Istio.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use fledge_controller::runner::{CanaryTask, Registry};
+use fledge_controller::state::StateStore;
+use fledge_controller::{api, backends, config};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "fledge", version, about = "Automated, metrics-driven canary releases for Envoy and Istio")]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Run one or more canaries standalone against Envoy (metrics from Envoy admin, weights
+    /// through file-based RDS).
+    Run {
+        /// Canary spec files (YAML; several documents per file allowed).
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// Address of the status API.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: SocketAddr,
+        /// Where each canary's state is saved, so a restart continues where it stopped.
+        #[arg(long, default_value = ".fledge/state")]
+        state_dir: PathBuf,
+        /// Exit once every canary is Promoted or RolledBack (exit code 0 if all promoted, 3 if any
+        /// rolled back).
+        #[arg(long)]
+        exit_when_done: bool,
+    },
+    /// Check Canary spec files and print every problem with the field and the fix.
+    Validate {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn load(files: &[PathBuf]) -> anyhow::Result<Vec<fledge_core::spec::Canary>> {
+    config::load_files(files).map_err(|errors| {
+        let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        anyhow::anyhow!("invalid canary spec:\n{}", text.join("\n"))
+    })
+}
+
+async fn run(files: Vec<PathBuf>, listen: SocketAddr, state_dir: PathBuf, exit_when_done: bool) -> anyhow::Result<ExitCode> {
+    let canaries = load(&files)?;
+    let registry = Registry::default();
+    let store = StateStore::new(state_dir);
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for canary in canaries {
+        let source = backends::metrics_source(&canary)?;
+        let router = backends::traffic_router(&canary)?;
+        let task = CanaryTask {
+            canary,
+            source,
+            router,
+            store: store.clone(),
+            registry: registry.clone(),
+            exit_when_done,
+        };
+        tasks.spawn(task.run(shutdown_rx.clone()));
+    }
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (--listen)"))?;
+    let local = listener.local_addr()?;
+    println!("fledge: status API on http://{local}/api/v1/canaries");
+    let mut api_shutdown = shutdown_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, api::router(registry))
+            .with_graceful_shutdown(async move {
+                let _ = api_shutdown.changed().await;
+            })
+            .await
+    });
+
+    let mut rolled_back = false;
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                Some(Ok(status)) => rolled_back |= status.phase == fledge_core::rollout::Phase::RolledBack,
+                Some(Err(e)) => bail!("a canary task failed: {e}"),
+                None => break,
+            },
+            _ = &mut signal => {
+                println!("fledge: shutting down (state is saved; run again to continue)");
+                break;
+            }
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    let _ = server.await;
+    Ok(if rolled_back { ExitCode::from(3) } else { ExitCode::SUCCESS })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Commands::Validate { files } => load(&files).map(|canaries| {
+            for c in &canaries {
+                println!("{}: valid ({} steps)", c.name(), c.spec.analysis.plan().len());
+            }
+            ExitCode::SUCCESS
+        }),
+        Commands::Run {
+            files,
+            listen,
+            state_dir,
+            exit_when_done,
+        } => match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt.block_on(run(files, listen, state_dir, exit_when_done)),
+            Err(e) => Err(e.into()),
+        },
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("fledge: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

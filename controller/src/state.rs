@@ -1,0 +1,129 @@
+//! Standalone persistence: one JSON state file per canary, written atomically (temp file,
+//! fsync, rename) after every decision, so a restarted `fledge run` continues at the same step.
+
+use fledge_core::rollout::CanaryStatus;
+use fledge_core::spec::CanarySpec;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state file {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {path} is corrupt ({message}); move it away to start this canary afresh")]
+    Corrupt { path: String, message: String },
+}
+
+/// What is saved for one canary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavedState {
+    /// Fingerprint of the spec the status belongs to: a changed spec starts a new rollout.
+    pub spec_fingerprint: String,
+    pub status: CanaryStatus,
+}
+
+/// A stable fingerprint of a spec (FNV-1a over its canonical JSON).
+pub fn fingerprint(spec: &CanarySpec) -> String {
+    let json = serde_json::to_string(spec).unwrap_or_default();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in json.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+impl StateStore {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        StateStore { dir: dir.into() }
+    }
+
+    fn path_of(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.json"))
+    }
+
+    fn io_error(path: &Path, source: std::io::Error) -> StateError {
+        StateError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    pub fn load(&self, name: &str) -> Result<Option<SavedState>, StateError> {
+        let path = self.path_of(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| StateError::Corrupt {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Self::io_error(&path, e)),
+        }
+    }
+
+    pub fn save(&self, name: &str, state: &SavedState) -> Result<(), StateError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Self::io_error(&self.dir, e))?;
+        let path = self.path_of(name);
+        let tmp = self.dir.join(format!(".{name}.json.tmp"));
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| StateError::Corrupt {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| Self::io_error(&path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fledge_core::rollout::Phase;
+
+    #[test]
+    fn save_then_load_round_trips_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state"));
+        assert_eq!(store.load("app").unwrap(), None);
+        let state = SavedState {
+            spec_fingerprint: "abc".into(),
+            status: CanaryStatus {
+                phase: Phase::Progressing,
+                canary_weight: 40,
+                step: 2,
+                ..Default::default()
+            },
+        };
+        store.save("app", &state).unwrap();
+        store.save("app", &state).unwrap();
+        assert_eq!(store.load("app").unwrap(), Some(state));
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("state")).unwrap().collect();
+        assert_eq!(files.len(), 1);
+    }
+
+    #[test]
+    fn corrupt_state_names_the_file_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("app.json"), "{not json").unwrap();
+        let err = StateStore::new(dir.path()).load("app").unwrap_err().to_string();
+        assert!(err.contains("app.json is corrupt"), "{err}");
+        assert!(err.contains("move it away"), "{err}");
+    }
+}

@@ -1,0 +1,327 @@
+//! The main job end to end on real processes: the Fledge filter in a real Envoy, real backends,
+//! bounded load, and `fledge run` moving the weights through file-based RDS. Every scenario
+//! asserts on the traffic that really reaches each backend, not only on the controller's status.
+
+use anyhow::{bail, ensure, Context, Result};
+use fledge_e2e::{
+    init_tracing, wait_until, Backend, BackendOptions, CanaryManifest, CanaryView, Controller,
+    Envoy, EnvoyOptions, LoadGen, LoadOptions, ScratchDir, WasmFilter,
+};
+use std::time::Duration;
+
+/// Steps 20 → 40 → 60 → 80 with 2 s intervals: a healthy canary is promoted in ~10 s.
+const FAST_ANALYSIS: &str = "interval: 2s
+threshold: 2
+minCanaryRequests: 10
+steps: [{setWeight: 20}, {setWeight: 40}, {setWeight: 60}, {setWeight: 80}]
+metrics:
+  - {name: request-success-rate, thresholdRange: {min: 99}}
+  - {name: request-duration, quantile: 0.99, thresholdRange: {max: 500}}
+";
+
+/// Everything one scenario runs; dropping it stops every process.
+struct Stack {
+    // Drop order: controller and load first, then Envoy and the backends, then the directory.
+    controller: Controller,
+    load: Option<LoadGen>,
+    envoy: Envoy,
+    stable: Backend,
+    canary: Backend,
+    _dir: ScratchDir,
+}
+
+struct Scenario {
+    name: &'static str,
+    canary: BackendOptions,
+    rps: u32,
+    analysis: &'static str,
+}
+
+impl Scenario {
+    fn start(self) -> Result<Stack> {
+        init_tracing();
+        let dir = ScratchDir::temp(self.name)?;
+        let stable = Backend::start("v1", BackendOptions::default())?;
+        let canary = Backend::start("v2", self.canary)?;
+        let envoy = Envoy::start(
+            EnvoyOptions::new(stable.port(), canary.port())
+                .with_filter(WasmFilter::built(&WasmFilter::default_plugin_config(
+                    "app",
+                ))?)
+                .in_dir(&dir.path().join("envoy")),
+        )?;
+        let mut options = LoadOptions::new(self.rps, Duration::from_secs(120));
+        // Enough connections that a slow canary does not throttle the offered load.
+        options.workers = 8;
+        let load = LoadGen::start(&envoy.listener_url(), options)?;
+        let mut manifest =
+            CanaryManifest::new(self.name, "app", &envoy.admin_url(), envoy.rds_path());
+        manifest.analysis_yaml = self.analysis.to_string();
+        let manifest_path = dir.path().join("canary.yaml");
+        manifest.write(&manifest_path)?;
+        let controller = Controller::start(
+            &manifest_path,
+            &dir.path().join("state"),
+            &dir.path().join("fledge.log"),
+        )?;
+        Ok(Stack {
+            controller,
+            load: Some(load),
+            envoy,
+            stable,
+            canary,
+            _dir: dir,
+        })
+    }
+}
+
+impl Stack {
+    /// Wait until the canary reaches `phase`; fail at once if it reaches another final phase.
+    fn wait_for_phase(&mut self, name: &str, phase: &str, timeout: Duration) -> Result<CanaryView> {
+        let controller = &mut self.controller;
+        wait_until(&format!("canary {name} to be {phase}"), timeout, || {
+            let view = controller.canary(name)?;
+            if view.phase == phase {
+                return Ok(Some(view));
+            }
+            if ["Promoted", "RolledBack"].contains(&view.phase.as_str()) {
+                bail!(
+                    "canary ended {} instead of {phase}: {}",
+                    view.phase,
+                    view.message
+                );
+            }
+            Ok(None)
+        })
+        .with_context(|| format!("controller output:\n{}", self.controller.log_tail(40)))
+    }
+
+    /// Requests each backend serves during `window` of continued load.
+    fn served_during(&self, window: Duration) -> Result<(u64, u64)> {
+        let (stable0, canary0) = (self.stable.served()?, self.canary.served()?);
+        std::thread::sleep(window);
+        Ok((
+            self.stable.served()? - stable0,
+            self.canary.served()? - canary0,
+        ))
+    }
+
+    fn history_phases(view: &CanaryView) -> Vec<String> {
+        view.raw["history"]
+            .as_array()
+            .map(|h| {
+                h.iter()
+                    .filter_map(|t| t["phase"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(load) = self.load.take() {
+            load.stop();
+        }
+    }
+}
+
+#[test]
+fn healthy_canary_is_promoted_and_then_gets_the_traffic() -> Result<()> {
+    let mut stack = Scenario {
+        name: "healthy",
+        canary: BackendOptions::default(),
+        rps: 100,
+        analysis: FAST_ANALYSIS,
+    }
+    .start()?;
+    let view = stack.wait_for_phase("healthy", "Promoted", Duration::from_secs(60))?;
+    ensure!(view.canary_weight == Some(100), "{view:?}");
+    let phases = Stack::history_phases(&view);
+    ensure!(
+        phases.iter().filter(|p| *p == "Progressing").count() == 4,
+        "four weight steps expected in history: {phases:?}"
+    );
+    let weights: Vec<u64> = view.raw["history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["canaryWeight"].as_u64())
+        .collect();
+    ensure!(
+        weights == [20, 40, 60, 80, 100],
+        "weights walked {weights:?}"
+    );
+    ensure!(
+        view.raw["lastAnalysis"]["verdict"] == "Pass",
+        "last analysis: {}",
+        view.raw["lastAnalysis"]
+    );
+
+    let (stable, canary) = stack.served_during(Duration::from_secs(3))?;
+    let share = canary as f64 / (stable + canary).max(1) as f64;
+    ensure!(
+        canary > 100 && share >= 0.99,
+        "after promotion canary served {canary}, stable {stable} ({:.1}% canary)",
+        share * 100.0
+    );
+    Ok(())
+}
+
+#[test]
+fn canary_answering_20_percent_5xx_is_rolled_back_and_gets_no_traffic() -> Result<()> {
+    let mut stack = Scenario {
+        name: "errors",
+        canary: BackendOptions {
+            error_rate: 0.2,
+            seed: 7,
+            ..BackendOptions::default()
+        },
+        rps: 100,
+        analysis: FAST_ANALYSIS,
+    }
+    .start()?;
+    let view = stack.wait_for_phase("errors", "RolledBack", Duration::from_secs(60))?;
+    ensure!(view.canary_weight == Some(0), "{view:?}");
+    ensure!(
+        view.message.contains("failed checks threshold reached 2/2")
+            && view.message.contains("request-success-rate")
+            || view.message.contains("success rate"),
+        "rollback reason: {}",
+        view.message
+    );
+    ensure!(
+        !Stack::history_phases(&view).contains(&"Promoted".to_string()),
+        "{view:?}"
+    );
+    // The canary really received traffic before (it is judged on real requests) ...
+    ensure!(
+        stack.canary.served()? > 20,
+        "canary served {}",
+        stack.canary.served()?
+    );
+    // ... and none after the rollback.
+    let (stable, canary) = stack.served_during(Duration::from_secs(3))?;
+    ensure!(
+        canary == 0 && stable > 100,
+        "after rollback canary served {canary}, stable {stable}"
+    );
+    Ok(())
+}
+
+#[test]
+fn canary_with_p99_over_the_limit_is_rolled_back() -> Result<()> {
+    let mut stack = Scenario {
+        name: "slow",
+        // 5% of requests take 800 ms: p99 ≈ 800 ms > 500 ms, success rate stays 100%.
+        canary: BackendOptions {
+            slow_fraction: 0.05,
+            slow_ms: 800,
+            seed: 11,
+            ..BackendOptions::default()
+        },
+        rps: 100,
+        analysis: FAST_ANALYSIS,
+    }
+    .start()?;
+    let view = stack.wait_for_phase("slow", "RolledBack", Duration::from_secs(60))?;
+    ensure!(view.canary_weight == Some(0), "{view:?}");
+    ensure!(
+        view.message.contains("p99 latency"),
+        "rollback reason: {}",
+        view.message
+    );
+    let checks = view.raw["lastAnalysis"]["checks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let duration = checks
+        .iter()
+        .find(|c| c["name"] == "request-duration")
+        .context("no request-duration check in lastAnalysis")?;
+    ensure!(duration["verdict"] == "Fail", "{duration}");
+    ensure!(
+        duration["value"].as_f64().unwrap_or(0.0) > 500.0,
+        "{duration}"
+    );
+    let (_, canary) = stack.served_during(Duration::from_secs(2))?;
+    ensure!(canary == 0, "after rollback canary served {canary}");
+    Ok(())
+}
+
+#[test]
+fn canary_without_traffic_halts_and_is_never_promoted() -> Result<()> {
+    // 2 rps in total: at 20% the canary sees ~1 request per 2 s interval, below 10.
+    let mut stack = Scenario {
+        name: "idle",
+        canary: BackendOptions::default(),
+        rps: 2,
+        analysis: FAST_ANALYSIS,
+    }
+    .start()?;
+    let view = stack.wait_for_phase("idle", "Halted", Duration::from_secs(30))?;
+    ensure!(
+        view.message.contains("canary receives no traffic"),
+        "halt reason: {}",
+        view.message
+    );
+    // It stays halted at its first step for several more intervals, and never promotes.
+    std::thread::sleep(Duration::from_secs(8));
+    let view = stack.controller.canary("idle")?;
+    ensure!(view.phase == "Halted", "{view:?}");
+    ensure!(view.canary_weight == Some(20), "{view:?}");
+    ensure!(
+        !Stack::history_phases(&view).contains(&"Promoted".to_string()),
+        "{view:?}"
+    );
+    ensure!(
+        view.raw["failedChecks"] == 0,
+        "no data must not count as a failure: {view:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn malformed_filter_config_never_drops_traffic() -> Result<()> {
+    init_tracing();
+    let dir = ScratchDir::temp("badconfig")?;
+    let stable = Backend::start("v1", BackendOptions::default())?;
+    let canary = Backend::start("v2", BackendOptions::default())?;
+    let envoy = Envoy::start(
+        EnvoyOptions::new(stable.port(), canary.port())
+            .with_filter(WasmFilter::built(r#"{"clusters": 5, "bogus": true}"#)?)
+            .in_dir(&dir.path().join("envoy")),
+    )?;
+    let mut options = LoadOptions::new(100, Duration::from_secs(20));
+    options.max_requests = 300;
+    let report = LoadGen::start(&envoy.listener_url(), options)?.wait();
+    ensure!(
+        report.responses() == 300 && report.status_count(200) == 300,
+        "every request must be served: {}",
+        report.summary()
+    );
+    ensure!(
+        stable.served()? == 300,
+        "stable served {}",
+        stable.served()?
+    );
+    let log = envoy.log_text();
+    ensure!(
+        log.contains("clusters") && log.to_lowercase().contains("error"),
+        "the bad configuration must be logged:\n{}",
+        envoy.log_tail(30)
+    );
+    let stats = envoy.stats_prometheus()?;
+    let errors_line = stats
+        .lines()
+        .find(|l| l.starts_with("fledge_config_errors_total"))
+        .context("fledge_config_errors_total missing")?;
+    let errors: f64 = errors_line
+        .rsplit(' ')
+        .next()
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0.0);
+    ensure!(errors >= 1.0, "{errors_line}");
+    Ok(())
+}
