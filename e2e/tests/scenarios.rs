@@ -24,7 +24,7 @@ struct Stack {
     // Drop order: controller and load first, then Envoy and the backends, then the directory.
     controller: Controller,
     load: Option<LoadGen>,
-    envoy: Envoy,
+    _envoy: Envoy,
     stable: Backend,
     canary: Backend,
     _dir: ScratchDir,
@@ -67,7 +67,7 @@ impl Scenario {
         Ok(Stack {
             controller,
             load: Some(load),
-            envoy,
+            _envoy: envoy,
             stable,
             canary,
             _dir: dir,
