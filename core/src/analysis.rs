@@ -68,6 +68,14 @@ pub fn evaluate(spec: &AnalysisSpec, obs: &Observation) -> AnalysisReport {
         .filter_map(|metric| {
             let kind = metric.kind()?;
             let (value, stable_value, what) = match kind {
+                MetricKind::Custom => (
+                    obs.custom
+                        .get(&metric.name)
+                        .copied()
+                        .filter(|v| v.is_finite()),
+                    None,
+                    metric.name.clone(),
+                ),
                 MetricKind::SuccessRate => (
                     obs.canary.success_rate_percent(),
                     obs.stable.success_rate_percent(),
@@ -82,6 +90,7 @@ pub fn evaluate(spec: &AnalysisSpec, obs: &Observation) -> AnalysisReport {
             let unit = match kind {
                 MetricKind::SuccessRate => "%",
                 MetricKind::Duration { .. } => " ms",
+                MetricKind::Custom => "",
             };
             let range = metric.threshold_range;
             let (verdict, reason) = match value {
@@ -172,6 +181,7 @@ mod tests {
         Observation {
             stable: traffic(1000, 0, 0),
             canary,
+            custom: Default::default(),
         }
     }
 
@@ -256,6 +266,34 @@ mod tests {
         let mut canary = traffic(50, 50, 0);
         canary.latency = LatencyHistogram::default();
         assert_eq!(evaluate(&spec, &obs(canary)).verdict, Verdict::Fail);
+    }
+
+    #[test]
+    fn custom_metric_values_are_judged_and_missing_ones_are_no_data() {
+        let mut spec = example().spec.analysis;
+        spec.metrics = vec![crate::spec::MetricSpec {
+            name: "burn".into(),
+            threshold_range: ThresholdRange {
+                min: None,
+                max: Some(1.0),
+            },
+            quantile: None,
+            query: Some("x".into()),
+        }];
+        let mut o = obs(traffic(100, 0, 0));
+        assert_eq!(evaluate(&spec, &o).verdict, Verdict::NoData);
+        o.custom.insert("burn".into(), 0.4);
+        assert_eq!(evaluate(&spec, &o).verdict, Verdict::Pass);
+        o.custom.insert("burn".into(), 2.5);
+        let report = evaluate(&spec, &o);
+        assert_eq!(report.verdict, Verdict::Fail);
+        assert!(
+            report.reason.contains("canary burn 2.5 outside <= 1"),
+            "{}",
+            report.reason
+        );
+        o.custom.insert("burn".into(), f64::NAN);
+        assert_eq!(evaluate(&spec, &o).verdict, Verdict::NoData);
     }
 
     #[test]

@@ -180,6 +180,10 @@ impl SubsetTraffic {
 pub struct Observation {
     pub stable: SubsetTraffic,
     pub canary: SubsetTraffic,
+    /// Values of custom metric queries (by metric name) for this interval. A metric missing
+    /// here had no data.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub custom: std::collections::BTreeMap<String, f64>,
 }
 
 impl Observation {

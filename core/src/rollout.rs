@@ -419,6 +419,7 @@ mod tests {
             observation: Some(Ok(Observation {
                 stable: traffic(500, 0),
                 canary: traffic(100, 0),
+                custom: Default::default(),
             })),
             command: None,
         }
@@ -428,6 +429,7 @@ mod tests {
             observation: Some(Ok(Observation {
                 stable: traffic(500, 0),
                 canary: traffic(80, 20),
+                custom: Default::default(),
             })),
             command: None,
         }
@@ -437,6 +439,7 @@ mod tests {
             observation: Some(Ok(Observation {
                 stable: traffic(500, 0),
                 canary: traffic(2, 0),
+                custom: Default::default(),
             })),
             command: None,
         }

@@ -63,6 +63,24 @@ pub struct MetricsSourceSpec {
     /// Prometheus needed). Counters of all endpoints are summed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub envoy_admin: Option<EnvoyAdminSpec>,
+    /// Query a Prometheus that scrapes the gateways (many replicas: PromQL sums them).
+    /// Needed for custom metric `query` templates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PrometheusSpec {
+    /// Base URL of the Prometheus HTTP API, e.g. `http://prometheus.istio-system:9090`.
+    pub address: String,
+    /// Per-query timeout.
+    #[serde(default = "default_prometheus_timeout")]
+    pub timeout: HumanDuration,
+}
+
+fn default_prometheus_timeout() -> HumanDuration {
+    HumanDuration::from_secs(5)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +235,92 @@ pub struct MetricSpec {
     /// For `request-duration`: the quantile judged (default 0.99).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantile: Option<f64>,
+    /// A custom metric: a PromQL template returning one number for the canary over the
+    /// interval, e.g. `sum(rate(http_errors{app="{{ service }}",version="{{ canary }}"}[{{ interval }}]))`.
+    /// Variables: see [`QUERY_VARIABLES`]. Needs `metricsSource.prometheus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+}
+
+/// Variables a custom `query` template may use, written `{{ name }}`.
+pub const QUERY_VARIABLES: [&str; 6] = [
+    "name",
+    "namespace",
+    "service",
+    "stable",
+    "canary",
+    "interval",
+];
+
+/// Values for the variables of a query template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryVariables {
+    pub name: String,
+    pub namespace: String,
+    pub service: String,
+    pub stable: String,
+    pub canary: String,
+    /// The analysis interval as a PromQL duration, e.g. `30s`.
+    pub interval: String,
+}
+
+impl QueryVariables {
+    pub fn for_canary(canary: &Canary) -> Self {
+        QueryVariables {
+            name: canary.metadata.name.clone(),
+            namespace: canary.metadata.namespace.clone().unwrap_or_default(),
+            service: canary.spec.service.clone(),
+            stable: canary.spec.stable.subset.clone(),
+            canary: canary.spec.canary.subset.clone(),
+            interval: canary.spec.analysis.interval.to_string(),
+        }
+    }
+
+    fn get(&self, variable: &str) -> Option<&str> {
+        Some(match variable {
+            "name" => &self.name,
+            "namespace" => &self.namespace,
+            "service" => &self.service,
+            "stable" => &self.stable,
+            "canary" => &self.canary,
+            "interval" => &self.interval,
+            _ => return None,
+        })
+    }
+}
+
+/// A problem in a query template.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("unknown variable {{{{ {0} }}}}; use one of: {vars}", vars = QUERY_VARIABLES.join(", "))]
+    UnknownVariable(String),
+    #[error("unclosed `{{{{` at byte {0}; close it with `}}}}`")]
+    Unclosed(usize),
+}
+
+/// Replace every `{{ variable }}` in `template`. Unknown variables are errors, never silently
+/// empty: an empty label matcher would select the wrong series.
+pub fn render_query(template: &str, vars: &QueryVariables) -> Result<String, TemplateError> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    let mut offset = 0;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find("}}")
+            .ok_or(TemplateError::Unclosed(offset + start))?;
+        let variable = after[..end].trim();
+        let value = vars
+            .get(variable)
+            .ok_or_else(|| TemplateError::UnknownVariable(variable.to_string()))?;
+        out.push_str(value);
+        let consumed = start + 2 + end + 2;
+        offset += consumed;
+        rest = &rest[consumed..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
@@ -249,12 +353,19 @@ impl fmt::Display for ThresholdRange {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum MetricKind {
     SuccessRate,
-    Duration { quantile: f64 },
+    Duration {
+        quantile: f64,
+    },
+    /// A PromQL template evaluated by the Prometheus source; its value is judged as is.
+    Custom,
 }
 
 impl MetricSpec {
     /// The check this spec describes; `None` for unknown names (rejected by validation).
     pub fn kind(&self) -> Option<MetricKind> {
+        if self.query.is_some() {
+            return (!KNOWN_METRICS.contains(&self.name.as_str())).then_some(MetricKind::Custom);
+        }
         match self.name.as_str() {
             METRIC_SUCCESS_RATE => Some(MetricKind::SuccessRate),
             METRIC_DURATION => Some(MetricKind::Duration {
@@ -419,12 +530,42 @@ impl CanarySpec {
                 "stable and canary must be different subsets, e.g. `stable: {subset: stable}` and `canary: {subset: canary}`",
             );
         }
-        match &self.metrics_source.envoy_admin {
-            None => p.add(
+        let sources = [
+            self.metrics_source.envoy_admin.is_some(),
+            self.metrics_source.prometheus.is_some(),
+        ];
+        match sources.iter().filter(|set| **set).count() {
+            0 => p.add(
                 "spec.metricsSource",
                 "names no metrics source",
-                "add `envoyAdmin: {urls: [\"http://127.0.0.1:9901\"]}`",
+                "add `envoyAdmin: {urls: [\"http://127.0.0.1:9901\"]}` or `prometheus: {address: \"http://prometheus:9090\"}`",
             ),
+            1 => {}
+            _ => p.add(
+                "spec.metricsSource",
+                "names more than one metrics source",
+                "keep exactly one of envoyAdmin and prometheus",
+            ),
+        }
+        if let Some(prometheus) = &self.metrics_source.prometheus {
+            if !is_http_url(&prometheus.address) {
+                p.add(
+                    "spec.metricsSource.prometheus.address",
+                    format!("{:?} is not an http(s) URL", prometheus.address),
+                    "write the Prometheus base URL, e.g. `address: http://prometheus.istio-system:9090`",
+                );
+            }
+            if prometheus.timeout.as_millis() == 0 {
+                p.add(
+                    "spec.metricsSource.prometheus.timeout",
+                    "must be greater than zero",
+                    "write e.g. `timeout: 5s`",
+                );
+            }
+        }
+        let has_prometheus = self.metrics_source.prometheus.is_some();
+        match &self.metrics_source.envoy_admin {
+            None => {}
             Some(admin) => {
                 if admin.urls.is_empty() {
                     p.add(
@@ -487,12 +628,12 @@ impl CanarySpec {
                 }
             }
         }
-        self.analysis.validate_into(p);
+        self.analysis.validate_into(p, has_prometheus);
     }
 }
 
 impl AnalysisSpec {
-    fn validate_into(&self, p: &mut Problems) {
+    fn validate_into(&self, p: &mut Problems, has_prometheus: bool) {
         let base = "spec.analysis";
         if self.interval.as_millis() < 1000 {
             p.add(
@@ -644,11 +785,46 @@ impl AnalysisSpec {
                 }
             }
             match metric.kind() {
+                None if metric.query.is_some() => p.add(
+                    format!("{field}.name"),
+                    format!("{:?} is a built-in metric and cannot have a query", metric.name),
+                    "give the custom metric its own name, e.g. `name: error-budget-burn`, or remove `query`",
+                ),
                 None => p.add(
                     format!("{field}.name"),
                     format!("unknown metric {:?}", metric.name),
-                    format!("use one of: {}", KNOWN_METRICS.join(", ")),
+                    format!(
+                        "use one of: {}, or add a PromQL `query` for a custom metric",
+                        KNOWN_METRICS.join(", ")
+                    ),
                 ),
+                Some(MetricKind::Custom) => {
+                    let template = metric.query.as_deref().unwrap_or_default();
+                    if template.trim().is_empty() {
+                        p.add(format!("{field}.query"), "is empty", "write a PromQL expression that returns one number");
+                    }
+                    let probe = QueryVariables {
+                        name: "n".into(),
+                        namespace: "ns".into(),
+                        service: "s".into(),
+                        stable: "st".into(),
+                        canary: "c".into(),
+                        interval: "30s".into(),
+                    };
+                    if let Err(e) = render_query(template, &probe) {
+                        p.add(format!("{field}.query"), e.to_string(), "fix the template variable");
+                    }
+                    if !has_prometheus {
+                        p.add(
+                            format!("{field}.query"),
+                            "needs a Prometheus metrics source",
+                            "set `spec.metricsSource.prometheus.address`, or use a built-in metric",
+                        );
+                    }
+                    if metric.quantile.is_some() {
+                        p.add(format!("{field}.quantile"), "only applies to request-duration", "remove `quantile`");
+                    }
+                }
                 Some(MetricKind::SuccessRate) => {
                     if metric.quantile.is_some() {
                         p.add(
@@ -963,6 +1139,61 @@ spec:
             text.contains("use one of: request-success-rate, request-duration"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn query_templates_render_and_reject_unknown_variables() {
+        let c = example();
+        let vars = QueryVariables::for_canary(&c);
+        assert_eq!(
+            render_query(
+                "rate(x{svc=\"{{ service }}\",v=\"{{canary}}\"}[{{ interval }}])",
+                &vars
+            )
+            .unwrap(),
+            "rate(x{svc=\"app\",v=\"canary\"}[10s])"
+        );
+        assert_eq!(render_query("up", &vars).unwrap(), "up");
+        assert_eq!(
+            render_query("x{{ version }}", &vars),
+            Err(TemplateError::UnknownVariable("version".into()))
+        );
+        assert_eq!(
+            render_query("x{{ service", &vars),
+            Err(TemplateError::Unclosed(1))
+        );
+    }
+
+    #[test]
+    fn custom_metrics_need_prometheus_and_a_good_template() {
+        let mut c = example();
+        c.spec.analysis.metrics.push(MetricSpec {
+            name: "error-burn".into(),
+            threshold_range: ThresholdRange {
+                min: None,
+                max: Some(1.0),
+            },
+            quantile: None,
+            query: Some("sum(x{v=\"{{ canary }}\"})".into()),
+        });
+        assert!(fields_of(&c).contains(&"spec.analysis.metrics[2].query".to_string()));
+        c.spec.metrics_source = MetricsSourceSpec {
+            envoy_admin: None,
+            prometheus: Some(PrometheusSpec {
+                address: "http://127.0.0.1:9090".into(),
+                timeout: HumanDuration::from_secs(5),
+            }),
+        };
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.spec.analysis.metrics[2].kind(), Some(MetricKind::Custom));
+        c.spec.analysis.metrics[2].query = Some("x{{ nope }}".into());
+        assert!(fields_of(&c).contains(&"spec.analysis.metrics[2].query".to_string()));
+        c.spec.analysis.metrics[2].query = Some("x".into());
+        c.spec.analysis.metrics[2].name = METRIC_SUCCESS_RATE.into();
+        assert!(fields_of(&c).contains(&"spec.analysis.metrics[2].name".to_string()));
+        c.spec.analysis.metrics[2].name = "x".into();
+        c.spec.metrics_source.envoy_admin = example().spec.metrics_source.envoy_admin;
+        assert!(fields_of(&c).contains(&"spec.metricsSource".to_string()));
     }
 
     #[test]

@@ -220,6 +220,7 @@ impl MetricsSource for EnvoyAdminSource {
         Ok(Observation {
             stable: stable.traffic,
             canary: canary.traffic,
+            custom: Default::default(),
         })
     }
 }
