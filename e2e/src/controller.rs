@@ -128,7 +128,10 @@ pub struct CanaryView {
     pub name: String,
     pub phase: String,
     pub canary_weight: Option<u64>,
+    /// Index of the current step (0-based).
     pub step: Option<u64>,
+    /// Number of steps in the plan.
+    pub steps: Option<u64>,
     pub message: String,
     pub raw: Value,
 }
@@ -141,8 +144,18 @@ impl CanaryView {
             phase: text("phase"),
             canary_weight: value["canaryWeight"].as_u64(),
             step: value["step"].as_u64(),
+            steps: value["steps"].as_u64(),
             message: text("message"),
             raw: value.clone(),
+        }
+    }
+
+    /// `3/5` (1-based) when the step and the plan length are known, else what is known.
+    pub fn step_label(&self) -> String {
+        match (self.step, self.steps) {
+            (Some(step), Some(steps)) => format!("{}/{steps}", (step + 1).min(steps)),
+            (Some(step), None) => format!("#{step}"),
+            _ => "-".into(),
         }
     }
 
@@ -162,6 +175,16 @@ impl Controller {
     /// Run `fledge run -f manifest --listen 127.0.0.1:<free port> --state-dir state_dir`,
     /// logging to `log_path`, and wait until its API answers.
     pub fn start(manifest: &Path, state_dir: &Path, log_path: &Path) -> Result<Controller> {
+        Self::start_with_env(manifest, state_dir, log_path, &[])
+    }
+
+    /// [`Controller::start`] with extra environment variables (e.g. `RUST_LOG`).
+    pub fn start_with_env(
+        manifest: &Path,
+        state_dir: &Path,
+        log_path: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Controller> {
         let binary = paths::fledge_binary()?;
         std::fs::create_dir_all(state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
@@ -174,7 +197,8 @@ impl Controller {
             .arg("--listen")
             .arg(format!("127.0.0.1:{api_port}"))
             .arg("--state-dir")
-            .arg(state_dir);
+            .arg(state_dir)
+            .envs(env.iter().copied());
         let mut proc = Proc::spawn("fledge", command, log_path)?;
         let url = format!("http://127.0.0.1:{api_port}/api/v1/canaries");
         wait_until("the fledge API to answer", Duration::from_secs(20), || {

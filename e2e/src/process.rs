@@ -78,6 +78,10 @@ impl Proc {
             .open(log_path)
             .with_context(|| format!("opening log file {}", log_path.display()))?;
         let log_for_stderr = log.try_clone().context("duplicating log file handle")?;
+        // Output goes to a file: no colour codes, unless the caller asked for them.
+        if !command.get_envs().any(|(key, _)| key == "NO_COLOR") {
+            command.env("NO_COLOR", "1");
+        }
         command
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))

@@ -319,12 +319,22 @@ impl Stage {
             display(&manifest_path),
             display(&state_dir)
         ));
-        let mut controller = Controller::start(&manifest_path, &state_dir, &log_path)?;
-        note(&format!(
-            "status API: {}   (dashboard: {}/)",
-            controller.api_url(),
-            controller.base_url()
-        ));
+        // Its progress lines are the story; its info-level logs would repeat them.
+        let controller_log_level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        let mut controller = Controller::start_with_env(
+            &manifest_path,
+            &state_dir,
+            &log_path,
+            &[("RUST_LOG", controller_log_level.as_str())],
+        )?;
+        note(&format!("status API: {}", controller.api_url()));
+        let dashboard = format!("{}/", controller.base_url());
+        if matches!(
+            fledge_e2e::http::get(&dashboard, Duration::from_secs(2)),
+            Ok((200, _))
+        ) {
+            note(&format!("dashboard:  {dashboard}"));
+        }
         let follower = controller.follow_log("   │ fledge: ");
         let started = Instant::now();
         let mut previous = self.load.snapshot();
@@ -345,15 +355,13 @@ impl Stage {
                 .map(|(w, _)| format!("{}/{}", w.stable, w.canary))
                 .unwrap_or_else(|_| "?".into());
             println!(
-                "   [{:>3}s] {:<12} weight {:>3}%  step {:<2} envoy {:<7} | last {:.0}s: {} | {}",
+                "   [{:>3}s] {:<12} weight {:>3}%  step {:<4} envoy {:<7} | last {:.0}s: {} | {}",
                 started.elapsed().as_secs(),
                 view.phase,
                 view.canary_weight
                     .map(|w| w.to_string())
                     .unwrap_or_else(|| "?".into()),
-                view.step
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| "-".into()),
+                view.step_label(),
                 live,
                 window.elapsed.as_secs_f64(),
                 window.summary(),
