@@ -1,33 +1,52 @@
-//! Judging one analysis interval: the canary's traffic against the spec's metric thresholds.
+//! Judging one analysis interval.
 //!
-//! The result is a [`AnalysisReport`] that carries every number it was based on and a one-line
-//! human reason, so the status API, the logs and the tests can all say *why*.
+//! Three kinds of checks, all optional and combinable:
+//!
+//! - **thresholds** (`metrics`, Flagger style): this interval's canary value against a fixed
+//!   range. If the stable version is outside the same range too, the canary is not blamed.
+//! - **canary vs stable** (`compareWithStable`): anytime-valid sequential tests on everything
+//!   seen so far (see [`crate::sequential`]); a rejection rolls back at once, because the test
+//!   already controls its false-rollback rate however often it looks.
+//! - **error-budget burn rate** (`sloBurnRate`): multi-window, SRE-workbook style.
+//!
+//! The tests' running state lives in [`AnalysisState`], saved in the canary status. Every
+//! check carries its numbers and a one-line human reason.
 
 use crate::observe::Observation;
-use crate::spec::{AnalysisSpec, MetricKind, ThresholdRange};
+use crate::sequential::RatioTest;
+use crate::spec::{
+    AnalysisSpec, BurnRateSpec, CompareSpec, ComparedSignal, MetricKind, ThresholdRange,
+};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
     /// Every check passed.
     Pass,
-    /// At least one check failed: counts towards the rollback threshold.
+    /// At least one check failed: counts towards the rollback threshold (or rolls back at
+    /// once for a decisive check).
     Fail,
-    /// Not enough data to judge: the rollout halts; never a reason to promote.
+    /// Not enough data to judge, or canary and stable degrade together: the rollout halts;
+    /// never a reason to promote.
     NoData,
 }
 
-/// The outcome of one metric check.
+/// The outcome of one check.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MetricCheck {
     pub name: String,
-    /// The canary's value (percent for success rate, milliseconds for duration).
+    /// The canary's value (percent for success rate, milliseconds for duration, a ratio to
+    /// stable for comparisons, a burn rate for the SLO gate).
     pub value: Option<f64>,
-    /// The stable version's value over the same interval, for comparison.
+    /// The stable version's value over the same data, for comparison.
     pub stable_value: Option<f64>,
     pub threshold: ThresholdRange,
     pub verdict: Verdict,
+    /// A failure of a decisive check rolls back at once instead of counting one failed check.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub decisive: bool,
     pub reason: String,
 }
 
@@ -40,30 +59,159 @@ pub struct AnalysisReport {
     pub stable_requests: u64,
     pub checks: Vec<MetricCheck>,
     pub reason: String,
+    /// Set when the interval passed but promotion evidence is still missing: the step holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<String>,
 }
+
+impl AnalysisReport {
+    /// The failed decisive check, if any: reason to roll back now.
+    pub fn decisive_failure(&self) -> Option<&MetricCheck> {
+        self.checks
+            .iter()
+            .find(|c| c.decisive && c.verdict == Verdict::Fail)
+    }
+}
+
+/// One latency comparison at a histogram bucket boundary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LatencyTest {
+    pub boundary_ms: f64,
+    pub test: RatioTest,
+}
+
+/// Counts of one interval, kept for the burn-rate windows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IntervalCounts {
+    pub at: DateTime<Utc>,
+    pub canary_requests: u64,
+    pub canary_errors: u64,
+    pub stable_requests: u64,
+    pub stable_errors: u64,
+}
+
+/// Everything the analysis accumulates across intervals (saved in the status).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors: Option<RatioTest>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latency: Vec<LatencyTest>,
+    /// Whether latency boundaries have been fixed (they are chosen once).
+    #[serde(default)]
+    pub latency_boundaries_chosen: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent: Vec<IntervalCounts>,
+}
+
+/// Most latency boundaries compared (the false-rollback budget is split across them).
+const MAX_LATENCY_BOUNDARIES: usize = 4;
+/// Stable requests needed in an interval to choose latency boundaries automatically.
+const MIN_STABLE_FOR_BOUNDARIES: u64 = 50;
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// Judge one interval's observation against `spec`.
-pub fn evaluate(spec: &AnalysisSpec, obs: &Observation) -> AnalysisReport {
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        100.0 * part as f64 / whole as f64
+    }
+}
+
+/// Judge one interval's observation against `spec`, updating the accumulated `state`.
+pub fn evaluate(
+    spec: &AnalysisSpec,
+    state: &mut AnalysisState,
+    obs: &Observation,
+    now: DateTime<Utc>,
+) -> AnalysisReport {
     let canary_requests = obs.canary.requests();
     let stable_requests = obs.stable.requests();
+
+    // Accumulating checks see every interval, including quiet ones: evidence adds up.
+    let mut checks = Vec::new();
+    if let Some(compare) = &spec.compare_with_stable {
+        checks.extend(compare_with_stable(compare, spec, state, obs));
+    }
+    if let Some(burn) = &spec.slo_burn_rate {
+        checks.extend(burn_rate(burn, state, obs, now));
+    }
+    let decisive = checks
+        .iter()
+        .find(|c: &&MetricCheck| c.decisive && c.verdict == Verdict::Fail)
+        .map(|c| c.reason.clone());
+    if let Some(reason) = decisive {
+        return AnalysisReport {
+            verdict: Verdict::Fail,
+            canary_requests,
+            stable_requests,
+            checks,
+            reason,
+            hold: None,
+        };
+    }
     if canary_requests < spec.min_canary_requests {
         return AnalysisReport {
             verdict: Verdict::NoData,
             canary_requests,
             stable_requests,
-            checks: Vec::new(),
+            checks,
             reason: format!(
                 "canary receives no traffic: {canary_requests} canary requests in the last interval, below minCanaryRequests {} (stable got {stable_requests})",
                 spec.min_canary_requests
             ),
+            hold: None,
         };
     }
-    let checks: Vec<MetricCheck> = spec
-        .metrics
+    checks.extend(threshold_checks(spec, obs));
+
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| c.verdict == Verdict::Fail)
+        .map(|c| c.reason.as_str())
+        .collect();
+    let missing: Vec<&str> = checks
+        .iter()
+        .filter(|c| c.verdict == Verdict::NoData)
+        .map(|c| c.reason.as_str())
+        .collect();
+    let (verdict, reason) = if !failed.is_empty() {
+        (Verdict::Fail, failed.join("; "))
+    } else if !missing.is_empty() {
+        (Verdict::NoData, missing.join("; "))
+    } else {
+        (
+            Verdict::Pass,
+            format!("all checks passed over {canary_requests} canary requests"),
+        )
+    };
+    let hold = match (&spec.compare_with_stable, verdict) {
+        (Some(compare), Verdict::Pass) => promotion_hold(compare, state),
+        _ => None,
+    };
+    AnalysisReport {
+        verdict,
+        canary_requests,
+        stable_requests,
+        checks,
+        reason,
+        hold,
+    }
+}
+
+/// Flagger-style fixed ranges on this interval's values.
+fn threshold_checks(spec: &AnalysisSpec, obs: &Observation) -> Vec<MetricCheck> {
+    spec.metrics
         .iter()
         .filter_map(|metric| {
             let kind = metric.kind()?;
@@ -93,6 +241,9 @@ pub fn evaluate(spec: &AnalysisSpec, obs: &Observation) -> AnalysisReport {
                 MetricKind::Custom => "",
             };
             let range = metric.threshold_range;
+            let stable_text = stable_value
+                .map(|s| format!(" (stable {}{unit})", round2(s)))
+                .unwrap_or_default();
             let (verdict, reason) = match value {
                 None => (
                     Verdict::NoData,
@@ -102,15 +253,17 @@ pub fn evaluate(spec: &AnalysisSpec, obs: &Observation) -> AnalysisReport {
                     Verdict::Pass,
                     format!("canary {what} {}{unit} within {range}", round2(v)),
                 ),
+                // A shared dependency or overload hurts both versions: not the canary's fault.
+                Some(v) if stable_value.is_some_and(|s| !range.contains(s)) => (
+                    Verdict::NoData,
+                    format!(
+                        "canary and stable both degraded: canary {what} {}{unit}{stable_text} outside {range}; not blaming the canary",
+                        round2(v)
+                    ),
+                ),
                 Some(v) => (
                     Verdict::Fail,
-                    format!(
-                        "canary {what} {}{unit} outside {range}{}",
-                        round2(v),
-                        stable_value
-                            .map(|s| format!(" (stable {}{unit})", round2(s)))
-                            .unwrap_or_default()
-                    ),
+                    format!("canary {what} {}{unit} outside {range}{stable_text}", round2(v)),
                 ),
             };
             Some(MetricCheck {
@@ -119,38 +272,284 @@ pub fn evaluate(spec: &AnalysisSpec, obs: &Observation) -> AnalysisReport {
                 stable_value: stable_value.map(round2),
                 threshold: range,
                 verdict,
+                decisive: false,
                 reason,
             })
         })
-        .collect();
+        .collect()
+}
 
-    let failed: Vec<&str> = checks
-        .iter()
-        .filter(|c| c.verdict == Verdict::Fail)
-        .map(|c| c.reason.as_str())
-        .collect();
-    let missing: Vec<&str> = checks
-        .iter()
-        .filter(|c| c.verdict == Verdict::NoData)
-        .map(|c| c.reason.as_str())
-        .collect();
-    let (verdict, reason) = if !failed.is_empty() {
-        (Verdict::Fail, failed.join("; "))
-    } else if !missing.is_empty() {
-        (Verdict::NoData, missing.join("; "))
-    } else {
-        (
-            Verdict::Pass,
-            format!("all checks passed over {canary_requests} canary requests"),
-        )
+/// The false-rollback budget of each comparison: half for errors, half split across the
+/// latency boundaries (all of it when only one signal is compared).
+fn alpha_split(compare: &CompareSpec) -> (f64, f64) {
+    let errors = compare.signals.contains(&ComparedSignal::Errors);
+    let latency = compare.signals.contains(&ComparedSignal::Latency);
+    let alpha = compare.false_rollback_rate;
+    match (errors, latency) {
+        (true, true) => (alpha / 2.0, alpha / 2.0 / MAX_LATENCY_BOUNDARIES as f64),
+        (true, false) => (alpha, 0.0),
+        (false, true) => (0.0, alpha / MAX_LATENCY_BOUNDARIES as f64),
+        (false, false) => (0.0, 0.0),
+    }
+}
+
+fn ratio_check(name: String, what: &str, test: &RatioTest, alpha: f64) -> MetricCheck {
+    let rejects = test.rejects(alpha);
+    let p = test.p_value();
+    let estimate = test.estimate();
+    let canary_rate = percent(test.canary_events, test.canary_requests);
+    let stable_rate = percent(test.stable_events, test.stable_requests);
+    let numbers = format!(
+        "canary {}% of {}, stable {}% of {}",
+        round3(canary_rate),
+        test.canary_requests,
+        round3(stable_rate),
+        test.stable_requests
+    );
+    let reason = match estimate {
+        None => format!("no {what} yet on either version ({numbers})"),
+        Some(r) if rejects => format!(
+            "canary {what} {}× stable, p={} (tolerance {}×; {numbers})",
+            round2(r),
+            round3(p),
+            test.tolerance
+        ),
+        Some(r) => format!(
+            "canary {what} ≈{}× stable, p={} (tolerance {}×; {numbers})",
+            round2(r),
+            round3(p),
+            test.tolerance
+        ),
     };
-    AnalysisReport {
-        verdict,
-        canary_requests,
-        stable_requests,
-        checks,
+    MetricCheck {
+        name,
+        value: estimate.map(round2),
+        stable_value: Some(1.0),
+        threshold: ThresholdRange {
+            min: None,
+            max: Some(test.tolerance),
+        },
+        verdict: if rejects {
+            Verdict::Fail
+        } else {
+            Verdict::Pass
+        },
+        decisive: true,
         reason,
     }
+}
+
+/// Pick latency boundaries once: the spec's, or buckets near the stable's p50/p90/p99 plus the
+/// `request-duration` limit.
+fn choose_latency_boundaries(
+    spec: &AnalysisSpec,
+    compare: &CompareSpec,
+    obs: &Observation,
+) -> Option<Vec<f64>> {
+    if let Some(bounds) = &compare.latency_boundaries_ms {
+        return Some(
+            bounds
+                .iter()
+                .copied()
+                .take(MAX_LATENCY_BOUNDARIES)
+                .collect(),
+        );
+    }
+    let stable = &obs.stable.latency;
+    if stable.count < MIN_STABLE_FOR_BOUNDARIES || stable.bounds_ms.is_empty() {
+        return None;
+    }
+    let mut chosen: Vec<f64> = Vec::new();
+    for fraction in [0.5, 0.1, 0.01] {
+        let found = stable
+            .bounds_ms
+            .iter()
+            .zip(&stable.cumulative)
+            .find(|(_, cum)| {
+                let slower = stable.count.saturating_sub(**cum);
+                (slower as f64) <= fraction * stable.count as f64
+            })
+            .map(|(b, _)| *b);
+        if let Some(b) = found {
+            if !chosen.contains(&b) {
+                chosen.push(b);
+            }
+        }
+    }
+    let limit = spec.metrics.iter().find_map(|m| match m.kind() {
+        Some(MetricKind::Duration { .. }) => m.threshold_range.max,
+        _ => None,
+    });
+    if let Some(limit) = limit {
+        if let Some(b) = stable.bounds_ms.iter().find(|b| **b >= limit) {
+            if !chosen.contains(b) {
+                chosen.push(*b);
+            }
+        }
+    }
+    chosen.sort_by(f64::total_cmp);
+    chosen.truncate(MAX_LATENCY_BOUNDARIES);
+    Some(chosen)
+}
+
+fn compare_with_stable(
+    compare: &CompareSpec,
+    spec: &AnalysisSpec,
+    state: &mut AnalysisState,
+    obs: &Observation,
+) -> Vec<MetricCheck> {
+    let (alpha_errors, alpha_latency) = alpha_split(compare);
+    let mut checks = Vec::new();
+    if compare.signals.contains(&ComparedSignal::Errors) {
+        let test = state
+            .errors
+            .get_or_insert_with(|| RatioTest::new(compare.tolerance));
+        test.update(
+            obs.canary.failures(),
+            obs.canary.requests(),
+            obs.stable.failures(),
+            obs.stable.requests(),
+        );
+        checks.push(ratio_check(
+            "errors-vs-stable".into(),
+            "error rate",
+            test,
+            alpha_errors,
+        ));
+    }
+    if compare.signals.contains(&ComparedSignal::Latency) {
+        if !state.latency_boundaries_chosen {
+            if let Some(bounds) = choose_latency_boundaries(spec, compare, obs) {
+                state.latency = bounds
+                    .into_iter()
+                    .map(|boundary_ms| LatencyTest {
+                        boundary_ms,
+                        test: RatioTest::new(compare.tolerance),
+                    })
+                    .collect();
+                state.latency_boundaries_chosen = true;
+            }
+        }
+        let (canary, stable) = (&obs.canary.latency, &obs.stable.latency);
+        // Report the boundary with the strongest evidence against the canary.
+        let mut worst: Option<(MetricCheck, f64)> = None;
+        for latency in &mut state.latency {
+            let slow = |h: &crate::observe::LatencyHistogram| {
+                h.slower_than(latency.boundary_ms).unwrap_or(0)
+            };
+            latency
+                .test
+                .update(slow(canary), canary.count, slow(stable), stable.count);
+            let check = ratio_check(
+                "latency-vs-stable".into(),
+                &format!("share of requests slower than {} ms", latency.boundary_ms),
+                &latency.test,
+                alpha_latency,
+            );
+            let evidence = latency.test.max_log_evidence;
+            if worst.as_ref().is_none_or(|(_, e)| evidence > *e) {
+                worst = Some((check, evidence));
+            }
+        }
+        if let Some((check, _)) = worst {
+            checks.push(check);
+        }
+    }
+    checks
+}
+
+/// Hold the step until the canary is shown not to be worse than the margin.
+fn promotion_hold(compare: &CompareSpec, state: &AnalysisState) -> Option<String> {
+    let margin = compare.promotion_margin?;
+    let test = state.errors.as_ref()?;
+    if test.canary_requests < compare.promotion_min_canary_requests {
+        return Some(format!(
+            "waiting for promotion evidence: {} of {} canary requests",
+            test.canary_requests, compare.promotion_min_canary_requests
+        ));
+    }
+    match test.upper_bound(compare.false_rollback_rate) {
+        Some(upper) if upper < margin => None,
+        Some(upper) => Some(format!(
+            "waiting for promotion evidence: canary error rate could still be up to {}× stable (margin {margin}×)",
+            round2(upper)
+        )),
+        None => Some(format!(
+            "waiting for promotion evidence: not enough errors observed yet to bound the canary below {margin}× stable"
+        )),
+    }
+}
+
+/// Multi-window burn rate of the canary's error budget; the stable's burn is the control.
+fn burn_rate(
+    burn: &BurnRateSpec,
+    state: &mut AnalysisState,
+    obs: &Observation,
+    now: DateTime<Utc>,
+) -> Vec<MetricCheck> {
+    state.recent.push(IntervalCounts {
+        at: now,
+        canary_requests: obs.canary.requests(),
+        canary_errors: obs.canary.failures(),
+        stable_requests: obs.stable.requests(),
+        stable_errors: obs.stable.failures(),
+    });
+    let long_start = now - burn.long_window.to_chrono();
+    state.recent.retain(|c| c.at > long_start);
+    let budget = 1.0 - burn.objective / 100.0;
+    let window = |start: DateTime<Utc>| {
+        let mut sums = (0u64, 0u64, 0u64, 0u64);
+        for c in state.recent.iter().filter(|c| c.at > start) {
+            sums.0 += c.canary_requests;
+            sums.1 += c.canary_errors;
+            sums.2 += c.stable_requests;
+            sums.3 += c.stable_errors;
+        }
+        let rate = |errors: u64, requests: u64| {
+            (requests > 0).then(|| errors as f64 / requests as f64 / budget)
+        };
+        (rate(sums.1, sums.0), rate(sums.3, sums.2))
+    };
+    let (canary_long, stable_long) = window(long_start);
+    let (canary_short, stable_short) = window(now - burn.short_window().to_chrono());
+    let max = burn.max_burn_rate;
+    let over =
+        |a: Option<f64>, b: Option<f64>| a.is_some_and(|a| a > max) && b.is_some_and(|b| b > max);
+    let text = |v: Option<f64>| v.map_or("n/a".to_string(), |v| round2(v).to_string());
+    let windows = format!(
+        "canary burn {}× over {}, {}× over {} (stable {}×, {}×)",
+        text(canary_long),
+        burn.long_window,
+        text(canary_short),
+        burn.short_window(),
+        text(stable_long),
+        text(stable_short)
+    );
+    let (verdict, reason) = if !over(canary_long, canary_short) {
+        (Verdict::Pass, format!("{windows} within {max}×"))
+    } else if over(stable_long, stable_short) {
+        (
+            Verdict::NoData,
+            format!("canary and stable both burn the error budget too fast: {windows}; not blaming the canary"),
+        )
+    } else {
+        (
+            Verdict::Fail,
+            format!("{windows} above {max}× (objective {}%)", burn.objective),
+        )
+    };
+    vec![MetricCheck {
+        name: "slo-burn-rate".into(),
+        value: canary_long.map(round2),
+        stable_value: stable_long.map(round2),
+        threshold: ThresholdRange {
+            min: None,
+            max: Some(max),
+        },
+        verdict,
+        decisive: false,
+        reason,
+    }]
 }
 
 #[cfg(test)]
@@ -159,6 +558,7 @@ mod tests {
     use crate::contract::ResponseClass;
     use crate::observe::{LatencyHistogram, SubsetTraffic};
     use crate::spec::tests::example;
+    use crate::spec::CompareSpec;
 
     /// Traffic with `ok` 2xx, `err` 5xx and `slow` of all requests above 500 ms (rest ≤ 50 ms).
     fn traffic(ok: u64, err: u64, slow: u64) -> SubsetTraffic {
@@ -175,6 +575,15 @@ mod tests {
         t.add(ResponseClass::Success, ok);
         t.add(ResponseClass::ServerError, err);
         t
+    }
+
+    fn judge(spec: &AnalysisSpec, obs: &Observation) -> AnalysisReport {
+        evaluate(spec, &mut AnalysisState::default(), obs, t(0))
+    }
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        use chrono::TimeZone;
+        Utc.timestamp_opt(1_700_000_000 + secs, 0).unwrap()
     }
 
     fn obs(canary: SubsetTraffic) -> Observation {
@@ -227,7 +636,7 @@ mod tests {
             ),
         ];
         for (name, canary, verdict, reason) in cases {
-            let report = evaluate(&spec, &obs(canary.clone()));
+            let report = judge(&spec, &obs(canary.clone()));
             assert_eq!(report.verdict, *verdict, "{name}: {report:?}");
             assert!(report.reason.contains(reason), "{name}: {}", report.reason);
         }
@@ -236,7 +645,7 @@ mod tests {
     #[test]
     fn failed_check_reports_value_threshold_and_stable() {
         let spec = example().spec.analysis;
-        let report = evaluate(&spec, &obs(traffic(80, 20, 0)));
+        let report = judge(&spec, &obs(traffic(80, 20, 0)));
         let check = &report.checks[0];
         assert_eq!(check.name, "request-success-rate");
         assert_eq!(check.value, Some(80.0));
@@ -251,7 +660,7 @@ mod tests {
         let spec = example().spec.analysis;
         let mut canary = traffic(100, 0, 0);
         canary.latency = LatencyHistogram::default();
-        let report = evaluate(&spec, &obs(canary));
+        let report = judge(&spec, &obs(canary));
         assert_eq!(report.verdict, Verdict::NoData);
         assert!(
             report.reason.contains("no canary p99 latency data"),
@@ -265,7 +674,7 @@ mod tests {
         let spec = example().spec.analysis;
         let mut canary = traffic(50, 50, 0);
         canary.latency = LatencyHistogram::default();
-        assert_eq!(evaluate(&spec, &obs(canary)).verdict, Verdict::Fail);
+        assert_eq!(judge(&spec, &obs(canary)).verdict, Verdict::Fail);
     }
 
     #[test]
@@ -281,11 +690,11 @@ mod tests {
             query: Some("x".into()),
         }];
         let mut o = obs(traffic(100, 0, 0));
-        assert_eq!(evaluate(&spec, &o).verdict, Verdict::NoData);
+        assert_eq!(judge(&spec, &o).verdict, Verdict::NoData);
         o.custom.insert("burn".into(), 0.4);
-        assert_eq!(evaluate(&spec, &o).verdict, Verdict::Pass);
+        assert_eq!(judge(&spec, &o).verdict, Verdict::Pass);
         o.custom.insert("burn".into(), 2.5);
-        let report = evaluate(&spec, &o);
+        let report = judge(&spec, &o);
         assert_eq!(report.verdict, Verdict::Fail);
         assert!(
             report.reason.contains("canary burn 2.5 outside <= 1"),
@@ -293,7 +702,7 @@ mod tests {
             report.reason
         );
         o.custom.insert("burn".into(), f64::NAN);
-        assert_eq!(evaluate(&spec, &o).verdict, Verdict::NoData);
+        assert_eq!(judge(&spec, &o).verdict, Verdict::NoData);
     }
 
     #[test]
@@ -301,12 +710,205 @@ mod tests {
         let mut spec = example().spec.analysis;
         spec.metrics.clear();
         assert_eq!(
-            evaluate(&spec, &obs(traffic(50, 50, 0))).verdict,
+            judge(&spec, &obs(traffic(50, 50, 0))).verdict,
             Verdict::Pass
         );
         assert_eq!(
-            evaluate(&spec, &obs(traffic(1, 0, 0))).verdict,
+            judge(&spec, &obs(traffic(1, 0, 0))).verdict,
             Verdict::NoData
+        );
+    }
+
+    fn compare_spec() -> AnalysisSpec {
+        let mut spec = example().spec.analysis;
+        spec.metrics.clear();
+        spec.compare_with_stable = Some(CompareSpec::default());
+        spec
+    }
+
+    #[test]
+    fn thresholds_do_not_blame_the_canary_when_stable_degrades_too() {
+        let spec = example().spec.analysis;
+        let o = Observation {
+            stable: traffic(900, 100, 0),
+            canary: traffic(90, 10, 0),
+            custom: Default::default(),
+        };
+        let report = judge(&spec, &o);
+        assert_eq!(report.verdict, Verdict::NoData);
+        assert!(report.reason.contains("both degraded"), "{}", report.reason);
+        assert!(
+            report.reason.contains("not blaming the canary"),
+            "{}",
+            report.reason
+        );
+    }
+
+    #[test]
+    fn sequential_error_test_rolls_back_a_bad_canary_decisively() {
+        let spec = compare_spec();
+        let mut state = AnalysisState::default();
+        let mut decided_at = None;
+        for i in 0..30 {
+            // canary: 5% errors of 100; stable: 1% errors of 400.
+            let o = Observation {
+                stable: traffic(396, 4, 0),
+                canary: traffic(95, 5, 0),
+                custom: Default::default(),
+            };
+            let report = evaluate(&spec, &mut state, &o, t(i));
+            if report.decisive_failure().is_some() {
+                decided_at = Some(i);
+                assert_eq!(report.verdict, Verdict::Fail);
+                assert!(
+                    report.reason.contains("canary error rate"),
+                    "{}",
+                    report.reason
+                );
+                assert!(report.reason.contains("× stable, p="), "{}", report.reason);
+                break;
+            }
+        }
+        let at = decided_at.expect("a 5x error rate must be detected");
+        assert!(at < 10, "detected after {at} intervals");
+    }
+
+    #[test]
+    fn sequential_tests_pass_a_healthy_canary_and_keep_state() {
+        let spec = compare_spec();
+        let mut state = AnalysisState::default();
+        for i in 0..50 {
+            let o = Observation {
+                stable: traffic(396, 4, 2),
+                canary: traffic(99, 1, 0),
+                custom: Default::default(),
+            };
+            let report = evaluate(&spec, &mut state, &o, t(i));
+            assert_eq!(report.verdict, Verdict::Pass, "{}", report.reason);
+        }
+        assert_eq!(state.errors.as_ref().unwrap().canary_requests, 5000);
+        assert!(state.latency_boundaries_chosen);
+        assert!(!state.latency.is_empty());
+    }
+
+    #[test]
+    fn sequential_latency_test_detects_a_slow_canary() {
+        let spec = compare_spec();
+        let mut state = AnalysisState::default();
+        let mut detected = false;
+        for i in 0..30 {
+            // 2% of stable requests and 10% of canary requests above 500 ms.
+            let o = Observation {
+                stable: traffic(400, 0, 8),
+                canary: traffic(100, 0, 10),
+                custom: Default::default(),
+            };
+            let report = evaluate(&spec, &mut state, &o, t(i));
+            if let Some(check) = report.decisive_failure() {
+                assert_eq!(check.name, "latency-vs-stable");
+                assert!(check.reason.contains("slower than"), "{}", check.reason);
+                detected = true;
+                break;
+            }
+        }
+        assert!(detected);
+    }
+
+    #[test]
+    fn a_decisive_failure_wins_even_in_a_quiet_interval() {
+        let spec = compare_spec();
+        let mut state = AnalysisState::default();
+        let bad = Observation {
+            stable: traffic(396, 4, 0),
+            canary: traffic(80, 20, 0),
+            custom: Default::default(),
+        };
+        for i in 0..20 {
+            evaluate(&spec, &mut state, &bad, t(i));
+        }
+        let quiet = obs(traffic(1, 0, 0));
+        assert!(evaluate(&spec, &mut state, &quiet, t(21))
+            .decisive_failure()
+            .is_some());
+    }
+
+    #[test]
+    fn promotion_margin_holds_until_the_evidence_is_there() {
+        let mut spec = compare_spec();
+        let compare = spec.compare_with_stable.as_mut().unwrap();
+        compare.promotion_margin = Some(2.0);
+        compare.promotion_min_canary_requests = 500;
+        let mut state = AnalysisState::default();
+        let healthy = Observation {
+            stable: traffic(980, 20, 0),
+            canary: traffic(980, 20, 0),
+            custom: Default::default(),
+        };
+        let first = evaluate(&spec, &mut state, &obs(traffic(100, 0, 0)), t(0));
+        assert!(
+            first.hold.as_deref().unwrap().contains("100 of 500"),
+            "{:?}",
+            first.hold
+        );
+        let mut released = None;
+        for i in 1..60 {
+            let report = evaluate(&spec, &mut state, &healthy, t(i));
+            assert_eq!(report.verdict, Verdict::Pass);
+            if report.hold.is_none() {
+                released = Some(i);
+                break;
+            }
+        }
+        assert!(released.is_some(), "evidence never reached");
+    }
+
+    #[test]
+    fn burn_rate_needs_both_windows_and_spares_a_shared_outage() {
+        let mut spec = example().spec.analysis;
+        spec.metrics.clear();
+        spec.slo_burn_rate = Some(crate::spec::BurnRateSpec {
+            objective: 99.0,
+            max_burn_rate: 5.0,
+            long_window: crate::duration::HumanDuration::from_secs(120),
+            short_window: Some(crate::duration::HumanDuration::from_secs(20)),
+        });
+        let mut state = AnalysisState::default();
+        // A long healthy stretch, then one bad 10 s interval: short window burns, long does not.
+        for i in 0..11 {
+            let report = evaluate(&spec, &mut state, &obs(traffic(1000, 0, 0)), t(i * 10));
+            assert_eq!(report.verdict, Verdict::Pass);
+        }
+        let spike = evaluate(&spec, &mut state, &obs(traffic(900, 100, 0)), t(110));
+        assert_eq!(spike.verdict, Verdict::Pass, "{}", spike.reason);
+        // Sustained 10% errors (burn 10× > 5×) over both windows.
+        let mut failed = false;
+        for i in 12..30 {
+            let report = evaluate(&spec, &mut state, &obs(traffic(900, 100, 0)), t(i * 10));
+            if report.verdict == Verdict::Fail {
+                assert!(report.reason.contains("above 5×"), "{}", report.reason);
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed);
+        // Both versions burning: halt, do not blame the canary.
+        let both = Observation {
+            stable: traffic(900, 100, 0),
+            canary: traffic(900, 100, 0),
+            custom: Default::default(),
+        };
+        let mut state = AnalysisState::default();
+        let mut last = None;
+        for i in 0..15 {
+            last = Some(evaluate(&spec, &mut state, &both, t(i * 10)));
+        }
+        let last = last.unwrap();
+        assert_eq!(last.verdict, Verdict::NoData, "{}", last.reason);
+        assert!(last.reason.contains("both burn"), "{}", last.reason);
+        assert!(
+            state.recent.len() <= 13,
+            "window pruned: {}",
+            state.recent.len()
         );
     }
 }

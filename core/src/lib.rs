@@ -28,4 +28,5 @@ pub mod duration;
 pub mod filter_config;
 pub mod observe;
 pub mod rollout;
+pub mod sequential;
 pub mod spec;

@@ -14,7 +14,7 @@
 //!                    └─▶ RolledBack (failed checks reached the threshold, or aborted: 0% canary)
 //! ```
 
-use crate::analysis::{evaluate, AnalysisReport, Verdict};
+use crate::analysis::{evaluate, AnalysisReport, AnalysisState, Verdict};
 use crate::observe::{Observation, ObservationError};
 use crate::spec::{CanarySpec, Step};
 use chrono::{DateTime, Utc};
@@ -84,6 +84,9 @@ pub struct CanaryStatus {
     pub message: String,
     pub last_analysis: Option<TimedReport>,
     pub history: Vec<Transition>,
+    /// Accumulated evidence of the sequential tests and burn-rate windows.
+    #[serde(default)]
+    pub analysis_state: AnalysisState,
 }
 
 /// A request from an operator.
@@ -142,6 +145,8 @@ enum Judgement {
     None,
     /// Metrics judged and passed — or the step is before `startingStep` (nothing to enforce).
     Pass,
+    /// Passed, but the evidence the spec asks for before advancing is not there yet.
+    Hold,
     Fail,
     NoData,
 }
@@ -202,7 +207,9 @@ impl Machine<'_> {
         if self.status.phase.is_terminal() {
             return;
         }
-        if judgement == Judgement::Pass && self.status.phase == Phase::Halted {
+        if matches!(judgement, Judgement::Pass | Judgement::Hold)
+            && self.status.phase == Phase::Halted
+        {
             let phase = self.phase_for_current_step();
             self.transition(phase, "data is back, resuming".into());
             self.event(EventReason::Resumed, false, self.status.message.clone());
@@ -213,10 +220,17 @@ impl Machine<'_> {
     }
 
     fn judge(&mut self, observation: &Observation) -> Judgement {
-        let report = evaluate(&self.spec.analysis, observation);
+        let report = evaluate(
+            &self.spec.analysis,
+            &mut self.status.analysis_state,
+            observation,
+            self.now,
+        );
         let enforced = self.status.step >= self.spec.analysis.starting_step;
         let verdict = report.verdict;
         let reason = report.reason.clone();
+        let decisive = report.decisive_failure().map(|c| c.reason.clone());
+        let hold = report.hold.clone();
         self.status.last_analysis = Some(TimedReport {
             at: self.now,
             enforced,
@@ -225,10 +239,24 @@ impl Machine<'_> {
         if !enforced {
             return Judgement::Pass;
         }
+        if let Some(reason) = decisive {
+            // A sequential test controls its own false-rollback rate: no need to wait for
+            // `threshold` failed intervals.
+            self.status.failed_checks += 1;
+            self.roll_back(format!("rolling back: {reason}"));
+            return Judgement::Fail;
+        }
         match verdict {
             Verdict::Pass => {
                 self.status.step_passed_checks += 1;
-                Judgement::Pass
+                match hold {
+                    Some(why) => {
+                        self.status.message =
+                            format!("holding at {}%: {why}", self.status.canary_weight);
+                        Judgement::Hold
+                    }
+                    None => Judgement::Pass,
+                }
             }
             Verdict::NoData => {
                 self.halt(reason);
@@ -788,5 +816,89 @@ mod tests {
         }
         assert!(status.history.len() <= HISTORY_LIMIT);
         assert_eq!(status.phase, Halted);
+    }
+
+    #[test]
+    fn a_sequential_rejection_rolls_back_without_waiting_for_the_threshold() {
+        let mut spec = simple_spec();
+        spec.analysis.metrics.clear();
+        spec.analysis.threshold = 100;
+        spec.analysis.compare_with_stable = Some(crate::spec::CompareSpec::default());
+        let bad = Input {
+            observation: Some(Ok(Observation {
+                stable: traffic(495, 5),
+                canary: traffic(80, 20),
+                custom: Default::default(),
+            })),
+            command: None,
+        };
+        let mut inputs = vec![baseline()];
+        inputs.extend((0..10).map(|_| bad.clone()));
+        let (status, trace) = drive(&spec, &inputs);
+        assert_eq!(status.phase, RolledBack, "{trace:?}");
+        assert!(status.failed_checks < 10, "{}", status.failed_checks);
+        assert!(
+            status.message.contains("× stable, p="),
+            "{}",
+            status.message
+        );
+    }
+
+    #[test]
+    fn promotion_evidence_holds_the_weight_then_lets_it_advance() {
+        let mut spec = simple_spec();
+        spec.analysis.metrics.clear();
+        spec.analysis.compare_with_stable = Some(crate::spec::CompareSpec {
+            promotion_margin: Some(3.0),
+            promotion_min_canary_requests: 1000,
+            ..Default::default()
+        });
+        let even = Input {
+            observation: Some(Ok(Observation {
+                stable: traffic(490, 10),
+                canary: traffic(490, 10),
+                custom: Default::default(),
+            })),
+            command: None,
+        };
+        let mut status = step(&spec, &CanaryStatus::default(), &baseline(), t(0)).status;
+        status = step(&spec, &status, &even, t(10)).status;
+        assert_eq!((status.phase, status.canary_weight), (Progressing, 20));
+        assert!(
+            status
+                .message
+                .contains("holding at 20%: waiting for promotion evidence"),
+            "{}",
+            status.message
+        );
+        let mut advanced_at = None;
+        for i in 2..40 {
+            status = step(&spec, &status, &even, t(10 * i)).status;
+            if status.canary_weight > 20 {
+                advanced_at = Some(i);
+                break;
+            }
+        }
+        assert!(advanced_at.is_some(), "never advanced: {}", status.message);
+    }
+
+    #[test]
+    fn analysis_state_survives_a_restart_through_serde() {
+        let mut spec = simple_spec();
+        spec.analysis.compare_with_stable = Some(crate::spec::CompareSpec::default());
+        let mut status = step(&spec, &CanaryStatus::default(), &baseline(), t(0)).status;
+        status = step(&spec, &status, &healthy(), t(10)).status;
+        let saved = serde_json::to_string(&status).unwrap();
+        let restored: CanaryStatus = serde_json::from_str(&saved).unwrap();
+        assert_eq!(restored, status);
+        assert_eq!(
+            restored
+                .analysis_state
+                .errors
+                .as_ref()
+                .unwrap()
+                .canary_requests,
+            100
+        );
     }
 }

@@ -18,6 +18,7 @@ pub const METRIC_DURATION: &str = "request-duration";
 pub const KNOWN_METRICS: [&str; 2] = [METRIC_SUCCESS_RATE, METRIC_DURATION];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Canary {
     pub api_version: String,
@@ -27,6 +28,7 @@ pub struct Canary {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Metadata {
     pub name: String,
@@ -35,6 +37,7 @@ pub struct Metadata {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CanarySpec {
     /// The `fledge_service` label value of the service being canaried.
@@ -49,6 +52,7 @@ pub struct CanarySpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SubsetRef {
     pub subset: String,
@@ -57,6 +61,7 @@ pub struct SubsetRef {
 /// Where per-subset metrics are read from. Exactly one field is set (a structural schema,
 /// as Kubernetes CRDs require, instead of a tagged enum).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MetricsSourceSpec {
     /// Scrape the filter's metrics straight from one or more Envoy admin endpoints (no
@@ -70,6 +75,7 @@ pub struct MetricsSourceSpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PrometheusSpec {
     /// Base URL of the Prometheus HTTP API, e.g. `http://prometheus.istio-system:9090`.
@@ -84,6 +90,7 @@ fn default_prometheus_timeout() -> HumanDuration {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EnvoyAdminSpec {
     /// Admin base URLs, e.g. `http://127.0.0.1:9901`.
@@ -98,15 +105,77 @@ fn default_scrape_timeout() -> HumanDuration {
 }
 
 /// How traffic weights are changed. Exactly one field is set.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouterSpec {
     /// Rewrite a file-based RDS resource that Envoy watches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub envoy_rds: Option<EnvoyRdsSpec>,
+    /// Shift the weights of a route in your own Istio VirtualService (Kubernetes mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub istio: Option<IstioRouterSpec>,
+}
+
+/// The Istio router: Fledge changes only the weights of two destinations of one HTTP route in
+/// a VirtualService you own (e.g. kept in Git), plus the optional testers-first route and
+/// mirror below while a rollout runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IstioRouterSpec {
+    /// Name of the VirtualService, in the Canary's namespace.
+    pub virtual_service: String,
+    /// Name of the HTTP route (`spec.http[].name`) whose stable and canary destinations are
+    /// weighted.
+    pub route: String,
+    /// Two-Service setups: the destination host of the stable version. When unset, the
+    /// destinations are found by subset (`spec.stable.subset` / `spec.canary.subset`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_host: Option<String>,
+    /// Two-Service setups: the destination host of the canary version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_host: Option<String>,
+    /// DestinationRule that defines the subsets (checked before any weight is written).
+    /// Default: any DestinationRule in the namespace whose `host` is the destination host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_rule: Option<String>,
+    /// Testers first: while the rollout runs, requests with these headers always go to the
+    /// canary, through a route Fledge inserts just before `route`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_route: Option<HeaderRouteSpec>,
+    /// While the rollout runs, copy this percentage of the route's traffic to the canary
+    /// (Istio `mirror` + `mirrorPercentage`; mirrored responses are discarded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_percentage: Option<f64>,
+}
+
+/// A route that sends matching requests to the canary while a rollout runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderRouteSpec {
+    /// Name of the inserted route. Default: `<route>-canary-testers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Request headers (lowercase names) and the exact values that select the canary, e.g.
+    /// `{stage: canary}`.
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+impl IstioRouterSpec {
+    /// Name of the testers-first route, if one is configured.
+    pub fn header_route_name(&self) -> Option<String> {
+        self.header_route.as_ref().map(|h| {
+            h.name
+                .clone()
+                .unwrap_or_else(|| format!("{}-canary-testers", self.route))
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EnvoyRdsSpec {
     /// The RDS file (a DiscoveryResponse in JSON or YAML) named by Envoy's `path_config_source`.
@@ -131,6 +200,7 @@ fn default_verify_timeout() -> HumanDuration {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AnalysisSpec {
     /// How often metrics are read and judged. Each weight step lasts at least one interval.
@@ -160,6 +230,111 @@ pub struct AnalysisSpec {
     pub starting_step: usize,
     #[serde(default)]
     pub metrics: Vec<MetricSpec>,
+    /// Judge the canary against the stable version with anytime-valid sequential tests
+    /// (recommended: fewer false rollbacks and faster detection than fixed thresholds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare_with_stable: Option<CompareSpec>,
+    /// Roll back when the canary burns its error budget too fast.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo_burn_rate: Option<BurnRateSpec>,
+}
+
+/// What `compareWithStable` tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub enum ComparedSignal {
+    /// The canary's rate of 5xx / no-response compared with the stable's.
+    Errors,
+    /// The canary's rate of requests slower than latency bucket boundaries.
+    Latency,
+}
+
+/// Sequential canary-vs-stable tests. Every field has a default, so `compareWithStable: {}`
+/// is a good start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompareSpec {
+    /// The chance of rolling back a canary that is no worse than the tolerances, over the
+    /// whole rollout however long it runs (split across the tests). Default 0.02.
+    #[serde(default = "default_false_rollback_rate")]
+    pub false_rollback_rate: f64,
+    /// How much worse than stable is still acceptable: 1.2 = up to 20% more errors (or slow
+    /// requests). Default 1.2.
+    #[serde(default = "default_tolerance")]
+    pub tolerance: f64,
+    /// Which signals are compared. Default: errors and latency.
+    #[serde(default = "default_compared_signals")]
+    pub signals: Vec<ComparedSignal>,
+    /// Latency bucket boundaries (ms) to compare at. Default: chosen from the stable version's
+    /// first interval (near its p50, p90, p99) plus the `request-duration` limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_boundaries_ms: Option<Vec<f64>>,
+    /// If set, a step only advances once the canary's error ratio to stable is shown (with
+    /// the same confidence) to be below this margin, e.g. 2.0 = "at most twice as many errors".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion_margin: Option<f64>,
+    /// With `promotionMargin`: canary requests needed (in total) before a step may advance.
+    #[serde(default)]
+    pub promotion_min_canary_requests: u64,
+}
+
+fn default_false_rollback_rate() -> f64 {
+    0.02
+}
+fn default_tolerance() -> f64 {
+    1.2
+}
+fn default_compared_signals() -> Vec<ComparedSignal> {
+    vec![ComparedSignal::Errors, ComparedSignal::Latency]
+}
+
+impl Default for CompareSpec {
+    fn default() -> Self {
+        CompareSpec {
+            false_rollback_rate: default_false_rollback_rate(),
+            tolerance: default_tolerance(),
+            signals: default_compared_signals(),
+            latency_boundaries_ms: None,
+            promotion_margin: None,
+            promotion_min_canary_requests: 0,
+        }
+    }
+}
+
+/// SRE-workbook multi-window burn-rate gate on the canary's own error budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BurnRateSpec {
+    /// Success objective in percent, e.g. 99.9. Error budget = 100 − objective.
+    pub objective: f64,
+    /// Fail when the burn rate (error ratio ÷ error budget) exceeds this over both windows.
+    /// Default 14.4 (the workbook's "page" rate).
+    #[serde(default = "default_max_burn_rate")]
+    pub max_burn_rate: f64,
+    /// The long window. Default 5m.
+    #[serde(default = "default_long_window")]
+    pub long_window: HumanDuration,
+    /// The short window. Default: a twelfth of the long window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub short_window: Option<HumanDuration>,
+}
+
+fn default_max_burn_rate() -> f64 {
+    14.4
+}
+fn default_long_window() -> HumanDuration {
+    HumanDuration::from_secs(300)
+}
+
+impl BurnRateSpec {
+    pub fn short_window(&self) -> HumanDuration {
+        self.short_window.unwrap_or(HumanDuration::from_millis(
+            self.long_window.as_millis() / 12,
+        ))
+    }
 }
 
 fn default_interval() -> HumanDuration {
@@ -175,6 +350,7 @@ const DEFAULT_MAX_WEIGHT: u8 = 50;
 
 /// One step as written in a spec: exactly one of `setWeight` or `pause`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StepSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -220,6 +396,7 @@ pub enum Step {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Pause {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -227,6 +404,7 @@ pub struct Pause {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MetricSpec {
     /// `request-success-rate` (percent) or `request-duration` (milliseconds at `quantile`).
@@ -324,6 +502,7 @@ pub fn render_query(template: &str, vars: &QueryVariables) -> Result<String, Tem
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ThresholdRange {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -403,6 +582,7 @@ impl AnalysisSpec {
 
 /// One problem in a spec: where it is, what is wrong, and what to write instead.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SpecError {
     pub field: String,
     pub problem: String,
@@ -593,10 +773,16 @@ impl CanarySpec {
             }
         }
         match &self.router.envoy_rds {
+            None if self.router.istio.is_some() => {}
             None => p.add(
                 "spec.router",
                 "names no traffic router",
-                "add `envoyRds: {path: ..., routeConfiguration: ..., virtualHost: ..., route: ..., stableCluster: ..., canaryCluster: ..., adminUrl: ...}`",
+                "add `istio: {virtualService: ..., route: ...}` (Kubernetes) or `envoyRds: {path: ..., routeConfiguration: ..., virtualHost: ..., route: ..., stableCluster: ..., canaryCluster: ..., adminUrl: ...}` (standalone)",
+            ),
+            Some(_) if self.router.istio.is_some() => p.add(
+                "spec.router",
+                "sets both envoyRds and istio",
+                "keep exactly one: `istio` in Kubernetes, `envoyRds` standalone",
             ),
             Some(rds) => {
                 let base = "spec.router.envoyRds";
@@ -628,7 +814,95 @@ impl CanarySpec {
                 }
             }
         }
+        if let Some(istio) = &self.router.istio {
+            istio.validate_into(p);
+        }
         self.analysis.validate_into(p, has_prometheus);
+    }
+}
+
+/// A Kubernetes object name (DNS-1123 subdomain).
+fn is_object_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+impl IstioRouterSpec {
+    fn validate_into(&self, p: &mut Problems) {
+        let base = "spec.router.istio";
+        if !is_object_name(&self.virtual_service) {
+            p.add(
+                format!("{base}.virtualService"),
+                format!("{:?} is not a Kubernetes object name", self.virtual_service),
+                "write the name of the VirtualService in the Canary's namespace, e.g. `virtualService: app`",
+            );
+        }
+        if self.route.trim().is_empty() {
+            p.add(
+                format!("{base}.route"),
+                "is empty",
+                "write the `name` of the VirtualService's HTTP route to shift, e.g. `route: primary`",
+            );
+        }
+        match (&self.stable_host, &self.canary_host) {
+            (Some(_), None) | (None, Some(_)) => p.add(
+                format!("{base}.canaryHost"),
+                "stableHost and canaryHost must be set together",
+                "set both (two Services: `stableHost: app-stable`, `canaryHost: app-canary`) or neither (destinations found by subset)",
+            ),
+            (Some(stable), Some(canary)) if stable == canary => p.add(
+                format!("{base}.canaryHost"),
+                "is the same as stableHost",
+                "name the two different Services, or drop both to match destinations by subset",
+            ),
+            _ => {}
+        }
+        if let Some(name) = &self.destination_rule {
+            if !is_object_name(name) {
+                p.add(
+                    format!("{base}.destinationRule"),
+                    format!("{name:?} is not a Kubernetes object name"),
+                    "write the DestinationRule's name, e.g. `destinationRule: app`, or drop it",
+                );
+            }
+        }
+        if let Some(header_route) = &self.header_route {
+            if header_route.headers.is_empty() {
+                p.add(
+                    format!("{base}.headerRoute.headers"),
+                    "is empty",
+                    "list the headers that select the canary, e.g. `headers: {stage: canary}`",
+                );
+            }
+            for name in header_route.headers.keys() {
+                if name.is_empty()
+                    || name
+                        .chars()
+                        .any(|c| c.is_ascii_uppercase() || c.is_whitespace())
+                {
+                    p.add(
+                        format!("{base}.headerRoute.headers.{name}"),
+                        "is not a lowercase header name (Istio matches lowercase names only)",
+                        format!("write `{}`", name.to_ascii_lowercase().trim()),
+                    );
+                }
+            }
+            if header_route.name.as_deref() == Some(self.route.as_str()) {
+                p.add(
+                    format!("{base}.headerRoute.name"),
+                    "is the same as route",
+                    "give the inserted route its own name, or drop `name` for the default",
+                );
+            }
+        }
+        if let Some(percentage) = self.mirror_percentage {
+            if !(percentage > 0.0 && percentage <= 100.0) {
+                p.add(
+                    format!("{base}.mirrorPercentage"),
+                    format!("{percentage} is not above 0 and at most 100"),
+                    "write e.g. `mirrorPercentage: 10`, or drop it to mirror nothing",
+                );
+            }
+        }
     }
 }
 
@@ -746,6 +1020,88 @@ impl AnalysisSpec {
                 ),
                 format!("write a step index from 0 to {}", plan_len - 1),
             );
+        }
+        if let Some(compare) = &self.compare_with_stable {
+            let field = format!("{base}.compareWithStable");
+            if !(compare.false_rollback_rate > 0.0 && compare.false_rollback_rate < 0.5) {
+                p.add(
+                    format!("{field}.falseRollbackRate"),
+                    format!("{} is not between 0 and 0.5", compare.false_rollback_rate),
+                    "write a small probability, e.g. `falseRollbackRate: 0.02` (2%)",
+                );
+            }
+            if !(compare.tolerance >= 1.0 && compare.tolerance <= 10.0) {
+                p.add(
+                    format!("{field}.tolerance"),
+                    format!("{} is not between 1 and 10", compare.tolerance),
+                    "write how many times worse than stable is acceptable, e.g. `tolerance: 1.2`",
+                );
+            }
+            if compare.signals.is_empty() {
+                p.add(
+                    format!("{field}.signals"),
+                    "is empty",
+                    "write `signals: [errors, latency]`, or remove compareWithStable",
+                );
+            }
+            if let Some(bounds) = &compare.latency_boundaries_ms {
+                if bounds.is_empty() || bounds.iter().any(|b| !b.is_finite() || *b <= 0.0) {
+                    p.add(
+                        format!("{field}.latencyBoundariesMs"),
+                        "must list positive bucket boundaries",
+                        "write histogram bucket boundaries in ms, e.g. `latencyBoundariesMs: [250, 500]`, or remove it",
+                    );
+                }
+            }
+            if let Some(margin) = compare.promotion_margin {
+                if !(margin > compare.tolerance.max(1.0) && margin.is_finite()) {
+                    p.add(
+                        format!("{field}.promotionMargin"),
+                        format!(
+                            "{margin} must be above the tolerance ({})",
+                            compare.tolerance
+                        ),
+                        "write e.g. `promotionMargin: 2.0`",
+                    );
+                }
+            }
+        }
+        if let Some(burn) = &self.slo_burn_rate {
+            let field = format!("{base}.sloBurnRate");
+            if !(burn.objective > 0.0 && burn.objective < 100.0) {
+                p.add(
+                    format!("{field}.objective"),
+                    format!("{} is not a percentage between 0 and 100", burn.objective),
+                    "write the success objective in percent, e.g. `objective: 99.9`",
+                );
+            }
+            if !(burn.max_burn_rate > 0.0 && burn.max_burn_rate.is_finite()) {
+                p.add(
+                    format!("{field}.maxBurnRate"),
+                    "must be a positive number",
+                    "write e.g. `maxBurnRate: 14.4`",
+                );
+            }
+            if burn.long_window < self.interval {
+                p.add(
+                    format!("{field}.longWindow"),
+                    format!(
+                        "{} is shorter than the interval ({})",
+                        burn.long_window, self.interval
+                    ),
+                    "make the window span several intervals, e.g. `longWindow: 5m`",
+                );
+            }
+            if burn.short_window() > burn.long_window || burn.short_window().as_millis() == 0 {
+                p.add(
+                    format!("{field}.shortWindow"),
+                    format!(
+                        "{} must be positive and not longer than longWindow",
+                        burn.short_window()
+                    ),
+                    "write e.g. `shortWindow: 30s`, or leave it out (longWindow / 12)",
+                );
+            }
         }
         let mut seen = Vec::new();
         for (i, metric) in self.metrics.iter().enumerate() {
@@ -1194,6 +1550,119 @@ spec:
         c.spec.analysis.metrics[2].name = "x".into();
         c.spec.metrics_source.envoy_admin = example().spec.metrics_source.envoy_admin;
         assert!(fields_of(&c).contains(&"spec.metricsSource".to_string()));
+    }
+
+    #[test]
+    fn compare_and_burn_rate_defaults_and_validation() {
+        let yaml = EXAMPLE.replace(
+            "    metrics:\n",
+            "    compareWithStable: {}\n    sloBurnRate: {objective: 99.5}\n    metrics:\n",
+        );
+        let c: Canary = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(c.validate(), Ok(()));
+        let compare = c.spec.analysis.compare_with_stable.clone().unwrap();
+        assert_eq!(compare, CompareSpec::default());
+        let burn = c.spec.analysis.slo_burn_rate.clone().unwrap();
+        assert_eq!(burn.max_burn_rate, 14.4);
+        assert_eq!(burn.short_window(), HumanDuration::from_secs(25));
+
+        type Mutate = fn(&mut Canary);
+        let cases: &[(Mutate, &str)] = &[
+            (
+                |c| {
+                    c.spec
+                        .analysis
+                        .compare_with_stable
+                        .as_mut()
+                        .unwrap()
+                        .false_rollback_rate = 0.0
+                },
+                "falseRollbackRate",
+            ),
+            (
+                |c| {
+                    c.spec
+                        .analysis
+                        .compare_with_stable
+                        .as_mut()
+                        .unwrap()
+                        .tolerance = 0.5
+                },
+                "tolerance",
+            ),
+            (
+                |c| {
+                    c.spec
+                        .analysis
+                        .compare_with_stable
+                        .as_mut()
+                        .unwrap()
+                        .signals
+                        .clear()
+                },
+                "signals",
+            ),
+            (
+                |c| {
+                    c.spec
+                        .analysis
+                        .compare_with_stable
+                        .as_mut()
+                        .unwrap()
+                        .latency_boundaries_ms = Some(vec![-1.0])
+                },
+                "latencyBoundariesMs",
+            ),
+            (
+                |c| {
+                    c.spec
+                        .analysis
+                        .compare_with_stable
+                        .as_mut()
+                        .unwrap()
+                        .promotion_margin = Some(1.1)
+                },
+                "promotionMargin",
+            ),
+            (
+                |c| c.spec.analysis.slo_burn_rate.as_mut().unwrap().objective = 100.0,
+                "objective",
+            ),
+            (
+                |c| {
+                    c.spec
+                        .analysis
+                        .slo_burn_rate
+                        .as_mut()
+                        .unwrap()
+                        .max_burn_rate = 0.0
+                },
+                "maxBurnRate",
+            ),
+            (
+                |c| {
+                    c.spec.analysis.slo_burn_rate.as_mut().unwrap().long_window =
+                        HumanDuration::from_secs(1)
+                },
+                "longWindow",
+            ),
+            (
+                |c| {
+                    c.spec.analysis.slo_burn_rate.as_mut().unwrap().short_window =
+                        Some(HumanDuration::from_secs(600))
+                },
+                "shortWindow",
+            ),
+        ];
+        for (mutate, field) in cases {
+            let mut bad = c.clone();
+            mutate(&mut bad);
+            let fields = fields_of(&bad);
+            assert!(
+                fields.iter().any(|f| f.ends_with(field)),
+                "{field}: {fields:?}"
+            );
+        }
     }
 
     #[test]
