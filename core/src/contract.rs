@@ -23,6 +23,20 @@ pub const REQUEST_DURATION_MS: &str = "fledge_request_duration_ms";
 /// Counter: plugin configurations the filter rejected (it then fails open).
 pub const CONFIG_ERRORS_TOTAL: &str = "fledge_config_errors_total";
 
+/// Counter: forced-canary requests the filter honoured (trusted token and/or source address).
+pub const FORCED_CANARY_ACCEPTED_TOTAL: &str = "fledge_forced_canary_accepted_total";
+/// Counter: forced-canary requests the filter refused (header stripped, request routed normally).
+/// A rise means someone sends the header without the secret or from outside the allowed networks.
+pub const FORCED_CANARY_REJECTED_TOTAL: &str = "fledge_forced_canary_rejected_total";
+
+/// Default name of the internal request header the filter writes for routing and strips from
+/// every client request: `canary` (a trusted forced-canary request) or a decimal sticky bucket.
+/// A header-match route on `canary` placed before the weighted route, and the weighted route's
+/// `weighted_clusters.header_name`, read it.
+pub const DEFAULT_ROUTE_HEADER: &str = "x-fledge-route";
+/// Value of the route header for a trusted forced-canary request.
+pub const FORCED_CANARY_ROUTE_VALUE: &str = "canary";
+
 /// Label key for the service (the thing being canaried).
 pub const TAG_SERVICE: &str = "fledge_service";
 /// Label key for the subset that served the request (e.g. `stable`, `canary`, `v2`).
@@ -114,6 +128,33 @@ impl ResponseClass {
             Some(500..=599) => ResponseClass::ServerError,
             _ => ResponseClass::NoResponse,
         }
+    }
+}
+
+/// The HTTP status Envoy maps a gRPC status to (`Grpc::Utility::grpcToHttpStatus`), so a gRPC
+/// error answered as HTTP 200 + `grpc-status` is classed like its HTTP equivalent: UNKNOWN (2),
+/// DEADLINE_EXCEEDED (4), UNIMPLEMENTED (12), INTERNAL (13), UNAVAILABLE (14) and DATA_LOSS (15)
+/// are 5xx; OK (0) is 2xx; the rest are 4xx; codes beyond 16 are 500.
+pub const fn grpc_status_to_http(grpc_status: u32) -> u16 {
+    match grpc_status {
+        0 => 200,
+        1 => 499,
+        2 => 500,
+        3 => 400,
+        4 => 504,
+        5 => 404,
+        6 => 409,
+        7 => 403,
+        8 => 429,
+        9 => 400,
+        10 => 409,
+        11 => 400,
+        12 => 501,
+        13 => 500,
+        14 => 503,
+        15 => 500,
+        16 => 401,
+        _ => 500,
     }
 }
 
@@ -215,6 +256,20 @@ mod tests {
             assert_eq!(ResponseClass::ALL[class.index()], class);
         }
         assert_eq!(ResponseClass::from_label("6xx"), None);
+    }
+
+    #[test]
+    fn grpc_statuses_map_like_envoy() {
+        let server_errors: Vec<u32> = (0..=20)
+            .filter(|code| {
+                ResponseClass::classify(Some(grpc_status_to_http(*code)), true)
+                    == ResponseClass::ServerError
+            })
+            .collect();
+        assert_eq!(server_errors, vec![2, 4, 12, 13, 14, 15, 17, 18, 19, 20]);
+        assert_eq!(grpc_status_to_http(0), 200);
+        assert_eq!(grpc_status_to_http(5), 404);
+        assert_eq!(grpc_status_to_http(16), 401);
     }
 
     #[test]

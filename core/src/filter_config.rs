@@ -1,6 +1,6 @@
-//! The filter's plugin configuration: its schema, its validation, and the pure function that
-//! turns an Envoy upstream cluster name into the `(service, subset)` label values the filter
-//! writes.
+//! The filter's plugin configuration: its schema, its validation, and the pure functions that
+//! turn an Envoy upstream cluster name (plus, when the name says nothing about the version, what
+//! the upstream tells) into the `(service, subset)` label values the filter writes.
 //!
 //! The filter (Wasm) parses it in `on_configure`; the controller and the e2e tests build it and
 //! serialize it with [`FilterConfig::to_json`] to generate Envoy or Istio configuration.
@@ -8,15 +8,30 @@
 //! ```json
 //! {"clusters": {"app_stable": {"service": "app", "subset": "stable"},
 //!               "app_canary": {"service": "app", "subset": "canary"}},
-//!  "istioClusterNames": true}
+//!  "istioClusterNames": true,
+//!  "responseHeader": "x-fledge-subset",
+//!  "sticky": {"cookie": "session"},
+//!  "forceCanary": {"header": "x-fledge-stage", "secret": "<32+ random bytes>"}}
 //! ```
 //!
-//! - `clusters` maps an Envoy upstream cluster name to the service and subset it serves.
-//! - `istioClusterNames` (default `true`) also understands Istio's cluster names
-//!   `outbound|<port>|<subset>|<host>` without configuration: subset = the third field, service =
-//!   the first DNS label of the host (`reviews` for `reviews.default.svc.cluster.local`). With an
-//!   empty subset field (one Service per version) the subset is that service label.
+//! Subset detection, in order (see [`FilterConfig::classify_cluster`]):
+//! - `clusters` maps an Envoy upstream cluster name to the service and subset it serves; an entry
+//!   without `subset` takes the subset from the upstream (below).
+//! - `istioClusterNames` (default `true`) understands Istio's cluster names
+//!   `outbound|<port>|<subset>|<host>`: service = the first DNS label of the host (`reviews` for
+//!   `reviews.default.svc.cluster.local`), subset = the third field. With an empty subset field
+//!   (one Service per version, Gateway API backends) the subset comes from the upstream, and
+//!   failing that is the service label.
+//! - From the upstream: `endpointMetadata` (default `true`) reads the canonical revision from the
+//!   endpoint's `filter_metadata.istio.workload`
+//!   (`workload;namespace;canonical-service;canonical-revision;cluster`, set by Istio on every
+//!   endpoint); else `subsetHeader`, an upstream response header naming the version.
 //! - Anything else is labelled `(other, other)` ([`contract::OTHER`]).
+//!
+//! Canary tagging (all optional): `responseHeader` names the serving subset in the response;
+//! `forceCanary` lets trusted testers send `x-fledge-stage: canary` (secret token and/or source
+//! networks); `sticky` hashes a user key into a bucket for `weighted_clusters.header_name`. Both
+//! write the internal `routeHeader`, which the filter strips from every client request.
 //!
 //! Empty or absent configuration means the defaults. Parsing is strict: unknown keys and wrong
 //! types are errors that name the field and say what to write instead, so typos are visible
@@ -28,7 +43,9 @@ use crate::contract;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
+use std::net::IpAddr;
+use std::str::FromStr;
 
 /// The filter's plugin configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +56,28 @@ pub struct FilterConfig {
     pub clusters: BTreeMap<String, ClusterSubset>,
     /// Understand Istio cluster names `outbound|<port>|<subset>|<host>` (default `true`).
     pub istio_cluster_names: bool,
+    /// When the cluster name gives no subset, take the canonical revision from the endpoint's
+    /// `filter_metadata.istio.workload` (default `true`).
+    pub endpoint_metadata: bool,
+    /// When neither the name nor the endpoint metadata gives a subset, take it from this upstream
+    /// response header (lowercase). Off by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subset_header: Option<String>,
+    /// Response header naming the subset that served the request. Off by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_header: Option<String>,
+    /// Internal request header for routing (default [`contract::DEFAULT_ROUTE_HEADER`]). Always
+    /// stripped from client requests; written only by the filter.
+    pub route_header: String,
+    /// Clear Envoy's route cache after changing a routing header, so the route is picked again
+    /// with the new header even if an earlier filter already resolved it (default `true`).
+    pub clear_route_cache: bool,
+    /// Let trusted testers force the canary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub force_canary: Option<ForceCanary>,
+    /// Keep each user on one version while the weights change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<Sticky>,
 }
 
 /// What one configured cluster serves.
@@ -46,16 +85,198 @@ pub struct FilterConfig {
 pub struct ClusterSubset {
     /// The service being canaried, e.g. `app`.
     pub service: String,
-    /// The version of it behind this cluster, e.g. `stable` or `canary`.
-    pub subset: String,
+    /// The version of it behind this cluster, e.g. `stable` or `canary`; `None` takes it from the
+    /// upstream (endpoint metadata or `subsetHeader`), else `other`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
 }
 
 impl ClusterSubset {
     pub fn new(service: impl Into<String>, subset: impl Into<String>) -> Self {
         ClusterSubset {
             service: service.into(),
-            subset: subset.into(),
+            subset: Some(subset.into()),
         }
+    }
+
+    /// A cluster whose subset the upstream tells (several versions behind one cluster).
+    pub fn service_only(service: impl Into<String>) -> Self {
+        ClusterSubset {
+            service: service.into(),
+            subset: None,
+        }
+    }
+}
+
+/// A forced-canary header for testers, honoured only when trusted. Every configured check must
+/// pass: with `secret`, the header value must be a valid unexpired token
+/// `<unix-expiry>.<hex HMAC-SHA256(secret, "<unix-expiry>")>`; with `sourceCidrs`, the client
+/// address must be in one of them (and without `secret` the value must equal `value`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ForceCanary {
+    /// Request header testers send (lowercase), default `x-fledge-stage`. Stripped from every
+    /// request before it goes upstream.
+    pub header: String,
+    /// Value that asks for the canary when no `secret` is configured (default `canary`).
+    pub value: String,
+    /// Shared HMAC secret (at least 16 bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Client networks allowed to force the canary (`source.address`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_cidrs: Vec<Cidr>,
+    /// Tokens expiring further in the future than this are refused (default 7 days).
+    pub max_token_lifetime_seconds: u64,
+}
+
+impl fmt::Debug for ForceCanary {
+    // Never print the secret (configs end up in logs).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ForceCanary")
+            .field("header", &self.header)
+            .field("value", &self.value)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("source_cidrs", &self.source_cidrs)
+            .field(
+                "max_token_lifetime_seconds",
+                &self.max_token_lifetime_seconds,
+            )
+            .finish()
+    }
+}
+
+/// Default forced-canary request header.
+pub const DEFAULT_FORCE_HEADER: &str = "x-fledge-stage";
+/// Default forced-canary value (without a secret).
+pub const DEFAULT_FORCE_VALUE: &str = "canary";
+/// Default longest token lifetime: 7 days.
+pub const DEFAULT_MAX_TOKEN_LIFETIME_SECONDS: u64 = 7 * 24 * 3600;
+/// Shortest accepted HMAC secret.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// Sticky assignment: a user key hashed into a bucket that Envoy's
+/// `weighted_clusters.header_name` turns into a cluster pick (`bucket mod total weight`, clusters
+/// in list order). With stable listed first, a user only ever moves stable → canary as the
+/// canary's weight grows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Sticky {
+    #[serde(flatten)]
+    pub key: StickyKey,
+    /// Mixed into the hash; change it to give a new rollout a different first set of users.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub salt: String,
+    /// Buckets `0..buckets`; keep it a multiple of the route's total weight (Fledge writes 100).
+    pub buckets: u64,
+}
+
+/// Default number of sticky buckets (a multiple of 100 and of 1000).
+pub const DEFAULT_STICKY_BUCKETS: u64 = 10_000;
+
+/// Where the sticky user key comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StickyKey {
+    /// A cookie by name.
+    Cookie(String),
+    /// A request header by (lowercase) name.
+    Header(String),
+}
+
+/// An IP network such as `10.0.0.0/8` or `fd00::/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in this network. IPv4-mapped IPv6 addresses (`::ffff:10.1.2.3`) match
+    /// IPv4 networks.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.network, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = prefix_mask_32(self.prefix);
+                u32::from(ip) & mask == u32::from(net) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = prefix_mask_128(self.prefix);
+                u128::from(ip) & mask == u128::from(net) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+fn prefix_mask_32(prefix: u8) -> u32 {
+    u32::MAX
+        .checked_shl(32 - u32::from(prefix.min(32)))
+        .unwrap_or(0)
+}
+
+fn prefix_mask_128(prefix: u8) -> u128 {
+    u128::MAX
+        .checked_shl(128 - u32::from(prefix.min(128)))
+        .unwrap_or(0)
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    /// `a.b.c.d/n`, `x::y/n`, or a bare address (a single host). Host bits must be zero.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        let network: IpAddr = address
+            .trim()
+            .parse()
+            .map_err(|_| format!("{address:?} is not an IP address"))?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("prefix length {p:?} must be 0..={max}"))?,
+        };
+        let cidr = Cidr { network, prefix };
+        let masked = match network {
+            IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & prefix_mask_32(prefix)).into()),
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & prefix_mask_128(prefix)).into()),
+        };
+        if masked != network {
+            return Err(format!(
+                "{text:?} has host bits set; write \"{masked}/{prefix}\""
+            ));
+        }
+        Ok(cidr)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -88,6 +309,56 @@ impl SubsetLabels {
     }
 }
 
+/// What the cluster name (and configuration) says about a request's labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterResolution {
+    /// Service and subset are known.
+    Known(SubsetLabels),
+    /// The service is known; the subset comes from the upstream (endpoint metadata or response
+    /// header), and is `fallback` when the upstream does not say.
+    SubsetFromUpstream {
+        /// Sanitized service label.
+        service: String,
+        /// Sanitized subset label used when the upstream gives none.
+        fallback: String,
+    },
+    /// Unknown cluster, or none (no route): `(other, other)`.
+    Other,
+}
+
+impl ClusterResolution {
+    /// The labels, given what the upstream said about its subset (raw, unsanitized; `None` or
+    /// empty when it said nothing).
+    pub fn labels(&self, upstream_subset: Option<&str>) -> SubsetLabels {
+        match self {
+            ClusterResolution::Known(labels) => labels.clone(),
+            ClusterResolution::SubsetFromUpstream { service, fallback } => SubsetLabels {
+                service: service.clone(),
+                subset: match upstream_subset.map(str::trim).filter(|s| !s.is_empty()) {
+                    Some(subset) => contract::sanitize_label_value(subset),
+                    None => fallback.clone(),
+                },
+            },
+            ClusterResolution::Other => SubsetLabels::other(),
+        }
+    }
+
+    pub fn needs_upstream_subset(&self) -> bool {
+        matches!(self, ClusterResolution::SubsetFromUpstream { .. })
+    }
+}
+
+/// The canonical revision in Istio's endpoint metadata
+/// `workload;namespace;canonical-service;canonical-revision;cluster-id` (the fourth field), if
+/// present and non-empty.
+pub fn istio_workload_revision(workload: &str) -> Option<&str> {
+    workload
+        .split(';')
+        .nth(3)
+        .map(str::trim)
+        .filter(|revision| !revision.is_empty())
+}
+
 /// Why a plugin configuration was rejected. Every message names the field (a path such as
 /// `clusters.app_canary.subset`) and says what to write instead.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -117,6 +388,8 @@ pub enum FilterConfigError {
         hint: String,
         allowed: &'static str,
     },
+    #[error("{field}: {problem}")]
+    Invalid { field: String, problem: String },
 }
 
 impl FilterConfigError {
@@ -127,20 +400,57 @@ impl FilterConfigError {
             FilterConfigError::WrongType { field, .. }
             | FilterConfigError::Missing { field, .. }
             | FilterConfigError::Empty { field, .. }
-            | FilterConfigError::UnknownKey { field, .. } => field,
+            | FilterConfigError::UnknownKey { field, .. }
+            | FilterConfigError::Invalid { field, .. } => field,
+        }
+    }
+
+    fn invalid(field: &str, problem: impl Into<String>) -> Self {
+        FilterConfigError::Invalid {
+            field: field.to_string(),
+            problem: problem.into(),
         }
     }
 }
 
 const EXAMPLE: &str = r#"{"clusters": {"app_canary": {"service": "app", "subset": "canary"}}, "istioClusterNames": true}"#;
-const ROOT_KEYS: [&str; 2] = ["clusters", "istioClusterNames"];
+const ROOT_KEYS: [&str; 9] = [
+    "clusters",
+    "istioClusterNames",
+    "endpointMetadata",
+    "subsetHeader",
+    "responseHeader",
+    "routeHeader",
+    "clearRouteCache",
+    "forceCanary",
+    "sticky",
+];
+const ROOT_ALLOWED: &str = "clusters, istioClusterNames, endpointMetadata, subsetHeader, responseHeader, routeHeader, clearRouteCache, forceCanary, sticky";
 const CLUSTER_KEYS: [&str; 2] = ["service", "subset"];
+const FORCE_KEYS: [&str; 5] = [
+    "header",
+    "value",
+    "secret",
+    "sourceCidrs",
+    "maxTokenLifetimeSeconds",
+];
+const FORCE_ALLOWED: &str = "header, value, secret, sourceCidrs, maxTokenLifetimeSeconds";
+const STICKY_KEYS: [&str; 4] = ["cookie", "header", "salt", "buckets"];
+const STICKY_ALLOWED: &str = "cookie, header, salt, buckets";
+const HEADER_NAME: &str = "a lowercase HTTP header name such as \"x-fledge-subset\"";
 
 impl Default for FilterConfig {
     fn default() -> Self {
         FilterConfig {
             clusters: BTreeMap::new(),
             istio_cluster_names: true,
+            endpoint_metadata: true,
+            subset_header: None,
+            response_header: None,
+            route_header: contract::DEFAULT_ROUTE_HEADER.to_string(),
+            clear_route_cache: true,
+            force_canary: None,
+            sticky: None,
         }
     }
 }
@@ -179,19 +489,22 @@ impl FilterConfig {
                     found: kind(other),
                 }),
             };
-        reject_unknown(root, "", &ROOT_KEYS, "clusters, istioClusterNames")?;
+        reject_unknown(root, "", &ROOT_KEYS, ROOT_ALLOWED)?;
 
         let mut config = Self::default();
-        match root.get("istioClusterNames") {
-            None | Some(Value::Null) => {}
-            Some(Value::Bool(b)) => config.istio_cluster_names = *b,
-            Some(other) => {
-                return Err(FilterConfigError::WrongType {
-                    field: "istioClusterNames".to_string(),
-                    expected: "true or false",
-                    found: kind(other),
-                })
-            }
+        if let Some(b) = opt_bool(root, "", "istioClusterNames")? {
+            config.istio_cluster_names = b;
+        }
+        if let Some(b) = opt_bool(root, "", "endpointMetadata")? {
+            config.endpoint_metadata = b;
+        }
+        if let Some(b) = opt_bool(root, "", "clearRouteCache")? {
+            config.clear_route_cache = b;
+        }
+        config.subset_header = opt_header_name(root, "", "subsetHeader")?;
+        config.response_header = opt_header_name(root, "", "responseHeader")?;
+        if let Some(name) = opt_header_name(root, "", "routeHeader")? {
+            config.route_header = name;
         }
         match root.get("clusters") {
             None | Some(Value::Null) => {}
@@ -211,31 +524,106 @@ impl FilterConfig {
                 })
             }
         }
+        config.force_canary = match root.get("forceCanary") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(parse_force_canary(value)?),
+        };
+        config.sticky = match root.get("sticky") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(parse_sticky(value)?),
+        };
+        config.check_header_clashes()?;
         Ok(config)
+    }
+
+    /// The routing header must be the filter's alone: a client-supplied key or force header with
+    /// the same name would let clients write it.
+    fn check_header_clashes(&self) -> Result<(), FilterConfigError> {
+        let route = self.route_header.as_str();
+        if let Some(force) = &self.force_canary {
+            if force.header == route {
+                return Err(FilterConfigError::invalid(
+                    "forceCanary.header",
+                    format!("must differ from routeHeader {route:?}, which the filter strips and writes itself"),
+                ));
+            }
+        }
+        if let Some(Sticky {
+            key: StickyKey::Header(name),
+            ..
+        }) = &self.sticky
+        {
+            if name == route {
+                return Err(FilterConfigError::invalid(
+                    "sticky.header",
+                    format!("must differ from routeHeader {route:?}, which the filter strips and writes itself"),
+                ));
+            }
+            if self
+                .force_canary
+                .as_ref()
+                .is_some_and(|f| &f.header == name)
+            {
+                return Err(FilterConfigError::invalid(
+                    "sticky.header",
+                    "must differ from forceCanary.header, which is stripped from every request",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The JSON the filter accepts (camelCase), for generating Envoy/Istio configuration.
     pub fn to_json(&self) -> String {
-        // Serializing a map of strings cannot fail; fall back to the defaults' JSON anyway.
+        // Serializing strings, numbers and maps cannot fail; fall back to the defaults anyway.
         serde_json::to_string(self).unwrap_or_else(|_| "{}".to_string())
     }
 
-    /// The `(service, subset)` label values for a request that went to `cluster` (`None` when no
-    /// cluster was picked, e.g. no route matched). Configured clusters win; then Istio names if
-    /// enabled; everything else is `(other, other)`.
-    pub fn resolve(&self, cluster: Option<&str>) -> SubsetLabels {
+    /// What the cluster name says about a request that went to `cluster` (`None` when no cluster
+    /// was picked, e.g. no route matched). Configured clusters win; then Istio names if enabled;
+    /// everything else is [`ClusterResolution::Other`].
+    pub fn classify_cluster(&self, cluster: Option<&str>) -> ClusterResolution {
         let Some(cluster) = cluster else {
-            return SubsetLabels::other();
+            return ClusterResolution::Other;
         };
         if let Some(entry) = self.clusters.get(cluster) {
-            return SubsetLabels::new(&entry.service, &entry.subset);
+            return match &entry.subset {
+                Some(subset) => ClusterResolution::Known(SubsetLabels::new(&entry.service, subset)),
+                None => ClusterResolution::SubsetFromUpstream {
+                    service: contract::sanitize_label_value(&entry.service),
+                    fallback: contract::OTHER.to_string(),
+                },
+            };
         }
         if self.istio_cluster_names {
             if let Some(istio) = IstioCluster::parse(cluster) {
-                return SubsetLabels::new(istio.service, istio.subset);
+                return match istio.subset {
+                    Some(subset) => {
+                        ClusterResolution::Known(SubsetLabels::new(istio.service, subset))
+                    }
+                    None => {
+                        let service = contract::sanitize_label_value(istio.service);
+                        ClusterResolution::SubsetFromUpstream {
+                            fallback: service.clone(),
+                            service,
+                        }
+                    }
+                };
             }
         }
-        SubsetLabels::other()
+        ClusterResolution::Other
+    }
+
+    /// The `(service, subset)` labels for `cluster` when the upstream says nothing about its
+    /// subset. See [`FilterConfig::classify_cluster`] and [`ClusterResolution::labels`].
+    pub fn resolve(&self, cluster: Option<&str>) -> SubsetLabels {
+        self.classify_cluster(cluster).labels(None)
+    }
+
+    /// Whether any cluster may need the upstream's subset from a response header, so the filter
+    /// must look at the cluster while response headers are still available.
+    pub fn uses_subset_header(&self) -> bool {
+        self.subset_header.is_some()
     }
 }
 
@@ -252,8 +640,8 @@ impl TryFrom<Value> for FilterConfig {
 pub struct IstioCluster<'a> {
     /// First DNS label of the host.
     pub service: &'a str,
-    /// The subset field, or the service when that field is empty (one Service per version).
-    pub subset: &'a str,
+    /// The subset field; `None` when empty (one Service per version).
+    pub subset: Option<&'a str>,
 }
 
 impl<'a> IstioCluster<'a> {
@@ -273,7 +661,7 @@ impl<'a> IstioCluster<'a> {
             return None;
         }
         let service = host.split('.').next().filter(|s| !s.is_empty())?;
-        let subset = if subset.is_empty() { service } else { subset };
+        let subset = Some(subset).filter(|s| !s.is_empty());
         Some(IstioCluster { service, subset })
     }
 }
@@ -289,8 +677,239 @@ fn parse_cluster(entry: &Value, path: &str) -> Result<ClusterSubset, FilterConfi
     };
     reject_unknown(map, path, &CLUSTER_KEYS, "service, subset")?;
     let service = string_field(map, path, "service", "a string like \"app\"")?;
-    let subset = string_field(map, path, "subset", "a string like \"canary\"")?;
+    let subset = match map.get("subset") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(string_field(
+            map,
+            path,
+            "subset",
+            "a string like \"canary\"",
+        )?),
+    };
     Ok(ClusterSubset { service, subset })
+}
+
+fn parse_force_canary(value: &Value) -> Result<ForceCanary, FilterConfigError> {
+    const PATH: &str = "forceCanary";
+    let Value::Object(map) = value else {
+        return Err(FilterConfigError::WrongType {
+            field: PATH.to_string(),
+            expected: "an object such as {\"header\": \"x-fledge-stage\", \"secret\": \"...\"}",
+            found: kind(value),
+        });
+    };
+    reject_unknown(map, PATH, &FORCE_KEYS, FORCE_ALLOWED)?;
+    let header =
+        opt_header_name(map, PATH, "header")?.unwrap_or_else(|| DEFAULT_FORCE_HEADER.to_string());
+    let value = match map.get("value") {
+        None | Some(Value::Null) => DEFAULT_FORCE_VALUE.to_string(),
+        Some(_) => string_field(map, PATH, "value", "a string like \"canary\"")?
+            .trim()
+            .to_string(),
+    };
+    let secret = match map.get("secret") {
+        None | Some(Value::Null) => None,
+        Some(_) => {
+            let secret = string_field(
+                map,
+                PATH,
+                "secret",
+                "a random string of at least 16 bytes, e.g. from `openssl rand -hex 32`",
+            )?;
+            if secret.len() < MIN_SECRET_BYTES {
+                return Err(FilterConfigError::invalid(
+                    "forceCanary.secret",
+                    format!(
+                        "is {} bytes; use at least {MIN_SECRET_BYTES} random bytes, e.g. `openssl rand -hex 32`",
+                        secret.len()
+                    ),
+                ));
+            }
+            Some(secret)
+        }
+    };
+    let mut source_cidrs = Vec::new();
+    match map.get("sourceCidrs") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) => {
+            for (index, item) in items.iter().enumerate() {
+                let field = format!("forceCanary.sourceCidrs[{index}]");
+                let Value::String(text) = item else {
+                    return Err(FilterConfigError::WrongType {
+                        field,
+                        expected: "a network such as \"10.0.0.0/8\"",
+                        found: kind(item),
+                    });
+                };
+                source_cidrs.push(
+                    text.parse::<Cidr>()
+                        .map_err(|problem| FilterConfigError::invalid(&field, problem))?,
+                );
+            }
+        }
+        Some(other) => {
+            return Err(FilterConfigError::WrongType {
+                field: "forceCanary.sourceCidrs".to_string(),
+                expected: "a list of networks such as [\"10.0.0.0/8\"]",
+                found: kind(other),
+            })
+        }
+    }
+    let max_token_lifetime_seconds = match map.get("maxTokenLifetimeSeconds") {
+        None | Some(Value::Null) => DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| FilterConfigError::WrongType {
+                field: "forceCanary.maxTokenLifetimeSeconds".to_string(),
+                expected: "a whole number of seconds > 0, such as 86400",
+                found: kind(v),
+            })?,
+    };
+    if secret.is_none() && source_cidrs.is_empty() {
+        return Err(FilterConfigError::invalid(
+            PATH,
+            "needs \"secret\" and/or \"sourceCidrs\"; without either anyone could force the canary",
+        ));
+    }
+    Ok(ForceCanary {
+        header,
+        value,
+        secret,
+        source_cidrs,
+        max_token_lifetime_seconds,
+    })
+}
+
+fn parse_sticky(value: &Value) -> Result<Sticky, FilterConfigError> {
+    const PATH: &str = "sticky";
+    let Value::Object(map) = value else {
+        return Err(FilterConfigError::WrongType {
+            field: PATH.to_string(),
+            expected: "an object such as {\"cookie\": \"session\"} or {\"header\": \"x-user-id\"}",
+            found: kind(value),
+        });
+    };
+    reject_unknown(map, PATH, &STICKY_KEYS, STICKY_ALLOWED)?;
+    let cookie = match map.get("cookie") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(cookie_name(map)?),
+    };
+    let header = opt_header_name(map, PATH, "header")?;
+    let key = match (cookie, header) {
+        (Some(cookie), None) => StickyKey::Cookie(cookie),
+        (None, Some(header)) => StickyKey::Header(header),
+        (Some(_), Some(_)) => {
+            return Err(FilterConfigError::invalid(
+                PATH,
+                "set either \"cookie\" or \"header\", not both",
+            ))
+        }
+        (None, None) => {
+            return Err(FilterConfigError::Missing {
+                field: "sticky.cookie".to_string(),
+                expected: "\"cookie\": \"<cookie name>\" or \"header\": \"<header name>\"",
+            })
+        }
+    };
+    let salt = match map.get("salt") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => {
+            return Err(FilterConfigError::WrongType {
+                field: "sticky.salt".to_string(),
+                expected: "a string such as \"rollout-42\"",
+                found: kind(other),
+            })
+        }
+    };
+    let buckets = match map.get("buckets") {
+        None | Some(Value::Null) => DEFAULT_STICKY_BUCKETS,
+        Some(v) => v
+            .as_u64()
+            .filter(|n| (1..=1_000_000_000).contains(n))
+            .ok_or_else(|| FilterConfigError::WrongType {
+                field: "sticky.buckets".to_string(),
+                expected: "a whole number 1..=1000000000, a multiple of the route's total weight such as 10000",
+                found: kind(v),
+            })?,
+    };
+    Ok(Sticky { key, salt, buckets })
+}
+
+fn cookie_name(map: &Map<String, Value>) -> Result<String, FilterConfigError> {
+    let name = string_field(map, "sticky", "cookie", "a cookie name such as \"session\"")?;
+    let valid = name
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+    if !valid {
+        return Err(FilterConfigError::invalid(
+            "sticky.cookie",
+            format!("{name:?} is not a cookie name (letters, digits and !#$%&'*+-.^_`|~ only)"),
+        ));
+    }
+    Ok(name)
+}
+
+fn opt_bool(
+    map: &Map<String, Value>,
+    path: &str,
+    key: &str,
+) -> Result<Option<bool>, FilterConfigError> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(FilterConfigError::WrongType {
+            field: join_path(path, key),
+            expected: "true or false",
+            found: kind(other),
+        }),
+    }
+}
+
+/// An optional header name: lowercased, RFC 7230 token characters, not a pseudo-header.
+fn opt_header_name(
+    map: &Map<String, Value>,
+    path: &str,
+    key: &str,
+) -> Result<Option<String>, FilterConfigError> {
+    let field = join_path(path, key);
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(name)) => {
+            let name = name.trim().to_ascii_lowercase();
+            if name.is_empty() {
+                return Err(FilterConfigError::Empty {
+                    field,
+                    expected: HEADER_NAME,
+                });
+            }
+            let valid = name.len() <= 256
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !valid {
+                return Err(FilterConfigError::invalid(
+                    &field,
+                    format!("{name:?} is not an HTTP header name; write {HEADER_NAME}"),
+                ));
+            }
+            Ok(Some(name))
+        }
+        Some(other) => Err(FilterConfigError::WrongType {
+            field,
+            expected: HEADER_NAME,
+            found: kind(other),
+        }),
+    }
+}
+
+fn join_path(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 fn string_field(
@@ -299,7 +918,7 @@ fn string_field(
     key: &str,
     expected: &'static str,
 ) -> Result<String, FilterConfigError> {
-    let field = || format!("{path}.{key}");
+    let field = || join_path(path, key);
     match map.get(key) {
         None | Some(Value::Null) => Err(FilterConfigError::Missing {
             field: field(),
@@ -466,8 +1085,8 @@ mod tests {
         assert_eq!(
             FilterConfig::parse(r#"{"istioClusterNames": false}"#).unwrap(),
             FilterConfig {
-                clusters: BTreeMap::new(),
-                istio_cluster_names: false
+                istio_cluster_names: false,
+                ..FilterConfig::default()
             }
         );
     }
@@ -486,9 +1105,9 @@ mod tests {
                 r#"clusters.app_canary.subset: expected a string like "canary", found a number"#,
             ),
             (
-                r#"{"clusters": {"app_canary": {"service": "app"}}}"#,
-                "clusters.app_canary.subset",
-                r#"clusters.app_canary.subset: missing; write a string like "canary""#,
+                r#"{"clusters": {"app_canary": {"subset": "canary"}}}"#,
+                "clusters.app_canary.service",
+                r#"clusters.app_canary.service: missing; write a string like "app""#,
             ),
             (
                 r#"{"clusters": {"app_canary": {"service": " ", "subset": "canary"}}}"#,
@@ -527,7 +1146,9 @@ mod tests {
         let err = FilterConfig::parse(r#"{"istioClusterName": true}"#).unwrap_err();
         assert_eq!(
             err.to_string(),
-            r#"istioClusterName: unknown key (did you mean "istioClusterNames"?); allowed keys are clusters, istioClusterNames"#
+            format!(
+                r#"istioClusterName: unknown key (did you mean "istioClusterNames"?); allowed keys are {ROOT_ALLOWED}"#
+            )
         );
         let err = FilterConfig::parse(r#"{"istio_cluster_names": true}"#).unwrap_err();
         assert!(
@@ -538,7 +1159,7 @@ mod tests {
         let err = FilterConfig::parse(r#"{"routes": {}}"#).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "routes: unknown key; allowed keys are clusters, istioClusterNames"
+            format!("routes: unknown key; allowed keys are {ROOT_ALLOWED}")
         );
         let err = FilterConfig::parse(
             r#"{"clusters": {"c": {"service": "a", "subset": "b", "subsets": "x"}}}"#,
@@ -627,8 +1248,8 @@ mod tests {
         assert_eq!(c.resolve(Some(istio)), labels("Reviews_App", "canary"));
 
         let off = FilterConfig {
-            clusters: BTreeMap::new(),
             istio_cluster_names: false,
+            ..FilterConfig::default()
         };
         assert_eq!(off.resolve(Some(istio)), SubsetLabels::other());
     }
@@ -646,5 +1267,204 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.resolve(Some("x")).service.len(), contract::MAX_LABEL_LEN);
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn tagging_options_parse_with_defaults() {
+        let c = FilterConfig::parse(&format!(
+            r#"{{"responseHeader": "X-Fledge-Subset", "subsetHeader": "x-version",
+                "sticky": {{"cookie": "session"}},
+                "forceCanary": {{"secret": "{SECRET}", "sourceCidrs": ["10.0.0.0/8", "::1"]}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.response_header.as_deref(), Some("x-fledge-subset"));
+        assert_eq!(c.subset_header.as_deref(), Some("x-version"));
+        assert_eq!(c.route_header, contract::DEFAULT_ROUTE_HEADER);
+        assert!(c.clear_route_cache && c.endpoint_metadata);
+        let sticky = c.sticky.clone().unwrap();
+        assert_eq!(sticky.key, StickyKey::Cookie("session".into()));
+        assert_eq!(sticky.buckets, DEFAULT_STICKY_BUCKETS);
+        let force = c.force_canary.clone().unwrap();
+        assert_eq!(force.header, DEFAULT_FORCE_HEADER);
+        assert_eq!(force.value, DEFAULT_FORCE_VALUE);
+        assert_eq!(force.source_cidrs.len(), 2);
+        assert_eq!(
+            force.max_token_lifetime_seconds,
+            DEFAULT_MAX_TOKEN_LIFETIME_SECONDS
+        );
+        // The secret never shows in Debug output.
+        assert!(!format!("{c:?}").contains(SECRET));
+        // Round trip.
+        assert_eq!(FilterConfig::parse(&c.to_json()).unwrap(), c);
+        let c = FilterConfig::parse(
+            r#"{"sticky": {"header": "x-user-id", "salt": "r2", "buckets": 1000}, "responseHeader": null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.sticky.clone().unwrap(),
+            Sticky {
+                key: StickyKey::Header("x-user-id".into()),
+                salt: "r2".into(),
+                buckets: 1000
+            }
+        );
+        assert_eq!(c.response_header, None);
+        assert_eq!(FilterConfig::parse(&c.to_json()).unwrap(), c);
+    }
+
+    #[test]
+    fn tagging_mistakes_name_the_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                r#"{"forceCanary": {"header": "stage"}}"#,
+                "forceCanary",
+                "without either anyone could force the canary",
+            ),
+            (
+                r#"{"forceCanary": {"secret": "short"}}"#,
+                "forceCanary.secret",
+                "at least 16 random bytes",
+            ),
+            (
+                r#"{"forceCanary": {"sourceCidrs": ["10.1.2.3/8"]}}"#,
+                "forceCanary.sourceCidrs[0]",
+                r#"has host bits set; write "10.0.0.0/8""#,
+            ),
+            (
+                r#"{"forceCanary": {"sourceCidrs": ["10.0.0.0/33"]}}"#,
+                "forceCanary.sourceCidrs[0]",
+                "prefix length",
+            ),
+            (
+                r#"{"forceCanary": {"sourceCidrs": "10.0.0.0/8"}}"#,
+                "forceCanary.sourceCidrs",
+                "a list of networks",
+            ),
+            (
+                r#"{"forceCanary": {"sourceCidrs": ["10.0.0.0/8"], "header": "x-fledge-route"}}"#,
+                "forceCanary.header",
+                "must differ from routeHeader",
+            ),
+            (
+                r#"{"forceCanary": {"sourceCidrs": ["10.0.0.0/8"], "maxTokenLifetimeSeconds": 0}}"#,
+                "forceCanary.maxTokenLifetimeSeconds",
+                "> 0",
+            ),
+            (
+                r#"{"forceCanary": {"sourceCidrs": ["::1"], "secrets": "x"}}"#,
+                "forceCanary.secrets",
+                r#"did you mean "secret"?"#,
+            ),
+            (r#"{"sticky": {}}"#, "sticky.cookie", "missing"),
+            (
+                r#"{"sticky": {"cookie": "a", "header": "b"}}"#,
+                "sticky",
+                "not both",
+            ),
+            (
+                r#"{"sticky": {"cookie": "a;b"}}"#,
+                "sticky.cookie",
+                "is not a cookie name",
+            ),
+            (
+                r#"{"sticky": {"header": "x-user", "buckets": 0}}"#,
+                "sticky.buckets",
+                "1..=1000000000",
+            ),
+            (
+                r#"{"sticky": {"header": "x-fledge-route"}}"#,
+                "sticky.header",
+                "must differ from routeHeader",
+            ),
+            (
+                r#"{"responseHeader": "x subset"}"#,
+                "responseHeader",
+                "is not an HTTP header name",
+            ),
+            (
+                r#"{"routeHeader": ":authority"}"#,
+                "routeHeader",
+                "is not an HTTP header name",
+            ),
+            (
+                r#"{"subsetHeader": ""}"#,
+                "subsetHeader",
+                "must not be empty",
+            ),
+            (
+                r#"{"clearRouteCache": "yes"}"#,
+                "clearRouteCache",
+                "true or false",
+            ),
+        ];
+        for (text, field, message) in cases {
+            let err = FilterConfig::parse(text).unwrap_err();
+            assert_eq!(err.field(), *field, "{text}: {err}");
+            assert!(
+                err.to_string().contains(message),
+                "{text}: {err} does not contain {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn cidrs_match_v4_v6_and_mapped() {
+        let net: Cidr = "10.0.0.0/8".parse().unwrap();
+        assert!(net.contains("10.255.1.2".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!net.contains("::1".parse().unwrap()));
+        let host: Cidr = "127.0.0.1".parse().unwrap();
+        assert_eq!(host.to_string(), "127.0.0.1/32");
+        assert!(host.contains("127.0.0.1".parse().unwrap()));
+        assert!(!host.contains("127.0.0.2".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        let v6: Cidr = "fd00::/8".parse().unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        assert!(!v6.contains("fe80::1".parse().unwrap()));
+        assert!("fd00::1/8".parse::<Cidr>().is_err());
+        assert!("nonsense/8".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn subset_from_upstream_when_the_name_has_none() {
+        let c = FilterConfig::parse(r#"{"clusters": {"app_all": {"service": "app"}}}"#).unwrap();
+        let configured = c.classify_cluster(Some("app_all"));
+        assert!(configured.needs_upstream_subset());
+        assert_eq!(configured.labels(Some("v2")), labels("app", "v2"));
+        assert_eq!(configured.labels(Some(" ")), labels("app", OTHER));
+        assert_eq!(configured.labels(None), labels("app", OTHER));
+        assert_eq!(configured.labels(Some("v2.1;x")), labels("app", "v2_1_x"));
+
+        let istio = c.classify_cluster(Some("outbound|80||reviews.default.svc.cluster.local"));
+        assert!(istio.needs_upstream_subset());
+        assert_eq!(istio.labels(Some("v3")), labels("reviews", "v3"));
+        assert_eq!(istio.labels(None), labels("reviews", "reviews"));
+
+        let named = c.classify_cluster(Some("outbound|80|v1|reviews.default.svc.cluster.local"));
+        assert!(!named.needs_upstream_subset());
+        assert_eq!(named.labels(Some("v9")), labels("reviews", "v1"));
+        assert_eq!(
+            c.classify_cluster(Some("unknown")),
+            ClusterResolution::Other
+        );
+        assert_eq!(
+            c.classify_cluster(None).labels(Some("v2")),
+            SubsetLabels::other()
+        );
+
+        assert_eq!(
+            istio_workload_revision("reviews-v2;default;reviews;v2;Kubernetes"),
+            Some("v2")
+        );
+        assert_eq!(
+            istio_workload_revision("reviews-v2;default;reviews;;Kubernetes"),
+            None
+        );
+        assert_eq!(istio_workload_revision("reviews-v2;default"), None);
+        assert_eq!(istio_workload_revision(""), None);
     }
 }

@@ -111,6 +111,16 @@ pub struct EnvoyOptions {
     pub log_level: String,
     /// Directory for bootstrap, RDS and log; `None` uses a temporary directory.
     pub work_dir: Option<PathBuf>,
+    /// Routes placed before `primary` in the RDS route configuration (e.g. a header-match route
+    /// for forced canaries). Kept when the weights are rewritten.
+    pub routes_before_primary: Vec<Value>,
+    /// `weighted_clusters.header_name` of `primary`: the pick is `header value mod total weight`
+    /// (sticky canaries). `None`: random picks.
+    pub weighted_header_name: Option<String>,
+    /// More static clusters (raw Envoy JSON), e.g. one with endpoint metadata.
+    pub extra_clusters: Vec<Value>,
+    /// `stats_config.histogram_bucket_settings` entries (raw Envoy JSON).
+    pub histogram_bucket_settings: Vec<Value>,
 }
 
 impl EnvoyOptions {
@@ -124,6 +134,65 @@ impl EnvoyOptions {
             initial_weights: RouteWeights::ALL_STABLE,
             log_level: "info".into(),
             work_dir: None,
+            routes_before_primary: Vec::new(),
+            weighted_header_name: None,
+            extra_clusters: Vec::new(),
+            histogram_bucket_settings: Vec::new(),
+        }
+    }
+
+    /// A route before `primary` sending requests whose `header` is exactly `value` to the canary
+    /// cluster (the filter's forced-canary route: `x-fledge-route: canary`).
+    pub fn with_header_route_to_canary(mut self, header: &str, value: &str) -> EnvoyOptions {
+        self.routes_before_primary.push(json!({
+            "name": "forced-canary",
+            "match": {"prefix": "/", "headers": [{"name": header, "string_match": {"exact": value}}]},
+            "route": {"cluster": CANARY_CLUSTER}
+        }));
+        self
+    }
+
+    /// Make `primary`'s weighted pick deterministic from `header` (sticky canaries).
+    pub fn with_weighted_header_name(mut self, header: &str) -> EnvoyOptions {
+        self.weighted_header_name = Some(header.to_string());
+        self
+    }
+
+    /// Add a route (raw Envoy JSON) before `primary`.
+    pub fn with_route_before_primary(mut self, route: Value) -> EnvoyOptions {
+        self.routes_before_primary.push(route);
+        self
+    }
+
+    /// Add a static cluster (raw Envoy JSON).
+    pub fn with_cluster(mut self, cluster: Value) -> EnvoyOptions {
+        self.extra_clusters.push(cluster);
+        self
+    }
+
+    /// Set histogram buckets for stats whose name ends with `suffix` (or starts with it, when
+    /// `prefix` is true — the shape Istio generates from `sidecar.istio.io/statsHistogramBuckets`).
+    pub fn with_histogram_buckets(
+        mut self,
+        name: &str,
+        prefix: bool,
+        buckets: &[f64],
+    ) -> EnvoyOptions {
+        let matcher = if prefix {
+            json!({"prefix": name})
+        } else {
+            json!({"suffix": name})
+        };
+        self.histogram_bucket_settings
+            .push(json!({"match": matcher, "buckets": buckets}));
+        self
+    }
+
+    /// The shape of the RDS route configuration these options ask for.
+    pub fn route_shape(&self) -> RouteShape {
+        RouteShape {
+            routes_before_primary: self.routes_before_primary.clone(),
+            weighted_header_name: self.weighted_header_name.clone(),
         }
     }
 
@@ -138,6 +207,13 @@ impl EnvoyOptions {
     }
 }
 
+/// What the RDS route configuration holds besides the weights (see [`route_configuration_with`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteShape {
+    pub routes_before_primary: Vec<Value>,
+    pub weighted_header_name: Option<String>,
+}
+
 /// A running Envoy; stopped on drop.
 #[derive(Debug)]
 pub struct Envoy {
@@ -147,6 +223,7 @@ pub struct Envoy {
     listener_port: u16,
     rds_path: PathBuf,
     rds_version: AtomicU64,
+    route_shape: RouteShape,
     _dir: ScratchDir,
 }
 
@@ -159,7 +236,8 @@ impl Envoy {
         std::fs::create_dir_all(&rds_dir)
             .with_context(|| format!("creating {}", rds_dir.display()))?;
         let rds_path = rds_dir.join("routes.json");
-        write_rds_file(&rds_path, options.initial_weights, 1)?;
+        let route_shape = options.route_shape();
+        write_rds_file_with(&rds_path, &route_shape, options.initial_weights, 1)?;
 
         let admin_port = free_port()?;
         let listener_port = free_port()?;
@@ -210,6 +288,7 @@ impl Envoy {
             listener_port,
             rds_path,
             rds_version: AtomicU64::new(1),
+            route_shape,
             _dir: dir,
         })
     }
@@ -267,7 +346,7 @@ impl Envoy {
         let previous = self.rds_version.load(Ordering::SeqCst);
         let version = current.max(previous) + 1;
         self.rds_version.store(version, Ordering::SeqCst);
-        write_rds_file(&self.rds_path, weights, version)
+        write_rds_file_with(&self.rds_path, &self.route_shape, weights, version)
     }
 
     /// The weights and `version_info` Envoy is serving now, from
@@ -318,20 +397,32 @@ impl Envoy {
 
 /// The route configuration resource for `weights`.
 pub fn route_configuration(weights: RouteWeights) -> Value {
+    route_configuration_with(&RouteShape::default(), weights)
+}
+
+/// The route configuration resource for `weights`, with `shape`'s extra routes before `primary`
+/// and its `header_name` on `primary`'s weighted clusters.
+pub fn route_configuration_with(shape: &RouteShape, weights: RouteWeights) -> Value {
+    let mut weighted = json!({"clusters": [
+        {"name": STABLE_CLUSTER, "weight": weights.stable},
+        {"name": CANARY_CLUSTER, "weight": weights.canary},
+    ]});
+    if let Some(header) = &shape.weighted_header_name {
+        weighted["header_name"] = json!(header);
+    }
+    let mut routes = shape.routes_before_primary.clone();
+    routes.push(json!({
+        "name": ROUTE_NAME,
+        "match": {"prefix": "/"},
+        "route": {"weighted_clusters": weighted}
+    }));
     json!({
         "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
         "name": ROUTE_CONFIG_NAME,
         "virtual_hosts": [{
             "name": VIRTUAL_HOST_NAME,
             "domains": ["*"],
-            "routes": [{
-                "name": ROUTE_NAME,
-                "match": {"prefix": "/"},
-                "route": {"weighted_clusters": {"clusters": [
-                    {"name": STABLE_CLUSTER, "weight": weights.stable},
-                    {"name": CANARY_CLUSTER, "weight": weights.canary},
-                ]}}
-            }]
+            "routes": routes
         }]
     })
 }
@@ -339,9 +430,19 @@ pub fn route_configuration(weights: RouteWeights) -> Value {
 /// Write the RDS `DiscoveryResponse` atomically: a temp file in the same (watched) directory,
 /// then `rename(2)` over `path`.
 pub fn write_rds_file(path: &Path, weights: RouteWeights, version: u64) -> Result<()> {
+    write_rds_file_with(path, &RouteShape::default(), weights, version)
+}
+
+/// [`write_rds_file`] with extra routes and a `header_name` (see [`route_configuration_with`]).
+pub fn write_rds_file_with(
+    path: &Path,
+    shape: &RouteShape,
+    weights: RouteWeights,
+    version: u64,
+) -> Result<()> {
     let response = json!({
         "version_info": version.to_string(),
-        "resources": [route_configuration(weights)],
+        "resources": [route_configuration_with(shape, weights)],
     });
     let dir = path
         .parent()
@@ -463,11 +564,20 @@ fn bootstrap_config(
         .iter()
         .map(|tag| json!({"tag_name": tag, "regex": contract::stats_tag_regex(tag)}))
         .collect();
+    let mut stats_config = json!({"stats_tags": stats_tags});
+    if !options.histogram_bucket_settings.is_empty() {
+        stats_config["histogram_bucket_settings"] = json!(options.histogram_bucket_settings);
+    }
+    let mut clusters = vec![
+        static_cluster(STABLE_CLUSTER, options.stable_port),
+        static_cluster(CANARY_CLUSTER, options.canary_port),
+    ];
+    clusters.extend(options.extra_clusters.iter().cloned());
     Ok(json!({
         "node": {"id": format!("fledge-e2e-{listener_port}"), "cluster": "fledge-e2e"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "stats_flush_interval": "1s",
-        "stats_config": {"stats_tags": stats_tags},
+        "stats_config": stats_config,
         "static_resources": {
             "listeners": [{
                 "name": "ingress",
@@ -492,10 +602,7 @@ fn bootstrap_config(
                     }
                 }]}]
             }],
-            "clusters": [
-                static_cluster(STABLE_CLUSTER, options.stable_port),
-                static_cluster(CANARY_CLUSTER, options.canary_port),
-            ]
+            "clusters": clusters
         }
     }))
 }

@@ -1,59 +1,259 @@
 //! The proxy-wasm shell: the only module that makes hostcalls. It reads the plugin
-//! configuration and four properties per request and hands raw bytes to [`crate::plugin`].
+//! configuration, and per request hands headers and properties to [`crate::plugin`].
 //!
-//! Hostcall results are never unwrapped: a failed call means "absent", a metric that cannot be
-//! defined is not recorded, and logging failures are ignored.
+//! The SDK supplies the context plumbing (`main!`, dispatch, the allocator export). The
+//! per-request hostcalls go through the raw ABI below instead of the SDK wrappers because those
+//! `panic!` on any unexpected status, decode headers with `String::from_utf8(..).unwrap()`, and
+//! allocate two vectors to serialize every property path; here every status is handled (a
+//! failed call means "absent" or "not done"), values stay bytes, and paths are static.
 
 use crate::metrics::{MetricHost, MetricKind};
-use crate::plugin::{Configured, Finished, Plugin};
-use proxy_wasm::hostcalls;
+use crate::plugin::{Configured, Headers, Plugin, Property, StreamHost, StreamState};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType, LogLevel, MetricType};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
+use std::ptr::{null, null_mut};
 use std::rc::Rc;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     // Replaces the SDK's hook (which unwraps its log call): log the panic at critical, nothing else.
     std::panic::set_hook(Box::new(|info| {
-        let _ = hostcalls::log(LogLevel::Critical, &format!("fledge filter panicked: {info}"));
+        log(LogLevel::Critical, &format!("fledge filter panicked: {info}"));
     }));
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
         Box::new(Root { plugin: Rc::new(RefCell::new(Plugin::default())) })
     });
 }}
 
-fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, message);
+/// The proxy-wasm ABI 0.2.1 imports the filter uses. Integers instead of the SDK's enums, so an
+/// unexpected status from the host is just a number, never an invalid enum value.
+mod abi {
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        pub fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+        pub fn proxy_get_buffer_bytes(
+            buffer_type: u32,
+            start: usize,
+            max_size: usize,
+            return_buffer_data: *mut *mut u8,
+            return_buffer_size: *mut usize,
+        ) -> u32;
+        pub fn proxy_get_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+        ) -> u32;
+        pub fn proxy_replace_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+        ) -> u32;
+        pub fn proxy_remove_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+        ) -> u32;
+        pub fn proxy_get_property(
+            path_data: *const u8,
+            path_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+        ) -> u32;
+        pub fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+        pub fn proxy_call_foreign_function(
+            function_name_data: *const u8,
+            function_name_size: usize,
+            arguments_data: *const u8,
+            arguments_size: usize,
+            results_data: *mut *mut u8,
+            results_size: *mut usize,
+        ) -> u32;
+        pub fn proxy_define_metric(
+            metric_type: u32,
+            name_data: *const u8,
+            name_size: usize,
+            return_id: *mut u32,
+        ) -> u32;
+        pub fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+        pub fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+    }
+
+    pub const OK: u32 = 0;
+    pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+    pub const MAP_REQUEST_HEADERS: u32 = 0;
+    pub const MAP_RESPONSE_HEADERS: u32 = 2;
+    pub const MAP_RESPONSE_TRAILERS: u32 = 3;
+    pub const METRIC_COUNTER: u32 = 0;
+    pub const METRIC_HISTOGRAM: u32 = 2;
 }
 
-/// [`MetricHost`] over the proxy-wasm metric hostcalls.
+/// Take ownership of bytes the host wrote into memory it got from our allocator export
+/// (`proxy_on_memory_allocate`, a boxed slice of exactly `size` bytes).
+fn owned(status: u32, data: *mut u8, size: usize) -> Option<Vec<u8>> {
+    if status != abi::OK || data.is_null() {
+        return None;
+    }
+    // SAFETY: on success the host returns a pointer obtained from the module's own allocator
+    // for exactly `size` bytes, which it filled and handed over; we become its only owner.
+    Some(unsafe { Vec::from_raw_parts(data, size, size) })
+}
+
+fn log(level: LogLevel, message: &str) {
+    // SAFETY: pointer and length describe a live &str for the duration of the call.
+    unsafe {
+        abi::proxy_log(level as u32, message.as_ptr(), message.len());
+    }
+}
+
+fn plugin_configuration() -> Option<Vec<u8>> {
+    let (mut data, mut size) = (null_mut(), 0usize);
+    // SAFETY: out-pointers are valid locals; see `owned` for the returned memory.
+    let status = unsafe {
+        abi::proxy_get_buffer_bytes(
+            abi::BUFFER_PLUGIN_CONFIGURATION,
+            0,
+            usize::MAX,
+            &mut data,
+            &mut size,
+        )
+    };
+    owned(status, data, size)
+}
+
+/// Property paths, NUL-separated as the ABI wants them, built at compile time.
+fn property_path(property: Property) -> &'static [u8] {
+    match property {
+        Property::ClusterName => b"xds\0cluster_name",
+        Property::UpstreamWorkload => {
+            b"xds\0upstream_host_metadata\0filter_metadata\0istio\0workload"
+        }
+        Property::SourceAddress => b"source\0address",
+        Property::ResponseCode => b"response\0code",
+        Property::ResponseCodeDetails => b"response\0code_details",
+        Property::ResponseFlags => b"response\0flags",
+        Property::RequestDuration => b"request\0duration",
+    }
+}
+
+fn map_type(map: Headers) -> u32 {
+    match map {
+        Headers::Request => abi::MAP_REQUEST_HEADERS,
+        Headers::Response => abi::MAP_RESPONSE_HEADERS,
+        Headers::ResponseTrailers => abi::MAP_RESPONSE_TRAILERS,
+    }
+}
+
+/// [`StreamHost`] and [`MetricHost`] over the raw hostcalls.
 struct Hostcalls;
+
+impl StreamHost for Hostcalls {
+    fn header(&mut self, map: Headers, name: &str) -> Option<Vec<u8>> {
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: `name` is live for the call; out-pointers are valid locals.
+        let status = unsafe {
+            abi::proxy_get_header_map_value(
+                map_type(map),
+                name.as_ptr(),
+                name.len(),
+                &mut data,
+                &mut size,
+            )
+        };
+        owned(status, data, size)
+    }
+
+    fn set_header(&mut self, map: Headers, name: &str, value: &[u8]) {
+        // SAFETY: `name` and `value` are live for the call.
+        unsafe {
+            abi::proxy_replace_header_map_value(
+                map_type(map),
+                name.as_ptr(),
+                name.len(),
+                value.as_ptr(),
+                value.len(),
+            );
+        }
+    }
+
+    fn remove_header(&mut self, map: Headers, name: &str) {
+        // SAFETY: `name` is live for the call.
+        unsafe {
+            abi::proxy_remove_header_map_value(map_type(map), name.as_ptr(), name.len());
+        }
+    }
+
+    fn property(&mut self, property: Property) -> Option<Vec<u8>> {
+        let path = property_path(property);
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: `path` is static; out-pointers are valid locals.
+        let status =
+            unsafe { abi::proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
+        owned(status, data, size)
+    }
+
+    fn now_unix_seconds(&mut self) -> Option<u64> {
+        let mut nanos = 0u64;
+        // SAFETY: out-pointer is a valid local.
+        let status = unsafe { abi::proxy_get_current_time_nanoseconds(&mut nanos) };
+        (status == abi::OK).then_some(nanos / 1_000_000_000)
+    }
+
+    fn clear_route_cache(&mut self) {
+        const NAME: &str = "clear_route_cache";
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: `NAME` is static; no arguments; out-pointers are valid locals.
+        let status = unsafe {
+            abi::proxy_call_foreign_function(
+                NAME.as_ptr(),
+                NAME.len(),
+                null(),
+                0,
+                &mut data,
+                &mut size,
+            )
+        };
+        // Free anything the host returned (nothing, for this function).
+        drop(owned(status, data, size));
+    }
+}
 
 impl MetricHost for Hostcalls {
     fn define(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
         let kind = match kind {
-            MetricKind::Counter => MetricType::Counter,
-            MetricKind::Histogram => MetricType::Histogram,
+            MetricKind::Counter => abi::METRIC_COUNTER,
+            MetricKind::Histogram => abi::METRIC_HISTOGRAM,
         };
-        match hostcalls::define_metric(kind, name) {
-            Ok(id) => Some(id),
-            Err(status) => {
-                log(
-                    LogLevel::Warn,
-                    &format!("cannot define metric {name}: {status:?}"),
-                );
-                None
-            }
+        let mut id = 0u32;
+        // SAFETY: `name` is live for the call; out-pointer is a valid local.
+        let status = unsafe { abi::proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) };
+        if status == abi::OK {
+            Some(id)
+        } else {
+            log(
+                LogLevel::Warn,
+                &format!("cannot define metric {name}: status {status}"),
+            );
+            None
         }
     }
 
     fn increment(&mut self, id: u32, delta: i64) {
-        let _ = hostcalls::increment_metric(id, delta);
+        // SAFETY: plain integers.
+        unsafe {
+            abi::proxy_increment_metric(id, delta);
+        }
     }
 
     fn record(&mut self, id: u32, value: u64) {
-        let _ = hostcalls::record_metric(id, value);
+        // SAFETY: plain integers.
+        unsafe {
+            abi::proxy_record_metric(id, value);
+        }
     }
 }
 
@@ -66,20 +266,32 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let raw = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
-            .ok()
-            .flatten();
+        let raw = plugin_configuration();
         let Ok(mut plugin) = self.plugin.try_borrow_mut() else {
             log(LogLevel::Error, "configuration ignored (state busy)");
             return true;
         };
         match plugin.configure(raw.as_deref(), &mut Hostcalls) {
-            Configured::Applied { clusters, istio_cluster_names } => log(
-                LogLevel::Info,
-                &format!(
-                    "configured {clusters} cluster(s), istioClusterNames={istio_cluster_names}"
-                ),
-            ),
+            Configured::Applied {
+                clusters,
+                istio_cluster_names,
+            } => {
+                let config = plugin.config();
+                log(
+                    LogLevel::Info,
+                    &format!(
+                        "configured {clusters} cluster(s), istioClusterNames={istio_cluster_names}, \
+                         endpointMetadata={}, subsetHeader={:?}, responseHeader={:?}, \
+                         routeHeader={}, sticky={}, forceCanary={}",
+                        config.endpoint_metadata,
+                        config.subset_header,
+                        config.response_header,
+                        config.route_header,
+                        config.sticky.is_some(),
+                        config.force_canary.is_some(),
+                    ),
+                )
+            }
             Configured::Rejected(err) => log(
                 LogLevel::Error,
                 &format!(
@@ -94,6 +306,7 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
             plugin: Rc::clone(&self.plugin),
+            stream: StreamState::default(),
         }))
     }
 
@@ -102,37 +315,39 @@ impl RootContext for Root {
     }
 }
 
-/// Per request: nothing but a handle to the root's state; all work happens in `on_log`.
+/// Per request: a handle to the root's state and what was learned about this stream.
 struct Http {
     plugin: Rc<RefCell<Plugin>>,
-}
-
-fn property(path: Vec<&str>) -> Option<Vec<u8>> {
-    hostcalls::get_property(path).ok().flatten()
+    stream: StreamState,
 }
 
 impl Context for Http {}
 
 impl HttpContext for Http {
-    fn on_log(&mut self) {
-        let cluster = property(vec!["xds", "cluster_name"]);
-        let code = property(vec!["response", "code"]);
-        let details = property(vec!["response", "code_details"]);
-        // Fallback signal, read only if a host lacks `response.code_details`.
-        let flags = match details {
-            Some(_) => None,
-            None => property(vec!["response", "flags"]),
-        };
-        let duration = property(vec!["request", "duration"]);
-        let finished = Finished::from_properties(
-            cluster.as_deref(),
-            code.as_deref(),
-            details.as_deref(),
-            flags.as_deref(),
-            duration.as_deref(),
-        );
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
-            plugin.record(&finished, &mut Hostcalls);
+            plugin.on_request_headers(&mut Hostcalls);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
+            plugin.on_response_headers(&mut self.stream, end_of_stream, &mut Hostcalls);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
+            plugin.on_response_trailers(&mut self.stream, &mut Hostcalls);
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
+            plugin.on_log(&mut self.stream, &mut Hostcalls);
         }
     }
 }

@@ -24,6 +24,7 @@
 
 pub mod metrics;
 pub mod plugin;
+pub mod tagging;
 
 #[cfg(target_arch = "wasm32")]
 mod host;

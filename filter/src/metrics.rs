@@ -13,7 +13,7 @@
 //! proxy-wasm hostcalls and the tests implement with a fake.
 
 use fledge_core::contract::{self, ResponseClass};
-use fledge_core::filter_config::{FilterConfig, SubsetLabels};
+use fledge_core::filter_config::{ClusterResolution, FilterConfig, SubsetLabels};
 use std::collections::BTreeMap;
 
 /// Lazily defined `(service, subset)` pairs allowed per VM (configured pairs do not count).
@@ -86,17 +86,48 @@ impl SubsetIds {
     }
 }
 
+/// Where a request's subset comes from when its cluster name does not say: the endpoint's
+/// metadata or an upstream response header, read only when needed (`plugin.rs` implements it).
+pub trait UpstreamSubset {
+    /// The raw subset the upstream reports for the current request, if any.
+    fn upstream_subset(&mut self) -> Option<Vec<u8>>;
+}
+
+/// Distinct upstream-reported subsets remembered per cluster name (beyond that, the pair is
+/// still found, only with one more label sanitization per request).
+pub const MAX_SUBSETS_PER_CLUSTER: usize = 16;
+
+/// What a remembered cluster name resolves to.
+#[derive(Debug)]
+enum NameEntry {
+    /// Always the same pair.
+    Fixed(usize),
+    /// The service is known; the subset comes from the upstream per request.
+    FromUpstream {
+        resolution: ClusterResolution,
+        /// Raw upstream subset → pair, bounded by [`MAX_SUBSETS_PER_CLUSTER`].
+        seen: Vec<(Box<[u8]>, usize)>,
+    },
+}
+
+/// One defined `(service, subset)` pair.
+#[derive(Debug)]
+struct Pair {
+    ids: SubsetIds,
+    labels: SubsetLabels,
+}
+
 /// Cluster name → metric ids, defined once and bounded. Held by the root context and kept
 /// across reconfigurations (an id stays valid for the VM's lifetime, and re-defining a name would
 /// allocate another one).
 #[derive(Debug)]
 pub struct MetricCache {
-    /// Defined pairs; ids never change once defined.
-    pairs: Vec<SubsetIds>,
+    /// Defined pairs; ids never change once defined, so an index stays valid.
+    pairs: Vec<Pair>,
     /// Labels → index into `pairs`.
     by_labels: BTreeMap<SubsetLabels, usize>,
-    /// Cluster name bytes → index into `pairs`. Rebuilt on reconfiguration.
-    by_name: BTreeMap<Box<[u8]>, usize>,
+    /// Cluster name bytes → how it resolves. Rebuilt on reconfiguration.
+    by_name: BTreeMap<Box<[u8]>, NameEntry>,
     /// Names in `by_name` that came from traffic rather than configuration.
     dynamic_names: usize,
     /// Pairs defined on first sight rather than from configuration.
@@ -131,52 +162,121 @@ impl MetricCache {
         self.by_name.clear();
         self.dynamic_names = 0;
         for name in config.clusters.keys() {
-            let labels = config.resolve(Some(name));
-            if let Some(index) = self.pair_index(labels, false, host) {
-                self.by_name.insert(name.as_bytes().into(), index);
-            }
+            let entry = match config.classify_cluster(Some(name)) {
+                resolution @ ClusterResolution::SubsetFromUpstream { .. } => {
+                    NameEntry::FromUpstream {
+                        resolution,
+                        seen: Vec::new(),
+                    }
+                }
+                resolution => match self.pair_index(resolution.labels(None), false, host) {
+                    Some(index) => NameEntry::Fixed(index),
+                    None => continue,
+                },
+            };
+            self.by_name.insert(name.as_bytes().into(), entry);
         }
     }
 
-    /// The ids to record a request to `cluster` under (`None`: no cluster, e.g. no route).
-    pub fn ids_for(
+    /// The pair to record a request to `cluster` under (`None`: no cluster, e.g. no route).
+    /// Asks `host` for the upstream's subset only when the cluster name does not give one.
+    pub fn pair_for<H: MetricHost + UpstreamSubset>(
         &mut self,
         cluster: Option<&[u8]>,
         config: &FilterConfig,
-        host: &mut impl MetricHost,
-    ) -> SubsetIds {
-        let index = match cluster {
-            None => self.pair_index(SubsetLabels::other(), false, host),
-            Some(name) => match self.by_name.get(name) {
-                Some(&index) => Some(index),
-                None => self.miss(name, config, host),
-            },
+        host: &mut H,
+    ) -> Option<usize> {
+        let Some(name) = cluster else {
+            return self.pair_index(SubsetLabels::other(), false, host);
         };
-        index
-            .and_then(|i| self.pairs.get(i).copied())
+        match self.by_name.get(name) {
+            Some(NameEntry::Fixed(index)) => Some(*index),
+            Some(NameEntry::FromUpstream { .. }) => self.upstream_pair(name, host),
+            None => self.miss(name, config, host),
+        }
+    }
+
+    /// The ids to record a request to `cluster` under; see [`MetricCache::pair_for`].
+    pub fn ids_for<H: MetricHost + UpstreamSubset>(
+        &mut self,
+        cluster: Option<&[u8]>,
+        config: &FilterConfig,
+        host: &mut H,
+    ) -> SubsetIds {
+        self.pair_for(cluster, config, host)
+            .map(|index| self.ids(index))
             .unwrap_or_default()
     }
 
-    fn miss(
+    /// The ids of a pair (empty if the index is unknown).
+    pub fn ids(&self, index: usize) -> SubsetIds {
+        self.pairs.get(index).map(|p| p.ids).unwrap_or_default()
+    }
+
+    /// The labels of a pair.
+    pub fn labels(&self, index: usize) -> Option<&SubsetLabels> {
+        self.pairs.get(index).map(|p| &p.labels)
+    }
+
+    fn miss<H: MetricHost + UpstreamSubset>(
         &mut self,
         name: &[u8],
         config: &FilterConfig,
-        host: &mut impl MetricHost,
+        host: &mut H,
     ) -> Option<usize> {
-        let labels = match std::str::from_utf8(name) {
-            Ok(name) => config.resolve(Some(name)),
-            Err(_) => SubsetLabels::other(),
+        let resolution = match std::str::from_utf8(name) {
+            Ok(name) => config.classify_cluster(Some(name)),
+            Err(_) => ClusterResolution::Other,
         };
         if self.dynamic_names >= self.max_names {
             // Name cache full: still label correctly if the pair is known, but define nothing.
+            let upstream = if resolution.needs_upstream_subset() {
+                host.upstream_subset()
+            } else {
+                None
+            };
+            let labels = resolution.labels(upstream.as_deref().and_then(utf8));
             return match self.by_labels.get(&labels) {
                 Some(&index) => Some(index),
                 None => self.pair_index(SubsetLabels::other(), false, host),
             };
         }
-        let index = self.pair_index(labels, true, host)?;
-        self.by_name.insert(name.into(), index);
         self.dynamic_names += 1;
+        if resolution.needs_upstream_subset() {
+            self.by_name.insert(
+                name.into(),
+                NameEntry::FromUpstream {
+                    resolution,
+                    seen: Vec::new(),
+                },
+            );
+            return self.upstream_pair(name, host);
+        }
+        let index = self.pair_index(resolution.labels(None), true, host)?;
+        self.by_name.insert(name.into(), NameEntry::Fixed(index));
+        Some(index)
+    }
+
+    /// The pair of a cluster whose subset the upstream reports.
+    fn upstream_pair<H: MetricHost + UpstreamSubset>(
+        &mut self,
+        name: &[u8],
+        host: &mut H,
+    ) -> Option<usize> {
+        let raw = host.upstream_subset().unwrap_or_default();
+        let Some(NameEntry::FromUpstream { resolution, seen }) = self.by_name.get(name) else {
+            return self.pair_index(SubsetLabels::other(), false, host);
+        };
+        if let Some((_, index)) = seen.iter().find(|(seen_raw, _)| **seen_raw == *raw) {
+            return Some(*index);
+        }
+        let labels = resolution.labels(utf8(&raw));
+        let index = self.pair_index(labels, true, host)?;
+        if let Some(NameEntry::FromUpstream { seen, .. }) = self.by_name.get_mut(name) {
+            if seen.len() < MAX_SUBSETS_PER_CLUSTER {
+                seen.push((raw.into_boxed_slice(), index));
+            }
+        }
         Some(index)
     }
 
@@ -199,7 +299,10 @@ impl MetricCache {
         }
         let ids = SubsetIds::define(host, &labels);
         let index = self.pairs.len();
-        self.pairs.push(ids);
+        self.pairs.push(Pair {
+            ids,
+            labels: labels.clone(),
+        });
         self.by_labels.insert(labels, index);
         Some(index)
     }
@@ -215,6 +318,10 @@ impl MetricCache {
     }
 }
 
+fn utf8(bytes: &[u8]) -> Option<&str> {
+    std::str::from_utf8(bytes).ok()
+}
+
 #[cfg(test)]
 pub(crate) mod fake {
     use super::*;
@@ -228,6 +335,16 @@ pub(crate) mod fake {
         pub samples: BTreeMap<u32, Vec<u64>>,
         /// Refuse every define (host out of memory, bad name, ...).
         pub refuse: bool,
+        /// What the "upstream" reports as its subset, and how often it was asked.
+        pub upstream: Option<Vec<u8>>,
+        pub upstream_asked: usize,
+    }
+
+    impl UpstreamSubset for FakeHost {
+        fn upstream_subset(&mut self) -> Option<Vec<u8>> {
+            self.upstream_asked += 1;
+            self.upstream.clone()
+        }
     }
 
     impl FakeHost {
@@ -380,7 +497,7 @@ mod tests {
 
         // app_canary now serves subset v3: new pair defined, app_stable's ids reused.
         let mut changed = config.clone();
-        changed.clusters.get_mut("app_canary").unwrap().subset = "v3".to_string();
+        changed.clusters.get_mut("app_canary").unwrap().subset = Some("v3".to_string());
         let stable_before = cache.ids_for(Some(b"app_stable"), &config, &mut host);
         cache.reconfigure(&changed, &mut host);
         assert_eq!(host.defined.len(), 21);

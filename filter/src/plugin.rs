@@ -1,12 +1,57 @@
-//! The filter's state and behaviour, free of hostcalls: configuration with fail-open, and what
-//! to record for a finished request. `host.rs` feeds it raw bytes read from Envoy.
+//! The filter's state and behaviour, free of hostcalls: configuration with fail-open, request
+//! tagging (forced canary, sticky buckets, stripping internal headers), response tagging, and
+//! what to record for a finished request. `host.rs` implements [`StreamHost`] and
+//! [`MetricHost`] with hostcalls; the tests implement them with fakes and count the calls.
 
-use crate::metrics::{MetricCache, MetricHost, MetricKind};
+use crate::metrics::{MetricCache, MetricHost, MetricKind, UpstreamSubset};
+use crate::tagging;
 use fledge_core::contract::{self, ResponseClass};
-use fledge_core::filter_config::{FilterConfig, FilterConfigError};
+use fledge_core::filter_config::{
+    istio_workload_revision, FilterConfig, FilterConfigError, ForceCanary, StickyKey,
+};
 
 /// `response.code_details` when the upstream produced the response headers.
 pub const VIA_UPSTREAM: &[u8] = b"via_upstream";
+
+/// The header maps the filter reads or writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Headers {
+    Request,
+    Response,
+    ResponseTrailers,
+}
+
+/// The Envoy properties the filter reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Property {
+    /// `xds.cluster_name`
+    ClusterName,
+    /// `xds.upstream_host_metadata.filter_metadata.istio.workload`
+    UpstreamWorkload,
+    /// `source.address`
+    SourceAddress,
+    /// `response.code`
+    ResponseCode,
+    /// `response.code_details`
+    ResponseCodeDetails,
+    /// `response.flags`
+    ResponseFlags,
+    /// `request.duration`
+    RequestDuration,
+}
+
+/// The per-request hostcalls. Implementations swallow failures: an absent or unreadable value is
+/// `None`, a failed write is ignored. Traffic must never break because of the filter.
+pub trait StreamHost {
+    fn header(&mut self, map: Headers, name: &str) -> Option<Vec<u8>>;
+    /// Replace (or add) a header.
+    fn set_header(&mut self, map: Headers, name: &str, value: &[u8]);
+    fn remove_header(&mut self, map: Headers, name: &str);
+    fn property(&mut self, property: Property) -> Option<Vec<u8>>;
+    fn now_unix_seconds(&mut self) -> Option<u64>;
+    /// Make Envoy pick the route again (after a routing header changed).
+    fn clear_route_cache(&mut self);
+}
 
 /// Per-VM state, owned by the root context: the active configuration and the metric ids.
 #[derive(Debug, Default)]
@@ -15,13 +60,40 @@ pub struct Plugin {
     cache: MetricCache,
     /// `None` until first configured; then the (possibly refused) id of the error counter.
     config_errors: Option<Option<u32>>,
+    /// Forced-canary counters (accepted, rejected), defined when first configured.
+    forced: Option<(Option<u32>, Option<u32>)>,
+}
+
+/// Per-request state, owned by the HTTP context.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamState {
+    /// Whether `pair` is already resolved (in the response-headers phase).
+    resolved: bool,
+    /// The `(service, subset)` pair (index into the metric cache) the request is recorded under.
+    pair: Option<usize>,
+    /// `grpc-status` from the trailers, or from the headers of a trailers-only response.
+    grpc_status: Option<u32>,
+}
+
+/// What the filter did to a request's routing headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// Nothing to do.
+    Untouched,
+    /// A client-sent routing header was removed; Envoy picks at random by weight.
+    Stripped,
+    /// Trusted forced-canary request: route header set to `canary`.
+    Forced,
+    /// Forced-canary header without trust: stripped, routed as if it were absent (possibly
+    /// sticky).
+    Rejected { sticky_bucket: Option<u64> },
+    /// Route header set to the user's sticky bucket.
+    Sticky(u64),
 }
 
 /// What the filter learned about a finished request, already decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Finished<'a> {
-    /// `xds.cluster_name`; `None` if no upstream cluster was picked (e.g. no route matched).
-    pub cluster: Option<&'a [u8]>,
+pub struct Finished {
     /// `response.code`; `None` if no response was sent.
     pub status: Option<u16>,
     /// Whether the upstream produced the response: `response.code_details == "via_upstream"`
@@ -29,19 +101,20 @@ pub struct Finished<'a> {
     pub upstream_responded: bool,
     /// `request.duration` in whole milliseconds.
     pub duration_ms: Option<u64>,
+    /// `grpc-status` of a gRPC response.
+    pub grpc_status: Option<u32>,
 }
 
-impl<'a> Finished<'a> {
+impl Finished {
     /// Decode the raw property values as Envoy returns them (`None` = property absent):
-    /// `xds.cluster_name`, `response.code`, `response.code_details`, `response.flags` (only
-    /// consulted when `code_details` is absent) and `request.duration`.
+    /// `response.code`, `response.code_details`, `response.flags` (only consulted when
+    /// `code_details` is absent) and `request.duration`.
     ///
     /// Measured in Envoy 1.40: `code_details` is `via_upstream` for any upstream response (also an
     /// upstream 5xx), `no_healthy_upstream`, `upstream_reset_before_response_started{...}` or
     /// `route_not_found` for local replies; `response.flags` is 0 exactly when no Envoy response
     /// flag (UH, UF, NR, ...) was set.
     pub fn from_properties(
-        cluster: Option<&'a [u8]>,
         response_code: Option<&[u8]>,
         code_details: Option<&[u8]>,
         response_flags: Option<&[u8]>,
@@ -56,15 +129,22 @@ impl<'a> Finished<'a> {
             None => response_flags.and_then(decode_i64) == Some(0),
         };
         Finished {
-            cluster: cluster.filter(|c| !c.is_empty()),
             status,
             upstream_responded,
             duration_ms: duration.and_then(decode_i64).and_then(nanos_to_whole_ms),
+            grpc_status: None,
         }
     }
 
+    /// The class; a gRPC response (HTTP 200 with `grpc-status`) is classed by the HTTP status
+    /// Envoy maps its gRPC status to ([`contract::grpc_status_to_http`]), so UNAVAILABLE,
+    /// INTERNAL, UNKNOWN, DEADLINE_EXCEEDED, DATA_LOSS and UNIMPLEMENTED count as `5xx`.
     pub fn class(&self) -> ResponseClass {
-        ResponseClass::classify(self.status, self.upstream_responded)
+        let status = match (self.status, self.grpc_status) {
+            (Some(200), Some(grpc)) => Some(contract::grpc_status_to_http(grpc)),
+            (status, _) => status,
+        };
+        ResponseClass::classify(status, self.upstream_responded)
     }
 }
 
@@ -80,6 +160,17 @@ pub fn nanos_to_whole_ms(nanos: i64) -> Option<u64> {
     u64::try_from(nanos).ok().map(|n| n / 1_000_000)
 }
 
+/// A `grpc-status` header value: ASCII digits, at most 10.
+pub fn parse_grpc_status(value: &[u8]) -> Option<u32> {
+    let value = value.trim_ascii();
+    if value.is_empty() || value.len() > 10 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    value.iter().try_fold(0u32, |acc, d| {
+        acc.checked_mul(10)?.checked_add(u32::from(d - b'0'))
+    })
+}
+
 /// Outcome of [`Plugin::configure`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Configured {
@@ -90,6 +181,43 @@ pub enum Configured {
     },
     /// The configuration was rejected; the previous one (or the defaults) stays active.
     Rejected(FilterConfigError),
+}
+
+/// The upstream's subset for one request: Istio endpoint metadata first (set by the mesh, not
+/// the app), then the configured response header.
+struct Upstream<'a, H> {
+    host: &'a mut H,
+    endpoint_metadata: bool,
+    subset_header: Option<&'a str>,
+}
+
+impl<H: MetricHost> MetricHost for Upstream<'_, H> {
+    fn define(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
+        self.host.define(kind, name)
+    }
+    fn increment(&mut self, id: u32, delta: i64) {
+        self.host.increment(id, delta);
+    }
+    fn record(&mut self, id: u32, value: u64) {
+        self.host.record(id, value);
+    }
+}
+
+impl<H: StreamHost> UpstreamSubset for Upstream<'_, H> {
+    fn upstream_subset(&mut self) -> Option<Vec<u8>> {
+        if self.endpoint_metadata {
+            let workload = self.host.property(Property::UpstreamWorkload);
+            let revision = workload
+                .as_deref()
+                .and_then(|w| std::str::from_utf8(w).ok())
+                .and_then(istio_workload_revision);
+            if let Some(revision) = revision {
+                return Some(revision.as_bytes().to_vec());
+            }
+        }
+        let name = self.subset_header?;
+        self.host.header(Headers::Response, name)
+    }
 }
 
 impl Plugin {
@@ -105,6 +233,12 @@ impl Plugin {
             Ok(config) => {
                 self.config = config;
                 self.cache.reconfigure(&self.config, host);
+                if self.config.force_canary.is_some() && self.forced.is_none() {
+                    self.forced = Some((
+                        host.define(MetricKind::Counter, contract::FORCED_CANARY_ACCEPTED_TOTAL),
+                        host.define(MetricKind::Counter, contract::FORCED_CANARY_REJECTED_TOTAL),
+                    ));
+                }
                 Configured::Applied {
                     clusters: self.config.clusters.len(),
                     istio_cluster_names: self.config.istio_cluster_names,
@@ -122,9 +256,166 @@ impl Plugin {
         }
     }
 
-    /// Record a finished request: +1 on its class counter, duration into its histogram.
-    pub fn record(&mut self, request: &Finished<'_>, host: &mut impl MetricHost) {
-        let ids = self.cache.ids_for(request.cluster, &self.config, host);
+    /// Request headers: honour or strip the forced-canary header, write the sticky bucket, strip
+    /// any routing header the client sent, and make Envoy re-pick the route if anything changed.
+    ///
+    /// Hostcalls: 1 (`routeHeader` absent) with neither feature; sticky with a key: key read,
+    /// route header set, route cache cleared, plus 1 read per feature.
+    pub fn on_request_headers<H: StreamHost + MetricHost>(&mut self, host: &mut H) -> Routing {
+        let mut changed = false;
+        let mut forced = None;
+        if let Some(force) = &self.config.force_canary {
+            if let Some(value) = host.header(Headers::Request, &force.header) {
+                // Consumed here: the upstream never sees it, trusted or not.
+                host.remove_header(Headers::Request, &force.header);
+                changed = true;
+                let trusted = is_trusted(force, &value, host);
+                forced = Some(trusted);
+                if let Some((accepted, rejected)) = self.forced {
+                    if let Some(id) = if trusted { accepted } else { rejected } {
+                        host.increment(id, 1);
+                    }
+                }
+            }
+        }
+        let route = self.config.route_header.as_str();
+        let routing = if forced == Some(true) {
+            host.set_header(
+                Headers::Request,
+                route,
+                contract::FORCED_CANARY_ROUTE_VALUE.as_bytes(),
+            );
+            Routing::Forced
+        } else {
+            let bucket = self.sticky_bucket(host);
+            if let Some(bucket) = bucket {
+                let mut digits = [0u8; 20];
+                host.set_header(
+                    Headers::Request,
+                    route,
+                    tagging::decimal(bucket, &mut digits),
+                );
+            } else if host.header(Headers::Request, route).is_some() {
+                host.remove_header(Headers::Request, route);
+                changed = true;
+            }
+            match (forced, bucket) {
+                (Some(_), _) => Routing::Rejected {
+                    sticky_bucket: bucket,
+                },
+                (None, Some(bucket)) => Routing::Sticky(bucket),
+                (None, None) if changed => Routing::Stripped,
+                (None, None) => Routing::Untouched,
+            }
+        };
+        if (changed || routing != Routing::Untouched) && self.config.clear_route_cache {
+            host.clear_route_cache();
+        }
+        routing
+    }
+
+    fn sticky_bucket(&self, host: &mut impl StreamHost) -> Option<u64> {
+        let sticky = self.config.sticky.as_ref()?;
+        let bucket =
+            |key: &[u8]| tagging::sticky_bucket(sticky.salt.as_bytes(), key, sticky.buckets);
+        match &sticky.key {
+            StickyKey::Header(name) => {
+                let value = host.header(Headers::Request, name)?;
+                tagging::header_key(&value).map(bucket)
+            }
+            StickyKey::Cookie(name) => {
+                let cookies = host.header(Headers::Request, "cookie")?;
+                tagging::cookie_value(&cookies, name.as_bytes()).map(bucket)
+            }
+        }
+    }
+
+    /// Response headers: note the gRPC status of a trailers-only response, and (if configured)
+    /// name the serving subset in `responseHeader`, resolving the subset now rather than in
+    /// `on_log`.
+    pub fn on_response_headers<H: StreamHost + MetricHost>(
+        &mut self,
+        stream: &mut StreamState,
+        end_of_stream: bool,
+        host: &mut H,
+    ) {
+        if end_of_stream {
+            // Trailers-only gRPC responses carry grpc-status in the headers. Only bodiless
+            // responses are checked, so plain HTTP traffic pays nothing.
+            stream.grpc_status = host
+                .header(Headers::Response, "grpc-status")
+                .as_deref()
+                .and_then(parse_grpc_status);
+        }
+        if self.config.response_header.is_none() {
+            return;
+        }
+        let cluster = host.property(Property::ClusterName);
+        let cluster = cluster.as_deref().filter(|c| !c.is_empty());
+        stream.pair = self.resolve_pair(cluster, host);
+        stream.resolved = true;
+        if cluster.is_none() {
+            return;
+        }
+        let labels = stream.pair.and_then(|pair| self.cache.labels(pair));
+        if let (Some(name), Some(labels)) = (self.config.response_header.as_deref(), labels) {
+            host.set_header(Headers::Response, name, labels.subset.as_bytes());
+        }
+    }
+
+    /// Response trailers: the gRPC status of a normal gRPC response.
+    pub fn on_response_trailers(&mut self, stream: &mut StreamState, host: &mut impl StreamHost) {
+        if let Some(status) = host
+            .header(Headers::ResponseTrailers, "grpc-status")
+            .as_deref()
+            .and_then(parse_grpc_status)
+        {
+            stream.grpc_status = Some(status);
+        }
+    }
+
+    /// The request is done: +1 on its class counter, duration into its histogram.
+    pub fn on_log<H: StreamHost + MetricHost>(&mut self, stream: &mut StreamState, host: &mut H) {
+        if !stream.resolved {
+            let cluster = host.property(Property::ClusterName);
+            stream.pair = self.resolve_pair(cluster.as_deref().filter(|c| !c.is_empty()), host);
+            stream.resolved = true;
+        }
+        let code = host.property(Property::ResponseCode);
+        let details = host.property(Property::ResponseCodeDetails);
+        // Fallback signal, read only if a host lacks `response.code_details`.
+        let flags = match details {
+            Some(_) => None,
+            None => host.property(Property::ResponseFlags),
+        };
+        let duration = host.property(Property::RequestDuration);
+        let mut finished = Finished::from_properties(
+            code.as_deref(),
+            details.as_deref(),
+            flags.as_deref(),
+            duration.as_deref(),
+        );
+        finished.grpc_status = stream.grpc_status;
+        self.record(stream.pair, &finished, host);
+    }
+
+    fn resolve_pair<H: StreamHost + MetricHost>(
+        &mut self,
+        cluster: Option<&[u8]>,
+        host: &mut H,
+    ) -> Option<usize> {
+        let mut upstream = Upstream {
+            host,
+            endpoint_metadata: self.config.endpoint_metadata,
+            subset_header: self.config.subset_header.as_deref(),
+        };
+        self.cache.pair_for(cluster, &self.config, &mut upstream)
+    }
+
+    /// Record a finished request under `pair`: +1 on its class counter, duration into its
+    /// histogram.
+    pub fn record(&mut self, pair: Option<usize>, request: &Finished, host: &mut impl MetricHost) {
+        let ids = pair.map(|p| self.cache.ids(p)).unwrap_or_default();
         if let Some(id) = ids.requests(request.class()) {
             host.increment(id, 1);
         }
@@ -139,16 +430,183 @@ impl Plugin {
     }
 }
 
+/// Whether a forced-canary header value is trusted: every configured check must pass.
+fn is_trusted(force: &ForceCanary, value: &[u8], host: &mut impl StreamHost) -> bool {
+    if !force.source_cidrs.is_empty() {
+        let ip = host
+            .property(Property::SourceAddress)
+            .as_deref()
+            .and_then(tagging::source_ip);
+        let allowed = ip.is_some_and(|ip| force.source_cidrs.iter().any(|net| net.contains(ip)));
+        if !allowed {
+            return false;
+        }
+    }
+    match &force.secret {
+        Some(secret) => tagging::verify_token(
+            value,
+            secret.as_bytes(),
+            host.now_unix_seconds(),
+            force.max_token_lifetime_seconds,
+        )
+        .is_ok(),
+        None => value
+            .trim_ascii()
+            .eq_ignore_ascii_case(force.value.as_bytes()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::metrics::fake::*;
+    use std::collections::BTreeMap;
 
     const APP: &str = r#"{"clusters": {"app_stable": {"service": "app", "subset": "stable"},
                                        "app_canary": {"service": "app", "subset": "canary"}}}"#;
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+    const NOW: u64 = 1_700_000_000;
 
     fn int(v: i64) -> [u8; 8] {
         v.to_le_bytes()
+    }
+
+    /// A request/response as Envoy would show it, plus a log of every hostcall.
+    #[derive(Debug, Default)]
+    struct FakeStream {
+        metrics: FakeHost,
+        request: BTreeMap<String, Vec<u8>>,
+        response: BTreeMap<String, Vec<u8>>,
+        trailers: BTreeMap<String, Vec<u8>>,
+        properties: BTreeMap<&'static str, Vec<u8>>,
+        now: Option<u64>,
+        calls: Vec<String>,
+    }
+
+    impl FakeStream {
+        fn new() -> Self {
+            FakeStream {
+                now: Some(NOW),
+                ..Default::default()
+            }
+        }
+        fn with_request(mut self, name: &str, value: &str) -> Self {
+            self.request.insert(name.into(), value.as_bytes().to_vec());
+            self
+        }
+        fn with_property(mut self, key: &'static str, value: &[u8]) -> Self {
+            self.properties.insert(key, value.to_vec());
+            self
+        }
+        /// A finished upstream response: cluster, status, via_upstream, 7 ms.
+        fn finished(cluster: &str, status: i64) -> Self {
+            FakeStream::new()
+                .with_property("cluster", cluster.as_bytes())
+                .with_property("code", &int(status))
+                .with_property("details", VIA_UPSTREAM)
+                .with_property("duration", &int(7_000_000))
+        }
+        fn map(&mut self, map: Headers) -> &mut BTreeMap<String, Vec<u8>> {
+            match map {
+                Headers::Request => &mut self.request,
+                Headers::Response => &mut self.response,
+                Headers::ResponseTrailers => &mut self.trailers,
+            }
+        }
+        fn hostcalls(&self) -> usize {
+            self.calls.len()
+        }
+    }
+
+    fn key(property: Property) -> &'static str {
+        match property {
+            Property::ClusterName => "cluster",
+            Property::UpstreamWorkload => "workload",
+            Property::SourceAddress => "source",
+            Property::ResponseCode => "code",
+            Property::ResponseCodeDetails => "details",
+            Property::ResponseFlags => "flags",
+            Property::RequestDuration => "duration",
+        }
+    }
+
+    impl StreamHost for FakeStream {
+        fn header(&mut self, map: Headers, name: &str) -> Option<Vec<u8>> {
+            self.calls.push(format!("get {map:?} {name}"));
+            self.map(map).get(name).cloned()
+        }
+        fn set_header(&mut self, map: Headers, name: &str, value: &[u8]) {
+            self.calls.push(format!("set {map:?} {name}"));
+            self.map(map).insert(name.into(), value.to_vec());
+        }
+        fn remove_header(&mut self, map: Headers, name: &str) {
+            self.calls.push(format!("remove {map:?} {name}"));
+            self.map(map).remove(name);
+        }
+        fn property(&mut self, property: Property) -> Option<Vec<u8>> {
+            self.calls.push(format!("property {}", key(property)));
+            self.properties.get(key(property)).cloned()
+        }
+        fn now_unix_seconds(&mut self) -> Option<u64> {
+            self.calls.push("now".into());
+            self.now
+        }
+        fn clear_route_cache(&mut self) {
+            self.calls.push("clear_route_cache".into());
+        }
+    }
+
+    impl MetricHost for FakeStream {
+        fn define(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
+            self.metrics.define(kind, name)
+        }
+        // Ids defined in another store (tests that don't look at metrics) are only logged.
+        fn increment(&mut self, id: u32, delta: i64) {
+            self.calls.push("increment".into());
+            if (id as usize) < self.metrics.defined.len() {
+                self.metrics.increment(id, delta);
+            }
+        }
+        fn record(&mut self, id: u32, value: u64) {
+            self.calls.push("record".into());
+            if (id as usize) < self.metrics.defined.len() {
+                self.metrics.record(id, value);
+            }
+        }
+    }
+
+    fn plugin(config: &str, stream: &mut FakeStream) -> Plugin {
+        let mut plugin = Plugin::default();
+        let outcome = plugin.configure(Some(config.as_bytes()), stream);
+        assert!(matches!(outcome, Configured::Applied { .. }), "{outcome:?}");
+        stream.calls.clear();
+        plugin
+    }
+
+    /// Run a request with the shared metric store `metrics`; returns the stream for inspection.
+    fn send(
+        plugin: &mut Plugin,
+        metrics: &mut FakeHost,
+        mut s: FakeStream,
+        bodiless: bool,
+    ) -> FakeStream {
+        s.metrics = std::mem::take(metrics);
+        run(plugin, &mut s, bodiless);
+        *metrics = std::mem::take(&mut s.metrics);
+        s
+    }
+
+    /// Run a whole request through the plugin; returns the routing decision.
+    fn run(plugin: &mut Plugin, stream: &mut FakeStream, bodiless: bool) -> Routing {
+        let routing = plugin.on_request_headers(stream);
+        let mut state = StreamState::default();
+        plugin.on_response_headers(&mut state, bodiless, stream);
+        // Envoy calls this only when the response has trailers.
+        if !stream.trailers.is_empty() {
+            plugin.on_response_trailers(&mut state, stream);
+        }
+        plugin.on_log(&mut state, stream);
+        routing
     }
 
     #[test]
@@ -161,12 +619,16 @@ mod tests {
         assert_eq!(nanos_to_whole_ms(2_999_999), Some(2));
         assert_eq!(nanos_to_whole_ms(0), Some(0));
         assert_eq!(nanos_to_whole_ms(-5), None);
+        assert_eq!(parse_grpc_status(b"14"), Some(14));
+        assert_eq!(parse_grpc_status(b" 0 "), Some(0));
+        assert_eq!(parse_grpc_status(b"-1"), None);
+        assert_eq!(parse_grpc_status(b"99999999999"), None);
+        assert_eq!(parse_grpc_status(b""), None);
     }
 
     #[test]
     fn classification_from_properties() {
         let d = int(12_345_678);
-        // (code, code_details, expected class)
         type Case = (Option<i64>, Option<&'static [u8]>, ResponseClass);
         let cases: &[Case] = &[
             (Some(200), Some(b"via_upstream"), ResponseClass::Success),
@@ -207,7 +669,6 @@ mod tests {
         for (code, details, want) in cases {
             let code = code.map(int);
             let f = Finished::from_properties(
-                Some(b"app_canary"),
                 code.as_ref().map(|c| c.as_slice()),
                 *details,
                 None,
@@ -216,21 +677,53 @@ mod tests {
             assert_eq!(f.class(), *want, "{code:?} {details:?}");
             assert_eq!(f.duration_ms, Some(12));
         }
-        let f = Finished::from_properties(Some(b""), None, None, None, Some(b"bad"));
-        assert_eq!(f.cluster, None);
+        let f = Finished::from_properties(None, None, None, Some(b"bad"));
         assert_eq!(f.duration_ms, None);
+    }
+
+    #[test]
+    fn grpc_status_decides_the_class_of_http_200() {
+        let ok = int(200);
+        let f = |grpc: Option<u32>, status: &[u8; 8], details: &[u8]| Finished {
+            grpc_status: grpc,
+            ..Finished::from_properties(Some(status), Some(details), None, None)
+        };
+        assert_eq!(
+            f(Some(0), &ok, VIA_UPSTREAM).class(),
+            ResponseClass::Success
+        );
+        assert_eq!(
+            f(Some(14), &ok, VIA_UPSTREAM).class(),
+            ResponseClass::ServerError
+        );
+        assert_eq!(
+            f(Some(13), &ok, VIA_UPSTREAM).class(),
+            ResponseClass::ServerError
+        );
+        assert_eq!(
+            f(Some(5), &ok, VIA_UPSTREAM).class(),
+            ResponseClass::ClientError
+        );
+        // Envoy's own gRPC local reply (200 + grpc-status 14) is still "no response".
+        assert_eq!(
+            f(Some(14), &ok, b"no_healthy_upstream").class(),
+            ResponseClass::NoResponse
+        );
+        // A non-200 HTTP status wins over grpc-status.
+        assert_eq!(
+            f(Some(0), &int(503), VIA_UPSTREAM).class(),
+            ResponseClass::ServerError
+        );
     }
 
     #[test]
     fn response_flags_are_the_fallback_without_code_details() {
         let (ok, unavailable, none_set, uh) = (int(200), int(503), int(0), int(2));
-        let f = Finished::from_properties(None, Some(&ok), None, Some(&none_set), None);
+        let f = Finished::from_properties(Some(&ok), None, Some(&none_set), None);
         assert_eq!(f.class(), ResponseClass::Success);
-        let f = Finished::from_properties(None, Some(&unavailable), None, Some(&uh), None);
+        let f = Finished::from_properties(Some(&unavailable), None, Some(&uh), None);
         assert_eq!(f.class(), ResponseClass::NoResponse);
-        // code_details, when present, wins over flags.
         let f = Finished::from_properties(
-            None,
             Some(&ok),
             Some(b"no_healthy_upstream"),
             Some(&none_set),
@@ -240,110 +733,70 @@ mod tests {
     }
 
     #[test]
-    fn records_class_counter_and_duration() {
-        let mut host = FakeHost::default();
-        let mut plugin = Plugin::default();
-        assert_eq!(
-            plugin.configure(Some(APP.as_bytes()), &mut host),
-            Configured::Applied {
-                clusters: 2,
-                istio_cluster_names: true
-            }
-        );
-        let ok = int(200);
-        let bad = int(503);
-        let dur = int(7_500_000);
-        let defined = host.defined.len();
+    fn records_class_counter_and_duration_with_a_small_hostcall_budget() {
+        let mut setup = FakeStream::new();
+        let mut plugin = plugin(APP, &mut setup);
+        let mut total = std::mem::take(&mut setup.metrics);
         for _ in 0..3 {
-            let f = Finished::from_properties(
-                Some(b"app_canary"),
-                Some(&ok),
-                Some(VIA_UPSTREAM),
-                None,
-                Some(&dur),
+            let s = send(
+                &mut plugin,
+                &mut total,
+                FakeStream::finished("app_canary", 200),
+                false,
             );
-            plugin.record(&f, &mut host);
+            // Observer only: strip check, 4 properties, 2 metric calls.
+            assert_eq!(s.hostcalls(), 7, "{:?}", s.calls);
         }
-        let f = Finished::from_properties(
-            Some(b"app_canary"),
-            Some(&bad),
-            Some(b"no_healthy_upstream"),
-            None,
-            Some(&dur),
-        );
-        plugin.record(&f, &mut host);
-        let f = Finished::from_properties(
-            Some(b"app_stable"),
-            Some(&bad),
-            Some(VIA_UPSTREAM),
-            None,
-            None,
-        );
-        plugin.record(&f, &mut host);
+        let s = FakeStream::finished("app_canary", 503)
+            .with_property("details", b"no_healthy_upstream");
+        send(&mut plugin, &mut total, s, false);
+        let mut s = FakeStream::finished("app_stable", 503);
+        s.properties.remove("duration");
+        send(&mut plugin, &mut total, s, false);
+        assert_eq!(total.counter(&requests_name("app", "canary", "2xx")), 3);
+        assert_eq!(total.counter(&requests_name("app", "canary", "none")), 1);
+        assert_eq!(total.counter(&requests_name("app", "stable", "5xx")), 1);
+        assert_eq!(total.counter(&requests_name("app", "stable", "2xx")), 0);
         assert_eq!(
-            host.defined.len(),
-            defined,
-            "no defines on the request path"
-        );
-
-        assert_eq!(host.counter(&requests_name("app", "canary", "2xx")), 3);
-        assert_eq!(host.counter(&requests_name("app", "canary", "none")), 1);
-        assert_eq!(host.counter(&requests_name("app", "stable", "5xx")), 1);
-        assert_eq!(host.counter(&requests_name("app", "stable", "2xx")), 0);
-        assert_eq!(
-            host.samples(&duration_name("app", "canary")),
+            total.samples(&duration_name("app", "canary")),
             vec![7, 7, 7, 7]
         );
-        assert!(host.samples(&duration_name("app", "stable")).is_empty());
+        assert!(total.samples(&duration_name("app", "stable")).is_empty());
 
-        // No route → (other, other, none).
-        let nf = int(404);
-        let f =
-            Finished::from_properties(None, Some(&nf), Some(b"route_not_found"), None, Some(&dur));
-        plugin.record(&f, &mut host);
-        assert_eq!(host.counter(&requests_name("other", "other", "none")), 1);
-        // Istio cluster without configuration.
-        let f = Finished::from_properties(
-            Some(b"outbound|80|v2|reviews.default.svc.cluster.local"),
-            Some(&ok),
-            Some(VIA_UPSTREAM),
-            None,
-            Some(&dur),
-        );
-        plugin.record(&f, &mut host);
-        assert_eq!(host.counter(&requests_name("reviews", "v2", "2xx")), 1);
+        // No route → (other, other, none); Istio cluster without configuration.
+        let s = FakeStream::new()
+            .with_property("code", &int(404))
+            .with_property("details", b"route_not_found");
+        send(&mut plugin, &mut total, s, false);
+        assert_eq!(total.counter(&requests_name("other", "other", "none")), 1);
+        let s = FakeStream::finished("outbound|80|v2|reviews.default.svc.cluster.local", 200);
+        send(&mut plugin, &mut total, s, false);
+        assert_eq!(total.counter(&requests_name("reviews", "v2", "2xx")), 1);
     }
 
     #[test]
     fn bad_config_fails_open_and_counts() {
-        let mut host = FakeHost::default();
+        let mut host = FakeStream::new();
         let mut plugin = Plugin::default();
-
-        // First configuration bad: defaults (Istio names on, no clusters), error counted.
         let r = plugin.configure(Some(br#"{"clusters": 5}"#), &mut host);
         let Configured::Rejected(err) = r else {
             panic!("accepted {r:?}")
         };
         assert_eq!(err.field(), "clusters");
-        assert_eq!(host.counter(contract::CONFIG_ERRORS_TOTAL), 1);
+        assert_eq!(host.metrics.counter(contract::CONFIG_ERRORS_TOTAL), 1);
         assert_eq!(plugin.config(), &FilterConfig::default());
 
         // Good configuration, then a bad one: the good one stays.
         plugin.configure(Some(APP.as_bytes()), &mut host);
         let r = plugin.configure(Some(br#"{"clusterz": {}}"#), &mut host);
         assert!(matches!(r, Configured::Rejected(_)));
-        assert_eq!(host.counter(contract::CONFIG_ERRORS_TOTAL), 2);
+        assert_eq!(host.metrics.counter(contract::CONFIG_ERRORS_TOTAL), 2);
         assert_eq!(plugin.config().clusters.len(), 2);
-        let (ok, dur) = (int(200), int(1_000_000));
-        let f = Finished::from_properties(
-            Some(b"app_canary"),
-            Some(&ok),
-            Some(VIA_UPSTREAM),
-            None,
-            Some(&dur),
-        );
-        plugin.record(&f, &mut host);
-        assert_eq!(host.counter(&requests_name("app", "canary", "2xx")), 1);
+        let mut s = FakeStream::finished("app_canary", 200);
+        s.metrics = std::mem::take(&mut host.metrics);
+        run(&mut plugin, &mut s, false);
+        assert_eq!(s.metrics.counter(&requests_name("app", "canary", "2xx")), 1);
+        host.metrics = std::mem::take(&mut s.metrics);
 
         // Absent and empty configuration = defaults; the error counter is defined only once.
         assert!(matches!(
@@ -354,15 +807,295 @@ mod tests {
             plugin.configure(Some(b""), &mut host),
             Configured::Applied { .. }
         ));
-        host.id(contract::CONFIG_ERRORS_TOTAL);
+        host.metrics.id(contract::CONFIG_ERRORS_TOTAL);
     }
 
     #[test]
     fn error_counter_exists_at_zero_after_good_config() {
-        let mut host = FakeHost::default();
+        let mut host = FakeStream::new();
         let mut plugin = Plugin::default();
         plugin.configure(Some(APP.as_bytes()), &mut host);
-        assert_eq!(host.counter(contract::CONFIG_ERRORS_TOTAL), 0);
-        host.id(contract::CONFIG_ERRORS_TOTAL);
+        assert_eq!(host.metrics.counter(contract::CONFIG_ERRORS_TOTAL), 0);
+        host.metrics.id(contract::CONFIG_ERRORS_TOTAL);
+    }
+
+    #[test]
+    fn internal_route_header_is_always_stripped() {
+        let mut setup = FakeStream::new();
+        let mut plugin = plugin(APP, &mut setup);
+        let mut s = FakeStream::new().with_request("x-fledge-route", "canary");
+        assert_eq!(plugin.on_request_headers(&mut s), Routing::Stripped);
+        assert!(!s.request.contains_key("x-fledge-route"));
+        assert!(
+            s.calls.contains(&"clear_route_cache".to_string()),
+            "{:?}",
+            s.calls
+        );
+        let mut s = FakeStream::new();
+        assert_eq!(plugin.on_request_headers(&mut s), Routing::Untouched);
+        assert_eq!(s.calls, vec!["get Request x-fledge-route"]);
+    }
+
+    #[test]
+    fn sticky_bucket_from_header_or_cookie() {
+        let mut setup = FakeStream::new();
+        let mut plugin = plugin(r#"{"sticky": {"header": "x-user-id"}}"#, &mut setup);
+        let want = tagging::sticky_bucket(b"", b"alice", 10_000);
+        let mut s = FakeStream::new()
+            .with_request("x-user-id", " alice ")
+            .with_request("x-fledge-route", "canary");
+        assert_eq!(plugin.on_request_headers(&mut s), Routing::Sticky(want));
+        assert_eq!(s.request["x-fledge-route"], want.to_string().into_bytes());
+        assert_eq!(
+            s.calls,
+            vec![
+                "get Request x-user-id",
+                "set Request x-fledge-route",
+                "clear_route_cache"
+            ]
+        );
+        // No key: random pick; an attacker's bucket is removed.
+        let mut s = FakeStream::new().with_request("x-fledge-route", "9999");
+        assert_eq!(plugin.on_request_headers(&mut s), Routing::Stripped);
+        assert!(!s.request.contains_key("x-fledge-route"));
+        let mut s = FakeStream::new().with_request("x-user-id", "  ");
+        assert_eq!(plugin.on_request_headers(&mut s), Routing::Untouched);
+
+        let mut plugin = plugin_with(
+            r#"{"sticky": {"cookie": "session", "salt": "r2", "buckets": 100}, "clearRouteCache": false}"#,
+        );
+        let mut s = FakeStream::new().with_request("cookie", "a=1; session=alice; b=2");
+        let want = tagging::sticky_bucket(b"r2", b"alice", 100);
+        assert_eq!(plugin.on_request_headers(&mut s), Routing::Sticky(want));
+        assert!(!s.calls.contains(&"clear_route_cache".to_string()));
+        let mut s = FakeStream::new().with_request("cookie", "a=1");
+        assert_eq!(plugin.on_request_headers(&mut s), Routing::Untouched);
+    }
+
+    fn plugin_with(config: &str) -> Plugin {
+        plugin(config, &mut FakeStream::new())
+    }
+
+    #[test]
+    fn forced_canary_needs_a_valid_token() {
+        let config = format!(
+            r#"{{"forceCanary": {{"header": "stage", "secret": "{SECRET}", "maxTokenLifetimeSeconds": 3600}},
+                 "sticky": {{"header": "x-user-id"}}}}"#
+        );
+        let mut setup = FakeStream::new();
+        let mut plugin = plugin(&config, &mut setup);
+        let mut metrics = std::mem::take(&mut setup.metrics);
+        let mut attempt = |value: &str, user: Option<&str>| {
+            let mut s = FakeStream::new().with_request("stage", value);
+            if let Some(user) = user {
+                s = s.with_request("x-user-id", user);
+            }
+            s.metrics = std::mem::take(&mut metrics);
+            let routing = plugin.on_request_headers(&mut s);
+            metrics = std::mem::take(&mut s.metrics);
+            assert!(
+                !s.request.contains_key("stage"),
+                "force header reaches upstream"
+            );
+            (routing, s.request.get("x-fledge-route").cloned())
+        };
+        let token = tagging::mint_token(SECRET.as_bytes(), NOW + 600);
+        assert_eq!(
+            attempt(&token, None),
+            (Routing::Forced, Some(b"canary".to_vec()))
+        );
+        // Forced beats sticky.
+        assert_eq!(attempt(&token, Some("alice")).0, Routing::Forced);
+        // Plain "canary", stale, too long-lived or foreign tokens: stripped, routed normally.
+        let bucket = tagging::sticky_bucket(b"", b"alice", 10_000);
+        for bad in [
+            "canary".to_string(),
+            tagging::mint_token(SECRET.as_bytes(), NOW - 1),
+            tagging::mint_token(SECRET.as_bytes(), NOW + 3601),
+            tagging::mint_token(b"not-the-secret-not-the-secret-xx", NOW + 600),
+        ] {
+            assert_eq!(
+                attempt(&bad, None),
+                (
+                    Routing::Rejected {
+                        sticky_bucket: None
+                    },
+                    None
+                )
+            );
+            assert_eq!(
+                attempt(&bad, Some("alice")).0,
+                Routing::Rejected {
+                    sticky_bucket: Some(bucket)
+                }
+            );
+        }
+        assert_eq!(metrics.counter(contract::FORCED_CANARY_ACCEPTED_TOTAL), 2);
+        assert_eq!(metrics.counter(contract::FORCED_CANARY_REJECTED_TOTAL), 8);
+    }
+
+    #[test]
+    fn forced_canary_by_source_network() {
+        let mut plugin =
+            plugin_with(r#"{"forceCanary": {"sourceCidrs": ["10.0.0.0/8", "::1/128"]}}"#);
+        let mut from = |address: &str, value: &str| {
+            let mut s = FakeStream::new()
+                .with_request("x-fledge-stage", value)
+                .with_property("source", address.as_bytes());
+            plugin.on_request_headers(&mut s)
+        };
+        assert_eq!(from("10.1.2.3:5555", "canary"), Routing::Forced);
+        assert_eq!(from("10.1.2.3:5555", " Canary "), Routing::Forced);
+        assert_eq!(from("[::1]:5555", "canary"), Routing::Forced);
+        assert_eq!(
+            from("10.1.2.3:5555", "stable"),
+            Routing::Rejected {
+                sticky_bucket: None
+            }
+        );
+        assert_eq!(
+            from("192.168.1.1:5555", "canary"),
+            Routing::Rejected {
+                sticky_bucket: None
+            }
+        );
+        assert_eq!(
+            from("garbage", "canary"),
+            Routing::Rejected {
+                sticky_bucket: None
+            }
+        );
+
+        // Both checks configured: both must pass.
+        let mut plugin = plugin_with(&format!(
+            r#"{{"forceCanary": {{"sourceCidrs": ["10.0.0.0/8"], "secret": "{SECRET}"}}}}"#
+        ));
+        let token = tagging::mint_token(SECRET.as_bytes(), NOW + 60);
+        let mut from = |address: &str, value: &str| {
+            let mut s = FakeStream::new()
+                .with_request("x-fledge-stage", value)
+                .with_property("source", address.as_bytes());
+            plugin.on_request_headers(&mut s)
+        };
+        assert_eq!(from("10.0.0.1:1", &token), Routing::Forced);
+        assert_eq!(
+            from("10.0.0.1:1", "canary"),
+            Routing::Rejected {
+                sticky_bucket: None
+            }
+        );
+        assert_eq!(
+            from("11.0.0.1:1", &token),
+            Routing::Rejected {
+                sticky_bucket: None
+            }
+        );
+    }
+
+    #[test]
+    fn response_header_names_the_subset() {
+        let config = r#"{"clusters": {"app_stable": {"service": "app", "subset": "stable"}},
+                         "responseHeader": "x-fledge-subset"}"#;
+        let mut plugin = plugin_with(config);
+        let mut s = FakeStream::finished("app_stable", 200);
+        run(&mut plugin, &mut s, false);
+        assert_eq!(s.response["x-fledge-subset"], b"stable");
+        // The cluster is read once, in the response phase, not again in on_log.
+        let reads = s.calls.iter().filter(|c| *c == "property cluster").count();
+        assert_eq!(reads, 1, "{:?}", s.calls);
+        // No cluster (no route): no header.
+        let mut s = FakeStream::new().with_property("code", &int(404));
+        run(&mut plugin, &mut s, false);
+        assert!(!s.response.contains_key("x-fledge-subset"));
+    }
+
+    #[test]
+    fn subset_from_endpoint_metadata_then_response_header() {
+        let config = r#"{"clusters": {"app": {"service": "app"}}, "subsetHeader": "x-version"}"#;
+        let mut setup = FakeStream::new();
+        let mut plugin = plugin(config, &mut setup);
+        let mut metrics = std::mem::take(&mut setup.metrics);
+        let mut request = |s: FakeStream| send(&mut plugin, &mut metrics, s, false);
+        request(
+            FakeStream::finished("app", 200)
+                .with_property("workload", b"app-v2;default;app;v2;Kubernetes"),
+        );
+        let mut s = FakeStream::finished("app", 500);
+        s.response.insert("x-version".into(), b"v3".to_vec());
+        let s = request(s);
+        assert!(s.calls.contains(&"get Response x-version".to_string()));
+        request(FakeStream::finished("app", 200));
+        // Istio cluster without subset: metadata, else the service label.
+        let istio = "outbound|80||reviews.default.svc.cluster.local";
+        request(
+            FakeStream::finished(istio, 200)
+                .with_property("workload", b"reviews-v9;default;reviews;v9;Kubernetes"),
+        );
+        request(FakeStream::finished(istio, 200));
+        assert_eq!(metrics.counter(&requests_name("app", "v2", "2xx")), 1);
+        assert_eq!(metrics.counter(&requests_name("app", "v3", "5xx")), 1);
+        assert_eq!(metrics.counter(&requests_name("app", "other", "2xx")), 1);
+        assert_eq!(metrics.counter(&requests_name("reviews", "v9", "2xx")), 1);
+        assert_eq!(
+            metrics.counter(&requests_name("reviews", "reviews", "2xx")),
+            1
+        );
+        // Configured clusters with a subset never ask the upstream.
+        let mut plugin = plugin_with(APP);
+        let mut s =
+            FakeStream::finished("app_canary", 200).with_property("workload", b"x;y;z;v7;c");
+        run(&mut plugin, &mut s, false);
+        assert!(!s.calls.contains(&"property workload".to_string()));
+    }
+
+    #[test]
+    fn upstream_subsets_are_bounded() {
+        let mut setup = FakeStream::new();
+        let mut plugin = plugin(
+            r#"{"clusters": {"app": {"service": "app"}}, "subsetHeader": "x-version"}"#,
+            &mut setup,
+        );
+        let mut metrics = std::mem::take(&mut setup.metrics);
+        for i in 0..500 {
+            let mut s = FakeStream::finished("app", 200);
+            s.response
+                .insert("x-version".into(), format!("v{i}").into_bytes());
+            s.metrics = std::mem::take(&mut metrics);
+            run(&mut plugin, &mut s, false);
+            metrics = std::mem::take(&mut s.metrics);
+        }
+        // 128 dynamic pairs + (other, other), 7 metrics each, + the error counter.
+        assert_eq!(metrics.defined.len(), (128 + 1) * 7 + 1);
+        assert_eq!(
+            metrics.counter(&requests_name("other", "other", "2xx")),
+            500 - 128
+        );
+    }
+
+    #[test]
+    fn grpc_status_from_trailers_or_trailers_only_headers() {
+        let mut setup = FakeStream::new();
+        let mut plugin = plugin(APP, &mut setup);
+        let mut metrics = std::mem::take(&mut setup.metrics);
+        let mut request =
+            |s: FakeStream, bodiless: bool| send(&mut plugin, &mut metrics, s, bodiless);
+        let mut s = FakeStream::finished("app_canary", 200);
+        s.trailers.insert("grpc-status".into(), b"14".to_vec());
+        request(s, false);
+        let mut s = FakeStream::finished("app_canary", 200);
+        s.response.insert("grpc-status".into(), b"13".to_vec());
+        request(s, true);
+        let mut s = FakeStream::finished("app_canary", 200);
+        s.trailers.insert("grpc-status".into(), b"0".to_vec());
+        request(s, false);
+        let mut s = FakeStream::finished("app_canary", 200);
+        s.trailers.insert("grpc-status".into(), b"5".to_vec());
+        request(s, false);
+        // A body-carrying plain response is never asked for grpc-status in its headers.
+        let s = request(FakeStream::finished("app_canary", 200), false);
+        assert!(!s.calls.iter().any(|c| c == "get Response grpc-status"));
+        assert_eq!(metrics.counter(&requests_name("app", "canary", "5xx")), 2);
+        assert_eq!(metrics.counter(&requests_name("app", "canary", "2xx")), 2);
+        assert_eq!(metrics.counter(&requests_name("app", "canary", "4xx")), 1);
     }
 }
