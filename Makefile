@@ -5,7 +5,7 @@ CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 FILTER_WASM := target/$(WASM_TARGET)/release/fledge_filter.wasm
 
-.PHONY: all setup build build-filter test unit e2e demo lint fmt clean
+.PHONY: all setup build build-filter test unit e2e demo lint fmt clean bench-decisions
 
 all: build build-filter
 
@@ -33,6 +33,11 @@ e2e: build-filter build
 # A live local canary: v2 promoted step by step, then a v3 answering 20% 5xx rolled back.
 demo: build-filter build
 	target/debug/fledge-demo
+
+# Seeded simulation of thousands of rollouts through the controller's own state machine:
+# Fledge's sequential tests vs Flagger-style thresholds vs a repeated fixed-sample test.
+bench-decisions:
+	$(CARGO) run --release -p fledge-sim --bin fledge-bench-decisions
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -279,23 +279,21 @@ fn threshold_checks(spec: &AnalysisSpec, obs: &Observation) -> Vec<MetricCheck> 
         .collect()
 }
 
-/// The false-rollback budget of each comparison: half for errors, half split across the
-/// latency boundaries (all of it when only one signal is compared).
-fn alpha_split(compare: &CompareSpec) -> (f64, f64) {
+/// Prior weight of each signal in the combined e-value: half each when both are compared.
+fn signal_weights(compare: &CompareSpec) -> (f64, f64) {
     let errors = compare.signals.contains(&ComparedSignal::Errors);
     let latency = compare.signals.contains(&ComparedSignal::Latency);
-    let alpha = compare.false_rollback_rate;
     match (errors, latency) {
-        (true, true) => (alpha / 2.0, alpha / 2.0 / MAX_LATENCY_BOUNDARIES as f64),
-        (true, false) => (alpha, 0.0),
-        (false, true) => (0.0, alpha / MAX_LATENCY_BOUNDARIES as f64),
+        (true, true) => (0.5, 0.5),
+        (true, false) => (1.0, 0.0),
+        (false, true) => (0.0, 1.0),
         (false, false) => (0.0, 0.0),
     }
 }
 
-fn ratio_check(name: String, what: &str, test: &RatioTest, alpha: f64) -> MetricCheck {
-    let rejects = test.rejects(alpha);
-    let p = test.p_value();
+/// A comparison check; `rejected_p` is set when the combined evidence crossed `1/α` and this
+/// test carried most of it.
+fn ratio_check(name: String, what: &str, test: &RatioTest, rejected_p: Option<f64>) -> MetricCheck {
     let estimate = test.estimate();
     let canary_rate = percent(test.canary_events, test.canary_requests);
     let stable_rate = percent(test.stable_events, test.stable_requests);
@@ -306,18 +304,18 @@ fn ratio_check(name: String, what: &str, test: &RatioTest, alpha: f64) -> Metric
         round3(stable_rate),
         test.stable_requests
     );
-    let reason = match estimate {
-        None => format!("no {what} yet on either version ({numbers})"),
-        Some(r) if rejects => format!(
+    let reason = match (estimate, rejected_p) {
+        (None, _) => format!("no {what} events yet on either version ({numbers})"),
+        (Some(r), Some(p)) => format!(
             "canary {what} {}× stable, p={} (tolerance {}×; {numbers})",
             round2(r),
             round3(p),
             test.tolerance
         ),
-        Some(r) => format!(
+        (Some(r), None) => format!(
             "canary {what} ≈{}× stable, p={} (tolerance {}×; {numbers})",
             round2(r),
-            round3(p),
+            round3(test.p_value()),
             test.tolerance
         ),
     };
@@ -329,7 +327,7 @@ fn ratio_check(name: String, what: &str, test: &RatioTest, alpha: f64) -> Metric
             min: None,
             max: Some(test.tolerance),
         },
-        verdict: if rejects {
+        verdict: if rejected_p.is_some() {
             Verdict::Fail
         } else {
             Verdict::Pass
@@ -339,8 +337,8 @@ fn ratio_check(name: String, what: &str, test: &RatioTest, alpha: f64) -> Metric
     }
 }
 
-/// Pick latency boundaries once: the spec's, or buckets near the stable's p50/p90/p99 plus the
-/// `request-duration` limit.
+/// Pick latency boundaries once: the spec's, or the buckets nearest the stable's p50/p90/p99
+/// (ignoring buckets nobody is slower than) plus the `request-duration` limit.
 fn choose_latency_boundaries(
     spec: &AnalysisSpec,
     compare: &CompareSpec,
@@ -360,17 +358,19 @@ fn choose_latency_boundaries(
         return None;
     }
     let mut chosen: Vec<f64> = Vec::new();
-    for fraction in [0.5, 0.1, 0.01] {
-        let found = stable
+    // The bucket boundary whose stable CDF is nearest each quantile.
+    for quantile in [0.5, 0.9, 0.99] {
+        let nearest = stable
             .bounds_ms
             .iter()
             .zip(&stable.cumulative)
-            .find(|(_, cum)| {
-                let slower = stable.count.saturating_sub(**cum);
-                (slower as f64) <= fraction * stable.count as f64
+            .filter(|(_, cum)| **cum < stable.count)
+            .min_by(|a, b| {
+                let distance = |cum: u64| (cum as f64 / stable.count as f64 - quantile).abs();
+                distance(*a.1).total_cmp(&distance(*b.1))
             })
             .map(|(b, _)| *b);
-        if let Some(b) = found {
+        if let Some(b) = nearest {
             if !chosen.contains(&b) {
                 chosen.push(b);
             }
@@ -398,24 +398,17 @@ fn compare_with_stable(
     state: &mut AnalysisState,
     obs: &Observation,
 ) -> Vec<MetricCheck> {
-    let (alpha_errors, alpha_latency) = alpha_split(compare);
-    let mut checks = Vec::new();
+    let (errors_weight, latency_weight) = signal_weights(compare);
     if compare.signals.contains(&ComparedSignal::Errors) {
-        let test = state
+        state
             .errors
-            .get_or_insert_with(|| RatioTest::new(compare.tolerance));
-        test.update(
-            obs.canary.failures(),
-            obs.canary.requests(),
-            obs.stable.failures(),
-            obs.stable.requests(),
-        );
-        checks.push(ratio_check(
-            "errors-vs-stable".into(),
-            "error rate",
-            test,
-            alpha_errors,
-        ));
+            .get_or_insert_with(|| RatioTest::new(compare.tolerance))
+            .update(
+                obs.canary.failures(),
+                obs.canary.requests(),
+                obs.stable.failures(),
+                obs.stable.requests(),
+            );
     }
     if compare.signals.contains(&ComparedSignal::Latency) {
         if !state.latency_boundaries_chosen {
@@ -431,8 +424,6 @@ fn compare_with_stable(
             }
         }
         let (canary, stable) = (&obs.canary.latency, &obs.stable.latency);
-        // Report the boundary with the strongest evidence against the canary.
-        let mut worst: Option<(MetricCheck, f64)> = None;
         for latency in &mut state.latency {
             let slow = |h: &crate::observe::LatencyHistogram| {
                 h.slower_than(latency.boundary_ms).unwrap_or(0)
@@ -440,22 +431,67 @@ fn compare_with_stable(
             latency
                 .test
                 .update(slow(canary), canary.count, slow(stable), stable.count);
-            let check = ratio_check(
-                "latency-vs-stable".into(),
-                &format!("share of requests slower than {} ms", latency.boundary_ms),
-                &latency.test,
-                alpha_latency,
-            );
-            let evidence = latency.test.max_log_evidence;
-            if worst.as_ref().is_none_or(|(_, e)| evidence > *e) {
-                worst = Some((check, evidence));
-            }
-        }
-        if let Some((check, _)) = worst {
-            checks.push(check);
         }
     }
+
+    // One e-process for the whole comparison: the prior-weighted average of every test's
+    // e-value (errors, and each latency boundary). An average of test supermartingales is one
+    // too, so Ville's inequality bounds false rollbacks by α — and it is never weaker than
+    // splitting α (Bonferroni), since a sum is at least its largest term.
+    let boundaries = state.latency.len().max(1) as f64;
+    let mut parts: Vec<(Option<usize>, f64)> = Vec::new();
+    if let Some(test) = &state.errors {
+        parts.push((None, errors_weight.ln() + test.log_evidence()));
+    }
+    for (i, latency) in state.latency.iter().enumerate() {
+        parts.push((
+            Some(i),
+            (latency_weight / boundaries).ln() + latency.test.log_evidence(),
+        ));
+    }
+    let combined = log_sum_exp(parts.iter().map(|(_, e)| *e));
+    let rejected = combined >= (1.0 / compare.false_rollback_rate).ln();
+    let p_combined = (-combined).exp().min(1.0);
+    let leader = parts
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(who, _)| *who);
+
+    let mut checks = Vec::new();
+    if let Some(test) = &state.errors {
+        let fails = rejected && leader == Some(None);
+        checks.push(ratio_check(
+            "errors-vs-stable".into(),
+            "error rate",
+            test,
+            fails.then_some(p_combined),
+        ));
+    }
+    // Show the latency boundary with the strongest evidence against the canary.
+    let strongest = state
+        .latency
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.test.log_evidence().total_cmp(&b.1.test.log_evidence()));
+    if let Some((i, latency)) = strongest {
+        let fails = rejected && leader == Some(Some(i));
+        checks.push(ratio_check(
+            "latency-vs-stable".into(),
+            &format!("share of requests slower than {} ms", latency.boundary_ms),
+            &latency.test,
+            fails.then_some(p_combined),
+        ));
+    }
     checks
+}
+
+fn log_sum_exp(values: impl Iterator<Item = f64>) -> f64 {
+    let values: Vec<f64> = values.collect();
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !max.is_finite() {
+        return max;
+    }
+    max + values.iter().map(|v| (v - max).exp()).sum::<f64>().ln()
 }
 
 /// Hold the step until the canary is shown not to be worse than the margin.

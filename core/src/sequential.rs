@@ -23,6 +23,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The largest regression the rollback mixture puts prior mass on, relative to the tolerance.
+/// Bigger regressions are still caught (the likelihood at 8× is then overwhelming); mass spent
+/// on them would only slow the detection of small ones.
+const MAX_ALTERNATIVE: f64 = 8.0;
+
 /// Ratios considered by the mixture: log-spaced from 1/32 to 32, six points per doubling,
 /// so 1, 2, 4 … are exact grid points.
 pub fn ratio_grid() -> Vec<f64> {
@@ -111,20 +116,25 @@ impl RatioTest {
         self.max_log_evidence = self.max_log_evidence.max(self.log_evidence());
     }
 
-    /// `ln E`: the mixture (uniform over grid ratios above the tolerance) likelihood ratio
-    /// against the tolerance.
+    /// `ln E`: the mixture likelihood ratio of the grid ratios above the tolerance (up to
+    /// [`MAX_ALTERNATIVE`]× it) against the tolerance. The j-th ratio above the tolerance gets weight ∝ 1/j: small regressions are
+    /// the hard ones to catch, so they get the most prior mass; large ones win anyway.
     pub fn log_evidence(&self) -> f64 {
         let alternatives: Vec<f64> = ratio_grid()
             .into_iter()
             .zip(&self.log_likelihood)
-            .filter(|(r, _)| *r > self.tolerance)
+            .filter(|(r, _)| *r > self.tolerance && *r <= self.tolerance * MAX_ALTERNATIVE)
             .map(|(_, l)| *l)
             .collect();
         if alternatives.is_empty() {
             return 0.0;
         }
-        let n = alternatives.len() as f64;
-        log_sum_exp(alternatives.into_iter()) - n.ln() - self.log_likelihood_at_tolerance
+        let harmonic: f64 = (1..=alternatives.len()).map(|j| 1.0 / j as f64).sum();
+        let weighted = alternatives
+            .into_iter()
+            .enumerate()
+            .map(|(j, l)| l - ((j + 1) as f64 * harmonic).ln());
+        log_sum_exp(weighted) - self.log_likelihood_at_tolerance
     }
 
     /// Anytime-valid p-value for "the canary is no more than `tolerance` times worse".

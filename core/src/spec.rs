@@ -256,12 +256,12 @@ pub enum ComparedSignal {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CompareSpec {
-    /// The chance of rolling back a canary that is no worse than the tolerances, over the
-    /// whole rollout however long it runs (split across the tests). Default 0.02.
+    /// The chance of rolling back a canary that is no worse than the tolerance, over the whole
+    /// rollout however long it runs and however often it is checked. Default 0.03.
     #[serde(default = "default_false_rollback_rate")]
     pub false_rollback_rate: f64,
-    /// How much worse than stable is still acceptable: 1.2 = up to 20% more errors (or slow
-    /// requests). Default 1.2.
+    /// How much worse than stable is still acceptable: 1.0 = not worse at all, 1.2 = up to 20%
+    /// more errors (or slow requests). Default 1.0.
     #[serde(default = "default_tolerance")]
     pub tolerance: f64,
     /// Which signals are compared. Default: errors and latency.
@@ -281,10 +281,10 @@ pub struct CompareSpec {
 }
 
 fn default_false_rollback_rate() -> f64 {
-    0.02
+    0.03
 }
 fn default_tolerance() -> f64 {
-    1.2
+    1.0
 }
 fn default_compared_signals() -> Vec<ComparedSignal> {
     vec![ComparedSignal::Errors, ComparedSignal::Latency]
@@ -1620,7 +1620,7 @@ spec:
                         .compare_with_stable
                         .as_mut()
                         .unwrap()
-                        .promotion_margin = Some(1.1)
+                        .promotion_margin = Some(0.9)
                 },
                 "promotionMargin",
             ),
