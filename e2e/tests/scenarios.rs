@@ -19,6 +19,15 @@ metrics:
   - {name: request-duration, quantile: 0.99, thresholdRange: {max: 500}}
 ";
 
+/// Sequential canary-vs-stable comparison only (no fixed thresholds), with long pauses so only
+/// the test can end the rollout early. Stable itself answers 5% errors.
+const SEQUENTIAL_ANALYSIS: &str = "interval: 2s
+threshold: 3
+minCanaryRequests: 10
+steps: [{setWeight: 30}, {pause: {duration: 20s}}, {setWeight: 50}, {pause: {duration: 5s}}]
+compareWithStable: {falseRollbackRate: 0.001}
+";
+
 /// Everything one scenario runs; dropping it stops every process.
 struct Stack {
     // Drop order: controller and load first, then Envoy and the backends, then the directory.
@@ -32,6 +41,7 @@ struct Stack {
 
 struct Scenario {
     name: &'static str,
+    stable: BackendOptions,
     canary: BackendOptions,
     rps: u32,
     analysis: &'static str,
@@ -41,7 +51,7 @@ impl Scenario {
     fn start(self) -> Result<Stack> {
         init_tracing();
         let dir = ScratchDir::temp(self.name)?;
-        let stable = Backend::start("v1", BackendOptions::default())?;
+        let stable = Backend::start("v1", self.stable)?;
         let canary = Backend::start("v2", self.canary)?;
         let envoy = Envoy::start(
             EnvoyOptions::new(stable.port(), canary.port())
@@ -130,6 +140,7 @@ impl Drop for Stack {
 fn healthy_canary_is_promoted_and_then_gets_the_traffic() -> Result<()> {
     let mut stack = Scenario {
         name: "healthy",
+        stable: BackendOptions::default(),
         canary: BackendOptions::default(),
         rps: 100,
         analysis: FAST_ANALYSIS,
@@ -172,6 +183,7 @@ fn healthy_canary_is_promoted_and_then_gets_the_traffic() -> Result<()> {
 fn canary_answering_20_percent_5xx_is_rolled_back_and_gets_no_traffic() -> Result<()> {
     let mut stack = Scenario {
         name: "errors",
+        stable: BackendOptions::default(),
         canary: BackendOptions {
             error_rate: 0.2,
             seed: 7,
@@ -213,6 +225,7 @@ fn canary_answering_20_percent_5xx_is_rolled_back_and_gets_no_traffic() -> Resul
 fn canary_with_p99_over_the_limit_is_rolled_back() -> Result<()> {
     let mut stack = Scenario {
         name: "slow",
+        stable: BackendOptions::default(),
         // 5% of requests take 800 ms: p99 ≈ 800 ms > 500 ms, success rate stays 100%.
         canary: BackendOptions {
             slow_fraction: 0.05,
@@ -254,6 +267,7 @@ fn canary_without_traffic_halts_and_is_never_promoted() -> Result<()> {
     // 2 rps in total: at 20% the canary sees ~1 request per 2 s interval, below 10.
     let mut stack = Scenario {
         name: "idle",
+        stable: BackendOptions::default(),
         canary: BackendOptions::default(),
         rps: 2,
         analysis: FAST_ANALYSIS,
@@ -277,6 +291,81 @@ fn canary_without_traffic_halts_and_is_never_promoted() -> Result<()> {
     ensure!(
         view.raw["failedChecks"] == 0,
         "no data must not count as a failure: {view:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn canary_with_twice_the_stable_error_rate_is_rolled_back_by_the_sequential_test() -> Result<()> {
+    let mut stack = Scenario {
+        name: "twice",
+        stable: BackendOptions {
+            error_rate: 0.05,
+            seed: 3,
+            ..BackendOptions::default()
+        },
+        canary: BackendOptions {
+            error_rate: 0.10,
+            seed: 5,
+            ..BackendOptions::default()
+        },
+        rps: 150,
+        analysis: SEQUENTIAL_ANALYSIS,
+    }
+    .start()?;
+    let view = stack.wait_for_phase("twice", "RolledBack", Duration::from_secs(90))?;
+    ensure!(view.canary_weight == Some(0), "{view:?}");
+    ensure!(
+        view.message.contains("error rate") && view.message.contains("× stable, p="),
+        "the sequential test must be the reason: {}",
+        view.message
+    );
+    let errors = view.raw["lastAnalysis"]["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "errors-vs-stable")
+        .cloned()
+        .context("no errors-vs-stable check")?;
+    ensure!(errors["verdict"] == "Fail", "{errors}");
+    ensure!(
+        errors["value"].as_f64().is_some_and(|r| r > 1.3),
+        "estimated ratio: {errors}"
+    );
+    let (stable, canary) = stack.served_during(Duration::from_secs(3))?;
+    ensure!(
+        canary == 0 && stable > 100,
+        "after rollback canary served {canary}, stable {stable}"
+    );
+    Ok(())
+}
+
+#[test]
+fn canary_as_good_as_a_flaky_stable_is_promoted_by_the_sequential_test() -> Result<()> {
+    // Both versions answer 5% errors: a fixed "success rate ≥ 99%" rule would roll this back;
+    // comparing with stable finds nothing against the canary.
+    let mut stack = Scenario {
+        name: "flaky",
+        stable: BackendOptions {
+            error_rate: 0.05,
+            seed: 3,
+            ..BackendOptions::default()
+        },
+        canary: BackendOptions {
+            error_rate: 0.05,
+            seed: 5,
+            ..BackendOptions::default()
+        },
+        rps: 150,
+        analysis: SEQUENTIAL_ANALYSIS,
+    }
+    .start()?;
+    let view = stack.wait_for_phase("flaky", "Promoted", Duration::from_secs(90))?;
+    ensure!(view.canary_weight == Some(100), "{view:?}");
+    let (stable, canary) = stack.served_during(Duration::from_secs(3))?;
+    ensure!(
+        canary > 100 && stable * 100 <= canary,
+        "after promotion canary served {canary}, stable {stable}"
     );
     Ok(())
 }
