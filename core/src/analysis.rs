@@ -120,6 +120,15 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// `p=0.012`, or `p<0.001` for tiny values (a rounded `p=0` would overstate the certainty).
+fn format_p(p: f64) -> String {
+    if p < 0.001 {
+        "p<0.001".to_string()
+    } else {
+        format!("p={}", round3(p))
+    }
+}
+
 fn percent(part: u64, whole: u64) -> f64 {
     if whole == 0 {
         0.0
@@ -307,15 +316,15 @@ fn ratio_check(name: String, what: &str, test: &RatioTest, rejected_p: Option<f6
     let reason = match (estimate, rejected_p) {
         (None, _) => format!("no {what} events yet on either version ({numbers})"),
         (Some(r), Some(p)) => format!(
-            "canary {what} {}× stable, p={} (tolerance {}×; {numbers})",
+            "canary {what} {}× stable, {} (tolerance {}×; {numbers})",
             round2(r),
-            round3(p),
+            format_p(p),
             test.tolerance
         ),
         (Some(r), None) => format!(
-            "canary {what} ≈{}× stable, p={} (tolerance {}×; {numbers})",
+            "canary {what} ≈{}× stable, {} (tolerance {}×; {numbers})",
             round2(r),
-            round3(test.p_value()),
+            format_p(test.p_value()),
             test.tolerance
         ),
     };
@@ -801,7 +810,7 @@ mod tests {
                     "{}",
                     report.reason
                 );
-                assert!(report.reason.contains("× stable, p="), "{}", report.reason);
+                assert!(report.reason.contains("× stable, p"), "{}", report.reason);
                 break;
             }
         }

@@ -314,9 +314,10 @@ fn canary_with_twice_the_stable_error_rate_is_rolled_back_by_the_sequential_test
     }
     .start()?;
     let view = stack.wait_for_phase("twice", "RolledBack", Duration::from_secs(90))?;
+    eprintln!("rollback reason: {}", view.message);
     ensure!(view.canary_weight == Some(0), "{view:?}");
     ensure!(
-        view.message.contains("error rate") && view.message.contains("× stable, p="),
+        view.message.contains("error rate") && view.message.contains("× stable, p"),
         "the sequential test must be the reason: {}",
         view.message
     );
