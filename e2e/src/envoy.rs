@@ -121,6 +121,9 @@ pub struct EnvoyOptions {
     pub extra_clusters: Vec<Value>,
     /// `stats_config.histogram_bucket_settings` entries (raw Envoy JSON).
     pub histogram_bucket_settings: Vec<Value>,
+    /// HTTP filters (raw Envoy JSON) placed before the Wasm filter, e.g. one that resolves the
+    /// route early.
+    pub http_filters_before_wasm: Vec<Value>,
 }
 
 impl EnvoyOptions {
@@ -138,7 +141,14 @@ impl EnvoyOptions {
             weighted_header_name: None,
             extra_clusters: Vec::new(),
             histogram_bucket_settings: Vec::new(),
+            http_filters_before_wasm: Vec::new(),
         }
+    }
+
+    /// Add an HTTP filter (raw Envoy JSON) before the Wasm filter.
+    pub fn with_http_filter_before_wasm(mut self, filter: Value) -> EnvoyOptions {
+        self.http_filters_before_wasm.push(filter);
+        self
     }
 
     /// A route before `primary` sending requests whose `header` is exactly `value` to the canary
@@ -549,7 +559,7 @@ fn bootstrap_config(
     let rds_dir = rds_path
         .parent()
         .ok_or_else(|| anyhow!("RDS path {} has no directory", rds_path.display()))?;
-    let mut http_filters = Vec::new();
+    let mut http_filters = options.http_filters_before_wasm.clone();
     if let Some(filter) = &options.filter {
         if !filter.wasm.is_file() {
             bail!("filter {} does not exist", filter.wasm.display());

@@ -1,0 +1,442 @@
+//! The filter's canary tagging and subset detection on a real Envoy with the built `.wasm`:
+//! sticky users across weight changes, forced canaries (token and source network) with spoofed
+//! headers stripped, the response subset header, subsets from Istio endpoint metadata or an
+//! upstream header, and configurable histogram buckets.
+
+#[path = "filter_support.rs"]
+mod support;
+
+use anyhow::{ensure, Context, Result};
+use fledge_core::contract;
+use fledge_e2e::envoy::{CANARY_CLUSTER, STABLE_CLUSTER};
+use fledge_e2e::{init_tracing, Envoy, EnvoyOptions, RouteWeights, WasmFilter};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use support::*;
+
+const SECRET: &str = "e2e-secret-0123456789abcdef";
+
+fn clusters() -> Value {
+    json!({
+        STABLE_CLUSTER: {"service": "app", "subset": "stable"},
+        CANARY_CLUSTER: {"service": "app", "subset": "canary"},
+    })
+}
+
+fn filter(wasm: &PathBuf, config: Value) -> WasmFilter {
+    WasmFilter {
+        wasm: wasm.clone(),
+        plugin_config: config.to_string(),
+    }
+}
+
+/// Options with the filter, the forced-canary route and the sticky `header_name`.
+fn tagging_envoy(wasm: &PathBuf, config: Value, stable: u16, canary: u16) -> EnvoyOptions {
+    EnvoyOptions::new(stable, canary)
+        .with_filter(filter(wasm, config))
+        .with_header_route_to_canary(
+            contract::DEFAULT_ROUTE_HEADER,
+            contract::FORCED_CANARY_ROUTE_VALUE,
+        )
+        .with_weighted_header_name(contract::DEFAULT_ROUTE_HEADER)
+}
+
+/// A forced-canary token, made with openssl like a tester would.
+fn token(expiry: u64) -> Result<String> {
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "printf %s {expiry} | openssl dgst -sha256 -hmac '{SECRET}'"
+        ))
+        .output()
+        .context("running openssl")?;
+    let text = String::from_utf8(output.stdout)?;
+    let hex = text.split_whitespace().last().unwrap_or_default();
+    ensure!(hex.len() == 64, "openssl printed {text:?}");
+    Ok(format!("{expiry}.{hex}"))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[test]
+fn sticky_users_only_move_from_stable_to_canary_as_weights_climb() -> Result<()> {
+    init_tracing();
+    let Some(wasm) = filter_wasm_or_skip("sticky users")? else {
+        return Ok(());
+    };
+    let (stable, canary) = (RawUpstream::start("v1")?, RawUpstream::start("v2")?);
+    let config = json!({
+        "clusters": clusters(),
+        "sticky": {"header": "x-user-id"},
+        "responseHeader": "x-fledge-subset",
+    });
+    let envoy = Envoy::start(tagging_envoy(&wasm, config, stable.port(), canary.port()))?;
+    let url = envoy.listener_url();
+    const USERS: usize = 400;
+    let mut on_canary = vec![Vec::new(); USERS];
+    for weight in [10u32, 30, 60] {
+        envoy.apply_route_weights(RouteWeights::canary_percent(weight))?;
+        let mut canary_users = 0;
+        for (user, history) in on_canary.iter_mut().enumerate() {
+            let key = format!("user-{user}");
+            let reply = get(&url, &[("x-user-id", key.as_bytes())])?;
+            ensure!(reply.status == 200, "{reply:?}");
+            let is_canary = reply.version() == "v2";
+            let tagged = if is_canary { "canary" } else { "stable" };
+            ensure!(
+                reply.header("x-fledge-subset") == Some(tagged),
+                "response header disagrees with the upstream: {reply:?}"
+            );
+            ensure!(
+                !reply.upstream_saw("x-user-id")
+                    || reply.upstream_saw(contract::DEFAULT_ROUTE_HEADER),
+                "sticky request without route header upstream: {}",
+                reply.body
+            );
+            canary_users += usize::from(is_canary);
+            history.push(is_canary);
+        }
+        let share = canary_users as f64 / USERS as f64;
+        eprintln!(
+            "weight {weight}%: {canary_users}/{USERS} users on canary ({:.1}%)",
+            100.0 * share
+        );
+        ensure!(
+            (share - f64::from(weight) / 100.0).abs() <= 0.07,
+            "canary share {share:.3} at weight {weight}%"
+        );
+        // The same user asked again lands on the same version.
+        for (user, history) in on_canary.iter().enumerate().take(50) {
+            let key = format!("user-{user}");
+            let reply = get(&url, &[("x-user-id", key.as_bytes())])?;
+            ensure!(
+                (reply.version() == "v2") == history.last().copied().unwrap_or(false),
+                "user {user} flipped within one weight"
+            );
+        }
+    }
+    let went_back: Vec<usize> = on_canary
+        .iter()
+        .enumerate()
+        .filter(|(_, steps)| steps.windows(2).any(|w| w[0] && !w[1]))
+        .map(|(user, _)| user)
+        .collect();
+    let moved_forward = on_canary
+        .iter()
+        .filter(|steps| steps.windows(2).any(|w| !w[0] && w[1]))
+        .count();
+    eprintln!(
+        "users moved stable→canary: {moved_forward}; canary→stable: {}",
+        went_back.len()
+    );
+    ensure!(
+        went_back.is_empty(),
+        "users moved back to stable: {went_back:?}"
+    );
+    ensure!(moved_forward > 0);
+
+    // Requests without a key keep random picks (about 60% canary, mixed).
+    let mut canary_count = 0;
+    for _ in 0..200 {
+        canary_count += usize::from(get(&url, &[])?.version() == "v2");
+    }
+    ensure!(
+        (90..=150).contains(&canary_count),
+        "anonymous canary picks {canary_count}/200"
+    );
+    // A client cannot pick its own bucket: a spoofed route header is replaced.
+    let mut spoofed_canary = 0;
+    for _ in 0..50 {
+        let reply = get(&url, &[(contract::DEFAULT_ROUTE_HEADER, b"9999")])?;
+        spoofed_canary += usize::from(reply.version() == "v2");
+        ensure!(
+            !reply.upstream_saw(contract::DEFAULT_ROUTE_HEADER),
+            "{}",
+            reply.body
+        );
+    }
+    ensure!(
+        spoofed_canary < 50,
+        "a spoofed bucket pinned every request to the canary"
+    );
+    Ok(())
+}
+
+#[test]
+fn forced_canary_needs_a_valid_token_and_spoofed_headers_are_stripped() -> Result<()> {
+    init_tracing();
+    let Some(wasm) = filter_wasm_or_skip("forced canary")? else {
+        return Ok(());
+    };
+    let (stable, canary) = (RawUpstream::start("v1")?, RawUpstream::start("v2")?);
+    let config = json!({
+        "clusters": clusters(),
+        "forceCanary": {"header": "stage", "secret": SECRET},
+        "responseHeader": "x-fledge-subset",
+    });
+    // All traffic to stable: the "send me to canary" phase before any weight moves.
+    let envoy = Envoy::start(tagging_envoy(&wasm, config, stable.port(), canary.port()))?;
+    let url = envoy.listener_url();
+    let valid = token(unix_now() + 600)?;
+
+    let reply = get(&url, &[("stage", valid.as_bytes())])?;
+    ensure!(
+        reply.version() == "v2",
+        "valid token not routed to canary: {reply:?}"
+    );
+    ensure!(
+        reply.header("x-fledge-subset") == Some("canary"),
+        "{reply:?}"
+    );
+    ensure!(
+        !reply.upstream_saw("stage"),
+        "token reached the upstream: {}",
+        reply.body
+    );
+
+    let expired = token(unix_now() - 1)?;
+    let forged = format!("{}.{}", unix_now() + 600, "0".repeat(64));
+    for value in ["canary", expired.as_str(), forged.as_str()] {
+        let reply = get(&url, &[("stage", value.as_bytes())])?;
+        ensure!(
+            reply.version() == "v1",
+            "untrusted {value:?} reached canary: {reply:?}"
+        );
+        ensure!(
+            reply.header("x-fledge-subset") == Some("stable"),
+            "{reply:?}"
+        );
+        ensure!(
+            !reply.upstream_saw("stage"),
+            "untrusted header passed: {}",
+            reply.body
+        );
+    }
+    // The internal routing header from a client never routes and never reaches the upstream.
+    for value in ["canary", "99"] {
+        let reply = get(&url, &[(contract::DEFAULT_ROUTE_HEADER, value.as_bytes())])?;
+        ensure!(
+            reply.version() == "v1",
+            "spoofed route header {value:?} routed: {reply:?}"
+        );
+        ensure!(
+            !reply.upstream_saw(contract::DEFAULT_ROUTE_HEADER),
+            "{}",
+            reply.body
+        );
+    }
+    wait_for_total(&envoy, 6.0)?;
+    let accepted = metric_sum(&envoy, contract::FORCED_CANARY_ACCEPTED_TOTAL, &[])?;
+    let rejected = metric_sum(&envoy, contract::FORCED_CANARY_REJECTED_TOTAL, &[])?;
+    ensure!(
+        accepted == 1.0 && rejected == 3.0,
+        "accepted {accepted}, rejected {rejected}"
+    );
+    ensure!(
+        requests_total(
+            &envoy,
+            &[("fledge_subset", "canary"), ("fledge_class", "2xx")]
+        )? == 1.0,
+        "canary metric"
+    );
+    Ok(())
+}
+
+#[test]
+fn forced_canary_by_source_network() -> Result<()> {
+    init_tracing();
+    let Some(wasm) = filter_wasm_or_skip("forced canary by network")? else {
+        return Ok(());
+    };
+    let (stable, canary) = (RawUpstream::start("v1")?, RawUpstream::start("v2")?);
+    for (cidr, expected) in [("127.0.0.0/8", "v2"), ("10.0.0.0/8", "v1")] {
+        let config = json!({"clusters": clusters(), "forceCanary": {"sourceCidrs": [cidr]}});
+        let envoy = Envoy::start(tagging_envoy(&wasm, config, stable.port(), canary.port()))?;
+        let reply = get(&envoy.listener_url(), &[("x-fledge-stage", b"canary")])?;
+        ensure!(
+            reply.version() == expected,
+            "from 127.0.0.1 with sourceCidrs {cidr}: {reply:?}"
+        );
+        ensure!(!reply.upstream_saw("x-fledge-stage"), "{}", reply.body);
+    }
+    Ok(())
+}
+
+/// Measured with Envoy 1.40: the route header the filter writes is honoured even when RBAC (what
+/// Istio's AuthorizationPolicy becomes, and which resolves the route for its per-route config)
+/// runs before the Wasm filter, with or without the filter's `clear_route_cache` call. The call
+/// stays on by default (`clearRouteCache: true`) for hosts that do keep a stale route.
+#[test]
+fn forced_route_holds_behind_a_filter_that_resolved_the_route_first() -> Result<()> {
+    init_tracing();
+    let Some(wasm) = filter_wasm_or_skip("route cache")? else {
+        return Ok(());
+    };
+    let (stable, canary) = (RawUpstream::start("v1")?, RawUpstream::start("v2")?);
+    // RBAC (what Istio's AuthorizationPolicy becomes) looks up per-route config, which resolves
+    // and caches the route before the Wasm filter runs.
+    let rbac = json!({"name": "envoy.filters.http.rbac", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+        "rules": {"action": "ALLOW", "policies": {"all": {
+            "permissions": [{"any": true}], "principals": [{"any": true}]}}}}});
+    let mut seen = Vec::new();
+    for (rbac_first, clear, expected) in [
+        (false, false, "v2"),
+        (true, false, "v2"),
+        (true, true, "v2"),
+    ] {
+        let config = json!({
+            "clusters": clusters(),
+            "forceCanary": {"sourceCidrs": ["127.0.0.1"]},
+            "clearRouteCache": clear,
+        });
+        let mut options = tagging_envoy(&wasm, config, stable.port(), canary.port());
+        if rbac_first {
+            options = options.with_http_filter_before_wasm(rbac.clone());
+        }
+        let envoy = Envoy::start(options)?;
+        let reply = get(&envoy.listener_url(), &[("x-fledge-stage", b"canary")])?;
+        seen.push(format!(
+            "rbac first {rbac_first}, clearRouteCache {clear}: {}",
+            reply.version()
+        ));
+        ensure!(reply.version() == expected, "{seen:?}");
+    }
+    eprintln!("{}", seen.join("\n"));
+    Ok(())
+}
+
+#[test]
+fn subsets_from_istio_endpoint_metadata_upstream_header_or_other() -> Result<()> {
+    init_tracing();
+    let Some(wasm) = filter_wasm_or_skip("subset fallbacks")? else {
+        return Ok(());
+    };
+    let (v1, v2) = (RawUpstream::start("v1")?, RawUpstream::start("v2")?);
+    // One Istio Service in front of both versions (no subsets); Istio puts the revision in
+    // each endpoint's metadata.
+    let istio = "outbound|80||reviews.default.svc.cluster.local";
+    let config = json!({
+        "clusters": {STABLE_CLUSTER: {"service": "app", "subset": "stable"},
+                     "app_all": {"service": "app"}},
+        "subsetHeader": "x-version",
+        "responseHeader": "x-fledge-subset",
+    });
+    let options = EnvoyOptions::new(v1.port(), v2.port())
+        .with_filter(filter(&wasm, config))
+        .with_cluster(cluster_with_endpoints(
+            istio,
+            &[
+                (v1.port(), Some("reviews-v1;default;reviews;v1;Kubernetes")),
+                (v2.port(), Some("reviews-v2;default;reviews;v2;Kubernetes")),
+            ],
+        ))
+        .with_cluster(cluster_with_endpoints(
+            "app_all",
+            &[(v1.port(), None), (v2.port(), None)],
+        ))
+        .with_cluster(cluster_with_endpoints("mystery", &[(v1.port(), None)]))
+        .with_route_before_primary(prefix_route("/istio", istio))
+        .with_route_before_primary(prefix_route("/byheader", "app_all"))
+        .with_route_before_primary(prefix_route("/mystery", "mystery"))
+        .with_histogram_buckets(contract::REQUEST_DURATION_MS, false, &[3.0, 7.0, 42.0]);
+    let envoy = Envoy::start(options)?;
+    let url = envoy.listener_url();
+    let mut by_version = std::collections::BTreeMap::<String, u32>::new();
+    for path in ["/istio", "/byheader"] {
+        for _ in 0..20 {
+            let reply = get(&format!("{url}{path}"), &[])?;
+            ensure!(reply.status == 200, "{reply:?}");
+            // The response header names what the metadata / upstream header said.
+            ensure!(
+                reply.header("x-fledge-subset") == Some(reply.version()),
+                "{path}: {reply:?}"
+            );
+            *by_version
+                .entry(format!("{path} {}", reply.version()))
+                .or_default() += 1;
+        }
+    }
+    for _ in 0..5 {
+        get(&format!("{url}/mystery"), &[])?;
+    }
+    wait_for_total(&envoy, 45.0)?;
+    for (key, count) in &by_version {
+        let (path, version) = key.split_once(' ').unwrap_or_default();
+        let service = if path == "/istio" { "reviews" } else { "app" };
+        let metric = requests_total(
+            &envoy,
+            &[
+                ("fledge_service", service),
+                ("fledge_subset", version),
+                ("fledge_class", "2xx"),
+            ],
+        )?;
+        ensure!(
+            metric == f64::from(*count),
+            "{key}: metric {metric}, served {count}"
+        );
+    }
+    ensure!(
+        by_version.len() == 4,
+        "round robin should reach both versions: {by_version:?}"
+    );
+    ensure!(
+        requests_total(
+            &envoy,
+            &[("fledge_service", "other"), ("fledge_subset", "other")]
+        )? == 5.0
+    );
+
+    // Buckets from stats_config.histogram_bucket_settings.
+    let text = envoy.stats_prometheus()?;
+    let les: std::collections::BTreeSet<&str> = fledge_e2e::http::parse_prometheus(&text)
+        .into_iter()
+        .filter(|s| s.name == "fledge_request_duration_ms_bucket")
+        .filter_map(|s| s.labels.get("le").map(|le| le.clone()))
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|le| match le.as_str() {
+            "3" => "3",
+            "7" => "7",
+            "42" => "42",
+            "+Inf" => "+Inf",
+            _ => "unexpected",
+        })
+        .collect();
+    ensure!(
+        les == ["+Inf", "3", "42", "7"].into_iter().collect(),
+        "bucket bounds {les:?}"
+    );
+    Ok(())
+}
+
+/// The shape Istio generates from `sidecar.istio.io/statsHistogramBuckets: '{"wasmcustom":[..]}'`
+/// (a prefix match on the stat name before tag extraction) reaches the filter's histogram.
+#[test]
+fn istio_style_prefix_buckets_apply_to_the_filter_histogram() -> Result<()> {
+    init_tracing();
+    let Some(wasm) = filter_wasm_or_skip("istio bucket prefix")? else {
+        return Ok(());
+    };
+    let (stable, canary) = (RawUpstream::start("v1")?, RawUpstream::start("v2")?);
+    let options = EnvoyOptions::new(stable.port(), canary.port())
+        .with_filter(filter(&wasm, json!({"clusters": clusters()})))
+        .with_histogram_buckets("wasmcustom", true, &[4.0, 40.0]);
+    let envoy = Envoy::start(options)?;
+    get(&envoy.listener_url(), &[])?;
+    wait_for_total(&envoy, 1.0)?;
+    fledge_e2e::wait_until("le=40 bucket", std::time::Duration::from_secs(10), || {
+        let text = envoy.stats_prometheus()?;
+        Ok(text
+            .lines()
+            .any(|l| l.starts_with("fledge_request_duration_ms_bucket{") && l.contains("le=\"40\""))
+            .then_some(()))
+    })?;
+    Ok(())
+}
