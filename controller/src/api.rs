@@ -47,10 +47,18 @@ fn command(registry: &Registry, name: &str, command: Command) -> Response {
             Json(json!({ "accepted": true, "canary": name, "command": command })),
         )
             .into_response(),
-        Err(CommandError::NotFound) => error(StatusCode::NOT_FOUND, format!("no canary named {name:?}")),
+        Err(CommandError::NotFound) => {
+            error(StatusCode::NOT_FOUND, format!("no canary named {name:?}"))
+        }
         Err(CommandError::Finished) => error(
             StatusCode::CONFLICT,
             format!("canary {name:?} has already finished (Promoted or RolledBack)"),
+        ),
+        Err(CommandError::NotRolledBack) => error(
+            StatusCode::CONFLICT,
+            format!(
+                "canary {name:?} is not rolled back; only a rolled-back rollout can be retried"
+            ),
         ),
         Err(CommandError::Busy) => error(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -47,7 +47,10 @@ pub struct Registry {
 #[derive(Debug, PartialEq, Eq)]
 pub enum CommandError {
     NotFound,
+    /// The rollout is Promoted or RolledBack.
     Finished,
+    /// `Retry` is only for a rolled-back rollout.
+    NotRolledBack,
     Busy,
 }
 
@@ -55,7 +58,11 @@ impl Registry {
     pub fn list(&self) -> Vec<CanaryView> {
         match self.inner.read() {
             Ok(map) => map.values().map(|e| e.view.clone()).collect(),
-            Err(poisoned) => poisoned.get_ref().values().map(|e| e.view.clone()).collect(),
+            Err(poisoned) => poisoned
+                .get_ref()
+                .values()
+                .map(|e| e.view.clone())
+                .collect(),
         }
     }
 
@@ -84,8 +91,14 @@ impl Registry {
             Err(poisoned) => poisoned.into_inner(),
         };
         let entry = map.get(name).ok_or(CommandError::NotFound)?;
-        if entry.view.status.phase.is_terminal() {
-            return Err(CommandError::Finished);
+        let phase = entry.view.status.phase;
+        match command {
+            Command::Retry if phase != fledge_core::rollout::Phase::RolledBack => {
+                return Err(CommandError::NotRolledBack)
+            }
+            Command::Retry => {}
+            _ if phase.is_terminal() => return Err(CommandError::Finished),
+            _ => {}
         }
         entry
             .commands
@@ -131,7 +144,10 @@ impl CanaryTask {
                 saved.status
             }
             Ok(Some(_)) => {
-                tracing::info!(canary = name, "spec changed since the saved state: starting a new rollout");
+                tracing::info!(
+                    canary = name,
+                    "spec changed since the saved state: starting a new rollout"
+                );
                 CanaryStatus::default()
             }
             Ok(None) => CanaryStatus::default(),

@@ -87,6 +87,9 @@ pub struct CanaryStatus {
     /// Accumulated evidence of the sequential tests and burn-rate windows.
     #[serde(default)]
     pub analysis_state: AnalysisState,
+    /// Set by a `Pause` command until `Resume`: nothing advances.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused_by_operator: bool,
 }
 
 /// A request from an operator.
@@ -95,8 +98,16 @@ pub struct CanaryStatus {
 pub enum Command {
     /// Continue past an indefinite pause.
     Promote,
+    /// Skip the remaining steps and promote now (an operator override: no analysis).
+    PromoteFull,
     /// Roll back now.
     Abort,
+    /// Hold at the current step until resumed (analysis keeps running and can still roll back).
+    Pause,
+    /// Undo a pause.
+    Resume,
+    /// Start a rolled-back rollout again from its first step (fresh evidence, history kept).
+    Retry,
 }
 
 /// What one call of [`step`] is given besides the spec, status and time.
@@ -182,12 +193,29 @@ struct Machine<'a> {
 
 impl Machine<'_> {
     fn run(&mut self, input: &Input) {
+        if input.command == Some(Command::Retry) {
+            if self.status.phase == Phase::RolledBack {
+                self.retry();
+            }
+            return;
+        }
         if self.status.phase.is_terminal() {
             return;
         }
-        if input.command == Some(Command::Abort) {
-            self.roll_back("aborted by operator".to_string());
-            return;
+        match input.command {
+            Some(Command::Abort) => {
+                self.roll_back("aborted by operator".to_string());
+                return;
+            }
+            Some(Command::PromoteFull) => {
+                self.promote(
+                    "promoted by operator: remaining steps skipped, all traffic goes to the canary",
+                );
+                return;
+            }
+            Some(Command::Pause) if self.status.phase != Phase::Initializing => self.pause(),
+            Some(Command::Resume) => self.resume(),
+            _ => {}
         }
         if self.status.phase == Phase::Initializing {
             self.status.started_at = Some(self.now);
@@ -285,6 +313,9 @@ impl Machine<'_> {
     }
 
     fn ready_to_advance(&self, judgement: Judgement, promote_requested: bool) -> bool {
+        if self.status.paused_by_operator {
+            return false;
+        }
         if self.status.phase == Phase::Halted && !promote_requested {
             return false;
         }
@@ -308,7 +339,7 @@ impl Machine<'_> {
         self.status.step_started_at = Some(self.now);
         self.status.step_passed_checks = 0;
         match self.plan.get(index).cloned() {
-            None => self.promote(),
+            None => self.promote("promotion completed: all traffic goes to the canary"),
             Some(Step::SetWeight(weight)) => {
                 self.set_weight(weight);
                 self.transition(
@@ -347,19 +378,58 @@ impl Machine<'_> {
     }
 
     fn phase_for_current_step(&self) -> Phase {
+        if self.status.paused_by_operator {
+            return Phase::Paused;
+        }
         match self.plan.get(self.status.step) {
             Some(Step::Pause(pause)) if pause.duration.is_none() => Phase::Paused,
             _ => Phase::Progressing,
         }
     }
 
-    fn promote(&mut self) {
+    fn promote(&mut self, reason: &str) {
         self.set_weight(100);
-        self.transition(
-            Phase::Promoted,
-            "promotion completed: all traffic goes to the canary".into(),
-        );
+        self.transition(Phase::Promoted, reason.into());
         self.event(EventReason::Promoted, false, self.status.message.clone());
+    }
+
+    fn pause(&mut self) {
+        if self.status.paused_by_operator {
+            return;
+        }
+        self.status.paused_by_operator = true;
+        if self.status.phase != Phase::Halted {
+            self.transition(
+                Phase::Paused,
+                format!("paused by operator at {}%", self.status.canary_weight),
+            );
+        }
+        self.event(EventReason::Paused, false, "paused by operator".into());
+    }
+
+    fn resume(&mut self) {
+        if !self.status.paused_by_operator {
+            return;
+        }
+        self.status.paused_by_operator = false;
+        if self.status.phase != Phase::Halted {
+            let phase = self.phase_for_current_step();
+            self.transition(phase, "resumed by operator".into());
+        }
+        self.event(EventReason::Resumed, false, "resumed by operator".into());
+    }
+
+    fn retry(&mut self) {
+        let history = std::mem::take(&mut self.status.history);
+        self.status = CanaryStatus {
+            history,
+            ..CanaryStatus::default()
+        };
+        self.transition(
+            Phase::Initializing,
+            "retry requested by operator: starting again from the first step".into(),
+        );
+        self.event(EventReason::Started, false, self.status.message.clone());
     }
 
     fn roll_back(&mut self, reason: String) {
@@ -896,5 +966,52 @@ mod tests {
                 .canary_requests,
             100
         );
+    }
+
+    #[test]
+    fn operator_pause_resume_promote_full_and_retry() {
+        let spec = simple_spec();
+        let (mut status, _) = drive(&spec, &[baseline(), healthy()]);
+        assert_eq!((status.phase, status.canary_weight), (Progressing, 40));
+        status = step(&spec, &status, &command(Command::Pause), t(100)).status;
+        assert_eq!(status.phase, Paused);
+        assert!(status.paused_by_operator);
+        for i in 0..3 {
+            status = step(&spec, &status, &healthy(), t(110 + i)).status;
+        }
+        assert_eq!(
+            (status.phase, status.canary_weight),
+            (Paused, 40),
+            "paused: no advance"
+        );
+        status = step(&spec, &status, &command(Command::Resume), t(120)).status;
+        assert_eq!(status.phase, Progressing);
+        status = step(&spec, &status, &healthy(), t(130)).status;
+        assert_eq!(status.canary_weight, 60);
+        status = step(&spec, &status, &command(Command::PromoteFull), t(140)).status;
+        assert_eq!((status.phase, status.canary_weight), (Promoted, 100));
+        assert!(status.message.contains("promoted by operator"));
+        // Retry only restarts a rolled-back rollout.
+        let same = step(&spec, &status, &command(Command::Retry), t(150)).status;
+        assert_eq!(same, status);
+        let (rolled, _) = drive(&spec, &[baseline(), command(Command::Abort)]);
+        let retried = step(&spec, &rolled, &command(Command::Retry), t(200)).status;
+        assert_eq!(
+            (retried.phase, retried.canary_weight, retried.failed_checks),
+            (Initializing, 0, 0)
+        );
+        assert!(retried.history.len() > rolled.history.len());
+        let again = step(&spec, &retried, &baseline(), t(210)).status;
+        assert_eq!((again.phase, again.canary_weight), (Progressing, 20));
+    }
+
+    #[test]
+    fn a_paused_rollout_still_rolls_back_on_failures() {
+        let spec = simple_spec(); // threshold 2
+        let (mut status, _) = drive(&spec, &[baseline()]);
+        status = step(&spec, &status, &command(Command::Pause), t(5)).status;
+        status = step(&spec, &status, &failing(), t(10)).status;
+        status = step(&spec, &status, &failing(), t(20)).status;
+        assert_eq!(status.phase, RolledBack);
     }
 }
