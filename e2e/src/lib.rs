@@ -36,6 +36,7 @@ pub mod http;
 pub mod loadgen;
 pub mod paths;
 pub mod process;
+pub mod prometheus;
 
 pub use backend::{Backend, BackendOptions, BackendStats};
 pub use controller::{CanaryManifest, CanaryView, Controller};

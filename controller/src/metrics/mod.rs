@@ -5,9 +5,11 @@
 //! error — never a silent zero. New backends are new files implementing [`MetricsSource`].
 
 pub mod envoy_admin;
+pub mod prometheus;
 pub mod promtext;
 
 pub use envoy_admin::{EnvoyAdminSource, EnvoyAdminSourceError};
+pub use prometheus::{PrometheusSource, PrometheusSourceError};
 
 use async_trait::async_trait;
 use fledge_core::observe::{Observation, ObservationError};

@@ -1,0 +1,1706 @@
+//! [`PrometheusSource`]: one canary's traffic, and its custom metrics, from the Prometheus HTTP
+//! API (`POST /api/v1/query`, instant queries at Prometheus' own "now").
+//!
+//! # Built-in traffic: exact deltas of the raw counters
+//!
+//! Each call sends one query for the *raw cumulative* series of the filter's metrics of this
+//! service's two subsets, e.g.
+//!
+//! ```text
+//! {__name__=~"fledge_requests_total|fledge_request_duration_ms_bucket|fledge_request_duration_ms_sum|fledge_request_duration_ms_count",fledge_service="app",fledge_subset=~"stable|canary"}
+//! ```
+//!
+//! and, per *origin* (one subset as exported by one scraped gateway replica: every label except
+//! `__name__`, `le` and `fledge_class`), subtracts the origin's reading of the previous call
+//! with [`SubsetTraffic::delta_since`], which treats any decrease as a counter reset (the
+//! replica restarted) and then counts everything since the restart. The deltas of all origins
+//! are summed per subset: many gateway replicas, replicas that come and go, and restarts are all
+//! handled, and the counts are exact whole numbers.
+//!
+//! Why not `sum by (fledge_subset, fledge_class) (increase(...[<interval>]))`, as Flagger does:
+//! `increase()` extrapolates to the edges of its window, so it returns fractional and biased
+//! counts (a burst inside a 10 s window scraped every second reads about 10 % high); it needs two
+//! samples in the window, so an interval shorter than two scrape intervals would read as "no
+//! traffic"; and a window longer than the interval would make consecutive intervals overlap, so
+//! the same requests would be judged twice — which a sequential test must never do. Deltas of
+//! the raw counters tile time exactly, whatever the scrape interval. The price, as with the Envoy
+//! admin source, is that the first call only takes a baseline (counting from "now" also keeps a
+//! previous rollout's requests of the same subset out of this one). Counts lag real time by up to
+//! one scrape interval (histograms by one Envoy stats flush more); such requests are never lost,
+//! they are counted in the next interval.
+//!
+//! # Custom metrics
+//!
+//! Every custom metric's query (its template rendered with
+//! [`fledge_core::spec::render_query`]) is sent as is, on every call after the baseline. It must
+//! return one number: a scalar, or a vector with exactly one sample. An empty vector, NaN or
+//! ±Inf (e.g. `0/0` when the canary had no requests) leaves the metric out of
+//! [`Observation::custom`], which the analysis treats as "no data" — never as zero. Several
+//! series are an error that names the metric and asks for an aggregation such as `sum(...)`.
+//!
+//! # Failures
+//!
+//! Transport errors, timeouts, non-API HTTP errors and the API error types `timeout`,
+//! `canceled` and `unavailable` are [`ObservationError::Unreachable`] naming the address;
+//! other API errors (`bad_data`, `execution`, ...) and answers that do not fit are
+//! [`ObservationError::Malformed`] with Prometheus' message and the query. After any error no
+//! reading is committed, so the next successful call covers everything since the last one.
+
+use super::{MetricsSource, SubsetSelector};
+use async_trait::async_trait;
+use fledge_core::contract::{
+    ResponseClass, REQUESTS_TOTAL, REQUEST_DURATION_MS, TAG_CLASS, TAG_SERVICE, TAG_SUBSET,
+};
+use fledge_core::observe::{LatencyHistogram, Observation, ObservationError, SubsetTraffic};
+use fledge_core::spec::{render_query, Canary, MetricKind, PrometheusSpec, QueryVariables};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+
+/// The Prometheus instant-query endpoint, relative to the configured address.
+const QUERY_PATH: &str = "/api/v1/query";
+
+/// An origin (a replica's subset) that has not been seen for this long is forgotten. Until then
+/// its last reading is kept, so a replica whose scrapes failed for a while is counted from where
+/// it left off rather than from zero.
+const FORGET_VANISHED_ORIGIN_AFTER: Duration = Duration::from_secs(3600);
+
+/// Longest part of an unexpected response body quoted in an error message.
+const BODY_EXCERPT_CHARS: usize = 200;
+
+/// A custom metric's query, already rendered from its template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomQuery {
+    /// The metric's `name` in the spec; its value is reported under this key.
+    pub metric: String,
+    /// The PromQL sent to Prometheus.
+    pub promql: String,
+}
+
+/// Why a [`PrometheusSource`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PrometheusSourceError {
+    #[error("invalid Prometheus address {address:?}: {reason}; write e.g. http://prometheus.istio-system:9090")]
+    InvalidAddress { address: String, reason: String },
+    #[error("stable and canary subsets are both {0:?}; they must differ")]
+    SameSubsets(String),
+    #[error("custom metric {metric:?}: {source}")]
+    Template {
+        metric: String,
+        #[source]
+        source: fledge_core::spec::TemplateError,
+    },
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(#[source] reqwest::Error),
+}
+
+/// Reads one canary's traffic and custom metrics from a Prometheus that scrapes the gateways.
+#[derive(Debug)]
+pub struct PrometheusSource {
+    /// As configured, for messages.
+    address: String,
+    query_url: reqwest::Url,
+    selector: SubsetSelector,
+    traffic_query: String,
+    custom_queries: Vec<CustomQuery>,
+    client: reqwest::Client,
+    /// Last committed reading of every origin; `None` until the baseline is taken.
+    previous: Option<BTreeMap<OriginKey, RememberedOrigin>>,
+    /// Set once we have warned that Prometheus has no series for this canary, so the warning is
+    /// not repeated every interval.
+    warned_no_series: bool,
+}
+
+/// Every label of a series except `__name__`, `le` and `fledge_class`: one subset of one
+/// scraped replica.
+type OriginKey = BTreeMap<String, String>;
+
+#[derive(Debug, Clone)]
+struct RememberedOrigin {
+    traffic: SubsetTraffic,
+    last_seen: Instant,
+}
+
+/// Which of the canary's two subsets a series belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Stable,
+    Canary,
+}
+
+impl PrometheusSource {
+    /// A source querying the Prometheus API at `address` (e.g. `http://127.0.0.1:9090`, a path
+    /// prefix such as `http://thanos/prometheus` is kept) for the canary described by
+    /// `selector`, evaluating `custom_queries` on every call. Each request is bounded by
+    /// `request_timeout`.
+    pub fn new(
+        address: &str,
+        selector: SubsetSelector,
+        custom_queries: Vec<CustomQuery>,
+        request_timeout: Duration,
+    ) -> Result<Self, PrometheusSourceError> {
+        if selector.stable_subset == selector.canary_subset {
+            return Err(PrometheusSourceError::SameSubsets(selector.stable_subset));
+        }
+        let query_url = query_url(address)?;
+        let client = reqwest::Client::builder()
+            .timeout(request_timeout)
+            .connect_timeout(request_timeout)
+            .build()
+            .map_err(PrometheusSourceError::HttpClient)?;
+        Ok(PrometheusSource {
+            address: address.trim_end_matches('/').to_string(),
+            query_url,
+            traffic_query: traffic_query(&selector),
+            selector,
+            custom_queries,
+            client,
+            previous: None,
+            warned_no_series: false,
+        })
+    }
+
+    /// The source for `canary` with its `metricsSource.prometheus` settings: the canary's
+    /// service and subsets, and every custom metric's template rendered with the canary's
+    /// [`QueryVariables`].
+    pub fn for_canary(
+        canary: &Canary,
+        prometheus: &PrometheusSpec,
+    ) -> Result<Self, PrometheusSourceError> {
+        let selector = SubsetSelector {
+            service: canary.spec.service.clone(),
+            stable_subset: canary.spec.stable.subset.clone(),
+            canary_subset: canary.spec.canary.subset.clone(),
+        };
+        let variables = QueryVariables::for_canary(canary);
+        let custom_queries = canary
+            .spec
+            .analysis
+            .metrics
+            .iter()
+            .filter(|metric| metric.kind() == Some(MetricKind::Custom))
+            .filter_map(|metric| metric.query.as_deref().map(|template| (metric, template)))
+            .map(|(metric, template)| {
+                render_query(template, &variables)
+                    .map(|promql| CustomQuery {
+                        metric: metric.name.clone(),
+                        promql,
+                    })
+                    .map_err(|source| PrometheusSourceError::Template {
+                        metric: metric.name.clone(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::new(
+            &prometheus.address,
+            selector,
+            custom_queries,
+            prometheus.timeout.0,
+        )
+    }
+
+    /// The PromQL sent for the built-in traffic counts.
+    pub fn traffic_query(&self) -> &str {
+        &self.traffic_query
+    }
+
+    /// The rendered custom queries, in spec order.
+    pub fn custom_queries(&self) -> &[CustomQuery] {
+        &self.custom_queries
+    }
+
+    /// The current cumulative reading of every origin of this canary.
+    async fn read_origins(&self) -> Result<BTreeMap<OriginKey, Origin>, ObservationError> {
+        let data = instant_query(
+            &self.client,
+            &self.query_url,
+            &self.address,
+            "traffic query",
+            &self.traffic_query,
+        )
+        .await?;
+        let samples = match data {
+            QueryData::Vector(samples) => samples,
+            other => {
+                return Err(ObservationError::Malformed(format!(
+                    "Prometheus {}: traffic query returned a {} instead of a vector; query: {}",
+                    self.address,
+                    other.type_name(),
+                    self.traffic_query
+                )))
+            }
+        };
+        origins_from_samples(&samples, &self.selector).map_err(|problem| {
+            ObservationError::Malformed(format!(
+                "Prometheus {}: {problem}; query: {}",
+                self.address, self.traffic_query
+            ))
+        })
+    }
+
+    /// Evaluate every custom query concurrently. Metrics without a finite value are left out.
+    async fn read_custom(&self) -> Result<BTreeMap<String, f64>, ObservationError> {
+        let mut tasks = JoinSet::new();
+        for (index, custom) in self.custom_queries.iter().enumerate() {
+            let client = self.client.clone();
+            let url = self.query_url.clone();
+            let address = self.address.clone();
+            let custom = custom.clone();
+            tasks.spawn(async move {
+                let result = evaluate_custom(&client, &url, &address, &custom).await;
+                (index, result)
+            });
+        }
+        let mut results: Vec<Option<Result<Option<f64>, ObservationError>>> =
+            self.custom_queries.iter().map(|_| None).collect();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((index, result)) => {
+                    if let Some(slot) = results.get_mut(index) {
+                        *slot = Some(result);
+                    }
+                }
+                Err(join_error) => {
+                    tracing::error!(error = %join_error, "custom metric query task failed");
+                }
+            }
+        }
+
+        let mut values = BTreeMap::new();
+        let mut unreachable = Vec::new();
+        let mut malformed = Vec::new();
+        for (custom, result) in self.custom_queries.iter().zip(results) {
+            match result {
+                Some(Ok(Some(value))) => {
+                    values.insert(custom.metric.clone(), value);
+                }
+                Some(Ok(None)) => {
+                    tracing::debug!(metric = %custom.metric, "custom metric has no data this interval");
+                }
+                Some(Err(ObservationError::Unreachable(message))) => unreachable.push(message),
+                Some(Err(other)) => malformed.push(other_message(other)),
+                None => unreachable.push(format!(
+                    "Prometheus {}: custom metric {:?}: query task did not finish",
+                    self.address, custom.metric
+                )),
+            }
+        }
+        if unreachable.is_empty() && malformed.is_empty() {
+            return Ok(values);
+        }
+        Err(if unreachable.is_empty() {
+            ObservationError::Malformed(malformed.join("; "))
+        } else {
+            unreachable.extend(malformed);
+            ObservationError::Unreachable(unreachable.join("; "))
+        })
+    }
+
+    fn warn_if_no_series(&mut self, origins: &BTreeMap<OriginKey, Origin>) {
+        if !origins.is_empty() {
+            self.warned_no_series = false;
+            return;
+        }
+        if !self.warned_no_series {
+            self.warned_no_series = true;
+            tracing::warn!(
+                prometheus = %self.address,
+                service = %self.selector.service,
+                stable = %self.selector.stable_subset,
+                canary = %self.selector.canary_subset,
+                "Prometheus has no fledge series for this canary yet (counted as no traffic); \
+                 check that it scrapes the gateways' /stats/prometheus and that the filter labels \
+                 this service and these subsets"
+            );
+        }
+    }
+
+    /// Remember `origins` as the committed reading; forget origins unseen for too long.
+    fn commit(&mut self, origins: BTreeMap<OriginKey, Origin>, now: Instant) {
+        let remembered = self.previous.get_or_insert_with(BTreeMap::new);
+        for (key, origin) in origins {
+            remembered.insert(
+                key,
+                RememberedOrigin {
+                    traffic: origin.traffic,
+                    last_seen: now,
+                },
+            );
+        }
+        remembered.retain(|_, origin| {
+            now.saturating_duration_since(origin.last_seen) < FORGET_VANISHED_ORIGIN_AFTER
+        });
+    }
+}
+
+#[async_trait]
+impl MetricsSource for PrometheusSource {
+    async fn observe(&mut self) -> Result<Observation, ObservationError> {
+        if self.previous.is_none() {
+            let origins = self.read_origins().await.inspect_err(|error| {
+                tracing::warn!(prometheus = %self.address, %error, "metrics baseline not taken");
+            })?;
+            self.warn_if_no_series(&origins);
+            self.commit(origins, Instant::now());
+            tracing::debug!(service = %self.selector.service, "metrics baseline taken");
+            return Err(ObservationError::Baseline);
+        }
+
+        let (origins, custom) = tokio::join!(self.read_origins(), self.read_custom());
+        let (origins, custom) = match (origins, custom) {
+            (Ok(origins), Ok(custom)) => (origins, custom),
+            (origins, custom) => {
+                let error = combine_errors(origins.err(), custom.err());
+                tracing::warn!(
+                    prometheus = %self.address,
+                    service = %self.selector.service,
+                    %error,
+                    "metrics query failed; no observation this interval"
+                );
+                return Err(error);
+            }
+        };
+        self.warn_if_no_series(&origins);
+
+        let previous = self.previous.as_ref();
+        let mut stable = MergedSubset::new(&self.selector.stable_subset);
+        let mut canary = MergedSubset::new(&self.selector.canary_subset);
+        for (key, origin) in &origins {
+            // The key holds the subset label, so a remembered origin is always the same side.
+            let delta = match previous.and_then(|p| p.get(key)) {
+                Some(before) => subset_delta(&origin.traffic, &before.traffic),
+                // Not seen before: a new replica or a subset's first requests, counted from 0.
+                None => origin.traffic.clone(),
+            };
+            let merged = match origin.side {
+                Side::Stable => &mut stable,
+                Side::Canary => &mut canary,
+            };
+            merged.add(key, &delta).map_err(|problem| {
+                ObservationError::Malformed(format!("Prometheus {}: {problem}", self.address))
+            })?;
+        }
+        let (stable, canary) = (stable.traffic, canary.traffic);
+        self.commit(origins, Instant::now());
+        tracing::debug!(
+            service = %self.selector.service,
+            stable_requests = stable.requests(),
+            canary_requests = canary.requests(),
+            custom_metrics = custom.len(),
+            "metrics read from Prometheus"
+        );
+        Ok(Observation {
+            stable,
+            canary,
+            custom,
+        })
+    }
+}
+
+/// One error out of the traffic and custom query results: `Unreachable` if either was.
+fn combine_errors(
+    traffic: Option<ObservationError>,
+    custom: Option<ObservationError>,
+) -> ObservationError {
+    let errors: Vec<ObservationError> = traffic.into_iter().chain(custom).collect();
+    let any_unreachable = errors
+        .iter()
+        .any(|e| matches!(e, ObservationError::Unreachable(_)));
+    let message = errors
+        .into_iter()
+        .map(other_message)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if any_unreachable {
+        ObservationError::Unreachable(message)
+    } else {
+        ObservationError::Malformed(message)
+    }
+}
+
+/// The message inside an error, without the variant's prefix.
+fn other_message(error: ObservationError) -> String {
+    match error {
+        ObservationError::Unreachable(message) | ObservationError::Malformed(message) => message,
+        ObservationError::Baseline => ObservationError::Baseline.to_string(),
+    }
+}
+
+/// The traffic query for `selector` (see the module docs).
+fn traffic_query(selector: &SubsetSelector) -> String {
+    let names = [
+        REQUESTS_TOTAL.to_string(),
+        format!("{REQUEST_DURATION_MS}_bucket"),
+        format!("{REQUEST_DURATION_MS}_sum"),
+        format!("{REQUEST_DURATION_MS}_count"),
+    ]
+    .map(|name| regex_escape(&name))
+    .join("|");
+    let subsets = format!(
+        "{}|{}",
+        regex_escape(&selector.stable_subset),
+        regex_escape(&selector.canary_subset)
+    );
+    format!(
+        "{{__name__=~{names},{TAG_SERVICE}={service},{TAG_SUBSET}=~{subsets}}}",
+        names = promql_string(&names),
+        service = promql_string(&selector.service),
+        subsets = promql_string(&subsets),
+    )
+}
+
+/// `value` as a PromQL double-quoted string literal (quotes included): backslash, double quote
+/// and control characters are escaped, so any label value selects exactly itself.
+pub fn promql_string(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `value` as an RE2 regular expression matching exactly `value` (Prometheus anchors `=~`
+/// matchers itself). Still needs [`promql_string`] to become a literal.
+pub fn regex_escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn query_url(address: &str) -> Result<reqwest::Url, PrometheusSourceError> {
+    let invalid = |reason: String| PrometheusSourceError::InvalidAddress {
+        address: address.to_string(),
+        reason,
+    };
+    let base = reqwest::Url::parse(address.trim_end_matches('/'))
+        .map_err(|error| invalid(error.to_string()))?;
+    if base.scheme() != "http" && base.scheme() != "https" {
+        return Err(invalid(
+            "only http:// and https:// are supported".to_string(),
+        ));
+    }
+    if base.query().is_some() || base.fragment().is_some() {
+        return Err(invalid(
+            "a query string or fragment is not supported".to_string(),
+        ));
+    }
+    let mut url = base.clone();
+    url.set_path(&format!(
+        "{}{QUERY_PATH}",
+        base.path().trim_end_matches('/')
+    ));
+    Ok(url)
+}
+
+/// The body of every Prometheus API answer.
+#[derive(Debug, Deserialize)]
+struct ApiResponse {
+    status: String,
+    #[serde(default)]
+    data: Option<QueryData>,
+    #[serde(default, rename = "errorType")]
+    error_type: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    warnings: Vec<String>,
+}
+
+/// The `data` of an instant query.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "resultType", content = "result", rename_all = "lowercase")]
+enum QueryData {
+    Vector(Vec<VectorSample>),
+    Scalar(SampleValue),
+    /// Only the type matters: a custom query must not return one.
+    Matrix(#[allow(dead_code)] serde::de::IgnoredAny),
+    String(#[allow(dead_code)] serde::de::IgnoredAny),
+}
+
+impl QueryData {
+    fn type_name(&self) -> &'static str {
+        match self {
+            QueryData::Vector(_) => "vector",
+            QueryData::Scalar(_) => "scalar",
+            QueryData::Matrix(_) => "range vector (matrix)",
+            QueryData::String(_) => "string",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct VectorSample {
+    #[serde(default)]
+    metric: BTreeMap<String, String>,
+    /// Absent for native histogram samples (which carry `histogram` instead).
+    #[serde(default)]
+    value: Option<SampleValue>,
+}
+
+/// `[<unix time>, "<value>"]`; the value is a string so that NaN and ±Inf survive JSON. The
+/// time is Prometheus' evaluation time, the same for every sample of an instant query.
+#[derive(Debug, Deserialize)]
+struct SampleValue(#[allow(dead_code)] f64, String);
+
+impl SampleValue {
+    fn number(&self) -> Result<f64, String> {
+        parse_prometheus_float(&self.1)
+    }
+}
+
+/// Prometheus writes floats as Go does: digits, `NaN`, `+Inf`, `-Inf`.
+fn parse_prometheus_float(text: &str) -> Result<f64, String> {
+    match text {
+        "NaN" => Ok(f64::NAN),
+        "+Inf" | "Inf" => Ok(f64::INFINITY),
+        "-Inf" => Ok(f64::NEG_INFINITY),
+        _ => text
+            .parse::<f64>()
+            .map_err(|_| format!("{text:?} is not a number")),
+    }
+}
+
+/// Send one instant query; `what` names it in messages ("traffic query", "custom metric ...").
+async fn instant_query(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    address: &str,
+    what: &str,
+    promql: &str,
+) -> Result<QueryData, ObservationError> {
+    let unreachable = |problem: String| {
+        ObservationError::Unreachable(format!("Prometheus {address}: {what}: {problem}"))
+    };
+    let response = client
+        .post(url.clone())
+        .form(&[("query", promql)])
+        .send()
+        .await
+        .map_err(|error| unreachable(describe_request_error(&error)))?;
+    let status = response.status();
+    let body = response.text().await.map_err(|error| {
+        unreachable(format!(
+            "reading the response: {}",
+            describe_request_error(&error)
+        ))
+    })?;
+    let excerpt = || body.chars().take(BODY_EXCERPT_CHARS).collect::<String>();
+    // Prometheus answers API errors (bad query: 400, execution error: 422, timeout: 503) with
+    // a JSON body; anything else that is not 2xx comes from somewhere else (a proxy, a wrong
+    // address) and says nothing about the query.
+    let parsed = serde_json::from_str::<ApiResponse>(&body);
+    let api = match parsed {
+        Ok(api) => api,
+        Err(_) if !status.is_success() => {
+            return Err(unreachable(format!(
+                "HTTP {status} from {QUERY_PATH}: {}",
+                excerpt().trim()
+            )))
+        }
+        Err(error) => {
+            return Err(ObservationError::Malformed(format!(
+                "Prometheus {address}: {what}: not a Prometheus API answer ({error}): {}; query: {promql}",
+                excerpt().trim()
+            )))
+        }
+    };
+    for warning in &api.warnings {
+        tracing::warn!(prometheus = %address, query = %promql, %warning, "Prometheus warning");
+    }
+    if api.status != "success" {
+        let error_type = api.error_type.unwrap_or_else(|| "unknown".to_string());
+        let message = format!(
+            "Prometheus {address}: {what} failed: {error_type}: {}; query: {promql}",
+            api.error.unwrap_or_else(|| "no error message".to_string())
+        );
+        return Err(match error_type.as_str() {
+            "timeout" | "canceled" | "unavailable" => ObservationError::Unreachable(message),
+            _ => ObservationError::Malformed(message),
+        });
+    }
+    api.data.ok_or_else(|| {
+        ObservationError::Malformed(format!(
+            "Prometheus {address}: {what}: answer has no data; query: {promql}"
+        ))
+    })
+}
+
+/// The value of one custom metric: `Ok(None)` when it has no data (empty, NaN, ±Inf).
+async fn evaluate_custom(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    address: &str,
+    custom: &CustomQuery,
+) -> Result<Option<f64>, ObservationError> {
+    let what = format!("custom metric {:?}", custom.metric);
+    let data = instant_query(client, url, address, &what, &custom.promql).await?;
+    custom_value(&data).map_err(|problem| {
+        ObservationError::Malformed(format!(
+            "Prometheus {address}: {what} {problem}; query: {}",
+            custom.promql
+        ))
+    })
+}
+
+/// One number out of a custom query's answer (see the module docs).
+fn custom_value(data: &QueryData) -> Result<Option<f64>, String> {
+    let value = match data {
+        QueryData::Scalar(value) => value,
+        QueryData::Vector(samples) => match samples.as_slice() {
+            [] => return Ok(None),
+            [sample] => sample.value.as_ref().ok_or_else(|| {
+                "returned a native histogram; a custom query must return one number, e.g. \
+                 histogram_quantile(0.99, ...)"
+                    .to_string()
+            })?,
+            several => {
+                let shown: Vec<String> = several
+                    .iter()
+                    .take(3)
+                    .map(|sample| format_labels(&sample.metric))
+                    .collect();
+                return Err(format!(
+                    "returned {} series ({}{}); a custom query must return one number: \
+                     aggregate it, e.g. sum(...) or max(...)",
+                    several.len(),
+                    shown.join(", "),
+                    if several.len() > 3 { ", ..." } else { "" }
+                ));
+            }
+        },
+        other => {
+            return Err(format!(
+                "returned a {}; a custom query must return one number (a scalar or a \
+                 one-sample instant vector), e.g. sum(rate(...[{{{{ interval }}}}]))",
+                other.type_name()
+            ))
+        }
+    };
+    let number = value.number()?;
+    Ok(number.is_finite().then_some(number))
+}
+
+fn format_labels(labels: &BTreeMap<String, String>) -> String {
+    let name = labels.get("__name__").map(String::as_str).unwrap_or("");
+    let pairs: Vec<String> = labels
+        .iter()
+        .filter(|(key, _)| key.as_str() != "__name__")
+        .map(|(key, value)| format!("{key}={}", promql_string(value)))
+        .collect();
+    format!("{name}{{{}}}", pairs.join(","))
+}
+
+/// reqwest's top-level message hides the cause ("error sending request"); include the chain.
+fn describe_request_error(error: &reqwest::Error) -> String {
+    let mut message = if error.is_timeout() {
+        format!("timed out: {error}")
+    } else {
+        error.to_string()
+    };
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// One origin's cumulative reading.
+#[derive(Debug, Clone, PartialEq)]
+struct Origin {
+    side: Side,
+    traffic: SubsetTraffic,
+}
+
+/// Group the traffic query's samples by origin and build each origin's cumulative traffic.
+fn origins_from_samples(
+    samples: &[VectorSample],
+    selector: &SubsetSelector,
+) -> Result<BTreeMap<OriginKey, Origin>, String> {
+    let bucket_name = format!("{REQUEST_DURATION_MS}_bucket");
+    let sum_name = format!("{REQUEST_DURATION_MS}_sum");
+    let count_name = format!("{REQUEST_DURATION_MS}_count");
+
+    let mut accumulators: BTreeMap<OriginKey, (Side, OriginAccumulator)> = BTreeMap::new();
+    for sample in samples {
+        let labels = &sample.metric;
+        let name = labels.get("__name__").map(String::as_str).unwrap_or("");
+        // Prometheus already selected these; checking again keeps a misbehaving proxy in
+        // front of it from mixing in other series.
+        if labels.get(TAG_SERVICE) != Some(&selector.service) {
+            continue;
+        }
+        let side = match labels.get(TAG_SUBSET) {
+            Some(subset) if *subset == selector.stable_subset => Side::Stable,
+            Some(subset) if *subset == selector.canary_subset => Side::Canary,
+            _ => continue,
+        };
+        let series = format_labels(labels);
+        let value = sample
+            .value
+            .as_ref()
+            .ok_or_else(|| format!("{series} is a native histogram, expected a float sample"))?
+            .number()
+            .map_err(|problem| format!("{series}: {problem}"))?;
+        let key: OriginKey = labels
+            .iter()
+            .filter(|(label, _)| !matches!(label.as_str(), "__name__" | "le" | TAG_CLASS))
+            .map(|(label, value)| (label.clone(), value.clone()))
+            .collect();
+        let (_, accumulator) = accumulators
+            .entry(key)
+            .or_insert_with(|| (side, OriginAccumulator::default()));
+        if name == REQUESTS_TOTAL {
+            accumulator.add_requests(labels, &series, value)?;
+        } else if name == bucket_name {
+            accumulator.add_bucket(labels, &series, value)?;
+        } else if name == sum_name {
+            accumulator.add_sum(&series, value)?;
+        } else if name == count_name {
+            accumulator.count = Some(whole_count(&series, value)?);
+        }
+    }
+    accumulators
+        .into_iter()
+        .map(|(key, (side, accumulator))| {
+            let traffic = accumulator.finish(&key)?;
+            Ok((key, Origin { side, traffic }))
+        })
+        .collect()
+}
+
+/// One origin's series, as they arrive.
+#[derive(Default)]
+struct OriginAccumulator {
+    by_class: [u64; 6],
+    /// `(le, cumulative count)` for finite bounds, unordered.
+    finite_buckets: Vec<(f64, u64)>,
+    infinite_bucket: Option<u64>,
+    sum_ms: Option<f64>,
+    count: Option<u64>,
+}
+
+impl OriginAccumulator {
+    fn add_requests(
+        &mut self,
+        labels: &BTreeMap<String, String>,
+        series: &str,
+        value: f64,
+    ) -> Result<(), String> {
+        let class_label = labels
+            .get(TAG_CLASS)
+            .ok_or_else(|| format!("{series} has no {TAG_CLASS} label"))?;
+        let class = ResponseClass::from_label(class_label).ok_or_else(|| {
+            format!(
+                "{series} has unknown {TAG_CLASS} {class_label:?}; this controller knows {}",
+                ResponseClass::ALL.map(ResponseClass::label).join(", ")
+            )
+        })?;
+        let n = whole_count(series, value)?;
+        if let Some(slot) = self.by_class.get_mut(class.index()) {
+            *slot = slot.saturating_add(n);
+        }
+        Ok(())
+    }
+
+    fn add_bucket(
+        &mut self,
+        labels: &BTreeMap<String, String>,
+        series: &str,
+        value: f64,
+    ) -> Result<(), String> {
+        let le_text = labels
+            .get("le")
+            .ok_or_else(|| format!("{series} has no le label"))?;
+        let le = parse_prometheus_float(le_text)
+            .ok()
+            .filter(|le| !le.is_nan())
+            .ok_or_else(|| format!("{series} has an invalid le {le_text:?}"))?;
+        let n = whole_count(series, value)?;
+        if le == f64::INFINITY {
+            self.infinite_bucket = Some(self.infinite_bucket.unwrap_or(0).saturating_add(n));
+        } else if let Some(bucket) = self.finite_buckets.iter_mut().find(|(b, _)| *b == le) {
+            // `1` and `1.0` are different label values of the same bound.
+            bucket.1 = bucket.1.saturating_add(n);
+        } else {
+            self.finite_buckets.push((le, n));
+        }
+        Ok(())
+    }
+
+    fn add_sum(&mut self, series: &str, value: f64) -> Result<(), String> {
+        if !value.is_finite() || value < 0.0 {
+            return Err(format!(
+                "{series} is {value}, expected a non-negative number"
+            ));
+        }
+        self.sum_ms = Some(value);
+        Ok(())
+    }
+
+    fn finish(mut self, origin: &OriginKey) -> Result<SubsetTraffic, String> {
+        self.finite_buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let bounds_ms: Vec<f64> = self.finite_buckets.iter().map(|(le, _)| *le).collect();
+        let cumulative: Vec<u64> = self.finite_buckets.iter().map(|(_, n)| *n).collect();
+        if cumulative
+            .windows(2)
+            .any(|pair| matches!(pair, [a, b] if b < a))
+        {
+            return Err(format!(
+                "{REQUEST_DURATION_MS} buckets of {} decrease with le: {:?}",
+                format_labels(origin),
+                self.finite_buckets
+            ));
+        }
+        let highest_finite = cumulative.last().copied().unwrap_or(0);
+        let count = self
+            .count
+            .or(self.infinite_bucket)
+            .unwrap_or(highest_finite);
+        if count < highest_finite {
+            return Err(format!(
+                "{REQUEST_DURATION_MS} of {} counts {count} requests but a bucket holds {highest_finite}",
+                format_labels(origin)
+            ));
+        }
+        Ok(SubsetTraffic {
+            by_class: self.by_class,
+            latency: LatencyHistogram {
+                bounds_ms,
+                cumulative,
+                count,
+                sum_ms: self.sum_ms.unwrap_or(0.0),
+            },
+        })
+    }
+}
+
+/// A counter value as a whole number. Raw Envoy counters are integers; anything else (a
+/// recording rule in between, say) is rounded to the nearest request.
+fn whole_count(series: &str, value: f64) -> Result<u64, String> {
+    // 2^64: the first value that does not fit.
+    if (0.0..18_446_744_073_709_551_616.0).contains(&value) {
+        Ok(value.round() as u64)
+    } else {
+        Err(format!(
+            "{series} is {value}, expected a non-negative count"
+        ))
+    }
+}
+
+/// One origin's traffic between two cumulative readings.
+fn subset_delta(current: &SubsetTraffic, previous: &SubsetTraffic) -> SubsetTraffic {
+    let previous_histogram_absent =
+        previous.latency.bounds_ms.is_empty() && previous.latency.count == 0;
+    if previous_histogram_absent && !current.latency.bounds_ms.is_empty() {
+        // Envoy publishes a histogram on its first stats flush after the first request, after
+        // the counters: a histogram that did not exist yet was all zeros in the current layout,
+        // not a counter reset (which would count last interval's requests again). Same rule as
+        // the Envoy admin source.
+        let zeros = SubsetTraffic {
+            by_class: previous.by_class,
+            latency: LatencyHistogram {
+                bounds_ms: current.latency.bounds_ms.clone(),
+                cumulative: vec![0; current.latency.cumulative.len()],
+                count: 0,
+                sum_ms: 0.0,
+            },
+        };
+        return current.delta_since(&zeros);
+    }
+    current.delta_since(previous)
+}
+
+/// Sum of one subset's interval over origins, remembering who set the bucket layout so a
+/// mismatch can name both sides.
+struct MergedSubset<'a> {
+    subset: &'a str,
+    traffic: SubsetTraffic,
+    buckets_from: Option<String>,
+}
+
+impl<'a> MergedSubset<'a> {
+    fn new(subset: &'a str) -> Self {
+        MergedSubset {
+            subset,
+            traffic: SubsetTraffic::default(),
+            buckets_from: None,
+        }
+    }
+
+    fn add(&mut self, origin: &OriginKey, delta: &SubsetTraffic) -> Result<(), String> {
+        let before = self.traffic.latency.bounds_ms.clone();
+        if !self.traffic.merge(delta) {
+            return Err(format!(
+                "latency histogram buckets of subset {:?} differ between replicas: {} has {:?}, \
+                 {} has {:?}; give every gateway the same stats_config histogram bucket settings",
+                self.subset,
+                self.buckets_from.as_deref().unwrap_or("another replica"),
+                before,
+                format_labels(origin),
+                delta.latency.bounds_ms
+            ));
+        }
+        if self.buckets_from.is_none() && !delta.latency.bounds_ms.is_empty() {
+            self.buckets_from = Some(format_labels(origin));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    use axum::Form;
+    use serde_json::{json, Value};
+    use std::sync::{Arc, Mutex};
+
+    /// What the fake Prometheus answers to one query.
+    #[derive(Clone)]
+    enum Reply {
+        /// A JSON body with this HTTP status.
+        Json(StatusCode, Value),
+        /// A non-JSON body with this HTTP status.
+        Text(StatusCode, String),
+        /// Answer only after this long (to trip the client's timeout).
+        Slow(Duration),
+    }
+
+    #[derive(Clone, Default)]
+    struct FakeState {
+        /// Replies by exact PromQL; any other query gets a `bad_data` error.
+        replies: Arc<Mutex<BTreeMap<String, Reply>>>,
+        /// Every query received, in order.
+        queries: Arc<Mutex<Vec<String>>>,
+    }
+
+    /// A fake Prometheus API on 127.0.0.1:<free port>; stopped when dropped.
+    struct FakePrometheus {
+        url: String,
+        state: FakeState,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    impl FakePrometheus {
+        async fn start() -> FakePrometheus {
+            let state = FakeState::default();
+            let app = axum::Router::new()
+                .route(QUERY_PATH, post(serve_query))
+                .with_state(state.clone());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let server = tokio::spawn(async move {
+                axum::serve(listener, app).await.unwrap();
+            });
+            FakePrometheus { url, state, server }
+        }
+
+        fn reply(&self, promql: &str, reply: Reply) {
+            self.state
+                .replies
+                .lock()
+                .unwrap()
+                .insert(promql.to_string(), reply);
+        }
+
+        fn reply_ok(&self, promql: &str, data: Value) {
+            self.reply(
+                promql,
+                Reply::Json(StatusCode::OK, json!({"status": "success", "data": data})),
+            );
+        }
+
+        fn queries(&self) -> Vec<String> {
+            self.state.queries.lock().unwrap().clone()
+        }
+    }
+
+    impl Drop for FakePrometheus {
+        fn drop(&mut self) {
+            self.server.abort();
+        }
+    }
+
+    async fn serve_query(
+        State(state): State<FakeState>,
+        Form(form): Form<BTreeMap<String, String>>,
+    ) -> (StatusCode, String) {
+        let query = form.get("query").cloned().unwrap_or_default();
+        state.queries.lock().unwrap().push(query.clone());
+        let reply = state.replies.lock().unwrap().get(&query).cloned();
+        match reply {
+            Some(Reply::Json(status, body)) => (status, body.to_string()),
+            Some(Reply::Text(status, body)) => (status, body),
+            Some(Reply::Slow(delay)) => {
+                tokio::time::sleep(delay).await;
+                (StatusCode::OK, String::new())
+            }
+            None => (
+                StatusCode::BAD_REQUEST,
+                json!({"status": "error", "errorType": "bad_data", "error": format!("fake: unexpected query {query}")})
+                    .to_string(),
+            ),
+        }
+    }
+
+    fn selector() -> SubsetSelector {
+        SubsetSelector {
+            service: "app".to_string(),
+            stable_subset: "stable".to_string(),
+            canary_subset: "canary".to_string(),
+        }
+    }
+
+    const TRAFFIC_QUERY: &str = r#"{__name__=~"fledge_requests_total|fledge_request_duration_ms_bucket|fledge_request_duration_ms_sum|fledge_request_duration_ms_count",fledge_service="app",fledge_subset=~"stable|canary"}"#;
+
+    fn source(prometheus: &FakePrometheus, custom: &[(&str, &str)]) -> PrometheusSource {
+        PrometheusSource::new(
+            &prometheus.url,
+            selector(),
+            custom
+                .iter()
+                .map(|(metric, promql)| CustomQuery {
+                    metric: metric.to_string(),
+                    promql: promql.to_string(),
+                })
+                .collect(),
+            Duration::from_millis(500),
+        )
+        .unwrap()
+    }
+
+    fn vector(samples: Vec<Value>) -> Value {
+        json!({"resultType": "vector", "result": samples})
+    }
+
+    fn sample(labels: Value, value: &str) -> Value {
+        json!({"metric": labels, "value": [1_700_000_000.5, value]})
+    }
+
+    /// The cumulative series one scraped Envoy (`instance`) exports for one subset of `app`:
+    /// 2xx and 5xx counters and a histogram with buckets le=10, le=100.
+    struct Series<'a> {
+        instance: &'a str,
+        subset: &'a str,
+        ok: u64,
+        failed: u64,
+        buckets: [u64; 2],
+        count: u64,
+    }
+
+    impl Series<'_> {
+        fn samples(&self) -> Vec<Value> {
+            let labels = |name: &str, extra: &[(&str, &str)]| {
+                let mut labels = json!({
+                    "__name__": name,
+                    "instance": self.instance,
+                    "job": "envoy",
+                    "fledge_service": "app",
+                    "fledge_subset": self.subset,
+                });
+                for (key, value) in extra {
+                    labels[*key] = json!(value);
+                }
+                labels
+            };
+            vec![
+                sample(
+                    labels("fledge_requests_total", &[("fledge_class", "2xx")]),
+                    &self.ok.to_string(),
+                ),
+                sample(
+                    labels("fledge_requests_total", &[("fledge_class", "5xx")]),
+                    &self.failed.to_string(),
+                ),
+                sample(
+                    labels("fledge_request_duration_ms_bucket", &[("le", "10")]),
+                    &self.buckets[0].to_string(),
+                ),
+                sample(
+                    labels("fledge_request_duration_ms_bucket", &[("le", "100")]),
+                    &self.buckets[1].to_string(),
+                ),
+                sample(
+                    labels("fledge_request_duration_ms_bucket", &[("le", "+Inf")]),
+                    &self.count.to_string(),
+                ),
+                sample(
+                    labels("fledge_request_duration_ms_sum", &[]),
+                    &format!("{}.5", self.count * 10),
+                ),
+                sample(
+                    labels("fledge_request_duration_ms_count", &[]),
+                    &self.count.to_string(),
+                ),
+            ]
+        }
+    }
+
+    fn traffic(series: &[Series<'_>]) -> Value {
+        vector(series.iter().flat_map(Series::samples).collect())
+    }
+
+    fn series<'a>(instance: &'a str, subset: &'a str, ok: u64, failed: u64) -> Series<'a> {
+        let total = ok + failed;
+        Series {
+            instance,
+            subset,
+            ok,
+            failed,
+            buckets: [total / 2, total],
+            count: total,
+        }
+    }
+
+    fn requests(traffic: &SubsetTraffic) -> (u64, u64) {
+        (
+            traffic.count(ResponseClass::Success),
+            traffic.count(ResponseClass::ServerError),
+        )
+    }
+
+    #[test]
+    fn traffic_query_is_exactly_this_promql() {
+        assert_eq!(traffic_query(&selector()), TRAFFIC_QUERY);
+    }
+
+    #[test]
+    fn label_values_are_escaped_in_string_literals_and_regexes() {
+        let selector = SubsetSelector {
+            service: "a\"b\\c".to_string(),
+            stable_subset: "v1.2".to_string(),
+            canary_subset: "can|ary(x)".to_string(),
+        };
+        assert_eq!(
+            traffic_query(&selector),
+            r#"{__name__=~"fledge_requests_total|fledge_request_duration_ms_bucket|fledge_request_duration_ms_sum|fledge_request_duration_ms_count",fledge_service="a\"b\\c",fledge_subset=~"v1\\.2|can\\|ary\\(x\\)"}"#
+        );
+        let cases = [
+            ("plain", r#""plain""#),
+            ("quo\"te", r#""quo\"te""#),
+            ("back\\slash", r#""back\\slash""#),
+            ("new\nline\ttab", r#""new\nline\ttab""#),
+            ("bell\u{7}", r#""bell\u0007""#),
+            ("ünïcode", r#""ünïcode""#),
+        ];
+        for (value, want) in cases {
+            assert_eq!(promql_string(value), want, "{value:?}");
+        }
+        assert_eq!(
+            regex_escape("a.b*c+d?e^f$g[h]i{j}k(l)m|n\\o"),
+            r"a\.b\*c\+d\?e\^f\$g\[h\]i\{j\}k\(l\)m\|n\\o"
+        );
+    }
+
+    #[tokio::test]
+    async fn first_call_is_a_baseline_then_exact_deltas_summed_over_replicas() {
+        let prometheus = FakePrometheus::start().await;
+        prometheus.reply_ok(
+            TRAFFIC_QUERY,
+            traffic(&[
+                series("gw-a:9901", "stable", 100, 1),
+                series("gw-b:9901", "stable", 200, 2),
+                series("gw-a:9901", "canary", 10, 0),
+            ]),
+        );
+        let mut source = source(&prometheus, &[]);
+        assert_eq!(source.observe().await, Err(ObservationError::Baseline));
+        assert_eq!(prometheus.queries(), vec![TRAFFIC_QUERY.to_string()]);
+
+        prometheus.reply_ok(
+            TRAFFIC_QUERY,
+            traffic(&[
+                series("gw-a:9901", "stable", 150, 2),
+                series("gw-b:9901", "stable", 230, 4),
+                series("gw-a:9901", "canary", 25, 3),
+            ]),
+        );
+        let observation = source.observe().await.unwrap();
+        assert_eq!(requests(&observation.stable), (50 + 30, 1 + 2));
+        assert_eq!(requests(&observation.canary), (15, 3));
+        // Histograms: [total/2, total] per replica, so the deltas are (76-50)+(117-101) etc.
+        assert_eq!(observation.stable.latency.bounds_ms, vec![10.0, 100.0]);
+        assert_eq!(
+            observation.stable.latency.cumulative,
+            vec![(76 - 50) + (117 - 101), 83]
+        );
+        assert_eq!(observation.stable.latency.count, 83);
+        assert!((observation.stable.latency.sum_ms - 830.0).abs() < 1e-9);
+        assert_eq!(observation.canary.latency.count, 18);
+        assert!(observation.custom.is_empty());
+
+        // Nothing new: an empty interval, not an error.
+        let observation = source.observe().await.unwrap();
+        assert_eq!(observation.stable.requests(), 0);
+        assert_eq!(observation.canary.requests(), 0);
+        assert_eq!(prometheus.queries().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn restarted_new_and_vanished_replicas() {
+        let prometheus = FakePrometheus::start().await;
+        prometheus.reply_ok(
+            TRAFFIC_QUERY,
+            traffic(&[
+                series("a", "stable", 1000, 0),
+                series("b", "stable", 500, 0),
+            ]),
+        );
+        let mut source = source(&prometheus, &[]);
+        assert_eq!(source.observe().await, Err(ObservationError::Baseline));
+
+        // a restarted (its counters went down to 7), c is a new replica, b was not scraped.
+        prometheus.reply_ok(
+            TRAFFIC_QUERY,
+            traffic(&[series("a", "stable", 7, 1), series("c", "stable", 40, 0)]),
+        );
+        let observation = source.observe().await.unwrap();
+        assert_eq!(requests(&observation.stable), (7 + 40, 1));
+
+        // b is back: it is counted from where it left off, not from zero.
+        prometheus.reply_ok(
+            TRAFFIC_QUERY,
+            traffic(&[
+                series("a", "stable", 10, 1),
+                series("b", "stable", 520, 0),
+                series("c", "stable", 40, 0),
+            ]),
+        );
+        let observation = source.observe().await.unwrap();
+        assert_eq!(requests(&observation.stable), (3 + 20, 0));
+    }
+
+    #[tokio::test]
+    async fn histogram_appearing_after_counters_is_not_counted_twice() {
+        let prometheus = FakePrometheus::start().await;
+        let counters_only = vector(vec![sample(
+            json!({"__name__": "fledge_requests_total", "instance": "a", "fledge_service": "app",
+                   "fledge_subset": "canary", "fledge_class": "2xx"}),
+            "5",
+        )]);
+        prometheus.reply_ok(TRAFFIC_QUERY, counters_only);
+        let mut source = source(&prometheus, &[]);
+        assert_eq!(source.observe().await, Err(ObservationError::Baseline));
+        let mut with_histogram = series("a", "canary", 8, 0);
+        with_histogram.buckets = [8, 8];
+        let mut samples = with_histogram.samples();
+        for s in &mut samples {
+            s["metric"].as_object_mut().unwrap().remove("job");
+        }
+        prometheus.reply_ok(TRAFFIC_QUERY, vector(samples));
+        let observation = source.observe().await.unwrap();
+        assert_eq!(requests(&observation.canary), (3, 0));
+        assert_eq!(observation.canary.latency.count, 8);
+    }
+
+    #[tokio::test]
+    async fn custom_queries_are_sent_as_rendered_and_judged_by_their_answer() {
+        let prometheus = FakePrometheus::start().await;
+        prometheus.reply_ok(TRAFFIC_QUERY, traffic(&[series("a", "canary", 1, 0)]));
+        let one_sample = vector(vec![sample(json!({}), "0.25")]);
+        let cases: Vec<(&str, Value, Option<f64>)> = vec![
+            ("vector", one_sample, Some(0.25)),
+            (
+                "scalar",
+                json!({"resultType": "scalar", "result": [1_700_000_000.0, "3"]}),
+                Some(3.0),
+            ),
+            ("empty", vector(vec![]), None),
+            ("nan", vector(vec![sample(json!({}), "NaN")]), None),
+            ("inf", vector(vec![sample(json!({}), "+Inf")]), None),
+            (
+                "neg-inf",
+                json!({"resultType": "scalar", "result": [1.0, "-Inf"]}),
+                None,
+            ),
+            (
+                "negative",
+                vector(vec![sample(json!({}), "-1.5e-3")]),
+                Some(-0.0015),
+            ),
+        ];
+        let queries: Vec<(String, String)> = cases
+            .iter()
+            .map(|(metric, _, _)| {
+                (
+                    metric.to_string(),
+                    format!("sum(rate(x{{m=\"{metric}\"}}[30s]))"),
+                )
+            })
+            .collect();
+        for ((_, promql), (_, data, _)) in queries.iter().zip(&cases) {
+            prometheus.reply_ok(promql, data.clone());
+        }
+        let custom: Vec<(&str, &str)> = queries
+            .iter()
+            .map(|(metric, promql)| (metric.as_str(), promql.as_str()))
+            .collect();
+        let mut source = source(&prometheus, &custom);
+        assert_eq!(source.observe().await, Err(ObservationError::Baseline));
+        assert_eq!(
+            prometheus.queries(),
+            vec![TRAFFIC_QUERY.to_string()],
+            "the baseline does not evaluate custom queries"
+        );
+        let observation = source.observe().await.unwrap();
+        for (metric, _, want) in &cases {
+            assert_eq!(observation.custom.get(*metric).copied(), *want, "{metric}");
+        }
+        let mut sent = prometheus.queries();
+        sent.sort();
+        let mut expected: Vec<String> = queries.iter().map(|(_, q)| q.clone()).collect();
+        expected.push(TRAFFIC_QUERY.to_string());
+        expected.push(TRAFFIC_QUERY.to_string());
+        expected.sort();
+        assert_eq!(sent, expected);
+    }
+
+    /// Observe once after the baseline with one custom query answered by `reply`.
+    async fn observe_custom(reply: Reply) -> (Result<Observation, ObservationError>, String) {
+        let prometheus = FakePrometheus::start().await;
+        prometheus.reply_ok(TRAFFIC_QUERY, traffic(&[series("a", "canary", 1, 0)]));
+        let promql = "sum by (pod) (errors)";
+        prometheus.reply(promql, reply);
+        let mut source = source(&prometheus, &[("error-count", promql)]);
+        assert_eq!(source.observe().await, Err(ObservationError::Baseline));
+        (source.observe().await, prometheus.url.clone())
+    }
+
+    #[tokio::test]
+    async fn custom_query_with_several_series_is_malformed_and_asks_for_an_aggregation() {
+        let data = vector(vec![
+            sample(json!({"pod": "p1"}), "1"),
+            sample(json!({"pod": "p2"}), "2"),
+        ]);
+        let (result, _) = observe_custom(Reply::Json(
+            StatusCode::OK,
+            json!({"status": "success", "data": data}),
+        ))
+        .await;
+        let Err(ObservationError::Malformed(message)) = result else {
+            panic!("expected Malformed, got {result:?}");
+        };
+        for needle in [
+            "custom metric \"error-count\"",
+            "returned 2 series",
+            "pod=\"p1\"",
+            "sum(...)",
+            "query: sum by (pod) (errors)",
+        ] {
+            assert!(message.contains(needle), "missing {needle:?}: {message}");
+        }
+    }
+
+    #[tokio::test]
+    async fn custom_query_returning_a_range_vector_is_malformed() {
+        let data = json!({"resultType": "matrix", "result": []});
+        let (result, _) = observe_custom(Reply::Json(
+            StatusCode::OK,
+            json!({"status": "success", "data": data}),
+        ))
+        .await;
+        let Err(ObservationError::Malformed(message)) = result else {
+            panic!("expected Malformed, got {result:?}");
+        };
+        assert!(message.contains("range vector"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn prometheus_errors_carry_their_text_and_the_query() {
+        let (result, _) = observe_custom(Reply::Json(
+            StatusCode::BAD_REQUEST,
+            json!({"status": "error", "errorType": "bad_data",
+                   "error": "1:8: parse error: unexpected \")\""}),
+        ))
+        .await;
+        let Err(ObservationError::Malformed(message)) = result else {
+            panic!("expected Malformed, got {result:?}");
+        };
+        for needle in [
+            "bad_data",
+            "parse error: unexpected \")\"",
+            "query: sum by (pod) (errors)",
+            "custom metric \"error-count\"",
+        ] {
+            assert!(message.contains(needle), "missing {needle:?}: {message}");
+        }
+
+        // A query Prometheus could not finish in time says nothing about the query itself.
+        let (result, url) = observe_custom(Reply::Json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "error", "errorType": "timeout", "error": "query timed out in expression evaluation"}),
+        ))
+        .await;
+        let Err(ObservationError::Unreachable(message)) = result else {
+            panic!("expected Unreachable, got {result:?}");
+        };
+        assert!(
+            message.contains(&url) && message.contains("timed out"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_errors_and_timeouts_are_unreachable_and_name_the_address() {
+        let (result, url) = observe_custom(Reply::Text(
+            StatusCode::BAD_GATEWAY,
+            "<html>bad gateway</html>".to_string(),
+        ))
+        .await;
+        let Err(ObservationError::Unreachable(message)) = result else {
+            panic!("expected Unreachable, got {result:?}");
+        };
+        assert!(message.contains(&url), "{message}");
+        assert!(message.contains("502"), "{message}");
+
+        let (result, url) = observe_custom(Reply::Slow(Duration::from_secs(5))).await;
+        let Err(ObservationError::Unreachable(message)) = result else {
+            panic!("expected Unreachable, got {result:?}");
+        };
+        assert!(message.contains(&url), "{message}");
+        assert!(message.contains("timed out"), "{message}");
+
+        let closed_port_url = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", listener.local_addr().unwrap())
+        };
+        let mut closed = PrometheusSource::new(
+            &closed_port_url,
+            selector(),
+            Vec::new(),
+            Duration::from_millis(500),
+        )
+        .unwrap();
+        match closed.observe().await {
+            Err(ObservationError::Unreachable(message)) => {
+                assert!(message.contains(&closed_port_url), "{message}")
+            }
+            other => panic!("expected Unreachable, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_call_keeps_the_previous_reading() {
+        let prometheus = FakePrometheus::start().await;
+        prometheus.reply_ok(TRAFFIC_QUERY, traffic(&[series("a", "canary", 10, 0)]));
+        let mut source = source(&prometheus, &[("ratio", "vector(1)")]);
+        assert_eq!(source.observe().await, Err(ObservationError::Baseline));
+
+        // Traffic moved on, but the custom query fails: no observation, nothing committed.
+        prometheus.reply_ok(TRAFFIC_QUERY, traffic(&[series("a", "canary", 15, 0)]));
+        assert!(matches!(
+            source.observe().await,
+            Err(ObservationError::Malformed(message)) if message.contains("unexpected query vector(1)")
+        ));
+
+        prometheus.reply_ok("vector(1)", vector(vec![sample(json!({}), "1")]));
+        prometheus.reply_ok(TRAFFIC_QUERY, traffic(&[series("a", "canary", 17, 0)]));
+        let observation = source.observe().await.unwrap();
+        assert_eq!(requests(&observation.canary), (7, 0));
+        assert_eq!(observation.custom.get("ratio"), Some(&1.0));
+    }
+
+    #[tokio::test]
+    async fn malformed_traffic_answers() {
+        let labels = |name: &str, extra: Value| {
+            let mut labels = json!({"__name__": name, "instance": "a", "fledge_service": "app", "fledge_subset": "canary"});
+            for (key, value) in extra.as_object().unwrap() {
+                labels[key] = value.clone();
+            }
+            labels
+        };
+        let cases: Vec<(&str, Reply, &str)> = vec![
+            (
+                "scalar",
+                Reply::Json(
+                    StatusCode::OK,
+                    json!({"status": "success", "data": {"resultType": "scalar", "result": [1.0, "1"]}}),
+                ),
+                "returned a scalar instead of a vector",
+            ),
+            (
+                "not json",
+                Reply::Text(StatusCode::OK, "<html>login</html>".to_string()),
+                "not a Prometheus API answer",
+            ),
+            (
+                "unknown class",
+                Reply::Json(
+                    StatusCode::OK,
+                    json!({"status": "success", "data": vector(vec![
+                    sample(labels("fledge_requests_total", json!({"fledge_class": "6xx"})), "1")])}),
+                ),
+                "unknown fledge_class \"6xx\"",
+            ),
+            (
+                "negative counter",
+                Reply::Json(
+                    StatusCode::OK,
+                    json!({"status": "success", "data": vector(vec![
+                    sample(labels("fledge_requests_total", json!({"fledge_class": "2xx"})), "-3")])}),
+                ),
+                "expected a non-negative count",
+            ),
+            (
+                "decreasing buckets",
+                Reply::Json(
+                    StatusCode::OK,
+                    json!({"status": "success", "data": vector(vec![
+                    sample(labels("fledge_request_duration_ms_bucket", json!({"le": "1"})), "5"),
+                    sample(labels("fledge_request_duration_ms_bucket", json!({"le": "2"})), "4")])}),
+                ),
+                "decrease with le",
+            ),
+        ];
+        for (what, reply, needle) in cases {
+            let prometheus = FakePrometheus::start().await;
+            prometheus.reply(TRAFFIC_QUERY, reply);
+            let mut source = source(&prometheus, &[]);
+            match source.observe().await {
+                Err(ObservationError::Malformed(message)) => {
+                    assert!(message.contains(needle), "{what}: {message}");
+                    assert!(message.contains(&prometheus.url), "{what}: {message}");
+                    assert!(message.contains(TRAFFIC_QUERY), "{what}: {message}");
+                }
+                other => panic!("{what}: expected Malformed, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn other_services_and_subsets_are_ignored_and_missing_subsets_count_as_zero() {
+        let prometheus = FakePrometheus::start().await;
+        let mut foreign = series("a", "v3", 99, 99).samples();
+        foreign.extend(
+            series("a", "canary", 99, 99)
+                .samples()
+                .into_iter()
+                .map(|mut s| {
+                    s["metric"]["fledge_service"] = json!("other");
+                    s
+                }),
+        );
+        let mut samples = foreign.clone();
+        samples.extend(series("a", "stable", 10, 0).samples());
+        prometheus.reply_ok(TRAFFIC_QUERY, vector(samples));
+        let mut source = source(&prometheus, &[]);
+        assert_eq!(source.observe().await, Err(ObservationError::Baseline));
+        let mut samples = foreign;
+        samples.extend(series("a", "stable", 12, 0).samples());
+        prometheus.reply_ok(TRAFFIC_QUERY, vector(samples));
+        let observation = source.observe().await.unwrap();
+        assert_eq!(requests(&observation.stable), (2, 0));
+        assert_eq!(observation.canary, SubsetTraffic::default());
+    }
+
+    #[test]
+    fn for_canary_renders_the_custom_templates() {
+        let yaml = r#"
+apiVersion: fledge.dev/v1alpha1
+kind: Canary
+metadata: {name: web, namespace: shop}
+spec:
+  service: web
+  stable: {subset: v1}
+  canary: {subset: v2}
+  metricsSource:
+    prometheus: {address: "http://127.0.0.1:9090/", timeout: 2s}
+  router:
+    envoyRds:
+      path: /tmp/rds/routes.json
+      routeConfiguration: r
+      virtualHost: v
+      route: primary
+      stableCluster: s
+      canaryCluster: c
+      adminUrl: http://127.0.0.1:9901
+  analysis:
+    interval: 15s
+    steps: [{setWeight: 50}]
+    metrics:
+      - {name: request-success-rate, thresholdRange: {min: 99}}
+      - name: error-ratio
+        thresholdRange: {max: 0.01}
+        query: sum(rate(errors{ns="{{ namespace }}",app="{{ service }}",v="{{ canary }}"}[{{ interval }}]))
+"#;
+        let canary: Canary = serde_yaml::from_str(yaml).unwrap();
+        let prometheus = canary.spec.metrics_source.prometheus.clone().unwrap();
+        let source = PrometheusSource::for_canary(&canary, &prometheus).unwrap();
+        assert_eq!(
+            source.custom_queries(),
+            &[CustomQuery {
+                metric: "error-ratio".to_string(),
+                promql: r#"sum(rate(errors{ns="shop",app="web",v="v2"}[15s]))"#.to_string(),
+            }]
+        );
+        assert!(
+            source
+                .traffic_query()
+                .ends_with(r#"fledge_service="web",fledge_subset=~"v1|v2"}"#),
+            "{}",
+            source.traffic_query()
+        );
+        assert_eq!(
+            source.query_url.as_str(),
+            "http://127.0.0.1:9090/api/v1/query"
+        );
+    }
+
+    #[test]
+    fn construction_errors_and_address_prefixes() {
+        let build = |address: &str, selector: SubsetSelector| {
+            PrometheusSource::new(address, selector, Vec::new(), Duration::from_secs(1))
+        };
+        for bad in ["not a url", "ftp://prom:9090", "http://prom:9090/?x=1"] {
+            assert!(
+                matches!(
+                    build(bad, selector()),
+                    Err(PrometheusSourceError::InvalidAddress { .. })
+                ),
+                "{bad}"
+            );
+        }
+        let mut same = selector();
+        same.canary_subset = same.stable_subset.clone();
+        assert!(matches!(
+            build("http://prom:9090", same),
+            Err(PrometheusSourceError::SameSubsets(_))
+        ));
+        let with_prefix = build("http://thanos:9090/prometheus/", selector()).unwrap();
+        assert_eq!(
+            with_prefix.query_url.as_str(),
+            "http://thanos:9090/prometheus/api/v1/query"
+        );
+    }
+
+    #[test]
+    fn prometheus_floats_parse() {
+        assert!(parse_prometheus_float("NaN").unwrap().is_nan());
+        assert_eq!(parse_prometheus_float("+Inf"), Ok(f64::INFINITY));
+        assert_eq!(parse_prometheus_float("-Inf"), Ok(f64::NEG_INFINITY));
+        assert_eq!(parse_prometheus_float("1e+06"), Ok(1_000_000.0));
+        assert_eq!(parse_prometheus_float("0.25"), Ok(0.25));
+        assert!(parse_prometheus_float("x").is_err());
+    }
+}

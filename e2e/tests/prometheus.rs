@@ -1,0 +1,358 @@
+//! The Prometheus metrics source on real processes: a real Prometheus (Debian's `prometheus`
+//! package, our own child process on a free port with its own TSDB) scrapes a real Envoy with
+//! the Fledge filter every second.
+//!
+//! - The source's observation equals, request for request, what each backend served.
+//! - `fledge run` with `metricsSource.prometheus` and a custom PromQL metric (the canary's 5xx
+//!   ratio) rolls back a canary answering 20% 5xx and promotes a healthy one, asserted on the
+//!   traffic that really reaches each backend.
+//!
+//! Windows: the built-in counts need none (the source subtracts raw counters between calls).
+//! The custom query below uses `[{{ interval }}]` with `interval: 4s` and `scrape_interval:
+//! 1s`, so every `increase()` window holds about four samples (it needs at least two); in
+//! general keep the analysis interval at least 2× (better 4×) the scrape interval, or write a
+//! longer window into the template.
+
+use anyhow::{bail, ensure, Context, Result};
+use fledge_controller::metrics::prometheus::{CustomQuery, PrometheusSource};
+use fledge_controller::metrics::{MetricsSource, SubsetSelector};
+use fledge_core::contract::ResponseClass;
+use fledge_core::observe::ObservationError;
+use fledge_e2e::prometheus::{Prometheus, PrometheusOptions};
+use fledge_e2e::{
+    init_tracing, wait_until, Backend, BackendOptions, CanaryManifest, CanaryView, Controller,
+    Envoy, EnvoyOptions, LoadGen, LoadOptions, RouteWeights, ScratchDir, WasmFilter,
+};
+use std::time::Duration;
+
+/// Steps 20 → 40 → 60 → 80 with 4 s intervals, judged only by a custom PromQL metric: the
+/// canary's share of failed requests (5xx or no response) over the interval.
+const CUSTOM_METRIC_ANALYSIS: &str = r#"interval: 4s
+threshold: 2
+minCanaryRequests: 10
+steps: [{setWeight: 20}, {setWeight: 40}, {setWeight: 60}, {setWeight: 80}]
+metrics:
+  - name: canary-failure-ratio
+    thresholdRange: {max: 0.05}
+    query: 'sum(increase(fledge_requests_total{fledge_service="{{ service }}",fledge_subset="{{ canary }}",fledge_class=~"5xx|none"}[{{ interval }}])) / sum(increase(fledge_requests_total{fledge_service="{{ service }}",fledge_subset="{{ canary }}"}[{{ interval }}]))'
+"#;
+
+/// Backends, an Envoy with the filter, and a Prometheus scraping it; dropping it stops all.
+struct Stack {
+    // Drop order: Prometheus, then Envoy and the backends, then the directory.
+    prometheus: Prometheus,
+    envoy: Envoy,
+    stable: Backend,
+    canary: Backend,
+    dir: ScratchDir,
+}
+
+impl Stack {
+    fn start(name: &str, canary: BackendOptions) -> Result<Stack> {
+        init_tracing();
+        let dir = ScratchDir::temp(name)?;
+        let stable = Backend::start("v1", BackendOptions::default())?;
+        let canary = Backend::start("v2", canary)?;
+        let envoy = Envoy::start(
+            EnvoyOptions::new(stable.port(), canary.port())
+                .with_filter(WasmFilter::built(&WasmFilter::default_plugin_config(
+                    "app",
+                ))?)
+                .in_dir(&dir.path().join("envoy")),
+        )?;
+        let prometheus = Prometheus::start(
+            PrometheusOptions::envoy(&envoy.admin_url()).in_dir(&dir.path().join("prometheus")),
+        )?;
+        prometheus.wait_for_targets_up(Duration::from_secs(20))?;
+        Ok(Stack {
+            prometheus,
+            envoy,
+            stable,
+            canary,
+            dir,
+        })
+    }
+
+    /// Requests each backend serves during `window`.
+    fn served_during(&self, window: Duration) -> Result<(u64, u64)> {
+        let (stable0, canary0) = (self.stable.served()?, self.canary.served()?);
+        std::thread::sleep(window);
+        Ok((
+            self.stable.served()? - stable0,
+            self.canary.served()? - canary0,
+        ))
+    }
+}
+
+fn selector() -> SubsetSelector {
+    SubsetSelector {
+        service: "app".to_string(),
+        stable_subset: "stable".to_string(),
+        canary_subset: "canary".to_string(),
+    }
+}
+
+#[test]
+fn prometheus_source_counts_exactly_what_each_backend_served() -> Result<()> {
+    let stack = Stack::start(
+        "prom-counts",
+        BackendOptions {
+            error_rate: 0.1,
+            seed: 5,
+            ..BackendOptions::default()
+        },
+    )?;
+    stack
+        .envoy
+        .apply_route_weights(RouteWeights::canary_percent(30))?;
+    // The filter defines the configured subsets' counters at start (6 classes × 2 subsets).
+    stack.prometheus.wait_for_value(
+        r#"count(fledge_requests_total{fledge_service="app"})"#,
+        12.0,
+        Duration::from_secs(20),
+    )?;
+
+    let failure_ratio = r#"sum(increase(fledge_requests_total{fledge_service="app",fledge_subset="canary",fledge_class=~"5xx|none"}[5m])) / sum(increase(fledge_requests_total{fledge_service="app",fledge_subset="canary"}[5m]))"#;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut source = PrometheusSource::new(
+        &stack.prometheus.url(),
+        selector(),
+        vec![
+            CustomQuery {
+                metric: "canary-failure-ratio".to_string(),
+                promql: failure_ratio.to_string(),
+            },
+            CustomQuery {
+                metric: "nothing-matches".to_string(),
+                promql: r#"sum(fledge_requests_total{fledge_service="no-such-service"})"#
+                    .to_string(),
+            },
+        ],
+        Duration::from_secs(5),
+    )?;
+    ensure!(
+        runtime.block_on(source.observe()) == Err(ObservationError::Baseline),
+        "the first call takes a baseline"
+    );
+
+    let stable_before = stack.stable.stats()?;
+    let canary_before = stack.canary.stats()?;
+    let mut options = LoadOptions::new(100, Duration::from_secs(30));
+    options.max_requests = 600;
+    let report = LoadGen::start(&stack.envoy.listener_url(), options)?.wait();
+    ensure!(report.responses() == 600, "{}", report.summary());
+    let stable_after = stack.stable.stats()?;
+    let canary_after = stack.canary.stats()?;
+    let stable_served = stable_after.served - stable_before.served;
+    let canary_served = canary_after.served - canary_before.served;
+    let canary_errors = canary_after.errors - canary_before.errors;
+    ensure!(stable_served + canary_served == 600);
+
+    // Wait until Prometheus has scraped every request: the counters, and the histogram, which
+    // Envoy publishes on its next stats flush.
+    let served_ever = (stable_after.served + canary_after.served) as f64;
+    for promql in [
+        r#"sum(fledge_requests_total{fledge_service="app"})"#,
+        r#"sum(fledge_request_duration_ms_count{fledge_service="app"})"#,
+    ] {
+        stack
+            .prometheus
+            .wait_for_value(promql, served_ever, Duration::from_secs(15))?;
+    }
+
+    let observation = runtime.block_on(source.observe())?;
+    let (stable, canary) = (&observation.stable, &observation.canary);
+    ensure!(
+        stable.requests() == stable_served && stable.failures() == 0,
+        "stable: observed {stable:?}, backend served {stable_served}"
+    );
+    ensure!(
+        canary.requests() == canary_served
+            && canary.count(ResponseClass::ServerError) == canary_errors
+            && canary.count(ResponseClass::Success) == canary_served - canary_errors,
+        "canary: observed {canary:?}, backend served {canary_served} with {canary_errors} errors"
+    );
+    ensure!(
+        stable.latency.count == stable_served && canary.latency.count == canary_served,
+        "histogram counts {} / {}",
+        stable.latency.count,
+        canary.latency.count
+    );
+    ensure!(
+        stable.latency.bounds_ms.len() > 5 && canary.latency.quantile(0.5).is_some(),
+        "latency histogram: {:?}",
+        canary.latency
+    );
+    let share = observation.canary_share().unwrap_or(0.0);
+    ensure!((0.2..=0.4).contains(&share), "canary share {share}");
+
+    let expected_ratio = canary_errors as f64 / canary_served as f64;
+    let ratio = observation
+        .custom
+        .get("canary-failure-ratio")
+        .copied()
+        .context("custom metric canary-failure-ratio missing")?;
+    ensure!(
+        (ratio - expected_ratio).abs() < 0.02,
+        "custom failure ratio {ratio}, backend says {expected_ratio}"
+    );
+    ensure!(
+        !observation.custom.contains_key("nothing-matches"),
+        "an empty answer must be absent (no data), not zero: {:?}",
+        observation.custom
+    );
+
+    // Nothing new since: an empty interval, not an error and not the same requests again.
+    let observation = runtime.block_on(source.observe())?;
+    ensure!(
+        observation.stable.requests() == 0 && observation.canary.requests() == 0,
+        "{observation:?}"
+    );
+    Ok(())
+}
+
+/// `fledge run` with the Prometheus source and [`CUSTOM_METRIC_ANALYSIS`], plus load.
+struct Scenario {
+    // Drop order: controller and load first, then the rest.
+    controller: Controller,
+    load: Option<LoadGen>,
+    stack: Stack,
+}
+
+impl Scenario {
+    fn start(name: &str, canary: BackendOptions) -> Result<Scenario> {
+        let stack = Stack::start(name, canary)?;
+        let mut options = LoadOptions::new(100, Duration::from_secs(150));
+        options.workers = 8;
+        let load = LoadGen::start(&stack.envoy.listener_url(), options)?;
+        let mut manifest = CanaryManifest::new(
+            name,
+            "app",
+            &stack.envoy.admin_url(),
+            stack.envoy.rds_path(),
+        )
+        .with_prometheus(&stack.prometheus.url());
+        manifest.analysis_yaml = CUSTOM_METRIC_ANALYSIS.to_string();
+        let manifest_path = stack.dir.path().join("canary.yaml");
+        manifest.write(&manifest_path)?;
+        let controller = Controller::start(
+            &manifest_path,
+            &stack.dir.path().join("state"),
+            &stack.dir.path().join("fledge.log"),
+        )?;
+        Ok(Scenario {
+            controller,
+            load: Some(load),
+            stack,
+        })
+    }
+
+    /// Wait until the canary reaches `phase`; fail at once if it ends otherwise.
+    fn wait_for_phase(&mut self, name: &str, phase: &str, timeout: Duration) -> Result<CanaryView> {
+        let controller = &mut self.controller;
+        wait_until(&format!("canary {name} to be {phase}"), timeout, || {
+            let view = controller.canary(name)?;
+            if view.phase == phase {
+                return Ok(Some(view));
+            }
+            if ["Promoted", "RolledBack"].contains(&view.phase.as_str()) {
+                bail!(
+                    "canary ended {} instead of {phase}: {}",
+                    view.phase,
+                    view.message
+                );
+            }
+            Ok(None)
+        })
+        .with_context(|| format!("controller output:\n{}", self.controller.log_tail(40)))
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        if let Some(load) = self.load.take() {
+            load.stop();
+        }
+    }
+}
+
+/// The custom metric's check in the last analysis.
+fn custom_check(view: &CanaryView) -> Result<serde_json::Value> {
+    view.raw["lastAnalysis"]["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "canary-failure-ratio")
+        .cloned()
+        .with_context(|| {
+            format!(
+                "no canary-failure-ratio check in lastAnalysis: {}",
+                view.raw["lastAnalysis"]
+            )
+        })
+}
+
+#[test]
+fn custom_prometheus_metric_rolls_back_a_canary_answering_20_percent_5xx() -> Result<()> {
+    let mut scenario = Scenario::start(
+        "prom-errors",
+        BackendOptions {
+            error_rate: 0.2,
+            seed: 7,
+            ..BackendOptions::default()
+        },
+    )?;
+    let view = scenario.wait_for_phase("prom-errors", "RolledBack", Duration::from_secs(90))?;
+    ensure!(view.canary_weight == Some(0), "{view:?}");
+    ensure!(
+        view.message.contains("canary-failure-ratio"),
+        "rollback reason: {}",
+        view.message
+    );
+    let check = custom_check(&view)?;
+    ensure!(check["verdict"] == "Fail", "{check}");
+    let ratio = check["value"].as_f64().unwrap_or(0.0);
+    ensure!((0.1..=0.3).contains(&ratio), "5xx ratio {ratio}: {check}");
+    // The canary really received traffic (it was judged on real requests) ...
+    let canary_served = scenario.stack.canary.served()?;
+    ensure!(canary_served > 20, "canary served {canary_served}");
+    // ... and none after the rollback.
+    let (stable, canary) = scenario.stack.served_during(Duration::from_secs(3))?;
+    ensure!(
+        canary == 0 && stable > 100,
+        "after rollback canary served {canary}, stable {stable}"
+    );
+    Ok(())
+}
+
+#[test]
+fn custom_prometheus_metric_promotes_a_healthy_canary() -> Result<()> {
+    let mut scenario = Scenario::start("prom-healthy", BackendOptions::default())?;
+    let view = scenario.wait_for_phase("prom-healthy", "Promoted", Duration::from_secs(90))?;
+    ensure!(view.canary_weight == Some(100), "{view:?}");
+    let weights: Vec<u64> = view.raw["history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["canaryWeight"].as_u64())
+        .collect();
+    ensure!(
+        weights == [20, 40, 60, 80, 100],
+        "weights walked {weights:?}"
+    );
+    let check = custom_check(&view)?;
+    ensure!(
+        check["verdict"] == "Pass" && check["value"].as_f64() == Some(0.0),
+        "{check}"
+    );
+    let (stable, canary) = scenario.stack.served_during(Duration::from_secs(3))?;
+    let share = canary as f64 / (stable + canary).max(1) as f64;
+    ensure!(
+        canary > 100 && share >= 0.99,
+        "after promotion canary served {canary}, stable {stable} ({:.1}% canary)",
+        share * 100.0
+    );
+    Ok(())
+}
