@@ -111,11 +111,13 @@ fn serve_connection(connection: TcpStream, name: &str, served: &AtomicU64, stop:
         let mut head = String::new();
         let mut content_length = 0usize;
         loop {
-            let mut line = String::new();
-            match reader.read_line(&mut line) {
+            let mut raw_line = Vec::new();
+            match reader.read_until(b'\n', &mut raw_line) {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
+            // Header values may be any bytes; the echo only needs to be readable.
+            let line = String::from_utf8_lossy(&raw_line).into_owned();
             if line == "\r\n" || line == "\n" {
                 break;
             }

@@ -103,6 +103,15 @@ fn owned(status: u32, data: *mut u8, size: usize) -> Option<Vec<u8>> {
     Some(unsafe { Vec::from_raw_parts(data, size, size) })
 }
 
+/// Like [`owned`], for header values: a present header with an empty value comes back as
+/// success with no data, and must stay "present" (so an empty forced-canary header is stripped).
+fn owned_header(status: u32, data: *mut u8, size: usize) -> Option<Vec<u8>> {
+    if status == abi::OK && data.is_null() {
+        return Some(Vec::new());
+    }
+    owned(status, data, size)
+}
+
 fn log(level: LogLevel, message: &str) {
     // SAFETY: pointer and length describe a live &str for the duration of the call.
     unsafe {
@@ -164,7 +173,7 @@ impl StreamHost for Hostcalls {
                 &mut size,
             )
         };
-        owned(status, data, size)
+        owned_header(status, data, size)
     }
 
     fn set_header(&mut self, map: Headers, name: &str, value: &[u8]) {
