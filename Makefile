@@ -49,3 +49,17 @@ fmt:
 
 clean:
 	$(CARGO) clean
+
+# Kubernetes mode. The CRD is generated from the Rust spec; a unit test fails when
+# manifests/crd.yaml is stale, and `make crd` regenerates it.
+.PHONY: crd verify-crd e2e-kind
+crd:
+	$(CARGO) run -q -p fledge-controller --bin fledge -- crd > manifests/crd.yaml
+
+verify-crd:
+	$(CARGO) test -p fledge-controller --lib k8s::manifest_tests
+
+# kind + Istio + Prometheus on a real machine with Docker (cannot run on the project's CI
+# machines, which have no container runtime or Kubernetes API server). See docs/kubernetes.md.
+e2e-kind:
+	bash scripts/e2e-kind.sh

@@ -21,6 +21,7 @@
 pub mod api;
 pub mod backends;
 pub mod config;
+pub mod k8s;
 pub mod metrics;
 pub mod progress;
 pub mod router;

@@ -35,6 +35,27 @@ enum Commands {
         #[arg(long)]
         exit_when_done: bool,
     },
+    /// Run the Kubernetes controller: watch `Canary` objects and move the weights of their Istio
+    /// VirtualServices (see docs/kubernetes.md).
+    Controller {
+        /// Watch Canaries in this namespace only (default: all namespaces).
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Namespace of the leader-election Lease (default: $POD_NAMESPACE, else fledge-system).
+        #[arg(long)]
+        lease_namespace: Option<String>,
+        /// Name of the leader-election Lease.
+        #[arg(long, default_value = "fledge-controller")]
+        lease_name: String,
+        /// This instance's identity in the Lease (default: $POD_NAME, else $HOSTNAME).
+        #[arg(long)]
+        identity: Option<String>,
+        /// Address of the /healthz and /readyz probes.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+    },
+    /// Print the Canary CustomResourceDefinition as YAML (`fledge crd > manifests/crd.yaml`).
+    Crd,
     /// Check Canary spec files and print every problem with the field and the fix.
     Validate {
         #[arg(short = 'f', long = "file", required = true)]
@@ -66,6 +87,8 @@ async fn run(files: Vec<PathBuf>, listen: SocketAddr, state_dir: PathBuf, exit_w
             store: store.clone(),
             registry: registry.clone(),
             exit_when_done,
+            last_written: None,
+            last_conflict: None,
         };
         tasks.spawn(task.run(shutdown_rx.clone()));
     }
@@ -128,6 +151,13 @@ async fn shutdown_signal() {
     }
 }
 
+async fn controller(
+    options: fledge_controller::k8s::serve::ServeOptions,
+) -> anyhow::Result<ExitCode> {
+    fledge_controller::k8s::serve::run_until(options, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -138,6 +168,31 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Commands::Controller {
+            namespace,
+            lease_namespace,
+            lease_name,
+            identity,
+            listen,
+        } => {
+            let options = fledge_controller::k8s::serve::ServeOptions::from_args(
+                namespace,
+                lease_namespace,
+                lease_name,
+                identity,
+                listen,
+            );
+            match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt.block_on(controller(options)),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Commands::Crd => fledge_controller::k8s::crd::crd_yaml()
+            .map(|yaml| {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            })
+            .map_err(Into::into),
         Commands::Validate { files } => load(&files).map(|canaries| {
             for c in &canaries {
                 println!("{}: valid ({} steps)", c.name(), c.spec.analysis.plan().len());

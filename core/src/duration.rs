@@ -120,6 +120,26 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// In a JSON Schema (the Kubernetes CRD) a duration is a string such as `30s`.
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "HumanDuration".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration: a number with a unit (ms, s, m, h), e.g. \"500ms\", \"30s\", \"1m30s\".",
+            "pattern": "^\\s*([0-9]+(ms|s|m|h))+\\s*$"
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,7 @@
 //! proxy. New backends are new files implementing [`TrafficRouter`].
 
 pub mod envoy_rds;
+pub mod istio;
 #[cfg(test)]
 mod real_envoy_tests;
 

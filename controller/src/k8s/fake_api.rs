@@ -1,0 +1,1124 @@
+//! An in-process fake Kubernetes API server for tests, reached through a real `kube::Client`.
+//!
+//! It is a `tower` service (no sockets), so it runs under tokio's paused clock. It implements
+//! the semantics the controller relies on, the way the real API server does:
+//!
+//! - a global, increasing `resourceVersion`; `PUT` with a stale one → 409 Conflict, and so does
+//!   a `PATCH` whose body names a stale `metadata.resourceVersion`; custom resources must name
+//!   one on `PUT`;
+//! - JSON Patch (RFC 6902, with Kubernetes' rule that `test` of a missing path against `null`
+//!   passes) — a failed `test` → 422; JSON merge patch (RFC 7386); other patch types → 415;
+//! - the status subresource: `/status` writes change only `.status`, main-resource writes
+//!   never change `.status`; `metadata.generation` is bumped only when `.spec` changes (or
+//!   deletion starts);
+//! - `DELETE` of an object with finalizers only sets `deletionTimestamp`; it is removed when
+//!   the last finalizer goes; `POST` of an existing name → 409 AlreadyExists;
+//! - list (with the collection's resourceVersion) and watch (every event after a
+//!   resourceVersion, then live events, until `timeoutSeconds`);
+//! - every request is recorded (client identity, method, path, query, content type, body and
+//!   response code), like controller-rs's `ApiServerVerifier`, so tests assert exact requests.
+
+use axum::body::Body as ResponseBody;
+use axum::http::{Method, Request, Response, StatusCode};
+use chrono::Utc;
+use futures::StreamExt;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// One request as the server saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedRequest {
+    /// Which client sent it (see [`FakeApiServer::client`]).
+    pub client: String,
+    pub method: String,
+    pub path: String,
+    pub query: BTreeMap<String, String>,
+    pub content_type: Option<String>,
+    pub body: Option<Value>,
+    /// The response's status code.
+    pub status: u16,
+}
+
+impl RecordedRequest {
+    /// `METHOD /path` plus `?fieldManager=...` when set — the shape tests compare.
+    pub fn line(&self) -> String {
+        match self.query.get("fieldManager") {
+            Some(manager) => format!("{} {}?fieldManager={manager}", self.method, self.path),
+            None => format!("{} {}", self.method, self.path),
+        }
+    }
+
+    pub fn is_watch(&self) -> bool {
+        self.query.get("watch").map(String::as_str) == Some("true")
+    }
+
+    /// Parsed path: (api group, resource[/subresource], has a name).
+    pub fn target(&self) -> Option<(String, String, bool)> {
+        let path = parse_path(&self.path).ok()?;
+        let resource = match &path.subresource {
+            Some(sub) => format!("{}/{sub}", path.plural),
+            None => path.plural.clone(),
+        };
+        Some((path.group, resource, path.name.is_some()))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ResourceInfo {
+    group: String,
+    plural: String,
+    kind: String,
+    status_subresource: bool,
+    /// Custom resources need `metadata.resourceVersion` on PUT; some built-ins don't.
+    requires_version_on_update: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct WatchEvent {
+    resource_version: u64,
+    group: String,
+    plural: String,
+    namespace: Option<String>,
+    kind: &'static str,
+    object: Value,
+}
+
+type Hook = Box<dyn FnOnce(&FakeApiServer) + Send>;
+
+struct PendingHook {
+    method: String,
+    path_contains: String,
+    hook: Hook,
+}
+
+#[derive(Default)]
+struct State {
+    last_version: u64,
+    next_uid: u64,
+    /// (group, plural, namespace, name) → object
+    objects: BTreeMap<(String, String, String, String), Value>,
+    history: Vec<WatchEvent>,
+    requests: Vec<RecordedRequest>,
+    hooks: VecDeque<PendingHook>,
+}
+
+/// The fake API server; cheap to clone (shared state).
+#[derive(Clone)]
+pub struct FakeApiServer {
+    state: Arc<Mutex<State>>,
+    resources: Arc<Vec<ResourceInfo>>,
+    events: broadcast::Sender<WatchEvent>,
+}
+
+/// A failed request: status code, Kubernetes reason, message.
+struct Failure(StatusCode, &'static str, String);
+
+impl Failure {
+    fn not_found(what: &str) -> Self {
+        Failure(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("{what} not found"),
+        )
+    }
+    fn conflict(message: String) -> Self {
+        Failure(StatusCode::CONFLICT, "Conflict", message)
+    }
+    fn invalid(message: String) -> Self {
+        Failure(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", message)
+    }
+    fn bad_request(message: String) -> Self {
+        Failure(StatusCode::BAD_REQUEST, "BadRequest", message)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct ApiPath {
+    group: String,
+    namespace: Option<String>,
+    plural: String,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+fn parse_path(path: &str) -> Result<ApiPath, String> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => (String::new(), rest),
+        ["apis", group, _version, rest @ ..] => (group.to_string(), rest),
+        _ => return Err(format!("not an API path: {path}")),
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+        rest => (None, rest),
+    };
+    let (plural, name, subresource) = match rest {
+        [plural] => (plural, None, None),
+        [plural, name] => (plural, Some(name.to_string()), None),
+        [plural, name, sub] => (plural, Some(name.to_string()), Some(sub.to_string())),
+        _ => return Err(format!("unsupported API path: {path}")),
+    };
+    Ok(ApiPath {
+        group,
+        namespace,
+        plural: plural.to_string(),
+        name,
+        subresource,
+    })
+}
+
+fn parse_query(query: Option<&str>) -> BTreeMap<String, String> {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k.to_string(), v.replace("%2F", "/").replace("%3A", ":"))
+        })
+        .collect()
+}
+
+/// RFC 6902 with Kubernetes' `test` rule (a missing path equals `null`).
+pub fn apply_json_patch(doc: &mut Value, ops: &Value) -> Result<(), String> {
+    let ops = ops.as_array().ok_or("a JSON Patch must be an array")?;
+    for op in ops {
+        let path = op.get("path").and_then(Value::as_str).unwrap_or_default();
+        if op.get("op").and_then(Value::as_str) == Some("test") {
+            let actual = doc.pointer(path).unwrap_or(&Value::Null);
+            let expected = op.get("value").unwrap_or(&Value::Null);
+            if actual != expected {
+                return Err(format!(
+                    "the server rejected our request due to an error in our request: test failed at {path}: is {actual}, not {expected}"
+                ));
+            }
+            continue;
+        }
+        let single: json_patch::Patch =
+            serde_json::from_value(json!([op])).map_err(|e| format!("invalid operation: {e}"))?;
+        json_patch::patch(doc, &single.0).map_err(|e| format!("cannot apply {op}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn status_body(code: StatusCode, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code.as_u16(),
+    })
+}
+
+fn json_response(code: StatusCode, body: &Value) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::from(body.to_string()));
+    *response.status_mut() = code;
+    response
+}
+
+fn meta<'a>(object: &'a Value, field: &str) -> Option<&'a str> {
+    object.get("metadata")?.get(field)?.as_str()
+}
+
+fn finalizers_of(object: &Value) -> usize {
+    object
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len)
+}
+
+impl Default for FakeApiServer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeApiServer {
+    /// A server that knows Canaries, VirtualServices, DestinationRules, Leases and Events.
+    pub fn new() -> Self {
+        let resource =
+            |group: &str, plural: &str, kind: &str, status: bool, versioned: bool| ResourceInfo {
+                group: group.into(),
+                plural: plural.into(),
+                kind: kind.into(),
+                status_subresource: status,
+                requires_version_on_update: versioned,
+            };
+        let resources = vec![
+            resource("fledge.dev", "canaries", "Canary", true, true),
+            resource(
+                "networking.istio.io",
+                "virtualservices",
+                "VirtualService",
+                true,
+                true,
+            ),
+            resource(
+                "networking.istio.io",
+                "destinationrules",
+                "DestinationRule",
+                true,
+                true,
+            ),
+            resource("coordination.k8s.io", "leases", "Lease", false, false),
+            resource("events.k8s.io", "events", "Event", false, false),
+        ];
+        let (events, _) = broadcast::channel(4096);
+        FakeApiServer {
+            state: Arc::new(Mutex::new(State::default())),
+            resources: Arc::new(resources),
+            events,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        match self.state.lock() {
+            Ok(state) => state,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// A kube client whose requests are recorded as coming from `identity`.
+    pub fn client(&self, identity: &str) -> kube::Client {
+        let server = self.clone();
+        let identity = identity.to_string();
+        let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+            let server = server.clone();
+            let identity = identity.clone();
+            async move { Ok::<_, Infallible>(server.handle(&identity, request).await) }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    /// Every request so far, in order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.lock().requests.clone()
+    }
+
+    /// Every request so far, forgetting them.
+    pub fn take_requests(&self) -> Vec<RecordedRequest> {
+        std::mem::take(&mut self.lock().requests)
+    }
+
+    /// Run `hook` just before the next request whose method is `method` and whose path
+    /// contains `path_contains` is handled (e.g. to make a concurrent edit between a read and
+    /// a write).
+    pub fn before_next(
+        &self,
+        method: &str,
+        path_contains: &str,
+        hook: impl FnOnce(&FakeApiServer) + Send + 'static,
+    ) {
+        self.lock().hooks.push_back(PendingHook {
+            method: method.to_string(),
+            path_contains: path_contains.to_string(),
+            hook: Box::new(hook),
+        });
+    }
+
+    fn info(&self, group: &str, plural: &str) -> Option<&ResourceInfo> {
+        self.resources
+            .iter()
+            .find(|r| r.group == group && r.plural == plural)
+    }
+
+    /// The stored object, if any.
+    pub fn get(&self, group: &str, plural: &str, namespace: &str, name: &str) -> Option<Value> {
+        self.lock()
+            .objects
+            .get(&(group.into(), plural.into(), namespace.into(), name.into()))
+            .cloned()
+    }
+
+    /// All stored objects of one resource in a namespace.
+    pub fn list(&self, group: &str, plural: &str, namespace: &str) -> Vec<Value> {
+        self.lock()
+            .objects
+            .iter()
+            .filter(|((g, p, ns, _), _)| g == group && p == plural && ns == namespace)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Create an object as another client (kubectl, GitOps) would; not recorded.
+    pub fn create(&self, group: &str, plural: &str, object: Value) -> Value {
+        let namespace = meta(&object, "namespace").unwrap_or("default").to_string();
+        match self.create_object(group, plural, &namespace, object) {
+            Ok(stored) => stored,
+            Err(Failure(_, _, message)) => panic!("fake API server: create failed: {message}"),
+        }
+    }
+
+    /// Change a stored object as another client would (main-resource rules apply); not
+    /// recorded.
+    pub fn edit(
+        &self,
+        group: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+        change: impl FnOnce(&mut Value),
+    ) {
+        let Some(mut object) = self.get(group, plural, namespace, name) else {
+            panic!("fake API server: {plural} {namespace}/{name} does not exist");
+        };
+        change(&mut object);
+        if let Err(Failure(_, _, message)) =
+            self.update_object(group, plural, namespace, name, object, false)
+        {
+            panic!("fake API server: edit failed: {message}");
+        }
+    }
+
+    /// Delete an object as another client would (finalizers respected); not recorded.
+    pub fn delete(&self, group: &str, plural: &str, namespace: &str, name: &str) {
+        if let Err(Failure(_, _, message)) = self.delete_object(group, plural, namespace, name) {
+            panic!("fake API server: delete failed: {message}");
+        }
+    }
+
+    fn record(&self, state: &mut State, event: WatchEvent) {
+        state.history.push(event.clone());
+        let _ = self.events.send(event);
+    }
+
+    fn next_version(state: &mut State) -> u64 {
+        state.last_version += 1;
+        state.last_version
+    }
+
+    fn create_object(
+        &self,
+        group: &str,
+        plural: &str,
+        namespace: &str,
+        mut object: Value,
+    ) -> Result<Value, Failure> {
+        let info = self
+            .info(group, plural)
+            .ok_or_else(|| Failure::not_found(&format!("resource {plural}.{group}")))?
+            .clone();
+        let name = meta(&object, "name")
+            .map(str::to_string)
+            .ok_or_else(|| Failure::invalid("metadata.name: Required value".into()))?;
+        let mut state = self.lock();
+        let key = (
+            group.to_string(),
+            plural.to_string(),
+            namespace.to_string(),
+            name.clone(),
+        );
+        if state.objects.contains_key(&key) {
+            return Err(Failure(
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                format!("{plural}.{group} \"{name}\" already exists"),
+            ));
+        }
+        let version = Self::next_version(&mut state);
+        state.next_uid += 1;
+        let uid = format!("00000000-0000-0000-0000-{:012}", state.next_uid);
+        let metadata = object
+            .as_object_mut()
+            .ok_or_else(|| Failure::bad_request("not an object".into()))?
+            .entry("metadata")
+            .or_insert_with(|| json!({}));
+        metadata["namespace"] = json!(namespace);
+        metadata["uid"] = json!(uid);
+        metadata["resourceVersion"] = json!(version.to_string());
+        metadata["generation"] = json!(1);
+        metadata["creationTimestamp"] = json!(Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string());
+        if info.status_subresource {
+            if let Some(map) = object.as_object_mut() {
+                map.remove("status");
+            }
+        }
+        state.objects.insert(key, object.clone());
+        self.record(
+            &mut state,
+            WatchEvent {
+                resource_version: version,
+                group: group.into(),
+                plural: plural.into(),
+                namespace: Some(namespace.into()),
+                kind: "ADDED",
+                object: object.clone(),
+            },
+        );
+        Ok(object)
+    }
+
+    /// Store `new` as the next version of an object, applying the main-resource or status
+    /// rules and the resourceVersion precondition (if `new` names one).
+    fn update_object(
+        &self,
+        group: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+        new: Value,
+        status_subresource: bool,
+    ) -> Result<Value, Failure> {
+        let info = self
+            .info(group, plural)
+            .ok_or_else(|| Failure::not_found(&format!("resource {plural}.{group}")))?
+            .clone();
+        let mut state = self.lock();
+        let key = (
+            group.to_string(),
+            plural.to_string(),
+            namespace.to_string(),
+            name.to_string(),
+        );
+        let old = state
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| Failure::not_found(&format!("{plural}.{group} \"{name}\"")))?;
+        let current_version = meta(&old, "resourceVersion")
+            .unwrap_or_default()
+            .to_string();
+        match meta(&new, "resourceVersion") {
+            Some(version) if version != current_version => {
+                return Err(Failure::conflict(format!(
+                    "Operation cannot be fulfilled on {plural}.{group} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+                )))
+            }
+            Some(_) => {}
+            None if info.requires_version_on_update => {
+                return Err(Failure::invalid(
+                    "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update".into(),
+                ))
+            }
+            None => {}
+        }
+        let mut stored = if status_subresource {
+            let mut stored = old.clone();
+            match new.get("status") {
+                Some(status) => stored["status"] = status.clone(),
+                None => {
+                    if let Some(map) = stored.as_object_mut() {
+                        map.remove("status");
+                    }
+                }
+            }
+            stored
+        } else {
+            let mut stored = new.clone();
+            if info.status_subresource {
+                match old.get("status") {
+                    Some(status) => stored["status"] = status.clone(),
+                    None => {
+                        if let Some(map) = stored.as_object_mut() {
+                            map.remove("status");
+                        }
+                    }
+                }
+            }
+            // Server-owned metadata.
+            for field in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "generation",
+                "namespace",
+                "name",
+            ] {
+                match old.pointer(&format!("/metadata/{field}")) {
+                    Some(value) => stored["metadata"][field] = value.clone(),
+                    None => {
+                        if let Some(map) = stored.get_mut("metadata").and_then(Value::as_object_mut)
+                        {
+                            map.remove(field);
+                        }
+                    }
+                }
+            }
+            if old.get("spec") != stored.get("spec") {
+                let generation = old
+                    .pointer("/metadata/generation")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(1);
+                stored["metadata"]["generation"] = json!(generation + 1);
+            }
+            stored
+        };
+        if stored == old {
+            // A no-op write does not change the resourceVersion (as in Kubernetes).
+            return Ok(old);
+        }
+        let version = Self::next_version(&mut state);
+        stored["metadata"]["resourceVersion"] = json!(version.to_string());
+        let deleting = stored.pointer("/metadata/deletionTimestamp").is_some();
+        let event_kind = if deleting && finalizers_of(&stored) == 0 {
+            state.objects.remove(&key);
+            "DELETED"
+        } else {
+            state.objects.insert(key, stored.clone());
+            "MODIFIED"
+        };
+        self.record(
+            &mut state,
+            WatchEvent {
+                resource_version: version,
+                group: group.into(),
+                plural: plural.into(),
+                namespace: Some(namespace.into()),
+                kind: event_kind,
+                object: stored.clone(),
+            },
+        );
+        Ok(stored)
+    }
+
+    fn delete_object(
+        &self,
+        group: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Value, Failure> {
+        let mut state = self.lock();
+        let key = (
+            group.to_string(),
+            plural.to_string(),
+            namespace.to_string(),
+            name.to_string(),
+        );
+        let mut object = state
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| Failure::not_found(&format!("{plural}.{group} \"{name}\"")))?;
+        let version = Self::next_version(&mut state);
+        object["metadata"]["resourceVersion"] = json!(version.to_string());
+        let kind = if finalizers_of(&object) > 0 {
+            if object.pointer("/metadata/deletionTimestamp").is_some() {
+                return Ok(object);
+            }
+            object["metadata"]["deletionTimestamp"] =
+                json!(Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string());
+            let generation = object
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(1);
+            object["metadata"]["generation"] = json!(generation + 1);
+            state.objects.insert(key, object.clone());
+            "MODIFIED"
+        } else {
+            state.objects.remove(&key);
+            "DELETED"
+        };
+        self.record(
+            &mut state,
+            WatchEvent {
+                resource_version: version,
+                group: group.into(),
+                plural: plural.into(),
+                namespace: Some(namespace.into()),
+                kind,
+                object: object.clone(),
+            },
+        );
+        Ok(object)
+    }
+
+    async fn handle(
+        &self,
+        identity: &str,
+        request: Request<kube::client::Body>,
+    ) -> Response<ResponseBody> {
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let query = parse_query(request.uri().query());
+        let content_type = request
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body_bytes = match request.into_body().collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => Default::default(),
+        };
+        let body: Option<Value> = if body_bytes.is_empty() {
+            None
+        } else {
+            serde_json::from_slice(&body_bytes).ok()
+        };
+        let hook = {
+            let mut state = self.lock();
+            let position = state
+                .hooks
+                .iter()
+                .position(|h| h.method == method.as_str() && path.contains(&h.path_contains));
+            position.and_then(|i| state.hooks.remove(i))
+        };
+        if let Some(pending) = hook {
+            (pending.hook)(self);
+        }
+        let (code, response) = match self.dispatch(
+            &method,
+            &path,
+            &query,
+            content_type.as_deref(),
+            body.clone(),
+        ) {
+            Ok(Reply::Object(code, object)) => (code, json_response(code, &object)),
+            Ok(Reply::Watch(response)) => (StatusCode::OK, response),
+            Err(Failure(code, reason, message)) => (
+                code,
+                json_response(code, &status_body(code, reason, &message)),
+            ),
+        };
+        self.lock().requests.push(RecordedRequest {
+            client: identity.to_string(),
+            method: method.to_string(),
+            path,
+            query,
+            content_type,
+            body,
+            status: code.as_u16(),
+        });
+        response
+    }
+
+    fn dispatch(
+        &self,
+        method: &Method,
+        path: &str,
+        query: &BTreeMap<String, String>,
+        content_type: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<Reply, Failure> {
+        let api = parse_path(path).map_err(|e| Failure(StatusCode::NOT_FOUND, "NotFound", e))?;
+        let info = self
+            .info(&api.group, &api.plural)
+            .ok_or_else(|| {
+                Failure::not_found(&format!(
+                    "the server could not find the requested resource ({path})"
+                ))
+            })?
+            .clone();
+        if let Some(sub) = &api.subresource {
+            if sub != "status" || !info.status_subresource {
+                return Err(Failure::not_found(&format!(
+                    "subresource {sub} of {}",
+                    api.plural
+                )));
+            }
+        }
+        let on_status = api.subresource.is_some();
+        let namespace = api.namespace.clone().unwrap_or_default();
+        match (method.as_str(), &api.name) {
+            ("GET", Some(name)) => self
+                .get(&api.group, &api.plural, &namespace, name)
+                .map(|o| Reply::Object(StatusCode::OK, o))
+                .ok_or_else(|| {
+                    Failure::not_found(&format!("{}.{} \"{name}\"", api.plural, api.group))
+                }),
+            ("GET", None) if query.get("watch").map(String::as_str) == Some("true") => {
+                Ok(Reply::Watch(self.watch(&api, query)))
+            }
+            ("GET", None) => {
+                let state = self.lock();
+                let items: Vec<Value> = state
+                    .objects
+                    .iter()
+                    .filter(|((g, p, ns, _), _)| {
+                        *g == api.group
+                            && *p == api.plural
+                            && api.namespace.as_ref().is_none_or(|want| want == ns)
+                    })
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                Ok(Reply::Object(
+                    StatusCode::OK,
+                    json!({
+                        "apiVersion": if api.group.is_empty() { "v1".to_string() } else { format!("{}/v1", api.group) },
+                        "kind": format!("{}List", info.kind),
+                        "metadata": {"resourceVersion": state.last_version.to_string()},
+                        "items": items,
+                    }),
+                ))
+            }
+            ("POST", None) => {
+                let object = body.ok_or_else(|| Failure::bad_request("empty body".into()))?;
+                self.create_object(&api.group, &api.plural, &namespace, object)
+                    .map(|o| Reply::Object(StatusCode::CREATED, o))
+            }
+            ("PUT", Some(name)) => {
+                let object = body.ok_or_else(|| Failure::bad_request("empty body".into()))?;
+                if meta(&object, "name").is_some_and(|n| n != name) {
+                    return Err(Failure::bad_request(
+                        "the name of the object does not match the name on the URL".into(),
+                    ));
+                }
+                self.update_object(&api.group, &api.plural, &namespace, name, object, on_status)
+                    .map(|o| Reply::Object(StatusCode::OK, o))
+            }
+            ("PATCH", Some(name)) => {
+                let patch = body.ok_or_else(|| Failure::bad_request("empty patch".into()))?;
+                let mut object = self
+                    .get(&api.group, &api.plural, &namespace, name)
+                    .ok_or_else(|| {
+                        Failure::not_found(&format!("{}.{} \"{name}\"", api.plural, api.group))
+                    })?;
+                let current_version = meta(&object, "resourceVersion").map(str::to_string);
+                match content_type {
+                    Some("application/json-patch+json") => {
+                        apply_json_patch(&mut object, &patch).map_err(Failure::invalid)?;
+                    }
+                    Some("application/merge-patch+json") => json_patch::merge(&mut object, &patch),
+                    other => {
+                        return Err(Failure(
+                            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                            "UnsupportedMediaType",
+                            format!("the fake API server does not support patch type {other:?}"),
+                        ))
+                    }
+                }
+                // A resourceVersion named by the patch is a precondition; otherwise the patch
+                // applies to the version it was applied to.
+                if meta(&object, "resourceVersion").is_none() {
+                    object["metadata"]["resourceVersion"] = json!(current_version);
+                }
+                self.update_object(&api.group, &api.plural, &namespace, name, object, on_status)
+                    .map(|o| Reply::Object(StatusCode::OK, o))
+            }
+            ("DELETE", Some(name)) => self
+                .delete_object(&api.group, &api.plural, &namespace, name)
+                .map(|o| Reply::Object(StatusCode::OK, o)),
+            _ => Err(Failure(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                format!("{method} {path} is not supported"),
+            )),
+        }
+    }
+
+    fn watch(&self, api: &ApiPath, query: &BTreeMap<String, String>) -> Response<ResponseBody> {
+        let timeout = query
+            .get("timeoutSeconds")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(290);
+        let matches = {
+            let api = api.clone();
+            move |event: &WatchEvent| {
+                event.group == api.group
+                    && event.plural == api.plural
+                    && api
+                        .namespace
+                        .as_ref()
+                        .is_none_or(|ns| event.namespace.as_ref() == Some(ns))
+            }
+        };
+        let (backlog, live, after) = {
+            let state = self.lock();
+            let live = self.events.subscribe();
+            match query
+                .get("resourceVersion")
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|v| *v > 0)
+            {
+                Some(after) => (
+                    state
+                        .history
+                        .iter()
+                        .filter(|e| e.resource_version > after && matches(e))
+                        .cloned()
+                        .collect::<VecDeque<_>>(),
+                    live,
+                    state.last_version,
+                ),
+                None => (
+                    // No resourceVersion: synthetic ADDED events for what exists now.
+                    state
+                        .objects
+                        .iter()
+                        .filter(|((g, p, ns, _), _)| {
+                            *g == api.group
+                                && *p == api.plural
+                                && api.namespace.as_ref().is_none_or(|want| want == ns)
+                        })
+                        .map(|((g, p, ns, _), object)| WatchEvent {
+                            resource_version: 0,
+                            group: g.clone(),
+                            plural: p.clone(),
+                            namespace: Some(ns.clone()),
+                            kind: "ADDED",
+                            object: object.clone(),
+                        })
+                        .collect(),
+                    live,
+                    state.last_version,
+                ),
+            }
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+        let stream = futures::stream::unfold(
+            (backlog, live, after, matches),
+            move |(mut backlog, mut live, after, matches)| async move {
+                loop {
+                    if let Some(event) = backlog.pop_front() {
+                        let line =
+                            format!("{}\n", json!({"type": event.kind, "object": event.object}));
+                        return Some((Ok::<_, Infallible>(line), (backlog, live, after, matches)));
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(deadline) => return None,
+                        received = live.recv() => match received {
+                            Ok(event) if event.resource_version > after && matches(&event) => backlog.push_back(event),
+                            Ok(_) => {}
+                            Err(broadcast::error::RecvError::Lagged(_)) => return None,
+                            Err(broadcast::error::RecvError::Closed) => return None,
+                        },
+                    }
+                }
+            },
+        );
+        Response::new(ResponseBody::from_stream(
+            stream.map(|r| r.map(bytes::Bytes::from)),
+        ))
+    }
+}
+
+enum Reply {
+    Object(StatusCode, Value),
+    Watch(Response<ResponseBody>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+    use kube::core::{ApiResource, GroupVersionKind};
+
+    fn resource() -> ApiResource {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("networking.istio.io", "v1", "VirtualService"),
+            "virtualservices",
+        )
+    }
+
+    fn vs() -> Value {
+        json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"name": "app", "namespace": "shop"},
+            "spec": {"hosts": ["app"], "http": [{"name": "primary", "route": [{"destination": {"host": "app"}, "weight": 100}]}]},
+            "status": {"note": "from the user"}
+        })
+    }
+
+    fn api(server: &FakeApiServer) -> Api<DynamicObject> {
+        Api::namespaced_with(server.client("test"), "shop", &resource())
+    }
+
+    fn error_code(result: kube::Result<DynamicObject>) -> u16 {
+        match result {
+            Err(kube::Error::Api(status)) => status.code,
+            other => panic!("expected an API error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn stale_resource_version_conflicts_and_generation_follows_spec() {
+        let server = FakeApiServer::new();
+        let created = server.create("networking.istio.io", "virtualservices", vs());
+        assert_eq!(created["metadata"]["generation"], 1);
+        assert!(
+            created.get("status").is_none(),
+            "status is ignored on create"
+        );
+        let api = api(&server);
+        let mut object = api.get("app").await.unwrap();
+        object.data["spec"]["hosts"] = json!(["app", "app.example.com"]);
+        let replaced = api
+            .replace("app", &PostParams::default(), &object)
+            .await
+            .unwrap();
+        assert_eq!(replaced.metadata.generation, Some(2));
+        // The same (now stale) version again → 409.
+        assert_eq!(
+            error_code(api.replace("app", &PostParams::default(), &object).await),
+            409
+        );
+        // Metadata-only change: generation stays.
+        let mut fresh = api.get("app").await.unwrap();
+        fresh.metadata.labels = Some([("a".to_string(), "b".to_string())].into());
+        let relabelled = api
+            .replace("app", &PostParams::default(), &fresh)
+            .await
+            .unwrap();
+        assert_eq!(relabelled.metadata.generation, Some(2));
+        // Custom resources need a resourceVersion on PUT.
+        fresh.metadata.resource_version = None;
+        assert_eq!(
+            error_code(api.replace("app", &PostParams::default(), &fresh).await),
+            422
+        );
+    }
+
+    #[tokio::test]
+    async fn json_patch_test_failure_is_422_and_merge_patch_precondition_is_409() {
+        let server = FakeApiServer::new();
+        server.create("networking.istio.io", "virtualservices", vs());
+        let api = api(&server);
+        let patch = |ops: Value| Patch::Json::<()>(serde_json::from_value(ops).unwrap());
+        let stale = patch(json!([
+            {"op": "test", "path": "/spec/http/0/route/0/weight", "value": 90},
+            {"op": "replace", "path": "/spec/http/0/route/0/weight", "value": 80}
+        ]));
+        assert_eq!(
+            error_code(api.patch("app", &PatchParams::default(), &stale).await),
+            422
+        );
+        let missing_is_null = patch(json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": ["x"]}
+        ]));
+        let patched = api
+            .patch("app", &PatchParams::default(), &missing_is_null)
+            .await
+            .unwrap();
+        assert_eq!(patched.metadata.finalizers, Some(vec!["x".to_string()]));
+        let merge =
+            Patch::Merge(json!({"metadata": {"resourceVersion": "1"}, "spec": {"hosts": ["b"]}}));
+        assert_eq!(
+            error_code(api.patch("app", &PatchParams::default(), &merge).await),
+            409
+        );
+        let merge = Patch::Merge(json!({"spec": {"gateways": ["g"]}}));
+        let merged = api
+            .patch("app", &PatchParams::default(), &merge)
+            .await
+            .unwrap();
+        assert_eq!(merged.data["spec"]["gateways"], json!(["g"]));
+        assert_eq!(
+            merged.data["spec"]["hosts"],
+            json!(["app"]),
+            "merge keeps other fields"
+        );
+        let apply = Patch::Apply(json!({}));
+        assert_eq!(
+            error_code(api.patch("app", &PatchParams::apply("x"), &apply).await),
+            415
+        );
+    }
+
+    #[tokio::test]
+    async fn status_subresource_separates_spec_and_status() {
+        let server = FakeApiServer::new();
+        server.create("networking.istio.io", "virtualservices", vs());
+        let api = api(&server);
+        let mut object = api.get("app").await.unwrap();
+        object.data["status"] = json!({"phase": "x"});
+        object.data["spec"]["hosts"] = json!(["ignored"]);
+        let after = api
+            .replace_status("app", &PostParams::default(), &object)
+            .await
+            .unwrap();
+        assert_eq!(after.data["status"], json!({"phase": "x"}));
+        assert_eq!(after.data["spec"]["hosts"], json!(["app"]));
+        assert_eq!(after.metadata.generation, Some(1));
+        let mut object = api.get("app").await.unwrap();
+        object.data["status"] = json!({"phase": "ignored"});
+        let after = api
+            .replace("app", &PostParams::default(), &object)
+            .await
+            .unwrap();
+        assert_eq!(after.data["status"], json!({"phase": "x"}));
+    }
+
+    #[tokio::test]
+    async fn delete_waits_for_finalizers_and_watch_replays_from_a_version() {
+        let server = FakeApiServer::new();
+        let mut object = vs();
+        object["metadata"]["finalizers"] = json!(["fledge.dev/traffic"]);
+        let created = server.create("networking.istio.io", "virtualservices", object);
+        let since: u64 = created["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let api = api(&server);
+        api.delete("app", &Default::default()).await.unwrap();
+        let deleting = server
+            .get("networking.istio.io", "virtualservices", "shop", "app")
+            .unwrap();
+        assert!(deleting["metadata"]["deletionTimestamp"].is_string());
+        let remove = Patch::Json::<()>(
+            serde_json::from_value(json!([
+                {"op": "remove", "path": "/metadata/finalizers/0"}
+            ]))
+            .unwrap(),
+        );
+        api.patch("app", &PatchParams::default(), &remove)
+            .await
+            .unwrap();
+        assert!(server
+            .get("networking.istio.io", "virtualservices", "shop", "app")
+            .is_none());
+
+        let params = kube::api::WatchParams::default().timeout(1);
+        let stream = api.watch(&params, &since.to_string()).await.unwrap();
+        let events: Vec<String> = stream
+            .map(|e| {
+                match e.unwrap() {
+                    kube::api::WatchEvent::Added(_) => "ADDED",
+                    kube::api::WatchEvent::Modified(_) => "MODIFIED",
+                    kube::api::WatchEvent::Deleted(_) => "DELETED",
+                    _ => "OTHER",
+                }
+                .to_string()
+            })
+            .collect()
+            .await;
+        assert_eq!(events, ["MODIFIED", "DELETED"]);
+    }
+
+    #[tokio::test]
+    async fn requests_are_recorded_exactly() {
+        let server = FakeApiServer::new();
+        server.create("networking.istio.io", "virtualservices", vs());
+        let api = api(&server);
+        api.get("app").await.unwrap();
+        let _ = api.get("missing").await;
+        let lines: Vec<(String, u16)> = server
+            .requests()
+            .iter()
+            .map(|r| (r.line(), r.status))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                (
+                    "GET /apis/networking.istio.io/v1/namespaces/shop/virtualservices/app"
+                        .to_string(),
+                    200
+                ),
+                (
+                    "GET /apis/networking.istio.io/v1/namespaces/shop/virtualservices/missing"
+                        .to_string(),
+                    404
+                ),
+            ]
+        );
+        assert_eq!(
+            server.requests()[0].target(),
+            Some((
+                "networking.istio.io".to_string(),
+                "virtualservices".to_string(),
+                true
+            ))
+        );
+    }
+}

@@ -1,0 +1,640 @@
+//! The Canary reconciler: idempotent and level-triggered; all rollout state is in `.status`.
+//!
+//! One call of [`reconcile`] for a Canary:
+//!
+//! 1. **Finalizer** (kube's helper): a new Canary first gets `fledge.dev/traffic`; a deleted one
+//!    runs [`cleanup`] (all traffic back to stable unless it was promoted) before it goes away.
+//! 2. **Validate** the spec (`fledge_core`'s validation: every problem names the field and fix);
+//!    an invalid spec sets `Ready=False/InvalidSpec` and waits for an edit.
+//! 3. **Routes follow the status**: the VirtualService is made to serve `status.canaryWeight`
+//!    (plus the testers route / mirror while the rollout runs). Nothing is judged while the
+//!    routes are not as wanted.
+//! 4. **Analysis tick, only when due**: `status.lastTickAt + interval <= now` (or an operator
+//!    command annotation is new). Then the metrics source is read and the pure
+//!    `fledge_core::rollout::step` decides. Reconciles triggered by anything else (our own status
+//!    write, a VirtualService edit, a resync) find no tick due and change nothing — which is
+//!    why a restarted controller or a new leader never repeats a step.
+//! 5. **Persist, then act**: the new status is written with the resourceVersion that was read
+//!    (`PUT .../status`: a concurrent writer makes it a 409 and nothing is acted on); then the
+//!    routes are moved and Kubernetes Events are published.
+//! 6. **Requeue** at the next analysis tick.
+//!
+//! Metrics sources that keep cumulative readings in memory (Envoy admin) are cached per Canary
+//! for the current leadership term. A new process or a new leader starts without a previous
+//! reading: its first tick only records a baseline, which the state machine treats as "no
+//! verdict" — the current step simply holds for one more interval.
+
+use super::clock::Clock;
+use super::crd::{
+    reason, Canary, CanaryResourceStatus, Readiness, ABORT_ANNOTATION, PROMOTE_ANNOTATION,
+};
+use super::factory::Backends;
+use super::lease::{run_election, LeaseLock, LeaseSettings};
+use super::{api_status_code, Error, Result, CONTROLLER_NAME, FINALIZER};
+use crate::metrics::MetricsSource;
+use crate::router::istio::{virtual_service_resource, DesiredRoutes, IstioError};
+use crate::router::Weights;
+use fledge_core::observe::{Observation, ObservationError};
+use fledge_core::rollout::{self, Action as RolloutAction, Command, Input, Phase};
+use futures::StreamExt;
+use kube::api::{Api, DynamicObject, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Annotation whose value, when changed, starts a new rollout of the same spec (e.g. set it to
+/// the version being released: `fledge.dev/rollout: v3`).
+pub const ROLLOUT_ANNOTATION: &str = "fledge.dev/rollout";
+/// Event `action` field.
+const EVENT_ACTION: &str = "Rollout";
+/// How long a finished (Promoted / RolledBack) Canary waits between drift checks.
+const FINISHED_RESYNC: Duration = Duration::from_secs(300);
+
+/// A metrics source kept for one Canary (for one spec) during one leadership term.
+struct CachedSource {
+    fingerprint: String,
+    source: Arc<tokio::sync::Mutex<Box<dyn MetricsSource>>>,
+}
+
+/// Shared state of all reconciles in one leadership term.
+pub struct Context {
+    pub client: Client,
+    pub backends: Arc<dyn Backends>,
+    pub clock: Arc<dyn Clock>,
+    pub recorder: Recorder,
+    /// Whether this instance leads; reconciles do nothing when it does not.
+    pub leader: watch::Receiver<bool>,
+    /// Delay before retrying after a router or API error.
+    pub retry_delay: Duration,
+    sources: Mutex<HashMap<String, CachedSource>>,
+    /// resourceVersions this instance has replaced with a status write: an object still at one
+    /// of them is a stale cache entry (our own write's watch event has not arrived yet).
+    superseded: Mutex<HashMap<String, String>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        backends: Arc<dyn Backends>,
+        clock: Arc<dyn Clock>,
+        leader: watch::Receiver<bool>,
+        reporter_instance: &str,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: CONTROLLER_NAME.to_string(),
+            instance: Some(reporter_instance.to_string()),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            backends,
+            clock,
+            leader,
+            retry_delay: Duration::from_secs(10),
+            sources: Mutex::new(HashMap::new()),
+            superseded: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn forget_source(&self, key: &str) {
+        lock(&self.sources).remove(key);
+    }
+
+    /// This interval's observation, from the Canary's cached source (built on first use).
+    async fn observe(
+        &self,
+        key: &str,
+        canary: &fledge_core::spec::Canary,
+        fingerprint: &str,
+    ) -> std::result::Result<std::result::Result<Observation, ObservationError>, String> {
+        let source = {
+            let mut sources = lock(&self.sources);
+            match sources.get(key) {
+                Some(cached) if cached.fingerprint == fingerprint => cached.source.clone(),
+                _ => {
+                    let source = Arc::new(tokio::sync::Mutex::new(
+                        self.backends.metrics_source(canary)?,
+                    ));
+                    sources.insert(
+                        key.to_string(),
+                        CachedSource {
+                            fingerprint: fingerprint.to_string(),
+                            source: source.clone(),
+                        },
+                    );
+                    source
+                }
+            }
+        };
+        let mut source = source.lock().await;
+        Ok(source.observe().await)
+    }
+
+    async fn publish(&self, canary: &Canary, warning: bool, reason: &str, message: &str) {
+        let mut note = message.to_string();
+        if note.len() > 1000 {
+            let cut = (0..=1000)
+                .rev()
+                .find(|i| note.is_char_boundary(*i))
+                .unwrap_or(0);
+            note.truncate(cut);
+        }
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_string(),
+            note: Some(note),
+            action: EVENT_ACTION.to_string(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &canary.object_ref(&())).await {
+            tracing::warn!(canary = %canary.name_any(), reason, error = %e, "could not publish a Kubernetes Event");
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+fn key_of(canary: &Canary) -> String {
+    format!(
+        "{}/{}",
+        canary.namespace().unwrap_or_default(),
+        canary.name_any()
+    )
+}
+
+/// The fingerprint of a rollout: the spec plus the rollout annotation.
+fn rollout_fingerprint(canary: &Canary) -> String {
+    let spec = crate::state::fingerprint(&canary.spec.canary);
+    match canary.annotation(ROLLOUT_ANNOTATION) {
+        Some(rollout) => format!("{spec}/{rollout}"),
+        None => spec,
+    }
+}
+
+/// The command a changed promote/abort annotation asks for (abort wins), marking it handled.
+fn take_command(canary: &Canary, status: &mut CanaryResourceStatus) -> Option<Command> {
+    let abort = canary.annotation(ABORT_ANNOTATION).map(str::to_string);
+    let promote = canary.annotation(PROMOTE_ANNOTATION).map(str::to_string);
+    let mut command = None;
+    if promote.is_some() && promote != status.handled_promote {
+        status.handled_promote = promote;
+        command = Some(Command::Promote);
+    }
+    if abort.is_some() && abort != status.handled_abort {
+        status.handled_abort = abort;
+        command = Some(Command::Abort);
+    }
+    command
+}
+
+fn desired_routes(status: &CanaryResourceStatus) -> DesiredRoutes {
+    DesiredRoutes {
+        weights: Weights::canary_percent(status.rollout.canary_weight),
+        rollout_active: Some(!status.rollout.phase.is_terminal()),
+    }
+}
+
+/// Write `status` with the resourceVersion `canary` was read at (409 → [`Error::Conflict`]).
+async fn write_status(canary: &Canary, status: &CanaryResourceStatus, ctx: &Context) -> Result<()> {
+    let namespace = canary
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = canary.name_any();
+    let api: Api<Canary> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut object = canary.clone();
+    object.status = Some(status.clone());
+    object.metadata.managed_fields = None;
+    match api
+        .replace_status(&name, &PostParams::default(), &object)
+        .await
+    {
+        Ok(_) => {
+            if let Some(version) = canary.resource_version() {
+                lock(&ctx.superseded).insert(key_of(canary), version);
+            }
+            Ok(())
+        }
+        Err(e) if api_status_code(&e) == Some(409) => Err(Error::Conflict(key_of(canary))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Entry point for kube-runtime's `Controller`.
+pub async fn reconcile(canary: Arc<Canary>, ctx: Arc<Context>) -> Result<Action> {
+    if !*ctx.leader.borrow() {
+        return Ok(Action::requeue(ctx.retry_delay));
+    }
+    let stale = {
+        let superseded = lock(&ctx.superseded);
+        canary
+            .resource_version()
+            .is_some_and(|v| superseded.get(&key_of(&canary)) == Some(&v))
+    };
+    if stale {
+        // Our own status write has not reached the cache yet; its watch event will trigger us.
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let namespace = canary
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<Canary> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(&api, FINALIZER, canary, |event| async {
+        match event {
+            FinalizerEvent::Apply(canary) => apply(canary, &ctx).await,
+            FinalizerEvent::Cleanup(canary) => cleanup(canary, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// What to do after an error: conflicts are retried at once (with the fresh object), anything
+/// else after `retry_delay`.
+pub fn error_policy(canary: Arc<Canary>, error: &Error, ctx: Arc<Context>) -> Action {
+    let conflict = match error {
+        Error::Conflict(_) => true,
+        Error::Finalizer(inner) => matches!(
+            inner.as_ref(),
+            kube::runtime::finalizer::Error::ApplyFailed(Error::Conflict(_))
+                | kube::runtime::finalizer::Error::CleanupFailed(Error::Conflict(_))
+        ),
+        _ => false,
+    };
+    if conflict {
+        tracing::debug!(canary = %key_of(&canary), "status write conflicted; reconciling the new version");
+        Action::requeue(Duration::from_millis(500))
+    } else {
+        tracing::warn!(canary = %key_of(&canary), error = %error, kind = error.label(), "reconcile failed; retrying");
+        Action::requeue(ctx.retry_delay)
+    }
+}
+
+/// A live Canary (not being deleted).
+async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
+    let now = ctx.clock.now();
+    let key = key_of(&canary);
+    let namespace = canary
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let generation = canary.metadata.generation;
+    let core = canary.to_core();
+    let previous = canary.status.clone().unwrap_or_default();
+
+    if let Err(errors) = core.validate() {
+        let mut status = previous.clone();
+        status.observed_generation = generation;
+        let readiness = Readiness::not_ready(reason::INVALID_SPEC, errors.to_string());
+        status.set_conditions(&readiness, generation, now);
+        if status != previous {
+            write_status(&canary, &status, ctx).await?;
+            ctx.publish(&canary, true, reason::INVALID_SPEC, &errors.to_string())
+                .await;
+        }
+        return Ok(Action::await_change());
+    }
+
+    let fingerprint = rollout_fingerprint(&canary);
+    let mut status = previous.clone();
+    if status.spec_fingerprint.as_deref() != Some(fingerprint.as_str()) {
+        if previous.spec_fingerprint.is_some() {
+            tracing::info!(canary = %key, "spec or rollout annotation changed: starting a new rollout");
+        }
+        status = CanaryResourceStatus {
+            spec_fingerprint: Some(fingerprint.clone()),
+            // Commands written before this rollout started are not meant for it.
+            handled_promote: canary.annotation(PROMOTE_ANNOTATION).map(str::to_string),
+            handled_abort: canary.annotation(ABORT_ANNOTATION).map(str::to_string),
+            conditions: previous.conditions.clone(),
+            ..CanaryResourceStatus::default()
+        };
+        ctx.forget_source(&key);
+    }
+    let command = take_command(&canary, &mut status);
+
+    let router = match ctx.backends.router(&ctx.client, &core, &namespace) {
+        Ok(router) => router,
+        Err(message) => {
+            return not_ready(
+                &canary,
+                previous,
+                status,
+                reason::ROUTER_ERROR,
+                message,
+                ctx,
+            )
+            .await
+            .map(|()| Action::await_change())
+        }
+    };
+    // Level-triggered: the routes follow the persisted status before anything is judged.
+    if let Err(e) = router.ensure(&desired_routes(&status)).await {
+        not_ready(
+            &canary,
+            previous,
+            status,
+            reason::ROUTER_ERROR,
+            e.to_string(),
+            ctx,
+        )
+        .await?;
+        return Ok(Action::requeue(ctx.retry_delay));
+    }
+
+    let interval = core.spec.analysis.interval;
+    let tick_due = !status.rollout.phase.is_terminal()
+        && status
+            .last_tick_at
+            .is_none_or(|last| now - last >= interval.to_chrono());
+    let mut actions = Vec::new();
+    if tick_due || command.is_some() {
+        let observation = if tick_due {
+            match ctx.observe(&key, &core, &fingerprint).await {
+                Ok(observation) => Some(observation),
+                Err(message) => {
+                    not_ready(
+                        &canary,
+                        previous,
+                        status,
+                        reason::METRICS_SOURCE_ERROR,
+                        message,
+                        ctx,
+                    )
+                    .await?;
+                    return Ok(Action::requeue(ctx.retry_delay));
+                }
+            }
+        } else {
+            None
+        };
+        let decision = rollout::step(
+            &core.spec,
+            &status.rollout,
+            &Input {
+                observation,
+                command,
+            },
+            now,
+        );
+        status.rollout = decision.status;
+        if tick_due {
+            status.last_tick_at = Some(now);
+        }
+        actions = decision.actions;
+    }
+    status.observed_generation = generation;
+    status.set_conditions(&Readiness::ok(), generation, now);
+    if status != previous {
+        // Persist first: if this fails (e.g. 409), nothing below happens.
+        write_status(&canary, &status, ctx).await?;
+    }
+
+    let mut move_routes = false;
+    for action in &actions {
+        match action {
+            RolloutAction::SetWeight { .. } => move_routes = true,
+            RolloutAction::Event {
+                reason,
+                warning,
+                message,
+            } => {
+                tracing::info!(canary = %key, reason = ?reason, "{message}");
+                ctx.publish(&canary, *warning, &format!("{reason:?}"), message)
+                    .await;
+            }
+        }
+    }
+    if move_routes || status.rollout.phase.is_terminal() != previous.rollout.phase.is_terminal() {
+        if let Err(e) = router.ensure(&desired_routes(&status)).await {
+            // The status already says where traffic should be; the next reconcile retries.
+            tracing::warn!(canary = %key, error = %e, "could not move traffic yet");
+            return Ok(Action::requeue(ctx.retry_delay));
+        }
+    }
+
+    if status.rollout.phase.is_terminal() {
+        return Ok(Action::requeue(FINISHED_RESYNC));
+    }
+    let next_tick = status.last_tick_at.unwrap_or(now) + interval.to_chrono();
+    let wait = (next_tick - now)
+        .to_std()
+        .unwrap_or(Duration::ZERO)
+        .max(Duration::from_millis(100));
+    Ok(Action::requeue(wait))
+}
+
+/// Record that the Canary is not ready (one Warning Event per change of reason or message).
+async fn not_ready(
+    canary: &Canary,
+    previous: CanaryResourceStatus,
+    mut status: CanaryResourceStatus,
+    why: &str,
+    message: String,
+    ctx: &Context,
+) -> Result<()> {
+    tracing::warn!(canary = %key_of(canary), reason = why, "{message}");
+    let generation = canary.metadata.generation;
+    status.observed_generation = generation;
+    status.set_conditions(
+        &Readiness::not_ready(why, message.clone()),
+        generation,
+        ctx.clock.now(),
+    );
+    let was = previous.condition(super::crd::condition::READY);
+    let is = status.condition(super::crd::condition::READY);
+    let changed = was.map(|c| (&c.reason, &c.message)) != is.map(|c| (&c.reason, &c.message));
+    if status != previous {
+        write_status(canary, &status, ctx).await?;
+    }
+    if changed {
+        ctx.publish(canary, true, why, &message).await;
+    }
+    Ok(())
+}
+
+/// A deleted Canary: put the routes back (all traffic to stable, or to the canary if the
+/// rollout was promoted), remove the testers route and mirror, then let it go.
+async fn cleanup(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
+    let key = key_of(&canary);
+    ctx.forget_source(&key);
+    let namespace = canary
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let phase = canary
+        .status
+        .as_ref()
+        .map(|s| s.rollout.phase)
+        .unwrap_or_default();
+    let weights = if phase == Phase::Promoted {
+        Weights::canary_percent(100)
+    } else {
+        Weights::canary_percent(0)
+    };
+    let router = match ctx
+        .backends
+        .router(&ctx.client, &canary.to_core(), &namespace)
+    {
+        Ok(router) => router,
+        Err(message) => {
+            tracing::warn!(canary = %key, "deleted; no Istio route to restore: {message}");
+            return Ok(Action::await_change());
+        }
+    };
+    let desired = DesiredRoutes {
+        weights,
+        rollout_active: Some(false),
+    };
+    match router.ensure(&desired).await {
+        Ok(_) => {
+            let message = format!(
+                "Canary deleted: VirtualService {} route {:?} sends {}% to stable, {}% to canary",
+                router.settings().virtual_service,
+                router.settings().route,
+                weights.stable,
+                weights.canary
+            );
+            tracing::info!(canary = %key, "{message}");
+            ctx.publish(&canary, false, reason::TRAFFIC_RESTORED, &message)
+                .await;
+            Ok(Action::await_change())
+        }
+        Err(e @ (IstioError::NotFound(_) | IstioError::Invalid { .. })) => {
+            let message = format!("Canary deleted; no route to restore: {e}");
+            tracing::warn!(canary = %key, "{message}");
+            ctx.publish(&canary, true, reason::ROUTER_ERROR, &message)
+                .await;
+            Ok(Action::await_change())
+        }
+        Err(e) => Err(Error::Router {
+            name: key,
+            message: format!("cannot restore traffic before deletion (will retry): {e}"),
+        }),
+    }
+}
+
+/// How `fledge controller` runs.
+#[derive(Debug, Clone)]
+pub struct ControllerOptions {
+    /// Watch Canaries in this namespace only (`None`: all namespaces).
+    pub namespace: Option<String>,
+    pub lease: LeaseSettings,
+    pub retry_delay: Duration,
+}
+
+/// Canaries whose router names this VirtualService.
+fn canaries_using(
+    store: &kube::runtime::reflector::Store<Canary>,
+    virtual_service: &DynamicObject,
+) -> Vec<ObjectRef<Canary>> {
+    let namespace = virtual_service.namespace();
+    let name = virtual_service.name_any();
+    store
+        .state()
+        .iter()
+        .filter(|c| c.namespace() == namespace)
+        .filter(|c| {
+            c.spec
+                .router
+                .istio
+                .as_ref()
+                .is_some_and(|istio| istio.virtual_service == name)
+        })
+        .map(|c| ObjectRef::from_obj(c.as_ref()))
+        .collect()
+}
+
+/// Run the controller until `shutdown` turns true: elect a leader; while leading, reconcile
+/// Canaries (and re-check one whenever its VirtualService changes). On shutdown the in-flight
+/// reconciles finish, then the lease is released.
+pub async fn run(
+    client: Client,
+    options: ControllerOptions,
+    backends: Arc<dyn Backends>,
+    clock: Arc<dyn Clock>,
+    is_leader: watch::Sender<bool>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let leader = is_leader.subscribe();
+    let (stop_election, election_stopped) = watch::channel(false);
+    let lock = LeaseLock::new(client.clone(), options.lease.clone(), clock.clone());
+    let election = tokio::spawn(run_election(lock, is_leader, election_stopped));
+
+    loop {
+        let mut leading = leader.clone();
+        let mut stopping = shutdown.clone();
+        tokio::select! {
+            changed = leading.wait_for(|l| *l) => if changed.is_err() { break },
+            _ = stopping.wait_for(|s| *s) => break,
+        }
+        tracing::info!(identity = %options.lease.identity, "leading: starting the Canary controller");
+        let ctx = Arc::new(Context {
+            retry_delay: options.retry_delay,
+            ..Context::new(
+                client.clone(),
+                backends.clone(),
+                clock.clone(),
+                leader.clone(),
+                &options.lease.identity,
+            )
+        });
+        let (canaries, virtual_services): (Api<Canary>, Api<DynamicObject>) =
+            match &options.namespace {
+                Some(ns) => (
+                    Api::namespaced(client.clone(), ns),
+                    Api::namespaced_with(client.clone(), ns, &virtual_service_resource()),
+                ),
+                None => (
+                    Api::all(client.clone()),
+                    Api::all_with(client.clone(), &virtual_service_resource()),
+                ),
+            };
+        let controller = Controller::new(canaries, watcher::Config::default());
+        let store = controller.store();
+        let mut term_leader = leader.clone();
+        let mut term_shutdown = shutdown.clone();
+        controller
+            .watches_with(
+                virtual_services,
+                virtual_service_resource(),
+                watcher::Config::default(),
+                move |vs| canaries_using(&store, &vs),
+            )
+            .graceful_shutdown_on(async move {
+                tokio::select! {
+                    _ = term_leader.wait_for(|l| !*l) => {}
+                    _ = term_shutdown.wait_for(|s| *s) => {}
+                }
+            })
+            .run(reconcile, error_policy, ctx)
+            .for_each(|result| async move {
+                match result {
+                    Ok((canary, _)) => tracing::debug!(canary = %canary, "reconciled"),
+                    Err(e) => tracing::debug!(error = %e, "reconcile error"),
+                }
+            })
+            .await;
+        tracing::info!("Canary controller stopped");
+        if *shutdown.borrow() {
+            break;
+        }
+    }
+    stop_election.send_replace(true);
+    election
+        .await
+        .map_err(|e| Error::Lease(format!("election task failed: {e}")))
+}

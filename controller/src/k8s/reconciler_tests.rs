@@ -1,0 +1,968 @@
+//! Reconciler, finalizer, restart and leader-election tests: kube-rs against the in-process
+//! fake API server, under tokio's paused clock, asserting the exact requests the controller
+//! makes (like controller-rs's `ApiServerVerifier`).
+
+use super::clock::TokioClock;
+use super::crd::{condition, Canary, CanaryResourceStatus};
+use super::factory::Backends;
+use super::fake_api::{FakeApiServer, RecordedRequest};
+use super::lease::LeaseSettings;
+use super::rbac;
+use super::reconciler::{reconcile, run, Context, ControllerOptions};
+use crate::metrics::MetricsSource;
+use crate::router::istio::{read_routes, IstioSettings};
+use crate::router::Weights;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use fledge_core::contract::ResponseClass;
+use fledge_core::observe::{LatencyHistogram, Observation, ObservationError, SubsetTraffic};
+use fledge_core::rollout::Phase;
+use kube::runtime::controller::Action;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+const NS: &str = "shop";
+const ISTIO: &str = "networking.istio.io";
+const FLEDGE: &str = "fledge.dev";
+const CANARY_PATH: &str = "/apis/fledge.dev/v1alpha1/namespaces/shop/canaries/app";
+const VS_PATH: &str = "/apis/networking.istio.io/v1/namespaces/shop/virtualservices/app";
+const DR_LIST: &str = "/apis/networking.istio.io/v1/namespaces/shop/destinationrules";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
+
+fn t0() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_700_000_000, 0).unwrap()
+}
+
+fn canary_object(analysis: Value, istio: Value) -> Value {
+    let mut router = json!({"virtualService": "app", "route": "primary"});
+    if let (Some(router), Some(extra)) = (router.as_object_mut(), istio.as_object()) {
+        router.extend(extra.clone());
+    }
+    let mut analysis_spec = json!({
+        "interval": "30s",
+        "threshold": 2,
+        "minCanaryRequests": 10,
+        "stepWeights": [20, 50],
+        "metrics": [{"name": "request-success-rate", "thresholdRange": {"min": 99}}]
+    });
+    if let (Some(spec), Some(extra)) = (analysis_spec.as_object_mut(), analysis.as_object()) {
+        for (key, value) in extra {
+            if value.is_null() {
+                spec.remove(key);
+            } else {
+                spec.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    json!({
+        "apiVersion": "fledge.dev/v1alpha1",
+        "kind": "Canary",
+        "metadata": {"name": "app", "namespace": NS},
+        "spec": {
+            "service": "app",
+            "stable": {"subset": "stable"},
+            "canary": {"subset": "canary"},
+            "metricsSource": {"envoyAdmin": {"urls": ["http://127.0.0.1:15000"]}},
+            "router": {"istio": router},
+            "analysis": analysis_spec
+        }
+    })
+}
+
+fn virtual_service() -> Value {
+    json!({
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "app", "namespace": NS},
+        "spec": {
+            "hosts": ["app.example.com"],
+            "gateways": ["istio-system/public"],
+            "http": [{
+                "name": "primary",
+                "route": [
+                    {"destination": {"host": "app", "subset": "stable"}, "weight": 100},
+                    {"destination": {"host": "app", "subset": "canary"}, "weight": 0}
+                ]
+            }]
+        }
+    })
+}
+
+fn destination_rule() -> Value {
+    json!({
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "app", "namespace": NS},
+        "spec": {
+            "host": "app",
+            "subsets": [
+                {"name": "stable", "labels": {"version": "v1"}},
+                {"name": "canary", "labels": {"version": "v2"}}
+            ]
+        }
+    })
+}
+
+/// Observations handed out by every source the test backends build. Like the Envoy admin
+/// source, a new source's first call only takes a baseline.
+#[derive(Default)]
+struct Script {
+    unhealthy: bool,
+    sources_built: usize,
+    observations: usize,
+}
+
+#[derive(Clone, Default)]
+struct ScriptedBackends {
+    script: Arc<Mutex<Script>>,
+}
+
+impl ScriptedBackends {
+    fn set_unhealthy(&self, unhealthy: bool) {
+        self.script.lock().unwrap().unhealthy = unhealthy;
+    }
+    fn sources_built(&self) -> usize {
+        self.script.lock().unwrap().sources_built
+    }
+    fn observations(&self) -> usize {
+        self.script.lock().unwrap().observations
+    }
+}
+
+struct ScriptedSource {
+    script: Arc<Mutex<Script>>,
+    baseline_taken: bool,
+}
+
+fn traffic(ok: u64, errors: u64) -> SubsetTraffic {
+    let total = ok + errors;
+    let mut traffic = SubsetTraffic {
+        latency: LatencyHistogram {
+            bounds_ms: vec![50.0, 500.0],
+            cumulative: vec![total, total],
+            count: total,
+            sum_ms: 10.0 * total as f64,
+        },
+        ..SubsetTraffic::default()
+    };
+    traffic.add(ResponseClass::Success, ok);
+    traffic.add(ResponseClass::ServerError, errors);
+    traffic
+}
+
+#[async_trait]
+impl MetricsSource for ScriptedSource {
+    async fn observe(&mut self) -> Result<Observation, ObservationError> {
+        if !self.baseline_taken {
+            self.baseline_taken = true;
+            return Err(ObservationError::Baseline);
+        }
+        let mut script = self.script.lock().unwrap();
+        script.observations += 1;
+        let canary = if script.unhealthy {
+            traffic(80, 20)
+        } else {
+            traffic(100, 0)
+        };
+        Ok(Observation {
+            stable: traffic(400, 0),
+            canary,
+            ..Observation::default()
+        })
+    }
+}
+
+impl Backends for ScriptedBackends {
+    fn metrics_source(
+        &self,
+        _canary: &fledge_core::spec::Canary,
+    ) -> Result<Box<dyn MetricsSource>, String> {
+        self.script.lock().unwrap().sources_built += 1;
+        Ok(Box::new(ScriptedSource {
+            script: self.script.clone(),
+            baseline_taken: false,
+        }))
+    }
+}
+
+/// One controller instance's reconcile context (always leading), as a direct-call harness.
+struct Instance {
+    ctx: Arc<Context>,
+    backends: ScriptedBackends,
+    _leader: watch::Sender<bool>,
+}
+
+fn instance(server: &FakeApiServer, identity: &str, clock: &TokioClock) -> Instance {
+    let backends = ScriptedBackends::default();
+    let (leader_tx, leader_rx) = watch::channel(true);
+    let ctx = Context::new(
+        server.client(identity),
+        Arc::new(backends.clone()),
+        Arc::new(*clock),
+        leader_rx,
+        identity,
+    );
+    Instance {
+        ctx: Arc::new(ctx),
+        backends,
+        _leader: leader_tx,
+    }
+}
+
+fn seeded(canary: Value) -> FakeApiServer {
+    let server = FakeApiServer::new();
+    server.create(ISTIO, "virtualservices", virtual_service());
+    server.create(ISTIO, "destinationrules", destination_rule());
+    server.create(FLEDGE, "canaries", canary);
+    server
+}
+
+fn stored_canary(server: &FakeApiServer) -> Canary {
+    serde_json::from_value(
+        server
+            .get(FLEDGE, "canaries", NS, "app")
+            .expect("canary exists"),
+    )
+    .expect("a valid Canary")
+}
+
+fn status(server: &FakeApiServer) -> CanaryResourceStatus {
+    stored_canary(server).status.unwrap_or_default()
+}
+
+fn vs_weights(server: &FakeApiServer) -> Weights {
+    let vs = server.get(ISTIO, "virtualservices", NS, "app").unwrap();
+    let canary = stored_canary_or_default_spec(server);
+    let settings = IstioSettings::from_spec(&canary, NS).unwrap();
+    read_routes(&vs, &settings).unwrap().weights
+}
+
+fn stored_canary_or_default_spec(server: &FakeApiServer) -> fledge_core::spec::CanarySpec {
+    match server.get(FLEDGE, "canaries", NS, "app") {
+        Some(object) => {
+            serde_json::from_value::<Canary>(object)
+                .unwrap()
+                .spec
+                .canary
+        }
+        None => {
+            serde_json::from_value::<Canary>(canary_object(json!({}), json!({})))
+                .unwrap()
+                .spec
+                .canary
+        }
+    }
+}
+
+async fn reconcile_now(server: &FakeApiServer, instance: &Instance) -> Action {
+    reconcile(Arc::new(stored_canary(server)), instance.ctx.clone())
+        .await
+        .expect("reconcile succeeds")
+}
+
+fn lines(requests: &[RecordedRequest]) -> Vec<String> {
+    requests
+        .iter()
+        .map(|r| format!("{} {}", r.line(), r.status))
+        .collect()
+}
+
+fn event_reasons(server: &FakeApiServer) -> Vec<(String, String, i64)> {
+    let mut events: Vec<Value> = server.list("events.k8s.io", "events", NS);
+    events.sort_by_key(|e| {
+        e["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .parse::<u64>()
+            .unwrap_or(0)
+    });
+    events
+        .iter()
+        .map(|e| {
+            (
+                e["reason"].as_str().unwrap_or_default().to_string(),
+                e["type"].as_str().unwrap_or_default().to_string(),
+                e["series"]["count"].as_i64().unwrap_or(1),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_reconciles_add_the_finalizer_then_start_and_set_the_first_weight() {
+    let server = seeded(canary_object(json!({}), json!({})));
+    let clock = TokioClock::starting_at(t0());
+    let a = instance(&server, "a", &clock);
+
+    // 1. The finalizer comes first, guarded by a `test`.
+    assert_eq!(reconcile_now(&server, &a).await, Action::await_change());
+    let requests = server.take_requests();
+    assert_eq!(lines(&requests), [format!("PATCH {CANARY_PATH} 200")]);
+    assert_eq!(
+        requests[0].body,
+        Some(json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": ["fledge.dev/traffic"]}
+        ]))
+    );
+
+    // 2. Routes checked (already 0%), baseline taken, step 0 entered: status persisted first,
+    //    then Events, then the weight moved with a guarded patch and read back.
+    let action = reconcile_now(&server, &a).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    let requests = server.take_requests();
+    assert_eq!(
+        lines(&requests),
+        [
+            format!("GET {VS_PATH} 200"),
+            format!("PUT {CANARY_PATH}/status 200"),
+            format!("POST {EVENTS} 201"),
+            format!("POST {EVENTS} 201"),
+            format!("GET {VS_PATH} 200"),
+            format!("GET {DR_LIST} 200"),
+            format!("PATCH {VS_PATH}?fieldManager=fledge 200"),
+            format!("GET {VS_PATH} 200"),
+        ]
+    );
+    let put = &requests[1];
+    assert!(
+        put.body.as_ref().unwrap()["metadata"]["resourceVersion"].is_string(),
+        "status write carries the resourceVersion read"
+    );
+    let st = status(&server);
+    assert_eq!(
+        (st.rollout.phase, st.rollout.canary_weight, st.rollout.step),
+        (Phase::Progressing, 20, 0)
+    );
+    assert_eq!(st.last_tick_at, Some(t0()));
+    assert_eq!(st.observed_generation, Some(1));
+    assert!(st.is_ready());
+    assert_eq!(vs_weights(&server), Weights::canary_percent(20));
+    assert_eq!(
+        event_reasons(&server),
+        [
+            ("Started".to_string(), "Normal".to_string(), 1),
+            ("CanaryAdvanced".to_string(), "Normal".to_string(), 1)
+        ]
+    );
+
+    // 3. Reconciling again (our own status write triggers it) does nothing but look.
+    let action = reconcile_now(&server, &a).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    assert_eq!(
+        lines(&server.take_requests()),
+        [format!("GET {VS_PATH} 200")]
+    );
+    assert_eq!(status(&server), st);
+}
+
+#[tokio::test(start_paused = true)]
+async fn analysis_runs_only_once_the_interval_has_passed() {
+    let server = seeded(canary_object(json!({}), json!({})));
+    let clock = TokioClock::starting_at(t0());
+    let a = instance(&server, "a", &clock);
+    reconcile_now(&server, &a).await;
+    reconcile_now(&server, &a).await;
+    server.take_requests();
+
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(
+        reconcile_now(&server, &a).await,
+        Action::requeue(Duration::from_secs(20))
+    );
+    assert_eq!(
+        lines(&server.take_requests()),
+        [format!("GET {VS_PATH} 200")]
+    );
+    assert_eq!(a.backends.observations(), 0);
+
+    tokio::time::advance(Duration::from_secs(20)).await;
+    assert_eq!(
+        reconcile_now(&server, &a).await,
+        Action::requeue(Duration::from_secs(30))
+    );
+    let requests = server.take_requests();
+    let event_patch = requests
+        .iter()
+        .find(|r| r.method == "PATCH" && r.path.starts_with(EVENTS))
+        .expect("a repeated event becomes a series");
+    assert_eq!(
+        event_patch.content_type.as_deref(),
+        Some("application/merge-patch+json")
+    );
+    let st = status(&server);
+    assert_eq!((st.rollout.canary_weight, st.rollout.step), (50, 1));
+    assert_eq!(st.last_tick_at, Some(t0() + chrono::Duration::seconds(30)));
+    assert_eq!(a.backends.observations(), 1);
+    assert_eq!(vs_weights(&server), Weights::canary_percent(50));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_controller_continues_at_the_same_step_with_no_double_step() {
+    let server = seeded(canary_object(json!({}), json!({})));
+    let clock = TokioClock::starting_at(t0());
+    {
+        let a = instance(&server, "a", &clock);
+        reconcile_now(&server, &a).await;
+        reconcile_now(&server, &a).await; // step 0: 20%
+    } // instance a is gone (its metrics baseline with it)
+    let at_crash = status(&server);
+    assert_eq!(at_crash.rollout.canary_weight, 20);
+    server.take_requests();
+
+    // A new process, same API server state, 5 s later: nothing is due, nothing is written.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let b = instance(&server, "b", &clock);
+    assert_eq!(
+        reconcile_now(&server, &b).await,
+        Action::requeue(Duration::from_secs(25))
+    );
+    assert_eq!(
+        lines(&server.take_requests()),
+        [format!("GET {VS_PATH} 200")]
+    );
+    assert_eq!(status(&server), at_crash);
+
+    // At the next tick b has no previous reading: a baseline, which is no verdict. Same step,
+    // same weight, no route write.
+    tokio::time::advance(Duration::from_secs(25)).await;
+    reconcile_now(&server, &b).await;
+    let requests = server.take_requests();
+    assert_eq!(
+        lines(&requests),
+        [
+            format!("GET {VS_PATH} 200"),
+            format!("PUT {CANARY_PATH}/status 200")
+        ]
+    );
+    let st = status(&server);
+    assert_eq!((st.rollout.step, st.rollout.canary_weight), (0, 20));
+    assert_eq!(
+        st.rollout.history, at_crash.rollout.history,
+        "no new transition"
+    );
+    assert_eq!(st.last_tick_at, Some(t0() + chrono::Duration::seconds(30)));
+    assert_eq!(
+        (b.backends.sources_built(), b.backends.observations()),
+        (1, 0)
+    );
+
+    // One interval later it judges and advances exactly one step.
+    tokio::time::advance(Duration::from_secs(30)).await;
+    reconcile_now(&server, &b).await;
+    let st = status(&server);
+    assert_eq!((st.rollout.step, st.rollout.canary_weight), (1, 50));
+    let weights: Vec<u8> = st.rollout.history.iter().map(|t| t.canary_weight).collect();
+    assert_eq!(weights, [20, 50], "each step entered once");
+    assert_eq!(vs_weights(&server), Weights::canary_percent(50));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_status_write_on_a_stale_version_conflicts_and_nothing_is_acted_on() {
+    let server = seeded(canary_object(json!({}), json!({})));
+    let clock = TokioClock::starting_at(t0());
+    let a = instance(&server, "a", &clock);
+    reconcile_now(&server, &a).await; // finalizer
+    let stale = stored_canary(&server);
+    // Someone else changes the Canary (a label) after we read it.
+    server.edit(FLEDGE, "canaries", NS, "app", |c| {
+        c["metadata"]["labels"] = json!({"team": "shop"});
+    });
+    server.take_requests();
+    let err = reconcile(Arc::new(stale), a.ctx.clone()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("changed while it was reconciled"),
+        "{err}"
+    );
+    assert_eq!(
+        lines(&server.take_requests()),
+        [
+            format!("GET {VS_PATH} 200"),
+            format!("PUT {CANARY_PATH}/status 409")
+        ]
+    );
+    assert_eq!(
+        vs_weights(&server),
+        Weights::canary_percent(0),
+        "no weight moved"
+    );
+    assert!(event_reasons(&server).is_empty(), "no event published");
+    // The next reconcile (with the fresh object) does the step once.
+    reconcile_now(&server, &a).await;
+    assert_eq!(status(&server).rollout.canary_weight, 20);
+}
+
+#[tokio::test(start_paused = true)]
+async fn deleting_a_canary_mid_rollout_returns_all_traffic_to_stable() {
+    let istio = json!({"headerRoute": {"headers": {"stage": "canary"}}, "mirrorPercentage": 10});
+    let server = seeded(canary_object(json!({}), istio));
+    let original_vs = server.get(ISTIO, "virtualservices", NS, "app").unwrap();
+    let clock = TokioClock::starting_at(t0());
+    let a = instance(&server, "a", &clock);
+    reconcile_now(&server, &a).await;
+    reconcile_now(&server, &a).await;
+    let vs = server.get(ISTIO, "virtualservices", NS, "app").unwrap();
+    let names: Vec<&str> = vs["spec"]["http"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["primary-canary-testers", "primary"],
+        "testers route while the rollout runs"
+    );
+    assert_eq!(
+        vs["spec"]["http"][1]["mirrorPercentage"],
+        json!({"value": 10.0})
+    );
+    assert_eq!(vs_weights(&server), Weights::canary_percent(20));
+
+    server.delete(FLEDGE, "canaries", NS, "app");
+    assert!(
+        server.get(FLEDGE, "canaries", NS, "app").is_some(),
+        "held by the finalizer"
+    );
+    server.take_requests();
+    assert_eq!(reconcile_now(&server, &a).await, Action::await_change());
+    let requests = server.take_requests();
+    assert_eq!(
+        lines(&requests),
+        [
+            format!("GET {VS_PATH} 200"),
+            format!("GET {DR_LIST} 200"),
+            format!("PATCH {VS_PATH}?fieldManager=fledge 200"),
+            format!("GET {VS_PATH} 200"),
+            format!("POST {EVENTS} 201"),
+            format!("PATCH {CANARY_PATH} 200"),
+        ]
+    );
+    assert_eq!(
+        requests[5].body,
+        Some(json!([
+            {"op": "test", "path": "/metadata/finalizers/0", "value": "fledge.dev/traffic"},
+            {"op": "remove", "path": "/metadata/finalizers/0"}
+        ]))
+    );
+    assert!(
+        server.get(FLEDGE, "canaries", NS, "app").is_none(),
+        "gone once the finalizer is removed"
+    );
+    let vs = server.get(ISTIO, "virtualservices", NS, "app").unwrap();
+    assert_eq!(
+        vs["spec"], original_vs["spec"],
+        "the VirtualService is as it was before the rollout"
+    );
+    assert!(event_reasons(&server)
+        .iter()
+        .any(|(reason, _, _)| reason == "TrafficRestored"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_analysis_rolls_back_to_stable_with_a_warning_event() {
+    let server = seeded(canary_object(json!({}), json!({})));
+    let clock = TokioClock::starting_at(t0());
+    let a = instance(&server, "a", &clock);
+    reconcile_now(&server, &a).await;
+    reconcile_now(&server, &a).await;
+    a.backends.set_unhealthy(true);
+    for _ in 0..2 {
+        tokio::time::advance(Duration::from_secs(30)).await;
+        reconcile_now(&server, &a).await;
+    }
+    let st = status(&server);
+    assert_eq!(
+        (
+            st.rollout.phase,
+            st.rollout.canary_weight,
+            st.rollout.failed_checks
+        ),
+        (Phase::RolledBack, 0, 2)
+    );
+    assert_eq!(vs_weights(&server), Weights::canary_percent(0));
+    let failed = st.condition(condition::FAILED).unwrap();
+    assert_eq!(
+        (failed.status.as_str(), failed.reason.as_str()),
+        ("True", "RolledBack")
+    );
+    assert_eq!(
+        st.condition(condition::PROGRESSING).unwrap().status,
+        "False"
+    );
+    let reasons = event_reasons(&server);
+    assert!(
+        reasons.contains(&("AnalysisFailed".into(), "Warning".into(), 1)),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&("RollbackTriggered".into(), "Warning".into(), 1)),
+        "{reasons:?}"
+    );
+    // Finished: no more analysis, a slow drift check only.
+    server.take_requests();
+    tokio::time::advance(Duration::from_secs(30)).await;
+    assert_eq!(
+        reconcile_now(&server, &a).await,
+        Action::requeue(Duration::from_secs(300))
+    );
+    assert_eq!(
+        lines(&server.take_requests()),
+        [format!("GET {VS_PATH} 200")]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_spec_is_reported_with_the_field_and_the_fix_and_nothing_moves() {
+    let server = seeded(canary_object(json!({"stepWeights": [120]}), json!({})));
+    let clock = TokioClock::starting_at(t0());
+    let a = instance(&server, "a", &clock);
+    reconcile_now(&server, &a).await;
+    server.take_requests();
+    assert_eq!(reconcile_now(&server, &a).await, Action::await_change());
+    assert_eq!(
+        lines(&server.take_requests()),
+        [
+            format!("PUT {CANARY_PATH}/status 200"),
+            format!("POST {EVENTS} 201")
+        ]
+    );
+    let st = status(&server);
+    let ready = st.condition(condition::READY).unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "InvalidSpec")
+    );
+    assert!(
+        ready
+            .message
+            .contains("spec.analysis.stepWeights[0]: 120 is above 100; write a percentage"),
+        "{}",
+        ready.message
+    );
+    // Reconciling again writes nothing new (no event spam).
+    reconcile_now(&server, &a).await;
+    assert!(server.take_requests().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_router_problem_is_reported_in_ready_and_nothing_is_judged() {
+    let server = seeded(canary_object(json!({}), json!({"route": "main"})));
+    let clock = TokioClock::starting_at(t0());
+    let a = instance(&server, "a", &clock);
+    reconcile_now(&server, &a).await;
+    assert_eq!(
+        reconcile_now(&server, &a).await,
+        Action::requeue(Duration::from_secs(10))
+    );
+    let st = status(&server);
+    let ready = st.condition(condition::READY).unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "RouterError")
+    );
+    assert!(
+        ready.message.contains("has no HTTP route named \"main\""),
+        "{}",
+        ready.message
+    );
+    assert_eq!(
+        st.last_tick_at, None,
+        "no analysis while routes are unknown"
+    );
+    assert_eq!(a.backends.sources_built(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_promote_annotation_passes_an_indefinite_pause_exactly_once() {
+    let steps = json!({"stepWeights": null, "steps": [{"setWeight": 20}, {"pause": {}}, {"setWeight": 60}, {"pause": {}}]});
+    let server = seeded(canary_object(steps, json!({})));
+    let clock = TokioClock::starting_at(t0());
+    let a = instance(&server, "a", &clock);
+    reconcile_now(&server, &a).await;
+    reconcile_now(&server, &a).await; // 20%
+    tokio::time::advance(Duration::from_secs(30)).await;
+    reconcile_now(&server, &a).await; // baseline... then pause
+    tokio::time::advance(Duration::from_secs(30)).await;
+    reconcile_now(&server, &a).await;
+    assert_eq!(status(&server).rollout.phase, Phase::Paused);
+
+    server.edit(FLEDGE, "canaries", NS, "app", |c| {
+        c["metadata"]["annotations"] = json!({"fledge.dev/promote": "1"});
+    });
+    reconcile_now(&server, &a).await;
+    let st = status(&server);
+    assert_eq!(
+        (st.rollout.phase, st.rollout.canary_weight),
+        (Phase::Progressing, 60)
+    );
+    assert_eq!(st.handled_promote.as_deref(), Some("1"));
+    // At the next pause the same annotation value does not promote again.
+    tokio::time::advance(Duration::from_secs(30)).await;
+    reconcile_now(&server, &a).await;
+    tokio::time::advance(Duration::from_secs(30)).await;
+    reconcile_now(&server, &a).await;
+    assert_eq!(status(&server).rollout.phase, Phase::Paused);
+    assert_eq!(status(&server).rollout.canary_weight, 60);
+}
+
+// ---- the whole controller: watches, requeues, leader election --------------------------------
+
+fn options(identity: &str) -> ControllerOptions {
+    ControllerOptions {
+        namespace: None,
+        lease: LeaseSettings::new("fledge-system", "fledge-controller", identity),
+        retry_delay: Duration::from_secs(10),
+    }
+}
+
+struct Running {
+    shutdown: watch::Sender<bool>,
+    leader: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<super::Result<()>>,
+}
+
+fn start(
+    server: &FakeApiServer,
+    identity: &str,
+    backends: ScriptedBackends,
+    clock: TokioClock,
+) -> Running {
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (leader_tx, leader) = watch::channel(false);
+    let task = tokio::spawn(run(
+        server.client(identity),
+        options(identity),
+        Arc::new(backends),
+        Arc::new(clock),
+        leader_tx,
+        shutdown_rx,
+    ));
+    Running {
+        shutdown,
+        leader,
+        task,
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.send_replace(true);
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn writes_by(requests: &[RecordedRequest], client: &str) -> Vec<String> {
+    requests
+        .iter()
+        .filter(|r| r.client == client && r.method != "GET" && !r.path.contains("/leases"))
+        .map(|r| r.line())
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_controller_promotes_a_healthy_canary_end_to_end() {
+    let server = seeded(canary_object(json!({}), json!({})));
+    let clock = TokioClock::starting_at(t0());
+    let controller = start(&server, "a", ScriptedBackends::default(), clock);
+    tokio::time::sleep(Duration::from_secs(100)).await;
+
+    let st = status(&server);
+    assert_eq!(
+        (st.rollout.phase, st.rollout.canary_weight),
+        (Phase::Promoted, 100)
+    );
+    assert_eq!(vs_weights(&server), Weights::canary_percent(100));
+    // Ticks at 0 s (baseline + step 0), 30 s (pass → 50%), 60 s (pass → promoted).
+    let at: Vec<i64> = st
+        .rollout
+        .history
+        .iter()
+        .map(|t| (t.at - t0()).num_seconds())
+        .collect();
+    assert_eq!(at, [0, 30, 60]);
+    let requests = server.requests();
+    let vs_patch = format!("PATCH {VS_PATH}?fieldManager=fledge");
+    let status_put = format!("PUT {CANARY_PATH}/status");
+    let event_post = format!("POST {EVENTS}");
+    assert_eq!(
+        writes_by(&requests, "a")
+            .into_iter()
+            .map(|l| if l.starts_with(&format!("PATCH {EVENTS}/")) {
+                "PATCH event".to_string()
+            } else {
+                l
+            })
+            .collect::<Vec<_>>(),
+        [
+            format!("PATCH {CANARY_PATH}"),
+            status_put.clone(),
+            event_post.clone(),
+            event_post.clone(),
+            vs_patch.clone(),
+            status_put.clone(),
+            "PATCH event".to_string(),
+            vs_patch.clone(),
+            status_put.clone(),
+            event_post.clone(),
+            vs_patch.clone(),
+        ]
+    );
+    controller.stop().await;
+    // The lease was released on shutdown.
+    let lease = server
+        .get(
+            "coordination.k8s.io",
+            "leases",
+            "fledge-system",
+            "fledge-controller",
+        )
+        .unwrap();
+    assert!(lease["spec"]["holderIdentity"].is_null(), "{lease}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_the_lease_holder_reconciles_and_a_successor_continues_without_double_steps() {
+    let server = seeded(canary_object(
+        json!({"stepWeights": [10, 20, 30, 40]}),
+        json!({}),
+    ));
+    let clock = TokioClock::starting_at(t0());
+    let a = start(&server, "a", ScriptedBackends::default(), clock);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let b = start(&server, "b", ScriptedBackends::default(), clock);
+    tokio::time::sleep(Duration::from_secs(44)).await; // ticks at 0 and 30 s
+    assert!(*a.leader.borrow() && !*b.leader.borrow());
+    let requests = server.requests();
+    assert!(!writes_by(&requests, "a").is_empty());
+    assert!(
+        writes_by(&requests, "b").is_empty(),
+        "the follower wrote: {:?}",
+        writes_by(&requests, "b")
+    );
+    assert!(
+        requests
+            .iter()
+            .filter(|r| r.client == "b")
+            .all(|r| r.path.contains("/leases")),
+        "the follower only looks at the lease"
+    );
+    let at_handover = status(&server);
+    assert_eq!(
+        (at_handover.rollout.step, at_handover.rollout.canary_weight),
+        (1, 20)
+    );
+
+    // a shuts down gracefully (releases the lease); b takes over and continues from .status.
+    a.stop().await;
+    server.take_requests();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(*b.leader.borrow(), "b leads after a released the lease");
+    let lease = server
+        .get(
+            "coordination.k8s.io",
+            "leases",
+            "fledge-system",
+            "fledge-controller",
+        )
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "b");
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    // At 60 s: b's first tick is its baseline (no verdict); at 90 s it advances one step.
+    tokio::time::sleep(Duration::from_secs(20)).await; // t ≈ 68 s
+    let st = status(&server);
+    assert_eq!(
+        (st.rollout.step, st.rollout.canary_weight),
+        (1, 20),
+        "a baseline tick does not advance"
+    );
+    assert_eq!(st.last_tick_at, Some(t0() + chrono::Duration::seconds(60)));
+    tokio::time::sleep(Duration::from_secs(30)).await; // t ≈ 98 s
+    let st = status(&server);
+    assert_eq!((st.rollout.step, st.rollout.canary_weight), (2, 30));
+    let weights: Vec<u8> = st.rollout.history.iter().map(|t| t.canary_weight).collect();
+    assert_eq!(
+        weights,
+        [10, 20, 30],
+        "every step entered exactly once across the handover"
+    );
+    assert!(
+        writes_by(&server.requests(), "a").is_empty(),
+        "a stopped acting"
+    );
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_virtual_service_edit_is_repaired_at_once_by_the_watch() {
+    let server = seeded(canary_object(json!({}), json!({})));
+    let clock = TokioClock::starting_at(t0());
+    let controller = start(&server, "a", ScriptedBackends::default(), clock);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(vs_weights(&server), Weights::canary_percent(20));
+    // GitOps (self-heal) puts the weights from Git back: 100/0.
+    server.edit(ISTIO, "virtualservices", NS, "app", |vs| {
+        vs["spec"]["http"][0]["route"][0]["weight"] = json!(100);
+        vs["spec"]["http"][0]["route"][1]["weight"] = json!(0);
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        vs_weights(&server),
+        Weights::canary_percent(20),
+        "weights follow .status again"
+    );
+    assert_eq!(
+        status(&server).rollout.step,
+        0,
+        "no analysis was triggered by the edit"
+    );
+    controller.stop().await;
+}
+
+/// Every request the controller makes in a full lifecycle (two canaries, one with a named
+/// DestinationRule, promotion, deletion, two replicas) is allowed by `manifests/rbac.yaml`, and
+/// every rule there is used.
+#[tokio::test(start_paused = true)]
+async fn rbac_in_the_manifests_covers_exactly_what_the_controller_calls() {
+    let server = seeded(canary_object(json!({}), json!({})));
+    let mut second_vs = virtual_service();
+    second_vs["metadata"]["name"] = json!("app2");
+    server.create(ISTIO, "virtualservices", second_vs);
+    let mut second = canary_object(
+        json!({}),
+        json!({"virtualService": "app2", "destinationRule": "app"}),
+    );
+    second["metadata"]["name"] = json!("app2");
+    server.create(FLEDGE, "canaries", second);
+    let clock = TokioClock::starting_at(t0());
+    let a = start(&server, "a", ScriptedBackends::default(), clock);
+    let b = start(&server, "b", ScriptedBackends::default(), clock);
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    server.delete(FLEDGE, "canaries", NS, "app");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    a.stop().await;
+    b.stop().await;
+
+    let granted = super::manifest_tests::granted_rules();
+    let mut used = std::collections::BTreeSet::new();
+    for request in server.requests() {
+        let (group, resource, has_name) = request.target().expect("an API path");
+        let verb = rbac::verb_of(&request.method, has_name, request.is_watch());
+        assert!(
+            granted.contains(&(group.clone(), resource.clone(), verb.to_string())),
+            "manifests/rbac.yaml does not allow {verb} {resource}.{group} ({})",
+            request.line()
+        );
+        used.insert((group, resource, verb.to_string()));
+    }
+    let unused: Vec<_> = granted
+        .iter()
+        .filter(|(_, resource, verb)| {
+            !rbac::NOT_CALLED_DIRECTLY.contains(&(resource.as_str(), verb.as_str()))
+        })
+        .filter(|rule| !used.contains(*rule))
+        .collect();
+    assert!(unused.is_empty(), "granted but never used: {unused:?}");
+}
