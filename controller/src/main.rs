@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "fledge", version, about = "Automated, metrics-driven canary releases for Envoy and Istio")]
+#[command(
+    name = "fledge",
+    version,
+    about = "Automated, metrics-driven canary releases for Envoy and Istio"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Commands,
@@ -70,7 +74,12 @@ fn load(files: &[PathBuf]) -> anyhow::Result<Vec<fledge_core::spec::Canary>> {
     })
 }
 
-async fn run(files: Vec<PathBuf>, listen: SocketAddr, state_dir: PathBuf, exit_when_done: bool) -> anyhow::Result<ExitCode> {
+async fn run(
+    files: Vec<PathBuf>,
+    listen: SocketAddr,
+    state_dir: PathBuf,
+    exit_when_done: bool,
+) -> anyhow::Result<ExitCode> {
     let canaries = load(&files)?;
     let registry = Registry::default();
     let store = StateStore::new(state_dir);
@@ -126,20 +135,25 @@ async fn run(files: Vec<PathBuf>, listen: SocketAddr, state_dir: PathBuf, exit_w
     let _ = shutdown_tx.send(true);
     while tasks.join_next().await.is_some() {}
     let _ = server.await;
-    Ok(if rolled_back { ExitCode::from(3) } else { ExitCode::SUCCESS })
+    Ok(if rolled_back {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -195,7 +209,11 @@ fn main() -> ExitCode {
             .map_err(Into::into),
         Commands::Validate { files } => load(&files).map(|canaries| {
             for c in &canaries {
-                println!("{}: valid ({} steps)", c.name(), c.spec.analysis.plan().len());
+                println!(
+                    "{}: valid ({} steps)",
+                    c.name(),
+                    c.spec.analysis.plan().len()
+                );
             }
             ExitCode::SUCCESS
         }),

@@ -38,7 +38,11 @@ pub fn analysis(name: &str, report: &TimedReport) {
             format!("{} {value} ({}) {:?}", c.name, c.threshold, c.verdict)
         })
         .collect();
-    let enforced = if report.enforced { "" } else { " [not enforced before startingStep]" };
+    let enforced = if report.enforced {
+        ""
+    } else {
+        " [not enforced before startingStep]"
+    };
     let verdict = match report.report.verdict {
         Verdict::Pass => "pass",
         Verdict::Fail => "FAIL",
@@ -55,6 +59,11 @@ pub fn analysis(name: &str, report: &TimedReport) {
             format!("; {}", checks.join("; "))
         },
     ));
+}
+
+/// A free-form note about a canary (e.g. a conflict with another writer).
+pub fn note(name: &str, text: &str) {
+    emit(&format!("{} {name:<14} {text}", now()));
 }
 
 /// Print the events a decision produced.

@@ -29,8 +29,11 @@ pub struct CanaryView {
     pub threshold: u32,
     #[serde(flatten)]
     pub status: CanaryStatus,
-    /// Set while the router cannot apply or confirm the wanted weights.
+    /// Set while the router cannot apply or confirm the wanted weights (or, for a standby
+    /// process, why it is waiting).
     pub router_error: Option<String>,
+    /// The latest change of this canary's weights made outside fledge, if any.
+    pub conflict: Option<String>,
 }
 
 struct Entry {
@@ -116,6 +119,10 @@ pub struct CanaryTask {
     pub registry: Registry,
     /// Return once the rollout is Promoted or RolledBack (and the weights are live).
     pub exit_when_done: bool,
+    /// Weights this process last wrote (to tell our changes from someone else's).
+    pub last_written: Option<Weights>,
+    /// The latest edit of our weights by someone else, as reported.
+    pub last_conflict: Option<String>,
 }
 
 impl CanaryTask {
@@ -127,6 +134,7 @@ impl CanaryTask {
             threshold: self.canary.spec.analysis.threshold,
             status: status.clone(),
             router_error,
+            conflict: self.last_conflict.clone(),
         }
     }
 
@@ -159,16 +167,34 @@ impl CanaryTask {
         }
     }
 
-    /// Make the router serve `canary_weight`; `Err` carries a readable reason.
-    async fn ensure_weights(&self, canary_weight: u8) -> Result<(), String> {
+    /// Make the router serve `canary_weight`; `Err` carries a readable reason. Weights that
+    /// differ from what this process last wrote were changed by someone else: that is
+    /// reported (log line and `conflict` in the view) before our weights are restored, since
+    /// the rollout's analysis is only valid at the weights it decided.
+    async fn ensure_weights(&mut self, canary_weight: u8) -> Result<(), String> {
         let want = Weights::canary_percent(canary_weight);
         let current = self.router.get_weights().await.map_err(|e| e.to_string())?;
         if current != want {
+            if let Some(written) = self.last_written.filter(|w| *w != current) {
+                let conflict = format!(
+                    "weights were changed outside fledge: found stable {} / canary {}, expected stable {} / canary {}; restoring stable {} / canary {}",
+                    current.stable,
+                    current.canary,
+                    written.stable,
+                    written.canary,
+                    want.stable,
+                    want.canary
+                );
+                tracing::warn!(canary = self.canary.name(), "{conflict}");
+                progress::note(self.canary.name(), &conflict);
+                self.last_conflict = Some(format!("{}: {conflict}", Utc::now().to_rfc3339()));
+            }
             self.router
                 .set_weights(want)
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        self.last_written = Some(want);
         self.router.verify(want).await.map_err(|e| e.to_string())
     }
 
@@ -202,8 +228,35 @@ impl CanaryTask {
     /// Drive this canary until shutdown (or until done, with `exit_when_done`).
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> CanaryStatus {
         let fingerprint = fingerprint(&self.canary.spec);
-        let mut status = self.initial_status(&fingerprint);
         let (commands_tx, mut commands) = mpsc::channel(16);
+        // Only one process acts on a canary: the others wait as standbys.
+        let _lock = loop {
+            match self.store.try_lock(self.canary.name()) {
+                Ok(Some(lock)) => break lock,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(canary = self.canary.name(), error = %e, "cannot take the canary lock")
+                }
+            }
+            let saved = self
+                .store
+                .load(self.canary.name())
+                .ok()
+                .flatten()
+                .map(|s| s.status)
+                .unwrap_or_default();
+            let standby = format!(
+                "standby: another fledge process holds {}; this one takes over when it stops",
+                self.store.lock_path(self.canary.name()).display()
+            );
+            self.registry
+                .publish(self.view(&saved, Some(standby)), &commands_tx);
+            tokio::select! {
+                _ = tokio::time::sleep(self.canary.spec.analysis.interval.0.min(std::time::Duration::from_secs(2))) => {}
+                _ = shutdown.changed() => return saved,
+            }
+        };
+        let mut status = self.initial_status(&fingerprint);
         let mut ticker = tokio::time::interval(self.canary.spec.analysis.interval.0);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {

@@ -39,6 +39,14 @@ pub fn fingerprint(spec: &CanarySpec) -> String {
     format!("{hash:016x}")
 }
 
+/// Held while this process may act on a canary; the OS releases it when the process exits,
+/// however it exits (even SIGKILL), so a crashed controller never blocks its successor.
+#[derive(Debug)]
+pub struct CanaryLock {
+    _file: std::fs::File,
+    pub path: PathBuf,
+}
+
 #[derive(Debug, Clone)]
 pub struct StateStore {
     dir: PathBuf,
@@ -60,15 +68,39 @@ impl StateStore {
         }
     }
 
+    /// Take the canary's lock file (`<dir>/<name>.lock`) without waiting: `None` when another
+    /// process holds it.
+    pub fn try_lock(&self, name: &str) -> Result<Option<CanaryLock>, StateError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Self::io_error(&self.dir, e))?;
+        let path = self.dir.join(format!("{name}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Self::io_error(&path, e))?;
+        if lock_exclusive_nonblocking(&file) {
+            Ok(Some(CanaryLock { _file: file, path }))
+        } else {
+            Ok(None)
+        }
+    }
+
+    pub fn lock_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.lock"))
+    }
+
     pub fn load(&self, name: &str) -> Result<Option<SavedState>, StateError> {
         let path = self.path_of(name);
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| StateError::Corrupt {
-                    path: path.display().to_string(),
-                    message: e.to_string(),
-                }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StateError::Corrupt {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Self::io_error(&path, e)),
         }
@@ -90,6 +122,18 @@ impl StateStore {
         };
         write().map_err(|e| Self::io_error(&path, e))
     }
+}
+
+#[cfg(unix)]
+fn lock_exclusive_nonblocking(file: &std::fs::File) -> bool {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock on a file descriptor we own; no memory is shared with the kernel.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+#[cfg(not(unix))]
+fn lock_exclusive_nonblocking(_file: &std::fs::File) -> bool {
+    true
 }
 
 #[cfg(test)]
@@ -114,15 +158,33 @@ mod tests {
         store.save("app", &state).unwrap();
         store.save("app", &state).unwrap();
         assert_eq!(store.load("app").unwrap(), Some(state));
-        let files: Vec<_> = std::fs::read_dir(dir.path().join("state")).unwrap().collect();
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("state"))
+            .unwrap()
+            .collect();
         assert_eq!(files.len(), 1);
+    }
+
+    #[test]
+    fn only_one_holder_of_a_canary_lock_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path());
+        let first = store.try_lock("app").unwrap();
+        assert!(first.is_some());
+        // flock is per open file description: a second open in this process contends too.
+        assert!(store.try_lock("app").unwrap().is_none());
+        assert!(store.try_lock("other").unwrap().is_some());
+        drop(first);
+        assert!(store.try_lock("app").unwrap().is_some());
     }
 
     #[test]
     fn corrupt_state_names_the_file_and_the_fix() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("app.json"), "{not json").unwrap();
-        let err = StateStore::new(dir.path()).load("app").unwrap_err().to_string();
+        let err = StateStore::new(dir.path())
+            .load("app")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("app.json is corrupt"), "{err}");
         assert!(err.contains("move it away"), "{err}");
     }

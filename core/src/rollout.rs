@@ -87,9 +87,16 @@ pub struct CanaryStatus {
     /// Accumulated evidence of the sequential tests and burn-rate windows.
     #[serde(default)]
     pub analysis_state: AnalysisState,
+    /// Consecutive intervals whose metrics could not be read.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub metrics_failures: u32,
     /// Set by a `Pause` command until `Resume`: nothing advances.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused_by_operator: bool,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A request from an operator.
@@ -162,11 +169,37 @@ enum Judgement {
     NoData,
 }
 
+/// What the caller learnt from webhooks before this call. Pure data: the state machine never
+/// calls out; the controller asks the hooks and passes the answers in. `Gates::default()` means
+/// "no webhooks" (every gate open).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gates {
+    /// A pre-rollout (before the first step) or rollout (each interval) webhook failed: the
+    /// call counts one failed check (at most one per call) and nothing advances.
+    pub hook_failure: Option<String>,
+    /// A confirm-promotion webhook did not approve: the rollout holds at its last step instead
+    /// of promoting; analysis continues. `PromoteFull` (an operator override) is not held.
+    pub promotion_held: Option<String>,
+    /// A rollback webhook asked for a rollback.
+    pub rollback_requested: Option<String>,
+}
+
 /// Advance the rollout by one call. Pure: the same arguments always give the same decision.
 pub fn step(
     spec: &CanarySpec,
     status: &CanaryStatus,
     input: &Input,
+    now: DateTime<Utc>,
+) -> Decision {
+    step_with_gates(spec, status, input, &Gates::default(), now)
+}
+
+/// [`step`] with the answers of the spec's webhooks. Pure like [`step`].
+pub fn step_with_gates(
+    spec: &CanarySpec,
+    status: &CanaryStatus,
+    input: &Input,
+    gates: &Gates,
     now: DateTime<Utc>,
 ) -> Decision {
     let mut machine = Machine {
@@ -175,6 +208,7 @@ pub fn step(
         status: status.clone(),
         actions: Vec::new(),
         now,
+        gates,
     };
     machine.run(input);
     Decision {
@@ -189,6 +223,7 @@ struct Machine<'a> {
     status: CanaryStatus,
     actions: Vec<Action>,
     now: DateTime<Utc>,
+    gates: &'a Gates,
 }
 
 impl Machine<'_> {
@@ -217,7 +252,15 @@ impl Machine<'_> {
             Some(Command::Resume) => self.resume(),
             _ => {}
         }
+        if let Some(reason) = &self.gates.rollback_requested {
+            self.roll_back(format!("rolling back: {reason}"));
+            return;
+        }
         if self.status.phase == Phase::Initializing {
+            if let Some(reason) = &self.gates.hook_failure {
+                self.count_hook_failure(reason);
+                return;
+            }
             self.status.started_at = Some(self.now);
             self.event(EventReason::Started, false, "rollout started".into());
             self.enter_step(0);
@@ -227,14 +270,42 @@ impl Machine<'_> {
         let judgement = match &input.observation {
             None | Some(Err(ObservationError::Baseline)) => Judgement::None,
             Some(Err(err)) => {
-                self.halt(format!("metrics unavailable, not judging: {err}"));
+                self.status.metrics_failures += 1;
+                let (failures, limit) = (
+                    self.status.metrics_failures,
+                    self.spec.analysis.metrics_failure_limit,
+                );
+                if failures >= limit {
+                    self.halt(format!(
+                        "metrics unavailable for {failures} intervals in a row (limit {limit}), not judging: {err}"
+                    ));
+                } else {
+                    // A blip: wait, but never advance on missing data.
+                    self.status.message = format!(
+                        "metrics unavailable ({failures}/{limit}), not judging this interval: {err}"
+                    );
+                }
                 Judgement::NoData
             }
-            Some(Ok(observation)) => self.judge(observation),
+            Some(Ok(observation)) => {
+                self.status.metrics_failures = 0;
+                self.judge(observation)
+            }
         };
         if self.status.phase.is_terminal() {
             return;
         }
+        let judgement = match &self.gates.hook_failure {
+            // One failed check per call: a failed interval already counted one.
+            Some(reason) if judgement != Judgement::Fail => {
+                self.count_hook_failure(reason);
+                if self.status.phase.is_terminal() {
+                    return;
+                }
+                Judgement::Fail
+            }
+            _ => judgement,
+        };
         if matches!(judgement, Judgement::Pass | Judgement::Hold)
             && self.status.phase == Phase::Halted
         {
@@ -243,7 +314,39 @@ impl Machine<'_> {
             self.event(EventReason::Resumed, false, self.status.message.clone());
         }
         if self.ready_to_advance(judgement, input.command == Some(Command::Promote)) {
-            self.enter_step(self.status.step + 1);
+            let next = self.status.step + 1;
+            match &self.gates.promotion_held {
+                Some(reason) if next >= self.plan.len() => self.hold_promotion(reason),
+                _ => self.enter_step(next),
+            }
+        }
+    }
+
+    /// A failed pre-rollout / rollout webhook: one failed check, rollback at the threshold.
+    fn count_hook_failure(&mut self, reason: &str) {
+        self.status.failed_checks += 1;
+        let threshold = self.spec.analysis.threshold;
+        let failed = self.status.failed_checks;
+        if failed >= threshold {
+            self.roll_back(format!(
+                "rolling back: failed checks threshold reached {failed}/{threshold}: {reason}"
+            ));
+        } else {
+            self.status.message = format!("check failed ({failed}/{threshold}): {reason}");
+            self.event(
+                EventReason::AnalysisFailed,
+                true,
+                self.status.message.clone(),
+            );
+        }
+    }
+
+    /// Ready to promote, but a confirm-promotion gate is closed: stay at the last step.
+    fn hold_promotion(&mut self, reason: &str) {
+        let message = format!("promotion held at {}%: {reason}", self.status.canary_weight);
+        if self.status.message != message {
+            self.status.message = message;
+            self.event(EventReason::Paused, false, self.status.message.clone());
         }
     }
 
@@ -695,26 +798,38 @@ mod tests {
     }
 
     #[test]
-    fn metrics_outage_halts_then_resumes() {
-        let spec = simple_spec();
+    fn metrics_outage_waits_then_halts_at_the_limit_then_resumes() {
+        let spec = simple_spec(); // metricsFailureLimit 2 (default)
         let (status, trace) = drive(
             &spec,
-            &[baseline(), outage(), outage(), healthy(), healthy()],
+            &[
+                baseline(),
+                outage(),
+                healthy(),
+                outage(),
+                outage(),
+                outage(),
+                healthy(),
+                healthy(),
+            ],
         );
         assert_eq!(
             trace,
             vec![
                 (Progressing, 20, 0),
-                (Halted, 20, 0),
-                (Halted, 20, 0),
+                (Progressing, 20, 0), // a blip: no verdict, no advance
+                (Progressing, 40, 1), // good data resets the count
                 (Progressing, 40, 1),
+                (Halted, 40, 1), // the second failure in a row halts
+                (Halted, 40, 1),
                 (Progressing, 60, 2),
+                (Promoted, 100, 3),
             ]
         );
         assert!(status
             .history
             .iter()
-            .any(|h| h.reason.contains("metrics unavailable")));
+            .any(|h| h.reason.contains("2 intervals in a row (limit 2)")));
         assert!(status.history.iter().any(|h| h.reason.contains("resuming")));
     }
 
@@ -1013,5 +1128,172 @@ mod tests {
         status = step(&spec, &status, &failing(), t(10)).status;
         status = step(&spec, &status, &failing(), t(20)).status;
         assert_eq!(status.phase, RolledBack);
+    }
+
+    /// Drive with one gate set per input.
+    fn drive_gated(spec: &CanarySpec, inputs: &[(Input, Gates)]) -> Vec<(Phase, u8, usize, u32)> {
+        let mut status = CanaryStatus::default();
+        let mut trace = Vec::new();
+        for (i, (input, gates)) in inputs.iter().enumerate() {
+            status = step_with_gates(spec, &status, input, gates, t(10 * i as i64)).status;
+            trace.push((
+                status.phase,
+                status.canary_weight,
+                status.step,
+                status.failed_checks,
+            ));
+        }
+        trace
+    }
+
+    fn open() -> Gates {
+        Gates::default()
+    }
+    fn held() -> Gates {
+        Gates {
+            promotion_held: Some("confirm-promotion webhook \"approve\" answered 403".into()),
+            ..Gates::default()
+        }
+    }
+    fn hook_failed() -> Gates {
+        Gates {
+            hook_failure: Some("rollout webhook \"load-test\" failed: timed out".into()),
+            ..Gates::default()
+        }
+    }
+
+    #[test]
+    fn webhook_gates_as_a_table() {
+        let spec = simple_spec(); // 20 → 40 → 60, threshold 2
+        let cases: Vec<(&str, Vec<(Input, Gates)>, Vec<(Phase, u8, usize, u32)>)> = vec![
+            (
+                "a closed confirm-promotion gate holds at the last step; opening it promotes",
+                vec![
+                    (baseline(), open()),
+                    (healthy(), held()),
+                    (healthy(), held()),
+                    (healthy(), held()),
+                    (healthy(), held()),
+                    (healthy(), open()),
+                ],
+                vec![
+                    (Progressing, 20, 0, 0),
+                    (Progressing, 40, 1, 0),
+                    (Progressing, 60, 2, 0),
+                    (Progressing, 60, 2, 0),
+                    (Progressing, 60, 2, 0),
+                    (Promoted, 100, 3, 0),
+                ],
+            ),
+            (
+                "a closed gate still lets failing analysis roll back",
+                vec![
+                    (baseline(), open()),
+                    (healthy(), held()),
+                    (healthy(), held()),
+                    (failing(), held()),
+                    (failing(), held()),
+                ],
+                vec![
+                    (Progressing, 20, 0, 0),
+                    (Progressing, 40, 1, 0),
+                    (Progressing, 60, 2, 0),
+                    (Progressing, 60, 2, 1),
+                    (RolledBack, 0, 2, 2),
+                ],
+            ),
+            (
+                "a failing pre-rollout hook keeps Initializing and counts towards the threshold",
+                vec![
+                    (baseline(), hook_failed()),
+                    (baseline(), open()),
+                    (healthy(), open()),
+                ],
+                vec![
+                    (Initializing, 0, 0, 1),
+                    (Progressing, 20, 0, 1),
+                    (Progressing, 40, 1, 1),
+                ],
+            ),
+            (
+                "a failing rollout hook holds the weight and rolls back at the threshold",
+                vec![
+                    (baseline(), open()),
+                    (healthy(), hook_failed()),
+                    (healthy(), open()),
+                    (healthy(), hook_failed()),
+                ],
+                vec![
+                    (Progressing, 20, 0, 0),
+                    (Progressing, 20, 0, 1),
+                    (Progressing, 40, 1, 1),
+                    (RolledBack, 0, 1, 2),
+                ],
+            ),
+            (
+                "a hook failure and a failed interval count one failed check, not two",
+                vec![(baseline(), open()), (failing(), hook_failed())],
+                vec![(Progressing, 20, 0, 0), (Progressing, 20, 0, 1)],
+            ),
+            (
+                "a rollback hook rolls back at once",
+                vec![
+                    (baseline(), open()),
+                    (
+                        healthy(),
+                        Gates {
+                            rollback_requested: Some(
+                                "rollback webhook \"pager\" asked for a rollback".into(),
+                            ),
+                            ..Gates::default()
+                        },
+                    ),
+                ],
+                vec![(Progressing, 20, 0, 0), (RolledBack, 0, 0, 0)],
+            ),
+        ];
+        for (name, inputs, expected) in cases {
+            assert_eq!(drive_gated(&spec, &inputs), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_held_promotion_says_why_once_and_promote_full_overrides_it() {
+        let spec = simple_spec();
+        let mut status = CanaryStatus::default();
+        let mut events = 0;
+        let inputs = [baseline(), healthy(), healthy(), healthy(), healthy()];
+        for (i, input) in inputs.iter().enumerate() {
+            let decision = step_with_gates(&spec, &status, input, &held(), t(10 * i as i64));
+            events += decision
+                .actions
+                .iter()
+                .filter(|a| matches!(a, Action::Event { message, .. } if message.contains("promotion held")))
+                .count();
+            status = decision.status;
+        }
+        assert_eq!(events, 1, "one event, not one per interval");
+        assert!(
+            status
+                .message
+                .contains("promotion held at 60%: confirm-promotion webhook"),
+            "{}",
+            status.message
+        );
+        let promoted = step_with_gates(
+            &spec,
+            &status,
+            &command(Command::PromoteFull),
+            &held(),
+            t(60),
+        )
+        .status;
+        assert_eq!((promoted.phase, promoted.canary_weight), (Promoted, 100));
+        // Without gates, `step` and `step_with_gates` agree.
+        let plain = step(&spec, &status, &healthy(), t(70));
+        assert_eq!(
+            plain,
+            step_with_gates(&spec, &status, &healthy(), &open(), t(70))
+        );
     }
 }

@@ -49,6 +49,10 @@ pub struct CanarySpec {
     pub metrics_source: MetricsSourceSpec,
     pub router: RouterSpec,
     pub analysis: AnalysisSpec,
+    /// Calls out at Flagger's hook points (load tests, approval gates, notifications); see
+    /// [`crate::webhook`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<crate::webhook::WebhookSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +232,10 @@ pub struct AnalysisSpec {
     /// Index of the step from which metrics are judged; earlier steps only wait one interval.
     #[serde(default)]
     pub starting_step: usize,
+    /// Consecutive intervals the metrics source may fail (unreachable, slow, garbage) before the
+    /// rollout is Halted with the reason. Nothing advances meanwhile. Default 2.
+    #[serde(default = "default_metrics_failure_limit")]
+    pub metrics_failure_limit: u32,
     #[serde(default)]
     pub metrics: Vec<MetricSpec>,
     /// Judge the canary against the stable version with anytime-valid sequential tests
@@ -345,6 +353,9 @@ fn default_threshold() -> u32 {
 }
 fn default_min_canary_requests() -> u64 {
     20
+}
+fn default_metrics_failure_limit() -> u32 {
+    2
 }
 const DEFAULT_MAX_WEIGHT: u8 = 50;
 
@@ -818,6 +829,7 @@ impl CanarySpec {
             istio.validate_into(p);
         }
         self.analysis.validate_into(p, has_prometheus);
+        p.0.extend(crate::webhook::validate(&self.webhooks));
     }
 }
 
@@ -914,6 +926,13 @@ impl AnalysisSpec {
                 format!("{base}.interval"),
                 format!("{} is shorter than 1s", self.interval),
                 "write e.g. `interval: 30s` (metrics need time to accumulate)",
+            );
+        }
+        if self.metrics_failure_limit == 0 {
+            p.add(
+                format!("{base}.metricsFailureLimit"),
+                "must be at least 1",
+                "write how many failed metric reads in a row halt the rollout, e.g. `metricsFailureLimit: 2`",
             );
         }
         if self.threshold == 0 {

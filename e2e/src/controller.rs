@@ -275,6 +275,19 @@ impl Controller {
         self.proc.follow_log(prefix)
     }
 
+    /// Kill it with SIGKILL (a crash: no chance to save anything or clean up).
+    pub fn kill(&mut self) {
+        self.proc.kill_now();
+    }
+
+    /// Send an operator command (`promote`, `abort`, ...) through the API.
+    pub fn command(&self, name: &str, command: &str) -> Result<String> {
+        http::post_ok(
+            &format!("{}/{name}/{command}", self.api_url()),
+            Duration::from_secs(3),
+        )
+    }
+
     /// Stop it now (it is also stopped on drop).
     pub fn stop(mut self) {
         self.proc.stop();

@@ -234,6 +234,9 @@ pub struct Envoy {
     rds_path: PathBuf,
     rds_version: AtomicU64,
     route_shape: RouteShape,
+    /// How to start this Envoy again in place (same bootstrap, ports and RDS file).
+    relaunch: (PathBuf, Vec<String>),
+    restarts: u32,
     _dir: ScratchDir,
 }
 
@@ -256,19 +259,64 @@ impl Envoy {
         std::fs::write(&bootstrap_path, serde_json::to_vec_pretty(&bootstrap)?)
             .with_context(|| format!("writing {}", bootstrap_path.display()))?;
 
-        let mut command = Command::new(&binary);
-        command
-            .arg("-c")
-            .arg(&bootstrap_path)
-            .arg("--concurrency")
-            .arg(options.concurrency.to_string())
+        let args = vec![
+            "-c".to_string(),
+            bootstrap_path.display().to_string(),
+            "--concurrency".to_string(),
+            options.concurrency.to_string(),
             // No shared memory, so parallel Envoys never clash on a base id.
-            .arg("--disable-hot-restart")
-            .arg("-l")
-            .arg(&options.log_level);
+            "--disable-hot-restart".to_string(),
+            "-l".to_string(),
+            options.log_level.clone(),
+        ];
         let log_path = dir.path().join("envoy.log");
-        let mut proc = Proc::spawn("envoy", command, &log_path)?;
+        let proc = launch(&binary, &args, &log_path, admin_port, listener_port)?;
+        tracing::info!(
+            admin_port,
+            listener_port,
+            filter = options.filter.is_some(),
+            "envoy ready"
+        );
+        Ok(Envoy {
+            proc,
+            admin_port,
+            listener_port,
+            rds_path,
+            rds_version: AtomicU64::new(1),
+            route_shape,
+            relaunch: (binary, args),
+            restarts: 0,
+            _dir: dir,
+        })
+    }
 
+    /// Kill this Envoy (SIGKILL: counters are lost, as in a crash) and start it again with
+    /// the same bootstrap, ports and the current RDS file; wait until it is ready.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.kill_now();
+        self.restarts += 1;
+        let log_path = self
+            ._dir
+            .path()
+            .join(format!("envoy-restart-{}.log", self.restarts));
+        let (binary, args) = &self.relaunch;
+        self.proc = launch(binary, args, &log_path, self.admin_port, self.listener_port)?;
+        Ok(())
+    }
+}
+
+/// Start Envoy and wait until its admin says LIVE and its listener accepts.
+fn launch(
+    binary: &Path,
+    args: &[String],
+    log_path: &Path,
+    admin_port: u16,
+    listener_port: u16,
+) -> Result<Proc> {
+    {
+        let mut command = Command::new(binary);
+        command.args(args);
+        let mut proc = Proc::spawn("envoy", command, log_path)?;
         let admin_url = format!("http://127.0.0.1:{admin_port}");
         let started = Instant::now();
         wait_until(
@@ -285,24 +333,15 @@ impl Envoy {
             },
         )
         .with_context(|| format!("Envoy log tail:\n{}", proc.log_tail(30)))?;
-        tracing::info!(
-            admin_port,
-            listener_port,
-            filter = options.filter.is_some(),
+        tracing::debug!(
             startup_ms = started.elapsed().as_millis() as u64,
-            "envoy ready"
+            "envoy live"
         );
-        Ok(Envoy {
-            proc,
-            admin_port,
-            listener_port,
-            rds_path,
-            rds_version: AtomicU64::new(1),
-            route_shape,
-            _dir: dir,
-        })
+        Ok(proc)
     }
+}
 
+impl Envoy {
     pub fn admin_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.admin_port)
     }

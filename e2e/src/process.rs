@@ -199,6 +199,17 @@ impl Proc {
         self.exit_status
     }
 
+    /// Kill the whole process group with SIGKILL at once (a crash, not a shutdown) and reap it.
+    pub fn kill_now(&mut self) -> Option<ExitStatus> {
+        let pgid = self.child.id() as i32;
+        signal_group(pgid, libc::SIGKILL);
+        if let Ok(status) = self.child.wait() {
+            self.exit_status = Some(status);
+        }
+        unregister_group(pgid);
+        self.exit_status
+    }
+
     /// Print the log as it grows, each line prefixed, until the returned handle is dropped.
     pub fn follow_log(&self, prefix: &str) -> LogFollower {
         LogFollower::start(self.log_path.clone(), prefix.to_string())
