@@ -21,6 +21,7 @@
 //! - [`spec`]: the Canary spec and its validation (errors name the field and the fix).
 //! - [`analysis`]: judging one interval's observation against the spec's metrics.
 //! - [`rollout`]: the state machine.
+//! - [`webhook`]: the spec's webhooks (hook points) and their validation.
 
 pub mod analysis;
 pub mod contract;
@@ -30,3 +31,4 @@ pub mod observe;
 pub mod rollout;
 pub mod sequential;
 pub mod spec;
+pub mod webhook;
