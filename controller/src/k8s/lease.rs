@@ -223,3 +223,168 @@ pub async fn run_election(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::clock::TokioClock;
+    use crate::k8s::fake_api::FakeApiServer;
+    use serde_json::json;
+
+    const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/fledge-system/leases/fledge";
+
+    fn lock(server: &FakeApiServer, identity: &str, clock: TokioClock) -> LeaseLock {
+        LeaseLock::new(
+            server.client(identity),
+            LeaseSettings::new("fledge-system", "fledge", identity),
+            Arc::new(clock),
+        )
+    }
+
+    fn lines(server: &FakeApiServer) -> Vec<String> {
+        server
+            .take_requests()
+            .iter()
+            .map(|r| format!("{} {} {}", r.client, r.line(), r.status))
+            .collect()
+    }
+
+    fn holder(server: &FakeApiServer) -> serde_json::Value {
+        server
+            .get("coordination.k8s.io", "leases", "fledge-system", "fledge")
+            .map(|l| l["spec"]["holderIdentity"].clone())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acquire_renew_wait_take_over_and_release() {
+        let server = FakeApiServer::new();
+        let clock =
+            TokioClock::starting_at(chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap());
+        let a = lock(&server, "a", clock);
+        let b = lock(&server, "b", clock);
+
+        assert_eq!(
+            a.try_acquire_or_renew().await.unwrap(),
+            LeaseOutcome::Leader
+        );
+        assert_eq!(
+            b.try_acquire_or_renew().await.unwrap(),
+            LeaseOutcome::Follower {
+                holder: Some("a".into())
+            }
+        );
+        assert_eq!(
+            a.try_acquire_or_renew().await.unwrap(),
+            LeaseOutcome::Leader
+        );
+        assert_eq!(
+            lines(&server),
+            [
+                format!("a GET {LEASE} 404"),
+                "a POST /apis/coordination.k8s.io/v1/namespaces/fledge-system/leases 201"
+                    .to_string(),
+                format!("b GET {LEASE} 200"),
+                format!("a GET {LEASE} 200"),
+                format!("a PUT {LEASE} 200"),
+            ]
+        );
+
+        // a stops renewing; after the lease duration b takes it over.
+        tokio::time::advance(Duration::from_secs(14)).await;
+        assert!(matches!(
+            b.try_acquire_or_renew().await.unwrap(),
+            LeaseOutcome::Follower { .. }
+        ));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            b.try_acquire_or_renew().await.unwrap(),
+            LeaseOutcome::Leader
+        );
+        let lease = server
+            .get("coordination.k8s.io", "leases", "fledge-system", "fledge")
+            .unwrap();
+        assert_eq!(lease["spec"]["holderIdentity"], "b");
+        assert_eq!(lease["spec"]["leaseTransitions"], 1);
+        // a comes back: the lease is b's now.
+        assert_eq!(
+            a.try_acquire_or_renew().await.unwrap(),
+            LeaseOutcome::Follower {
+                holder: Some("b".into())
+            }
+        );
+
+        // b releases on shutdown; a may take over at once.
+        b.release().await.unwrap();
+        assert!(holder(&server).is_null());
+        assert_eq!(
+            a.try_acquire_or_renew().await.unwrap(),
+            LeaseOutcome::Leader
+        );
+        // Releasing a lease we do not hold changes nothing.
+        server.take_requests();
+        b.release().await.unwrap();
+        assert_eq!(lines(&server), [format!("b GET {LEASE} 200")]);
+        assert_eq!(holder(&server), json!("a"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_candidates_racing_for_an_expired_lease_cannot_both_win() {
+        let server = FakeApiServer::new();
+        let clock =
+            TokioClock::starting_at(chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap());
+        let old = lock(&server, "old", clock);
+        old.try_acquire_or_renew().await.unwrap();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let a = lock(&server, "a", clock);
+        // b takes the lease between a's read and a's write.
+        let b_takes_over = clock.now();
+        server.before_next("PUT", "leases/fledge", move |s| {
+            s.edit(
+                "coordination.k8s.io",
+                "leases",
+                "fledge-system",
+                "fledge",
+                |lease| {
+                    lease["spec"]["holderIdentity"] = json!("b");
+                    lease["spec"]["renewTime"] = json!(b_takes_over.to_rfc3339());
+                },
+            )
+        });
+        let outcome = a.try_acquire_or_renew().await.unwrap();
+        assert!(
+            matches!(outcome, LeaseOutcome::Follower { .. }),
+            "{outcome:?}"
+        );
+        assert_eq!(holder(&server), json!("b"));
+        let statuses: Vec<(String, u16)> = server
+            .requests()
+            .iter()
+            .filter(|r| r.method == "PUT")
+            .map(|r| (r.client.clone(), r.status))
+            .collect();
+        assert_eq!(statuses, [("a".to_string(), 409)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_election_loop_publishes_leadership_and_releases_on_shutdown() {
+        let server = FakeApiServer::new();
+        let clock =
+            TokioClock::starting_at(chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap());
+        let (leader_tx, mut leader) = watch::channel(false);
+        let (stop, stopped) = watch::channel(false);
+        let election = tokio::spawn(run_election(lock(&server, "a", clock), leader_tx, stopped));
+        leader.wait_for(|l| *l).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        let puts = server
+            .requests()
+            .iter()
+            .filter(|r| r.method == "PUT")
+            .count();
+        assert!(puts >= 3, "renewed every retry period ({puts} renewals)");
+        stop.send_replace(true);
+        election.await.unwrap();
+        assert!(!*leader.borrow());
+        assert!(holder(&server).is_null(), "released");
+    }
+}

@@ -18,6 +18,10 @@
 //!    (`PUT .../status`: a concurrent writer makes it a 409 and nothing is acted on); then the
 //!    routes are moved and Kubernetes Events are published.
 //! 6. **Requeue** at the next analysis tick.
+//! 7. **Finished** (Promoted or RolledBack): the final routes are applied once (100% canary or
+//!    100% stable, testers route and mirror removed) and recorded in
+//!    `.status.finalRoutesApplied`; after that the controller leaves the routes alone, so you or
+//!    GitOps can make the promoted version the new stable without a fight.
 //!
 //! Metrics sources that keep cumulative readings in memory (Envoy admin) are cached per Canary
 //! for the current leadership term. A new process or a new leader starts without a previous
@@ -54,8 +58,6 @@ use tokio::sync::watch;
 pub const ROLLOUT_ANNOTATION: &str = "fledge.dev/rollout";
 /// Event `action` field.
 const EVENT_ACTION: &str = "Rollout";
-/// How long a finished (Promoted / RolledBack) Canary waits between drift checks.
-const FINISHED_RESYNC: Duration = Duration::from_secs(300);
 
 /// A metrics source kept for one Canary (for one spec) during one leadership term.
 struct CachedSource {
@@ -210,8 +212,13 @@ fn desired_routes(status: &CanaryResourceStatus) -> DesiredRoutes {
     }
 }
 
-/// Write `status` with the resourceVersion `canary` was read at (409 → [`Error::Conflict`]).
-async fn write_status(canary: &Canary, status: &CanaryResourceStatus, ctx: &Context) -> Result<()> {
+/// Write `status` with the resourceVersion `canary` was read at (409 → [`Error::Conflict`]);
+/// returns the Canary as written.
+async fn write_status(
+    canary: &Canary,
+    status: &CanaryResourceStatus,
+    ctx: &Context,
+) -> Result<Canary> {
     let namespace = canary
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
@@ -224,11 +231,11 @@ async fn write_status(canary: &Canary, status: &CanaryResourceStatus, ctx: &Cont
         .replace_status(&name, &PostParams::default(), &object)
         .await
     {
-        Ok(_) => {
+        Ok(written) => {
             if let Some(version) = canary.resource_version() {
                 lock(&ctx.superseded).insert(key_of(canary), version);
             }
-            Ok(())
+            Ok(written)
         }
         Err(e) if api_status_code(&e) == Some(409) => Err(Error::Conflict(key_of(canary))),
         Err(e) => Err(e.into()),
@@ -326,6 +333,11 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
         ctx.forget_source(&key);
     }
     let command = take_command(&canary, &mut status);
+    if status.rollout.phase.is_terminal() && status.final_routes_applied {
+        // Finished, and the final routes are in place: hands off. From here the routes are
+        // yours (or GitOps') again, e.g. to make the promoted version the new stable.
+        return Ok(Action::await_change());
+    }
 
     let router = match ctx.backends.router(&ctx.client, &core, &namespace) {
         Ok(router) => router,
@@ -354,6 +366,9 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
         )
         .await?;
         return Ok(Action::requeue(ctx.retry_delay));
+    }
+    if status.rollout.phase.is_terminal() {
+        status.final_routes_applied = true;
     }
 
     let interval = core.spec.analysis.interval;
@@ -399,9 +414,10 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
     }
     status.observed_generation = generation;
     status.set_conditions(&Readiness::ok(), generation, now);
+    let mut current = (*canary).clone();
     if status != previous {
         // Persist first: if this fails (e.g. 409), nothing below happens.
-        write_status(&canary, &status, ctx).await?;
+        current = write_status(&current, &status, ctx).await?;
     }
 
     let mut move_routes = false;
@@ -419,16 +435,21 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
             }
         }
     }
-    if move_routes || status.rollout.phase.is_terminal() != previous.rollout.phase.is_terminal() {
+    let finished = status.rollout.phase.is_terminal() && !status.final_routes_applied;
+    if move_routes || finished {
         if let Err(e) = router.ensure(&desired_routes(&status)).await {
             // The status already says where traffic should be; the next reconcile retries.
             tracing::warn!(canary = %key, error = %e, "could not move traffic yet");
             return Ok(Action::requeue(ctx.retry_delay));
         }
     }
+    if finished {
+        status.final_routes_applied = true;
+        write_status(&current, &status, ctx).await?;
+    }
 
     if status.rollout.phase.is_terminal() {
-        return Ok(Action::requeue(FINISHED_RESYNC));
+        return Ok(Action::await_change());
     }
     let next_tick = status.last_tick_at.unwrap_or(now) + interval.to_chrono();
     let wait = (next_tick - now)
@@ -467,19 +488,20 @@ async fn not_ready(
     Ok(())
 }
 
-/// A deleted Canary: put the routes back (all traffic to stable, or to the canary if the
-/// rollout was promoted), remove the testers route and mirror, then let it go.
+/// A deleted Canary: mid-rollout, all traffic goes back to stable and the testers route and
+/// mirror are removed; a finished rollout's routes are left alone. Then it may go.
 async fn cleanup(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
     let key = key_of(&canary);
     ctx.forget_source(&key);
     let namespace = canary
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
-    let phase = canary
-        .status
-        .as_ref()
-        .map(|s| s.rollout.phase)
-        .unwrap_or_default();
+    let status = canary.status.clone().unwrap_or_default();
+    let phase = status.rollout.phase;
+    if phase.is_terminal() && status.final_routes_applied {
+        tracing::info!(canary = %key, "deleted after it finished; the routes are left as they are");
+        return Ok(Action::await_change());
+    }
     let weights = if phase == Phase::Promoted {
         Weights::canary_percent(100)
     } else {

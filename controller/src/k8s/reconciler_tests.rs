@@ -601,17 +601,12 @@ async fn failing_analysis_rolls_back_to_stable_with_a_warning_event() {
         reasons.contains(&("RollbackTriggered".into(), "Warning".into(), 1)),
         "{reasons:?}"
     );
-    // Finished: no more analysis, a slow drift check only.
+    assert!(st.final_routes_applied);
+    // Finished: no more analysis and no more route checks.
     server.take_requests();
     tokio::time::advance(Duration::from_secs(30)).await;
-    assert_eq!(
-        reconcile_now(&server, &a).await,
-        Action::requeue(Duration::from_secs(300))
-    );
-    assert_eq!(
-        lines(&server.take_requests()),
-        [format!("GET {VS_PATH} 200")]
-    );
+    assert_eq!(reconcile_now(&server, &a).await, Action::await_change());
+    assert!(server.take_requests().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -808,8 +803,11 @@ async fn the_controller_promotes_a_healthy_canary_end_to_end() {
             status_put.clone(),
             event_post.clone(),
             vs_patch.clone(),
+            // The final routes are recorded as applied: from now on, hands off.
+            status_put.clone(),
         ]
     );
+    assert!(status(&server).final_routes_applied);
     controller.stop().await;
     // The lease was released on shutdown.
     let lease = server
@@ -893,6 +891,31 @@ async fn only_the_lease_holder_reconciles_and_a_successor_continues_without_doub
         "a stopped acting"
     );
     b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_promotion_the_routes_are_left_to_gitops() {
+    let server = seeded(canary_object(json!({}), json!({})));
+    let clock = TokioClock::starting_at(t0());
+    let controller = start(&server, "a", ScriptedBackends::default(), clock);
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    assert_eq!(status(&server).rollout.phase, Phase::Promoted);
+    server.take_requests();
+    // GitOps makes v2 the new stable: the stable subset now selects v2 and the weights go
+    // back to 100/0. The controller must not fight that.
+    server.edit(ISTIO, "virtualservices", NS, "app", |vs| {
+        vs["spec"]["http"][0]["route"][0]["weight"] = json!(100);
+        vs["spec"]["http"][0]["route"][1]["weight"] = json!(0);
+    });
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(vs_weights(&server), Weights::canary_percent(0));
+    assert!(writes_by(&server.requests(), "a").is_empty());
+    // Deleting the finished Canary leaves the routes alone too.
+    server.delete(FLEDGE, "canaries", NS, "app");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(server.get(FLEDGE, "canaries", NS, "app").is_none());
+    assert_eq!(vs_weights(&server), Weights::canary_percent(0));
+    controller.stop().await;
 }
 
 #[tokio::test(start_paused = true)]

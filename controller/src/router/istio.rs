@@ -1055,6 +1055,123 @@ analysis: {stepWeights: [10]}
         assert!(!hosts_match("app", "app2"));
     }
 
+    #[test]
+    fn istio_router_spec_errors_name_the_field_and_the_fix() {
+        let valid = r#"
+apiVersion: fledge.dev/v1alpha1
+kind: Canary
+metadata: {name: app, namespace: shop}
+spec:
+  service: app
+  stable: {subset: stable}
+  canary: {subset: canary}
+  metricsSource: {envoyAdmin: {urls: ["http://127.0.0.1:15000"]}}
+  router: {istio: {virtualService: app, route: primary}}
+  analysis: {stepWeights: [10]}
+"#;
+        let canary: fledge_core::spec::Canary = serde_yaml::from_str(valid).unwrap();
+        assert_eq!(canary.validate(), Ok(()));
+        type Mutate = fn(&mut fledge_core::spec::IstioRouterSpec);
+        let cases: &[(Mutate, &str, &str)] = &[
+            (
+                |i| i.virtual_service = "App_1".into(),
+                "spec.router.istio.virtualService",
+                "write the name of the VirtualService",
+            ),
+            (
+                |i| i.route = " ".into(),
+                "spec.router.istio.route",
+                "e.g. `route: primary`",
+            ),
+            (
+                |i| i.stable_host = Some("app-stable".into()),
+                "spec.router.istio.canaryHost",
+                "set both",
+            ),
+            (
+                |i| {
+                    i.stable_host = Some("app".into());
+                    i.canary_host = Some("app".into());
+                },
+                "spec.router.istio.canaryHost",
+                "two different Services",
+            ),
+            (
+                |i| i.destination_rule = Some("-x".into()),
+                "spec.router.istio.destinationRule",
+                "e.g. `destinationRule: app`",
+            ),
+            (
+                |i| i.mirror_percentage = Some(0.0),
+                "spec.router.istio.mirrorPercentage",
+                "e.g. `mirrorPercentage: 10`",
+            ),
+            (
+                |i| i.mirror_percentage = Some(150.0),
+                "spec.router.istio.mirrorPercentage",
+                "at most 100",
+            ),
+            (
+                |i| {
+                    i.header_route = Some(fledge_core::spec::HeaderRouteSpec {
+                        name: None,
+                        headers: BTreeMap::new(),
+                    })
+                },
+                "spec.router.istio.headerRoute.headers",
+                "e.g. `headers: {stage: canary}`",
+            ),
+            (
+                |i| {
+                    i.header_route = Some(fledge_core::spec::HeaderRouteSpec {
+                        name: None,
+                        headers: BTreeMap::from([("Stage".to_string(), "canary".to_string())]),
+                    })
+                },
+                "spec.router.istio.headerRoute.headers.Stage",
+                "write `stage`",
+            ),
+            (
+                |i| {
+                    i.header_route = Some(fledge_core::spec::HeaderRouteSpec {
+                        name: Some("primary".into()),
+                        headers: BTreeMap::from([("stage".to_string(), "canary".to_string())]),
+                    })
+                },
+                "spec.router.istio.headerRoute.name",
+                "its own name",
+            ),
+        ];
+        for (mutate, field, fix) in cases {
+            let mut c = canary.clone();
+            mutate(c.spec.router.istio.as_mut().unwrap());
+            let errors = c.validate().unwrap_err();
+            let error = errors
+                .0
+                .iter()
+                .find(|e| e.field == *field)
+                .unwrap_or_else(|| panic!("no error on {field}: {errors}"));
+            assert!(error.to_string().contains(fix), "{error}");
+        }
+        let mut both = canary.clone();
+        both.spec.router.envoy_rds = serde_yaml::from_str(
+            "{path: /tmp/r.json, routeConfiguration: r, virtualHost: v, route: p, stableCluster: s, canaryCluster: c, adminUrl: 'http://127.0.0.1:9901'}",
+        )
+        .unwrap();
+        let errors = both.validate().unwrap_err().to_string();
+        assert!(
+            errors.contains("spec.router: sets both envoyRds and istio; keep exactly one"),
+            "{errors}"
+        );
+        let mut neither = canary;
+        neither.spec.router.istio = None;
+        let errors = neither.validate().unwrap_err().to_string();
+        assert!(
+            errors.contains("add `istio: {virtualService: ..., route: ...}` (Kubernetes)"),
+            "{errors}"
+        );
+    }
+
     /// Through kube-rs against the fake API server, asserting the exact requests.
     mod against_api_server {
         use super::*;
