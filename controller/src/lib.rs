@@ -17,6 +17,8 @@
 //! - [`state`]: atomic per-canary state files.
 //! - [`runner`]: the per-canary loop and the shared registry.
 //! - [`api`]: the status/command HTTP API.
+//! - [`k8s`]: Kubernetes mode — the `Canary` CRD, its reconciler (state in `.status`), leader
+//!   election, and the fake API server its tests run against (see docs/kubernetes.md).
 
 pub mod api;
 pub mod backends;
