@@ -21,14 +21,14 @@ build: setup
 
 # Everything: unit tests, then the end-to-end scenarios on real Envoy.
 test: build-filter build
-	FLEDGE_REQUIRE_WASM=1 $(CARGO) test --workspace --exclude fledge-e2e
-	FLEDGE_REQUIRE_WASM=1 $(CARGO) test -p fledge-e2e -- --test-threads=2
+	FLEDGE_REQUIRE_WASM=1 $(CARGO) test --workspace --exclude fledge-e2e --no-fail-fast
+	FLEDGE_REQUIRE_WASM=1 $(CARGO) test -p fledge-e2e --no-fail-fast -- --test-threads=2
 
 unit:
 	$(CARGO) test --workspace --exclude fledge-e2e
 
 e2e: build-filter build
-	FLEDGE_REQUIRE_WASM=1 $(CARGO) test -p fledge-e2e -- --test-threads=2
+	FLEDGE_REQUIRE_WASM=1 $(CARGO) test -p fledge-e2e --no-fail-fast -- --test-threads=2
 
 # A live local canary: v2 promoted step by step, then a v3 answering 20% 5xx rolled back.
 demo: build-filter build
