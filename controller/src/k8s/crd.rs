@@ -10,20 +10,27 @@
 
 use super::clock::{from_k8s_timestamp, to_k8s_timestamp};
 use chrono::{DateTime, Utc};
-use fledge_core::rollout::{CanaryStatus, Phase};
+use fledge_core::rollout::{CanaryStatus, Command, Phase};
 use fledge_core::spec::CanarySpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::ops::Deref;
 
-/// Annotation whose (changed) value asks the controller to continue past an indefinite pause:
-/// `kubectl annotate canary app fledge.dev/promote="$(date +%s)" --overwrite`.
-pub const PROMOTE_ANNOTATION: &str = "fledge.dev/promote";
-/// Annotation whose (changed) value asks the controller to roll back now.
-pub const ABORT_ANNOTATION: &str = "fledge.dev/abort";
+/// Operator commands as annotations: setting (or changing) the value of one asks for that
+/// command once, e.g. `kubectl annotate canary app fledge.dev/promote="$(date +%s)" --overwrite`.
+/// Listed in the order they win when several are new at once (one is acted on per reconcile).
+pub const COMMAND_ANNOTATIONS: [(&str, Command); 6] = [
+    ("fledge.dev/abort", Command::Abort),
+    ("fledge.dev/retry", Command::Retry),
+    ("fledge.dev/pause", Command::Pause),
+    ("fledge.dev/resume", Command::Resume),
+    ("fledge.dev/promote-full", Command::PromoteFull),
+    ("fledge.dev/promote", Command::Promote),
+];
 
 /// A canary release of one service: the spec is exactly what `fledge run` reads from YAML.
 #[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
@@ -78,12 +85,9 @@ pub struct CanaryResourceStatus {
     /// leaves the routes alone.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub final_routes_applied: bool,
-    /// The value of the promote annotation already acted on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub handled_promote: Option<String>,
-    /// The value of the abort annotation already acted on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub handled_abort: Option<String>,
+    /// Command annotations already acted on (annotation → value), so each is acted on once.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub handled_commands: BTreeMap<String, String>,
 }
 
 impl JsonSchema for CanaryResourceStatus {
@@ -268,6 +272,14 @@ impl Canary {
             },
             spec: self.spec.canary.clone(),
         }
+    }
+
+    /// The current values of the command annotations that are set.
+    pub fn command_annotations(&self) -> BTreeMap<String, String> {
+        COMMAND_ANNOTATIONS
+            .iter()
+            .filter_map(|(key, _)| Some((key.to_string(), self.annotation(key)?.to_string())))
+            .collect()
     }
 
     /// The value of an annotation, if set.

@@ -29,9 +29,7 @@
 //! verdict" — the current step simply holds for one more interval.
 
 use super::clock::Clock;
-use super::crd::{
-    reason, Canary, CanaryResourceStatus, Readiness, ABORT_ANNOTATION, PROMOTE_ANNOTATION,
-};
+use super::crd::{reason, Canary, CanaryResourceStatus, Readiness, COMMAND_ANNOTATIONS};
 use super::factory::Backends;
 use super::lease::{run_election, LeaseLock, LeaseSettings};
 use super::{api_status_code, Error, Result, CONTROLLER_NAME, FINALIZER};
@@ -189,20 +187,19 @@ fn rollout_fingerprint(canary: &Canary) -> String {
     }
 }
 
-/// The command a changed promote/abort annotation asks for (abort wins), marking it handled.
+/// The command a new or changed command annotation asks for (the first in
+/// [`COMMAND_ANNOTATIONS`] order), marked handled. Others stay pending for the next reconcile.
 fn take_command(canary: &Canary, status: &mut CanaryResourceStatus) -> Option<Command> {
-    let abort = canary.annotation(ABORT_ANNOTATION).map(str::to_string);
-    let promote = canary.annotation(PROMOTE_ANNOTATION).map(str::to_string);
-    let mut command = None;
-    if promote.is_some() && promote != status.handled_promote {
-        status.handled_promote = promote;
-        command = Some(Command::Promote);
-    }
-    if abort.is_some() && abort != status.handled_abort {
-        status.handled_abort = abort;
-        command = Some(Command::Abort);
-    }
-    command
+    COMMAND_ANNOTATIONS.iter().find_map(|(key, command)| {
+        let value = canary.annotation(key)?;
+        if status.handled_commands.get(*key).map(String::as_str) == Some(value) {
+            return None;
+        }
+        status
+            .handled_commands
+            .insert(key.to_string(), value.to_string());
+        Some(*command)
+    })
 }
 
 fn desired_routes(status: &CanaryResourceStatus) -> DesiredRoutes {
@@ -325,15 +322,14 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
         status = CanaryResourceStatus {
             spec_fingerprint: Some(fingerprint.clone()),
             // Commands written before this rollout started are not meant for it.
-            handled_promote: canary.annotation(PROMOTE_ANNOTATION).map(str::to_string),
-            handled_abort: canary.annotation(ABORT_ANNOTATION).map(str::to_string),
+            handled_commands: canary.command_annotations(),
             conditions: previous.conditions.clone(),
             ..CanaryResourceStatus::default()
         };
         ctx.forget_source(&key);
     }
     let command = take_command(&canary, &mut status);
-    if status.rollout.phase.is_terminal() && status.final_routes_applied {
+    if status.rollout.phase.is_terminal() && status.final_routes_applied && command.is_none() {
         // Finished, and the final routes are in place: hands off. From here the routes are
         // yours (or GitOps') again, e.g. to make the promoted version the new stable.
         return Ok(Action::await_change());
@@ -407,8 +403,16 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
             now,
         );
         status.rollout = decision.status;
+        if !status.rollout.phase.is_terminal() {
+            // e.g. a retried rollback: its end will need its final routes applied again.
+            status.final_routes_applied = false;
+        }
         if tick_due {
             status.last_tick_at = Some(now);
+        }
+        if status.rollout.phase == Phase::Initializing {
+            // A retried rollout starts at once, like a new one.
+            status.last_tick_at = None;
         }
         actions = decision.actions;
     }

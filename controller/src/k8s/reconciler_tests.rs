@@ -610,6 +610,47 @@ async fn failing_analysis_rolls_back_to_stable_with_a_warning_event() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_retry_annotation_restarts_a_rolled_back_canary_and_abort_wins_over_promote() {
+    let server = seeded(canary_object(json!({}), json!({})));
+    let clock = TokioClock::starting_at(t0());
+    let a = instance(&server, "a", &clock);
+    reconcile_now(&server, &a).await;
+    reconcile_now(&server, &a).await;
+    // Abort and promote asked at once: abort wins, promote stays pending (and is moot).
+    server.edit(FLEDGE, "canaries", NS, "app", |c| {
+        c["metadata"]["annotations"] =
+            json!({"fledge.dev/abort": "a1", "fledge.dev/promote": "p1"});
+    });
+    reconcile_now(&server, &a).await;
+    let st = status(&server);
+    assert_eq!(
+        (st.rollout.phase, st.final_routes_applied),
+        (Phase::RolledBack, true)
+    );
+    assert_eq!(vs_weights(&server), Weights::canary_percent(0));
+    reconcile_now(&server, &a).await; // promote on a finished rollout: marked handled, no effect
+    assert_eq!(status(&server).rollout.phase, Phase::RolledBack);
+    assert_eq!(reconcile_now(&server, &a).await, Action::await_change());
+
+    server.edit(FLEDGE, "canaries", NS, "app", |c| {
+        c["metadata"]["annotations"]["fledge.dev/retry"] = json!("r1");
+    });
+    reconcile_now(&server, &a).await;
+    let st = status(&server);
+    assert_eq!(
+        (st.rollout.phase, st.final_routes_applied),
+        (Phase::Initializing, false)
+    );
+    reconcile_now(&server, &a).await; // the tick is due: step 0 again
+    let st = status(&server);
+    assert_eq!(
+        (st.rollout.phase, st.rollout.canary_weight),
+        (Phase::Progressing, 20)
+    );
+    assert_eq!(vs_weights(&server), Weights::canary_percent(20));
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_invalid_spec_is_reported_with_the_field_and_the_fix_and_nothing_moves() {
     let server = seeded(canary_object(json!({"stepWeights": [120]}), json!({})));
     let clock = TokioClock::starting_at(t0());
@@ -693,7 +734,12 @@ async fn the_promote_annotation_passes_an_indefinite_pause_exactly_once() {
         (st.rollout.phase, st.rollout.canary_weight),
         (Phase::Progressing, 60)
     );
-    assert_eq!(st.handled_promote.as_deref(), Some("1"));
+    assert_eq!(
+        st.handled_commands
+            .get("fledge.dev/promote")
+            .map(String::as_str),
+        Some("1")
+    );
     // At the next pause the same annotation value does not promote again.
     tokio::time::advance(Duration::from_secs(30)).await;
     reconcile_now(&server, &a).await;
