@@ -229,7 +229,10 @@ impl CanaryResourceStatus {
                 .iter()
                 .find(|c| c.type_ == type_ && c.status == status)
                 .map(|c| c.last_transition_time.clone())
-                .unwrap_or(Time(to_k8s_timestamp(now)));
+                // Whole seconds: that is what a `Time` keeps when it is written and read back.
+                .unwrap_or(Time(to_k8s_timestamp(
+                    DateTime::from_timestamp(now.timestamp(), 0).unwrap_or(now),
+                )));
             self.conditions.push(Condition {
                 type_: type_.to_string(),
                 status,
@@ -543,6 +546,28 @@ spec:
         assert_eq!(json["conditions"][0]["type"], "Ready");
         let back: CanaryResourceStatus = serde_json::from_value(json).unwrap();
         assert_eq!(back, status);
+    }
+
+    #[test]
+    fn conditions_survive_a_round_trip_unchanged_with_sub_second_clocks() {
+        let now = DateTime::from_timestamp(1_700_000_000, 123_456_789).unwrap();
+        let mut status = CanaryResourceStatus::default();
+        status.rollout.phase = Phase::Progressing;
+        status.last_tick_at = Some(now);
+        status.set_conditions(&Readiness::ok(), Some(1), now);
+        let stored: CanaryResourceStatus =
+            serde_json::from_value(serde_json::to_value(&status).unwrap()).unwrap();
+        assert_eq!(
+            stored, status,
+            "what is written reads back equal: no write loop"
+        );
+        let mut again = stored.clone();
+        again.set_conditions(
+            &Readiness::ok(),
+            Some(1),
+            now + chrono::Duration::seconds(1),
+        );
+        assert_eq!(again, stored);
     }
 
     #[test]

@@ -178,9 +178,15 @@ fn key_of(canary: &Canary) -> String {
     )
 }
 
-/// The fingerprint of a rollout: the spec plus the rollout annotation.
+/// Which rollout the Canary asks for: its `metadata.generation` (bumped by the API server on
+/// every spec change, and only then) plus the rollout annotation. Unlike a hash of the parsed
+/// spec, this does not change when a newer controller knows more (defaulted) spec fields, so
+/// upgrading the controller never restarts running rollouts.
 fn rollout_fingerprint(canary: &Canary) -> String {
-    let spec = crate::state::fingerprint(&canary.spec.canary);
+    let spec = match canary.metadata.generation {
+        Some(generation) => format!("generation-{generation}"),
+        None => crate::state::fingerprint(&canary.spec.canary),
+    };
     match canary.annotation(ROLLOUT_ANNOTATION) {
         Some(rollout) => format!("{spec}/{rollout}"),
         None => spec,

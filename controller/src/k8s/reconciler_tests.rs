@@ -651,6 +651,56 @@ async fn the_retry_annotation_restarts_a_rolled_back_canary_and_abort_wins_over_
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_spec_change_starts_a_new_rollout_and_a_metadata_change_does_not() {
+    let server = seeded(canary_object(json!({}), json!({})));
+    let clock = TokioClock::starting_at(t0());
+    let a = instance(&server, "a", &clock);
+    reconcile_now(&server, &a).await;
+    reconcile_now(&server, &a).await;
+    tokio::time::advance(Duration::from_secs(30)).await;
+    reconcile_now(&server, &a).await;
+    assert_eq!(status(&server).rollout.canary_weight, 50);
+
+    server.edit(FLEDGE, "canaries", NS, "app", |c| {
+        c["metadata"]["labels"] = json!({"team": "shop"});
+    });
+    reconcile_now(&server, &a).await;
+    assert_eq!(
+        status(&server).rollout.canary_weight,
+        50,
+        "labels are not the spec"
+    );
+
+    server.edit(FLEDGE, "canaries", NS, "app", |c| {
+        c["spec"]["analysis"]["stepWeights"] = json!([30, 60]);
+    });
+    reconcile_now(&server, &a).await;
+    let st = status(&server);
+    assert_eq!(
+        (st.rollout.step, st.rollout.canary_weight),
+        (0, 30),
+        "started again from the first step"
+    );
+    assert_eq!(st.spec_fingerprint.as_deref(), Some("generation-2"));
+    assert_eq!(st.rollout.history.len(), 1);
+    assert_eq!(vs_weights(&server), Weights::canary_percent(30));
+
+    server.edit(FLEDGE, "canaries", NS, "app", |c| {
+        c["metadata"]["annotations"] = json!({"fledge.dev/rollout": "v3"});
+    });
+    reconcile_now(&server, &a).await;
+    assert_eq!(
+        status(&server).spec_fingerprint.as_deref(),
+        Some("generation-2/v3")
+    );
+    assert_eq!(
+        status(&server).rollout.history.len(),
+        1,
+        "a new rollout again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_invalid_spec_is_reported_with_the_field_and_the_fix_and_nothing_moves() {
     let server = seeded(canary_object(json!({"stepWeights": [120]}), json!({})));
     let clock = TokioClock::starting_at(t0());
