@@ -16,16 +16,25 @@
 //! - [`backends`]: the one place that maps a spec to backends.
 //! - [`state`]: atomic per-canary state files.
 //! - [`runner`]: the per-canary loop and the shared registry.
-//! - [`api`]: the status/command HTTP API.
+//! - [`api`]: the status/command HTTP API, `/metrics` and the dashboard routes.
+//! - [`cli`]: the operator CLI (`fledge status`, `promote`, `abort`, `pause`, `resume`, `retry`).
+//! - [`dashboard`]: the embedded web dashboard and decision simulator, and the per-interval
+//!   time series the runner keeps for its charts.
+//! - [`webhooks`]: calling the spec's webhooks and turning answers into gates.
+//! - [`telemetry`]: the controller's own Prometheus metrics.
 //! - [`k8s`]: Kubernetes mode — the `Canary` CRD, its reconciler (state in `.status`), leader
 //!   election, and the fake API server its tests run against (see docs/kubernetes.md).
 
 pub mod api;
 pub mod backends;
+pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod k8s;
 pub mod metrics;
 pub mod progress;
 pub mod router;
 pub mod runner;
 pub mod state;
+pub mod telemetry;
+pub mod webhooks;

@@ -4,7 +4,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use fledge_controller::runner::{CanaryTask, Registry};
 use fledge_controller::state::StateStore;
-use fledge_controller::{api, backends, config};
+use fledge_controller::{api, backends, cli, config};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +38,60 @@ enum Commands {
         /// rolled back).
         #[arg(long)]
         exit_when_done: bool,
+        /// Refuse every operator command (promote, abort, pause, resume, retry) with 403.
+        #[arg(long)]
+        read_only: bool,
+        /// Accept commands although --listen is not a loopback address (there is no
+        /// authentication: put the server behind one).
+        #[arg(long)]
+        allow_remote_commands: bool,
+    },
+    /// Show canaries of a running `fledge run`: phase, weight, step, checks, last reason.
+    /// Exit code 1 if a shown canary is RolledBack, 3 if the server is unreachable.
+    Status {
+        /// One canary in detail; without it, a table of all canaries.
+        name: Option<String>,
+        /// Redraw every --interval until every shown canary is Promoted or RolledBack (or
+        /// Ctrl-C).
+        #[arg(short = 'w', long)]
+        watch: bool,
+        /// Seconds between redraws with --watch.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Continue past a `pause: {}` step (--full: skip every remaining step and promote now).
+    Promote {
+        name: String,
+        #[arg(long)]
+        full: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Roll the canary back to stable now.
+    Abort {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Hold the canary at its current step (analysis continues and can still roll back).
+    Pause {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Undo `pause`.
+    Resume {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Start a rolled-back canary again from its first step.
+    Retry {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Run the Kubernetes controller: watch `Canary` objects and move the weights of their Istio
     /// VirtualServices (see docs/kubernetes.md).
@@ -64,6 +118,9 @@ enum Commands {
     Validate {
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
+        /// `json`: one entry per file with every error's field, problem and fix.
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: cli::Output,
     },
 }
 
@@ -74,11 +131,35 @@ fn load(files: &[PathBuf]) -> anyhow::Result<Vec<fledge_core::spec::Canary>> {
     })
 }
 
+/// Where a client command finds the server, and how it prints.
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// Base URL of the `fledge run --listen` server.
+    #[arg(long, env = "FLEDGE_SERVER", default_value = cli::DEFAULT_SERVER)]
+    server: String,
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: cli::Output,
+}
+
+fn client_command(args: ClientArgs, name: String, verb: cli::Verb) -> anyhow::Result<ExitCode> {
+    let client = cli::Client::new(&args.server);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(ExitCode::from(runtime.block_on(cli::command(
+        &client,
+        &name,
+        verb,
+        args.output,
+    ))))
+}
+
 async fn run(
     files: Vec<PathBuf>,
     listen: SocketAddr,
     state_dir: PathBuf,
     exit_when_done: bool,
+    commands: api::CommandPolicy,
 ) -> anyhow::Result<ExitCode> {
     let canaries = load(&files)?;
     let registry = Registry::default();
@@ -107,9 +188,13 @@ async fn run(
         .with_context(|| format!("cannot listen on {listen} (--listen)"))?;
     let local = listener.local_addr()?;
     println!("fledge: status API on http://{local}/api/v1/canaries");
+    println!("fledge: dashboard on http://{local}/  (metrics: http://{local}/metrics)");
+    if let api::CommandPolicy::Disabled(reason) = &commands {
+        println!("fledge: {reason}");
+    }
     let mut api_shutdown = shutdown_rx.clone();
     let server = tokio::spawn(async move {
-        axum::serve(listener, api::router(registry))
+        axum::serve(listener, api::router_with(registry, commands))
             .with_graceful_shutdown(async move {
                 let _ = api_shutdown.changed().await;
             })
@@ -207,7 +292,15 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
             .map_err(Into::into),
-        Commands::Validate { files } => load(&files).map(|canaries| {
+        Commands::Validate {
+            files,
+            output: cli::Output::Json,
+        } => {
+            let (document, code) = cli::validation_json(&files);
+            println!("{document}");
+            Ok(ExitCode::from(code))
+        }
+        Commands::Validate { files, .. } => load(&files).map(|canaries| {
             for c in &canaries {
                 println!(
                     "{}: valid ({} steps)",
@@ -222,10 +315,44 @@ fn main() -> ExitCode {
             listen,
             state_dir,
             exit_when_done,
-        } => match tokio::runtime::Runtime::new() {
-            Ok(rt) => rt.block_on(run(files, listen, state_dir, exit_when_done)),
-            Err(e) => Err(e.into()),
-        },
+            read_only,
+            allow_remote_commands,
+        } => {
+            let commands = api::CommandPolicy::for_listen(listen, read_only, allow_remote_commands);
+            match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt.block_on(run(files, listen, state_dir, exit_when_done, commands)),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Commands::Status {
+            name,
+            watch,
+            interval,
+            client,
+        } => {
+            let every = std::time::Duration::from_secs_f64(interval.clamp(0.2, 3600.0));
+            let http = cli::Client::new(&client.server);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(Into::into)
+                .map(|rt| {
+                    ExitCode::from(rt.block_on(cli::status(
+                        &http,
+                        name.as_deref(),
+                        watch,
+                        every,
+                        client.output,
+                    )))
+                })
+        }
+        Commands::Promote { name, full, client } => {
+            client_command(client, name, cli::Verb::Promote { full })
+        }
+        Commands::Abort { name, client } => client_command(client, name, cli::Verb::Abort),
+        Commands::Pause { name, client } => client_command(client, name, cli::Verb::Pause),
+        Commands::Resume { name, client } => client_command(client, name, cli::Verb::Resume),
+        Commands::Retry { name, client } => client_command(client, name, cli::Verb::Retry),
     };
     match result {
         Ok(code) => code,

@@ -5,16 +5,22 @@
 //! the pure state machine what to do, persists the new status, and prints what happened.
 //! Metrics are never judged while the live weights are unknown or wrong.
 
+use crate::dashboard::series::{IntervalPoint, Series};
 use crate::metrics::MetricsSource;
 use crate::progress;
 use crate::router::{TrafficRouter, Weights};
 use crate::state::{fingerprint, SavedState, StateStore};
+use crate::telemetry::{ErrorKind, Telemetry};
+use crate::webhooks::{WebhookCaller, WebhookStatus};
 use chrono::Utc;
-use fledge_core::rollout::{self, CanaryStatus, Command, Input};
+use fledge_core::observe::ObservationError;
+use fledge_core::rollout::{self, CanaryStatus, Command, Gates, Input, Phase};
 use fledge_core::spec::Canary;
+use fledge_core::webhook::WebhookType;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 
@@ -34,6 +40,20 @@ pub struct CanaryView {
     pub router_error: Option<String>,
     /// The latest change of this canary's weights made outside fledge, if any.
     pub conflict: Option<String>,
+    /// The last observed intervals (bounded), for the dashboard's charts. Only in the
+    /// one-canary answer (`GET /api/v1/canaries/{name}`), not in the list.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub series: Vec<IntervalPoint>,
+    /// The spec's webhooks and their last calls.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<WebhookStatus>,
+}
+
+/// What the runner keeps per canary besides the persisted status: the dashboard's time
+/// series and the webhooks with their last calls.
+struct OperatorState {
+    series: Series,
+    webhooks: WebhookCaller,
 }
 
 struct Entry {
@@ -45,6 +65,7 @@ struct Entry {
 #[derive(Clone, Default)]
 pub struct Registry {
     inner: Arc<RwLock<BTreeMap<String, Entry>>>,
+    telemetry: Telemetry,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -71,6 +92,11 @@ impl Registry {
 
     pub fn get(&self, name: &str) -> Option<CanaryView> {
         self.list().into_iter().find(|v| v.name == name)
+    }
+
+    /// The controller's self-metrics, shared by every canary task.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
     }
 
     fn publish(&self, view: CanaryView, commands: &mpsc::Sender<Command>) {
@@ -126,8 +152,15 @@ pub struct CanaryTask {
 }
 
 impl CanaryTask {
-    fn view(&self, status: &CanaryStatus, router_error: Option<String>) -> CanaryView {
+    fn view(
+        &self,
+        status: &CanaryStatus,
+        router_error: Option<String>,
+        operator: &OperatorState,
+    ) -> CanaryView {
         CanaryView {
+            series: operator.series.points(),
+            webhooks: operator.webhooks.statuses(),
             name: self.canary.name().to_string(),
             service: self.canary.spec.service.clone(),
             steps: self.canary.spec.analysis.plan().len(),
@@ -198,9 +231,34 @@ impl CanaryTask {
         self.router.verify(want).await.map_err(|e| e.to_string())
     }
 
-    fn decide(&self, status: &mut CanaryStatus, input: Input, fingerprint: &str) {
+    /// Decide with the webhooks' answers (`gates`); a decision that would promote asks the
+    /// confirm-promotion hooks first and, if one does not approve, is decided again with the
+    /// promotion held (the state machine stays pure; `promote --full` is not held).
+    async fn decide(
+        &self,
+        status: &mut CanaryStatus,
+        input: Input,
+        gates: Gates,
+        fingerprint: &str,
+        operator: &mut OperatorState,
+    ) {
         let name = self.canary.name();
-        let decision = rollout::step(&self.canary.spec, status, &input, Utc::now());
+        let telemetry = self.registry.telemetry();
+        let now = Utc::now();
+        let spec = &self.canary.spec;
+        let mut decision = rollout::step_with_gates(spec, status, &input, &gates, now);
+        let promoting = decision.status.phase == Phase::Promoted
+            && status.phase != Phase::Promoted
+            && input.command != Some(Command::PromoteFull);
+        if promoting && operator.webhooks.has(WebhookType::ConfirmPromotion) {
+            if let Some(reason) = operator.webhooks.confirm_promotion(status).await {
+                let held = Gates {
+                    promotion_held: Some(reason),
+                    ..gates
+                };
+                decision = rollout::step_with_gates(spec, status, &input, &held, now);
+            }
+        }
         if let Err(e) = self.store.save(
             name,
             &SavedState {
@@ -209,6 +267,7 @@ impl CanaryTask {
             },
         ) {
             tracing::error!(canary = name, error = %e, "could not persist status; a restart would repeat this step");
+            telemetry.record_error(name, ErrorKind::Persist);
         }
         let judged = input.observation.as_ref().is_some_and(|o| o.is_ok());
         if judged {
@@ -222,13 +281,26 @@ impl CanaryTask {
             self.canary.spec.analysis.plan().len(),
             &decision.actions,
         );
+        telemetry.observe_status(name, &decision.status);
+        telemetry.record_decisions(name, &decision.actions);
+        operator
+            .webhooks
+            .notify(&decision.status, &decision.actions);
+        let finished = decision.status.phase.is_terminal() && !status.phase.is_terminal();
         *status = decision.status;
+        if finished {
+            operator.webhooks.post_rollout(status).await;
+        }
     }
 
     /// Drive this canary until shutdown (or until done, with `exit_when_done`).
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> CanaryStatus {
         let fingerprint = fingerprint(&self.canary.spec);
         let (commands_tx, mut commands) = mpsc::channel(16);
+        let mut operator = OperatorState {
+            series: Series::default(),
+            webhooks: WebhookCaller::new(&self.canary, self.registry.telemetry().clone()),
+        };
         // Only one process acts on a canary: the others wait as standbys.
         let _lock = loop {
             match self.store.try_lock(self.canary.name()) {
@@ -250,7 +322,7 @@ impl CanaryTask {
                 self.store.lock_path(self.canary.name()).display()
             );
             self.registry
-                .publish(self.view(&saved, Some(standby)), &commands_tx);
+                .publish(self.view(&saved, Some(standby), &operator), &commands_tx);
             tokio::select! {
                 _ = tokio::time::sleep(self.canary.spec.analysis.interval.0.min(std::time::Duration::from_secs(2))) => {}
                 _ = shutdown.changed() => return saved,
@@ -259,14 +331,24 @@ impl CanaryTask {
         let mut status = self.initial_status(&fingerprint);
         let mut ticker = tokio::time::interval(self.canary.spec.analysis.interval.0);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let interval_secs = self.canary.spec.analysis.interval.0.as_secs_f64();
         loop {
             let weights = self.ensure_weights(status.canary_weight).await;
             if let Err(e) = &weights {
                 tracing::warn!(canary = self.canary.name(), error = %e, "weights not applied yet; will retry");
+                self.registry
+                    .telemetry()
+                    .record_error(self.canary.name(), ErrorKind::Router);
             }
             self.registry
-                .publish(self.view(&status, weights.clone().err()), &commands_tx);
+                .telemetry()
+                .observe_status(self.canary.name(), &status);
+            self.registry.publish(
+                self.view(&status, weights.clone().err(), &operator),
+                &commands_tx,
+            );
             if self.exit_when_done && status.phase.is_terminal() && weights.is_ok() {
+                operator.webhooks.drain().await;
                 return status;
             }
             tokio::select! {
@@ -274,13 +356,33 @@ impl CanaryTask {
                     if status.phase.is_terminal() || weights.is_err() {
                         continue;
                     }
+                    let started = Instant::now();
+                    let tick_at = Utc::now();
+                    let gates = operator.webhooks.before_interval(&status).await;
                     let observation = self.source.observe().await;
-                    self.decide(&mut status, Input { observation: Some(observation), command: None }, &fingerprint);
+                    if matches!(&observation, Err(e) if *e != ObservationError::Baseline) {
+                        self.registry.telemetry().record_error(self.canary.name(), ErrorKind::Metrics);
+                    }
+                    let (weight, phase) = (status.canary_weight, status.phase);
+                    let observed = observation.as_ref().ok().cloned();
+                    self.decide(&mut status, Input { observation: Some(observation), command: None }, gates, &fingerprint, &mut operator).await;
+                    let report = status.last_analysis.as_ref().filter(|r| r.at >= tick_at);
+                    if let Some(report) = report {
+                        self.registry.telemetry().record_analysis(self.canary.name(), report, started.elapsed());
+                    }
+                    match observed {
+                        Some(o) => operator.series.record(Utc::now(), interval_secs, weight, phase, &o, report.map(|r| r.report.verdict)),
+                        None => operator.series.skip(Utc::now()),
+                    }
                 }
                 Some(command) = commands.recv() => {
-                    self.decide(&mut status, Input { observation: None, command: Some(command) }, &fingerprint);
+                    self.decide(&mut status, Input { observation: None, command: Some(command) }, Gates::default(), &fingerprint, &mut operator).await;
                 }
-                _ = shutdown.changed() => return status,
+                _ = shutdown.changed() => {
+                    // Notifications in flight get a moment; each is bounded by its own timeout.
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), operator.webhooks.drain()).await;
+                    return status;
+                }
             }
         }
     }

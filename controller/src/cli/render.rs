@@ -1,0 +1,480 @@
+//! Text rendering of canary status for `fledge status` (pure functions, unit-tested).
+
+use fledge_core::analysis::Verdict;
+use fledge_core::rollout::{CanaryStatus, Phase};
+use serde::Deserialize;
+
+/// One webhook's last call, as the API reports it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookDoc {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub last_call: Option<CallDoc>,
+    #[serde(default)]
+    pub failures_in_a_row: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CallDoc {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub ok: bool,
+    #[serde(default)]
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// One canary as `GET /api/v1/canaries[/{name}]` reports it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryDoc {
+    pub name: String,
+    #[serde(default)]
+    pub service: String,
+    #[serde(default)]
+    pub steps: usize,
+    #[serde(default)]
+    pub threshold: u32,
+    #[serde(flatten)]
+    pub status: CanaryStatus,
+    #[serde(default)]
+    pub router_error: Option<String>,
+    #[serde(default)]
+    pub conflict: Option<String>,
+    #[serde(default)]
+    pub webhooks: Vec<WebhookDoc>,
+}
+
+/// How to draw: with ANSI colours (a terminal without `NO_COLOR`) or plain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Style {
+    pub color: bool,
+}
+
+impl Style {
+    pub const PLAIN: Style = Style { color: false };
+
+    fn paint(self, code: &str, text: &str) -> String {
+        if self.color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    }
+
+    fn green(self, text: &str) -> String {
+        self.paint("32", text)
+    }
+    fn red(self, text: &str) -> String {
+        self.paint("31", text)
+    }
+    fn yellow(self, text: &str) -> String {
+        self.paint("33", text)
+    }
+    fn bold(self, text: &str) -> String {
+        self.paint("1", text)
+    }
+    fn dim(self, text: &str) -> String {
+        self.paint("2", text)
+    }
+}
+
+/// `[████░░░░░░]  40%`: ten cells, one per 10%, rounded to the nearest cell.
+pub fn weight_bar(weight: u8) -> String {
+    let weight = weight.min(100);
+    let filled = (usize::from(weight) + 5) / 10;
+    format!(
+        "[{}{}] {weight:>3}%",
+        "█".repeat(filled),
+        "░".repeat(10 - filled)
+    )
+}
+
+/// `2/5` (1-based; `5/5` once past the last step); `-` for a plan without steps.
+pub fn step_label(step: usize, steps: usize) -> String {
+    if steps == 0 {
+        "-".to_string()
+    } else {
+        format!("{}/{steps}", (step + 1).min(steps))
+    }
+}
+
+fn phase_text(style: Style, phase: Phase, paused_by_operator: bool) -> String {
+    let name = if paused_by_operator && phase != Phase::Paused {
+        format!("{phase:?} (paused)")
+    } else {
+        format!("{phase:?}")
+    };
+    match phase {
+        Phase::Promoted => style.green(&name),
+        Phase::RolledBack => style.red(&name),
+        Phase::Halted | Phase::Paused => style.yellow(&name),
+        Phase::Initializing | Phase::Progressing => name,
+    }
+}
+
+fn verdict_mark(style: Style, verdict: Verdict) -> String {
+    match verdict {
+        Verdict::Pass => style.green("✔"),
+        Verdict::Fail => style.red("✘"),
+        Verdict::NoData => style.yellow("?"),
+    }
+}
+
+fn verdict_word(style: Style, verdict: Verdict) -> String {
+    match verdict {
+        Verdict::Pass => style.green("Pass"),
+        Verdict::Fail => style.red("Fail"),
+        Verdict::NoData => style.yellow("NoData"),
+    }
+}
+
+/// A value with at most 3 significant decimals, `n/a` when missing.
+pub fn number(value: Option<f64>) -> String {
+    match value {
+        None => "n/a".into(),
+        Some(v) if !v.is_finite() => format!("{v}"),
+        Some(v) => {
+            let rounded = (v * 1000.0).round() / 1000.0;
+            format!("{rounded}")
+        }
+    }
+}
+
+fn truncate(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        text.to_string()
+    } else {
+        let cut: String = text.chars().take(width.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}
+
+/// The table of `fledge status` without a name: one line per canary.
+pub fn render_list(canaries: &[CanaryDoc], style: Style) -> String {
+    if canaries.is_empty() {
+        return "no canaries\n".to_string();
+    }
+    let name_width = canaries
+        .iter()
+        .map(|c| c.name.chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut out = format!(
+        "{}\n",
+        style.bold(&format!(
+            "{:<name_width$}  {:<12}  {:<17}  {:<5}  {:<6}  {}",
+            "NAME", "PHASE", "WEIGHT", "STEP", "FAILED", "MESSAGE"
+        ))
+    );
+    for c in canaries {
+        let phase_plain = format!("{:?}", c.status.phase);
+        let pad = 12usize.saturating_sub(phase_plain.chars().count());
+        out.push_str(&format!(
+            "{:<name_width$}  {}{}  {}  {:<5}  {:<6}  {}\n",
+            c.name,
+            phase_text(style, c.status.phase, false),
+            " ".repeat(pad),
+            weight_bar(c.status.canary_weight),
+            step_label(c.status.step, c.steps),
+            format!("{}/{}", c.status.failed_checks, c.threshold),
+            truncate(&c.status.message, 100),
+        ));
+    }
+    out
+}
+
+/// The detailed view of one canary.
+pub fn render_canary(c: &CanaryDoc, style: Style) -> String {
+    let s = &c.status;
+    let mut out = String::new();
+    let title = if c.service.is_empty() || c.service == c.name {
+        c.name.clone()
+    } else {
+        format!("{} (service {})", c.name, c.service)
+    };
+    out.push_str(&format!(
+        "{}  {}\n",
+        style.bold(&title),
+        phase_text(style, s.phase, s.paused_by_operator)
+    ));
+    out.push_str(&format!(
+        "  weight    {}   step {}   failed checks {}/{}\n",
+        weight_bar(s.canary_weight),
+        step_label(s.step, c.steps),
+        s.failed_checks,
+        c.threshold
+    ));
+    out.push_str(&format!("  reason    {}\n", s.message));
+    if let Some(error) = &c.router_error {
+        out.push_str(&format!("  router    {} {error}\n", style.red("✘")));
+    }
+    if let Some(conflict) = &c.conflict {
+        out.push_str(&format!("  conflict  {} {conflict}\n", style.yellow("!")));
+    }
+    match &s.last_analysis {
+        None => out.push_str("  analysis  none yet\n"),
+        Some(report) => {
+            let enforced = if report.enforced {
+                ""
+            } else {
+                " (before startingStep: not enforced)"
+            };
+            out.push_str(&format!(
+                "  analysis  {} {} — {} canary / {} stable requests{enforced}\n",
+                report.at.format("%H:%M:%S"),
+                verdict_word(style, report.report.verdict),
+                report.report.canary_requests,
+                report.report.stable_requests,
+            ));
+            let width = report
+                .report
+                .checks
+                .iter()
+                .map(|check| check.name.chars().count())
+                .max()
+                .unwrap_or(0);
+            for check in &report.report.checks {
+                out.push_str(&format!(
+                    "    {} {:<width$}  {:>9}  ({})  stable {}\n",
+                    verdict_mark(style, check.verdict),
+                    check.name,
+                    number(check.value),
+                    check.threshold,
+                    number(check.stable_value),
+                ));
+                if check.verdict != Verdict::Pass && !check.reason.is_empty() {
+                    out.push_str(&format!("      {}\n", style.dim(&check.reason)));
+                }
+            }
+            if let Some(hold) = &report.report.hold {
+                out.push_str(&format!("    holding: {hold}\n"));
+            }
+        }
+    }
+    if !c.webhooks.is_empty() {
+        out.push_str("  webhooks\n");
+        for hook in &c.webhooks {
+            let line = match &hook.last_call {
+                None => format!("    · {} ({}) not called yet", hook.name, hook.kind),
+                Some(call) => format!(
+                    "    {} {} ({}) {} in {} ms at {}{}",
+                    if call.ok {
+                        style.green("✔")
+                    } else {
+                        style.red("✘")
+                    },
+                    hook.name,
+                    hook.kind,
+                    call.detail,
+                    call.duration_ms,
+                    call.at.format("%H:%M:%S"),
+                    if hook.failures_in_a_row > 1 {
+                        format!(", {} failures in a row", hook.failures_in_a_row)
+                    } else {
+                        String::new()
+                    }
+                ),
+            };
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    if !s.history.is_empty() {
+        out.push_str("  history\n");
+        let skip = s.history.len().saturating_sub(8);
+        for t in &s.history[skip..] {
+            out.push_str(&format!(
+                "    {}  {:<12} {:>3}%  step {:<5} {}\n",
+                t.at.format("%H:%M:%S"),
+                format!("{:?}", t.phase),
+                t.canary_weight,
+                step_label(t.step, c.steps),
+                t.reason
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use fledge_core::analysis::{AnalysisReport, MetricCheck};
+    use fledge_core::rollout::{TimedReport, Transition};
+    use fledge_core::spec::ThresholdRange;
+
+    fn at(secs: i64) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc.with_ymd_and_hms(2026, 1, 2, 10, 2, 0).unwrap()
+            + chrono::Duration::seconds(secs)
+    }
+
+    fn doc() -> CanaryDoc {
+        CanaryDoc {
+            name: "app".into(),
+            service: "app".into(),
+            steps: 5,
+            threshold: 2,
+            status: CanaryStatus {
+                phase: Phase::Progressing,
+                canary_weight: 40,
+                step: 1,
+                failed_checks: 1,
+                message: "advance canary weight to 40% (step 2/5)".into(),
+                last_analysis: Some(TimedReport {
+                    at: at(14),
+                    enforced: true,
+                    report: AnalysisReport {
+                        verdict: Verdict::Fail,
+                        canary_requests: 61,
+                        stable_requests: 243,
+                        checks: vec![
+                            MetricCheck {
+                                name: "request-success-rate".into(),
+                                value: Some(96.72131147),
+                                stable_value: Some(100.0),
+                                threshold: ThresholdRange {
+                                    min: Some(99.0),
+                                    max: None,
+                                },
+                                verdict: Verdict::Fail,
+                                decisive: false,
+                                reason: "success rate 96.721% below 99".into(),
+                            },
+                            MetricCheck {
+                                name: "request-duration".into(),
+                                value: Some(4.9),
+                                stable_value: None,
+                                threshold: ThresholdRange {
+                                    min: None,
+                                    max: Some(500.0),
+                                },
+                                verdict: Verdict::Pass,
+                                decisive: false,
+                                reason: String::new(),
+                            },
+                        ],
+                        reason: String::new(),
+                        hold: None,
+                    },
+                }),
+                history: vec![Transition {
+                    at: at(0),
+                    phase: Phase::Progressing,
+                    canary_weight: 20,
+                    step: 0,
+                    reason: "advance canary weight to 20% (step 1/5)".into(),
+                }],
+                ..Default::default()
+            },
+            router_error: None,
+            conflict: None,
+            webhooks: vec![WebhookDoc {
+                name: "load-test".into(),
+                kind: "rollout".into(),
+                last_call: Some(CallDoc {
+                    at: at(13),
+                    ok: false,
+                    duration_ms: 2003,
+                    detail: "timed out after 1s (2 attempts)".into(),
+                }),
+                failures_in_a_row: 2,
+            }],
+        }
+    }
+
+    #[test]
+    fn weight_bar_has_ten_cells_and_the_percentage() {
+        assert_eq!(weight_bar(0), "[░░░░░░░░░░]   0%");
+        assert_eq!(weight_bar(40), "[████░░░░░░]  40%");
+        assert_eq!(weight_bar(45), "[█████░░░░░]  45%");
+        assert_eq!(weight_bar(100), "[██████████] 100%");
+        assert_eq!(weight_bar(250), "[██████████] 100%");
+    }
+
+    #[test]
+    fn step_labels_are_one_based_and_capped() {
+        assert_eq!(step_label(0, 5), "1/5");
+        assert_eq!(step_label(5, 5), "5/5");
+        assert_eq!(step_label(0, 0), "-");
+    }
+
+    #[test]
+    fn one_canary_shows_phase_weight_step_checks_webhooks_and_history() {
+        let text = render_canary(&doc(), Style::PLAIN);
+        let expected = "\
+app  Progressing
+  weight    [████░░░░░░]  40%   step 2/5   failed checks 1/2
+  reason    advance canary weight to 40% (step 2/5)
+  analysis  10:02:14 Fail — 61 canary / 243 stable requests
+    ✘ request-success-rate     96.721  (>= 99)  stable 100
+      success rate 96.721% below 99
+    ✔ request-duration            4.9  (<= 500)  stable n/a
+  webhooks
+    ✘ load-test (rollout) timed out after 1s (2 attempts) in 2003 ms at 10:02:13, 2 failures in a row
+  history
+    10:02:00  Progressing   20%  step 1/5   advance canary weight to 20% (step 1/5)
+";
+        assert_eq!(text, expected, "got:\n{text}");
+    }
+
+    #[test]
+    fn list_is_a_table_with_bars_and_colours_only_when_asked() {
+        let mut promoted = doc();
+        promoted.name = "checkout".into();
+        promoted.status.phase = Phase::Promoted;
+        promoted.status.canary_weight = 100;
+        promoted.status.step = 5;
+        promoted.status.message = "promotion completed".into();
+        let text = render_list(&[doc(), promoted.clone()], Style::PLAIN);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "NAME      PHASE         WEIGHT             STEP   FAILED  MESSAGE"
+        );
+        assert_eq!(
+            lines[1],
+            "app       Progressing   [████░░░░░░]  40%  2/5    1/2     advance canary weight to 40% (step 2/5)"
+        );
+        assert_eq!(
+            lines[2],
+            "checkout  Promoted      [██████████] 100%  5/5    1/2     promotion completed"
+        );
+        assert!(!text.contains('\x1b'));
+        let coloured = render_list(&[promoted], Style { color: true });
+        assert!(coloured.contains("\x1b[32mPromoted\x1b[0m"), "{coloured:?}");
+        assert_eq!(render_list(&[], Style::PLAIN), "no canaries\n");
+    }
+
+    #[test]
+    fn the_api_answer_parses_into_a_doc() {
+        let json = serde_json::json!({
+            "name": "app", "service": "app", "steps": 3, "threshold": 2,
+            "phase": "Halted", "canaryWeight": 20, "step": 0, "stepStartedAt": null,
+            "stepPassedChecks": 0, "failedChecks": 0, "startedAt": null,
+            "message": "halt advancement: canary receives no traffic", "lastAnalysis": null,
+            "history": [], "routerError": "envoy admin unreachable", "conflict": null,
+            "series": [{"ignored": true}],
+            "webhooks": [{"name": "gate", "type": "confirm-promotion", "url": "http://x", "lastCall": null, "failuresInARow": 0}]
+        });
+        let doc: CanaryDoc = serde_json::from_value(json).unwrap();
+        assert_eq!(doc.status.phase, Phase::Halted);
+        let text = render_canary(&doc, Style::PLAIN);
+        assert!(text.contains("app  Halted\n"), "{text}");
+        assert!(
+            text.contains("  router    ✘ envoy admin unreachable\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("    · gate (confirm-promotion) not called yet\n"),
+            "{text}"
+        );
+        assert!(text.contains("  analysis  none yet\n"), "{text}");
+    }
+}

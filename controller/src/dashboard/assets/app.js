@@ -1,0 +1,168 @@
+// Fledge dashboard: the list of canaries and one canary's charts and decision log.
+// Read-only: it polls the JSON API (GET only) every 2 s and never sends commands.
+"use strict";
+(function () {
+  const POLL_MS = 2000;
+  const esc = FledgeCharts.esc;
+  const app = document.getElementById("app");
+  const conn = document.getElementById("conn");
+  let info = { commands: false };
+  let timer = null;
+
+  function route() {
+    const m = location.hash.match(/^#\/canary\/([^/]+)$/);
+    return m ? { view: "canary", name: decodeURIComponent(m[1]) } : { view: "list" };
+  }
+
+  async function getJson(url) {
+    const response = await fetch(url, { cache: "no-store" });
+    const body = await response.json();
+    if (!response.ok) { throw new Error(body.error || response.statusText); }
+    return body;
+  }
+
+  function weightBar(weight) {
+    const w = Math.max(0, Math.min(100, weight || 0));
+    return `<div class="weight" title="${w}% of requests to the canary"><div class="bar"><div style="width:${w}%"></div></div>` +
+      `<span class="pct">${w}%</span></div>`;
+  }
+
+  function stepLabel(c) {
+    return c.steps ? `${Math.min(c.step + 1, c.steps)}/${c.steps}` : "-";
+  }
+
+  function time(iso) {
+    return iso ? new Date(iso).toLocaleTimeString([], { hour12: false }) : "";
+  }
+
+  function num(v, digits) {
+    if (v === null || v === undefined) { return "n/a"; }
+    const d = digits === undefined ? 3 : digits;
+    return String(Math.round(v * Math.pow(10, d)) / Math.pow(10, d));
+  }
+
+  function renderList(canaries) {
+    if (canaries.length === 0) {
+      app.innerHTML = `<h1>Canaries</h1><p class="muted">No canaries. Start one with <code>fledge run -f canary.yaml</code>.</p>`;
+      return;
+    }
+    const rows = canaries.map((c) => {
+      const verdict = c.lastAnalysis ? `<span class="badge ${esc(c.lastAnalysis.verdict)}">${esc(c.lastAnalysis.verdict)}</span>` : `<span class="muted">—</span>`;
+      return `<tr class="canary-row" data-testid="canary-row" data-name="${esc(c.name)}" data-phase="${esc(c.phase)}">` +
+        `<td><a class="name" href="#/canary/${encodeURIComponent(c.name)}">${esc(c.name)}</a><div class="muted">${esc(c.service)}</div></td>` +
+        `<td><span class="badge ${esc(c.phase)}">${esc(c.phase)}${c.pausedByOperator && c.phase !== "Paused" ? " (paused)" : ""}</span></td>` +
+        `<td>${weightBar(c.canaryWeight)}</td>` +
+        `<td class="num">${stepLabel(c)}</td>` +
+        `<td class="num">${c.failedChecks}/${c.threshold}</td>` +
+        `<td>${verdict}</td>` +
+        `<td>${esc(c.message)}${c.routerError ? `<div class="alert">router: ${esc(c.routerError)}</div>` : ""}</td></tr>`;
+    }).join("");
+    app.innerHTML = `<h1>Canaries</h1><table data-testid="canary-list"><thead><tr><th>Canary</th><th>Phase</th><th>Canary weight</th>` +
+      `<th>Step</th><th>Failed</th><th>Last analysis</th><th>Latest decision</th></tr></thead><tbody>${rows}</tbody></table>` +
+      `<p class="muted">Read-only view${info.commands ? "; steer with <code>fledge promote|abort|pause|resume|retry NAME</code>" : ""}. ` +
+      `Refreshes every ${POLL_MS / 1000} s.</p>`;
+  }
+
+  function chartBox(id) {
+    return `<div class="chart" id="${id}" data-testid="${id}"></div>`;
+  }
+
+  function weightPoints(c, now) {
+    // The weight over time, from the decision history (each transition sets the weight).
+    const points = c.history.map((h) => [Date.parse(h.at), h.canaryWeight]);
+    if (points.length) { points.push([now, c.canaryWeight]); }
+    return points;
+  }
+
+  function renderCanary(c) {
+    const now = Date.now();
+    const analysis = c.lastAnalysis;
+    const checks = analysis ? analysis.checks.map((k) => `<tr><td>${esc(k.name)}</td><td class="num">${num(k.value)}</td>` +
+      `<td class="num">${num(k.stableValue)}</td><td class="num">${esc(range(k.thresholdRange || k.threshold))}</td>` +
+      `<td><span class="badge ${esc(k.verdict)}">${esc(k.verdict)}</span></td><td>${esc(k.reason)}</td></tr>`).join("") : "";
+    const hooks = (c.webhooks || []).map((h) => {
+      const call = h.lastCall;
+      const state = !call ? `<span class="badge">not called</span>` : `<span class="badge ${call.ok ? "ok" : "failed"}">${call.ok ? "2xx" : "failed"}</span>`;
+      return `<tr><td>${esc(h.name)}</td><td>${esc(h.type)}</td><td>${state}</td><td>${call ? esc(call.detail) : ""}</td>` +
+        `<td class="num">${call ? call.durationMs + " ms" : ""}</td><td class="num">${call ? time(call.at) : ""}</td></tr>`;
+    }).join("");
+    const log = c.history.slice().reverse().map((h) => `<tr><td class="num">${time(h.at)}</td>` +
+      `<td><span class="badge ${esc(h.phase)}">${esc(h.phase)}</span></td><td class="num">${h.canaryWeight}%</td>` +
+      `<td class="num">${c.steps ? Math.min(h.step + 1, c.steps) + "/" + c.steps : "-"}</td><td>${esc(h.reason)}</td></tr>`).join("");
+    app.innerHTML =
+      `<p><a href="#/">← all canaries</a></p>` +
+      `<div class="panel" data-testid="canary-detail" data-phase="${esc(c.phase)}"><div class="summary">` +
+      `<div class="item"><div class="label">Canary</div><div class="value">${esc(c.name)}</div></div>` +
+      `<div class="item"><div class="label">Phase</div><div class="value"><span class="badge ${esc(c.phase)}">${esc(c.phase)}</span></div></div>` +
+      `<div class="item"><div class="label">Canary weight</div><div class="value">${weightBar(c.canaryWeight)}</div></div>` +
+      `<div class="item"><div class="label">Step</div><div class="value">${stepLabel(c)}</div></div>` +
+      `<div class="item"><div class="label">Failed checks</div><div class="value">${c.failedChecks}/${c.threshold}</div></div></div>` +
+      `<div class="message" data-testid="message">${esc(c.message)}</div>` +
+      (c.routerError ? `<div class="alert">router: ${esc(c.routerError)}</div>` : "") +
+      (c.conflict ? `<div class="alert">${esc(c.conflict)}</div>` : "") + `</div>` +
+      `<h2>Traffic</h2><div class="charts">${chartBox("chart-weight")}${chartBox("chart-rps")}${chartBox("chart-success")}${chartBox("chart-latency")}</div>` +
+      `<h2>Last analysis ${analysis ? `· ${time(analysis.at)} · <span class="badge ${esc(analysis.verdict)}">${esc(analysis.verdict)}</span> · ` +
+        `${analysis.canaryRequests} canary / ${analysis.stableRequests} stable requests` : ""}</h2>` +
+      (analysis ? `<table data-testid="checks"><thead><tr><th>Check</th><th>Canary</th><th>Stable</th><th>Threshold</th><th>Verdict</th><th>Reason</th></tr></thead><tbody>${checks}</tbody></table>`
+        : `<p class="muted">No analysis yet.</p>`) +
+      (hooks ? `<h2>Webhooks</h2><table data-testid="webhooks"><thead><tr><th>Name</th><th>Type</th><th>Last call</th><th>Detail</th><th>Took</th><th>At</th></tr></thead><tbody>${hooks}</tbody></table>` : "") +
+      `<h2>Decision log</h2><table data-testid="decision-log"><thead><tr><th>Time</th><th>Phase</th><th>Weight</th><th>Step</th><th>Reason</th></tr></thead><tbody>${log}</tbody></table>`;
+
+    const series = c.series || [];
+    const at = (p) => Date.parse(p.at);
+    const xMin = Math.min(...[...series.map(at), ...c.history.map((h) => Date.parse(h.at))].filter(isFinite), now);
+    const xs = { xMin: xMin, xMax: now };
+    FledgeCharts.line(document.getElementById("chart-weight"), Object.assign({
+      title: "Canary weight", unit: "%", yMin: 0, yMax: 100,
+      series: [{ name: "canary", cls: "canary", color: "var(--canary)", step: true, points: weightPoints(c, now) }],
+    }, xs));
+    const both = (title, unit, pick, extra) => Object.assign({
+      title, unit, empty: "waiting for the first analysis interval",
+      series: [
+        { name: "stable", cls: "stable", color: "var(--stable)", points: series.map((p) => [at(p), pick(p.stable)]) },
+        { name: "canary", cls: "canary", color: "var(--canary)", points: series.map((p) => [at(p), pick(p.canary)]) },
+      ],
+    }, xs, extra || {});
+    FledgeCharts.line(document.getElementById("chart-rps"), both("Requests per second", "", (s) => s.rps));
+    const rates = series.flatMap((p) => [p.stable.successRate, p.canary.successRate]).filter((v) => v !== null && v !== undefined);
+    FledgeCharts.line(document.getElementById("chart-success"), both("Success rate", "%", (s) => s.successRate,
+      { yMin: Math.max(0, Math.floor(Math.min(95, ...rates))), yMax: 100 }));
+    FledgeCharts.line(document.getElementById("chart-latency"), both("p99 latency", " ms", (s) => s.p99Ms));
+  }
+
+  function range(r) {
+    if (!r) { return ""; }
+    if (r.min !== undefined && r.min !== null && r.max !== undefined && r.max !== null) { return `${r.min}..${r.max}`; }
+    if (r.min !== undefined && r.min !== null) { return `≥ ${r.min}`; }
+    if (r.max !== undefined && r.max !== null) { return `≤ ${r.max}`; }
+    return "any";
+  }
+
+  async function refresh() {
+    const r = route();
+    try {
+      if (r.view === "canary") {
+        renderCanary(await getJson(`/api/v1/canaries/${encodeURIComponent(r.name)}`));
+      } else {
+        renderList(await getJson("/api/v1/canaries"));
+      }
+      conn.textContent = `live · updated ${new Date().toLocaleTimeString([], { hour12: false })}`;
+      conn.classList.remove("down");
+    } catch (e) {
+      conn.textContent = `cannot reach fledge: ${e.message}`;
+      conn.classList.add("down");
+      if (r.view === "canary" && /no canary/.test(e.message)) {
+        app.innerHTML = `<p><a href="#/">← all canaries</a></p><p class="alert">${esc(e.message)}</p>`;
+      }
+    }
+  }
+
+  function start() {
+    if (timer) { clearInterval(timer); }
+    refresh();
+    timer = setInterval(refresh, POLL_MS);
+  }
+
+  window.addEventListener("hashchange", start);
+  getJson("/api/v1/info").then((i) => { info = i; }).catch(() => {}).finally(start);
+})();
