@@ -1,5 +1,6 @@
 //! The proxy-wasm shell: the only module that makes hostcalls. It reads the plugin
-//! configuration, and per request hands headers and properties to [`crate::plugin`].
+//! configuration, and per request hands headers, properties and the clock to
+//! [`crate::plugin`].
 //!
 //! The SDK supplies the context plumbing (`main!`, dispatch, the allocator export). The
 //! per-request hostcalls go through the raw ABI below instead of the SDK wrappers because those
@@ -81,6 +82,7 @@ mod abi {
         ) -> u32;
         pub fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
         pub fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+        pub fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     }
 
     pub const OK: u32 = 0;
@@ -142,10 +144,8 @@ fn property_path(property: Property) -> &'static [u8] {
             b"xds\0upstream_host_metadata\0filter_metadata\0istio\0workload"
         }
         Property::SourceAddress => b"source\0address",
-        Property::ResponseCode => b"response\0code",
         Property::ResponseCodeDetails => b"response\0code_details",
         Property::ResponseFlags => b"response\0flags",
-        Property::RequestDuration => b"request\0duration",
     }
 }
 
@@ -205,11 +205,11 @@ impl StreamHost for Hostcalls {
         owned(status, data, size)
     }
 
-    fn now_unix_seconds(&mut self) -> Option<u64> {
+    fn now_nanos(&mut self) -> Option<u64> {
         let mut nanos = 0u64;
         // SAFETY: out-pointer is a valid local.
         let status = unsafe { abi::proxy_get_current_time_nanoseconds(&mut nanos) };
-        (status == abi::OK).then_some(nanos / 1_000_000_000)
+        (status == abi::OK).then_some(nanos)
     }
 
     fn clear_route_cache(&mut self) {
@@ -266,12 +266,24 @@ impl MetricHost for Hostcalls {
     }
 }
 
+/// How often batched request counts reach Envoy's counters (`Plugin::flush`). Envoy publishes
+/// stats at its own flush interval (1 s in the Fledge configs), so this adds at most ~1 s.
+const COUNTER_FLUSH_MILLIS: u32 = 1000;
+
 /// One per plugin configuration per VM: owns the configuration and the metric ids.
 struct Root {
     plugin: Rc<RefCell<Plugin>>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        // The VM is going away: publish what is still batched.
+        if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
+            plugin.flush(&mut Hostcalls);
+        }
+        true
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -308,8 +320,24 @@ impl RootContext for Root {
                 ),
             ),
         }
+        // SAFETY: plain integer.
+        let tick = unsafe { abi::proxy_set_tick_period_milliseconds(COUNTER_FLUSH_MILLIS) };
+        if tick != abi::OK {
+            log(
+                LogLevel::Error,
+                &format!(
+                    "cannot set the tick period (status {tick}); request counts stay unpublished"
+                ),
+            );
+        }
         // Always accept: returning false would NACK the config or keep Envoy from starting.
         true
+    }
+
+    fn on_tick(&mut self) {
+        if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
+            plugin.flush(&mut Hostcalls);
+        }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -335,7 +363,7 @@ impl Context for Http {}
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
-            plugin.on_request_headers(&mut Hostcalls);
+            plugin.on_request_headers(&mut self.stream, &mut Hostcalls);
         }
         Action::Continue
     }
@@ -343,6 +371,13 @@ impl HttpContext for Http {
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
             plugin.on_response_headers(&mut self.stream, end_of_stream, &mut Hostcalls);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, _body_size: usize, end_of_stream: bool) -> Action {
+        if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
+            plugin.on_response_body(&mut self.stream, end_of_stream);
         }
         Action::Continue
     }
