@@ -1,0 +1,213 @@
+//! The install manifests in `manifests/filter/` say what Istio and Envoy expect, and every
+//! plugin configuration in them is accepted by the filter's own parser.
+
+use fledge_core::contract;
+use fledge_core::filter_config::FilterConfig;
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::PathBuf;
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/filter")
+}
+
+fn read(name: &str) -> String {
+    let path = manifest_dir().join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every YAML document in a file, as JSON values.
+fn documents(name: &str) -> Vec<Value> {
+    let text = read(name);
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{name}: {e}")))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn at<'a>(value: &'a Value, path: &str) -> &'a Value {
+    path.split('.')
+        .fold(value, |v, key| match key.parse::<usize>() {
+            Ok(i) => &v[i],
+            Err(_) => &v[key],
+        })
+}
+
+fn str_at<'a>(value: &'a Value, path: &str) -> &'a str {
+    at(value, path)
+        .as_str()
+        .unwrap_or_else(|| panic!("{path} is not a string in {value}"))
+}
+
+fn parses(config: &Value, what: &str) -> FilterConfig {
+    FilterConfig::from_value(config)
+        .unwrap_or_else(|e| panic!("{what}: pluginConfig rejected: {e}"))
+}
+
+#[test]
+fn wasm_plugins_target_the_gateway_fail_open_and_carry_a_valid_config() {
+    for (file, scheme) in [
+        ("wasmplugin.yaml", "oci://"),
+        ("wasmplugin-file.yaml", "file://"),
+    ] {
+        let docs = documents(file);
+        assert_eq!(docs.len(), 1, "{file}");
+        let plugin = &docs[0];
+        assert_eq!(str_at(plugin, "apiVersion"), "extensions.istio.io/v1alpha1");
+        assert_eq!(str_at(plugin, "kind"), "WasmPlugin");
+        assert_eq!(
+            str_at(plugin, "spec.selector.matchLabels.istio"),
+            "ingressgateway"
+        );
+        assert!(str_at(plugin, "spec.url").starts_with(scheme), "{file}");
+        assert_eq!(str_at(plugin, "spec.failStrategy"), "FAIL_OPEN");
+        assert!(
+            ["UNSPECIFIED_PHASE", "STATS"].contains(&str_at(plugin, "spec.phase")),
+            "{file}: phase must be before the router and after authz"
+        );
+        assert!(at(plugin, "spec.priority").is_i64(), "{file}: priority");
+        assert_eq!(str_at(plugin, "spec.match.0.mode"), "CLIENT");
+        let config = parses(at(plugin, "spec.pluginConfig"), file);
+        assert!(config.response_header.is_some() && config.sticky.is_some());
+        assert!(config.force_canary.is_some(), "{file}");
+    }
+}
+
+#[test]
+fn envoy_filter_inserts_the_wasm_filter_before_the_router() {
+    let docs = documents("envoyfilter.yaml");
+    let filter = &docs[0];
+    assert_eq!(str_at(filter, "kind"), "EnvoyFilter");
+    assert_eq!(
+        str_at(filter, "spec.workloadSelector.labels.istio"),
+        "ingressgateway"
+    );
+    let patch = at(filter, "spec.configPatches.0");
+    assert_eq!(str_at(patch, "applyTo"), "HTTP_FILTER");
+    assert_eq!(str_at(patch, "match.context"), "GATEWAY");
+    assert_eq!(
+        str_at(patch, "match.listener.filterChain.filter.subFilter.name"),
+        "envoy.filters.http.router"
+    );
+    assert_eq!(str_at(patch, "patch.operation"), "INSERT_BEFORE");
+    let config = at(patch, "patch.value.typed_config.config");
+    assert_eq!(str_at(config, "failure_policy"), "FAIL_OPEN");
+    assert_eq!(str_at(config, "vm_config.runtime"), "envoy.wasm.runtime.v8");
+    assert_eq!(
+        str_at(config, "configuration.@type"),
+        "type.googleapis.com/google.protobuf.StringValue"
+    );
+    let plugin = FilterConfig::parse(str_at(config, "configuration.value"))
+        .unwrap_or_else(|e| panic!("envoyfilter.yaml configuration rejected: {e}"));
+    assert!(plugin.sticky.is_some());
+}
+
+#[test]
+fn plain_envoy_example_has_labels_routes_and_a_valid_config() {
+    let docs = documents("envoy.yaml");
+    let envoy = &docs[0];
+    let tags = at(envoy, "stats_config.stats_tags")
+        .as_array()
+        .expect("stats_tags");
+    for tag in contract::ALL_TAGS {
+        assert!(
+            tags.iter().any(|t| t["tag_name"] == tag
+                && t["regex"].as_str() == Some(contract::stats_tag_regex(tag).as_str())),
+            "stats_tags lacks {tag}"
+        );
+    }
+    let hcm = at(
+        envoy,
+        "static_resources.listeners.0.filter_chains.0.filters.0.typed_config",
+    );
+    let wasm = &hcm["http_filters"][0];
+    assert_eq!(wasm["name"], "envoy.filters.http.wasm");
+    assert_eq!(hcm["http_filters"][1]["name"], "envoy.filters.http.router");
+    let config = FilterConfig::parse(str_at(wasm, "typed_config.config.configuration.value"))
+        .unwrap_or_else(|e| panic!("envoy.yaml configuration rejected: {e}"));
+    let routes = at(hcm, "route_config.virtual_hosts.0.routes")
+        .as_array()
+        .expect("routes");
+    // The forced-canary route comes first and matches the filter's route header.
+    let forced = &routes[0]["match"]["headers"][0];
+    assert_eq!(forced["name"].as_str(), Some(config.route_header.as_str()));
+    assert_eq!(
+        forced["string_match"]["exact"].as_str(),
+        Some(contract::FORCED_CANARY_ROUTE_VALUE)
+    );
+    // The weighted route picks by the same header, stable first.
+    let weighted = &routes[1]["route"]["weighted_clusters"];
+    assert_eq!(
+        weighted["header_name"].as_str(),
+        Some(config.route_header.as_str())
+    );
+    assert_eq!(weighted["clusters"][0]["name"], "app_stable");
+    assert!(config.clusters.contains_key("app_canary"));
+}
+
+#[test]
+fn istio_routing_uses_the_route_header() {
+    let docs = documents("routing.yaml");
+    let virtual_service = docs
+        .iter()
+        .find(|d| d["kind"] == "VirtualService")
+        .expect("VirtualService");
+    let forced = at(virtual_service, "spec.http.0.match.0.headers");
+    assert_eq!(
+        forced[contract::DEFAULT_ROUTE_HEADER]["exact"].as_str(),
+        Some(contract::FORCED_CANARY_ROUTE_VALUE)
+    );
+    assert_eq!(
+        str_at(virtual_service, "spec.http.1.route.0.destination.subset"),
+        "stable"
+    );
+    let sticky = docs
+        .iter()
+        .find(|d| d["kind"] == "EnvoyFilter")
+        .expect("EnvoyFilter");
+    assert_eq!(
+        str_at(
+            sticky,
+            "spec.configPatches.0.patch.value.route.weighted_clusters.header_name"
+        ),
+        contract::DEFAULT_ROUTE_HEADER
+    );
+}
+
+#[test]
+fn gateway_patch_and_image_follow_istio_conventions() {
+    let docs = documents("gateway-patch.yaml");
+    let annotations = at(&docs[0], "spec.template.metadata.annotations");
+    let tags = annotations["sidecar.istio.io/extraStatTags"]
+        .as_str()
+        .expect("extraStatTags");
+    for tag in contract::ALL_TAGS {
+        assert!(
+            tags.split(',').any(|t| t.trim() == tag),
+            "extraStatTags lacks {tag}"
+        );
+    }
+    let buckets: Value = serde_json::from_str(
+        annotations["sidecar.istio.io/statsHistogramBuckets"]
+            .as_str()
+            .expect("statsHistogramBuckets"),
+    )
+    .expect("statsHistogramBuckets is JSON");
+    assert!(buckets["wasmcustom"]
+        .as_array()
+        .is_some_and(|b| !b.is_empty()));
+    for key in [
+        "sidecar.istio.io/userVolume",
+        "sidecar.istio.io/userVolumeMount",
+    ] {
+        let json = annotations[key].as_str().unwrap_or_else(|| panic!("{key}"));
+        serde_json::from_str::<Value>(json).unwrap_or_else(|e| panic!("{key}: {e}"));
+    }
+    let dockerfile = read("Dockerfile");
+    let instructions: Vec<&str> = dockerfile
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(instructions, vec!["FROM scratch", "COPY plugin.wasm ./"]);
+}
