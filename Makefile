@@ -63,3 +63,17 @@ verify-crd:
 # machines, which have no container runtime or Kubernetes API server). See docs/kubernetes.md.
 e2e-kind:
 	bash scripts/e2e-kind.sh
+
+# Operator experience: the browser decision simulator (fledge-core in WebAssembly, embedded in
+# the fledge binary when built first) and the headless-browser test setup (Debian chromium,
+# playwright-core from npm). `make test`, `make e2e` and `make demo` build both.
+.PHONY: simulator setup-browser
+simulator: setup
+	@bash simulator/build.sh
+
+setup-browser:
+	@bash e2e/browser/setup.sh
+
+build: simulator
+test: setup-browser
+e2e: setup-browser

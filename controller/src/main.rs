@@ -87,6 +87,21 @@ enum Commands {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Decide a spec over simulated traffic with the controller's own state machine (the
+    /// dashboard's /simulator, natively): when would it promote or roll back?
+    Simulate {
+        /// The Canary spec (YAML).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// The scenario as JSON, e.g. '{"requestsPerMinute": 600, "canaryErrorRatio": 2}'
+        /// (fields: requestsPerMinute, stableErrorPercent, canaryErrorRatio,
+        /// canaryLatencyFactor, medianMs, latencySigma, degradeAfterMinutes, seed, maxMinutes,
+        /// promoteAtPauses).
+        #[arg(long, default_value = "{}")]
+        scenario: String,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: cli::Output,
+    },
     /// Start a rolled-back canary again from its first step.
     Retry {
         name: String,
@@ -152,6 +167,47 @@ fn client_command(args: ClientArgs, name: String, verb: cli::Verb) -> anyhow::Re
         verb,
         args.output,
     ))))
+}
+
+/// `fledge simulate`: the same function the browser simulator runs, natively.
+fn simulate(
+    file: &std::path::Path,
+    scenario: &str,
+    output: cli::Output,
+) -> anyhow::Result<ExitCode> {
+    let spec =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let answer: serde_json::Value =
+        serde_json::from_str(&fledge_simulator::simulate(&spec, scenario))?;
+    if output == cli::Output::Json {
+        println!("{answer}");
+    } else if let Some(error) = answer["error"].as_str() {
+        eprintln!("fledge: {error}");
+        for problem in answer["problems"].as_array().into_iter().flatten() {
+            eprintln!(
+                "  - {}: {}; {}",
+                problem["field"], problem["problem"], problem["fix"]
+            );
+        }
+    } else {
+        println!(
+            "{}: {} after {} intervals ({:.1} min, {} canary requests): {}",
+            answer["canary"].as_str().unwrap_or_default(),
+            answer["outcome"].as_str().unwrap_or_default(),
+            answer["intervals"],
+            answer["minutes"].as_f64().unwrap_or_default(),
+            answer["canaryRequests"],
+            answer["reason"].as_str().unwrap_or_default()
+        );
+        for warning in answer["warnings"].as_array().into_iter().flatten() {
+            println!("  warning: {}", warning.as_str().unwrap_or_default());
+        }
+    }
+    Ok(ExitCode::from(match answer["outcome"].as_str() {
+        _ if answer.get("error").is_some() => cli::EXIT_USAGE,
+        Some("RolledBack") => cli::EXIT_ROLLED_BACK,
+        _ => cli::EXIT_OK,
+    }))
 }
 
 async fn run(
@@ -353,6 +409,11 @@ fn main() -> ExitCode {
         Commands::Pause { name, client } => client_command(client, name, cli::Verb::Pause),
         Commands::Resume { name, client } => client_command(client, name, cli::Verb::Resume),
         Commands::Retry { name, client } => client_command(client, name, cli::Verb::Retry),
+        Commands::Simulate {
+            file,
+            scenario,
+            output,
+        } => simulate(&file, &scenario, output),
     };
     match result {
         Ok(code) => code,

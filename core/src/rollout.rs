@@ -1165,7 +1165,12 @@ mod tests {
     #[test]
     fn webhook_gates_as_a_table() {
         let spec = simple_spec(); // 20 → 40 → 60, threshold 2
-        let cases: Vec<(&str, Vec<(Input, Gates)>, Vec<(Phase, u8, usize, u32)>)> = vec![
+        type Case = (
+            &'static str,
+            Vec<(Input, Gates)>,
+            Vec<(Phase, u8, usize, u32)>,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "a closed confirm-promotion gate holds at the last step; opening it promotes",
                 vec![
