@@ -77,3 +77,14 @@ setup-browser:
 build: simulator
 test: setup-browser
 e2e: setup-browser
+
+# What the filter costs: Envoy with no filter / an empty Rust proxy-wasm filter / the Fledge
+# filter, side by side in alternating rounds (closed-loop wrk throughput, fixed-rate latency).
+# BENCH_ARGS passes options, e.g. BENCH_ARGS="--rounds 3 --seconds 5" (see --help).
+.PHONY: bench-filter
+bench-filter: setup
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; } || { echo "wrk is needed: apt-get install -y wrk"; exit 1; }
+	$(CARGO) build -p fledge-filter -p fledge-empty-filter --target $(WASM_TARGET) --release
+	# Optimized load client without LTO (quicker to build; LTO does not change its speed).
+	CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 $(CARGO) build -p fledge-e2e --release --bin fledge-bench-filter
+	target/release/fledge-bench-filter $(BENCH_ARGS)
