@@ -1,0 +1,225 @@
+//! The dashboard and the decision simulator in a real headless browser (Debian's chromium
+//! driven by playwright-core, `e2e/browser/dashboard.mjs`) against a real `fledge run` steering
+//! a real Envoy: the canary list, one canary's charts filled with live data, the decision log,
+//! and the WebAssembly simulator deciding a spec exactly as `fledge simulate` (native) does.
+//! Screenshots are kept under `target/dashboard-screenshots/`.
+
+use anyhow::{bail, ensure, Context, Result};
+use fledge_e2e::{
+    http, init_tracing, paths, wait_until, Backend, BackendOptions, CanaryManifest, Controller,
+    Envoy, EnvoyOptions, LoadGen, LoadOptions, ScratchDir, WasmFilter,
+};
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Holds at 20% for a minute, so the browser sees a live, progressing canary.
+const ANALYSIS: &str = "interval: 1s
+threshold: 3
+minCanaryRequests: 5
+steps: [{setWeight: 20}, {pause: {duration: 60s}}, {setWeight: 50}]
+metrics:
+  - {name: request-success-rate, thresholdRange: {min: 99}}
+  - {name: request-duration, quantile: 0.99, thresholdRange: {max: 500}}
+";
+
+/// The spec pasted into the simulator page.
+const SIMULATED_SPEC: &str = "apiVersion: fledge.dev/v1alpha1
+kind: Canary
+metadata: {name: checkout}
+spec:
+  service: checkout
+  stable: {subset: stable}
+  canary: {subset: canary}
+  metricsSource: {envoyAdmin: {urls: [\"http://127.0.0.1:9901\"]}}
+  router:
+    envoyRds: {path: /etc/envoy/rds/routes.json, routeConfiguration: r, virtualHost: v, route: r,
+               stableCluster: s, canaryCluster: c, adminUrl: \"http://127.0.0.1:9901\"}
+  analysis:
+    interval: 30s
+    threshold: 5
+    steps: [{setWeight: 10}, {pause: {duration: 5m}}, {setWeight: 30}, {pause: {duration: 5m}}, {setWeight: 60}]
+    compareWithStable: {}
+";
+const SCENARIO: &str = r#"{"requestsPerMinute": 300, "canaryErrorRatio": 3, "seed": 11}"#;
+
+/// Run `program args` with a deadline; `(exit code, stdout, stderr)`.
+fn run_bounded(program: &Path, args: &[&str], limit: Duration) -> Result<(i32, String, String)> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
+    let deadline = Instant::now() + limit;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{} {args:?} did not finish within {limit:?}", program.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = child.wait_with_output()?;
+    Ok((
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+fn browser_script() -> Result<std::path::PathBuf> {
+    let dir = paths::workspace_root().join("e2e/browser");
+    if !dir.join("node_modules/playwright-core/package.json").is_file() {
+        bail!("playwright-core is not installed: run `make setup-browser` (Debian chromium + npm ci in e2e/browser)");
+    }
+    Ok(dir.join("dashboard.mjs"))
+}
+
+#[test]
+fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
+    init_tracing();
+    let script = browser_script()?;
+    let node = which("node").context("node is needed for the browser test")?;
+    let dir = ScratchDir::temp("dashboard")?;
+    let stable = Backend::start("v1", BackendOptions::default())?;
+    let canary = Backend::start("v2", BackendOptions::default())?;
+    let envoy = Envoy::start(
+        EnvoyOptions::new(stable.port(), canary.port())
+            .with_filter(WasmFilter::built(&WasmFilter::default_plugin_config("app"))?)
+            .in_dir(&dir.path().join("envoy")),
+    )?;
+    let load = LoadGen::start(
+        &envoy.listener_url(),
+        LoadOptions::new(100, Duration::from_secs(150)),
+    )?;
+    let mut manifest = CanaryManifest::new("app", "app", &envoy.admin_url(), envoy.rds_path());
+    manifest.analysis_yaml = ANALYSIS.to_string();
+    let manifest_path = dir.path().join("canary.yaml");
+    manifest.write(&manifest_path)?;
+    let controller = Controller::start(
+        &manifest_path,
+        &dir.path().join("state"),
+        &dir.path().join("fledge.log"),
+    )?;
+    let base = controller.base_url();
+    let result = (|| -> Result<()> {
+        let info = http::get_json(&format!("{base}/api/v1/info"), Duration::from_secs(3))?;
+        ensure!(
+            info["simulator"] == true,
+            "this fledge binary has no embedded simulator: run `make simulator` before building it ({info})"
+        );
+        wait_until("four observed intervals", Duration::from_secs(30), || {
+            let view = http::get_json(&format!("{base}/api/v1/canaries/app"), Duration::from_secs(3))?;
+            Ok((view["series"].as_array().map_or(0, Vec::len) >= 4).then_some(()))
+        })?;
+        let spec_path = dir.path().join("simulated.yaml");
+        std::fs::write(&spec_path, SIMULATED_SPEC)?;
+        let shots = paths::target_dir().join("dashboard-screenshots");
+        std::fs::create_dir_all(&shots)?;
+        let (code, out, err) = run_bounded(
+            &node,
+            &[
+                script.to_str().unwrap_or_default(),
+                "--base",
+                &base,
+                "--canary",
+                "app",
+                "--spec",
+                spec_path.to_str().unwrap_or_default(),
+                "--scenario",
+                SCENARIO,
+                "--out",
+                shots.to_str().unwrap_or_default(),
+            ],
+            Duration::from_secs(170),
+        )?;
+        ensure!(code == 0, "browser script exit {code}\nstdout: {out}\nstderr: {err}");
+        let page: Value = serde_json::from_str(out.trim().lines().last().unwrap_or_default())
+            .with_context(|| format!("browser script output: {out}\nstderr: {err}"))?;
+        eprintln!("screenshots: {}", page["screenshots"]);
+
+        // No script errors in the pages.
+        ensure!(
+            page["pageErrors"].as_array().is_some_and(Vec::is_empty),
+            "page errors: {}",
+            page["pageErrors"]
+        );
+        // The list shows the canary, live.
+        let list = page["list"].as_array().context("list")?;
+        ensure!(list.len() == 1 && list[0]["name"] == "app", "{list:?}");
+        let phase = list[0]["phase"].as_str().unwrap_or_default();
+        ensure!(["Progressing", "Paused"].contains(&phase), "phase {phase}");
+        ensure!(list[0]["text"].as_str().unwrap_or_default().contains("20%"), "{}", list[0]);
+        // One canary: every chart has points from the live series, and the decision log.
+        let detail = &page["detail"];
+        for chart in ["rps", "success", "latency"] {
+            ensure!(
+                detail["charts"][chart].as_u64().unwrap_or(0) >= 6,
+                "chart {chart}: {}",
+                detail["charts"]
+            );
+        }
+        ensure!(detail["charts"]["weight"].as_u64().unwrap_or(0) >= 2, "{detail}");
+        let log: Vec<&str> = detail["decisionLog"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        ensure!(
+            log.iter().any(|row| row.contains("advance canary weight to 20% (step 1/3)")),
+            "decision log: {log:#?}"
+        );
+        ensure!(
+            detail["checks"].as_array().is_some_and(|c| c.len() == 2),
+            "checks: {}",
+            detail["checks"]
+        );
+
+        // The simulator page decides exactly as the native simulator (`fledge simulate`).
+        let (code, native, err) = run_bounded(
+            &paths::fledge_binary()?,
+            &[
+                "simulate",
+                "-f",
+                spec_path.to_str().unwrap_or_default(),
+                "--scenario",
+                SCENARIO,
+                "-o",
+                "json",
+            ],
+            Duration::from_secs(60),
+        )?;
+        ensure!(code == 0 || code == 1, "fledge simulate exit {code}: {err}");
+        let native: Value = serde_json::from_str(native.trim())?;
+        let browser = &page["simulator"];
+        ensure!(
+            browser["outcome"] == native["outcome"]
+                && browser["intervals"] == native["intervals"]
+                && browser["canaryRequests"] == native["canaryRequests"]
+                && browser["reason"] == native["reason"],
+            "browser {browser}\nnative outcome {} after {} intervals, {} canary requests: {}",
+            native["outcome"],
+            native["intervals"],
+            native["canaryRequests"],
+            native["reason"]
+        );
+        ensure!(native["outcome"] == "RolledBack", "3× errors must roll back: {native}");
+        ensure!(browser["weightPoints"].as_u64().unwrap_or(0) >= 3, "{browser}");
+        ensure!(browser["decisions"].as_u64().unwrap_or(0) >= 2, "{browser}");
+        Ok(())
+    })();
+    let result = result.with_context(|| format!("fledge log tail:\n{}", controller.log_tail(30)));
+    load.stop();
+    result
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+    })
+}
