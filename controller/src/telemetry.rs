@@ -529,6 +529,94 @@ mod tests {
         }
     }
 
+    /// Every query string of a Grafana dashboard (`expr`, variable `query`/`definition`).
+    fn queries(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            // The datasource variable's `query` is a plugin type, not PromQL.
+            serde_json::Value::Object(map) if map.get("type") == Some(&"datasource".into()) => {}
+            serde_json::Value::Object(map) => {
+                for (key, inner) in map {
+                    match (key.as_str(), inner) {
+                        ("expr" | "query" | "definition", serde_json::Value::String(text)) => {
+                            out.push(text.clone())
+                        }
+                        _ => queries(inner, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|i| queries(i, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn grafana_dashboard_uses_only_metrics_that_exist() {
+        use fledge_core::contract;
+        let dashboard: serde_json::Value = serde_json::from_str(include_str!(
+            "../../manifests/grafana/fledge-dashboard.json"
+        ))
+        .expect("manifests/grafana/fledge-dashboard.json is JSON");
+        let mut exprs = Vec::new();
+        queries(&dashboard, &mut exprs);
+        assert!(exprs.len() >= 15, "{exprs:?}");
+        let mut known: Vec<String> = exposed_names();
+        for name in [
+            contract::CONFIG_ERRORS_TOTAL,
+            contract::FORCED_CANARY_ACCEPTED_TOTAL,
+            contract::FORCED_CANARY_REJECTED_TOTAL,
+            contract::REQUESTS_TOTAL,
+        ] {
+            known.push(name.to_string());
+        }
+        for suffix in ["_bucket", "_sum", "_count"] {
+            known.push(format!("{}{suffix}", contract::REQUEST_DURATION_MS));
+        }
+        let mut used = std::collections::BTreeSet::new();
+        for expr in &exprs {
+            let identifiers = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                .filter(|word| word.starts_with("fledge_"));
+            let mut metrics_in_expr = 0;
+            for word in identifiers {
+                if contract::ALL_TAGS.contains(&word) {
+                    continue; // a label key, e.g. fledge_subset
+                }
+                assert!(
+                    known.iter().any(|k| k == word),
+                    "{word} (in {expr:?}) is neither a filter metric nor a controller metric"
+                );
+                metrics_in_expr += 1;
+                used.insert(word.to_string());
+            }
+            assert!(metrics_in_expr > 0, "no fledge metric in {expr:?}");
+        }
+        // Response classes in regexes are real class labels.
+        for expr in exprs.iter().filter(|e| e.contains("fledge_class=~")) {
+            let classes = expr
+                .split("fledge_class=~\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next());
+            for class in classes.unwrap_or_default().split('|') {
+                assert!(
+                    contract::ResponseClass::from_label(class).is_some_and(|c| c.is_failure()),
+                    "{class} is not a failure class label"
+                );
+            }
+        }
+        // Both halves are on the dashboard.
+        for needed in [
+            contract::REQUESTS_TOTAL.to_string(),
+            format!("{}_bucket", contract::REQUEST_DURATION_MS),
+            "fledge_canary_weight".to_string(),
+            "fledge_canary_phase".to_string(),
+            "fledge_decisions_total".to_string(),
+            "fledge_webhook_calls_total".to_string(),
+            "fledge_reconcile_errors_total".to_string(),
+        ] {
+            assert!(used.contains(&needed), "{needed} is not charted: {used:?}");
+        }
+    }
+
     #[test]
     fn families_list_matches_the_encoding_once_every_family_has_a_sample() {
         let telemetry = populated();
