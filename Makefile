@@ -88,3 +88,41 @@ bench-filter: setup
 	# Optimized load client without LTO (quicker to build; LTO does not change its speed).
 	CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 $(CARGO) build -p fledge-e2e --release --bin fledge-bench-filter
 	target/release/fledge-bench-filter $(BENCH_ARGS)
+
+# Fuzzing, bounded: FUZZ_SECONDS per target (default 60) for the filter config parser, the
+# Prometheus text parser and the Canary spec loader + validator (fuzz/, not a workspace member).
+# With a nightly toolchain, cargo-fuzz (libFuzzer + AddressSanitizer) runs the targets and the
+# stable runner follows for FUZZ_STABLE_SECONDS; without nightly only the stable runner runs
+# (seeded mutations, dictionary tokens, outcome feedback), for FUZZ_SECONDS per target.
+# Findings land in fuzz/artifacts/<target>/. See fuzz/README.md.
+FUZZ_SECONDS ?= 60
+FUZZ_STABLE_SECONDS ?= 20
+FUZZ_TARGETS := filter_config prometheus_text canary_spec
+.PHONY: fuzz
+fuzz:
+	@if $(CARGO) +nightly --version >/dev/null 2>&1; then \
+	  command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked || exit 1; \
+	  for t in $(FUZZ_TARGETS); do \
+	    mkdir -p fuzz/corpus/$$t fuzz/artifacts; \
+	    echo "== cargo fuzz: $$t ($(FUZZ_SECONDS) s, libFuzzer + ASan; log fuzz/artifacts/$$t.log)"; \
+	    if ! $(CARGO) +nightly fuzz run $$t --features libfuzzer -- -max_total_time=$(FUZZ_SECONDS) \
+	        -rss_limit_mb=2048 -print_final_stats=1 fuzz/corpus/$$t fuzz/seeds/$$t > fuzz/artifacts/$$t.log 2>&1; then \
+	      tail -40 fuzz/artifacts/$$t.log; echo "cargo fuzz found a problem in $$t"; exit 1; \
+	    fi; \
+	    grep -E "^(Done|stat::number_of_executed_units|stat::new_units_added|stat::peak_rss_mb)" fuzz/artifacts/$$t.log; \
+	  done; \
+	  stable_seconds=$(FUZZ_STABLE_SECONDS); \
+	else \
+	  echo "no nightly toolchain: cargo-fuzz cannot build; running the stable runner only"; \
+	  stable_seconds=$(FUZZ_SECONDS); \
+	fi; \
+	echo "== stable runner ($$stable_seconds s per target)"; \
+	cd fuzz && $(CARGO) run --release -q --bin fledge-fuzz-stable -- --seconds $$stable_seconds
+
+# Soak: the filter under sustained load for SOAK_SECONDS (default 180) next to an Envoy without
+# it; memory must stay flat and every response identical. SOAK_ARGS passes more (see --help).
+SOAK_SECONDS ?= 180
+.PHONY: soak
+soak: build-filter
+	CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 $(CARGO) build -p fledge-e2e --release --bin fledge-soak --bin fledge-testbackend
+	target/release/fledge-soak --duration-secs $(SOAK_SECONDS) $(SOAK_ARGS)

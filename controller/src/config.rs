@@ -48,7 +48,10 @@ pub fn parse_canaries(path: &str, text: &str) -> Result<Vec<Canary>, Vec<ConfigE
                     doc,
                     message: e.to_string(),
                 });
-                continue;
+                // After a YAML syntax error serde_yaml's document iterator yields the same
+                // error forever (found by fuzzing: `fledge validate` then filled memory), and
+                // no later document can be found reliably anyway.
+                break;
             }
         };
         match serde_yaml::from_value::<Canary>(value) {
@@ -131,7 +134,11 @@ spec:
 
     #[test]
     fn multi_document_files_load_every_canary() {
-        let text = format!("{}---\n{}", GOOD.replace("NAME", "one"), GOOD.replace("NAME", "two"));
+        let text = format!(
+            "{}---\n{}",
+            GOOD.replace("NAME", "one"),
+            GOOD.replace("NAME", "two")
+        );
         let canaries = parse_canaries("c.yaml", &text).unwrap();
         let names: Vec<&str> = canaries.iter().map(|c| c.name()).collect();
         assert_eq!(names, vec!["one", "two"]);
@@ -141,16 +148,42 @@ spec:
     fn errors_name_file_document_and_field() {
         let text = format!(
             "{}---\n{}",
-            GOOD.replace("NAME", "one").replace("stepWeight: 20", "stepWeight: 0"),
-            GOOD.replace("NAME", "two").replace("service: app", "servce: app")
+            GOOD.replace("NAME", "one")
+                .replace("stepWeight: 20", "stepWeight: 0"),
+            GOOD.replace("NAME", "two")
+                .replace("service: app", "servce: app")
         );
         let errors = parse_canaries("c.yaml", &text).unwrap_err();
         let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
         assert_eq!(text.len(), 2, "{text:?}");
-        assert!(text[0].starts_with("c.yaml, document 1 (Canary \"one\"): 1 problem"), "{}", text[0]);
+        assert!(
+            text[0].starts_with("c.yaml, document 1 (Canary \"one\"): 1 problem"),
+            "{}",
+            text[0]
+        );
         assert!(text[0].contains("spec.analysis.stepWeight"), "{}", text[0]);
         assert!(text[1].starts_with("c.yaml, document 2:"), "{}", text[1]);
         assert!(text[1].contains("unknown field `servce`"), "{}", text[1]);
+    }
+
+    /// Regression (fuzzing, `fuzz/` target `canary_spec`): a YAML syntax error used to make
+    /// the document loop run forever, growing the error list until the process ran out of memory.
+    #[test]
+    fn a_yaml_syntax_error_is_reported_once() {
+        let inputs = [
+            "a: {b\n".to_string(),
+            "- {duration pause: {}\n".to_string(),
+            format!(
+                "{}speclatencyBoundariesMs: [250, 500]:\n",
+                GOOD.replace("NAME", "one")
+            ),
+            format!("{}---\nb: [\n", GOOD.replace("NAME", "one")),
+        ];
+        for text in inputs {
+            let errors = parse_canaries("c.yaml", &text).unwrap_err();
+            assert_eq!(errors.len(), 1, "{text:?}: {errors:?}");
+            assert!(matches!(errors[0], ConfigError::Parse { .. }), "{errors:?}");
+        }
     }
 
     #[test]

@@ -36,6 +36,13 @@ pub struct BackendStats {
     /// Of those, how many were answered with 500 on purpose.
     #[serde(default)]
     pub errors: u64,
+    /// Unix time (ms, the backend's clock) of the last request served; 0 before the first.
+    #[serde(default, rename = "lastServedUnixMs")]
+    pub last_served_unix_ms: u64,
+    /// Unix time (ms) of the first injected error since start or since the error rate last
+    /// changed ([`Backend::set_error_rate`]); 0 if none yet.
+    #[serde(default, rename = "firstErrorUnixMs")]
+    pub first_error_unix_ms: u64,
 }
 
 /// A running test backend; stopped on drop.
@@ -113,6 +120,18 @@ impl Backend {
         let url = format!("{}/__backend/stats", self.url());
         let body = crate::http::get_ok(&url, Duration::from_secs(2))?;
         serde_json::from_str(&body).with_context(|| format!("parsing {url}"))
+    }
+
+    /// Fail a fraction `rate` of requests from now on; returns the backend's Unix time (ms) of
+    /// the change.
+    pub fn set_error_rate(&self, rate: f64) -> Result<u64> {
+        let url = format!("{}/__backend/error-rate?rate={rate}", self.url());
+        let body = crate::http::post_ok(&url, Duration::from_secs(2))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&body).with_context(|| format!("parsing answer of {url}"))?;
+        value["changedAtUnixMs"]
+            .as_u64()
+            .with_context(|| format!("{url} answered without changedAtUnixMs: {body}"))
     }
 
     /// Requests served so far (excluding `/__backend/*`).

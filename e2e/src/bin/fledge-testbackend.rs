@@ -5,20 +5,30 @@
 //! `--slow-fraction` of requests), with status 500 for an `--error-rate` fraction and 200
 //! otherwise; every response carries `x-backend-version: NAME` and a body naming the version.
 //! Which requests fail or are slow is drawn from a deterministic sequence seeded by `--seed`.
-//! `GET /__backend/stats` returns `{"version":..,"served":N,"errors":E}` and is not counted.
+//! `GET /__backend/stats` returns `{"version":..,"served":N,"errors":E,"lastServedUnixMs":..,
+//! "firstErrorUnixMs":..,"errorRate":..}` and is not counted (`firstErrorUnixMs` is the first
+//! injected error since start or since the error rate last changed).
+//! `POST /__backend/error-rate?rate=R` changes the error rate now and answers
+//! `{"changedAtUnixMs":..}`, so a test knows the instant a canary starts failing.
+//! `/__backend/echo?status=S&bytes=N&seed=K` (any method) answers status `S` with a body that
+//! echoes the method, path, request headers (sorted, without `host`) and a hash of the request
+//! body, followed by `N` deterministic bytes from `K` (no body at all for 204 and 304):
+//! identical requests get identical responses, whichever proxy sent them. It is counted as
+//! served.
 //! SIGTERM or Ctrl-C stops it gracefully.
 
 use anyhow::{bail, Context, Result};
-use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode};
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use clap::Parser;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -52,7 +62,6 @@ struct Args {
 struct Behaviour {
     version: String,
     version_header: HeaderValue,
-    error_rate: f64,
     latency: Duration,
     slow_fraction: f64,
     slow_latency: Duration,
@@ -63,6 +72,19 @@ struct AppState {
     behaviour: Behaviour,
     served: AtomicU64,
     errors: AtomicU64,
+    /// The current error rate (`f64` bits): `--error-rate`, or the last `POST /__backend/error-rate`.
+    error_rate_bits: AtomicU64,
+    /// Unix ms of the last request served (0: none yet).
+    last_served_unix_ms: AtomicU64,
+    /// Unix ms of the first injected error since start or the last error-rate change (0: none).
+    first_error_unix_ms: AtomicU64,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// SplitMix64: a tiny, good-enough mixer so request `n` always draws the same numbers.
@@ -91,9 +113,18 @@ async fn serve_request(State(state): State<Arc<AppState>>) -> Response {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let fail = draw(behaviour.seed, index, 0) < behaviour.error_rate;
+    let error_rate = f64::from_bits(state.error_rate_bits.load(Ordering::Relaxed));
+    let fail = draw(behaviour.seed, index, 0) < error_rate;
+    let now = unix_ms();
+    state.last_served_unix_ms.fetch_max(now, Ordering::Relaxed);
     let (status, body) = if fail {
         state.errors.fetch_add(1, Ordering::Relaxed);
+        let _ = state.first_error_unix_ms.compare_exchange(
+            0,
+            now,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("injected error from version {}\n", behaviour.version),
@@ -116,8 +147,104 @@ async fn stats(State(state): State<Arc<AppState>>) -> Response {
         "version": state.behaviour.version,
         "served": state.served.load(Ordering::Relaxed),
         "errors": state.errors.load(Ordering::Relaxed),
+        "lastServedUnixMs": state.last_served_unix_ms.load(Ordering::Relaxed),
+        "firstErrorUnixMs": state.first_error_unix_ms.load(Ordering::Relaxed),
+        "errorRate": f64::from_bits(state.error_rate_bits.load(Ordering::Relaxed)),
     }))
     .into_response();
+    response
+        .headers_mut()
+        .insert("x-backend-version", state.behaviour.version_header.clone());
+    response
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ErrorRateQuery {
+    rate: f64,
+}
+
+/// `POST /__backend/error-rate?rate=R`: fail a fraction `R` of requests from now on.
+async fn set_error_rate(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<ErrorRateQuery>,
+) -> Response {
+    if !(0.0..=1.0).contains(&query.rate) {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("rate must be between 0 and 1, got {}\n", query.rate),
+        )
+            .into_response();
+    }
+    state.first_error_unix_ms.store(0, Ordering::Relaxed);
+    state
+        .error_rate_bits
+        .store(query.rate.to_bits(), Ordering::Relaxed);
+    let changed = unix_ms();
+    tracing::info!(
+        rate = query.rate,
+        changed_at_unix_ms = changed,
+        "error rate changed"
+    );
+    Json(serde_json::json!({"changedAtUnixMs": changed, "errorRate": query.rate})).into_response()
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct EchoQuery {
+    #[serde(default = "default_echo_status")]
+    status: u16,
+    #[serde(default)]
+    bytes: usize,
+    #[serde(default)]
+    seed: u64,
+}
+
+fn default_echo_status() -> u16 {
+    200
+}
+
+/// Largest deterministic payload `/__backend/echo` sends.
+const MAX_ECHO_BYTES: usize = 4 << 20;
+
+/// `/__backend/echo`: a response that depends only on the request (see the module docs).
+async fn echo(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(query): Query<EchoQuery>,
+    body: Bytes,
+) -> Response {
+    state.served.fetch_add(1, Ordering::Relaxed);
+    state
+        .last_served_unix_ms
+        .fetch_max(unix_ms(), Ordering::Relaxed);
+    let mut lines: Vec<String> = headers
+        .iter()
+        .filter(|(name, _)| name.as_str() != "host")
+        .map(|(name, value)| format!("{name}: {}", String::from_utf8_lossy(value.as_bytes())))
+        .collect();
+    lines.sort();
+    let body_hash = body.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let mut out = format!(
+        "{method} {uri}\nversion: {}\nbody: {} bytes, fnv {body_hash:016x}\n{}\n\n",
+        state.behaviour.version,
+        body.len(),
+        lines.join("\n")
+    )
+    .into_bytes();
+    let mut x = query.seed;
+    for _ in 0..query.bytes.min(MAX_ECHO_BYTES) {
+        x = splitmix64(x);
+        out.push(x as u8);
+    }
+    let status = StatusCode::from_u16(query.status).unwrap_or(StatusCode::IM_A_TEAPOT);
+    if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        // These carry no body (a proxy rejects one).
+        out.clear();
+    }
+    let mut response = (status, out).into_response();
     response
         .headers_mut()
         .insert("x-backend-version", state.behaviour.version_header.clone());
@@ -172,7 +299,6 @@ async fn main() -> Result<()> {
             )
         })?,
         version: args.version_name.clone(),
-        error_rate: args.error_rate,
         latency: Duration::from_millis(args.latency_ms),
         slow_fraction: args.slow_fraction,
         slow_latency: Duration::from_millis(args.slow_ms),
@@ -182,9 +308,14 @@ async fn main() -> Result<()> {
         behaviour,
         served: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        error_rate_bits: AtomicU64::new(args.error_rate.to_bits()),
+        last_served_unix_ms: AtomicU64::new(0),
+        first_error_unix_ms: AtomicU64::new(0),
     });
     let app = Router::new()
         .route("/__backend/stats", get(stats))
+        .route("/__backend/error-rate", post(set_error_rate))
+        .route("/__backend/echo", any(echo))
         .fallback(serve_request)
         .with_state(Arc::clone(&state));
     let listener = tokio::net::TcpListener::bind(args.listen)
