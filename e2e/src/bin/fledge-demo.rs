@@ -333,11 +333,18 @@ impl Stage {
             fledge_e2e::http::get(&dashboard, Duration::from_secs(2)),
             Ok((200, _))
         ) {
-            note(&format!("dashboard:  {dashboard}"));
+            note(&format!(
+                "dashboard:  {dashboard}   (decision simulator: {dashboard}simulator)"
+            ));
         }
+        note(&format!(
+            "watch it:   fledge status {APP} --watch --server {}",
+            controller.base_url()
+        ));
         let follower = controller.follow_log("   │ fledge: ");
         let started = Instant::now();
         let mut previous = self.load.snapshot();
+        let mut shown: Option<(String, Option<u64>)> = None;
         let outcome = loop {
             std::thread::sleep(self.status_every);
             let view = controller.canary(APP).with_context(|| {
@@ -367,6 +374,12 @@ impl Stage {
                 window.summary(),
                 view.message
             );
+            // The operator's view (`fledge status`) each time the phase or weight changes.
+            let now_showing = (view.phase.clone(), view.canary_weight);
+            if shown.as_ref() != Some(&now_showing) {
+                shown = Some(now_showing);
+                print_cli_view(&controller.base_url());
+            }
             if view.is_terminal() {
                 break view;
             }
@@ -395,6 +408,24 @@ impl Stage {
             took.as_secs_f64()
         ));
         Ok(Rollout { controller, took })
+    }
+}
+
+/// Print `fledge status app` (the operator's CLI view), framed, under the status lines.
+fn print_cli_view(server: &str) {
+    let Ok(fledge) = paths::fledge_binary() else {
+        return;
+    };
+    let output = std::process::Command::new(fledge)
+        .args(["status", APP, "--server", server])
+        .env("NO_COLOR", "1")
+        .output();
+    if let Ok(output) = output {
+        println!("   ┏━ $ fledge status {APP}");
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            println!("   ┃ {line}");
+        }
+        println!("   ┗━");
     }
 }
 
