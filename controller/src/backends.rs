@@ -14,6 +14,8 @@ pub enum BackendError {
     NoSource(String),
     #[error("Canary {0:?}: spec.router names no router; add `envoyRds: {{...}}`")]
     NoRouter(String),
+    #[error("Canary {0:?}: spec.router.istio moves an Istio VirtualService and runs in Kubernetes mode (`fledge controller`); standalone `fledge run` needs `spec.router.envoyRds`")]
+    IstioNeedsKubernetes(String),
     #[error("Canary {name:?}: cannot build {what}: {message}")]
     Build {
         name: String,
@@ -66,6 +68,9 @@ pub fn traffic_router(canary: &Canary) -> Result<Box<dyn TrafficRouter>, Backend
             what: "the Envoy RDS router",
             message: e.to_string(),
         }),
+        None if canary.spec.router.istio.is_some() => Err(BackendError::IstioNeedsKubernetes(
+            canary.name().to_string(),
+        )),
         None => Err(BackendError::NoRouter(canary.name().to_string())),
     }
 }
