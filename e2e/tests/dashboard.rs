@@ -57,7 +57,10 @@ fn run_bounded(program: &Path, args: &[&str], limit: Duration) -> Result<(i32, S
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("{} {args:?} did not finish within {limit:?}", program.display());
+            bail!(
+                "{} {args:?} did not finish within {limit:?}",
+                program.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -71,7 +74,10 @@ fn run_bounded(program: &Path, args: &[&str], limit: Duration) -> Result<(i32, S
 
 fn browser_script() -> Result<std::path::PathBuf> {
     let dir = paths::workspace_root().join("e2e/browser");
-    if !dir.join("node_modules/playwright-core/package.json").is_file() {
+    if !dir
+        .join("node_modules/playwright-core/package.json")
+        .is_file()
+    {
         bail!("playwright-core is not installed: run `make setup-browser` (Debian chromium + npm ci in e2e/browser)");
     }
     Ok(dir.join("dashboard.mjs"))
@@ -87,7 +93,9 @@ fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
     let canary = Backend::start("v2", BackendOptions::default())?;
     let envoy = Envoy::start(
         EnvoyOptions::new(stable.port(), canary.port())
-            .with_filter(WasmFilter::built(&WasmFilter::default_plugin_config("app"))?)
+            .with_filter(WasmFilter::built(&WasmFilter::default_plugin_config(
+                "app",
+            ))?)
             .in_dir(&dir.path().join("envoy")),
     )?;
     let load = LoadGen::start(
@@ -111,7 +119,10 @@ fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
             "this fledge binary has no embedded simulator: run `make simulator` before building it ({info})"
         );
         wait_until("four observed intervals", Duration::from_secs(30), || {
-            let view = http::get_json(&format!("{base}/api/v1/canaries/app"), Duration::from_secs(3))?;
+            let view = http::get_json(
+                &format!("{base}/api/v1/canaries/app"),
+                Duration::from_secs(3),
+            )?;
             Ok((view["series"].as_array().map_or(0, Vec::len) >= 4).then_some(()))
         })?;
         let spec_path = dir.path().join("simulated.yaml");
@@ -135,7 +146,10 @@ fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
             ],
             Duration::from_secs(170),
         )?;
-        ensure!(code == 0, "browser script exit {code}\nstdout: {out}\nstderr: {err}");
+        ensure!(
+            code == 0,
+            "browser script exit {code}\nstdout: {out}\nstderr: {err}"
+        );
         let page: Value = serde_json::from_str(out.trim().lines().last().unwrap_or_default())
             .with_context(|| format!("browser script output: {out}\nstderr: {err}"))?;
         eprintln!("screenshots: {}", page["screenshots"]);
@@ -151,7 +165,11 @@ fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
         ensure!(list.len() == 1 && list[0]["name"] == "app", "{list:?}");
         let phase = list[0]["phase"].as_str().unwrap_or_default();
         ensure!(["Progressing", "Paused"].contains(&phase), "phase {phase}");
-        ensure!(list[0]["text"].as_str().unwrap_or_default().contains("20%"), "{}", list[0]);
+        ensure!(
+            list[0]["text"].as_str().unwrap_or_default().contains("20%"),
+            "{}",
+            list[0]
+        );
         // One canary: every chart has points from the live series, and the decision log.
         let detail = &page["detail"];
         for chart in ["rps", "success", "latency"] {
@@ -161,7 +179,10 @@ fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
                 detail["charts"]
             );
         }
-        ensure!(detail["charts"]["weight"].as_u64().unwrap_or(0) >= 2, "{detail}");
+        ensure!(
+            detail["charts"]["weight"].as_u64().unwrap_or(0) >= 2,
+            "{detail}"
+        );
         let log: Vec<&str> = detail["decisionLog"]
             .as_array()
             .into_iter()
@@ -169,7 +190,8 @@ fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
             .filter_map(Value::as_str)
             .collect();
         ensure!(
-            log.iter().any(|row| row.contains("advance canary weight to 20% (step 1/3)")),
+            log.iter()
+                .any(|row| row.contains("advance canary weight to 20% (step 1/3)")),
             "decision log: {log:#?}"
         );
         ensure!(
@@ -206,8 +228,14 @@ fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
             native["canaryRequests"],
             native["reason"]
         );
-        ensure!(native["outcome"] == "RolledBack", "3× errors must roll back: {native}");
-        ensure!(browser["weightPoints"].as_u64().unwrap_or(0) >= 3, "{browser}");
+        ensure!(
+            native["outcome"] == "RolledBack",
+            "3× errors must roll back: {native}"
+        );
+        ensure!(
+            browser["weightPoints"].as_u64().unwrap_or(0) >= 3,
+            "{browser}"
+        );
         ensure!(browser["decisions"].as_u64().unwrap_or(0) >= 2, "{browser}");
         Ok(())
     })();

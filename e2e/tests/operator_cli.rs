@@ -130,7 +130,10 @@ fn fledge(args: &[&str]) -> Result<(i32, String, String)> {
 
 fn status_json(server: &str, name: &str) -> Result<Value> {
     let (code, out, err) = fledge(&["status", name, "--server", server, "-o", "json"])?;
-    ensure!(code == 0 || code == 1, "fledge status exit {code}: {out}{err}");
+    ensure!(
+        code == 0 || code == 1,
+        "fledge status exit {code}: {out}{err}"
+    );
     Ok(serde_json::from_str(out.trim())?)
 }
 
@@ -155,7 +158,9 @@ fn the_cli_steers_a_real_rollout_through_a_webhook_gate() -> Result<()> {
     let canary = Backend::start("v2", BackendOptions::default())?;
     let envoy = Envoy::start(
         EnvoyOptions::new(stable.port(), canary.port())
-            .with_filter(WasmFilter::built(&WasmFilter::default_plugin_config("app"))?)
+            .with_filter(WasmFilter::built(&WasmFilter::default_plugin_config(
+                "app",
+            ))?)
             .in_dir(&dir.path().join("envoy")),
     )?;
     let load = LoadGen::start(
@@ -187,12 +192,18 @@ fn the_cli_steers_a_real_rollout_through_a_webhook_gate() -> Result<()> {
     let server = server.as_str();
     let result = (|| -> Result<()> {
         // Waits at `pause: {}` (step 2/3) at 20%.
-        wait_for(server, "the canary to pause at 20%", Duration::from_secs(40), |v| {
-            v["phase"] == "Paused" && v["canaryWeight"] == 20
-        })?;
-        wait_for(server, "an analysis and a rollout hook call", Duration::from_secs(10), |v| {
-            v["lastAnalysis"]["verdict"] == "Pass" && !v["webhooks"][1]["lastCall"].is_null()
-        })?;
+        wait_for(
+            server,
+            "the canary to pause at 20%",
+            Duration::from_secs(40),
+            |v| v["phase"] == "Paused" && v["canaryWeight"] == 20,
+        )?;
+        wait_for(
+            server,
+            "an analysis and a rollout hook call",
+            Duration::from_secs(10),
+            |v| v["lastAnalysis"]["verdict"] == "Pass" && !v["webhooks"][1]["lastCall"].is_null(),
+        )?;
         let (code, text, _) = fledge(&["status", "app", "--server", server])?;
         ensure!(code == 0, "status exit {code}");
         for expected in [
@@ -207,7 +218,10 @@ fn the_cli_steers_a_real_rollout_through_a_webhook_gate() -> Result<()> {
             ensure!(text.contains(expected), "missing {expected:?} in\n{text}");
         }
         let (code, table, _) = fledge(&["status", "--server", server])?;
-        ensure!(code == 0 && table.starts_with("NAME") && table.contains("\napp "), "{table}");
+        ensure!(
+            code == 0 && table.starts_with("NAME") && table.contains("\napp "),
+            "{table}"
+        );
 
         // pause → resume, each visible in the status.
         let (code, out, _) = fledge(&["pause", "app", "--server", server])?;
@@ -224,11 +238,25 @@ fn the_cli_steers_a_real_rollout_through_a_webhook_gate() -> Result<()> {
         // promote → 60% → the closed confirm-promotion gate holds the promotion.
         let (code, out, _) = fledge(&["promote", "app", "--server", server, "-o", "json"])?;
         ensure!(code == 0, "{out}");
-        ensure!(serde_json::from_str::<Value>(out.trim())?["command"] == "promote", "{out}");
-        let held = wait_for(server, "the promotion to be held", Duration::from_secs(30), |v| {
-            v["message"].as_str().unwrap_or_default().contains("promotion held at 60%")
-        })?;
-        ensure!(held["phase"] == "Progressing" && held["canaryWeight"] == 60, "{held}");
+        ensure!(
+            serde_json::from_str::<Value>(out.trim())?["command"] == "promote",
+            "{out}"
+        );
+        let held = wait_for(
+            server,
+            "the promotion to be held",
+            Duration::from_secs(30),
+            |v| {
+                v["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("promotion held at 60%")
+            },
+        )?;
+        ensure!(
+            held["phase"] == "Progressing" && held["canaryWeight"] == 60,
+            "{held}"
+        );
         let (_, text, _) = fledge(&["status", "app", "--server", server])?;
         ensure!(
             text.contains("✘ approve (confirm-promotion) answered 403 Forbidden (final)"),
@@ -242,23 +270,42 @@ fn the_cli_steers_a_real_rollout_through_a_webhook_gate() -> Result<()> {
 
         // Open the gate: `status --watch` follows the rollout to Promoted and exits 0.
         receiver.gate_open.store(true, Ordering::SeqCst);
-        let (code, frames, err) =
-            fledge(&["status", "app", "--watch", "--interval", "0.5", "--server", server])?;
+        let (code, frames, err) = fledge(&[
+            "status",
+            "app",
+            "--watch",
+            "--interval",
+            "0.5",
+            "--server",
+            server,
+        ])?;
         ensure!(code == 0, "watch exit {code}: {err}");
-        ensure!(frames.contains("app  Promoted\n") && frames.contains("[██████████] 100%"), "{frames}");
+        ensure!(
+            frames.contains("app  Promoted\n") && frames.contains("[██████████] 100%"),
+            "{frames}"
+        );
 
         // Finished: commands are refused (exit 4), unknown canaries too, a dead server is 3.
         let (code, out, _) = fledge(&["abort", "app", "--server", server, "-o", "json"])?;
         let answer: Value = serde_json::from_str(out.trim())?;
         ensure!(code == 4 && answer["exitCode"] == 4, "{code} {out}");
-        ensure!(answer["error"].as_str().unwrap_or_default().contains("already finished"), "{out}");
+        ensure!(
+            answer["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("already finished"),
+            "{out}"
+        );
         let (code, _, err) = fledge(&["retry", "app", "--server", server])?;
         ensure!(code == 4 && err.contains("not rolled back"), "{code} {err}");
         let (code, _, err) = fledge(&["status", "nosuch", "--server", server])?;
         ensure!(code == 4 && err.contains("no canary named"), "{code} {err}");
         let dead = format!("http://127.0.0.1:{}", free_port()?);
         let (code, _, err) = fledge(&["status", "--server", &dead])?;
-        ensure!(code == 3 && err.contains("cannot reach the fledge server"), "{code} {err}");
+        ensure!(
+            code == 3 && err.contains("cannot reach the fledge server"),
+            "{code} {err}"
+        );
 
         // Webhooks: Slack-style events, one post-rollout call, the load test every interval.
         let events: Vec<String> = receiver
@@ -267,10 +314,15 @@ fn the_cli_steers_a_real_rollout_through_a_webhook_gate() -> Result<()> {
             .filter_map(|b| b["text"].as_str().map(str::to_string))
             .collect();
         ensure!(
-            events.iter().any(|t| t.contains("*app* Promoted: promotion completed")),
+            events
+                .iter()
+                .any(|t| t.contains("*app* Promoted: promotion completed")),
             "events: {events:#?}"
         );
-        ensure!(events.iter().any(|t| t.contains("promotion held at 60%")), "{events:#?}");
+        ensure!(
+            events.iter().any(|t| t.contains("promotion held at 60%")),
+            "{events:#?}"
+        );
         wait_until("the post-rollout hook", Duration::from_secs(5), || {
             Ok((receiver.calls_to("/done").len() == 1).then_some(()))
         })?;
@@ -311,7 +363,8 @@ fn validate_reports_field_and_fix_as_json_with_exit_code_2() -> Result<()> {
     manifest.analysis_yaml = "threshold: 0\nsteps: [{setWeight: 50}]\n".into();
     std::fs::write(
         &path,
-        manifest.to_yaml() + "  webhooks: [{name: gate, type: confirm-promotion, url: \"ftp://x\"}]\n",
+        manifest.to_yaml()
+            + "  webhooks: [{name: gate, type: confirm-promotion, url: \"ftp://x\"}]\n",
     )?;
     let file = path.to_str().unwrap_or_default();
     let (code, out, _) = fledge(&["validate", "-f", file, "-o", "json"])?;
@@ -328,6 +381,9 @@ fn validate_reports_field_and_fix_as_json_with_exit_code_2() -> Result<()> {
         "{answer:#}"
     );
     let (code, _, err) = fledge(&["validate", "-f", file])?;
-    ensure!(code == 2 && err.contains("spec.webhooks[0].url"), "{code} {err}");
+    ensure!(
+        code == 2 && err.contains("spec.webhooks[0].url"),
+        "{code} {err}"
+    );
     Ok(())
 }
