@@ -1,26 +1,32 @@
-//! # fledge-filter — per-subset request metrics from inside Envoy
+//! # fledge-filter — per-subset request metrics and canary tagging from inside Envoy
 //!
-//! A proxy-wasm HTTP filter for Envoy/Istio gateways and sidecars. For every finished request
-//! it records, labelled by the `(service, subset)` that served it, a request counter by
-//! response class and a duration histogram; the Fledge controller reads these from
-//! `/stats/prometheus` to judge a canary against its stable version. Names and label keys come
-//! from [`fledge_core::contract`]; the configuration schema from [`fledge_core::filter_config`].
+//! A proxy-wasm HTTP filter for Envoy/Istio gateways. For every finished request it records,
+//! labelled by the `(service, subset)` that served it, a request counter by response class and a
+//! duration histogram; the Fledge controller reads these from `/stats/prometheus` to judge a
+//! canary against its stable version. It can also tag traffic: the serving subset in a response
+//! header, a forced-canary header for trusted testers, sticky buckets for users. Names and label
+//! keys come from [`fledge_core::contract`]; the configuration schema from
+//! [`fledge_core::filter_config`].
 //!
 //! ```text
-//! on_configure: plugin config JSON ──FilterConfig::parse──▶ Plugin { config, MetricCache }
-//!               (bad JSON: log, +1 fledge_config_errors_total, keep previous/defaults; always `true`)
-//!               configured clusters ──define_metric ×7 each──▶ cached ids
-//! on_log:       xds.cluster_name, response.code, response.code_details, request.duration
-//!                  ──Finished::from_properties──▶ class (ResponseClass::classify), duration ms
-//!                  ──MetricCache::ids_for(cluster bytes)──▶ ids (defined on first sight, bounded)
-//!                  ──▶ increment fledge_requests_total{service,subset,class}
-//!                      record   fledge_request_duration_ms{service,subset}
+//! on_configure:  plugin config JSON ──FilterConfig::parse──▶ Plugin { config, MetricCache }
+//!                (bad: log, +1 fledge_config_errors_total, keep previous/defaults; always `true`)
+//!                configured clusters ──define_metric ×7 each──▶ cached ids; 1 s tick
+//! request hdrs:  forced-canary header? (token / source CIDR) ── strip; trusted → route = canary
+//!                sticky key? ── FNV-1a bucket → route = <bucket>;  else strip client's route hdr
+//! response hdrs: :status; grpc-status if bodiless; responseHeader ← subset (resolves the pair)
+//! body/trailers: end of stream seen?  grpc-status from trailers
+//! on_log:        xds.cluster_name ──MetricCache::pair_for──▶ pair (name, else endpoint
+//!                metadata / subset header; bounded) ; class from status (+ code_details only
+//!                for >= 400 or cut-off responses) ; duration from the clock
+//!                ──▶ record fledge_request_duration_ms ; count into a batch
+//! on_tick:       batched counts ──increment──▶ fledge_requests_total{service,subset,class}
 //! ```
 //!
-//! Only the `host` module (compiled for `wasm32` only) makes hostcalls; [`plugin`] and
-//! [`metrics`] are plain Rust, tested natively against a fake [`metrics::MetricHost`]. The
-//! filter never blocks or alters traffic: it only reads properties after the response is done,
-//! and every failure degrades to "not recorded".
+//! Only the `host` module (compiled for `wasm32` only) makes hostcalls; [`plugin`],
+//! [`metrics`] and [`tagging`] are plain Rust, tested natively against fakes that also pin the
+//! per-request hostcall list (each hostcall costs Envoy about 1 µs of CPU). The filter never
+//! rejects or delays traffic, and every failure degrades to "not recorded" or "not tagged".
 
 pub mod metrics;
 pub mod plugin;
