@@ -1,7 +1,12 @@
 //! The install manifests in `manifests/filter/` say what Istio and Envoy expect, and every
 //! plugin configuration in them is accepted by the filter's own parser.
 // Test helpers may fail loudly; the no-panic lints guard the filter's runtime code.
-#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
 
 use fledge_core::contract;
 use fledge_core::filter_config::FilterConfig;
