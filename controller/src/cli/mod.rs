@@ -395,6 +395,24 @@ mod tests {
     }
 
     #[test]
+    fn status_exits_1_when_a_shown_canary_is_rolled_back() {
+        let doc = |phase: &str| -> CanaryDoc {
+            serde_json::from_value(json!({
+                "name": "app", "phase": phase, "canaryWeight": 0, "step": 0,
+                "stepPassedChecks": 0, "failedChecks": 0, "message": "", "history": []
+            }))
+            .unwrap()
+        };
+        assert_eq!(exit_for(&[doc("Promoted"), doc("Progressing")]), EXIT_OK);
+        assert_eq!(
+            exit_for(&[doc("Promoted"), doc("RolledBack")]),
+            EXIT_ROLLED_BACK
+        );
+        let frame = render_frame(&[doc("RolledBack")], true, Style::PLAIN);
+        assert!(frame.starts_with("app  RolledBack\n"), "{frame}");
+    }
+
+    #[test]
     fn a_server_without_scheme_gets_http() {
         assert_eq!(Client::new("127.0.0.1:9090/").base, "http://127.0.0.1:9090");
     }
