@@ -154,19 +154,43 @@ struct ClientArgs {
     server: String,
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     output: cli::Output,
+    /// Talk to the Kubernetes API instead of --server (kubeconfig or in-cluster): status from
+    /// Canary objects, commands as the annotations `fledge controller` acts on.
+    #[arg(long)]
+    kubernetes: bool,
+    /// With --kubernetes: the namespace (default: the kubeconfig context's).
+    #[arg(short = 'n', long, requires = "kubernetes")]
+    namespace: Option<String>,
+}
+
+impl ClientArgs {
+    /// Run `work` against the target these arguments name; exit code 3 when it cannot be
+    /// reached.
+    fn run<F, Fut>(self, work: F) -> anyhow::Result<ExitCode>
+    where
+        F: FnOnce(cli::Target, cli::Output) -> Fut,
+        Fut: std::future::Future<Output = u8>,
+    {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let output = self.output;
+        Ok(ExitCode::from(runtime.block_on(async move {
+            let target = if self.kubernetes {
+                match cli::kube::KubeTarget::connect(self.namespace.as_deref()).await {
+                    Ok(kube) => cli::Target::Kubernetes(Box::new(kube)),
+                    Err(e) => return cli::report_error(output, &e),
+                }
+            } else {
+                cli::Target::Server(cli::Client::new(&self.server))
+            };
+            work(target, output).await
+        })))
+    }
 }
 
 fn client_command(args: ClientArgs, name: String, verb: cli::Verb) -> anyhow::Result<ExitCode> {
-    let client = cli::Client::new(&args.server);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    Ok(ExitCode::from(runtime.block_on(cli::command(
-        &client,
-        &name,
-        verb,
-        args.output,
-    ))))
+    args.run(|target, output| async move { cli::command(&target, &name, verb, output).await })
 }
 
 /// `fledge simulate`: the same function the browser simulator runs, natively.
@@ -387,20 +411,9 @@ fn main() -> ExitCode {
             client,
         } => {
             let every = std::time::Duration::from_secs_f64(interval.clamp(0.2, 3600.0));
-            let http = cli::Client::new(&client.server);
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(Into::into)
-                .map(|rt| {
-                    ExitCode::from(rt.block_on(cli::status(
-                        &http,
-                        name.as_deref(),
-                        watch,
-                        every,
-                        client.output,
-                    )))
-                })
+            client.run(|target, output| async move {
+                cli::status(&target, name.as_deref(), watch, every, output).await
+            })
         }
         Commands::Promote { name, full, client } => {
             client_command(client, name, cli::Verb::Promote { full })

@@ -1,5 +1,6 @@
 //! The operator CLI: `fledge status`, `promote`, `abort`, `pause`, `resume`, `retry` against
-//! the JSON API of a running `fledge run --listen ADDR`, and `validate --output json`.
+//! the JSON API of a running `fledge run --listen ADDR`, or (`--kubernetes`) against `Canary`
+//! objects that `fledge controller` reconciles ([`kube`]), and `validate --output json`.
 //!
 //! Exit codes (the same for every client command):
 //!
@@ -14,6 +15,7 @@
 //! `--output json` prints the API's JSON answer (or `{"error": ..., "exitCode": n}`) on stdout
 //! instead of text, with the same exit codes.
 
+pub mod kube;
 pub mod render;
 
 use render::{CanaryDoc, Style};
@@ -46,6 +48,8 @@ pub enum Output {
 pub enum ClientError {
     #[error("cannot reach the fledge server at {url}: {reason}; is `fledge run --listen ...` running there? (set --server or FLEDGE_SERVER)")]
     Unreachable { url: String, reason: String },
+    #[error("cannot reach the Kubernetes API: {0}")]
+    KubernetesUnreachable(String),
     #[error("{message}")]
     Refused { status: u16, message: String },
     #[error("unexpected answer from {url}: {reason}")]
@@ -55,7 +59,9 @@ pub enum ClientError {
 impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            ClientError::Unreachable { .. } | ClientError::BadAnswer { .. } => EXIT_UNREACHABLE,
+            ClientError::Unreachable { .. }
+            | ClientError::KubernetesUnreachable(_)
+            | ClientError::BadAnswer { .. } => EXIT_UNREACHABLE,
             ClientError::Refused { .. } => EXIT_REFUSED,
         }
     }
@@ -176,6 +182,37 @@ impl Client {
     }
 }
 
+/// Where client commands go.
+pub enum Target {
+    /// The JSON API of `fledge run --listen`.
+    Server(Client),
+    /// `Canary` objects in a Kubernetes namespace (`fledge controller`).
+    Kubernetes(Box<kube::KubeTarget>),
+}
+
+impl Target {
+    fn describe(&self) -> String {
+        match self {
+            Target::Server(client) => client.base.clone(),
+            Target::Kubernetes(kube) => kube.describe(),
+        }
+    }
+
+    pub async fn status(&self, name: Option<&str>) -> Result<Value, ClientError> {
+        match self {
+            Target::Server(client) => client.status(name).await,
+            Target::Kubernetes(kube) => kube.status(name).await,
+        }
+    }
+
+    pub async fn send(&self, name: &str, verb: Verb) -> Result<Value, ClientError> {
+        match self {
+            Target::Server(client) => client.send(name, verb).await,
+            Target::Kubernetes(kube) => kube.send(name, verb).await,
+        }
+    }
+}
+
 fn docs_of(value: &Value, url: &str) -> Result<Vec<CanaryDoc>, ClientError> {
     let items = match value {
         Value::Array(items) => items.clone(),
@@ -221,6 +258,11 @@ fn exit_for(docs: &[CanaryDoc]) -> u8 {
     }
 }
 
+/// Print a client error as text (stderr) or JSON (stdout); returns its exit code.
+pub fn report_error(output: Output, error: &ClientError) -> u8 {
+    print_error(output, error)
+}
+
 fn print_error(output: Output, error: &ClientError) -> u8 {
     let code = error.exit_code();
     match output {
@@ -236,7 +278,7 @@ fn print_error(output: Output, error: &ClientError) -> u8 {
 /// `fledge status [NAME] [--watch]`. With `--watch` the view is redrawn every `every` until
 /// every shown canary is Promoted or RolledBack, or until Ctrl-C.
 pub async fn status(
-    client: &Client,
+    target: &Target,
     name: Option<&str>,
     watch: bool,
     every: Duration,
@@ -244,11 +286,11 @@ pub async fn status(
 ) -> u8 {
     let style = style_for_stdout();
     let tty = std::io::stdout().is_terminal();
-    let url = client.base.clone();
+    let url = target.describe();
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
-        let docs = match client.status(name).await {
+        let docs = match target.status(name).await {
             Ok(value) => match docs_of(&value, &url) {
                 Ok(docs) => {
                     let mut out = std::io::stdout().lock();
@@ -295,8 +337,8 @@ pub async fn status(
 }
 
 /// `fledge promote|abort|pause|resume|retry NAME`.
-pub async fn command(client: &Client, name: &str, verb: Verb, output: Output) -> u8 {
-    match client.send(name, verb).await {
+pub async fn command(target: &Target, name: &str, verb: Verb, output: Output) -> u8 {
+    match target.send(name, verb).await {
         Ok(value) => {
             match output {
                 Output::Json => println!("{value}"),
