@@ -136,6 +136,12 @@ impl Registry {
     }
 }
 
+/// Whether the guard watch runs: a rollout past Initializing, not finished, whose canary gets
+/// traffic.
+fn guard_watched(status: &CanaryStatus) -> bool {
+    !status.phase.is_terminal() && status.phase != Phase::Initializing && status.canary_weight > 0
+}
+
 /// Everything one canary task needs.
 pub struct CanaryTask {
     pub canary: Canary,
@@ -293,6 +299,27 @@ impl CanaryTask {
         }
     }
 
+    /// A guard trip the state machine has not been told about yet, if the metrics source
+    /// reports one (each trip is handed over once; the machine ignores trips older than the
+    /// rollout).
+    async fn new_guard_trip(
+        &mut self,
+        last: &mut Option<chrono::DateTime<Utc>>,
+    ) -> Option<chrono::DateTime<Utc>> {
+        match self.source.guard_tripped_at().await {
+            Ok(Some(tripped_at)) if *last != Some(tripped_at) => {
+                *last = Some(tripped_at);
+                tracing::warn!(canary = self.canary.name(), %tripped_at, "data-plane guard tripped");
+                Some(tripped_at)
+            }
+            Ok(_) => None,
+            Err(error) => {
+                tracing::debug!(canary = self.canary.name(), %error, "cannot read the guard; the analysis still runs");
+                None
+            }
+        }
+    }
+
     /// Drive this canary until shutdown (or until done, with `exit_when_done`).
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> CanaryStatus {
         let fingerprint = fingerprint(&self.canary.spec);
@@ -332,6 +359,18 @@ impl CanaryTask {
         let mut ticker = tokio::time::interval(self.canary.spec.analysis.interval.0);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let interval_secs = self.canary.spec.analysis.interval.0.as_secs_f64();
+        // The data-plane guard watch: between analysis intervals, read the guard's gauge.
+        let guard_every = self
+            .canary
+            .spec
+            .analysis
+            .guard
+            .as_ref()
+            .map(|guard| guard.check_interval.0);
+        let mut guard_ticker =
+            tokio::time::interval(guard_every.unwrap_or(std::time::Duration::from_secs(3600)));
+        guard_ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut last_guard_trip = None;
         loop {
             let weights = self.ensure_weights(status.canary_weight).await;
             if let Err(e) = &weights {
@@ -377,6 +416,12 @@ impl CanaryTask {
                 }
                 Some(command) = commands.recv() => {
                     self.decide(&mut status, Input { observation: None, command: Some(command) }, Gates::default(), &fingerprint, &mut operator).await;
+                }
+                _ = guard_ticker.tick(), if guard_every.is_some() && weights.is_ok() && guard_watched(&status) => {
+                    if let Some(tripped_at) = self.new_guard_trip(&mut last_guard_trip).await {
+                        let command = Command::GuardTripped { tripped_at };
+                        self.decide(&mut status, Input { observation: None, command: Some(command) }, Gates::default(), &fingerprint, &mut operator).await;
+                    }
                 }
                 _ = shutdown.changed() => {
                     // Notifications in flight get a moment; each is bounded by its own timeout.

@@ -29,6 +29,18 @@ pub const FORCED_CANARY_ACCEPTED_TOTAL: &str = "fledge_forced_canary_accepted_to
 /// A rise means someone sends the header without the secret or from outside the allowed networks.
 pub const FORCED_CANARY_REJECTED_TOTAL: &str = "fledge_forced_canary_rejected_total";
 
+/// Gauge: the data-plane guard of a service (`fledge_service`). 0 while armed; while tripped (the
+/// canary's error ratio crossed the guard's ceiling and the filter sends new requests of the
+/// service to stable), the Unix time in seconds at which it tripped. The controller rolls the
+/// canary back when it sees a trip newer than the rollout; alert on `> 0`.
+pub const GUARD_TRIPPED: &str = "fledge_guard_tripped";
+
+/// Default name of the internal request header the filter sets on new requests while a guard is
+/// tripped (value: the tripped services, comma-separated, e.g. `app` or `app,cart`) and strips
+/// from every client request. A header-match route before the weighted route sends matching
+/// requests to the stable cluster (see [`crate::filter_config::Guard::route_regex`]).
+pub const DEFAULT_GUARD_HEADER: &str = "x-fledge-guard";
+
 /// Default name of the internal request header the filter writes for routing and strips from
 /// every client request: `canary` (a trusted forced-canary request) or a decimal sticky bucket.
 /// A header-match route on `canary` placed before the weighted route, and the weighted route's

@@ -28,6 +28,10 @@
 //!   endpoint); else `subsetHeader`, an upstream response header naming the version.
 //! - Anything else is labelled `(other, other)` ([`contract::OTHER`]).
 //!
+//! Data-plane guard (optional): `guard` sets, per service, a hard ceiling on the canary's error
+//! ratio over a short sliding window; when it is crossed the filter sends new requests of that
+//! service to stable at once (see [`Guard`]).
+//!
 //! Canary tagging (all optional): `responseHeader` names the serving subset in the response;
 //! `forceCanary` lets trusted testers send `x-fledge-stage: canary` (secret token and/or source
 //! networks); `sticky` hashes a user key into a bucket for `weighted_clusters.header_name`. Both
@@ -80,6 +84,82 @@ pub struct FilterConfig {
     /// Keep each user on one version while the weights change.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sticky: Option<Sticky>,
+    /// Send new requests to stable at once when a canary fails hard.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard: Option<Guard>,
+}
+
+/// The data-plane guard. For each guarded service the filter keeps a sliding window of the
+/// canary's outcomes (10 time buckets across `windowSeconds`, shared by all Envoy worker
+/// threads through proxy-wasm shared data). When the window holds at least `minRequests`
+/// canary requests and at least `maxErrorRatio` of them failed (5xx or no response), the guard
+/// *trips*: every new request gets `header: <service>` (several tripped services:
+/// comma-separated) and Envoy picks the route again, so a header-match route placed before the
+/// weighted route (match [`Guard::route_regex`]) sends it to stable. The gauge
+/// [`contract::GUARD_TRIPPED`] shows the trip (its Unix time) and the controller rolls back.
+///
+/// The guard re-arms by itself `rearmSeconds` after it tripped, with an empty window: by then
+/// the controller has set the canary's weight to 0, and a canary that is still failing (no
+/// controller) trips it again after at most `minRequests` more requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Guard {
+    /// Internal request header (default [`contract::DEFAULT_GUARD_HEADER`]); always stripped
+    /// from client requests.
+    pub header: String,
+    /// `fledge_service` label value → its guard.
+    pub services: BTreeMap<String, GuardedService>,
+}
+
+/// The guard of one service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GuardedService {
+    /// `fledge_subset` label value of the canary (default `canary`).
+    pub canary_subset: String,
+    /// Trip when at least this share of the canary's requests in the window failed (0 < r ≤ 1,
+    /// default 0.5).
+    pub max_error_ratio: f64,
+    /// ... over at least this many canary requests in the window (default 20).
+    pub min_requests: u32,
+    /// Length of the sliding window (1..=3600, default 10).
+    pub window_seconds: u32,
+    /// Seconds after a trip at which the guard re-arms with an empty window (1..=86400, at
+    /// least `windowSeconds`; default 30).
+    pub rearm_seconds: u32,
+}
+
+// `max_error_ratio` is validated finite, so equality is reflexive.
+impl Eq for GuardedService {}
+
+/// Default guard ceiling: half of the canary's requests failing.
+pub const DEFAULT_GUARD_MAX_ERROR_RATIO: f64 = 0.5;
+/// Default guard minimum sample.
+pub const DEFAULT_GUARD_MIN_REQUESTS: u32 = 20;
+/// Default guard window.
+pub const DEFAULT_GUARD_WINDOW_SECONDS: u32 = 10;
+/// Default time from a trip to re-arming.
+pub const DEFAULT_GUARD_REARM_SECONDS: u32 = 30;
+
+impl Default for GuardedService {
+    fn default() -> Self {
+        GuardedService {
+            canary_subset: "canary".to_string(),
+            max_error_ratio: DEFAULT_GUARD_MAX_ERROR_RATIO,
+            min_requests: DEFAULT_GUARD_MIN_REQUESTS,
+            window_seconds: DEFAULT_GUARD_WINDOW_SECONDS,
+            rearm_seconds: DEFAULT_GUARD_REARM_SECONDS,
+        }
+    }
+}
+
+impl Guard {
+    /// The regular expression (RE2, whole value) a route's header matcher uses on
+    /// [`Guard::header`] to catch requests the guard of `service` steers to stable. It matches
+    /// `app`, `app,cart` and `cart,app`, but not `myapp`.
+    pub fn route_regex(service: &str) -> String {
+        format!("(.*,)?{}(,.*)?", contract::sanitize_label_value(service))
+    }
 }
 
 /// What one configured cluster serves.
@@ -416,7 +496,7 @@ impl FilterConfigError {
 }
 
 const EXAMPLE: &str = r#"{"clusters": {"app_canary": {"service": "app", "subset": "canary"}}, "istioClusterNames": true}"#;
-const ROOT_KEYS: [&str; 9] = [
+const ROOT_KEYS: [&str; 10] = [
     "clusters",
     "istioClusterNames",
     "endpointMetadata",
@@ -426,8 +506,19 @@ const ROOT_KEYS: [&str; 9] = [
     "clearRouteCache",
     "forceCanary",
     "sticky",
+    "guard",
 ];
-const ROOT_ALLOWED: &str = "clusters, istioClusterNames, endpointMetadata, subsetHeader, responseHeader, routeHeader, clearRouteCache, forceCanary, sticky";
+const ROOT_ALLOWED: &str = "clusters, istioClusterNames, endpointMetadata, subsetHeader, responseHeader, routeHeader, clearRouteCache, forceCanary, sticky, guard";
+const GUARD_KEYS: [&str; 2] = ["header", "services"];
+const GUARD_SERVICE_KEYS: [&str; 5] = [
+    "canarySubset",
+    "maxErrorRatio",
+    "minRequests",
+    "windowSeconds",
+    "rearmSeconds",
+];
+const GUARD_SERVICE_ALLOWED: &str =
+    "canarySubset, maxErrorRatio, minRequests, windowSeconds, rearmSeconds";
 const CLUSTER_KEYS: [&str; 2] = ["service", "subset"];
 const FORCE_KEYS: [&str; 5] = [
     "header",
@@ -453,6 +544,7 @@ impl Default for FilterConfig {
             clear_route_cache: false,
             force_canary: None,
             sticky: None,
+            guard: None,
         }
     }
 }
@@ -534,6 +626,10 @@ impl FilterConfig {
             None | Some(Value::Null) => None,
             Some(value) => Some(parse_sticky(value)?),
         };
+        config.guard = match root.get("guard") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(parse_guard(value)?),
+        };
         config.check_header_clashes()?;
         Ok(config)
     }
@@ -542,6 +638,31 @@ impl FilterConfig {
     /// the same name would let clients write it.
     fn check_header_clashes(&self) -> Result<(), FilterConfigError> {
         let route = self.route_header.as_str();
+        if let Some(guard) = &self.guard {
+            let clash = if guard.header == route {
+                Some("routeHeader")
+            } else if self
+                .force_canary
+                .as_ref()
+                .is_some_and(|f| f.header == guard.header)
+            {
+                Some("forceCanary.header")
+            } else if matches!(&self.sticky, Some(Sticky { key: StickyKey::Header(h), .. }) if *h == guard.header)
+            {
+                Some("sticky.header")
+            } else {
+                None
+            };
+            if let Some(other) = clash {
+                return Err(FilterConfigError::invalid(
+                    "guard.header",
+                    format!(
+                        "must differ from {other} ({:?}); the filter strips and writes it itself",
+                        guard.header
+                    ),
+                ));
+            }
+        }
         if let Some(force) = &self.force_canary {
             if force.header == route {
                 return Err(FilterConfigError::invalid(
@@ -839,6 +960,138 @@ fn parse_sticky(value: &Value) -> Result<Sticky, FilterConfigError> {
     Ok(Sticky { key, salt, buckets })
 }
 
+fn parse_guard(value: &Value) -> Result<Guard, FilterConfigError> {
+    const PATH: &str = "guard";
+    const EXAMPLE: &str = "an object such as {\"services\": {\"app\": {\"maxErrorRatio\": 0.5, \"minRequests\": 20}}}";
+    let Value::Object(map) = value else {
+        return Err(FilterConfigError::WrongType {
+            field: PATH.to_string(),
+            expected: EXAMPLE,
+            found: kind(value),
+        });
+    };
+    reject_unknown(map, PATH, &GUARD_KEYS, "header, services")?;
+    let header = opt_header_name(map, PATH, "header")?
+        .unwrap_or_else(|| contract::DEFAULT_GUARD_HEADER.to_string());
+    let mut services = BTreeMap::new();
+    match map.get("services") {
+        Some(Value::Object(entries)) if !entries.is_empty() => {
+            for (name, entry) in entries {
+                let path = format!("guard.services{}", path_segment(name));
+                if contract::sanitize_label_value(name) != *name {
+                    return Err(FilterConfigError::invalid(
+                        &path,
+                        format!(
+                            "{name:?} is not a fledge_service label value; write it as the filter records it, e.g. {:?}",
+                            contract::sanitize_label_value(name)
+                        ),
+                    ));
+                }
+                services.insert(name.clone(), parse_guarded_service(entry, &path)?);
+            }
+        }
+        Some(Value::Object(_)) | None | Some(Value::Null) => {
+            return Err(FilterConfigError::Missing {
+                field: "guard.services".to_string(),
+                expected: "at least one service, e.g. \"services\": {\"app\": {}}",
+            })
+        }
+        Some(other) => {
+            return Err(FilterConfigError::WrongType {
+                field: "guard.services".to_string(),
+                expected: "an object mapping fledge_service values to guards, such as {\"app\": {\"maxErrorRatio\": 0.5}}",
+                found: kind(other),
+            })
+        }
+    }
+    Ok(Guard { header, services })
+}
+
+fn parse_guarded_service(entry: &Value, path: &str) -> Result<GuardedService, FilterConfigError> {
+    let Value::Object(map) = entry else {
+        return Err(FilterConfigError::WrongType {
+            field: path.to_string(),
+            expected: "an object such as {\"canarySubset\": \"canary\", \"maxErrorRatio\": 0.5, \"minRequests\": 20}",
+            found: kind(entry),
+        });
+    };
+    reject_unknown(map, path, &GUARD_SERVICE_KEYS, GUARD_SERVICE_ALLOWED)?;
+    let mut guard = GuardedService::default();
+    if map.get("canarySubset").is_some_and(|v| !v.is_null()) {
+        let subset = string_field(map, path, "canarySubset", "a string like \"canary\"")?;
+        guard.canary_subset = contract::sanitize_label_value(subset.trim());
+    }
+    // A number of the wrong kind or out of range: name the field, the value and the range.
+    let out_of_range = |key: &str, v: &Value, expected: &'static str| match v {
+        Value::Number(n) => FilterConfigError::invalid(
+            &join_path(path, key),
+            format!("{n} is out of range; write {expected}"),
+        ),
+        other => FilterConfigError::WrongType {
+            field: join_path(path, key),
+            expected,
+            found: kind(other),
+        },
+    };
+    match map.get("maxErrorRatio") {
+        None | Some(Value::Null) => {}
+        Some(v) => {
+            guard.max_error_ratio = v
+                .as_f64()
+                .filter(|r| r.is_finite() && *r > 0.0 && *r <= 1.0)
+                .ok_or_else(|| {
+                    out_of_range(
+                        "maxErrorRatio",
+                        v,
+                        "a number above 0 and at most 1, such as 0.5",
+                    )
+                })?
+        }
+    }
+    let whole = |key: &str, range: std::ops::RangeInclusive<u64>, expected: &'static str| match map
+        .get(key)
+    {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| range.contains(n))
+            .and_then(|n| u32::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| out_of_range(key, v, expected)),
+    };
+    if let Some(n) = whole(
+        "minRequests",
+        1..=1_000_000,
+        "a whole number 1..=1000000, such as 20",
+    )? {
+        guard.min_requests = n;
+    }
+    if let Some(n) = whole(
+        "windowSeconds",
+        1..=3600,
+        "a whole number of seconds 1..=3600, such as 10",
+    )? {
+        guard.window_seconds = n;
+    }
+    if let Some(n) = whole(
+        "rearmSeconds",
+        1..=86_400,
+        "a whole number of seconds 1..=86400, such as 30",
+    )? {
+        guard.rearm_seconds = n;
+    }
+    if guard.rearm_seconds < guard.window_seconds {
+        return Err(FilterConfigError::invalid(
+            &join_path(path, "rearmSeconds"),
+            format!(
+                "{} is shorter than windowSeconds ({}); write at least {}",
+                guard.rearm_seconds, guard.window_seconds, guard.window_seconds
+            ),
+        ));
+    }
+    Ok(guard)
+}
+
 fn cookie_name(map: &Map<String, Value>) -> Result<String, FilterConfigError> {
     let name = string_field(map, "sticky", "cookie", "a cookie name such as \"session\"")?;
     let valid = name
@@ -1054,6 +1307,94 @@ mod tests {
                 "istioClusterNames": true}"#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn guard_defaults_round_trip_and_errors() {
+        let c = FilterConfig::parse(r#"{"guard": {"services": {"app": {}}}}"#).unwrap();
+        let guard = c.guard.clone().unwrap();
+        assert_eq!(guard.header, contract::DEFAULT_GUARD_HEADER);
+        assert_eq!(guard.services["app"], GuardedService::default());
+        assert_eq!(FilterConfig::parse(&c.to_json()).unwrap(), c);
+        let c = FilterConfig::parse(
+            r#"{"guard": {"header": "X-Guard", "services": {"app": {"canarySubset": "v2",
+                "maxErrorRatio": 0.25, "minRequests": 5, "windowSeconds": 4, "rearmSeconds": 8}}}}"#,
+        )
+        .unwrap();
+        let guard = c.guard.clone().unwrap();
+        assert_eq!(guard.header, "x-guard");
+        assert_eq!(
+            guard.services["app"],
+            GuardedService {
+                canary_subset: "v2".into(),
+                max_error_ratio: 0.25,
+                min_requests: 5,
+                window_seconds: 4,
+                rearm_seconds: 8
+            }
+        );
+        assert_eq!(FilterConfig::parse(&c.to_json()).unwrap(), c);
+
+        let cases: &[(&str, &str, &str)] = &[
+            (r#"{"guard": 1}"#, "guard", "found a number"),
+            (r#"{"guard": {}}"#, "guard.services", "at least one service"),
+            (
+                r#"{"guard": {"services": {}}}"#,
+                "guard.services",
+                "missing",
+            ),
+            (
+                r#"{"guard": {"servces": {}}}"#,
+                "guard.servces",
+                "did you mean \"services\"",
+            ),
+            (
+                r#"{"guard": {"services": {"app": {"maxErrorRatio": 1.5}}}}"#,
+                "guard.services.app.maxErrorRatio",
+                "1.5 is out of range",
+            ),
+            (
+                r#"{"guard": {"services": {"app": {"maxErrorRatio": "half"}}}}"#,
+                "guard.services.app.maxErrorRatio",
+                "found a string",
+            ),
+            (
+                r#"{"guard": {"services": {"app": {"minRequests": 0}}}}"#,
+                "guard.services.app.minRequests",
+                "0 is out of range",
+            ),
+            (
+                r#"{"guard": {"services": {"app": {"windowSeconds": 40}}}}"#,
+                "guard.services.app.rearmSeconds",
+                "shorter than windowSeconds",
+            ),
+            (
+                r#"{"guard": {"services": {"app": {"minRequest": 3}}}}"#,
+                "guard.services.app.minRequest",
+                "did you mean \"minRequests\"",
+            ),
+            (
+                r#"{"guard": {"services": {"my.app": {}}}}"#,
+                "guard.services[\"my.app\"]",
+                "\"my_app\"",
+            ),
+            (
+                r#"{"guard": {"header": "x-fledge-route", "services": {"app": {}}}}"#,
+                "guard.header",
+                "routeHeader",
+            ),
+        ];
+        for (text, field, message) in cases {
+            let err = FilterConfig::parse(text).unwrap_err();
+            assert_eq!(err.field(), *field, "{text}: {err}");
+            assert!(err.to_string().contains(message), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn guard_route_regex_matches_whole_service_names() {
+        assert_eq!(Guard::route_regex("app"), "(.*,)?app(,.*)?");
+        assert_eq!(Guard::route_regex("my.app"), "(.*,)?my_app(,.*)?");
     }
 
     #[test]

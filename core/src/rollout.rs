@@ -115,6 +115,10 @@ pub enum Command {
     Resume,
     /// Start a rolled-back rollout again from its first step (fresh evidence, history kept).
     Retry,
+    /// Not from an operator: the controller saw the filter's data-plane guard tripped at
+    /// `tripped_at` (the gateway's clock). Rolls back a running rollout whose canary gets
+    /// traffic; a trip from before this rollout started is ignored.
+    GuardTripped { tripped_at: DateTime<Utc> },
 }
 
 /// What one call of [`step`] is given besides the spec, status and time.
@@ -238,6 +242,10 @@ impl Machine<'_> {
             return;
         }
         match input.command {
+            Some(Command::GuardTripped { tripped_at }) => {
+                self.guard_tripped(tripped_at);
+                return;
+            }
             Some(Command::Abort) => {
                 self.roll_back("aborted by operator".to_string());
                 return;
@@ -320,6 +328,33 @@ impl Machine<'_> {
                 _ => self.enter_step(next),
             }
         }
+    }
+
+    /// The data-plane guard tripped: roll back at once (the filter already sends the canary's
+    /// traffic to stable), unless the canary gets no traffic from this rollout or the trip is
+    /// older than the rollout.
+    fn guard_tripped(&mut self, tripped_at: DateTime<Utc>) {
+        let started = match self.status.started_at {
+            Some(started) if self.status.phase != Phase::Initializing => started,
+            _ => return,
+        };
+        if self.status.canary_weight == 0 || tripped_at < started {
+            return;
+        }
+        let ceiling = match &self.spec.analysis.guard {
+            Some(guard) => format!(
+                " ({:.0}% or more of at least {} canary requests failed within {})",
+                guard.max_error_ratio * 100.0,
+                guard.min_requests,
+                guard.window
+            ),
+            None => String::new(),
+        };
+        self.status.failed_checks += 1;
+        self.roll_back(format!(
+            "rolling back: the data-plane guard tripped at {}{ceiling}; the gateway has sent the canary's traffic to stable since then",
+            tripped_at.format("%H:%M:%S UTC")
+        ));
     }
 
     /// A failed pre-rollout / rollout webhook: one failed check, rollback at the threshold.
@@ -1300,5 +1335,37 @@ mod tests {
             plain,
             step_with_gates(&spec, &status, &healthy(), &open(), t(70))
         );
+    }
+
+    #[test]
+    fn a_guard_trip_rolls_back_at_once_but_not_a_stale_or_idle_one() {
+        let spec = simple_spec();
+        let trip = |at: i64| command(Command::GuardTripped { tripped_at: t(at) });
+        // Progressing at 20% since t(0): a trip at t(15) rolls back immediately.
+        let (status, _) = drive(&spec, &[baseline(), healthy()]);
+        assert_eq!((status.phase, status.canary_weight), (Progressing, 40));
+        let decision = step(&spec, &status, &trip(15), t(16));
+        assert_eq!(decision.status.phase, RolledBack);
+        assert_eq!(decision.status.canary_weight, 0);
+        assert!(decision.actions.contains(&Action::SetWeight { canary: 0 }));
+        assert!(
+            decision
+                .status
+                .message
+                .contains("data-plane guard tripped at"),
+            "{}",
+            decision.status.message
+        );
+        // A trip older than the rollout (left over from the previous one) is ignored.
+        let decision = step(&spec, &status, &trip(-5), t(16));
+        assert_eq!(decision.status, status);
+        assert!(decision.actions.is_empty());
+        // Initializing (no traffic to the canary yet), and finished rollouts: ignored.
+        let fresh = CanaryStatus::default();
+        assert_eq!(step(&spec, &fresh, &trip(1), t(2)).status, fresh);
+        let rolled_back = step(&spec, &status, &trip(15), t(16)).status;
+        let again = step(&spec, &rolled_back, &trip(20), t(21));
+        assert_eq!(again.status, rolled_back);
+        assert!(again.actions.is_empty());
     }
 }

@@ -245,6 +245,81 @@ pub struct AnalysisSpec {
     /// Roll back when the canary burns its error budget too fast.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slo_burn_rate: Option<BurnRateSpec>,
+    /// The data-plane guard: the filter sends the canary's traffic to stable within a second
+    /// when its error ratio crosses a hard ceiling, and the controller then rolls back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<GuardSpec>,
+}
+
+/// The data-plane guard as the controller sees it. The same thresholds go into the filter's
+/// plugin configuration (`guard.services.<service>`, see [`GuardSpec::filter_guard`]): the
+/// filter trips, the controller only watches `fledge_guard_tripped` every `checkInterval` and
+/// rolls back. Every field has a default, so `guard: {}` is a good start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GuardSpec {
+    /// Trip when at least this share of the canary's requests in the window failed (5xx or no
+    /// response). Default 0.5.
+    #[serde(default = "default_guard_max_error_ratio")]
+    pub max_error_ratio: f64,
+    /// ... over at least this many canary requests in the window. Default 20.
+    #[serde(default = "default_guard_min_requests")]
+    pub min_requests: u32,
+    /// The sliding window (whole seconds, 1s..1h). Default 10s.
+    #[serde(default = "default_guard_window")]
+    pub window: HumanDuration,
+    /// How long after a trip the filter re-arms (whole seconds, at least `window`). Default 30s.
+    #[serde(default = "default_guard_rearm_after")]
+    pub rearm_after: HumanDuration,
+    /// How often the controller reads the guard's gauge between analysis intervals. Default 1s.
+    #[serde(default = "default_guard_check_interval")]
+    pub check_interval: HumanDuration,
+}
+
+fn default_guard_max_error_ratio() -> f64 {
+    crate::filter_config::DEFAULT_GUARD_MAX_ERROR_RATIO
+}
+fn default_guard_min_requests() -> u32 {
+    crate::filter_config::DEFAULT_GUARD_MIN_REQUESTS
+}
+fn default_guard_window() -> HumanDuration {
+    HumanDuration::from_secs(u64::from(
+        crate::filter_config::DEFAULT_GUARD_WINDOW_SECONDS,
+    ))
+}
+fn default_guard_rearm_after() -> HumanDuration {
+    HumanDuration::from_secs(u64::from(crate::filter_config::DEFAULT_GUARD_REARM_SECONDS))
+}
+fn default_guard_check_interval() -> HumanDuration {
+    HumanDuration::from_secs(1)
+}
+
+impl Default for GuardSpec {
+    fn default() -> Self {
+        GuardSpec {
+            max_error_ratio: default_guard_max_error_ratio(),
+            min_requests: default_guard_min_requests(),
+            window: default_guard_window(),
+            rearm_after: default_guard_rearm_after(),
+            check_interval: default_guard_check_interval(),
+        }
+    }
+}
+
+impl GuardSpec {
+    /// The filter's guard for this canary's service: the entry to put under
+    /// `guard.services.<spec.service>` in the plugin configuration.
+    pub fn filter_guard(&self, canary_subset: &str) -> crate::filter_config::GuardedService {
+        let seconds = |d: &HumanDuration| u32::try_from(d.as_millis() / 1000).unwrap_or(u32::MAX);
+        crate::filter_config::GuardedService {
+            canary_subset: crate::contract::sanitize_label_value(canary_subset),
+            max_error_ratio: self.max_error_ratio,
+            min_requests: self.min_requests,
+            window_seconds: seconds(&self.window),
+            rearm_seconds: seconds(&self.rearm_after),
+        }
+    }
 }
 
 /// What `compareWithStable` tests.
@@ -833,6 +908,58 @@ impl CanarySpec {
     }
 }
 
+impl GuardSpec {
+    fn validate_into(&self, p: &mut Problems, field: &str) {
+        if !(self.max_error_ratio > 0.0 && self.max_error_ratio <= 1.0) {
+            p.add(
+                format!("{field}.maxErrorRatio"),
+                format!("{} is not above 0 and at most 1", self.max_error_ratio),
+                "write the share of failed canary requests that trips the guard, e.g. `maxErrorRatio: 0.5`",
+            );
+        }
+        if !(1..=1_000_000).contains(&self.min_requests) {
+            p.add(
+                format!("{field}.minRequests"),
+                format!("{} is not between 1 and 1000000", self.min_requests),
+                "write the smallest sample the guard judges, e.g. `minRequests: 20`",
+            );
+        }
+        let whole_seconds = |d: &HumanDuration| d.as_millis().is_multiple_of(1000);
+        let window_ms = self.window.as_millis();
+        if !whole_seconds(&self.window) || !(1000..=3_600_000).contains(&window_ms) {
+            p.add(
+                format!("{field}.window"),
+                format!("{} is not whole seconds from 1s to 1h", self.window),
+                "write e.g. `window: 10s` (the filter keeps 10 buckets across it)",
+            );
+        }
+        let rearm_ms = self.rearm_after.as_millis();
+        if !whole_seconds(&self.rearm_after) || !(1000..=86_400_000).contains(&rearm_ms) {
+            p.add(
+                format!("{field}.rearmAfter"),
+                format!("{} is not whole seconds from 1s to 24h", self.rearm_after),
+                "write e.g. `rearmAfter: 30s`",
+            );
+        } else if rearm_ms < window_ms {
+            p.add(
+                format!("{field}.rearmAfter"),
+                format!(
+                    "{} is shorter than the window ({})",
+                    self.rearm_after, self.window
+                ),
+                format!("write at least `rearmAfter: {}`", self.window),
+            );
+        }
+        if !(100..=60_000).contains(&self.check_interval.as_millis()) {
+            p.add(
+                format!("{field}.checkInterval"),
+                format!("{} is not between 100ms and 1m", self.check_interval),
+                "write how often the controller reads the guard, e.g. `checkInterval: 1s`",
+            );
+        }
+    }
+}
+
 /// A Kubernetes object name (DNS-1123 subdomain).
 fn is_object_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
@@ -1122,6 +1249,9 @@ impl AnalysisSpec {
                 );
             }
         }
+        if let Some(guard) = &self.guard {
+            guard.validate_into(p, &format!("{base}.guard"));
+        }
         let mut seen = Vec::new();
         for (i, metric) in self.metrics.iter().enumerate() {
             let field = format!("{base}.metrics[{i}]");
@@ -1300,6 +1430,60 @@ spec:
                 Step::Pause(Pause { duration: None }),
             ]
         );
+    }
+
+    #[test]
+    fn guard_defaults_validation_and_filter_mapping() {
+        let yaml = EXAMPLE.replace("    threshold: 2\n", "    threshold: 2\n    guard: {}\n");
+        let c: Canary = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(c.validate(), Ok(()));
+        let guard = c.spec.analysis.guard.clone().unwrap();
+        assert_eq!(guard, GuardSpec::default());
+        assert_eq!(
+            guard.filter_guard("canary"),
+            crate::filter_config::GuardedService::default()
+        );
+        let bad = |edit: fn(&mut GuardSpec)| {
+            let mut c = c.clone();
+            edit(c.spec.analysis.guard.as_mut().unwrap());
+            match c.validate() {
+                Ok(()) => vec![],
+                Err(SpecErrors(errors)) => errors
+                    .into_iter()
+                    .map(|e| {
+                        assert!(!e.fix.is_empty());
+                        e.field
+                    })
+                    .collect(),
+            }
+        };
+        let field = |name: &str| vec![format!("spec.analysis.guard.{name}")];
+        assert_eq!(bad(|g| g.max_error_ratio = 0.0), field("maxErrorRatio"));
+        assert_eq!(
+            bad(|g| g.max_error_ratio = f64::NAN),
+            field("maxErrorRatio")
+        );
+        assert_eq!(bad(|g| g.min_requests = 0), field("minRequests"));
+        assert_eq!(
+            bad(|g| g.window = HumanDuration::from_millis(1500)),
+            field("window")
+        );
+        assert_eq!(
+            bad(|g| g.rearm_after = HumanDuration::from_secs(5)),
+            field("rearmAfter")
+        );
+        assert_eq!(
+            bad(|g| g.check_interval = HumanDuration::from_millis(10)),
+            field("checkInterval")
+        );
+        let yaml = EXAMPLE.replace(
+            "    threshold: 2\n",
+            "    threshold: 2\n    guard: {maxErrorRate: 1}\n",
+        );
+        let err = serde_yaml::from_str::<Canary>(&yaml)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `maxErrorRate`"), "{err}");
     }
 
     #[test]

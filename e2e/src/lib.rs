@@ -25,6 +25,8 @@
 //! - [`controller`]: [`controller::Controller`], a running `fledge run` and its status API, and
 //!   [`controller::CanaryManifest`], the Canary YAML it reads.
 //! - [`http`]: a tiny blocking HTTP helper and a Prometheus text parser.
+//! - [`rollback`]: the canary-fails-hard scenario (data-plane guard and controller rollback
+//!   times), shared by `tests/guard.rs` and `fledge-bench-rollback`.
 //!
 //! Every server binds 127.0.0.1 on a free port, every process is stopped when its handle is
 //! dropped, and every wait and load loop is bounded in time and count.
@@ -37,6 +39,7 @@ pub mod loadgen;
 pub mod paths;
 pub mod process;
 pub mod prometheus;
+pub mod rollback;
 
 pub use backend::{Backend, BackendOptions, BackendStats};
 pub use controller::{CanaryManifest, CanaryView, Controller};

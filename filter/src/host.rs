@@ -8,8 +8,9 @@
 //! allocate two vectors to serialize every property path; here every status is handled (a
 //! failed call means "absent" or "not done"), values stay bytes, and paths are static.
 
+use crate::guard::{CasWrite, SharedData};
 use crate::metrics::{MetricHost, MetricKind};
-use crate::plugin::{Configured, Headers, Plugin, Property, StreamHost, StreamState};
+use crate::plugin::{Configured, GuardEvent, Headers, Plugin, Property, StreamHost, StreamState};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
@@ -23,7 +24,11 @@ proxy_wasm::main! {{
         log(LogLevel::Critical, &format!("fledge filter panicked: {info}"));
     }));
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { plugin: Rc::new(RefCell::new(Plugin::default())) })
+        Box::new(Root {
+            plugin: Rc::new(RefCell::new(Plugin::default())),
+            tick_millis: COUNTER_FLUSH_MILLIS,
+            ticks: 0,
+        })
     });
 }}
 
@@ -83,6 +88,20 @@ mod abi {
         pub fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
         pub fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
         pub fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+        pub fn proxy_get_shared_data(
+            key_data: *const u8,
+            key_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+            return_cas: *mut u32,
+        ) -> u32;
+        pub fn proxy_set_shared_data(
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+            cas: u32,
+        ) -> u32;
     }
 
     pub const OK: u32 = 0;
@@ -90,7 +109,9 @@ mod abi {
     pub const MAP_REQUEST_HEADERS: u32 = 0;
     pub const MAP_RESPONSE_HEADERS: u32 = 2;
     pub const MAP_RESPONSE_TRAILERS: u32 = 3;
+    pub const CAS_MISMATCH: u32 = 8;
     pub const METRIC_COUNTER: u32 = 0;
+    pub const METRIC_GAUGE: u32 = 1;
     pub const METRIC_HISTOGRAM: u32 = 2;
 }
 
@@ -236,6 +257,7 @@ impl MetricHost for Hostcalls {
         let kind = match kind {
             MetricKind::Counter => abi::METRIC_COUNTER,
             MetricKind::Histogram => abi::METRIC_HISTOGRAM,
+            MetricKind::Gauge => abi::METRIC_GAUGE,
         };
         let mut id = 0u32;
         // SAFETY: `name` is live for the call; out-pointer is a valid local.
@@ -266,13 +288,67 @@ impl MetricHost for Hostcalls {
     }
 }
 
+impl SharedData for Hostcalls {
+    fn get_shared(&mut self, key: &str) -> Option<(Vec<u8>, u32)> {
+        let (mut data, mut size, mut cas) = (null_mut(), 0usize, 0u32);
+        // SAFETY: `key` is live for the call; out-pointers are valid locals.
+        let status = unsafe {
+            abi::proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
+        };
+        if status == abi::OK && data.is_null() {
+            return Some((Vec::new(), cas));
+        }
+        owned(status, data, size).map(|value| (value, cas))
+    }
+
+    fn set_shared(&mut self, key: &str, value: &[u8], cas: u32) -> CasWrite {
+        // SAFETY: `key` and `value` are live for the call.
+        let status = unsafe {
+            abi::proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
+        };
+        match status {
+            abi::OK => CasWrite::Stored,
+            abi::CAS_MISMATCH => CasWrite::Mismatch,
+            _ => CasWrite::Failed,
+        }
+    }
+}
+
 /// How often batched request counts reach Envoy's counters (`Plugin::flush`). Envoy publishes
 /// stats at its own flush interval (1 s in the Fledge configs), so this adds at most ~1 s.
 const COUNTER_FLUSH_MILLIS: u32 = 1000;
+/// The tick when a guard is configured: how often a worker merges its guard counts and learns
+/// other workers' trips. Counters are still flushed every [`COUNTER_FLUSH_MILLIS`].
+const GUARD_TICK_MILLIS: u32 = 100;
+
+fn log_guard_event(event: &GuardEvent) {
+    match event {
+        GuardEvent::Tripped { service, window } => log(
+            LogLevel::Warn,
+            &format!(
+                "guard tripped for service {service}: {} of the last {} canary requests failed; \
+                 new requests go to stable until the controller rolls back (or the guard re-arms)",
+                window.failures, window.requests
+            ),
+        ),
+        GuardEvent::Rearmed { service } => {
+            log(LogLevel::Info, &format!("guard re-armed for service {service}"))
+        }
+        GuardEvent::MergeFailed { service, attempts } => log(
+            LogLevel::Debug,
+            &format!(
+                "guard window of {service} busy after {attempts} attempts; counts kept for the next tick"
+            ),
+        ),
+    }
+}
 
 /// One per plugin configuration per VM: owns the configuration and the metric ids.
 struct Root {
     plugin: Rc<RefCell<Plugin>>,
+    /// The tick period set in `on_configure`, and ticks since.
+    tick_millis: u32,
+    ticks: u64,
 }
 
 impl Context for Root {
@@ -320,8 +396,13 @@ impl RootContext for Root {
                 ),
             ),
         }
+        self.tick_millis = if plugin.has_guards() {
+            GUARD_TICK_MILLIS
+        } else {
+            COUNTER_FLUSH_MILLIS
+        };
         // SAFETY: plain integer.
-        let tick = unsafe { abi::proxy_set_tick_period_milliseconds(COUNTER_FLUSH_MILLIS) };
+        let tick = unsafe { abi::proxy_set_tick_period_milliseconds(self.tick_millis) };
         if tick != abi::OK {
             log(
                 LogLevel::Error,
@@ -335,8 +416,17 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        self.ticks = self.ticks.wrapping_add(1);
         if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
-            plugin.flush(&mut Hostcalls);
+            if plugin.has_guards() {
+                for event in plugin.guard_tick(&mut Hostcalls) {
+                    log_guard_event(&event);
+                }
+            }
+            let flush_every = u64::from((COUNTER_FLUSH_MILLIS / self.tick_millis.max(1)).max(1));
+            if self.ticks.is_multiple_of(flush_every) {
+                plugin.flush(&mut Hostcalls);
+            }
         }
     }
 
@@ -391,7 +481,9 @@ impl HttpContext for Http {
 
     fn on_log(&mut self) {
         if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
-            plugin.on_log(&mut self.stream, &mut Hostcalls);
+            if let Some(event) = plugin.on_log(&mut self.stream, &mut Hostcalls) {
+                log_guard_event(&event);
+            }
         }
     }
 }

@@ -14,20 +14,25 @@
 //!                configured clusters ──define_metric ×7 each──▶ cached ids; 1 s tick
 //! request hdrs:  forced-canary header? (token / source CIDR) ── strip; trusted → route = canary
 //!                sticky key? ── FNV-1a bucket → route = <bucket>;  else strip client's route hdr
+//!                guard tripped? ── guard header = <tripped services> (→ stable); else strip it
 //! response hdrs: :status; grpc-status if bodiless; responseHeader ← subset (resolves the pair)
 //! body/trailers: end of stream seen?  grpc-status from trailers
 //! on_log:        xds.cluster_name ──MetricCache::pair_for──▶ pair (name, else endpoint
 //!                metadata / subset header; bounded) ; class from status (+ code_details only
 //!                for >= 400 or cut-off responses) ; duration from the clock
 //!                ──▶ record fledge_request_duration_ms ; count into a batch
+//!                guarded canary? ── count locally; would trip → merge into shared data now
 //! on_tick:       batched counts ──increment──▶ fledge_requests_total{service,subset,class}
+//!                (every 1 s); guards (every 100 ms): merge counts into the shared window (CAS),
+//!                learn other workers' trips ──▶ fledge_guard_tripped{service}
 //! ```
 //!
 //! Only the `host` module (compiled for `wasm32` only) makes hostcalls; [`plugin`],
-//! [`metrics`] and [`tagging`] are plain Rust, tested natively against fakes that also pin the
+//! [`metrics`], [`tagging`] and [`guard`] are plain Rust, tested natively against fakes that also pin the
 //! per-request hostcall list (each hostcall costs Envoy about 1 µs of CPU). The filter never
 //! rejects or delays traffic, and every failure degrades to "not recorded" or "not tagged".
 
+pub mod guard;
 pub mod metrics;
 pub mod plugin;
 pub mod tagging;

@@ -26,6 +26,8 @@ pub const MAX_CLUSTER_NAMES: usize = 1024;
 pub enum MetricKind {
     Counter,
     Histogram,
+    /// Set with [`MetricHost::record`] (the guard's trip time).
+    Gauge,
 }
 
 /// The three metric hostcalls the filter needs. Failures are swallowed by the implementation
@@ -35,7 +37,7 @@ pub trait MetricHost {
     fn define(&mut self, kind: MetricKind, name: &str) -> Option<u32>;
     /// Add `delta` (> 0) to a counter.
     fn increment(&mut self, id: u32, delta: i64);
-    /// Record a histogram sample.
+    /// Record a histogram sample, or set a gauge.
     fn record(&mut self, id: u32, value: u64);
 }
 
@@ -333,6 +335,7 @@ pub(crate) mod fake {
         pub defined: Vec<(MetricKind, String)>,
         pub counters: BTreeMap<u32, i64>,
         pub samples: BTreeMap<u32, Vec<u64>>,
+        pub gauges: BTreeMap<u32, u64>,
         /// Refuse every define (host out of memory, bad name, ...).
         pub refuse: bool,
         /// What the "upstream" reports as its subset, and how often it was asked.
@@ -369,6 +372,19 @@ pub(crate) mod fake {
             self.counters.get(&self.id(name)).copied().unwrap_or(0)
         }
 
+        /// Gauge values of every definition of `name` (one per worker VM sharing this store).
+        pub fn gauge_per_definition(&self, name: &str) -> Vec<Option<u64>> {
+            (0..self.defined.len() as u32)
+                .filter(|id| self.name(*id) == name)
+                .map(|id| self.gauges.get(&id).copied())
+                .collect()
+        }
+
+        /// Gauge value by encoded name (`None` if never set).
+        pub fn gauge(&self, name: &str) -> Option<u64> {
+            self.gauges.get(&self.id(name)).copied()
+        }
+
         pub fn samples(&self, name: &str) -> Vec<u64> {
             self.samples
                 .get(&self.id(name))
@@ -391,8 +407,13 @@ pub(crate) mod fake {
             *self.counters.entry(id).or_default() += delta;
         }
         fn record(&mut self, id: u32, value: u64) {
-            assert_eq!(self.defined[id as usize].0, MetricKind::Histogram);
-            self.samples.entry(id).or_default().push(value);
+            match self.defined[id as usize].0 {
+                MetricKind::Histogram => self.samples.entry(id).or_default().push(value),
+                MetricKind::Gauge => {
+                    self.gauges.insert(id, value);
+                }
+                MetricKind::Counter => panic!("record on counter {}", self.name(id)),
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 //! what to record for a finished request. `host.rs` implements [`StreamHost`] and
 //! [`MetricHost`] with hostcalls; the tests implement them with fakes and count the calls.
 
+use crate::guard::{self, Counts, Settings, SharedData, Window};
 use crate::metrics::{MetricCache, MetricHost, MetricKind, UpstreamSubset};
 use crate::tagging;
 use fledge_core::contract::{self, ResponseClass};
@@ -63,6 +64,42 @@ pub struct Plugin {
     /// hostcall costs Envoy about 1 µs of CPU, so counts are added in batches ([`Plugin::flush`],
     /// on a 1 s tick) instead of once per request. Bounded by the number of pairs.
     pending: Vec<[i64; ResponseClass::ALL.len()]>,
+    /// The data-plane guards of the configured services (see [`crate::guard`]).
+    guards: Vec<GuardSlot>,
+    /// `fledge_guard_tripped{service}` ids, kept across reconfigurations (ids live as long as
+    /// the VM; defining a name again would allocate another).
+    guard_gauges: std::collections::BTreeMap<String, Option<u32>>,
+}
+
+/// One guarded service, per VM.
+#[derive(Debug)]
+struct GuardSlot {
+    /// `fledge_service` and the canary's `fledge_subset` label values.
+    service: String,
+    canary_subset: String,
+    settings: Settings,
+    /// Shared-data key of the window.
+    key: String,
+    /// Outcomes counted by this VM and not merged into the shared window yet.
+    pending: Counts,
+    /// The shared window as this VM last read or wrote it.
+    known: Window,
+    gauge: Option<u32>,
+    /// The value last set on the gauge.
+    gauge_value: Option<u64>,
+}
+
+/// Something the guard did that is worth a log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuardEvent {
+    /// This VM tripped the guard of `service`: `window` is the recent stretch of canary
+    /// outcomes that crossed the ceiling.
+    Tripped { service: String, window: Counts },
+    /// This VM learnt that the guard of `service` re-armed.
+    Rearmed { service: String },
+    /// Counts could not be merged (shared data busy or failing); they are kept for the next
+    /// tick.
+    MergeFailed { service: String, attempts: u32 },
 }
 
 /// Per-request state, owned by the HTTP context. What the filter learns on the way (from
@@ -100,6 +137,9 @@ pub enum Routing {
     Rejected { sticky_bucket: Option<u64> },
     /// Route header set to the user's sticky bucket.
     Sticky(u64),
+    /// A guard is tripped: the guard header names the tripped services, so the guard route
+    /// sends the request to stable (a sticky bucket, if any, is still written).
+    Guarded,
 }
 
 /// What the filter learned about a finished request, already decoded.
@@ -295,6 +335,7 @@ impl Plugin {
                         host.define(MetricKind::Counter, contract::FORCED_CANARY_REJECTED_TOTAL),
                     ));
                 }
+                self.configure_guards(host);
                 Configured::Applied {
                     clusters: self.config.clusters.len(),
                     istio_cluster_names: self.config.istio_cluster_names,
@@ -339,6 +380,27 @@ impl Plugin {
                 }
             }
         }
+        // The guard: steer every request while a guard is tripped (trusted forced-canary
+        // requests excepted); otherwise a client's copy of the guard header is removed.
+        let mut steered = false;
+        if let Some(guard) = &self.config.guard {
+            let tripped = match (forced, stream.started_nanos) {
+                (Some(true), _) | (_, None) => None,
+                (_, Some(nanos)) => self.tripped_services(nanos / 1_000_000),
+            };
+            match tripped {
+                Some(value) => {
+                    host.set_header(Headers::Request, &guard.header, &value);
+                    steered = true;
+                }
+                None => {
+                    if host.header(Headers::Request, &guard.header).is_some() {
+                        host.remove_header(Headers::Request, &guard.header);
+                        changed = true;
+                    }
+                }
+            }
+        }
         let route = self.config.route_header.as_str();
         let routing = if forced == Some(true) {
             host.set_header(
@@ -369,10 +431,136 @@ impl Plugin {
                 (None, None) => Routing::Untouched,
             }
         };
-        if (changed || routing != Routing::Untouched) && self.config.clear_route_cache {
+        // Steering must re-pick the route on any host, so the cache is always cleared then.
+        if steered || ((changed || routing != Routing::Untouched) && self.config.clear_route_cache)
+        {
             host.clear_route_cache();
         }
+        if steered {
+            return Routing::Guarded;
+        }
         routing
+    }
+
+    /// The guard header's value at `now_ms`: the tripped services, comma-separated; `None`
+    /// when no guard is tripped (no allocation then).
+    fn tripped_services(&self, now_ms: u64) -> Option<Vec<u8>> {
+        let mut value: Option<Vec<u8>> = None;
+        for slot in &self.guards {
+            if slot.known.is_tripped(now_ms, &slot.settings) {
+                let value = value.get_or_insert_with(Vec::new);
+                if !value.is_empty() {
+                    value.push(b',');
+                }
+                value.extend_from_slice(slot.service.as_bytes());
+            }
+        }
+        value
+    }
+
+    /// Build the guards of the active configuration, keeping what this VM knew about services
+    /// that stay guarded.
+    fn configure_guards(&mut self, host: &mut impl MetricHost) {
+        let previous = std::mem::take(&mut self.guards);
+        let Some(config) = self.config.guard.clone() else {
+            return;
+        };
+        for (service, guarded) in &config.services {
+            let gauge = *self.guard_gauges.entry(service.clone()).or_insert_with(|| {
+                let name = contract::encode_stat_name(
+                    contract::GUARD_TRIPPED,
+                    &[(contract::TAG_SERVICE, service)],
+                );
+                host.define(MetricKind::Gauge, &name)
+            });
+            let kept = previous.iter().find(|slot| slot.service == *service);
+            self.guards.push(GuardSlot {
+                service: service.clone(),
+                canary_subset: guarded.canary_subset.clone(),
+                settings: Settings::from(guarded),
+                key: guard::shared_key(service),
+                pending: kept.map(|slot| slot.pending).unwrap_or_default(),
+                known: kept.map(|slot| slot.known.clone()).unwrap_or_default(),
+                gauge,
+                gauge_value: kept.and_then(|slot| slot.gauge_value),
+            });
+        }
+    }
+
+    /// Whether any guard is configured (the host then ticks every 100 ms).
+    pub fn has_guards(&self) -> bool {
+        !self.guards.is_empty()
+    }
+
+    /// The guard counting requests of `pair` (its service's canary), if any.
+    fn guard_of(&self, pair: Option<usize>) -> Option<usize> {
+        if self.guards.is_empty() {
+            return None;
+        }
+        let labels = self.cache.labels(pair?)?;
+        self.guards
+            .iter()
+            .position(|slot| slot.service == labels.service && slot.canary_subset == labels.subset)
+    }
+
+    /// Merge guard `index`'s local counts into the shared window at `now_ms`, adopt what the
+    /// shared window says, and keep the gauge in step.
+    fn merge_guard<H: MetricHost + SharedData>(
+        &mut self,
+        index: usize,
+        now_ms: u64,
+        host: &mut H,
+    ) -> Option<GuardEvent> {
+        let slot = self.guards.get_mut(index)?;
+        let was_tripped = slot.known.tripped_at_ms != 0;
+        let merged = guard::merge(host, &slot.key, now_ms, slot.pending, &slot.settings);
+        if merged.merged {
+            slot.pending = Counts::default();
+        }
+        slot.known = merged.window;
+        let tripped = slot.known.is_tripped(now_ms, &slot.settings);
+        let gauge_value = if tripped {
+            (slot.known.tripped_at_ms / 1000).max(1)
+        } else {
+            0
+        };
+        if let Some(id) = slot.gauge {
+            if slot.gauge_value != Some(gauge_value) {
+                host.record(id, gauge_value);
+                slot.gauge_value = Some(gauge_value);
+            }
+        }
+        if let Some(stretch) = merged.tripped {
+            Some(GuardEvent::Tripped {
+                service: slot.service.clone(),
+                window: stretch,
+            })
+        } else if !merged.merged {
+            Some(GuardEvent::MergeFailed {
+                service: slot.service.clone(),
+                attempts: merged.attempts,
+            })
+        } else if was_tripped && !tripped {
+            Some(GuardEvent::Rearmed {
+                service: slot.service.clone(),
+            })
+        } else {
+            None
+        }
+    }
+
+    /// The guards' tick (every 100 ms when any is configured): merge every guard's counts and
+    /// learn what other workers did.
+    pub fn guard_tick<H: StreamHost + MetricHost + SharedData>(
+        &mut self,
+        host: &mut H,
+    ) -> Vec<GuardEvent> {
+        let Some(now_ms) = host.now_nanos().map(|n| n / 1_000_000) else {
+            return Vec::new();
+        };
+        (0..self.guards.len())
+            .filter_map(|index| self.merge_guard(index, now_ms, host))
+            .collect()
     }
 
     fn sticky_bucket(&self, host: &mut impl StreamHost) -> Option<u64> {
@@ -447,8 +635,14 @@ impl Plugin {
         }
     }
 
-    /// The request is done: +1 on its class counter, duration into its histogram.
-    pub fn on_log<H: StreamHost + MetricHost>(&mut self, stream: &mut StreamState, host: &mut H) {
+    /// The request is done: +1 on its class counter, duration into its histogram; a guarded
+    /// canary's outcome into its guard (merged at once if it would trip the guard). Returns
+    /// what the guard did, if anything.
+    pub fn on_log<H: StreamHost + MetricHost + SharedData>(
+        &mut self,
+        stream: &mut StreamState,
+        host: &mut H,
+    ) -> Option<GuardEvent> {
         if !stream.resolved {
             let cluster = host.property(Property::ClusterName);
             let cluster = cluster.as_deref().filter(|c| !c.is_empty());
@@ -458,6 +652,18 @@ impl Plugin {
         }
         let finished = Finished::from_stream(stream, host);
         self.record(stream.pair, &finished, host);
+        let index = self.guard_of(stream.pair)?;
+        let slot = self.guards.get_mut(index)?;
+        slot.pending.add(Counts {
+            requests: 1,
+            failures: u32::from(finished.class().is_failure()),
+        });
+        // Now, without another clock read: the request's start plus its duration.
+        let now_ms = (stream.started_nanos? / 1_000_000).saturating_add(finished.duration_ms?);
+        if slot.known.would_trip(now_ms, slot.pending, &slot.settings) {
+            return self.merge_guard(index, now_ms, host);
+        }
+        None
     }
 
     fn resolve_pair<H: StreamHost + MetricHost>(
@@ -572,6 +778,8 @@ mod tests {
         /// Nanoseconds; every read advances it by 7 ms, so a request lasts 7 ms.
         clock: Option<u64>,
         calls: Vec<String>,
+        /// Shared data (the guard windows), shared by "workers" when tests move it around.
+        shared: crate::guard::fake::FakeShared,
     }
 
     impl FakeStream {
@@ -645,6 +853,17 @@ mod tests {
         }
         fn clear_route_cache(&mut self) {
             self.calls.push("clear_route_cache".into());
+        }
+    }
+
+    impl SharedData for FakeStream {
+        fn get_shared(&mut self, key: &str) -> Option<(Vec<u8>, u32)> {
+            self.calls.push(format!("shared get {key}"));
+            self.shared.get_shared(key)
+        }
+        fn set_shared(&mut self, key: &str, value: &[u8], cas: u32) -> crate::guard::CasWrite {
+            self.calls.push(format!("shared set {key}"));
+            self.shared.set_shared(key, value, cas)
         }
     }
 
@@ -1234,5 +1453,211 @@ mod tests {
         assert_eq!(metrics.counter(&requests_name("app", "canary", "5xx")), 2);
         assert_eq!(metrics.counter(&requests_name("app", "canary", "2xx")), 2);
         assert_eq!(metrics.counter(&requests_name("app", "canary", "4xx")), 1);
+    }
+
+    const GUARDED: &str = r#"{"clusters": {"app_stable": {"service": "app", "subset": "stable"},
+                                           "app_canary": {"service": "app", "subset": "canary"}},
+                              "guard": {"services": {"app": {"minRequests": 4}}}}"#;
+
+    fn guard_gauge() -> String {
+        contract::encode_stat_name(contract::GUARD_TRIPPED, &[(contract::TAG_SERVICE, "app")])
+    }
+
+    /// What several requests (and workers) share: Envoy's stats and the shared data.
+    #[derive(Default)]
+    struct Gateway {
+        metrics: FakeHost,
+        shared: crate::guard::fake::FakeShared,
+    }
+
+    impl Gateway {
+        /// One whole request; returns its routing, what the guard did in `on_log`, the stream.
+        fn request(
+            &mut self,
+            plugin: &mut Plugin,
+            mut s: FakeStream,
+        ) -> (Routing, Option<GuardEvent>, FakeStream) {
+            s.metrics = std::mem::take(&mut self.metrics);
+            s.shared = std::mem::take(&mut self.shared);
+            let mut state = StreamState::default();
+            let routing = plugin.on_request_headers(&mut state, &mut s);
+            plugin.on_response_headers(&mut state, false, &mut s);
+            plugin.on_response_body(&mut state, true);
+            let event = plugin.on_log(&mut state, &mut s);
+            self.metrics = std::mem::take(&mut s.metrics);
+            self.shared = std::mem::take(&mut s.shared);
+            (routing, event, s)
+        }
+
+        fn tick(&mut self, plugin: &mut Plugin, at_secs: u64) -> Vec<GuardEvent> {
+            let mut s = FakeStream::new();
+            s.clock = Some(at_secs * 1_000_000_000);
+            s.metrics = std::mem::take(&mut self.metrics);
+            s.shared = std::mem::take(&mut self.shared);
+            let events = plugin.guard_tick(&mut s);
+            self.metrics = std::mem::take(&mut s.metrics);
+            self.shared = std::mem::take(&mut s.shared);
+            events
+        }
+
+        fn configure(&mut self, config: &str) -> Plugin {
+            let mut s = FakeStream::new();
+            s.metrics = std::mem::take(&mut self.metrics);
+            let plugin = plugin(config, &mut s);
+            self.metrics = std::mem::take(&mut s.metrics);
+            plugin
+        }
+    }
+
+    #[test]
+    fn guard_trips_on_a_failing_canary_and_steers_new_requests_to_stable() {
+        let mut gateway = Gateway::default();
+        let mut plugin = gateway.configure(GUARDED);
+        assert_eq!(gateway.metrics.gauge(&guard_gauge()), None);
+        // Armed: one extra hostcall per request (the strip check), no shared data.
+        let (routing, _, s) = gateway.request(&mut plugin, FakeStream::finished("app_stable", 200));
+        assert_eq!(routing, Routing::Untouched);
+        assert!(s.calls.contains(&"get Request x-fledge-guard".to_string()));
+        assert!(
+            !s.calls.iter().any(|c| c.starts_with("shared")),
+            "{:?}",
+            s.calls
+        );
+        // Stable failures do not count; 3 canary failures are below minRequests 4.
+        for _ in 0..10 {
+            gateway.request(&mut plugin, FakeStream::finished("app_stable", 503));
+        }
+        for _ in 0..3 {
+            let (routing, event, _) =
+                gateway.request(&mut plugin, FakeStream::finished("app_canary", 503));
+            assert_eq!((routing, event), (Routing::Untouched, None));
+        }
+        // The 4th trips it at once, in on_log.
+        let (_, event, s) = gateway.request(&mut plugin, FakeStream::finished("app_canary", 503));
+        assert_eq!(
+            event,
+            Some(GuardEvent::Tripped {
+                service: "app".into(),
+                window: Counts {
+                    requests: 4,
+                    failures: 4
+                }
+            })
+        );
+        assert!(s.calls.contains(&"shared set fledge.guard.app".to_string()));
+        assert_eq!(gateway.metrics.gauge(&guard_gauge()), Some(NOW));
+        // Every new request now carries the guard header and the route is picked again.
+        let (routing, _, s) = gateway.request(&mut plugin, FakeStream::finished("app_stable", 200));
+        assert_eq!(routing, Routing::Guarded);
+        assert_eq!(s.request["x-fledge-guard"], b"app");
+        assert!(s.calls.contains(&"clear_route_cache".to_string()));
+        // A client cannot take the header off: it is replaced.
+        let s = FakeStream::finished("app_stable", 200).with_request("x-fledge-guard", "none");
+        let (_, _, s) = gateway.request(&mut plugin, s);
+        assert_eq!(s.request["x-fledge-guard"], b"app");
+    }
+
+    #[test]
+    fn a_client_copy_of_the_guard_header_is_stripped_while_armed() {
+        let mut gateway = Gateway::default();
+        let mut plugin = gateway.configure(GUARDED);
+        let s = FakeStream::finished("app_stable", 200).with_request("x-fledge-guard", "app");
+        let (routing, _, s) = gateway.request(&mut plugin, s);
+        assert_eq!(routing, Routing::Stripped);
+        assert!(!s.request.contains_key("x-fledge-guard"));
+    }
+
+    #[test]
+    fn trusted_testers_still_reach_a_tripped_canary() {
+        let config = r#"{"clusters": {"app_canary": {"service": "app", "subset": "canary"}},
+                         "forceCanary": {"sourceCidrs": ["10.0.0.0/8"]},
+                         "guard": {"services": {"app": {"minRequests": 1}}}}"#;
+        let mut gateway = Gateway::default();
+        let mut plugin = gateway.configure(config);
+        gateway.request(&mut plugin, FakeStream::finished("app_canary", 500));
+        let tester = FakeStream::finished("app_canary", 200)
+            .with_request("x-fledge-stage", "canary")
+            .with_property("source", b"10.1.1.1:4000");
+        let (routing, _, s) = gateway.request(&mut plugin, tester);
+        assert_eq!(routing, Routing::Forced);
+        assert!(!s.request.contains_key("x-fledge-guard"));
+        let (routing, _, _) = gateway.request(&mut plugin, FakeStream::finished("app_canary", 200));
+        assert_eq!(routing, Routing::Guarded);
+    }
+
+    #[test]
+    fn other_workers_learn_the_trip_on_their_tick_and_everyone_rearms() {
+        let mut gateway = Gateway::default();
+        let mut worker_a = gateway.configure(GUARDED);
+        let mut worker_b = gateway.configure(GUARDED);
+        // Worker B counts 2 failures locally; its tick merges them into the shared window.
+        for _ in 0..2 {
+            gateway.request(&mut worker_b, FakeStream::finished("app_canary", 503));
+        }
+        assert_eq!(gateway.tick(&mut worker_b, NOW), vec![]);
+        // Worker A sees 2 more: 4 in the shared window → A trips it.
+        worker_a.guard_tick(&mut FakeStream::new());
+        gateway.tick(&mut worker_a, NOW);
+        gateway.request(&mut worker_a, FakeStream::finished("app_canary", 503));
+        let (_, event, _) = gateway.request(&mut worker_a, FakeStream::finished("app_canary", 503));
+        assert!(
+            matches!(event, Some(GuardEvent::Tripped { .. })),
+            "{event:?}"
+        );
+        // B does not know until its next tick.
+        let (routing, _, _) =
+            gateway.request(&mut worker_b, FakeStream::finished("app_stable", 200));
+        assert_eq!(routing, Routing::Untouched);
+        assert_eq!(gateway.tick(&mut worker_b, NOW), vec![]);
+        let (routing, _, _) =
+            gateway.request(&mut worker_b, FakeStream::finished("app_stable", 200));
+        assert_eq!(routing, Routing::Guarded);
+        // 30 s after the trip both re-arm; the gauge goes back to 0.
+        let later = NOW + 31;
+        assert_eq!(
+            gateway.tick(&mut worker_b, later),
+            vec![GuardEvent::Rearmed {
+                service: "app".into()
+            }]
+        );
+        // Worker A set its gauge when it tripped; B set its own on learning, then back to 0.
+        assert_eq!(
+            gateway.metrics.gauge_per_definition(&guard_gauge()),
+            vec![Some(NOW), Some(0)]
+        );
+        let mut s = FakeStream::finished("app_stable", 200);
+        s.clock = Some(later * 1_000_000_000);
+        let (routing, _, _) = gateway.request(&mut worker_a, s);
+        assert_eq!(routing, Routing::Untouched);
+    }
+
+    #[test]
+    fn reconfiguring_keeps_the_guard_gauge_and_state() {
+        let mut gateway = Gateway::default();
+        let mut plugin = gateway.configure(GUARDED);
+        for _ in 0..4 {
+            gateway.request(&mut plugin, FakeStream::finished("app_canary", 503));
+        }
+        let mut s = FakeStream::new();
+        s.metrics = std::mem::take(&mut gateway.metrics);
+        plugin.configure(Some(GUARDED.as_bytes()), &mut s);
+        gateway.metrics = std::mem::take(&mut s.metrics);
+        // Defined once (the fake asserts a single definition).
+        assert_eq!(gateway.metrics.gauge(&guard_gauge()), Some(NOW));
+        let (routing, _, _) = gateway.request(&mut plugin, FakeStream::finished("app_stable", 200));
+        assert_eq!(routing, Routing::Guarded);
+        // Without a guard in the configuration, nothing is steered or stripped.
+        let mut s = FakeStream::new();
+        s.metrics = std::mem::take(&mut gateway.metrics);
+        plugin.configure(Some(APP.as_bytes()), &mut s);
+        gateway.metrics = std::mem::take(&mut s.metrics);
+        assert!(!plugin.has_guards());
+        let (routing, _, s) = gateway.request(&mut plugin, FakeStream::finished("app_stable", 200));
+        assert_eq!(routing, Routing::Untouched);
+        assert!(
+            !s.calls.iter().any(|c| c.contains("guard")),
+            "{:?}",
+            s.calls
+        );
     }
 }

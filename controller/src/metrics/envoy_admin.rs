@@ -15,7 +15,8 @@ use super::promtext::{self, Sample};
 use super::{MetricsSource, SubsetSelector};
 use async_trait::async_trait;
 use fledge_core::contract::{
-    ResponseClass, REQUESTS_TOTAL, REQUEST_DURATION_MS, TAG_CLASS, TAG_SERVICE, TAG_SUBSET,
+    ResponseClass, GUARD_TRIPPED, REQUESTS_TOTAL, REQUEST_DURATION_MS, TAG_CLASS, TAG_SERVICE,
+    TAG_SUBSET,
 };
 use fledge_core::observe::{LatencyHistogram, Observation, ObservationError, SubsetTraffic};
 use std::time::Duration;
@@ -59,6 +60,8 @@ struct Endpoint {
     /// As configured, for messages.
     base_url: String,
     stats_url: reqwest::Url,
+    /// `/stats/prometheus` filtered to the guard's gauge only.
+    guard_url: reqwest::Url,
     /// Last reading that was part of a fully successful scrape.
     previous: Option<EndpointReading>,
 }
@@ -92,9 +95,15 @@ impl EnvoyAdminSource {
             .into_iter()
             .map(|base_url| {
                 let stats_url = stats_url(&base_url)?;
+                let mut guard_url = stats_url.clone();
+                guard_url
+                    .query_pairs_mut()
+                    .clear()
+                    .append_pair("filter", GUARD_TRIPPED);
                 Ok(Endpoint {
                     base_url,
                     stats_url,
+                    guard_url,
                     previous: None,
                 })
             })
@@ -152,6 +161,37 @@ impl EnvoyAdminSource {
 
 #[async_trait]
 impl MetricsSource for EnvoyAdminSource {
+    /// The newest trip any endpoint reports. A trip seen on one gateway counts even when
+    /// another cannot be read; with no trip, the first read error is returned.
+    async fn guard_tripped_at(
+        &mut self,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, ObservationError> {
+        let mut newest: Option<u64> = None;
+        let mut first_error = None;
+        for endpoint in &self.endpoints {
+            match read_guard(
+                &self.client,
+                &endpoint.guard_url,
+                &endpoint.base_url,
+                &self.selector.service,
+            )
+            .await
+            {
+                Ok(value) => newest = newest.max(value),
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        match (newest.filter(|seconds| *seconds > 0), first_error) {
+            (Some(seconds), _) => Ok(i64::try_from(seconds)
+                .ok()
+                .and_then(|s| chrono::DateTime::from_timestamp(s, 0))),
+            (None, Some(error)) => Err(error),
+            (None, None) => Ok(None),
+        }
+    }
+
     async fn observe(&mut self) -> Result<Observation, ObservationError> {
         let results = self.scrape_all().await;
 
@@ -367,6 +407,39 @@ async fn scrape(
     })?;
     reading_from_samples(&samples, selector)
         .map_err(|problem| ObservationError::Malformed(format!("{base_url}: {problem}")))
+}
+
+/// The guard gauge of `service` at one endpoint (Unix seconds of the trip, 0 while armed;
+/// `None` if the filter defines no guard for it).
+async fn read_guard(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    base_url: &str,
+    service: &str,
+) -> Result<Option<u64>, ObservationError> {
+    let unreachable = |what: String| ObservationError::Unreachable(format!("{base_url}: {what}"));
+    let response = client
+        .get(url.clone())
+        .send()
+        .await
+        .map_err(|error| unreachable(describe_request_error(&error)))?;
+    let status = response.status();
+    let body = response
+        .text()
+        .await
+        .map_err(|error| unreachable(describe_request_error(&error)))?;
+    if !status.is_success() {
+        return Err(unreachable(format!("HTTP {status} from /stats/prometheus")));
+    }
+    let samples = promtext::parse(&body).map_err(|error| {
+        ObservationError::Malformed(format!("{base_url}/stats/prometheus: {error}"))
+    })?;
+    Ok(samples
+        .iter()
+        .filter(|s| s.name == GUARD_TRIPPED && s.label(TAG_SERVICE) == Some(service))
+        .filter(|s| s.value.is_finite() && s.value >= 0.0)
+        .map(|s| s.value as u64)
+        .max())
 }
 
 /// reqwest's top-level message hides the cause ("error sending request"); include the chain.
@@ -1039,5 +1112,36 @@ mod tests {
             let url = stats_url(base).unwrap().to_string();
             assert!(url.starts_with(want_prefix), "{base}: {url}");
         }
+    }
+
+    #[tokio::test]
+    async fn guard_trip_is_the_newest_over_gateways_and_survives_one_being_down() {
+        let gauge = |service: &str, value: u64| {
+            format!("# TYPE fledge_guard_tripped gauge\nfledge_guard_tripped{{fledge_service=\"{service}\"}} {value}\n")
+        };
+        let a = FakeAdmin::start(&gauge("app", 0)).await;
+        let b = FakeAdmin::start(&(gauge("app", 0) + &gauge("other", 1_700_000_500))).await;
+        let mut src = source(&[&a.url, &b.url]);
+        assert_eq!(src.guard_tripped_at().await, Ok(None));
+        assert_eq!(
+            a.state.last_query.lock().unwrap().as_deref(),
+            Some("filter=fledge_guard_tripped")
+        );
+        b.set_text(&gauge("app", 1_700_000_100));
+        a.set_text(&gauge("app", 1_700_000_050));
+        let newest = chrono::DateTime::from_timestamp(1_700_000_100, 0);
+        assert_eq!(src.guard_tripped_at().await, Ok(newest));
+        // One gateway down: the trip seen on the other still counts; with no trip, the error.
+        a.set(Reply::Status(StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(src.guard_tripped_at().await, Ok(newest));
+        b.set_text(&gauge("app", 0));
+        assert!(matches!(
+            src.guard_tripped_at().await,
+            Err(ObservationError::Unreachable(_))
+        ));
+        // A filter without a guard for this service: no series, armed.
+        a.set_text("");
+        b.set_text("");
+        assert_eq!(src.guard_tripped_at().await, Ok(None));
     }
 }

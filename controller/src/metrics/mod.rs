@@ -33,4 +33,14 @@ pub trait MetricsSource: Send + Sync {
     /// `Err(ObservationError::Baseline)`. After any other error the previous reading is kept,
     /// so the next `Ok` covers everything since the last successful call.
     async fn observe(&mut self) -> Result<Observation, ObservationError>;
+
+    /// When the filter's data-plane guard for this canary's service tripped
+    /// (`fledge_guard_tripped`, the newest trip across gateways); `None` while it is armed.
+    /// Cheap: the controller asks every `guard.checkInterval` between analysis intervals.
+    /// Sources that cannot tell answer `Ok(None)`.
+    async fn guard_tripped_at(
+        &mut self,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, ObservationError> {
+        Ok(None)
+    }
 }

@@ -337,6 +337,36 @@ impl PrometheusSource {
 
 #[async_trait]
 impl MetricsSource for PrometheusSource {
+    /// `max(fledge_guard_tripped{fledge_service="<service>"})`: the newest trip over every
+    /// scraped gateway; no series or 0 means armed. Lags by up to one scrape interval.
+    async fn guard_tripped_at(
+        &mut self,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, ObservationError> {
+        let promql = format!(
+            "max({}{{{}={}}})",
+            fledge_core::contract::GUARD_TRIPPED,
+            TAG_SERVICE,
+            promql_string(&self.selector.service)
+        );
+        let data = instant_query(
+            &self.client,
+            &self.query_url,
+            &self.address,
+            "guard query",
+            &promql,
+        )
+        .await?;
+        let seconds = custom_value(&data).map_err(|problem| {
+            ObservationError::Malformed(format!(
+                "Prometheus {}: guard query {problem}; query: {promql}",
+                self.address
+            ))
+        })?;
+        Ok(seconds
+            .filter(|s| *s >= 1.0 && *s < 1e12)
+            .and_then(|s| chrono::DateTime::from_timestamp(s as i64, 0)))
+    }
+
     async fn observe(&mut self) -> Result<Observation, ObservationError> {
         if self.previous.is_none() {
             let origins = self.read_origins().await.inspect_err(|error| {
