@@ -126,3 +126,12 @@ SOAK_SECONDS ?= 180
 soak: build-filter
 	CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 $(CARGO) build -p fledge-e2e --release --bin fledge-soak --bin fledge-testbackend
 	target/release/fledge-soak --duration-secs $(SOAK_SECONDS) $(SOAK_ARGS)
+
+# A canary that starts failing every request: time until the data-plane guard stops its traffic
+# and until the controller's rollback is live, over BENCH_ROLLBACK_ROUNDS rounds on real Envoy.
+BENCH_ROLLBACK_ROUNDS ?= 5
+.PHONY: bench-rollback
+bench-rollback: build-filter
+	$(CARGO) build -p fledge-controller --bin fledge
+	$(CARGO) build -p fledge-e2e --bin fledge-testbackend --bin fledge-bench-rollback
+	target/debug/fledge-bench-rollback --rounds $(BENCH_ROLLBACK_ROUNDS)

@@ -13,7 +13,9 @@
 //! Memory: the resident set (`VmRSS` of `/proc/<pid>/status`) of both Envoys is sampled every
 //! `--sample-secs`. After `--warmup-secs`, the samples are split in thirds: the filter Envoy's
 //! last-third median must be within `--max-growth-percent` (default 10%) of its first-third
-//! median. The filter's own request counters must also add up to the requests sent.
+//! median. The filter's own request counters must also add up to the requests sent. The
+//! filter runs with a guard whose ceiling this traffic never reaches (so its per-request and
+//! per-tick work is soaked too) and it must not trip.
 //!
 //! Exits non-zero when a criterion fails. Every process is on 127.0.0.1 and stopped at the end;
 //! the load is bounded by `--duration-secs` and `--rps`.
@@ -224,6 +226,10 @@ fn main() -> Result<()> {
             CANARY_CLUSTER: {"service": "app", "subset": "canary"},
         },
         "responseHeader": "x-fledge-subset",
+        // The guard runs (counting, shared-window merges every 100 ms, header stripping) with
+        // a ceiling this traffic (20% 5xx by design) never reaches: a trip would rightly
+        // change routing, which this comparison would report as altered responses.
+        "guard": {"services": {"app": {"maxErrorRatio": 0.95, "minRequests": 100}}},
     })
     .to_string();
     let options = |filter: Option<WasmFilter>| {
@@ -348,6 +354,12 @@ fn main() -> Result<()> {
     // Stats reach /stats/prometheus within a flush (1 s).
     std::thread::sleep(Duration::from_millis(2500));
     let recorded = filter_requests_recorded(&with_filter)?;
+    let guard_tripped = fledge_e2e::http::prometheus_samples(
+        &with_filter.stats_prometheus()?,
+        contract::GUARD_TRIPPED,
+    )
+    .iter()
+    .any(|s| s.value > 0.0);
 
     let tally = match Arc::try_unwrap(tally) {
         Ok(mutex) => mutex.into_inner().unwrap_or_else(|p| p.into_inner()),
@@ -408,6 +420,9 @@ fn main() -> Result<()> {
         failures.push(format!(
             "the filter recorded {recorded} requests, {sent_with_filter} were sent"
         ));
+    }
+    if guard_tripped {
+        failures.push("the guard tripped (it must not at this error rate)".to_string());
     }
     if tally.pairs == 0 {
         failures.push("no requests were sent".to_string());
