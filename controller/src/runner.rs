@@ -356,6 +356,9 @@ impl CanaryTask {
             }
         };
         let mut status = self.initial_status(&fingerprint);
+        // Show where the rollout stands right away, before the first (possibly slow) weight check.
+        self.registry
+            .publish(self.view(&status, None, &operator), &commands_tx);
         let mut ticker = tokio::time::interval(self.canary.spec.analysis.interval.0);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let interval_secs = self.canary.spec.analysis.interval.0.as_secs_f64();

@@ -147,7 +147,13 @@ fn controller_killed_mid_rollout_continues_at_the_same_step() -> Result<()> {
     ensure!(live == RouteWeights::canary_percent(40), "live {live}");
 
     let mut second = world.controller(&manifest, "fledge-2.log")?;
-    let resumed = second.canary("killed")?;
+    let resumed = wait_for(
+        &mut second,
+        "killed",
+        "the canary in the API",
+        Duration::from_secs(10),
+        |_| true,
+    )?;
     ensure!(
         resumed.step >= before.step && resumed.canary_weight >= Some(40),
         "restarted at step {:?} weight {:?}, was step {:?}",
