@@ -145,13 +145,19 @@ impl SubsetTraffic {
     /// The traffic between an earlier cumulative reading `prev` and this one. Any counter that
     /// went down means the proxy restarted: then everything counted since the restart (this
     /// reading) is the delta.
+    ///
+    /// A histogram that did not exist in the earlier reading is *not* a reset: Envoy publishes
+    /// histograms at its stats flush, after the counters, so the histogram simply starts from
+    /// zero while the counters are subtracted as usual (treating it as a reset would count the
+    /// previous interval's requests again).
     pub fn delta_since(&self, prev: &SubsetTraffic) -> SubsetTraffic {
+        let prev_latency_absent = prev.latency.bounds_ms.is_empty() && prev.latency.count == 0;
         let reset = self
             .by_class
             .iter()
             .zip(&prev.by_class)
             .any(|(now, before)| now < before)
-            || self.latency.is_reset_relative_to(&prev.latency);
+            || (!prev_latency_absent && self.latency.is_reset_relative_to(&prev.latency));
         if reset {
             return self.clone();
         }
@@ -161,7 +167,11 @@ impl SubsetTraffic {
         }
         SubsetTraffic {
             by_class,
-            latency: self.latency.minus(&prev.latency),
+            latency: if prev_latency_absent {
+                self.latency.clone()
+            } else {
+                self.latency.minus(&prev.latency)
+            },
         }
     }
 
@@ -294,6 +304,22 @@ mod tests {
         let before = traffic(10, 0, hist(&[10.0], &[10], 10, 1.0));
         let after = traffic(20, 0, hist(&[5.0, 10.0], &[15, 20], 20, 2.0));
         assert_eq!(after.delta_since(&before), after);
+    }
+
+    #[test]
+    fn a_histogram_appearing_after_its_counters_is_not_a_reset() {
+        let before = traffic(100, 1, LatencyHistogram::default());
+        let after = traffic(150, 1, hist(&[10.0], &[140], 151, 700.0));
+        let delta = after.delta_since(&before);
+        assert_eq!(
+            delta.count(ResponseClass::Success),
+            50,
+            "counters still subtracted"
+        );
+        assert_eq!(
+            delta.latency, after.latency,
+            "the new histogram starts from zero"
+        );
     }
 
     #[test]

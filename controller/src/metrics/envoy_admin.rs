@@ -320,30 +320,9 @@ fn interval_since(
         return (current.stable.clone(), current.canary.clone());
     }
     (
-        subset_delta(&current.stable, &previous.stable),
-        subset_delta(&current.canary, &previous.canary),
+        current.stable.delta_since(&previous.stable),
+        current.canary.delta_since(&previous.canary),
     )
-}
-
-fn subset_delta(current: &SubsetTraffic, previous: &SubsetTraffic) -> SubsetTraffic {
-    let previous_histogram_absent =
-        previous.latency.bounds_ms.is_empty() && previous.latency.count == 0;
-    if previous_histogram_absent && !current.latency.bounds_ms.is_empty() {
-        // Envoy publishes histograms on its stats flush, after the counters: a histogram that
-        // did not exist yet is all zeros in the current layout, not a counter reset (which
-        // would count the requests already reported last interval again).
-        let zeros = SubsetTraffic {
-            by_class: previous.by_class,
-            latency: LatencyHistogram {
-                bounds_ms: current.latency.bounds_ms.clone(),
-                cumulative: vec![0; current.latency.cumulative.len()],
-                count: 0,
-                sum_ms: 0.0,
-            },
-        };
-        return current.delta_since(&zeros);
-    }
-    current.delta_since(previous)
 }
 
 fn warn_untagged(endpoint: &str, count: usize) {

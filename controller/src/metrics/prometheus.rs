@@ -400,7 +400,7 @@ impl MetricsSource for PrometheusSource {
         for (key, origin) in &origins {
             // The key holds the subset label, so a remembered origin is always the same side.
             let delta = match previous.and_then(|p| p.get(key)) {
-                Some(before) => subset_delta(&origin.traffic, &before.traffic),
+                Some(before) => origin.traffic.delta_since(&before.traffic),
                 // Not seen before: a new replica or a subset's first requests, counted from 0.
                 None => origin.traffic.clone(),
             };
@@ -934,29 +934,6 @@ fn whole_count(series: &str, value: f64) -> Result<u64, String> {
             "{series} is {value}, expected a non-negative count"
         ))
     }
-}
-
-/// One origin's traffic between two cumulative readings.
-fn subset_delta(current: &SubsetTraffic, previous: &SubsetTraffic) -> SubsetTraffic {
-    let previous_histogram_absent =
-        previous.latency.bounds_ms.is_empty() && previous.latency.count == 0;
-    if previous_histogram_absent && !current.latency.bounds_ms.is_empty() {
-        // Envoy publishes a histogram on its first stats flush after the first request, after
-        // the counters: a histogram that did not exist yet was all zeros in the current layout,
-        // not a counter reset (which would count last interval's requests again). Same rule as
-        // the Envoy admin source.
-        let zeros = SubsetTraffic {
-            by_class: previous.by_class,
-            latency: LatencyHistogram {
-                bounds_ms: current.latency.bounds_ms.clone(),
-                cumulative: vec![0; current.latency.cumulative.len()],
-                count: 0,
-                sum_ms: 0.0,
-            },
-        };
-        return current.delta_since(&zeros);
-    }
-    current.delta_since(previous)
 }
 
 /// Sum of one subset's interval over origins, remembering who set the bucket layout so a
