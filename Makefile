@@ -3,7 +3,8 @@
 
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
-FILTER_WASM := target/$(WASM_TARGET)/release/fledge_filter.wasm
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+FILTER_WASM := $(TARGET_DIR)/$(WASM_TARGET)/release/fledge_filter.wasm
 
 .PHONY: all setup build build-filter test unit e2e demo lint fmt clean bench-decisions
 
@@ -32,7 +33,7 @@ e2e: build-filter build
 
 # A live local canary: v2 promoted step by step, then a v3 answering 20% 5xx rolled back.
 demo: build-filter build
-	target/debug/fledge-demo
+	$(TARGET_DIR)/debug/fledge-demo
 
 # Seeded simulation of thousands of rollouts through the controller's own state machine:
 # Fledge's sequential tests vs Flagger-style thresholds vs a repeated fixed-sample test.

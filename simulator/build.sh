@@ -34,7 +34,7 @@ fi
 
 cd "$REPO_ROOT"
 "$CARGO" build -p fledge-simulator --target "$TARGET" --release
-WASM="target/$TARGET/release/fledge_simulator.wasm"
+WASM="${CARGO_TARGET_DIR:-target}/$TARGET/release/fledge_simulator.wasm"
 [[ -f "$WASM" ]] || die "$WASM was not built"
 OUT="simulator/pkg"
 # Only rewrite the package when the wasm changed, so the fledge binary is not rebuilt for nothing.
