@@ -88,7 +88,7 @@ bench-filter: setup
 	$(CARGO) build -p fledge-filter -p fledge-empty-filter --target $(WASM_TARGET) --release
 	# Optimized load client without LTO (quicker to build; LTO does not change its speed).
 	CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 $(CARGO) build -p fledge-e2e --release --bin fledge-bench-filter
-	target/release/fledge-bench-filter $(BENCH_ARGS)
+	$(TARGET_DIR)/release/fledge-bench-filter $(BENCH_ARGS)
 
 # Fuzzing, bounded: FUZZ_SECONDS per target (default 60) for the filter config parser, the
 # Prometheus text parser and the Canary spec loader + validator (fuzz/, not a workspace member).
@@ -126,7 +126,7 @@ SOAK_SECONDS ?= 180
 .PHONY: soak
 soak: build-filter
 	CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 $(CARGO) build -p fledge-e2e --release --bin fledge-soak --bin fledge-testbackend
-	target/release/fledge-soak --duration-secs $(SOAK_SECONDS) $(SOAK_ARGS)
+	$(TARGET_DIR)/release/fledge-soak --duration-secs $(SOAK_SECONDS) $(SOAK_ARGS)
 
 # A canary that starts failing every request: time until the data-plane guard stops its traffic
 # and until the controller's rollback is live, over BENCH_ROLLBACK_ROUNDS rounds on real Envoy.
@@ -135,4 +135,4 @@ BENCH_ROLLBACK_ROUNDS ?= 5
 bench-rollback: build-filter
 	$(CARGO) build -p fledge-controller --bin fledge
 	$(CARGO) build -p fledge-e2e --bin fledge-testbackend --bin fledge-bench-rollback
-	target/debug/fledge-bench-rollback --rounds $(BENCH_ROLLBACK_ROUNDS)
+	$(TARGET_DIR)/debug/fledge-bench-rollback --rounds $(BENCH_ROLLBACK_ROUNDS)
