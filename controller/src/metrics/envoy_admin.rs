@@ -12,7 +12,7 @@
 //! twice.
 
 use super::promtext::{self, Sample};
-use super::{MetricsSource, SubsetSelector};
+use super::{MergedSubset, MetricsSource, SubsetSelector};
 use async_trait::async_trait;
 use fledge_core::contract::{
     ResponseClass, GUARD_TRIPPED, REQUESTS_TOTAL, REQUEST_DURATION_MS, TAG_CLASS, TAG_SERVICE,
@@ -251,8 +251,12 @@ impl MetricsSource for EnvoyAdminSource {
                     "Envoy restarted since the previous scrape; counting from its restart"
                 );
             }
-            stable.add(&endpoint.base_url, &stable_delta)?;
-            canary.add(&endpoint.base_url, &canary_delta)?;
+            stable
+                .add(&endpoint.base_url, &stable_delta)
+                .map_err(ObservationError::Malformed)?;
+            canary
+                .add(&endpoint.base_url, &canary_delta)
+                .map_err(ObservationError::Malformed)?;
         }
         for (endpoint, reading) in self.endpoints.iter_mut().zip(readings) {
             endpoint.previous = Some(reading);
@@ -262,43 +266,6 @@ impl MetricsSource for EnvoyAdminSource {
             canary: canary.traffic,
             custom: Default::default(),
         })
-    }
-}
-
-/// Sum of one subset's interval over endpoints, remembering who set the bucket layout so a
-/// mismatch can name both sides.
-struct MergedSubset<'a> {
-    subset: &'a str,
-    traffic: SubsetTraffic,
-    buckets_from: Option<String>,
-}
-
-impl<'a> MergedSubset<'a> {
-    fn new(subset: &'a str) -> Self {
-        MergedSubset {
-            subset,
-            traffic: SubsetTraffic::default(),
-            buckets_from: None,
-        }
-    }
-
-    fn add(&mut self, endpoint: &str, delta: &SubsetTraffic) -> Result<(), ObservationError> {
-        let before = self.traffic.latency.bounds_ms.clone();
-        if !self.traffic.merge(delta) {
-            return Err(ObservationError::Malformed(format!(
-                "latency histogram buckets of subset {:?} differ between Envoys: {} has {:?}, \
-                 {} has {:?}; give every Envoy the same stats_config histogram bucket settings",
-                self.subset,
-                self.buckets_from.as_deref().unwrap_or("another endpoint"),
-                before,
-                endpoint,
-                delta.latency.bounds_ms
-            )));
-        }
-        if self.buckets_from.is_none() && !delta.latency.bounds_ms.is_empty() {
-            self.buckets_from = Some(endpoint.to_string());
-        }
-        Ok(())
     }
 }
 

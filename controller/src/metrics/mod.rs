@@ -44,3 +44,45 @@ pub trait MetricsSource: Send + Sync {
         Ok(None)
     }
 }
+
+/// Sum of one subset's interval over several origins (Envoy admin endpoints, or gateway
+/// replicas seen through Prometheus), remembering which origin set the bucket layout so a
+/// mismatch can name both sides.
+pub(crate) struct MergedSubset<'a> {
+    subset: &'a str,
+    pub(crate) traffic: fledge_core::observe::SubsetTraffic,
+    buckets_from: Option<String>,
+}
+
+impl<'a> MergedSubset<'a> {
+    pub(crate) fn new(subset: &'a str) -> Self {
+        MergedSubset {
+            subset,
+            traffic: Default::default(),
+            buckets_from: None,
+        }
+    }
+
+    /// Add `origin`'s interval; `Err` names both origins and the fix when buckets differ.
+    pub(crate) fn add(
+        &mut self,
+        origin: &str,
+        delta: &fledge_core::observe::SubsetTraffic,
+    ) -> Result<(), String> {
+        let before = self.traffic.latency.bounds_ms.clone();
+        if !self.traffic.merge(delta) {
+            return Err(format!(
+                "latency histogram buckets of subset {:?} differ between gateways: {} has {:?}, \
+                 {origin} has {:?}; give every Envoy the same stats_config histogram bucket settings",
+                self.subset,
+                self.buckets_from.as_deref().unwrap_or("another gateway"),
+                before,
+                delta.latency.bounds_ms
+            ));
+        }
+        if self.buckets_from.is_none() && !delta.latency.bounds_ms.is_empty() {
+            self.buckets_from = Some(origin.to_string());
+        }
+        Ok(())
+    }
+}

@@ -46,7 +46,7 @@
 //! [`ObservationError::Malformed`] with Prometheus' message and the query. After any error no
 //! reading is committed, so the next successful call covers everything since the last one.
 
-use super::{MetricsSource, SubsetSelector};
+use super::{MergedSubset, MetricsSource, SubsetSelector};
 use async_trait::async_trait;
 use fledge_core::contract::{
     ResponseClass, REQUESTS_TOTAL, REQUEST_DURATION_MS, TAG_CLASS, TAG_SERVICE, TAG_SUBSET,
@@ -408,7 +408,7 @@ impl MetricsSource for PrometheusSource {
                 Side::Stable => &mut stable,
                 Side::Canary => &mut canary,
             };
-            merged.add(key, &delta).map_err(|problem| {
+            merged.add(&format_labels(key), &delta).map_err(|problem| {
                 ObservationError::Malformed(format!("Prometheus {}: {problem}", self.address))
             })?;
         }
@@ -933,43 +933,6 @@ fn whole_count(series: &str, value: f64) -> Result<u64, String> {
         Err(format!(
             "{series} is {value}, expected a non-negative count"
         ))
-    }
-}
-
-/// Sum of one subset's interval over origins, remembering who set the bucket layout so a
-/// mismatch can name both sides.
-struct MergedSubset<'a> {
-    subset: &'a str,
-    traffic: SubsetTraffic,
-    buckets_from: Option<String>,
-}
-
-impl<'a> MergedSubset<'a> {
-    fn new(subset: &'a str) -> Self {
-        MergedSubset {
-            subset,
-            traffic: SubsetTraffic::default(),
-            buckets_from: None,
-        }
-    }
-
-    fn add(&mut self, origin: &OriginKey, delta: &SubsetTraffic) -> Result<(), String> {
-        let before = self.traffic.latency.bounds_ms.clone();
-        if !self.traffic.merge(delta) {
-            return Err(format!(
-                "latency histogram buckets of subset {:?} differ between replicas: {} has {:?}, \
-                 {} has {:?}; give every gateway the same stats_config histogram bucket settings",
-                self.subset,
-                self.buckets_from.as_deref().unwrap_or("another replica"),
-                before,
-                format_labels(origin),
-                delta.latency.bounds_ms
-            ));
-        }
-        if self.buckets_from.is_none() && !delta.latency.bounds_ms.is_empty() {
-            self.buckets_from = Some(format_labels(origin));
-        }
-        Ok(())
     }
 }
 
