@@ -12,7 +12,7 @@
 //! twice.
 
 use super::promtext::{self, Sample};
-use super::{MergedSubset, MetricsSource, SubsetSelector};
+use super::{describe_request_error, MergedSubset, MetricsSource, SubsetSelector};
 use async_trait::async_trait;
 use fledge_core::contract::{
     ResponseClass, GUARD_TRIPPED, REQUESTS_TOTAL, REQUEST_DURATION_MS, TAG_CLASS, TAG_SERVICE,
@@ -386,22 +386,6 @@ async fn read_guard(
         .filter(|s| s.value.is_finite() && s.value >= 0.0)
         .map(|s| s.value as u64)
         .max())
-}
-
-/// reqwest's top-level message hides the cause ("error sending request"); include the chain.
-fn describe_request_error(error: &reqwest::Error) -> String {
-    let mut message = if error.is_timeout() {
-        format!("timed out: {error}")
-    } else {
-        error.to_string()
-    };
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 /// Which of the canary's two subsets a sample belongs to, if any.

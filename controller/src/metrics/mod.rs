@@ -86,3 +86,19 @@ impl<'a> MergedSubset<'a> {
         Ok(())
     }
 }
+
+/// reqwest's top-level message hides the cause ("error sending request"); include the chain.
+pub(crate) fn describe_request_error(error: &reqwest::Error) -> String {
+    let mut message = if error.is_timeout() {
+        format!("timed out: {error}")
+    } else {
+        error.to_string()
+    };
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}

@@ -46,7 +46,7 @@
 //! [`ObservationError::Malformed`] with Prometheus' message and the query. After any error no
 //! reading is committed, so the next successful call covers everything since the last one.
 
-use super::{MergedSubset, MetricsSource, SubsetSelector};
+use super::{describe_request_error, MergedSubset, MetricsSource, SubsetSelector};
 use async_trait::async_trait;
 use fledge_core::contract::{
     ResponseClass, REQUESTS_TOTAL, REQUEST_DURATION_MS, TAG_CLASS, TAG_SERVICE, TAG_SUBSET,
@@ -735,22 +735,6 @@ fn format_labels(labels: &BTreeMap<String, String>) -> String {
         .map(|(key, value)| format!("{key}={}", promql_string(value)))
         .collect();
     format!("{name}{{{}}}", pairs.join(","))
-}
-
-/// reqwest's top-level message hides the cause ("error sending request"); include the chain.
-fn describe_request_error(error: &reqwest::Error) -> String {
-    let mut message = if error.is_timeout() {
-        format!("timed out: {error}")
-    } else {
-        error.to_string()
-    };
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 /// One origin's cumulative reading.
