@@ -60,6 +60,9 @@ impl CommandPolicy {
     }
 }
 
+/// How commands reach a Canary in Kubernetes mode (shown where this server refuses them).
+pub const KUBERNETES_COMMANDS: &str = "in Kubernetes mode commands are annotations on the Canary, so the API server's RBAC decides who may steer a rollout: run `fledge promote NAME --kubernetes -n NAMESPACE` (or abort, pause, resume, retry), or `kubectl annotate canary NAME fledge.dev/promote=\"$(date +%s)\" --overwrite`";
+
 #[derive(Clone)]
 struct AppState {
     registry: Registry,
@@ -157,6 +160,7 @@ async fn info(State(state): State<AppState>) -> Response {
         "commands": commands,
         "commandsDisabledReason": reason,
         "simulator": dashboard::simulator_available(),
+        "note": state.registry.note(),
     }))
     .into_response()
 }
@@ -190,6 +194,10 @@ fn command(registry: &Registry, name: &str, command: Command) -> Response {
             format!(
                 "canary {name:?} is not rolled back; only a rolled-back rollout can be retried"
             ),
+        ),
+        Err(CommandError::NotHere) => error(
+            StatusCode::FORBIDDEN,
+            format!("canary {name:?} is not steered through this server: {KUBERNETES_COMMANDS}"),
         ),
         Err(CommandError::Busy) => error(
             StatusCode::SERVICE_UNAVAILABLE,

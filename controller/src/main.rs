@@ -123,7 +123,8 @@ enum Commands {
         /// This instance's identity in the Lease (default: $POD_NAME, else $HOSTNAME).
         #[arg(long)]
         identity: Option<String>,
-        /// Address of the /healthz and /readyz probes.
+        /// Address of the probes (/healthz, /readyz), the read-only dashboard and API, and
+        /// /metrics.
         #[arg(long, default_value = "0.0.0.0:8080")]
         listen: SocketAddr,
     },

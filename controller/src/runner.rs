@@ -14,9 +14,8 @@ use crate::telemetry::{ErrorKind, Telemetry};
 use crate::webhooks::{WebhookCaller, WebhookStatus};
 use chrono::Utc;
 use fledge_core::observe::ObservationError;
-use fledge_core::rollout::{self, CanaryStatus, Command, Gates, Input, Phase};
+use fledge_core::rollout::{CanaryStatus, Command, Gates, Input, Phase};
 use fledge_core::spec::Canary;
-use fledge_core::webhook::WebhookType;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -58,14 +57,19 @@ struct OperatorState {
 
 struct Entry {
     view: CanaryView,
-    commands: mpsc::Sender<Command>,
+    /// `None` for a canary steered elsewhere (in Kubernetes mode: annotations on the Canary).
+    commands: Option<mpsc::Sender<Command>>,
 }
 
-/// Shared, read-mostly view of all canaries, plus a way to send them commands.
+/// Shared, read-mostly view of all canaries, plus a way to send them commands. `fledge run`
+/// fills it from its canary tasks, `fledge controller` from its reconciles; the API and the
+/// dashboard read it.
 #[derive(Clone, Default)]
 pub struct Registry {
     inner: Arc<RwLock<BTreeMap<String, Entry>>>,
     telemetry: Telemetry,
+    /// Why this process shows no canaries although some may exist (a standby controller).
+    role_note: Arc<RwLock<Option<String>>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -76,6 +80,8 @@ pub enum CommandError {
     /// `Retry` is only for a rolled-back rollout.
     NotRolledBack,
     Busy,
+    /// The canary is not steered through this server (Kubernetes mode: annotations).
+    NotHere,
 }
 
 impl Registry {
@@ -100,17 +106,54 @@ impl Registry {
     }
 
     fn publish(&self, view: CanaryView, commands: &mpsc::Sender<Command>) {
+        self.insert(view, Some(commands.clone()));
+    }
+
+    /// Show a canary whose commands go elsewhere (`fledge controller`: annotations).
+    pub fn publish_view(&self, view: CanaryView) {
+        self.insert(view, None);
+    }
+
+    fn insert(&self, view: CanaryView, commands: Option<mpsc::Sender<Command>>) {
         let mut map = match self.inner.write() {
             Ok(map) => map,
             Err(poisoned) => poisoned.into_inner(),
         };
-        map.insert(
-            view.name.clone(),
-            Entry {
-                view,
-                commands: commands.clone(),
-            },
-        );
+        map.insert(view.name.clone(), Entry { view, commands });
+    }
+
+    /// Stop showing a canary (deleted).
+    pub fn remove(&self, name: &str) {
+        let mut map = match self.inner.write() {
+            Ok(map) => map,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.remove(name);
+    }
+
+    /// Stop showing every canary, and say why (`None`: clear the note).
+    pub fn clear(&self, note: Option<String>) {
+        match self.inner.write() {
+            Ok(mut map) => map.clear(),
+            Err(poisoned) => poisoned.into_inner().clear(),
+        }
+        self.set_note(note);
+    }
+
+    /// Say why this process shows no canaries (or `None` once it does).
+    pub fn set_note(&self, note: Option<String>) {
+        match self.role_note.write() {
+            Ok(mut current) => *current = note,
+            Err(poisoned) => *poisoned.into_inner() = note,
+        }
+    }
+
+    /// Why this process shows no canaries, if it says so.
+    pub fn note(&self) -> Option<String> {
+        match self.role_note.read() {
+            Ok(note) => note.clone(),
+            Err(poisoned) => (*poisoned.get_ref()).clone(),
+        }
     }
 
     /// Queue an operator command for a canary.
@@ -120,6 +163,7 @@ impl Registry {
             Err(poisoned) => poisoned.into_inner(),
         };
         let entry = map.get(name).ok_or(CommandError::NotFound)?;
+        let commands = entry.commands.as_ref().ok_or(CommandError::NotHere)?;
         let phase = entry.view.status.phase;
         match command {
             Command::Retry if phase != fledge_core::rollout::Phase::RolledBack => {
@@ -129,16 +173,13 @@ impl Registry {
             _ if phase.is_terminal() => return Err(CommandError::Finished),
             _ => {}
         }
-        entry
-            .commands
-            .try_send(command)
-            .map_err(|_| CommandError::Busy)
+        commands.try_send(command).map_err(|_| CommandError::Busy)
     }
 }
 
 /// Whether the guard watch runs: a rollout past Initializing, not finished, whose canary gets
 /// traffic.
-fn guard_watched(status: &CanaryStatus) -> bool {
+pub fn guard_watched(status: &CanaryStatus) -> bool {
     !status.phase.is_terminal() && status.phase != Phase::Initializing && status.canary_weight > 0
 }
 
@@ -250,21 +291,10 @@ impl CanaryTask {
     ) {
         let name = self.canary.name();
         let telemetry = self.registry.telemetry();
-        let now = Utc::now();
-        let spec = &self.canary.spec;
-        let mut decision = rollout::step_with_gates(spec, status, &input, &gates, now);
-        let promoting = decision.status.phase == Phase::Promoted
-            && status.phase != Phase::Promoted
-            && input.command != Some(Command::PromoteFull);
-        if promoting && operator.webhooks.has(WebhookType::ConfirmPromotion) {
-            if let Some(reason) = operator.webhooks.confirm_promotion(status).await {
-                let held = Gates {
-                    promotion_held: Some(reason),
-                    ..gates
-                };
-                decision = rollout::step_with_gates(spec, status, &input, &held, now);
-            }
-        }
+        let decision = operator
+            .webhooks
+            .decide(status, &input, gates, Utc::now())
+            .await;
         if let Err(e) = self.store.save(
             name,
             &SavedState {

@@ -157,6 +157,8 @@ pub enum ErrorKind {
     Metrics,
     /// The state file could not be written.
     Persist,
+    /// A Kubernetes API call failed (Kubernetes mode).
+    Api,
 }
 
 impl ErrorKind {
@@ -165,6 +167,7 @@ impl ErrorKind {
             ErrorKind::Router => "router",
             ErrorKind::Metrics => "metrics",
             ErrorKind::Persist => "persist",
+            ErrorKind::Api => "api",
         }
     }
 }
@@ -295,7 +298,7 @@ impl Telemetry {
         let errors = Family::default();
         registry.register(
             "fledge_reconcile_errors",
-            "Reconcile errors by kind (router, metrics, persist)",
+            "Reconcile errors by kind (router, metrics, persist, api)",
             errors.clone(),
         );
         Telemetry {
@@ -339,6 +342,24 @@ impl Telemetry {
                     phase: phase_name(phase),
                 })
                 .set(i64::from(phase == status.phase));
+        }
+    }
+
+    /// Stop publishing a deleted canary's state gauges (weight, phase, step, failed checks).
+    /// Its counters stay: they are totals a rate() over a window still needs.
+    pub fn forget(&self, canary: &str) {
+        let m = &self.metrics;
+        let labels = CanaryLabels {
+            canary: canary.to_string(),
+        };
+        m.weight.remove(&labels);
+        m.step.remove(&labels);
+        m.failed_checks.remove(&labels);
+        for phase in PHASES {
+            m.phase.remove(&PhaseLabels {
+                canary: canary.to_string(),
+                phase: phase_name(phase),
+            });
         }
     }
 

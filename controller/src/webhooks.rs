@@ -20,7 +20,9 @@
 
 use crate::telemetry::Telemetry;
 use chrono::{DateTime, Utc};
-use fledge_core::rollout::{Action, CanaryStatus, EventReason, Gates, Phase};
+use fledge_core::rollout::{
+    self, Action, CanaryStatus, Command, Decision, EventReason, Gates, Input, Phase,
+};
 use fledge_core::spec::Canary;
 use fledge_core::webhook::{WebhookPayload, WebhookSpec, WebhookType};
 use serde::Serialize;
@@ -200,6 +202,8 @@ pub async fn call(client: &reqwest::Client, hook: &WebhookSpec, body: &Value) ->
 /// Calls one canary's webhooks and remembers their outcomes.
 pub struct WebhookCaller {
     canary: Canary,
+    /// The canary's name in self-metrics and logs (`namespace/name` in Kubernetes mode).
+    label: String,
     client: reqwest::Client,
     telemetry: Telemetry,
     statuses: Arc<Mutex<BTreeMap<String, WebhookStatus>>>,
@@ -259,12 +263,19 @@ impl WebhookCaller {
             })
             .collect();
         WebhookCaller {
+            label: canary.name().to_string(),
             canary: canary.clone(),
             client: reqwest::Client::new(),
             telemetry,
             statuses: Arc::new(Mutex::new(statuses)),
             background: JoinSet::new(),
         }
+    }
+
+    /// Name the canary `label` in self-metrics and logs (default: its name).
+    pub fn labelled(mut self, label: &str) -> Self {
+        self.label = label.to_string();
+        self
     }
 
     fn hooks(&self, kind: WebhookType) -> Vec<WebhookSpec> {
@@ -297,13 +308,7 @@ impl WebhookCaller {
 
     async fn call_and_remember(&self, hook: &WebhookSpec, body: &Value) -> CallRecord {
         let record = call(&self.client, hook, body).await;
-        remember(
-            &self.statuses,
-            &self.telemetry,
-            self.canary.name(),
-            hook,
-            &record,
-        );
+        remember(&self.statuses, &self.telemetry, &self.label, hook, &record);
         record
     }
 
@@ -368,6 +373,36 @@ impl WebhookCaller {
         None
     }
 
+    /// One step of the state machine with the hooks' answers: `gates` from
+    /// [`before_interval`](Self::before_interval) (or none, for a command); a decision that
+    /// would promote asks the `confirm-promotion` hooks first and, when one does not approve,
+    /// is decided again with the promotion held. The state machine stays pure; this is the one
+    /// place both `fledge run` and `fledge controller` turn hook answers into a decision.
+    /// `promote --full` is an operator override and is never held.
+    pub async fn decide(
+        &self,
+        status: &CanaryStatus,
+        input: &Input,
+        gates: Gates,
+        now: DateTime<Utc>,
+    ) -> Decision {
+        let spec = &self.canary.spec;
+        let decision = rollout::step_with_gates(spec, status, input, &gates, now);
+        let promoting = decision.status.phase == Phase::Promoted
+            && status.phase != Phase::Promoted
+            && input.command != Some(Command::PromoteFull);
+        if promoting && self.has(WebhookType::ConfirmPromotion) {
+            if let Some(reason) = self.confirm_promotion(status).await {
+                let held = Gates {
+                    promotion_held: Some(reason),
+                    ..gates
+                };
+                return rollout::step_with_gates(spec, status, input, &held, now);
+            }
+        }
+        decision
+    }
+
     /// Call the `post-rollout` hooks (once the rollout is Promoted or RolledBack).
     pub async fn post_rollout(&self, status: &CanaryStatus) {
         let context = HookContext::new(&self.canary, status);
@@ -404,7 +439,7 @@ impl WebhookCaller {
                 let hook = hook.clone();
                 let statuses = self.statuses.clone();
                 let telemetry = self.telemetry.clone();
-                let canary = self.canary.name().to_string();
+                let canary = self.label.clone();
                 self.background.spawn(async move {
                     let record = call(&client, &hook, &body).await;
                     remember(&statuses, &telemetry, &canary, &hook, &record);

@@ -33,11 +33,17 @@ use super::crd::{reason, Canary, CanaryResourceStatus, Readiness, COMMAND_ANNOTA
 use super::factory::Backends;
 use super::lease::{run_election, LeaseLock, LeaseSettings};
 use super::{api_status_code, Error, Result, CONTROLLER_NAME, FINALIZER};
+use crate::dashboard::series::Series;
 use crate::metrics::MetricsSource;
 use crate::router::istio::{virtual_service_resource, DesiredRoutes, IstioError};
 use crate::router::Weights;
+use crate::runner::{guard_watched, CanaryView, Registry};
+use crate::telemetry::ErrorKind;
+use crate::webhooks::WebhookCaller;
+use chrono::{DateTime, Utc};
 use fledge_core::observe::{Observation, ObservationError};
-use fledge_core::rollout::{self, Action as RolloutAction, Command, Input, Phase};
+use fledge_core::rollout::{Action as RolloutAction, CanaryStatus, Command, Gates, Input, Phase};
+use futures::channel::mpsc::UnboundedSender;
 use futures::StreamExt;
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::runtime::controller::{Action, Controller};
@@ -57,11 +63,32 @@ pub const ROLLOUT_ANNOTATION: &str = "fledge.dev/rollout";
 /// Event `action` field.
 const EVENT_ACTION: &str = "Rollout";
 
-/// A metrics source kept for one Canary (for one spec) during one leadership term.
-struct CachedSource {
+/// A metrics source, built on first use (building can fail; it is tried again next time).
+type SharedSource = Arc<tokio::sync::Mutex<Option<Box<dyn MetricsSource>>>>;
+
+/// What one Canary keeps in memory for one rollout during one leadership term: the metrics
+/// source (it holds the previous cumulative reading), the webhooks (their last calls and the
+/// notifications in flight), the dashboard's time series and, while it runs, the guard watch.
+/// None of it is needed to continue a rollout correctly: a new leader starts without it.
+struct CanaryRuntime {
     fingerprint: String,
-    source: Arc<tokio::sync::Mutex<Box<dyn MetricsSource>>>,
+    source: SharedSource,
+    webhooks: tokio::sync::Mutex<WebhookCaller>,
+    series: Mutex<Series>,
+    guard_watch: Mutex<Option<GuardWatch>>,
 }
+
+/// The task reading a Canary's data-plane guard gauge; stopped when dropped.
+struct GuardWatch(tokio::task::JoinHandle<()>);
+
+impl Drop for GuardWatch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Guard trips seen by the watches and not yet handed to the state machine, by Canary key.
+type PendingTrips = Arc<Mutex<HashMap<String, DateTime<Utc>>>>;
 
 /// Shared state of all reconciles in one leadership term.
 pub struct Context {
@@ -73,7 +100,12 @@ pub struct Context {
     pub leader: watch::Receiver<bool>,
     /// Delay before retrying after a router or API error.
     pub retry_delay: Duration,
-    sources: Mutex<HashMap<String, CachedSource>>,
+    /// What the dashboard, the status API and `/metrics` show (canaries named `namespace/name`).
+    pub registry: Registry,
+    /// Wakes the controller (every Canary is reconciled) when a guard watch sees a trip.
+    pub guard_trigger: Option<UnboundedSender<()>>,
+    runtimes: Mutex<HashMap<String, Arc<CanaryRuntime>>>,
+    guard_trips: PendingTrips,
     /// resourceVersions this instance has replaced with a status write: an object still at one
     /// of them is a stale cache entry (our own write's watch event has not arrived yet).
     superseded: Mutex<HashMap<String, String>>,
@@ -98,43 +130,141 @@ impl Context {
             clock,
             leader,
             retry_delay: Duration::from_secs(10),
-            sources: Mutex::new(HashMap::new()),
+            registry: Registry::default(),
+            guard_trigger: None,
+            runtimes: Mutex::new(HashMap::new()),
+            guard_trips: Arc::new(Mutex::new(HashMap::new())),
             superseded: Mutex::new(HashMap::new()),
         }
     }
 
-    fn forget_source(&self, key: &str) {
-        lock(&self.sources).remove(key);
+    /// Forget a Canary's in-memory state (its rollout changed, or it was deleted).
+    fn forget(&self, key: &str) {
+        lock(&self.runtimes).remove(key);
+        lock(&self.guard_trips).remove(key);
     }
 
-    /// This interval's observation, from the Canary's cached source (built on first use).
-    async fn observe(
+    /// The in-memory state of `key`'s current rollout (`fingerprint`), made on first use.
+    fn runtime(
         &self,
         key: &str,
         canary: &fledge_core::spec::Canary,
         fingerprint: &str,
+    ) -> Arc<CanaryRuntime> {
+        let mut runtimes = lock(&self.runtimes);
+        if let Some(runtime) = runtimes.get(key).filter(|r| r.fingerprint == fingerprint) {
+            return runtime.clone();
+        }
+        let runtime = Arc::new(CanaryRuntime {
+            fingerprint: fingerprint.to_string(),
+            source: Arc::new(tokio::sync::Mutex::new(None)),
+            webhooks: tokio::sync::Mutex::new(
+                WebhookCaller::new(canary, self.registry.telemetry().clone()).labelled(key),
+            ),
+            series: Mutex::new(Series::default()),
+            guard_watch: Mutex::new(None),
+        });
+        runtimes.insert(key.to_string(), runtime.clone());
+        runtime
+    }
+
+    fn cached_runtime(&self, key: &str) -> Option<Arc<CanaryRuntime>> {
+        lock(&self.runtimes).get(key).cloned()
+    }
+
+    /// This interval's observation from the rollout's source (built on first use).
+    async fn observe(
+        &self,
+        runtime: &CanaryRuntime,
+        canary: &fledge_core::spec::Canary,
     ) -> std::result::Result<std::result::Result<Observation, ObservationError>, String> {
-        let source = {
-            let mut sources = lock(&self.sources);
-            match sources.get(key) {
-                Some(cached) if cached.fingerprint == fingerprint => cached.source.clone(),
-                _ => {
-                    let source = Arc::new(tokio::sync::Mutex::new(
-                        self.backends.metrics_source(canary)?,
-                    ));
-                    sources.insert(
-                        key.to_string(),
-                        CachedSource {
-                            fingerprint: fingerprint.to_string(),
-                            source: source.clone(),
-                        },
-                    );
-                    source
-                }
+        let mut source = runtime.source.lock().await;
+        if source.is_none() {
+            *source = Some(self.backends.metrics_source(canary)?);
+        }
+        match source.as_mut() {
+            Some(source) => Ok(source.observe().await),
+            None => Err("the metrics source could not be built".to_string()),
+        }
+    }
+
+    /// A guard trip seen since the last reconcile, if any (handed over once).
+    fn take_guard_trip(&self, key: &str) -> Option<DateTime<Utc>> {
+        lock(&self.guard_trips).remove(key)
+    }
+
+    fn guard_trip_pending(&self, key: &str) -> bool {
+        lock(&self.guard_trips).contains_key(key)
+    }
+
+    /// Run the guard watch of `key` while its rollout needs one; stop it otherwise.
+    fn watch_guard(
+        &self,
+        key: &str,
+        canary: &fledge_core::spec::Canary,
+        fingerprint: &str,
+        status: &CanaryStatus,
+    ) {
+        let every = canary
+            .spec
+            .analysis
+            .guard
+            .as_ref()
+            .map(|guard| guard.check_interval.0)
+            .filter(|_| guard_watched(status));
+        let Some(every) = every else {
+            if let Some(runtime) = self.cached_runtime(key) {
+                lock(&runtime.guard_watch).take();
             }
+            return;
         };
-        let mut source = source.lock().await;
-        Ok(source.observe().await)
+        let runtime = self.runtime(key, canary, fingerprint);
+        let mut watch = lock(&runtime.guard_watch);
+        if watch.as_ref().is_some_and(|w| !w.0.is_finished()) {
+            return;
+        }
+        *watch = Some(GuardWatch(tokio::spawn(guard_watch(
+            key.to_string(),
+            runtime.source.clone(),
+            every,
+            self.guard_trips.clone(),
+            self.guard_trigger.clone(),
+        ))));
+    }
+
+    /// Show the Canary on the dashboard and in `/metrics` as it now stands.
+    fn show(
+        &self,
+        key: &str,
+        canary: &fledge_core::spec::Canary,
+        status: &CanaryStatus,
+        problem: Option<String>,
+    ) {
+        let runtime = self.cached_runtime(key);
+        let series = runtime
+            .as_ref()
+            .map(|r| lock(&r.series).points())
+            .unwrap_or_default();
+        let webhooks = runtime
+            .as_ref()
+            .and_then(|r| r.webhooks.try_lock().ok().map(|w| w.statuses()))
+            .or_else(|| {
+                // A reconcile is calling the hooks right now: keep the last shown statuses.
+                self.registry.get(key).map(|view| view.webhooks)
+            })
+            .unwrap_or_default();
+        self.registry.publish_view(CanaryView {
+            name: key.to_string(),
+            service: canary.spec.service.clone(),
+            steps: canary.spec.analysis.plan().len(),
+            threshold: canary.spec.analysis.threshold,
+            status: status.clone(),
+            router_error: problem,
+            conflict: None,
+            series,
+            webhooks,
+        });
+        self.registry.telemetry().observe_status(key, status);
     }
 
     async fn publish(&self, canary: &Canary, warning: bool, reason: &str, message: &str) {
@@ -291,7 +421,54 @@ pub fn error_policy(canary: Arc<Canary>, error: &Error, ctx: Arc<Context>) -> Ac
         Action::requeue(Duration::from_millis(500))
     } else {
         tracing::warn!(canary = %key_of(&canary), error = %error, kind = error.label(), "reconcile failed; retrying");
+        let kind = match error {
+            Error::Router { .. } => ErrorKind::Router,
+            Error::Backend { .. } => ErrorKind::Metrics,
+            _ => ErrorKind::Api,
+        };
+        ctx.registry
+            .telemetry()
+            .record_error(&key_of(&canary), kind);
         Action::requeue(ctx.retry_delay)
+    }
+}
+
+/// Read a Canary's data-plane guard gauge every `every`; a trip not seen before is left in
+/// `trips` and wakes the controller, whose next reconcile hands it to the state machine (the
+/// analysis tick is not waited for: this is the fast path of a rollback).
+async fn guard_watch(
+    key: String,
+    source: SharedSource,
+    every: Duration,
+    trips: PendingTrips,
+    trigger: Option<UnboundedSender<()>>,
+) {
+    let mut last_seen = None;
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let reading = {
+            let mut source = source.lock().await;
+            match source.as_mut() {
+                Some(source) => source.guard_tripped_at().await,
+                None => continue, // no analysis has built it yet
+            }
+        };
+        match reading {
+            Ok(Some(tripped_at)) if last_seen != Some(tripped_at) => {
+                last_seen = Some(tripped_at);
+                tracing::warn!(canary = %key, %tripped_at, "data-plane guard tripped");
+                lock(&trips).insert(key.clone(), tripped_at);
+                if let Some(trigger) = &trigger {
+                    let _ = trigger.unbounded_send(());
+                }
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::debug!(canary = %key, %error, "cannot read the guard; the analysis still runs")
+            }
+        }
     }
 }
 
@@ -316,6 +493,7 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
             ctx.publish(&canary, true, reason::INVALID_SPEC, &errors.to_string())
                 .await;
         }
+        ctx.show(&key, &core, &status.rollout, Some(errors.to_string()));
         return Ok(Action::await_change());
     }
 
@@ -332,12 +510,22 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
             conditions: previous.conditions.clone(),
             ..CanaryResourceStatus::default()
         };
-        ctx.forget_source(&key);
+        ctx.forget(&key);
     }
-    let command = take_command(&canary, &mut status);
+    let mut command = take_command(&canary, &mut status);
+    if status.rollout.phase.is_terminal() {
+        // A trip seen just as the rollout finished changes nothing.
+        ctx.take_guard_trip(&key);
+    } else if command.is_none() {
+        command = ctx
+            .take_guard_trip(&key)
+            .map(|tripped_at| Command::GuardTripped { tripped_at });
+    }
     if status.rollout.phase.is_terminal() && status.final_routes_applied && command.is_none() {
         // Finished, and the final routes are in place: hands off. From here the routes are
         // yours (or GitOps') again, e.g. to make the promoted version the new stable.
+        ctx.watch_guard(&key, &core, &fingerprint, &status.rollout);
+        ctx.show(&key, &core, &status.rollout, None);
         return Ok(Action::await_change());
     }
 
@@ -358,6 +546,9 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
     };
     // Level-triggered: the routes follow the persisted status before anything is judged.
     if let Err(e) = router.ensure(&desired_routes(&status)).await {
+        ctx.registry
+            .telemetry()
+            .record_error(&key, ErrorKind::Router);
         not_ready(
             &canary,
             previous,
@@ -379,11 +570,21 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
             .last_tick_at
             .is_none_or(|last| now - last >= interval.to_chrono());
     let mut actions = Vec::new();
+    let before = status.rollout.clone();
+    let runtime = ctx.runtime(&key, &core, &fingerprint);
     if tick_due || command.is_some() {
-        let observation = if tick_due {
-            match ctx.observe(&key, &core, &fingerprint).await {
-                Ok(observation) => Some(observation),
+        let webhooks = runtime.webhooks.lock().await;
+        let started = std::time::Instant::now();
+        let (gates, observation) = if tick_due {
+            // Hooks first (a load test starts before the interval is read), as in `fledge run`.
+            let gates = webhooks.before_interval(&status.rollout).await;
+            match ctx.observe(&runtime, &core).await {
+                Ok(observation) => (gates, Some(observation)),
                 Err(message) => {
+                    drop(webhooks);
+                    ctx.registry
+                        .telemetry()
+                        .record_error(&key, ErrorKind::Metrics);
                     not_ready(
                         &canary,
                         previous,
@@ -397,17 +598,47 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
                 }
             }
         } else {
-            None
+            (Gates::default(), None)
         };
-        let decision = rollout::step(
-            &core.spec,
-            &status.rollout,
-            &Input {
-                observation,
-                command,
-            },
-            now,
-        );
+        if matches!(&observation, Some(Err(e)) if *e != ObservationError::Baseline) {
+            ctx.registry
+                .telemetry()
+                .record_error(&key, ErrorKind::Metrics);
+        }
+        let observed = observation.as_ref().and_then(|o| o.as_ref().ok().cloned());
+        let input = Input {
+            observation,
+            command,
+        };
+        let decision = webhooks.decide(&status.rollout, &input, gates, now).await;
+        drop(webhooks);
+        let report = decision
+            .status
+            .last_analysis
+            .as_ref()
+            .filter(|r| tick_due && r.at >= now);
+        if let Some(report) = report {
+            ctx.registry
+                .telemetry()
+                .record_analysis(&key, report, started.elapsed());
+        }
+        if tick_due {
+            let mut series = lock(&runtime.series);
+            match &observed {
+                Some(o) => series.record(
+                    now,
+                    interval.0.as_secs_f64(),
+                    before.canary_weight,
+                    before.phase,
+                    o,
+                    report.map(|r| r.report.verdict),
+                ),
+                None => series.skip(now),
+            }
+        }
+        ctx.registry
+            .telemetry()
+            .record_decisions(&key, &decision.actions);
         status.rollout = decision.status;
         if !status.rollout.phase.is_terminal() {
             // e.g. a retried rollback: its end will need its final routes applied again.
@@ -445,21 +676,56 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
             }
         }
     }
+    runtime
+        .webhooks
+        .lock()
+        .await
+        .notify(&status.rollout, &actions);
+    let just_finished = status.rollout.phase.is_terminal() && !before.phase.is_terminal();
     let finished = status.rollout.phase.is_terminal() && !status.final_routes_applied;
+    let mut routes_moved = true;
     if move_routes || finished {
         if let Err(e) = router.ensure(&desired_routes(&status)).await {
             // The status already says where traffic should be; the next reconcile retries.
             tracing::warn!(canary = %key, error = %e, "could not move traffic yet");
-            return Ok(Action::requeue(ctx.retry_delay));
+            ctx.registry
+                .telemetry()
+                .record_error(&key, ErrorKind::Router);
+            routes_moved = false;
         }
+    }
+    if just_finished {
+        // Once per rollout (the transition happens in one reconcile only), after the routes
+        // were moved (or tried: the hook is told the outcome, not the routes' state).
+        runtime
+            .webhooks
+            .lock()
+            .await
+            .post_rollout(&status.rollout)
+            .await;
+    }
+    if !routes_moved {
+        ctx.show(
+            &key,
+            &core,
+            &status.rollout,
+            Some("the VirtualService does not serve the wanted weights yet; retrying".into()),
+        );
+        return Ok(Action::requeue(ctx.retry_delay));
     }
     if finished {
         status.final_routes_applied = true;
         write_status(&current, &status, ctx).await?;
     }
+    ctx.watch_guard(&key, &core, &fingerprint, &status.rollout);
+    ctx.show(&key, &core, &status.rollout, None);
 
     if status.rollout.phase.is_terminal() {
         return Ok(Action::await_change());
+    }
+    if ctx.guard_trip_pending(&key) {
+        // A trip arrived while an operator command was handled: take it next.
+        return Ok(Action::requeue(Duration::from_millis(100)));
     }
     let next_tick = status.last_tick_at.unwrap_or(now) + interval.to_chrono();
     let wait = (next_tick - now)
@@ -478,7 +744,14 @@ async fn not_ready(
     message: String,
     ctx: &Context,
 ) -> Result<()> {
-    tracing::warn!(canary = %key_of(canary), reason = why, "{message}");
+    let key = key_of(canary);
+    tracing::warn!(canary = %key, reason = why, "{message}");
+    ctx.show(
+        &key,
+        &canary.to_core(),
+        &status.rollout,
+        Some(message.clone()),
+    );
     let generation = canary.metadata.generation;
     status.observed_generation = generation;
     status.set_conditions(
@@ -502,7 +775,14 @@ async fn not_ready(
 /// mirror are removed; a finished rollout's routes are left alone. Then it may go.
 async fn cleanup(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
     let key = key_of(&canary);
-    ctx.forget_source(&key);
+    if let Some(runtime) = ctx.cached_runtime(&key) {
+        // Event notifications in flight get a moment (each is bounded by its own timeout).
+        let mut webhooks = runtime.webhooks.lock().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), webhooks.drain()).await;
+    }
+    ctx.forget(&key);
+    ctx.registry.remove(&key);
+    ctx.registry.telemetry().forget(&key);
     let namespace = canary
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
@@ -591,16 +871,24 @@ fn canaries_using(
 }
 
 /// Run the controller until `shutdown` turns true: elect a leader; while leading, reconcile
-/// Canaries (and re-check one whenever its VirtualService changes). On shutdown the in-flight
-/// reconciles finish, then the lease is released.
+/// Canaries (and re-check one whenever its VirtualService changes, or at once when a guard
+/// watch sees a trip). `registry` shows the leader's canaries (the dashboard, the status API,
+/// `/metrics`); a standby shows none and says why. On shutdown the in-flight reconciles
+/// finish, then the lease is released.
 pub async fn run(
     client: Client,
     options: ControllerOptions,
     backends: Arc<dyn Backends>,
     clock: Arc<dyn Clock>,
+    registry: Registry,
     is_leader: watch::Sender<bool>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
+    let standby_note = format!(
+        "standby: this fledge controller ({}) does not hold the Lease {}/{}; the leader's dashboard shows the canaries",
+        options.lease.identity, options.lease.namespace, options.lease.name
+    );
+    registry.clear(Some(standby_note.clone()));
     let leader = is_leader.subscribe();
     let (stop_election, election_stopped) = watch::channel(false);
     let lock = LeaseLock::new(client.clone(), options.lease.clone(), clock.clone());
@@ -614,8 +902,12 @@ pub async fn run(
             _ = stopping.wait_for(|s| *s) => break,
         }
         tracing::info!(identity = %options.lease.identity, "leading: starting the Canary controller");
+        registry.set_note(None);
+        let (guard_trigger, guard_trips) = futures::channel::mpsc::unbounded();
         let ctx = Arc::new(Context {
             retry_delay: options.retry_delay,
+            registry: registry.clone(),
+            guard_trigger: Some(guard_trigger),
             ..Context::new(
                 client.clone(),
                 backends.clone(),
@@ -646,6 +938,7 @@ pub async fn run(
                 watcher::Config::default(),
                 move |vs| canaries_using(&store, &vs),
             )
+            .reconcile_all_on(guard_trips)
             .graceful_shutdown_on(async move {
                 tokio::select! {
                     _ = term_leader.wait_for(|l| !*l) => {}
@@ -661,6 +954,8 @@ pub async fn run(
             })
             .await;
         tracing::info!("Canary controller stopped");
+        // What this term showed is no longer kept up to date.
+        registry.clear(Some(standby_note.clone()));
         if *shutdown.borrow() {
             break;
         }

@@ -12,6 +12,7 @@ use super::reconciler::{reconcile, run, Context, ControllerOptions};
 use crate::metrics::MetricsSource;
 use crate::router::istio::{read_routes, IstioSettings};
 use crate::router::Weights;
+use crate::runner::Registry;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fledge_core::contract::ResponseClass;
@@ -110,6 +111,8 @@ fn destination_rule() -> Value {
 #[derive(Default)]
 struct Script {
     unhealthy: bool,
+    /// What the data-plane guard gauge says (`None`: never tripped).
+    guard_tripped_at: Option<DateTime<Utc>>,
     sources_built: usize,
     observations: usize,
 }
@@ -120,6 +123,9 @@ struct ScriptedBackends {
 }
 
 impl ScriptedBackends {
+    fn trip_guard(&self, at: DateTime<Utc>) {
+        self.script.lock().unwrap().guard_tripped_at = Some(at);
+    }
     fn set_unhealthy(&self, unhealthy: bool) {
         self.script.lock().unwrap().unhealthy = unhealthy;
     }
@@ -171,6 +177,10 @@ impl MetricsSource for ScriptedSource {
             canary,
             ..Observation::default()
         })
+    }
+
+    async fn guard_tripped_at(&mut self) -> Result<Option<DateTime<Utc>>, ObservationError> {
+        Ok(self.script.lock().unwrap().guard_tripped_at)
     }
 }
 
@@ -812,6 +822,8 @@ fn options(identity: &str) -> ControllerOptions {
 struct Running {
     shutdown: watch::Sender<bool>,
     leader: watch::Receiver<bool>,
+    /// What this instance's dashboard, status API and `/metrics` show.
+    registry: Registry,
     task: tokio::task::JoinHandle<super::Result<()>>,
 }
 
@@ -823,17 +835,20 @@ fn start(
 ) -> Running {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (leader_tx, leader) = watch::channel(false);
+    let registry = Registry::default();
     let task = tokio::spawn(run(
         server.client(identity),
         options(identity),
         Arc::new(backends),
         Arc::new(clock),
+        registry.clone(),
         leader_tx,
         shutdown_rx,
     ));
     Running {
         shutdown,
         leader,
+        registry,
         task,
     }
 }
@@ -929,6 +944,18 @@ async fn only_the_lease_holder_reconciles_and_a_successor_continues_without_doub
     let b = start(&server, "b", ScriptedBackends::default(), clock);
     tokio::time::sleep(Duration::from_secs(44)).await; // ticks at 0 and 30 s
     assert!(*a.leader.borrow() && !*b.leader.borrow());
+    // The leader's dashboard shows the canary; the standby's shows none and says why.
+    assert_eq!(
+        a.registry.get("shop/app").map(|v| v.status.canary_weight),
+        Some(20)
+    );
+    assert!(a.registry.note().is_none());
+    assert!(b.registry.list().is_empty());
+    let note = b.registry.note().unwrap_or_default();
+    assert!(
+        note.contains("standby") && note.contains("fledge-system/fledge-controller"),
+        "{note}"
+    );
     let requests = server.requests();
     assert!(!writes_by(&requests, "a").is_empty());
     assert!(
@@ -954,6 +981,7 @@ async fn only_the_lease_holder_reconciles_and_a_successor_continues_without_doub
     server.take_requests();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(*b.leader.borrow(), "b leads after a released the lease");
+    assert!(b.registry.note().is_none());
     let lease = server
         .get(
             "coordination.k8s.io",
@@ -1084,4 +1112,464 @@ async fn rbac_in_the_manifests_covers_exactly_what_the_controller_calls() {
         .filter(|rule| !used.contains(*rule))
         .collect();
     assert!(unused.is_empty(), "granted but never used: {unused:?}");
+}
+
+// ---- operator experience in Kubernetes mode: webhooks, dashboard, self-metrics, guard ---------
+
+/// A wall clock moved by hand, for tests that talk to a real local HTTP server (tokio's
+/// paused clock would fire the webhook timeouts while the server answers).
+#[derive(Clone)]
+struct ManualClock(Arc<Mutex<DateTime<Utc>>>);
+
+impl ManualClock {
+    fn starting_at(at: DateTime<Utc>) -> Self {
+        ManualClock(Arc::new(Mutex::new(at)))
+    }
+    fn advance(&self, seconds: i64) {
+        *self.0.lock().unwrap() += chrono::Duration::seconds(seconds);
+    }
+}
+
+impl super::clock::Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap()
+    }
+}
+
+fn instance_with_clock(server: &FakeApiServer, clock: ManualClock) -> Instance {
+    let backends = ScriptedBackends::default();
+    let (leader_tx, leader_rx) = watch::channel(true);
+    let ctx = Context::new(
+        server.client("a"),
+        Arc::new(backends.clone()),
+        Arc::new(clock),
+        leader_rx,
+        "a",
+    );
+    Instance {
+        ctx: Arc::new(ctx),
+        backends,
+        _leader: leader_tx,
+    }
+}
+
+/// A webhook receiver on 127.0.0.1: `POST /{hook}` answers the status set for that hook
+/// (200 unless set) and records the body.
+#[derive(Clone, Default)]
+struct HookReceiver {
+    answers: Arc<Mutex<std::collections::HashMap<String, u16>>>,
+    calls: Arc<Mutex<Vec<(String, Value)>>>,
+}
+
+impl HookReceiver {
+    async fn start() -> (String, HookReceiver, tokio::task::JoinHandle<()>) {
+        use axum::extract::{Path, State};
+        let receiver = HookReceiver::default();
+        let app = axum::Router::new()
+            .route(
+                "/{hook}",
+                axum::routing::post(
+                    |State(r): State<HookReceiver>,
+                     Path(hook): Path<String>,
+                     axum::Json(body): axum::Json<Value>| async move {
+                        let code = r.answers.lock().unwrap().get(&hook).copied().unwrap_or(200);
+                        r.calls.lock().unwrap().push((hook, body));
+                        axum::http::StatusCode::from_u16(code).unwrap()
+                    },
+                ),
+            )
+            .with_state(receiver.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        (base, receiver, task)
+    }
+    fn answer(&self, hook: &str, code: u16) {
+        self.answers.lock().unwrap().insert(hook.to_string(), code);
+    }
+    fn calls(&self, hook: &str) -> Vec<Value> {
+        let calls = self.calls.lock().unwrap();
+        calls
+            .iter()
+            .filter(|(h, _)| h == hook)
+            .map(|(_, body)| body.clone())
+            .collect()
+    }
+}
+
+fn hook(name: &str, kind: &str, base: &str) -> Value {
+    json!({"name": name, "type": kind, "url": format!("{base}/{name}"), "retries": 0, "timeout": "2s"})
+}
+
+/// The line of an OpenMetrics text that has every one of `parts`, if any.
+fn metric_line<'a>(text: &'a str, parts: &[&str]) -> Option<&'a str> {
+    text.lines()
+        .find(|line| !line.starts_with('#') && parts.iter().all(|p| line.contains(p)))
+}
+
+async fn http_get(app: axum::Router, uri: &str) -> (u16, Value) {
+    use tower::ServiceExt;
+    let response = app
+        .oneshot(
+            axum::http::Request::get(uri)
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let code = response.status().as_u16();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 22)
+        .await
+        .unwrap();
+    (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn webhooks_gate_a_kubernetes_rollout_and_the_dashboard_and_metrics_show_it() {
+    let (base, hooks, _receiver) = HookReceiver::start().await;
+    hooks.answer("pre", 503);
+    hooks.answer("confirm", 403);
+    let mut object = canary_object(json!({}), json!({}));
+    object["spec"]["webhooks"] = json!([
+        hook("pre", "pre-rollout", &base),
+        hook("load", "rollout", &base),
+        hook("confirm", "confirm-promotion", &base),
+        hook("post", "post-rollout", &base),
+        hook("notify", "event", &base),
+    ]);
+    let server = seeded(object);
+    let clock = ManualClock::starting_at(t0());
+    let a = instance_with_clock(&server, clock.clone());
+    reconcile_now(&server, &a).await; // the finalizer
+
+    // A failing pre-rollout hook: one failed check, nothing starts.
+    reconcile_now(&server, &a).await;
+    let st = status(&server);
+    assert_eq!(
+        (
+            st.rollout.phase,
+            st.rollout.failed_checks,
+            vs_weights(&server)
+        ),
+        (Phase::Initializing, 1, Weights::canary_percent(0))
+    );
+    assert!(
+        st.rollout
+            .message
+            .contains("pre-rollout webhook \"pre\" failed"),
+        "{}",
+        st.rollout.message
+    );
+
+    // It answers 200 now: the rollout starts and steps while `load` is called every interval.
+    hooks.answer("pre", 200);
+    for _ in 0..2 {
+        clock.advance(30);
+        reconcile_now(&server, &a).await;
+    }
+    let st = status(&server);
+    assert_eq!(
+        (st.rollout.phase, st.rollout.canary_weight),
+        (Phase::Progressing, 50),
+        "{}",
+        st.rollout.message
+    );
+
+    // The promotion waits for `confirm`; the analysis goes on meanwhile.
+    clock.advance(30);
+    reconcile_now(&server, &a).await;
+    let st = status(&server);
+    assert_eq!(
+        (st.rollout.phase, st.rollout.canary_weight),
+        (Phase::Progressing, 50)
+    );
+    assert!(
+        st.rollout
+            .message
+            .contains("confirm-promotion webhook \"confirm\""),
+        "{}",
+        st.rollout.message
+    );
+    assert_eq!(vs_weights(&server), Weights::canary_percent(50));
+    hooks.answer("confirm", 200);
+    clock.advance(30);
+    reconcile_now(&server, &a).await;
+    assert_eq!(status(&server).rollout.phase, Phase::Promoted);
+    assert_eq!(vs_weights(&server), Weights::canary_percent(100));
+    clock.advance(30);
+    reconcile_now(&server, &a).await; // finished: hands off, no hook is called again
+
+    assert_eq!(hooks.calls("pre").len(), 2);
+    assert!(hooks.calls("load").len() >= 3, "{:?}", hooks.calls("load"));
+    assert_eq!(hooks.calls("confirm").len(), 2);
+    let post = hooks.calls("post");
+    assert_eq!(post.len(), 1, "post-rollout is called once: {post:?}");
+    assert_eq!(post[0]["canary"]["phase"], "Promoted");
+    assert_eq!(post[0]["canary"]["namespace"], NS);
+    // Events are sent in the background: wait for the promotion's.
+    let mut reasons = Vec::new();
+    for _ in 0..50 {
+        reasons = hooks
+            .calls("notify")
+            .iter()
+            .filter_map(|b| b["event"]["reason"].as_str().map(str::to_string))
+            .collect();
+        if reasons.iter().any(|r| r == "Promoted") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        reasons.iter().any(|r| r == "Started") && reasons.iter().any(|r| r == "Promoted"),
+        "{reasons:?}"
+    );
+
+    // The dashboard's API: the canary as `namespace/name`, its hooks and its traffic series.
+    let app = crate::api::router(a.ctx.registry.clone());
+    let (code, list) = http_get(app.clone(), "/api/v1/canaries").await;
+    assert_eq!(code, 200);
+    assert_eq!(list[0]["name"], "shop/app");
+    let (code, view) = http_get(app.clone(), "/api/v1/canaries/shop%2Fapp").await;
+    assert_eq!(code, 200, "{view}");
+    assert_eq!(view["phase"], "Promoted");
+    let webhooks = view["webhooks"].as_array().unwrap();
+    assert_eq!(webhooks.len(), 5);
+    assert_eq!(webhooks[2]["name"], "confirm");
+    assert_eq!(webhooks[2]["lastCall"]["ok"], true);
+    let series = view["series"].as_array().unwrap();
+    assert!(series.len() >= 3, "{series:?}");
+    assert_eq!(series.last().unwrap()["canaryWeight"], 50);
+    assert!(series.last().unwrap()["canary"]["requests"].as_u64() > Some(0));
+    // Commands are annotations in Kubernetes mode, not HTTP calls.
+    let refused = {
+        use tower::ServiceExt;
+        app.oneshot(
+            axum::http::Request::post("/api/v1/canaries/shop%2Fapp/abort")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+    };
+    assert_eq!(refused.status().as_u16(), 403);
+
+    // Self-metrics.
+    let text = a.ctx.registry.telemetry().encode().unwrap();
+    for parts in [
+        &["fledge_canary_weight", "canary=\"shop/app\"", "} 100"][..],
+        &[
+            "fledge_canary_phase",
+            "canary=\"shop/app\"",
+            "phase=\"Promoted\"",
+            "} 1",
+        ],
+        &[
+            "fledge_webhook_calls_total",
+            "webhook=\"confirm\"",
+            "outcome=\"failed\"",
+            "} 1",
+        ],
+        &[
+            "fledge_webhook_calls_total",
+            "webhook=\"pre\"",
+            "outcome=\"ok\"",
+            "} 1",
+        ],
+        &[
+            "fledge_decisions_total",
+            "canary=\"shop/app\"",
+            "reason=\"Promoted\"",
+            "} 1",
+        ],
+        &[
+            "fledge_analysis_total",
+            "canary=\"shop/app\"",
+            "verdict=\"Pass\"",
+        ],
+    ] {
+        assert!(
+            metric_line(&text, parts).is_some(),
+            "no {parts:?} in\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_rollback_webhook_rolls_a_kubernetes_rollout_back() {
+    let (base, hooks, _receiver) = HookReceiver::start().await;
+    hooks.answer("stop", 404); // "no objection" until it answers 2xx
+    let mut object = canary_object(json!({}), json!({}));
+    object["spec"]["webhooks"] = json!([hook("stop", "rollback", &base)]);
+    let server = seeded(object);
+    let clock = ManualClock::starting_at(t0());
+    let a = instance_with_clock(&server, clock.clone());
+    reconcile_now(&server, &a).await;
+    reconcile_now(&server, &a).await;
+    clock.advance(30);
+    reconcile_now(&server, &a).await;
+    assert_eq!(status(&server).rollout.phase, Phase::Progressing);
+    hooks.answer("stop", 200);
+    clock.advance(30);
+    reconcile_now(&server, &a).await;
+    let st = status(&server);
+    assert_eq!(st.rollout.phase, Phase::RolledBack);
+    assert!(
+        st.rollout.message.contains("rollback webhook \"stop\""),
+        "{}",
+        st.rollout.message
+    );
+    assert_eq!(vs_weights(&server), Weights::canary_percent(0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_guard_trip_rolls_back_at_once_without_waiting_for_the_analysis_tick() {
+    let server = seeded(canary_object(
+        json!({"guard": {"checkInterval": "1s"}}),
+        json!({}),
+    ));
+    let clock = TokioClock::starting_at(t0());
+    let backends = ScriptedBackends::default();
+    let controller = start(&server, "a", backends.clone(), clock);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let st = status(&server);
+    assert_eq!(
+        (st.rollout.phase, st.rollout.canary_weight),
+        (Phase::Progressing, 20)
+    );
+
+    // The filter trips at 5 s; the controller reads the gauge every second.
+    backends.trip_guard(t0() + chrono::Duration::seconds(5));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let st = status(&server);
+    assert_eq!(
+        st.rollout.phase,
+        Phase::RolledBack,
+        "{}",
+        st.rollout.message
+    );
+    assert!(
+        st.rollout.message.contains("data-plane guard tripped"),
+        "{}",
+        st.rollout.message
+    );
+    let rolled_back_at = st
+        .rollout
+        .history
+        .last()
+        .map(|t| (t.at - t0()).num_seconds());
+    assert!(
+        matches!(rolled_back_at, Some(5..=8)),
+        "rolled back at {rolled_back_at:?} s, not at the next analysis tick (30 s)"
+    );
+    assert_eq!(st.last_tick_at, Some(t0()), "no analysis tick was needed");
+    assert_eq!(vs_weights(&server), Weights::canary_percent(0));
+    assert_eq!(
+        controller
+            .registry
+            .get("shop/app")
+            .map(|view| view.status.phase),
+        Some(Phase::RolledBack)
+    );
+    let text = controller.registry.telemetry().encode().unwrap();
+    assert!(
+        metric_line(
+            &text,
+            &["fledge_decisions_total", "reason=\"RollbackTriggered\""]
+        )
+        .is_some()
+            || metric_line(&text, &["fledge_decisions_total", "reason=\"RolledBack\""]).is_some(),
+        "{text}"
+    );
+    controller.stop().await;
+}
+
+#[tokio::test]
+async fn fledge_controller_serves_probes_the_dashboard_and_metrics_over_http() {
+    use super::serve::{serve, ServeOptions};
+    let server = seeded(canary_object(json!({"interval": "1s"}), json!({})));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let options = ServeOptions::from_args(
+        None,
+        Some("fledge-system".into()),
+        "fledge-controller".into(),
+        Some("a".into()),
+        addr,
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve(
+        server.client("a"),
+        listener,
+        options,
+        Arc::new(ScriptedBackends::default()),
+        Arc::new(super::clock::SystemClock),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let http = reqwest::Client::new();
+    let base = format!("http://{addr}");
+    let get = |path: &str| {
+        let request = http.get(format!("{base}{path}"));
+        async move {
+            let response = request.send().await.unwrap();
+            let code = response.status().as_u16();
+            (code, response.text().await.unwrap())
+        }
+    };
+
+    // Leading, then the canary on the dashboard's API once it has advanced a step.
+    let mut view = Value::Null;
+    for _ in 0..100 {
+        let (_, ready) = get("/readyz").await;
+        let (_, list) = get("/api/v1/canaries").await;
+        view = serde_json::from_str::<Value>(&list).unwrap_or(Value::Null)[0].clone();
+        if ready == "ok: leader" && view["canaryWeight"].as_u64() >= Some(50) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(view["name"], "shop/app", "{view}");
+    assert!(view["canaryWeight"].as_u64() >= Some(50), "{view}");
+    let (code, one) = get("/api/v1/canaries/shop%2Fapp").await;
+    assert_eq!(code, 200, "{one}");
+    let one: Value = serde_json::from_str(&one).unwrap();
+    assert!(!one["series"].as_array().unwrap().is_empty(), "{one}");
+    let (code, page) = get("/").await;
+    assert_eq!(code, 200);
+    assert!(page.contains("<title>Fledge"), "{page}");
+    let (code, text) = get("/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        metric_line(&text, &["fledge_canary_weight", "canary=\"shop/app\""]).is_some(),
+        "{text}"
+    );
+    let (_, info) = get("/api/v1/info").await;
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["commands"], false);
+    assert!(
+        info["commandsDisabledReason"]
+            .as_str()
+            .is_some_and(|r| r.contains("annotations")),
+        "{info}"
+    );
+    let refused = http
+        .post(format!("{base}/api/v1/canaries/shop%2Fapp/abort"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stops on the signal")
+        .unwrap()
+        .unwrap();
+    assert!(
+        reqwest::get(format!("{base}/healthz")).await.is_err(),
+        "the HTTP server stopped"
+    );
 }

@@ -1,19 +1,28 @@
-//! `fledge controller`: the Kubernetes controller process — probes, leader election,
-//! reconciles, graceful shutdown.
+//! `fledge controller`: the Kubernetes controller process — probes, dashboard and self-metrics,
+//! leader election, reconciles, graceful shutdown.
 //!
 //! ```text
 //!  SIGTERM ──▶ shutdown ──▶ Controller stops taking work, in-flight reconciles finish
-//!                              ──▶ Lease released ──▶ probes server stops ──▶ exit 0
+//!                              ──▶ Lease released ──▶ HTTP server stops ──▶ exit 0
 //! ```
 //!
-//! `/healthz` answers while the process runs; `/readyz` answers once started and says whether
-//! this instance leads (standby replicas are ready too: they are healthy spares).
+//! One HTTP server on `--listen` serves:
+//! - `/healthz` while the process runs; `/readyz` once started, saying whether this instance
+//!   leads (standby replicas are ready too: they are healthy spares);
+//! - the same read-only API, dashboard and decision simulator as `fledge run` (canaries named
+//!   `namespace/name`; the leader shows them, a standby says it is one), and `/metrics`
+//!   (prometheus-client: weights, phases, analyses, decisions, webhook calls, errors).
+//!
+//! Commands are not taken over HTTP here: in a cluster they are annotations on the Canary
+//! (`fledge promote NAME --kubernetes`), so the API server's RBAC decides who may steer.
 
-use super::clock::SystemClock;
-use super::factory::DefaultBackends;
+use super::clock::{Clock, SystemClock};
+use super::factory::{Backends, DefaultBackends};
 use super::lease::LeaseSettings;
 use super::reconciler::{run, ControllerOptions};
 use super::{Error, Result};
+use crate::api::{CommandPolicy, KUBERNETES_COMMANDS};
+use crate::runner::Registry;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -71,36 +80,60 @@ pub async fn run_until(options: ServeOptions, signal: impl Future<Output = ()>) 
                 options.listen
             ))
         })?;
+    serve(
+        client,
+        listener,
+        options,
+        Arc::new(DefaultBackends),
+        Arc::new(SystemClock),
+        signal,
+    )
+    .await
+}
+
+/// [`run_until`] with its parts given: the API client, the bound listener, the backends and
+/// the clock (tests pass the fake API server's client and scripted backends).
+pub async fn serve(
+    client: kube::Client,
+    listener: tokio::net::TcpListener,
+    options: ServeOptions,
+    backends: Arc<dyn Backends>,
+    clock: Arc<dyn Clock>,
+    signal: impl Future<Output = ()>,
+) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (leader_tx, leader_rx) = watch::channel(false);
     tracing::info!(
         identity = %options.controller.lease.identity,
         lease = %format!("{}/{}", options.controller.lease.namespace, options.controller.lease.name),
         namespace = options.controller.namespace.as_deref().unwrap_or("(all)"),
-        probes = %options.listen,
+        http = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         "fledge controller starting"
     );
 
-    let probes = axum::Router::new()
-        .route("/healthz", axum::routing::get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            axum::routing::get(move || {
-                let leader = *leader_rx.borrow();
-                async move {
-                    if leader {
-                        "ok: leader"
-                    } else {
-                        "ok: standby"
-                    }
+    let registry = Registry::default();
+    let http = crate::api::router_with(
+        registry.clone(),
+        CommandPolicy::Disabled(KUBERNETES_COMMANDS.to_string()),
+    )
+    .route(
+        "/readyz",
+        axum::routing::get(move || {
+            let leader = *leader_rx.borrow();
+            async move {
+                if leader {
+                    "ok: leader"
+                } else {
+                    "ok: standby"
                 }
-            }),
-        );
-    let mut probes_shutdown = shutdown_rx.clone();
-    let probes = tokio::spawn(async move {
-        axum::serve(listener, probes)
+            }
+        }),
+    );
+    let mut http_shutdown = shutdown_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, http)
             .with_graceful_shutdown(async move {
-                let _ = probes_shutdown.wait_for(|s| *s).await;
+                let _ = http_shutdown.wait_for(|s| *s).await;
             })
             .await
     });
@@ -108,8 +141,9 @@ pub async fn run_until(options: ServeOptions, signal: impl Future<Output = ()>) 
     let controller = tokio::spawn(run(
         client,
         options.controller,
-        Arc::new(DefaultBackends),
-        Arc::new(SystemClock),
+        backends,
+        clock,
+        registry,
         leader_tx,
         shutdown_rx,
     ));
@@ -126,6 +160,6 @@ pub async fn run_until(options: ServeOptions, signal: impl Future<Output = ()>) 
             finished
         }
     };
-    let _ = probes.await;
+    let _ = server.await;
     result.map_err(|e| Error::Startup(format!("controller task failed: {e}")))?
 }

@@ -43,7 +43,10 @@
 
   function renderList(canaries) {
     if (canaries.length === 0) {
-      app.innerHTML = `<h1>Canaries</h1><p class="muted">No canaries. Start one with <code>fledge run -f canary.yaml</code>.</p>`;
+      // A standby Kubernetes controller says so (its leader shows the canaries).
+      app.innerHTML = info.note ? `<h1>Canaries</h1><p class="alert" data-testid="note">${esc(info.note)}</p>`
+        : `<h1>Canaries</h1><p class="muted">No canaries. Start one with <code>fledge run -f canary.yaml</code>, ` +
+          `or <code>kubectl apply</code> a Canary for <code>fledge controller</code>.</p>`;
       return;
     }
     const rows = canaries.map((c) => {
@@ -59,7 +62,8 @@
     }).join("");
     app.innerHTML = `<h1>Canaries</h1><table data-testid="canary-list"><thead><tr><th>Canary</th><th>Phase</th><th>Canary weight</th>` +
       `<th>Step</th><th>Failed</th><th>Last analysis</th><th>Latest decision</th></tr></thead><tbody>${rows}</tbody></table>` +
-      `<p class="muted">Read-only view${info.commands ? "; steer with <code>fledge promote|abort|pause|resume|retry NAME</code>" : ""}. ` +
+      `<p class="muted">Read-only view${info.commands ? "; steer with <code>fledge promote|abort|pause|resume|retry NAME</code>"
+        : info.commandsDisabledReason ? `; ${esc(info.commandsDisabledReason)}` : ""}. ` +
       `Refreshes every ${POLL_MS / 1000} s.</p>`;
   }
 
