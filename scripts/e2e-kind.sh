@@ -173,6 +173,17 @@ expect_event CanaryAdvanced
 expect_event Promoted
 kubectl -n "$NS" get canary app -o wide
 
+say "the leader's dashboard API and /metrics show the promotion"
+leader=$(kubectl -n fledge-system get lease fledge-controller -o jsonpath='{.spec.holderIdentity}')
+kubectl -n fledge-system port-forward "pod/$leader" 18080:8080 >/dev/null 2>&1 &
+forward=$!
+sleep 3
+curl -sf "http://127.0.0.1:18080/api/v1/canaries/$NS%2Fapp" | grep -q '"phase":"Promoted"' \
+    || { kill "$forward"; die "the dashboard API does not show $NS/app Promoted"; }
+curl -sf http://127.0.0.1:18080/metrics | grep -q "fledge_canary_weight{canary=\"$NS/app\"} 100" \
+    || { kill "$forward"; die "/metrics does not show the promoted weight"; }
+kill "$forward"
+
 say "GitOps step: v2 becomes stable, v3 (20% errors) becomes the canary"
 kubectl -n "$NS" patch destinationrule app --type json -p \
     '[{"op":"replace","path":"/spec/subsets/0/labels/version","value":"v2"},{"op":"replace","path":"/spec/subsets/1/labels/version","value":"v3"}]'

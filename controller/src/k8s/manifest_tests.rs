@@ -196,6 +196,23 @@ fn controller_deployment_is_hardened_and_probes_what_it_serves() {
         deployment["spec"]["replicas"].as_u64().unwrap() >= 2,
         "a standby replica"
     );
+    // Prometheus scrapes the port the controller serves /metrics on; the Service reaches it.
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    assert_eq!(
+        annotations["prometheus.io/port"].as_str(),
+        Some(listen_port(container).to_string().as_str())
+    );
+    let service = find(&docs, "Service", "fledge-controller");
+    assert_eq!(
+        service["spec"]["selector"],
+        deployment["spec"]["template"]["metadata"]["labels"]
+    );
+    assert_eq!(
+        service["spec"]["ports"][0]["targetPort"],
+        container["livenessProbe"]["httpGet"]["port"]
+    );
 }
 
 #[test]
