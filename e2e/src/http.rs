@@ -71,6 +71,26 @@ pub fn post_ok(url: &str, timeout: Duration) -> Result<String> {
     Ok(body)
 }
 
+/// PATCH `url` with a JSON merge patch (as `kubectl patch --type merge` does), require 2xx.
+pub fn patch_merge(url: &str, patch: &serde_json::Value, timeout: Duration) -> Result<String> {
+    let mut response = agent(timeout)
+        .patch(url)
+        .header("content-type", "application/merge-patch+json")
+        .send(serde_json::to_vec(patch)?.as_slice())
+        .with_context(|| format!("PATCH {url}"))?;
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_BODY_BYTES)
+        .read_to_string()
+        .unwrap_or_default();
+    if !(200..300).contains(&status) {
+        bail!("PATCH {url} answered {status}: {body}");
+    }
+    Ok(body)
+}
+
 /// One sample of the Prometheus text format: `name{labels} value`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromSample {

@@ -19,12 +19,15 @@
 //!   log file and which is killed (SIGTERM, then SIGKILL) on drop; [`process::wait_until`];
 //!   [`process::ScratchDir`]; [`process::free_port`].
 //! - [`backend`]: [`backend::Backend`], a running `fledge-testbackend`.
+//! - [`browser`]: the headless-chromium dashboard script and bounded child commands.
 //! - [`envoy`]: [`envoy::Envoy`], a running Envoy with a generated bootstrap and a file-RDS
 //!   route whose weights tests can rewrite and read back from `/config_dump`.
 //! - [`loadgen`]: [`loadgen::LoadGen`], bounded fixed-rate load with live snapshots.
 //! - [`controller`]: [`controller::Controller`], a running `fledge run` and its status API, and
 //!   [`controller::CanaryManifest`], the Canary YAML it reads.
 //! - [`http`]: a tiny blocking HTTP helper and a Prometheus text parser.
+//! - [`kubernetes`]: Kubernetes mode without a cluster — the fake API server over HTTP, a real
+//!   `fledge controller`, and a stand-in for istiod that copies VirtualService weights to Envoy.
 //! - [`rollback`]: the canary-fails-hard scenario (data-plane guard and controller rollback
 //!   times), shared by `tests/guard.rs` and `fledge-bench-rollback`.
 //!
@@ -32,9 +35,11 @@
 //! dropped, and every wait and load loop is bounded in time and count.
 
 pub mod backend;
+pub mod browser;
 pub mod controller;
 pub mod envoy;
 pub mod http;
+pub mod kubernetes;
 pub mod loadgen;
 pub mod paths;
 pub mod process;

@@ -4,15 +4,13 @@
 //! and the WebAssembly simulator deciding a spec exactly as `fledge simulate` (native) does.
 //! Screenshots are kept under `target/dashboard-screenshots/`.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use fledge_e2e::{
-    http, init_tracing, paths, wait_until, Backend, BackendOptions, CanaryManifest, Controller,
-    Envoy, EnvoyOptions, LoadGen, LoadOptions, ScratchDir, WasmFilter,
+    browser, http, init_tracing, paths, wait_until, Backend, BackendOptions, CanaryManifest,
+    Controller, Envoy, EnvoyOptions, LoadGen, LoadOptions, ScratchDir, WasmFilter,
 };
 use serde_json::Value;
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Holds at 20% for a minute, so the browser sees a live, progressing canary.
 const ANALYSIS: &str = "interval: 1s
@@ -44,50 +42,10 @@ spec:
 ";
 const SCENARIO: &str = r#"{"requestsPerMinute": 300, "canaryErrorRatio": 3, "seed": 11}"#;
 
-/// Run `program args` with a deadline; `(exit code, stdout, stderr)`.
-fn run_bounded(program: &Path, args: &[&str], limit: Duration) -> Result<(i32, String, String)> {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", program.display()))?;
-    let deadline = Instant::now() + limit;
-    while child.try_wait()?.is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "{} {args:?} did not finish within {limit:?}",
-                program.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let output = child.wait_with_output()?;
-    Ok((
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    ))
-}
-
-fn browser_script() -> Result<std::path::PathBuf> {
-    let dir = paths::workspace_root().join("e2e/browser");
-    if !dir
-        .join("node_modules/playwright-core/package.json")
-        .is_file()
-    {
-        bail!("playwright-core is not installed: run `make setup-browser` (Debian chromium + npm ci in e2e/browser)");
-    }
-    Ok(dir.join("dashboard.mjs"))
-}
-
 #[test]
 fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
     init_tracing();
-    let script = browser_script()?;
-    let node = which("node").context("node is needed for the browser test")?;
+    browser::dashboard_script()?;
     let dir = ScratchDir::temp("dashboard")?;
     let stable = Backend::start("v1", BackendOptions::default())?;
     let canary = Backend::start("v2", BackendOptions::default())?;
@@ -127,31 +85,7 @@ fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
         })?;
         let spec_path = dir.path().join("simulated.yaml");
         std::fs::write(&spec_path, SIMULATED_SPEC)?;
-        let shots = paths::target_dir().join("dashboard-screenshots");
-        std::fs::create_dir_all(&shots)?;
-        let (code, out, err) = run_bounded(
-            &node,
-            &[
-                script.to_str().unwrap_or_default(),
-                "--base",
-                &base,
-                "--canary",
-                "app",
-                "--spec",
-                spec_path.to_str().unwrap_or_default(),
-                "--scenario",
-                SCENARIO,
-                "--out",
-                shots.to_str().unwrap_or_default(),
-            ],
-            Duration::from_secs(170),
-        )?;
-        ensure!(
-            code == 0,
-            "browser script exit {code}\nstdout: {out}\nstderr: {err}"
-        );
-        let page: Value = serde_json::from_str(out.trim().lines().last().unwrap_or_default())
-            .with_context(|| format!("browser script output: {out}\nstderr: {err}"))?;
+        let page = browser::drive_dashboard(&base, "app", &spec_path, SCENARIO, "standalone")?;
         eprintln!("screenshots: {}", page["screenshots"]);
 
         // No script errors in the pages.
@@ -201,7 +135,7 @@ fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
         );
 
         // The simulator page decides exactly as the native simulator (`fledge simulate`).
-        let (code, native, err) = run_bounded(
+        let (code, native, err) = browser::run_bounded(
             &paths::fledge_binary()?,
             &[
                 "simulate",
@@ -242,12 +176,4 @@ fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
     let result = result.with_context(|| format!("fledge log tail:\n{}", controller.log_tail(30)));
     load.stop();
     result
-}
-
-fn which(program: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(program))
-            .find(|candidate| candidate.is_file())
-    })
 }

@@ -30,6 +30,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::broadcast;
 
+fn meta_field(object: &Value, field: &str) -> Option<String> {
+    object
+        .get(field)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
 /// One request as the server saw it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordedRequest {
@@ -296,6 +303,59 @@ impl FakeApiServer {
             async move { Ok::<_, Infallible>(server.handle(&identity, request).await) }
         });
         kube::Client::new(service, "default")
+    }
+
+    /// Serve this API server over HTTP on `listener` (for a real `fledge controller` process in
+    /// e2e tests; plain HTTP, no authentication). A request's client identity is its bearer
+    /// token (a kubeconfig `token:`), else `anonymous`. Runs until `shutdown` completes.
+    pub async fn serve_http(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let app = axum::Router::new().fallback(move |request: Request<axum::body::Body>| {
+            let server = self.clone();
+            async move {
+                let identity = request
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or("anonymous")
+                    .to_string();
+                let (parts, body) = request.into_parts();
+                let bytes = match body.collect().await {
+                    Ok(collected) => collected.to_bytes(),
+                    Err(_) => Default::default(),
+                };
+                let request = Request::from_parts(parts, kube::client::Body::from(bytes.to_vec()));
+                server.handle(&identity, request).await
+            }
+        });
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+
+    /// Create an object as another client would (kubectl apply of a new object); not recorded.
+    /// `apiVersion` names the group (`networking.istio.io/v1` → `networking.istio.io`); the
+    /// resource is found by `kind`.
+    pub fn try_create(&self, object: Value) -> Result<Value, String> {
+        let kind = meta_field(&object, "kind").ok_or("the object has no kind")?;
+        let group = meta_field(&object, "apiVersion")
+            .ok_or("the object has no apiVersion")?
+            .rsplit_once('/')
+            .map(|(group, _)| group.to_string())
+            .unwrap_or_default();
+        let plural = self
+            .resources
+            .iter()
+            .find(|r| r.group == group && r.kind == kind)
+            .map(|r| r.plural.clone())
+            .ok_or_else(|| format!("this fake API server does not serve {group} {kind}"))?;
+        let namespace = meta(&object, "namespace").unwrap_or("default").to_string();
+        self.create_object(&group, &plural, &namespace, object)
+            .map_err(|Failure(_, _, message)| message)
     }
 
     /// Every request so far, in order.

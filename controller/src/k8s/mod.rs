@@ -28,8 +28,9 @@
 //! - [`clock`]: wall clock, replaceable in tests.
 //! - [`serve`]: the `fledge controller` process (probes, graceful shutdown).
 //! - [`rbac`]: the API permissions the controller needs (checked against `manifests/`).
-//! - `fake_api` (tests only): an in-process Kubernetes API server with the semantics the
-//!   controller relies on, recording every request.
+//! - `fake_api` (tests, and the `fake-api` feature for e2e tooling): an in-process Kubernetes
+//!   API server with the semantics the controller relies on, recording every request; it can
+//!   also be served over HTTP to a real `fledge controller` process.
 
 pub mod clock;
 pub mod crd;
@@ -39,8 +40,8 @@ pub mod rbac;
 pub mod reconciler;
 pub mod serve;
 
-#[cfg(test)]
-pub(crate) mod fake_api;
+#[cfg(any(test, feature = "fake-api"))]
+pub mod fake_api;
 #[cfg(test)]
 mod manifest_tests;
 #[cfg(test)]

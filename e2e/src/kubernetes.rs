@@ -1,0 +1,336 @@
+//! Kubernetes mode on real processes, without a cluster:
+//!
+//! ```text
+//!  fledge-fake-apiserver (the unit tests' fake API server, over HTTP)
+//!     ▲  Canary, Lease, Events, VirtualService          │ VirtualService weights
+//!     │                                                  ▼
+//!  fledge controller ◀── Envoy admin /stats ──┐    MeshSync (stand-in for istiod)
+//!     │ dashboard, /metrics                   │          │ writes the route file
+//!     ▼                                       │          ▼
+//!  browser / CLI                           Envoy + Wasm filter ──▶ backends v1 / v2
+//! ```
+//!
+//! - [`FakeCluster`]: a running `fledge-fake-apiserver` seeded with objects, and its kubeconfig.
+//! - [`KubeController`]: a running `fledge controller` using that kubeconfig.
+//! - [`MeshSync`]: copies one VirtualService route's weights into Envoy's file RDS every
+//!   200 ms, as istiod would push them to the gateway. It is a stand-in: nothing of Istio's own
+//!   behaviour (subsets, propagation delays, xDS) is modelled beyond "the weights reach Envoy".
+
+use crate::envoy::{write_rds_file, RouteWeights};
+use crate::process::{abort_if_exited, free_port, wait_until, Proc};
+use crate::{http, paths};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// The Istio API group and version the controller writes.
+const ISTIO_V1: &str = "/apis/networking.istio.io/v1";
+
+/// A running `fledge-fake-apiserver`.
+pub struct FakeCluster {
+    proc: Proc,
+    url: String,
+    kubeconfig: PathBuf,
+}
+
+impl FakeCluster {
+    /// Start it in `dir` with `objects` created first; its kubeconfig's context uses
+    /// `namespace`.
+    pub fn start(dir: &Path, namespace: &str, objects: &[Value]) -> Result<FakeCluster> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let seed = dir.join("seed.json");
+        std::fs::write(&seed, serde_json::to_vec_pretty(objects)?)?;
+        let kubeconfig = dir.join("kubeconfig");
+        let _ = std::fs::remove_file(&kubeconfig);
+        let port = free_port()?;
+        let mut command = Command::new(paths::cargo_binary("fledge-fake-apiserver")?);
+        command
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--namespace")
+            .arg(namespace)
+            .arg("--seed")
+            .arg(&seed);
+        let mut proc = Proc::spawn("fake-apiserver", command, &dir.join("apiserver.log"))?;
+        let url = format!("http://127.0.0.1:{port}");
+        wait_until(
+            "the fake API server to answer",
+            Duration::from_secs(20),
+            || {
+                abort_if_exited(&mut proc)?;
+                Ok((kubeconfig.is_file()
+                    && http::get(&format!("{url}/version"), Duration::from_secs(1)).is_ok())
+                .then_some(()))
+            },
+        )
+        .with_context(|| format!("fake API server log:\n{}", proc.log_tail(20)))?;
+        Ok(FakeCluster {
+            proc,
+            url,
+            kubeconfig,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// `GET path` as JSON (2xx required).
+    pub fn get(&self, path: &str) -> Result<Value> {
+        http::get_json(&format!("{}{path}", self.url), Duration::from_secs(3))
+    }
+
+    /// A Canary object.
+    pub fn canary(&self, namespace: &str, name: &str) -> Result<Value> {
+        self.get(&format!(
+            "/apis/fledge.dev/v1alpha1/namespaces/{namespace}/canaries/{name}"
+        ))
+    }
+
+    /// The weights of `route` in a VirtualService whose first destination is stable and
+    /// second is the canary.
+    pub fn route_weights(&self, namespace: &str, name: &str, route: &str) -> Result<RouteWeights> {
+        let vs = self.get(&format!(
+            "{ISTIO_V1}/namespaces/{namespace}/virtualservices/{name}"
+        ))?;
+        weights_of(&vs, route)
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.proc.log_tail(lines)
+    }
+}
+
+fn weights_of(virtual_service: &Value, route: &str) -> Result<RouteWeights> {
+    let http_routes = virtual_service["spec"]["http"]
+        .as_array()
+        .ok_or_else(|| anyhow!("the VirtualService has no spec.http"))?;
+    let found = http_routes
+        .iter()
+        .find(|r| r["name"] == route)
+        .ok_or_else(|| anyhow!("the VirtualService has no route {route:?}"))?;
+    let weight = |i: usize| {
+        found["route"][i]["weight"]
+            .as_u64()
+            .map(|w| w as u32)
+            .unwrap_or(0)
+    };
+    Ok(RouteWeights {
+        stable: weight(0),
+        canary: weight(1),
+    })
+}
+
+/// A running `fledge controller` (Kubernetes mode) against a [`FakeCluster`].
+pub struct KubeController {
+    proc: Proc,
+    port: u16,
+}
+
+impl KubeController {
+    /// Start `fledge controller --identity IDENTITY` with the cluster's kubeconfig and wait
+    /// until its `/readyz` answers.
+    pub fn start(cluster: &FakeCluster, identity: &str, log_path: &Path) -> Result<KubeController> {
+        let port = free_port()?;
+        let mut command = Command::new(paths::fledge_binary()?);
+        command
+            .arg("controller")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--lease-namespace")
+            .arg("fledge-system")
+            .arg("--identity")
+            .arg(identity)
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE");
+        let mut proc = Proc::spawn("fledge controller", command, log_path)?;
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        wait_until("fledge controller /readyz", Duration::from_secs(20), || {
+            abort_if_exited(&mut proc)?;
+            Ok(http::get(&url, Duration::from_secs(1))
+                .ok()
+                .filter(|(code, _)| *code == 200)
+                .map(|_| ()))
+        })
+        .with_context(|| format!("fledge controller log:\n{}", proc.log_tail(20)))?;
+        Ok(KubeController { proc, port })
+    }
+
+    /// Base URL of its HTTP server (probes, dashboard, API, `/metrics`).
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether it leads (`/readyz` says `ok: leader`).
+    pub fn is_leader(&self) -> Result<bool> {
+        let (_, body) = http::get(
+            &format!("{}/readyz", self.base_url()),
+            Duration::from_secs(2),
+        )?;
+        Ok(body.trim() == "ok: leader")
+    }
+
+    /// SIGTERM, wait for a graceful exit (SIGKILL after the grace period).
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        self.proc.stop()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.proc.log_tail(lines)
+    }
+
+    pub fn log_text(&self) -> String {
+        self.proc.log_text()
+    }
+}
+
+/// A stand-in for istiod: copies one VirtualService route's weights into Envoy's RDS file.
+pub struct MeshSync {
+    stop: Arc<AtomicBool>,
+    pushes: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MeshSync {
+    /// Every 200 ms, read `route` of VirtualService `namespace/name` and, when its weights
+    /// changed, write them to `rds_path` (which the Envoy in `crate::envoy` watches).
+    pub fn start(
+        cluster: &FakeCluster,
+        namespace: &str,
+        name: &str,
+        route: &str,
+        rds_path: &Path,
+    ) -> Result<MeshSync> {
+        let url = format!(
+            "{}{ISTIO_V1}/namespaces/{namespace}/virtualservices/{name}",
+            cluster.url()
+        );
+        let route = route.to_string();
+        let rds_path = rds_path.to_path_buf();
+        let stop = Arc::new(AtomicBool::new(false));
+        let pushes = Arc::new(AtomicU64::new(0));
+        let (stop_flag, push_count) = (stop.clone(), pushes.clone());
+        let thread = std::thread::Builder::new()
+            .name("mesh-sync".into())
+            .spawn(move || {
+                // Versions above anything the Envoy harness wrote itself.
+                let mut version = 1_000_000u64;
+                let mut pushed: Option<RouteWeights> = None;
+                while !stop_flag.load(Ordering::SeqCst) {
+                    let weights = http::get_json(&url, Duration::from_secs(2))
+                        .and_then(|vs| weights_of(&vs, &route));
+                    match weights {
+                        Ok(weights) if pushed != Some(weights) => {
+                            version += 1;
+                            match write_rds_file(&rds_path, weights, version) {
+                                Ok(()) => {
+                                    tracing::info!(%weights, "mesh-sync: pushed the VirtualService's weights to Envoy");
+                                    pushed = Some(weights);
+                                    push_count.fetch_add(1, Ordering::SeqCst);
+                                }
+                                Err(e) => tracing::warn!(error = %e, "mesh-sync: cannot write the route file"),
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::debug!(error = %e, "mesh-sync: cannot read the VirtualService"),
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })
+            .context("starting the mesh-sync thread")?;
+        Ok(MeshSync {
+            stop,
+            pushes,
+            thread: Some(thread),
+        })
+    }
+
+    /// How many weight changes were pushed to Envoy so far.
+    pub fn pushes(&self) -> u64 {
+        self.pushes.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for MeshSync {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The objects of a two-subset app in namespace `namespace`: the VirtualService (route
+/// `primary`: stable 100 / canary 0), the DestinationRule and a Canary whose metrics come from
+/// the gateway Envoy's admin at `envoy_admin_url`, with `analysis` as its `spec.analysis`.
+pub fn app_objects(namespace: &str, envoy_admin_url: &str, analysis: Value) -> Vec<Value> {
+    vec![
+        serde_json::json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"name": "app", "namespace": namespace},
+            "spec": {
+                "hosts": ["app.example.com"],
+                "gateways": ["istio-system/public"],
+                "http": [{
+                    "name": "primary",
+                    "route": [
+                        {"destination": {"host": "app", "subset": "stable"}, "weight": 100},
+                        {"destination": {"host": "app", "subset": "canary"}, "weight": 0}
+                    ]
+                }]
+            }
+        }),
+        serde_json::json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "DestinationRule",
+            "metadata": {"name": "app", "namespace": namespace},
+            "spec": {
+                "host": "app",
+                "subsets": [
+                    {"name": "stable", "labels": {"version": "v1"}},
+                    {"name": "canary", "labels": {"version": "v2"}}
+                ]
+            }
+        }),
+        serde_json::json!({
+            "apiVersion": "fledge.dev/v1alpha1",
+            "kind": "Canary",
+            "metadata": {"name": "app", "namespace": namespace},
+            "spec": {
+                "service": "app",
+                "stable": {"subset": "stable"},
+                "canary": {"subset": "canary"},
+                "metricsSource": {"envoyAdmin": {"urls": [envoy_admin_url]}},
+                "router": {"istio": {"virtualService": "app", "route": "primary"}},
+                "analysis": analysis
+            }
+        }),
+    ]
+}
+
+/// Fail with `what` and the logs when `probe` does not hold within `timeout`.
+pub fn require(what: &str, timeout: Duration, probe: impl FnMut() -> Result<bool>) -> Result<()> {
+    let mut probe = probe;
+    wait_until(what, timeout, || Ok(probe()?.then_some(())))
+}
+
+/// Error unless `status` is a clean exit.
+pub fn exited_cleanly(status: Option<ExitStatus>) -> Result<()> {
+    match status {
+        Some(status) if status.success() => Ok(()),
+        other => bail!("fledge controller did not exit cleanly on SIGTERM: {other:?}"),
+    }
+}
