@@ -563,7 +563,9 @@ pub enum TemplateError {
 }
 
 /// Replace every `{{ variable }}` in `template`. Unknown variables are errors, never silently
-/// empty: an empty label matcher would select the wrong series.
+/// empty: an empty label matcher would select the wrong series. Values are inserted as they
+/// are: a valid spec only has letters, digits, '_', '-' (and, in `interval`, a duration) in
+/// them, so they cannot end a PromQL string or add a matcher.
 pub fn render_query(template: &str, vars: &QueryVariables) -> Result<String, TemplateError> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
@@ -759,6 +761,15 @@ impl Canary {
                 "use 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit, e.g. `name: checkout`",
             );
         }
+        if let Some(namespace) = &self.metadata.namespace {
+            if !is_dns_label(namespace) {
+                p.add(
+                    "metadata.namespace",
+                    format!("{namespace:?} is not a valid namespace"),
+                    "use 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit, e.g. `namespace: shop`",
+                );
+            }
+        }
         self.spec.validate_into(&mut p);
         if p.0.is_empty() {
             Ok(())
@@ -786,6 +797,26 @@ impl CanarySpec {
                     field,
                     "is empty",
                     "write the `fledge_subset` label value of that version, e.g. `subset: canary`",
+                );
+            }
+        }
+        // The filter records only these characters (anything else becomes '_'), so another
+        // value would never match its series: the rollout would wait for data forever. It also
+        // keeps every `{{ variable }}` of a custom query a plain PromQL string.
+        for (field, value) in [
+            ("spec.service", &self.service),
+            ("spec.stable.subset", &self.stable.subset),
+            ("spec.canary.subset", &self.canary.subset),
+        ] {
+            let recorded = crate::contract::sanitize_label_value(value);
+            if !value.trim().is_empty() && recorded != *value {
+                p.add(
+                    field,
+                    format!("{value:?} is not a label value the filter can record"),
+                    format!(
+                        "use only letters, digits, '_' and '-' (at most {} characters), as the filter records it: `{recorded}`",
+                        crate::contract::MAX_LABEL_LEN
+                    ),
                 );
             }
         }
@@ -1535,6 +1566,15 @@ spec:
     }
 
     #[test]
+    fn a_label_the_filter_cannot_record_is_rejected_with_the_value_it_would_record() {
+        let mut canary: Canary = serde_yaml::from_str(EXAMPLE).unwrap();
+        canary.spec.service = "app.shop".into();
+        let errors = canary.validate().unwrap_err().to_string();
+        assert!(errors.contains("spec.service"), "{errors}");
+        assert!(errors.contains("`app_shop`"), "{errors}");
+    }
+
+    #[test]
     fn invalid_fields_are_named_with_a_fix() {
         type Mutate = fn(&mut Canary);
         let cases: &[(Mutate, &str)] = &[
@@ -1542,6 +1582,15 @@ spec:
             (|c| c.kind = "Rollout".into(), "kind"),
             (|c| c.metadata.name = "App_1".into(), "metadata.name"),
             (|c| c.spec.service = " ".into(), "spec.service"),
+            (|c| c.spec.service = "app.shop".into(), "spec.service"),
+            (
+                |c| c.spec.canary.subset = "v2\"} or vector(1) #".into(),
+                "spec.canary.subset",
+            ),
+            (
+                |c| c.metadata.namespace = Some("Shop Floor".into()),
+                "metadata.namespace",
+            ),
             (
                 |c| c.spec.canary.subset = "stable".into(),
                 "spec.canary.subset",
