@@ -148,6 +148,8 @@ pub mod reason {
     pub const ROUTER_ERROR: &str = "RouterError";
     pub const METRICS_SOURCE_ERROR: &str = "MetricsSourceError";
     pub const TRAFFIC_RESTORED: &str = "TrafficRestored";
+    /// Another Canary already steers the same VirtualService route.
+    pub const ROUTE_CONFLICT: &str = "RouteConflict";
 }
 
 /// What `Ready` should say.

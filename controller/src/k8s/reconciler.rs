@@ -49,7 +49,7 @@ use kube::api::{Api, DynamicObject, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use std::collections::HashMap;
@@ -104,6 +104,8 @@ pub struct Context {
     pub registry: Registry,
     /// Wakes the controller (every Canary is reconciled) when a guard watch sees a trip.
     pub guard_trigger: Option<UnboundedSender<()>>,
+    /// Every Canary the controller watches (to find two naming the same route).
+    pub canaries: Option<Store<Canary>>,
     runtimes: Mutex<HashMap<String, Arc<CanaryRuntime>>>,
     guard_trips: PendingTrips,
     /// resourceVersions this instance has replaced with a status write: an object still at one
@@ -132,6 +134,7 @@ impl Context {
             retry_delay: Duration::from_secs(10),
             registry: Registry::default(),
             guard_trigger: None,
+            canaries: None,
             runtimes: Mutex::new(HashMap::new()),
             guard_trips: Arc::new(Mutex::new(HashMap::new())),
             superseded: Mutex::new(HashMap::new()),
@@ -338,6 +341,33 @@ fn take_command(canary: &Canary, status: &mut CanaryResourceStatus) -> Option<Co
     })
 }
 
+/// The Canary that already steers `canary`'s VirtualService route, if another one does: the
+/// oldest (then the first by name) of those naming it wins, and a finished one whose final
+/// routes are applied steers nothing any more. Two Canaries moving one route's weights would
+/// undo each other's steps and judge traffic neither of them set.
+fn route_taken_by(store: &Store<Canary>, canary: &Canary) -> Option<String> {
+    let mine = canary.spec.router.istio.as_ref()?;
+    let rank = |c: &Canary| (c.metadata.creation_timestamp.clone(), c.name_any());
+    store
+        .state()
+        .iter()
+        .filter(|other| {
+            other.namespace() == canary.namespace() && other.name_any() != canary.name_any()
+        })
+        .filter(|other| {
+            other.spec.router.istio.as_ref().is_some_and(|theirs| {
+                theirs.virtual_service == mine.virtual_service && theirs.route == mine.route
+            })
+        })
+        .filter(|other| {
+            let status = other.status.clone().unwrap_or_default();
+            !(status.rollout.phase.is_terminal() && status.final_routes_applied)
+        })
+        .filter(|other| rank(other) < rank(canary))
+        .map(|other| key_of(other))
+        .next()
+}
+
 fn desired_routes(status: &CanaryResourceStatus) -> DesiredRoutes {
     DesiredRoutes {
         weights: Weights::canary_percent(status.rollout.canary_weight),
@@ -529,6 +559,29 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
         return Ok(Action::await_change());
     }
 
+    if let Some(owner) = ctx
+        .canaries
+        .as_ref()
+        .and_then(|store| route_taken_by(store, &canary))
+    {
+        let route = canary
+            .spec
+            .router
+            .istio
+            .as_ref()
+            .map(|r| format!("{} route {:?}", r.virtual_service, r.route))
+            .unwrap_or_default();
+        not_ready(
+            &canary,
+            previous,
+            status,
+            reason::ROUTE_CONFLICT,
+            format!("VirtualService {route} is steered by Canary {owner}; this Canary waits until that one finishes or is deleted (one Canary per route)"),
+            ctx,
+        )
+        .await?;
+        return Ok(Action::requeue(ctx.retry_delay));
+    }
     let router = match ctx.backends.router(&ctx.client, &core, &namespace) {
         Ok(router) => router,
         Err(message) => {
@@ -904,18 +957,6 @@ pub async fn run(
         tracing::info!(identity = %options.lease.identity, "leading: starting the Canary controller");
         registry.set_note(None);
         let (guard_trigger, guard_trips) = futures::channel::mpsc::unbounded();
-        let ctx = Arc::new(Context {
-            retry_delay: options.retry_delay,
-            registry: registry.clone(),
-            guard_trigger: Some(guard_trigger),
-            ..Context::new(
-                client.clone(),
-                backends.clone(),
-                clock.clone(),
-                leader.clone(),
-                &options.lease.identity,
-            )
-        });
         let (canaries, virtual_services): (Api<Canary>, Api<DynamicObject>) =
             match &options.namespace {
                 Some(ns) => (
@@ -929,6 +970,19 @@ pub async fn run(
             };
         let controller = Controller::new(canaries, watcher::Config::default());
         let store = controller.store();
+        let ctx = Arc::new(Context {
+            retry_delay: options.retry_delay,
+            registry: registry.clone(),
+            guard_trigger: Some(guard_trigger),
+            canaries: Some(store.clone()),
+            ..Context::new(
+                client.clone(),
+                backends.clone(),
+                clock.clone(),
+                leader.clone(),
+                &options.lease.identity,
+            )
+        });
         let mut term_leader = leader.clone();
         let mut term_shutdown = shutdown.clone();
         controller

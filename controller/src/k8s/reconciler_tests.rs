@@ -1573,3 +1573,51 @@ async fn fledge_controller_serves_probes_the_dashboard_and_metrics_over_http() {
         "the HTTP server stopped"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_second_canary_on_the_same_route_waits_for_the_first() {
+    let server = seeded(canary_object(json!({"stepWeights": [20, 40, 60]}), json!({})));
+    let mut second = canary_object(json!({}), json!({}));
+    second["metadata"]["name"] = json!("app-b");
+    server.create(FLEDGE, "canaries", second);
+    let clock = TokioClock::starting_at(t0());
+    let controller = start(&server, "a", ScriptedBackends::default(), clock);
+    tokio::time::sleep(Duration::from_secs(45)).await;
+
+    // `app` steers the route; `app-b` is not ready, says who does, and moves nothing.
+    let first = status(&server);
+    assert_eq!(
+        (first.rollout.phase, first.rollout.canary_weight),
+        (Phase::Progressing, 40)
+    );
+    assert_eq!(vs_weights(&server), Weights::canary_percent(40));
+    let b: Canary =
+        serde_json::from_value(server.get(FLEDGE, "canaries", NS, "app-b").unwrap()).unwrap();
+    let b_status = b.status.unwrap_or_default();
+    assert_eq!(b_status.rollout.phase, Phase::Initializing);
+    let ready = b_status.condition(condition::READY).expect("a Ready condition");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "RouteConflict")
+    );
+    assert!(ready.message.contains("shop/app"), "{}", ready.message);
+    assert!(event_reasons(&server)
+        .iter()
+        .any(|(reason, kind, _)| reason == "RouteConflict" && kind == "Warning"));
+
+    // Once `app` is deleted (its traffic returned to stable), `app-b` starts.
+    server.delete(FLEDGE, "canaries", NS, "app");
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert!(server.get(FLEDGE, "canaries", NS, "app").is_none());
+    let b: Canary =
+        serde_json::from_value(server.get(FLEDGE, "canaries", NS, "app-b").unwrap()).unwrap();
+    let b_status = b.status.unwrap_or_default();
+    assert_eq!(
+        (b_status.rollout.phase, b_status.rollout.canary_weight),
+        (Phase::Progressing, 20),
+        "{}",
+        b_status.rollout.message
+    );
+    assert_eq!(vs_weights(&server), Weights::canary_percent(20));
+    controller.stop().await;
+}
