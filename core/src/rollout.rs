@@ -504,7 +504,7 @@ impl Machine<'_> {
                     None => self.transition(
                         Phase::Paused,
                         format!(
-                            "paused at {weight}% until promoted (step {}/{}); POST /api/v1/canaries/<name>/promote to continue",
+                            "paused at {weight}% until promoted (step {}/{}); `fledge promote NAME` continues (add `--kubernetes` for a Canary object)",
                             index + 1,
                             self.plan.len()
                         ),

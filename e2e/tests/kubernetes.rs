@@ -226,7 +226,7 @@ fn kubernetes_mode_steers_real_traffic_through_a_virtual_service() -> Result<()>
         ensure!(
             status["message"]
                 .as_str()
-                .is_some_and(|m| m.contains("success-rate")),
+                .is_some_and(|m| m.contains("success rate")),
             "{}",
             status["message"]
         );

@@ -1576,7 +1576,10 @@ async fn fledge_controller_serves_probes_the_dashboard_and_metrics_over_http() {
 
 #[tokio::test(start_paused = true)]
 async fn a_second_canary_on_the_same_route_waits_for_the_first() {
-    let server = seeded(canary_object(json!({"stepWeights": [20, 40, 60]}), json!({})));
+    let server = seeded(canary_object(
+        json!({"stepWeights": [20, 40, 60]}),
+        json!({}),
+    ));
     let mut second = canary_object(json!({}), json!({}));
     second["metadata"]["name"] = json!("app-b");
     server.create(FLEDGE, "canaries", second);
@@ -1595,7 +1598,9 @@ async fn a_second_canary_on_the_same_route_waits_for_the_first() {
         serde_json::from_value(server.get(FLEDGE, "canaries", NS, "app-b").unwrap()).unwrap();
     let b_status = b.status.unwrap_or_default();
     assert_eq!(b_status.rollout.phase, Phase::Initializing);
-    let ready = b_status.condition(condition::READY).expect("a Ready condition");
+    let ready = b_status
+        .condition(condition::READY)
+        .expect("a Ready condition");
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
         ("False", "RouteConflict")
