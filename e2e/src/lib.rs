@@ -28,6 +28,8 @@
 //! - [`http`]: a tiny blocking HTTP helper and a Prometheus text parser.
 //! - [`kubernetes`]: Kubernetes mode without a cluster — the fake API server over HTTP, a real
 //!   `fledge controller`, and a stand-in for istiod that copies VirtualService weights to Envoy.
+//! - [`stack`]: [`stack::AppStack`], backends v1/v2 behind an Envoy with the filter — the
+//!   usual start of a test.
 //! - [`rollback`]: the canary-fails-hard scenario (data-plane guard and controller rollback
 //!   times), shared by `tests/guard.rs` and `fledge-bench-rollback`.
 //!
@@ -45,12 +47,14 @@ pub mod paths;
 pub mod process;
 pub mod prometheus;
 pub mod rollback;
+pub mod stack;
 
 pub use backend::{Backend, BackendOptions, BackendStats};
 pub use controller::{CanaryManifest, CanaryView, Controller};
 pub use envoy::{Envoy, EnvoyOptions, RouteWeights, WasmFilter};
 pub use loadgen::{LoadGen, LoadOptions, LoadReport};
 pub use process::{free_port, wait_until, Proc, ScratchDir};
+pub use stack::AppStack;
 
 /// Install a `tracing` subscriber that honours `RUST_LOG` (default `info`) and writes to stderr
 /// in a form the test harness captures. Safe to call more than once.

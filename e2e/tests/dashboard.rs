@@ -6,8 +6,8 @@
 
 use anyhow::{ensure, Context, Result};
 use fledge_e2e::{
-    browser, http, init_tracing, paths, wait_until, Backend, BackendOptions, CanaryManifest,
-    Controller, Envoy, EnvoyOptions, LoadGen, LoadOptions, ScratchDir, WasmFilter,
+    browser, http, init_tracing, paths, wait_until, AppStack, CanaryManifest, Controller, LoadGen,
+    LoadOptions, ScratchDir,
 };
 use serde_json::Value;
 use std::time::Duration;
@@ -47,15 +47,11 @@ fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
     init_tracing();
     browser::dashboard_script()?;
     let dir = ScratchDir::temp("dashboard")?;
-    let stable = Backend::start("v1", BackendOptions::default())?;
-    let canary = Backend::start("v2", BackendOptions::default())?;
-    let envoy = Envoy::start(
-        EnvoyOptions::new(stable.port(), canary.port())
-            .with_filter(WasmFilter::built(&WasmFilter::default_plugin_config(
-                "app",
-            ))?)
-            .in_dir(&dir.path().join("envoy")),
-    )?;
+    let AppStack {
+        stable: _stable,
+        canary: _canary,
+        envoy,
+    } = AppStack::start(dir.path())?;
     let load = LoadGen::start(
         &envoy.listener_url(),
         LoadOptions::new(100, Duration::from_secs(150)),

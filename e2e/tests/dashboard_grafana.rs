@@ -6,8 +6,8 @@
 use anyhow::{ensure, Context, Result};
 use fledge_e2e::prometheus::{Prometheus, PrometheusOptions};
 use fledge_e2e::{
-    init_tracing, paths, wait_until, Backend, BackendOptions, CanaryManifest, Controller, Envoy,
-    EnvoyOptions, LoadGen, LoadOptions, ScratchDir, WasmFilter,
+    init_tracing, paths, wait_until, AppStack, CanaryManifest, Controller, LoadGen, LoadOptions,
+    ScratchDir,
 };
 use serde_json::Value;
 use std::time::Duration;
@@ -57,15 +57,11 @@ fn every_grafana_query_is_valid_and_the_main_panels_show_the_rollout() -> Result
     let dashboard_path = paths::workspace_root().join("manifests/grafana/fledge-dashboard.json");
     let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&dashboard_path)?)?;
     let dir = ScratchDir::temp("grafana")?;
-    let stable = Backend::start("v1", BackendOptions::default())?;
-    let canary = Backend::start("v2", BackendOptions::default())?;
-    let envoy = Envoy::start(
-        EnvoyOptions::new(stable.port(), canary.port())
-            .with_filter(WasmFilter::built(&WasmFilter::default_plugin_config(
-                "app",
-            ))?)
-            .in_dir(&dir.path().join("envoy")),
-    )?;
+    let AppStack {
+        stable: _stable,
+        canary: _canary,
+        envoy,
+    } = AppStack::start(dir.path())?;
     let load = LoadGen::start(
         &envoy.listener_url(),
         LoadOptions::new(100, Duration::from_secs(90)),

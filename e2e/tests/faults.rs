@@ -4,8 +4,8 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use fledge_e2e::{
-    init_tracing, wait_until, Backend, BackendOptions, CanaryManifest, CanaryView, Controller,
-    Envoy, EnvoyOptions, LoadGen, LoadOptions, RouteWeights, ScratchDir, WasmFilter,
+    init_tracing, wait_until, AppStack, Backend, CanaryManifest, CanaryView, Controller, Envoy,
+    LoadGen, LoadOptions, RouteWeights, ScratchDir,
 };
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
@@ -28,15 +28,11 @@ impl World {
     fn start(name: &str) -> Result<World> {
         init_tracing();
         let dir = ScratchDir::temp(name)?;
-        let stable = Backend::start("v1", BackendOptions::default())?;
-        let canary = Backend::start("v2", BackendOptions::default())?;
-        let envoy = Envoy::start(
-            EnvoyOptions::new(stable.port(), canary.port())
-                .with_filter(WasmFilter::built(&WasmFilter::default_plugin_config(
-                    "app",
-                ))?)
-                .in_dir(&dir.path().join("envoy")),
-        )?;
+        let AppStack {
+            stable,
+            canary,
+            envoy,
+        } = AppStack::start(dir.path())?;
         let mut options = LoadOptions::new(100, Duration::from_secs(150));
         options.workers = 8;
         let load = LoadGen::start(&envoy.listener_url(), options)?;

@@ -12,8 +12,7 @@ use fledge_e2e::kubernetes::{
     app_objects, exited_cleanly, require, FakeCluster, KubeController, MeshSync,
 };
 use fledge_e2e::{
-    browser, http, init_tracing, paths, Backend, BackendOptions, Envoy, EnvoyOptions, LoadGen,
-    LoadOptions, RouteWeights, ScratchDir, WasmFilter,
+    browser, http, init_tracing, paths, AppStack, LoadGen, LoadOptions, RouteWeights, ScratchDir,
 };
 use serde_json::{json, Value};
 use std::path::Path;
@@ -60,15 +59,11 @@ fn kubernetes_mode_steers_real_traffic_through_a_virtual_service() -> Result<()>
     init_tracing();
     browser::dashboard_script()?;
     let dir = ScratchDir::temp("kubernetes")?;
-    let stable = Backend::start("v1", BackendOptions::default())?;
-    let canary = Backend::start("v2", BackendOptions::default())?;
-    let envoy = Envoy::start(
-        EnvoyOptions::new(stable.port(), canary.port())
-            .with_filter(WasmFilter::built(&WasmFilter::default_plugin_config(
-                "app",
-            ))?)
-            .in_dir(&dir.path().join("envoy")),
-    )?;
+    let AppStack {
+        stable: _stable,
+        canary,
+        envoy,
+    } = AppStack::start(dir.path())?;
     let analysis = json!({
         "interval": "1s",
         "threshold": 3,

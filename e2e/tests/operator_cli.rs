@@ -6,8 +6,8 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use fledge_e2e::{
-    free_port, http, init_tracing, paths, wait_until, Backend, BackendOptions, CanaryManifest,
-    Controller, Envoy, EnvoyOptions, LoadGen, LoadOptions, ScratchDir, WasmFilter,
+    free_port, http, init_tracing, paths, wait_until, AppStack, CanaryManifest, Controller,
+    LoadGen, LoadOptions, ScratchDir,
 };
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -154,15 +154,11 @@ fn the_cli_steers_a_real_rollout_through_a_webhook_gate() -> Result<()> {
     init_tracing();
     let dir = ScratchDir::temp("operator-cli")?;
     let receiver = Receiver::start()?;
-    let stable = Backend::start("v1", BackendOptions::default())?;
-    let canary = Backend::start("v2", BackendOptions::default())?;
-    let envoy = Envoy::start(
-        EnvoyOptions::new(stable.port(), canary.port())
-            .with_filter(WasmFilter::built(&WasmFilter::default_plugin_config(
-                "app",
-            ))?)
-            .in_dir(&dir.path().join("envoy")),
-    )?;
+    let AppStack {
+        stable: _stable,
+        canary: _canary,
+        envoy,
+    } = AppStack::start(dir.path())?;
     let load = LoadGen::start(
         &envoy.listener_url(),
         LoadOptions::new(100, Duration::from_secs(90)),

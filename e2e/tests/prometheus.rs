@@ -20,8 +20,8 @@ use fledge_core::contract::ResponseClass;
 use fledge_core::observe::ObservationError;
 use fledge_e2e::prometheus::{Prometheus, PrometheusOptions};
 use fledge_e2e::{
-    init_tracing, wait_until, Backend, BackendOptions, CanaryManifest, CanaryView, Controller,
-    Envoy, EnvoyOptions, LoadGen, LoadOptions, RouteWeights, ScratchDir, WasmFilter,
+    init_tracing, wait_until, AppStack, Backend, BackendOptions, CanaryManifest, CanaryView,
+    Controller, Envoy, LoadGen, LoadOptions, RouteWeights, ScratchDir,
 };
 use std::time::Duration;
 
@@ -51,15 +51,11 @@ impl Stack {
     fn start(name: &str, canary: BackendOptions) -> Result<Stack> {
         init_tracing();
         let dir = ScratchDir::temp(name)?;
-        let stable = Backend::start("v1", BackendOptions::default())?;
-        let canary = Backend::start("v2", canary)?;
-        let envoy = Envoy::start(
-            EnvoyOptions::new(stable.port(), canary.port())
-                .with_filter(WasmFilter::built(&WasmFilter::default_plugin_config(
-                    "app",
-                ))?)
-                .in_dir(&dir.path().join("envoy")),
-        )?;
+        let AppStack {
+            stable,
+            canary,
+            envoy,
+        } = AppStack::start_with(dir.path(), BackendOptions::default(), canary)?;
         let prometheus = Prometheus::start(
             PrometheusOptions::envoy(&envoy.admin_url()).in_dir(&dir.path().join("prometheus")),
         )?;

@@ -4,8 +4,8 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use fledge_e2e::{
-    init_tracing, wait_until, Backend, BackendOptions, CanaryManifest, CanaryView, Controller,
-    Envoy, EnvoyOptions, LoadGen, LoadOptions, ScratchDir, WasmFilter,
+    init_tracing, wait_until, AppStack, Backend, BackendOptions, CanaryManifest, CanaryView,
+    Controller, Envoy, EnvoyOptions, LoadGen, LoadOptions, ScratchDir, WasmFilter,
 };
 use std::time::Duration;
 
@@ -51,15 +51,11 @@ impl Scenario {
     fn start(self) -> Result<Stack> {
         init_tracing();
         let dir = ScratchDir::temp(self.name)?;
-        let stable = Backend::start("v1", self.stable)?;
-        let canary = Backend::start("v2", self.canary)?;
-        let envoy = Envoy::start(
-            EnvoyOptions::new(stable.port(), canary.port())
-                .with_filter(WasmFilter::built(&WasmFilter::default_plugin_config(
-                    "app",
-                ))?)
-                .in_dir(&dir.path().join("envoy")),
-        )?;
+        let AppStack {
+            stable,
+            canary,
+            envoy,
+        } = AppStack::start_with(dir.path(), self.stable, self.canary)?;
         let mut options = LoadOptions::new(self.rps, Duration::from_secs(120));
         // Enough connections that a slow canary does not throttle the offered load.
         options.workers = 8;
