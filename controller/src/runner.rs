@@ -131,11 +131,19 @@ impl Registry {
         map.remove(name);
     }
 
-    /// Stop showing every canary, and say why (`None`: clear the note).
+    /// Stop showing every canary — in the list and in the self-metrics' state gauges, so a
+    /// standby controller's `/metrics` does not repeat a former term's weights — and say why
+    /// (`None`: clear the note).
     pub fn clear(&self, note: Option<String>) {
-        match self.inner.write() {
-            Ok(mut map) => map.clear(),
-            Err(poisoned) => poisoned.into_inner().clear(),
+        let names: Vec<String> = {
+            let mut map = match self.inner.write() {
+                Ok(map) => map,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            std::mem::take(&mut *map).into_keys().collect()
+        };
+        for name in names {
+            self.telemetry.forget(&name);
         }
         self.set_note(note);
     }

@@ -977,11 +977,19 @@ async fn only_the_lease_holder_reconciles_and_a_successor_continues_without_doub
     );
 
     // a shuts down gracefully (releases the lease); b takes over and continues from .status.
+    let a_registry = a.registry.clone();
     a.stop().await;
     server.take_requests();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(*b.leader.borrow(), "b leads after a released the lease");
     assert!(b.registry.note().is_none());
+    // a, stopped, no longer shows the canary, not even in its self-metrics' gauges.
+    assert!(a_registry.list().is_empty());
+    let text = a_registry.telemetry().encode().unwrap();
+    assert!(
+        metric_line(&text, &["fledge_canary_weight", "shop/app"]).is_none(),
+        "{text}"
+    );
     let lease = server
         .get(
             "coordination.k8s.io",
