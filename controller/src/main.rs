@@ -124,8 +124,9 @@ enum Commands {
         #[arg(long)]
         identity: Option<String>,
         /// Address of the probes (/healthz, /readyz), the read-only dashboard and API, and
-        /// /metrics.
-        #[arg(long, default_value = "0.0.0.0:8080")]
+        /// /metrics. Loopback unless configured; in a pod set `--listen=0.0.0.0:8080` (the
+        /// manifests do) so the kubelet and Prometheus reach it.
+        #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
     /// Print the Canary CustomResourceDefinition as YAML (`fledge crd > manifests/crd.yaml`).
