@@ -3,7 +3,7 @@
 //! local replies (`none`), a bad plugin configuration (fail open + error counter), and
 //! oversized or odd headers.
 
-#[path = "filter_support.rs"]
+#[path = "support/filter.rs"]
 mod support;
 
 use anyhow::{ensure, Result};

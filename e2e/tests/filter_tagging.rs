@@ -3,7 +3,7 @@
 //! headers stripped, the response subset header, subsets from Istio endpoint metadata or an
 //! upstream header, and configurable histogram buckets.
 
-#[path = "filter_support.rs"]
+#[path = "support/filter.rs"]
 mod support;
 
 use anyhow::{ensure, Context, Result};
