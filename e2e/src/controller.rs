@@ -193,6 +193,14 @@ impl Controller {
         Self::start_with_env(manifest, state_dir, log_path, &[])
     }
 
+    /// Write `manifest` to `<dir>/canary.yaml` and run `fledge run` on it with its state in
+    /// `<dir>/state` and its log in `<dir>/fledge.log` (the layout every test uses).
+    pub fn start_in(dir: &Path, manifest: &CanaryManifest) -> Result<Controller> {
+        let path = dir.join("canary.yaml");
+        manifest.write(&path)?;
+        Self::start(&path, &dir.join("state"), &dir.join("fledge.log"))
+    }
+
     /// [`Controller::start`] with extra environment variables (e.g. `RUST_LOG`).
     pub fn start_with_env(
         manifest: &Path,

@@ -58,13 +58,7 @@ fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
     )?;
     let mut manifest = CanaryManifest::new("app", "app", &envoy.admin_url(), envoy.rds_path());
     manifest.analysis_yaml = ANALYSIS.to_string();
-    let manifest_path = dir.path().join("canary.yaml");
-    manifest.write(&manifest_path)?;
-    let controller = Controller::start(
-        &manifest_path,
-        &dir.path().join("state"),
-        &dir.path().join("fledge.log"),
-    )?;
+    let controller = Controller::start_in(dir.path(), &manifest)?;
     let base = controller.base_url();
     let result = (|| -> Result<()> {
         let info = http::get_json(&format!("{base}/api/v1/info"), Duration::from_secs(3))?;

@@ -68,13 +68,7 @@ fn every_grafana_query_is_valid_and_the_main_panels_show_the_rollout() -> Result
     )?;
     let mut manifest = CanaryManifest::new("app", "app", &envoy.admin_url(), envoy.rds_path());
     manifest.analysis_yaml = ANALYSIS.to_string();
-    let manifest_path = dir.path().join("canary.yaml");
-    manifest.write(&manifest_path)?;
-    let mut controller = Controller::start(
-        &manifest_path,
-        &dir.path().join("state"),
-        &dir.path().join("fledge.log"),
-    )?;
+    let mut controller = Controller::start_in(dir.path(), &manifest)?;
     let traffic = Prometheus::start(
         PrometheusOptions::envoy(&envoy.admin_url()).in_dir(&dir.path().join("prom-envoy")),
     )?;

@@ -231,13 +231,7 @@ impl Scenario {
         )
         .with_prometheus(&stack.prometheus.url());
         manifest.analysis_yaml = CUSTOM_METRIC_ANALYSIS.to_string();
-        let manifest_path = stack.dir.path().join("canary.yaml");
-        manifest.write(&manifest_path)?;
-        let controller = Controller::start(
-            &manifest_path,
-            &stack.dir.path().join("state"),
-            &stack.dir.path().join("fledge.log"),
-        )?;
+        let controller = Controller::start_in(stack.dir.path(), &manifest)?;
         Ok(Scenario {
             controller,
             load: Some(load),

@@ -63,13 +63,7 @@ impl Scenario {
         let mut manifest =
             CanaryManifest::new(self.name, "app", &envoy.admin_url(), envoy.rds_path());
         manifest.analysis_yaml = self.analysis.to_string();
-        let manifest_path = dir.path().join("canary.yaml");
-        manifest.write(&manifest_path)?;
-        let controller = Controller::start(
-            &manifest_path,
-            &dir.path().join("state"),
-            &dir.path().join("fledge.log"),
-        )?;
+        let controller = Controller::start_in(dir.path(), &manifest)?;
         Ok(Stack {
             controller,
             load: Some(load),
