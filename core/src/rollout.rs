@@ -67,7 +67,9 @@ pub struct TimedReport {
 
 /// Everything needed to continue a rollout after a restart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
+// Every field has a default when read: a status written by an older version (without a newer
+// field) must stay readable, or one old Canary object would stop the controller's watch.
+#[serde(rename_all = "camelCase", default)]
 pub struct CanaryStatus {
     pub phase: Phase,
     /// The weight (percent) the canary should receive; the controller makes the router match.
@@ -1335,6 +1337,24 @@ mod tests {
             plain,
             step_with_gates(&spec, &status, &healthy(), &open(), t(70))
         );
+    }
+
+    #[test]
+    fn a_status_missing_fields_is_read_with_defaults() {
+        // e.g. written by an older version that did not know `stepPassedChecks` yet
+        let status: CanaryStatus =
+            serde_json::from_str(r#"{"phase": "Progressing", "canaryWeight": 20, "step": 1}"#)
+                .unwrap();
+        assert_eq!(
+            (
+                status.phase,
+                status.canary_weight,
+                status.step,
+                status.failed_checks
+            ),
+            (Progressing, 20, 1, 0)
+        );
+        assert!(status.history.is_empty());
     }
 
     #[test]

@@ -53,6 +53,15 @@ pub fn view_of(canary: &Canary) -> Value {
         map.insert("service".into(), json!(canary.spec.service));
         map.insert("steps".into(), json!(canary.spec.analysis.plan().len()));
         map.insert("threshold".into(), json!(canary.spec.analysis.threshold));
+        // Why the controller cannot go on (invalid spec, router, metrics source, route taken
+        // by another Canary), as `fledge run` reports a router problem.
+        let blocked = canary
+            .status
+            .as_ref()
+            .and_then(|s| s.condition(crate::k8s::crd::condition::READY))
+            .filter(|ready| ready.status == "False")
+            .map(|ready| format!("{}: {}", ready.reason, ready.message));
+        map.insert("routerError".into(), json!(blocked));
     }
     view
 }
@@ -190,6 +199,31 @@ mod tests {
                 "analysis": {"interval": "30s", "threshold": 2, "stepWeights": [20, 50]}
             }
         })
+    }
+
+    #[test]
+    fn a_canary_that_is_not_ready_shows_why_it_is_blocked() {
+        let mut object = canary_object("app-b");
+        object["status"] = json!({
+            "phase": "Initializing",
+            "conditions": [{
+                "type": "Ready", "status": "False", "reason": "RouteConflict",
+                "message": "VirtualService app route \"primary\" is steered by Canary shop/app",
+                "lastTransitionTime": "2026-11-29T10:00:00Z"
+            }]
+        });
+        let canary: Canary = serde_json::from_value(object).unwrap();
+        let view = view_of(&canary);
+        assert_eq!(
+            view["routerError"],
+            "RouteConflict: VirtualService app route \"primary\" is steered by Canary shop/app"
+        );
+        let doc: CanaryDoc = serde_json::from_value(view).unwrap();
+        let text = render_canary(&doc, Style::PLAIN);
+        assert!(text.contains("blocked   ✘ RouteConflict"), "{text}");
+
+        let ready: Canary = serde_json::from_value(canary_object("app")).unwrap();
+        assert!(view_of(&ready)["routerError"].is_null());
     }
 
     async fn set_status(server: &FakeApiServer, name: &str, status: Value) {

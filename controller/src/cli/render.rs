@@ -212,7 +212,7 @@ pub fn render_canary(c: &CanaryDoc, style: Style) -> String {
     ));
     out.push_str(&format!("  reason    {}\n", s.message));
     if let Some(error) = &c.router_error {
-        out.push_str(&format!("  router    {} {error}\n", style.red("✘")));
+        out.push_str(&format!("  blocked   {} {error}\n", style.red("✘")));
     }
     if let Some(conflict) = &c.conflict {
         out.push_str(&format!("  conflict  {} {conflict}\n", style.yellow("!")));
@@ -468,7 +468,7 @@ app  Progressing
         let text = render_canary(&doc, Style::PLAIN);
         assert!(text.contains("app  Halted\n"), "{text}");
         assert!(
-            text.contains("  router    ✘ envoy admin unreachable\n"),
+            text.contains("  blocked   ✘ envoy admin unreachable\n"),
             "{text}"
         );
         assert!(

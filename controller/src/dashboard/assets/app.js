@@ -58,7 +58,7 @@
         `<td class="num">${stepLabel(c)}</td>` +
         `<td class="num">${c.failedChecks}/${c.threshold}</td>` +
         `<td>${verdict}</td>` +
-        `<td>${esc(c.message)}${c.routerError ? `<div class="alert">router: ${esc(c.routerError)}</div>` : ""}</td></tr>`;
+        `<td>${esc(c.message)}${c.routerError ? `<div class="alert">blocked: ${esc(c.routerError)}</div>` : ""}</td></tr>`;
     }).join("");
     app.innerHTML = `<h1>Canaries</h1><table data-testid="canary-list"><thead><tr><th>Canary</th><th>Phase</th><th>Canary weight</th>` +
       `<th>Step</th><th>Failed</th><th>Last analysis</th><th>Latest decision</th></tr></thead><tbody>${rows}</tbody></table>` +
@@ -102,7 +102,7 @@
       `<div class="item"><div class="label">Step</div><div class="value">${stepLabel(c)}</div></div>` +
       `<div class="item"><div class="label">Failed checks</div><div class="value">${c.failedChecks}/${c.threshold}</div></div></div>` +
       `<div class="message" data-testid="message">${esc(c.message)}</div>` +
-      (c.routerError ? `<div class="alert">router: ${esc(c.routerError)}</div>` : "") +
+      (c.routerError ? `<div class="alert">blocked: ${esc(c.routerError)}</div>` : "") +
       (c.conflict ? `<div class="alert">${esc(c.conflict)}</div>` : "") + `</div>` +
       `<h2>Traffic</h2><div class="charts">${chartBox("chart-weight")}${chartBox("chart-rps")}${chartBox("chart-success")}${chartBox("chart-latency")}</div>` +
       `<h2>Last analysis ${analysis ? `· ${time(analysis.at)} · <span class="badge ${esc(analysis.verdict)}">${esc(analysis.verdict)}</span> · ` +
