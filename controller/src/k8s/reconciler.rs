@@ -326,18 +326,20 @@ fn rollout_fingerprint(canary: &Canary) -> String {
     }
 }
 
-/// The command a new or changed command annotation asks for (the first in
-/// [`COMMAND_ANNOTATIONS`] order), marked handled. Others stay pending for the next reconcile.
-fn take_command(canary: &Canary, status: &mut CanaryResourceStatus) -> Option<Command> {
+/// A command annotation not acted on yet: the first new or changed one in
+/// [`COMMAND_ANNOTATIONS`] order, as (annotation, value, command). Others stay pending for the
+/// next reconcile. It is marked handled only when the state machine is given it, so a command
+/// that arrives while the routes or the route ownership block the rollout waits, not vanishes.
+fn pending_command(
+    canary: &Canary,
+    status: &CanaryResourceStatus,
+) -> Option<(&'static str, String, Command)> {
     COMMAND_ANNOTATIONS.iter().find_map(|(key, command)| {
         let value = canary.annotation(key)?;
         if status.handled_commands.get(*key).map(String::as_str) == Some(value) {
             return None;
         }
-        status
-            .handled_commands
-            .insert(key.to_string(), value.to_string());
-        Some(*command)
+        Some((*key, value.to_string(), *command))
     })
 }
 
@@ -542,7 +544,8 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
         };
         ctx.forget(&key);
     }
-    let mut command = take_command(&canary, &mut status);
+    let pending = pending_command(&canary, &status);
+    let mut command = pending.as_ref().map(|(_, _, command)| *command);
     if status.rollout.phase.is_terminal() {
         // A trip seen just as the rollout finished changes nothing.
         ctx.take_guard_trip(&key);
@@ -622,9 +625,18 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
         && status
             .last_tick_at
             .is_none_or(|last| now - last >= interval.to_chrono());
+    // A command goes first, on its own: it needs no metrics (an abort must work while the
+    // metrics source is down). A tick due meanwhile runs in the next reconcile, at once.
+    let tick_deferred = tick_due && command.is_some();
+    let tick_due = tick_due && command.is_none();
     let mut actions = Vec::new();
     let before = status.rollout.clone();
     let runtime = ctx.runtime(&key, &core, &fingerprint);
+    if let Some((annotation, value, _)) = &pending {
+        status
+            .handled_commands
+            .insert(annotation.to_string(), value.clone());
+    }
     if tick_due || command.is_some() {
         let webhooks = runtime.webhooks.lock().await;
         let started = std::time::Instant::now();
@@ -776,8 +788,8 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
     if status.rollout.phase.is_terminal() {
         return Ok(Action::await_change());
     }
-    if ctx.guard_trip_pending(&key) {
-        // A trip arrived while an operator command was handled: take it next.
+    if ctx.guard_trip_pending(&key) || tick_deferred {
+        // A trip arrived while an operator command was handled, or a tick waits: next.
         return Ok(Action::requeue(Duration::from_millis(100)));
     }
     let next_tick = status.last_tick_at.unwrap_or(now) + interval.to_chrono();

@@ -111,6 +111,8 @@ fn destination_rule() -> Value {
 #[derive(Default)]
 struct Script {
     unhealthy: bool,
+    /// Building a metrics source fails (e.g. a bad Prometheus address).
+    source_broken: bool,
     /// What the data-plane guard gauge says (`None`: never tripped).
     guard_tripped_at: Option<DateTime<Utc>>,
     sources_built: usize,
@@ -189,7 +191,11 @@ impl Backends for ScriptedBackends {
         &self,
         _canary: &fledge_core::spec::Canary,
     ) -> Result<Box<dyn MetricsSource>, String> {
-        self.script.lock().unwrap().sources_built += 1;
+        let mut script = self.script.lock().unwrap();
+        if script.source_broken {
+            return Err("cannot build the metrics source: scripted failure".into());
+        }
+        script.sources_built += 1;
         Ok(Box::new(ScriptedSource {
             script: self.script.clone(),
             baseline_taken: false,
@@ -1633,4 +1639,52 @@ async fn a_second_canary_on_the_same_route_waits_for_the_first() {
     );
     assert_eq!(vs_weights(&server), Weights::canary_percent(20));
     controller.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn commands_wait_out_a_blocked_router_and_need_no_metrics() {
+    let server = seeded(canary_object(json!({}), json!({})));
+    let clock = TokioClock::starting_at(t0());
+    let a = instance(&server, "a", &clock);
+    a.backends.script.lock().unwrap().source_broken = true;
+    reconcile_now(&server, &a).await; // the finalizer
+    reconcile_now(&server, &a).await; // the tick cannot read metrics
+    let st = status(&server);
+    assert_eq!(
+        st.condition(condition::READY).map(|c| c.reason.clone()),
+        Some("MetricsSourceError".to_string())
+    );
+
+    // The router is blocked too (the VirtualService is gone): `abort` waits, it is not lost.
+    let vs = server.get(ISTIO, "virtualservices", NS, "app").unwrap();
+    server.delete(ISTIO, "virtualservices", NS, "app");
+    server.edit(FLEDGE, "canaries", NS, "app", |c| {
+        c["metadata"]["annotations"] = json!({"fledge.dev/abort": "a1"});
+    });
+    reconcile_now(&server, &a).await;
+    let st = status(&server);
+    assert_eq!(
+        st.condition(condition::READY).map(|c| c.reason.clone()),
+        Some("RouterError".to_string())
+    );
+    assert!(!st.handled_commands.contains_key("fledge.dev/abort"));
+    assert_eq!(st.rollout.phase, Phase::Initializing);
+
+    // The route is back; the metrics are still down: the abort is acted on all the same.
+    server.create(ISTIO, "virtualservices", vs);
+    reconcile_now(&server, &a).await;
+    let st = status(&server);
+    assert_eq!(
+        st.rollout.phase,
+        Phase::RolledBack,
+        "{}",
+        st.rollout.message
+    );
+    assert_eq!(
+        st.handled_commands
+            .get("fledge.dev/abort")
+            .map(String::as_str),
+        Some("a1")
+    );
+    assert_eq!(vs_weights(&server), Weights::canary_percent(0));
 }
