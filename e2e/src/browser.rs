@@ -73,17 +73,22 @@ pub fn dashboard_script() -> Result<PathBuf> {
 }
 
 /// Open the dashboard at `base` in headless chromium: the list, canary `canary`'s page (its
-/// charts once they have points) and the simulator page fed `spec_path` and `scenario`.
-/// Screenshots go to `<target>/dashboard-screenshots/<shots>/`. Returns the script's JSON.
+/// charts once they have points) and the simulator page fed `spec` (written to
+/// `<dir>/simulated.yaml`) and
+/// `scenario`. Screenshots go to `<target>/dashboard-screenshots/<shots>/`. Fails on any script
+/// error in the pages, or unless the list shows exactly `canary`. Returns the script's JSON.
 pub fn drive_dashboard(
     base: &str,
     canary: &str,
-    spec_path: &Path,
+    dir: &Path,
+    spec: &str,
     scenario: &str,
     shots: &str,
 ) -> Result<Value> {
     let script = dashboard_script()?;
     let node = which("node").context("node is needed for the browser test")?;
+    let spec_path = dir.join("simulated.yaml");
+    std::fs::write(&spec_path, spec)?;
     let out = paths::target_dir()
         .join("dashboard-screenshots")
         .join(shots);
@@ -108,6 +113,15 @@ pub fn drive_dashboard(
     if code != 0 {
         bail!("browser script exit {code}\nstdout: {stdout}\nstderr: {stderr}");
     }
-    serde_json::from_str(stdout.trim().lines().last().unwrap_or_default())
-        .with_context(|| format!("browser script output: {stdout}\nstderr: {stderr}"))
+    let page: Value = serde_json::from_str(stdout.trim().lines().last().unwrap_or_default())
+        .with_context(|| format!("browser script output: {stdout}\nstderr: {stderr}"))?;
+    eprintln!("screenshots: {}", page["screenshots"]);
+    if !page["pageErrors"].as_array().is_some_and(Vec::is_empty) {
+        bail!("page errors: {}", page["pageErrors"]);
+    }
+    let list = page["list"].as_array().context("no canary list")?;
+    if list.len() != 1 || list[0]["name"] != canary {
+        bail!("the list does not show exactly {canary:?}: {list:?}");
+    }
+    Ok(page)
 }

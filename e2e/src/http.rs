@@ -54,30 +54,28 @@ pub fn get_json(url: &str, timeout: Duration) -> Result<serde_json::Value> {
 
 /// POST `url` with an empty body, require a 2xx status, return the body.
 pub fn post_ok(url: &str, timeout: Duration) -> Result<String> {
-    let mut response = agent(timeout)
+    let response = agent(timeout)
         .post(url)
         .send_empty()
         .with_context(|| format!("POST {url}"))?;
-    let status = response.status().as_u16();
-    let body = response
-        .body_mut()
-        .with_config()
-        .limit(MAX_BODY_BYTES)
-        .read_to_string()
-        .unwrap_or_default();
-    if !(200..300).contains(&status) {
-        bail!("POST {url} answered {status}: {body}");
-    }
-    Ok(body)
+    body_if_2xx("POST", url, response)
 }
 
 /// PATCH `url` with a JSON merge patch (as `kubectl patch --type merge` does), require 2xx.
 pub fn patch_merge(url: &str, patch: &serde_json::Value, timeout: Duration) -> Result<String> {
-    let mut response = agent(timeout)
+    let response = agent(timeout)
         .patch(url)
         .header("content-type", "application/merge-patch+json")
         .send(serde_json::to_vec(patch)?.as_slice())
         .with_context(|| format!("PATCH {url}"))?;
+    body_if_2xx("PATCH", url, response)
+}
+
+fn body_if_2xx(
+    method: &str,
+    url: &str,
+    mut response: ureq::http::Response<ureq::Body>,
+) -> Result<String> {
     let status = response.status().as_u16();
     let body = response
         .body_mut()
@@ -86,7 +84,7 @@ pub fn patch_merge(url: &str, patch: &serde_json::Value, timeout: Duration) -> R
         .read_to_string()
         .unwrap_or_default();
     if !(200..300).contains(&status) {
-        bail!("PATCH {url} answered {status}: {body}");
+        bail!("{method} {url} answered {status}: {body}");
     }
     Ok(body)
 }
