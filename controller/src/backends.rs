@@ -2,15 +2,17 @@
 //! that knows every backend; adding one means a new file plus one arm here.
 
 use crate::metrics::envoy_admin::EnvoyAdminSource;
+use crate::metrics::envoy_cluster_stats::ClusterStats;
 use crate::metrics::prometheus::PrometheusSource;
 use crate::metrics::{MetricsSource, SubsetSelector};
 use crate::router::envoy_rds::{EnvoyRdsRouter, EnvoyRdsSettings};
 use crate::router::TrafficRouter;
 use fledge_core::spec::Canary;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("Canary {0:?}: spec.metricsSource names no source; add `envoyAdmin: {{urls: [...]}}` or `prometheus: {{address: ...}}`")]
+    #[error("Canary {0:?}: spec.metricsSource names no source; add `envoyAdmin: {{urls: [...]}}`, `prometheus: {{address: ...}}` or `envoyClusterStats: {{urls: [...], stableCluster: ..., canaryCluster: ...}}`")]
     NoSource(String),
     #[error("Canary {0:?}: spec.router names no router; add `envoyRds: {{...}}`")]
     NoRouter(String),
@@ -31,6 +33,24 @@ pub fn metrics_source(canary: &Canary) -> Result<Box<dyn MetricsSource>, Backend
         canary_subset: canary.spec.canary.subset.clone(),
     };
     let sources = &canary.spec.metrics_source;
+    if let Some(stats) = &sources.envoy_cluster_stats {
+        let reader = Arc::new(ClusterStats {
+            stable_cluster: stats.stable_cluster.clone(),
+            canary_cluster: stats.canary_cluster.clone(),
+        });
+        return EnvoyAdminSource::with_reader(
+            stats.urls.clone(),
+            selector,
+            reader,
+            stats.timeout.0,
+        )
+        .map(|s| Box::new(s) as Box<dyn MetricsSource>)
+        .map_err(|e| BackendError::Build {
+            name: canary.name().to_string(),
+            what: "the Envoy cluster stats metrics source",
+            message: e.to_string(),
+        });
+    }
     match (&sources.envoy_admin, &sources.prometheus) {
         (Some(admin), _) => EnvoyAdminSource::new(admin.urls.clone(), selector, admin.timeout.0)
             .map(|s| Box::new(s) as Box<dyn MetricsSource>)

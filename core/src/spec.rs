@@ -76,6 +76,29 @@ pub struct MetricsSourceSpec {
     /// Needed for custom metric `query` templates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prometheus: Option<PrometheusSpec>,
+    /// Read Envoy's own per-cluster statistics (`upstream_rq_<N>xx`, `upstream_rq_time`) from
+    /// one or more Envoy admin endpoints, for a stable and a canary cluster: no Wasm filter is
+    /// needed for metrics (so it costs the data plane nothing), at the price of the filter's
+    /// finer points (see the README).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envoy_cluster_stats: Option<EnvoyClusterStatsSpec>,
+}
+
+/// `metricsSource.envoyClusterStats`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvoyClusterStatsSpec {
+    /// Admin base URLs, e.g. `http://127.0.0.1:9901`.
+    pub urls: Vec<String>,
+    /// The Envoy cluster of the stable version, e.g. `app_stable`, or in Istio
+    /// `outbound|80|stable|app.shop.svc.cluster.local`.
+    pub stable_cluster: String,
+    /// The Envoy cluster of the canary version.
+    pub canary_cluster: String,
+    /// Per-scrape timeout.
+    #[serde(default = "default_scrape_timeout")]
+    pub timeout: HumanDuration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -779,6 +802,33 @@ impl Canary {
     }
 }
 
+/// The `urls` and `timeout` of a metrics source that scrapes Envoy admin endpoints.
+fn validate_admin_urls(p: &mut Problems, at: &str, urls: &[String], timeout: HumanDuration) {
+    if urls.is_empty() {
+        p.add(
+            format!("{at}.urls"),
+            "is empty",
+            "list at least one Envoy admin URL, e.g. `urls: [\"http://127.0.0.1:9901\"]`",
+        );
+    }
+    for (i, url) in urls.iter().enumerate() {
+        if !is_http_url(url) {
+            p.add(
+                format!("{at}.urls[{i}]"),
+                format!("{url:?} is not an http(s) URL"),
+                "write the admin base URL, e.g. `http://127.0.0.1:9901`",
+            );
+        }
+    }
+    if timeout.as_millis() == 0 {
+        p.add(
+            format!("{at}.timeout"),
+            "must be greater than zero",
+            "write e.g. `timeout: 2s`",
+        );
+    }
+}
+
 impl CanarySpec {
     fn validate_into(&self, p: &mut Problems) {
         if self.service.trim().is_empty() {
@@ -830,19 +880,47 @@ impl CanarySpec {
         let sources = [
             self.metrics_source.envoy_admin.is_some(),
             self.metrics_source.prometheus.is_some(),
+            self.metrics_source.envoy_cluster_stats.is_some(),
         ];
         match sources.iter().filter(|set| **set).count() {
             0 => p.add(
                 "spec.metricsSource",
                 "names no metrics source",
-                "add `envoyAdmin: {urls: [\"http://127.0.0.1:9901\"]}` or `prometheus: {address: \"http://prometheus:9090\"}`",
+                "add `envoyAdmin: {urls: [\"http://127.0.0.1:9901\"]}`, `prometheus: {address: \"http://prometheus:9090\"}` or `envoyClusterStats: {urls: [...], stableCluster: ..., canaryCluster: ...}`",
             ),
             1 => {}
             _ => p.add(
                 "spec.metricsSource",
                 "names more than one metrics source",
-                "keep exactly one of envoyAdmin and prometheus",
+                "keep exactly one of envoyAdmin, prometheus and envoyClusterStats",
             ),
+        }
+        if let Some(stats) = &self.metrics_source.envoy_cluster_stats {
+            validate_admin_urls(
+                p,
+                "spec.metricsSource.envoyClusterStats",
+                &stats.urls,
+                stats.timeout,
+            );
+            for (field, cluster) in [
+                ("stableCluster", &stats.stable_cluster),
+                ("canaryCluster", &stats.canary_cluster),
+            ] {
+                if cluster.trim().is_empty() {
+                    p.add(
+                        format!("spec.metricsSource.envoyClusterStats.{field}"),
+                        "is empty",
+                        "write the Envoy cluster name, e.g. `app_canary` (Istio: `outbound|80|canary|app.shop.svc.cluster.local`)",
+                    );
+                }
+            }
+            if !stats.stable_cluster.is_empty() && stats.stable_cluster == stats.canary_cluster {
+                p.add(
+                    "spec.metricsSource.envoyClusterStats.canaryCluster",
+                    format!("is the same as stableCluster ({:?})", stats.canary_cluster),
+                    "name the two versions' clusters, e.g. `stableCluster: app_stable` and `canaryCluster: app_canary`",
+                );
+            }
         }
         if let Some(prometheus) = &self.metrics_source.prometheus {
             if !is_http_url(&prometheus.address) {
@@ -861,33 +939,13 @@ impl CanarySpec {
             }
         }
         let has_prometheus = self.metrics_source.prometheus.is_some();
-        match &self.metrics_source.envoy_admin {
-            None => {}
-            Some(admin) => {
-                if admin.urls.is_empty() {
-                    p.add(
-                        "spec.metricsSource.envoyAdmin.urls",
-                        "is empty",
-                        "list at least one Envoy admin URL, e.g. `urls: [\"http://127.0.0.1:9901\"]`",
-                    );
-                }
-                for (i, url) in admin.urls.iter().enumerate() {
-                    if !is_http_url(url) {
-                        p.add(
-                            format!("spec.metricsSource.envoyAdmin.urls[{i}]"),
-                            format!("{url:?} is not an http(s) URL"),
-                            "write the admin base URL, e.g. `http://127.0.0.1:9901`",
-                        );
-                    }
-                }
-                if admin.timeout.as_millis() == 0 {
-                    p.add(
-                        "spec.metricsSource.envoyAdmin.timeout",
-                        "must be greater than zero",
-                        "write e.g. `timeout: 2s`",
-                    );
-                }
-            }
+        if let Some(admin) = &self.metrics_source.envoy_admin {
+            validate_admin_urls(
+                p,
+                "spec.metricsSource.envoyAdmin",
+                &admin.urls,
+                admin.timeout,
+            );
         }
         match &self.router.envoy_rds {
             None if self.router.istio.is_some() => {}
@@ -1566,6 +1624,44 @@ spec:
     }
 
     #[test]
+    fn envoy_cluster_stats_is_one_source_with_two_different_clusters() {
+        let mut c = example();
+        let stats = |stable: &str, canary: &str| EnvoyClusterStatsSpec {
+            urls: vec!["http://127.0.0.1:9901".into()],
+            stable_cluster: stable.into(),
+            canary_cluster: canary.into(),
+            timeout: HumanDuration::from_secs(2),
+        };
+        c.spec.metrics_source.envoy_cluster_stats = Some(stats("app_stable", "app_canary"));
+        assert!(fields_of(&c).contains(&"spec.metricsSource".to_string()));
+        c.spec.metrics_source.envoy_admin = None;
+        assert_eq!(c.validate(), Ok(()));
+        c.spec.metrics_source.envoy_cluster_stats = Some(stats("app", "app"));
+        assert!(fields_of(&c)
+            .contains(&"spec.metricsSource.envoyClusterStats.canaryCluster".to_string()));
+        c.spec.metrics_source.envoy_cluster_stats = Some(EnvoyClusterStatsSpec {
+            urls: vec!["ftp://x".into()],
+            ..stats("", "app_canary")
+        });
+        let fields = fields_of(&c);
+        assert!(fields.contains(&"spec.metricsSource.envoyClusterStats.urls[0]".to_string()));
+        assert!(fields.contains(&"spec.metricsSource.envoyClusterStats.stableCluster".to_string()));
+        // YAML, as an operator writes it for Istio's cluster names.
+        let yaml = EXAMPLE.replace(
+            r#"envoyAdmin: {urls: ["http://127.0.0.1:9901"]}"#,
+            r#"envoyClusterStats: {urls: ["http://127.0.0.1:15000"], stableCluster: "outbound|80|stable|app.shop.svc.cluster.local", canaryCluster: "outbound|80|canary|app.shop.svc.cluster.local"}"#,
+        );
+        let parsed: Canary = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(parsed.validate(), Ok(()));
+        let stats = parsed.spec.metrics_source.envoy_cluster_stats.unwrap();
+        assert_eq!(
+            stats.canary_cluster,
+            "outbound|80|canary|app.shop.svc.cluster.local"
+        );
+        assert_eq!(stats.timeout, HumanDuration::from_secs(2));
+    }
+
+    #[test]
     fn a_label_the_filter_cannot_record_is_rejected_with_the_value_it_would_record() {
         let mut canary: Canary = serde_yaml::from_str(EXAMPLE).unwrap();
         canary.spec.service = "app.shop".into();
@@ -1786,11 +1882,11 @@ spec:
         });
         assert!(fields_of(&c).contains(&"spec.analysis.metrics[2].query".to_string()));
         c.spec.metrics_source = MetricsSourceSpec {
-            envoy_admin: None,
             prometheus: Some(PrometheusSpec {
                 address: "http://127.0.0.1:9090".into(),
                 timeout: HumanDuration::from_secs(5),
             }),
+            ..MetricsSourceSpec::default()
         };
         assert_eq!(c.validate(), Ok(()));
         assert_eq!(c.spec.analysis.metrics[2].kind(), Some(MetricKind::Custom));

@@ -44,6 +44,10 @@ pub struct CanaryManifest {
     /// which custom metric `query` templates need) instead of the Envoy admin. The Envoy admin
     /// is still used to verify route weights.
     pub prometheus_address: Option<String>,
+    /// When set (and no Prometheus), metrics are Envoy's own per-cluster stats of the
+    /// harness's stable and canary clusters (`metricsSource.envoyClusterStats`): no filter
+    /// needed.
+    pub cluster_stats: bool,
 }
 
 impl CanaryManifest {
@@ -74,6 +78,7 @@ metrics:
             rds_path: rds_path.to_path_buf(),
             analysis_yaml: Self::demo_analysis(),
             prometheus_address: None,
+            cluster_stats: false,
         }
     }
 
@@ -93,6 +98,12 @@ metrics:
             .collect();
         let metrics_source = match &self.prometheus_address {
             Some(address) => format!("prometheus: {{address: {}}}", quote(address)),
+            None if self.cluster_stats => format!(
+                "envoyClusterStats: {{urls: [{}], stableCluster: {}, canaryCluster: {}}}",
+                quote(&self.envoy_admin_url),
+                quote(STABLE_CLUSTER),
+                quote(CANARY_CLUSTER)
+            ),
             None => format!("envoyAdmin: {{urls: [{}]}}", quote(&self.envoy_admin_url)),
         };
         format!(

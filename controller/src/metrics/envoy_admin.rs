@@ -5,6 +5,11 @@
 //! endpoint and reports, per call, the sum over endpoints of `current.delta_since(previous)`,
 //! so one Envoy restarting (its counters reset) never yields a negative or inflated interval.
 //!
+//! What a scrape is read for is a [`StatsReader`]: by default [`FilterMetrics`], the Fledge
+//! filter's `fledge_*` series of one service; `metricsSource.envoyClusterStats` uses Envoy's own
+//! per-cluster statistics instead (`super::envoy_cluster_stats`). Everything else here — the
+//! endpoints, restarts, all-or-nothing commits, the guard gauge — is the same for both.
+//!
 //! Readings are committed all-or-nothing: if any endpoint fails, the call errors and *every*
 //! endpoint keeps its previous reading. A partial view must not produce a verdict, and the next
 //! full scrape then yields, for every endpoint, the traffic since the same earlier instant — so
@@ -19,6 +24,7 @@ use fledge_core::contract::{
     TAG_SUBSET,
 };
 use fledge_core::observe::{LatencyHistogram, Observation, ObservationError, SubsetTraffic};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 
@@ -32,7 +38,33 @@ use tokio::task::JoinSet;
 const STATS_FILTER: &str = r"fledge_request|^server\.uptime$";
 
 /// Envoy's uptime gauge in seconds, as `/stats/prometheus` names it.
-const UPTIME_GAUGE: &str = "envoy_server_uptime";
+pub(super) const UPTIME_GAUGE: &str = "envoy_server_uptime";
+
+/// What one scrape of an Envoy's `/stats/prometheus` is read for.
+pub trait StatsReader: std::fmt::Debug + Send + Sync {
+    /// The `filter` regex sent with the scrape. Envoy matches it against full stat names
+    /// before tag extraction (see [`STATS_FILTER`]); it should keep `^server\.uptime$`.
+    fn stats_filter(&self) -> String;
+    /// The canary's cumulative traffic in one scrape (samples are filtered again here).
+    fn read(&self, samples: &[Sample]) -> Result<EndpointReading, String>;
+}
+
+/// The Fledge filter's metrics of one service: `fledge_requests_total` by subset and class,
+/// `fledge_request_duration_ms` by subset.
+#[derive(Debug, Clone)]
+pub struct FilterMetrics {
+    pub selector: SubsetSelector,
+}
+
+impl StatsReader for FilterMetrics {
+    fn stats_filter(&self) -> String {
+        STATS_FILTER.to_string()
+    }
+
+    fn read(&self, samples: &[Sample]) -> Result<EndpointReading, String> {
+        reading_from_samples(samples, &self.selector)
+    }
+}
 
 /// Why an [`EnvoyAdminSource`] could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +83,7 @@ pub enum EnvoyAdminSourceError {
 #[derive(Debug)]
 pub struct EnvoyAdminSource {
     selector: SubsetSelector,
+    reader: Arc<dyn StatsReader>,
     endpoints: Vec<Endpoint>,
     client: reqwest::Client,
 }
@@ -68,12 +101,12 @@ struct Endpoint {
 
 /// One Envoy's cumulative counters for the selected canary.
 #[derive(Debug, Clone, Default, PartialEq)]
-struct EndpointReading {
-    stable: SubsetTraffic,
-    canary: SubsetTraffic,
-    uptime_seconds: Option<f64>,
+pub struct EndpointReading {
+    pub stable: SubsetTraffic,
+    pub canary: SubsetTraffic,
+    pub uptime_seconds: Option<f64>,
     /// Samples that look like ours but whose labels were not extracted (see `warn_untagged`).
-    untagged_series: usize,
+    pub untagged_series: usize,
 }
 
 impl EnvoyAdminSource {
@@ -85,6 +118,19 @@ impl EnvoyAdminSource {
         selector: SubsetSelector,
         request_timeout: Duration,
     ) -> Result<Self, EnvoyAdminSourceError> {
+        let reader = Arc::new(FilterMetrics {
+            selector: selector.clone(),
+        });
+        Self::with_reader(admin_urls, selector, reader, request_timeout)
+    }
+
+    /// [`EnvoyAdminSource::new`] reading each scrape with `reader`.
+    pub fn with_reader(
+        admin_urls: Vec<String>,
+        selector: SubsetSelector,
+        reader: Arc<dyn StatsReader>,
+        request_timeout: Duration,
+    ) -> Result<Self, EnvoyAdminSourceError> {
         if admin_urls.is_empty() {
             return Err(EnvoyAdminSourceError::NoEndpoints);
         }
@@ -94,7 +140,7 @@ impl EnvoyAdminSource {
         let endpoints = admin_urls
             .into_iter()
             .map(|base_url| {
-                let stats_url = stats_url(&base_url)?;
+                let stats_url = stats_url(&base_url, &reader.stats_filter())?;
                 let mut guard_url = stats_url.clone();
                 guard_url
                     .query_pairs_mut()
@@ -115,6 +161,7 @@ impl EnvoyAdminSource {
             .map_err(EnvoyAdminSourceError::HttpClient)?;
         Ok(EnvoyAdminSource {
             selector,
+            reader,
             endpoints,
             client,
         })
@@ -127,8 +174,13 @@ impl EnvoyAdminSource {
             let client = self.client.clone();
             let url = endpoint.stats_url.clone();
             let base_url = endpoint.base_url.clone();
-            let selector = self.selector.clone();
-            tasks.spawn(async move { (index, scrape(&client, url, &base_url, &selector).await) });
+            let reader = self.reader.clone();
+            tasks.spawn(async move {
+                (
+                    index,
+                    scrape(&client, url, &base_url, reader.as_ref()).await,
+                )
+            });
         }
         let mut results: Vec<Option<Result<EndpointReading, ObservationError>>> =
             self.endpoints.iter().map(|_| None).collect();
@@ -301,7 +353,7 @@ fn warn_untagged(endpoint: &str, count: usize) {
     );
 }
 
-fn stats_url(base_url: &str) -> Result<reqwest::Url, EnvoyAdminSourceError> {
+fn stats_url(base_url: &str, filter: &str) -> Result<reqwest::Url, EnvoyAdminSourceError> {
     let invalid = |reason: String| EnvoyAdminSourceError::InvalidUrl {
         url: base_url.to_string(),
         reason,
@@ -319,7 +371,7 @@ fn stats_url(base_url: &str) -> Result<reqwest::Url, EnvoyAdminSourceError> {
         base.path().trim_end_matches('/')
     ));
     url.set_query(None);
-    url.query_pairs_mut().append_pair("filter", STATS_FILTER);
+    url.query_pairs_mut().append_pair("filter", filter);
     Ok(url)
 }
 
@@ -327,7 +379,7 @@ async fn scrape(
     client: &reqwest::Client,
     url: reqwest::Url,
     base_url: &str,
-    selector: &SubsetSelector,
+    reader: &dyn StatsReader,
 ) -> Result<EndpointReading, ObservationError> {
     let unreachable = |what: String| ObservationError::Unreachable(format!("{base_url}: {what}"));
     let response = client
@@ -351,7 +403,8 @@ async fn scrape(
     let samples = promtext::parse(&body).map_err(|error| {
         ObservationError::Malformed(format!("{base_url}/stats/prometheus: {error}"))
     })?;
-    reading_from_samples(&samples, selector)
+    reader
+        .read(&samples)
         .map_err(|problem| ObservationError::Malformed(format!("{base_url}: {problem}")))
 }
 
@@ -412,7 +465,7 @@ fn side_of(sample: &Sample, selector: &SubsetSelector) -> Option<Side> {
 /// Accumulates one subset's series. Series that differ in labels other than ours (e.g. extra
 /// tags) are summed.
 #[derive(Default)]
-struct SubsetAccumulator {
+pub(super) struct SubsetAccumulator {
     by_class: [u64; 6],
     /// `(le, cumulative count)` for finite bounds, unordered.
     finite_buckets: Vec<(f64, u64)>,
@@ -422,6 +475,19 @@ struct SubsetAccumulator {
 }
 
 impl SubsetAccumulator {
+    /// Count `sample` (a whole number) as requests of `class`.
+    pub(super) fn add_class(
+        &mut self,
+        class: ResponseClass,
+        sample: &Sample,
+    ) -> Result<(), String> {
+        let n = whole_count(sample)?;
+        if let Some(slot) = self.by_class.get_mut(class.index()) {
+            *slot = slot.saturating_add(n);
+        }
+        Ok(())
+    }
+
     fn add_requests(&mut self, sample: &Sample) -> Result<(), String> {
         let class_label = sample
             .label(TAG_CLASS)
@@ -433,14 +499,10 @@ impl SubsetAccumulator {
                 ResponseClass::ALL.map(ResponseClass::label).join(", ")
             )
         })?;
-        let n = whole_count(sample)?;
-        if let Some(slot) = self.by_class.get_mut(class.index()) {
-            *slot = slot.saturating_add(n);
-        }
-        Ok(())
+        self.add_class(class, sample)
     }
 
-    fn add_bucket(&mut self, sample: &Sample) -> Result<(), String> {
+    pub(super) fn add_bucket(&mut self, sample: &Sample) -> Result<(), String> {
         let le_text = sample
             .label("le")
             .ok_or_else(|| format!("{} sample without an le label", sample.name))?;
@@ -460,7 +522,7 @@ impl SubsetAccumulator {
         Ok(())
     }
 
-    fn add_sum(&mut self, sample: &Sample) -> Result<(), String> {
+    pub(super) fn add_sum(&mut self, sample: &Sample) -> Result<(), String> {
         if !sample.value.is_finite() || sample.value < 0.0 {
             return Err(format!(
                 "{} is {}, expected a non-negative number",
@@ -471,13 +533,14 @@ impl SubsetAccumulator {
         Ok(())
     }
 
-    fn add_count(&mut self, sample: &Sample) -> Result<(), String> {
+    pub(super) fn add_count(&mut self, sample: &Sample) -> Result<(), String> {
         let n = whole_count(sample)?;
         self.count = Some(self.count.unwrap_or(0).saturating_add(n));
         Ok(())
     }
 
-    fn finish(mut self, subset: &str) -> Result<SubsetTraffic, String> {
+    /// The subset's traffic; `histogram` names the latency series in messages.
+    pub(super) fn finish(mut self, histogram: &str, subset: &str) -> Result<SubsetTraffic, String> {
         self.finite_buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
         let bounds_ms: Vec<f64> = self.finite_buckets.iter().map(|(le, _)| *le).collect();
         let cumulative: Vec<u64> = self.finite_buckets.iter().map(|(_, n)| *n).collect();
@@ -486,7 +549,7 @@ impl SubsetAccumulator {
             .any(|pair| matches!(pair, [a, b] if b < a))
         {
             return Err(format!(
-                "{REQUEST_DURATION_MS} buckets of subset {subset:?} decrease with le: {:?}",
+                "{histogram} buckets of subset {subset:?} decrease with le: {:?}",
                 self.finite_buckets
             ));
         }
@@ -497,7 +560,7 @@ impl SubsetAccumulator {
             .unwrap_or(highest_finite);
         if count < highest_finite {
             return Err(format!(
-                "{REQUEST_DURATION_MS} of subset {subset:?} counts {count} requests but a bucket holds {highest_finite}"
+                "{histogram} of subset {subset:?} counts {count} requests but a bucket holds {highest_finite}"
             ));
         }
         Ok(SubsetTraffic {
@@ -575,8 +638,8 @@ fn reading_from_samples(
         }
     }
     Ok(EndpointReading {
-        stable: stable.finish(&selector.stable_subset)?,
-        canary: canary.finish(&selector.canary_subset)?,
+        stable: stable.finish(REQUEST_DURATION_MS, &selector.stable_subset)?,
+        canary: canary.finish(REQUEST_DURATION_MS, &selector.canary_subset)?,
         uptime_seconds,
         untagged_series,
     })
@@ -1039,7 +1102,7 @@ mod tests {
             ),
         ];
         for (base, want_prefix) in cases {
-            let url = stats_url(base).unwrap().to_string();
+            let url = stats_url(base, STATS_FILTER).unwrap().to_string();
             assert!(url.starts_with(want_prefix), "{base}: {url}");
         }
     }

@@ -5,6 +5,7 @@
 //! error — never a silent zero. New backends are new files implementing [`MetricsSource`].
 
 pub mod envoy_admin;
+pub mod envoy_cluster_stats;
 pub mod prometheus;
 pub mod promtext;
 
