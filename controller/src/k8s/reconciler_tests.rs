@@ -248,6 +248,17 @@ fn status(server: &FakeApiServer) -> CanaryResourceStatus {
     stored_canary(server).status.unwrap_or_default()
 }
 
+/// The status of Canary `name` (not `app`).
+fn status_of(server: &FakeApiServer, name: &str) -> CanaryResourceStatus {
+    let object = server
+        .get(FLEDGE, "canaries", NS, name)
+        .expect("canary exists");
+    serde_json::from_value::<Canary>(object)
+        .expect("a valid Canary")
+        .status
+        .unwrap_or_default()
+}
+
 fn vs_weights(server: &FakeApiServer) -> Weights {
     let vs = server.get(ISTIO, "virtualservices", NS, "app").unwrap();
     let canary = stored_canary_or_default_spec(server);
@@ -1608,9 +1619,7 @@ async fn a_second_canary_on_the_same_route_waits_for_the_first() {
         (Phase::Progressing, 40)
     );
     assert_eq!(vs_weights(&server), Weights::canary_percent(40));
-    let b: Canary =
-        serde_json::from_value(server.get(FLEDGE, "canaries", NS, "app-b").unwrap()).unwrap();
-    let b_status = b.status.unwrap_or_default();
+    let b_status = status_of(&server, "app-b");
     assert_eq!(b_status.rollout.phase, Phase::Initializing);
     let ready = b_status
         .condition(condition::READY)
@@ -1628,9 +1637,7 @@ async fn a_second_canary_on_the_same_route_waits_for_the_first() {
     server.delete(FLEDGE, "canaries", NS, "app");
     tokio::time::sleep(Duration::from_secs(15)).await;
     assert!(server.get(FLEDGE, "canaries", NS, "app").is_none());
-    let b: Canary =
-        serde_json::from_value(server.get(FLEDGE, "canaries", NS, "app-b").unwrap()).unwrap();
-    let b_status = b.status.unwrap_or_default();
+    let b_status = status_of(&server, "app-b");
     assert_eq!(
         (b_status.rollout.phase, b_status.rollout.canary_weight),
         (Phase::Progressing, 20),
