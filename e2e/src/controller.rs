@@ -188,6 +188,22 @@ impl CanaryView {
     pub fn is_terminal(&self) -> bool {
         TERMINAL_PHASES.contains(&self.phase.as_str())
     }
+
+    /// The canary weight of every transition in the history, in order.
+    pub fn weights_walked(&self) -> Vec<u64> {
+        weights_walked(&self.raw)
+    }
+}
+
+/// The canary weight of every transition in a status's `history`, in order (a status from the
+/// API of `fledge run` or the `.status` of a Canary object).
+pub fn weights_walked(status: &Value) -> Vec<u64> {
+    status["history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["canaryWeight"].as_u64())
+        .collect()
 }
 
 /// A running `fledge run`; stopped on drop.

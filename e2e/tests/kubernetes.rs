@@ -8,6 +8,7 @@
 //! the Lease.
 
 use anyhow::{ensure, Context, Result};
+use fledge_e2e::controller::weights_walked;
 use fledge_e2e::kubernetes::{
     app_objects, exited_cleanly, require, FakeCluster, KubeController, MeshSync,
 };
@@ -178,12 +179,7 @@ fn kubernetes_mode_steers_real_traffic_through_a_virtual_service() -> Result<()>
                 .any(|s| s.label("canary") == Some("shop/app") && s.value == 100.0),
             "{weight:?}"
         );
-        let history: Vec<u64> = canary_status()?["history"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|t| t["canaryWeight"].as_u64())
-            .collect();
+        let history = weights_walked(&canary_status()?);
         ensure!(
             history.starts_with(&[20]) && history.contains(&50),
             "{history:?}"

@@ -322,12 +322,7 @@ fn custom_prometheus_metric_promotes_a_healthy_canary() -> Result<()> {
     let mut scenario = Scenario::start("prom-healthy", BackendOptions::default())?;
     let view = scenario.wait_for_phase("prom-healthy", "Promoted", Duration::from_secs(90))?;
     ensure!(view.canary_weight == Some(100), "{view:?}");
-    let weights: Vec<u64> = view.raw["history"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| t["canaryWeight"].as_u64())
-        .collect();
+    let weights = view.weights_walked();
     ensure!(
         weights == [20, 40, 60, 80, 100],
         "weights walked {weights:?}"

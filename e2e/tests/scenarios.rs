@@ -143,12 +143,7 @@ fn healthy_canary_is_promoted_and_then_gets_the_traffic() -> Result<()> {
         phases.iter().filter(|p| *p == "Progressing").count() == 4,
         "four weight steps expected in history: {phases:?}"
     );
-    let weights: Vec<u64> = view.raw["history"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| t["canaryWeight"].as_u64())
-        .collect();
+    let weights = view.weights_walked();
     ensure!(
         weights == [20, 40, 60, 80, 100],
         "weights walked {weights:?}"
