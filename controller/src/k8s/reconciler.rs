@@ -362,8 +362,9 @@ fn route_taken_by(store: &Store<Canary>, canary: &Canary) -> Option<String> {
             })
         })
         .filter(|other| {
-            let status = other.status.clone().unwrap_or_default();
-            !(status.rollout.phase.is_terminal() && status.final_routes_applied)
+            !other.status.as_ref().is_some_and(|status| {
+                status.rollout.phase.is_terminal() && status.final_routes_applied
+            })
         })
         .filter(|other| rank(other) < rank(canary))
         .map(|other| key_of(other))
