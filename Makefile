@@ -60,6 +60,13 @@ crd:
 verify-crd:
 	$(CARGO) test -p fledge-controller --lib k8s::manifest_tests
 
+# The docs: regenerate docs/spec.md's field reference from the spec's doc comments, then check
+# every YAML/JSON example and link (controller/tests/docs.rs, also part of `make test`).
+.PHONY: docs
+docs:
+	FLEDGE_UPDATE_DOCS=1 $(CARGO) test -q -p fledge-controller --test docs the_spec_reference
+	$(CARGO) test -q -p fledge-controller --test docs
+
 # kind + Istio + Prometheus on a real machine with Docker (cannot run on the project's CI
 # machines, which have no container runtime or Kubernetes API server). See docs/kubernetes.md.
 e2e-kind:

@@ -48,9 +48,10 @@ pub struct CanarySpec {
     pub canary: SubsetRef,
     pub metrics_source: MetricsSourceSpec,
     pub router: RouterSpec,
+    /// How the canary is judged and how its traffic grows: interval, steps, checks.
     pub analysis: AnalysisSpec,
     /// Calls out at Flagger's hook points (load tests, approval gates, notifications); see
-    /// [`crate::webhook`].
+    /// docs/operating.md.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<crate::webhook::WebhookSpec>,
 }
@@ -59,6 +60,8 @@ pub struct CanarySpec {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SubsetRef {
+    /// The `fledge_subset` label value the filter gives this version's requests (with Istio,
+    /// the DestinationRule subset name).
     pub subset: String,
 }
 
@@ -79,7 +82,7 @@ pub struct MetricsSourceSpec {
     /// Read Envoy's own per-cluster statistics (`upstream_rq_<N>xx`, `upstream_rq_time`) from
     /// one or more Envoy admin endpoints, for a stable and a canary cluster: no Wasm filter is
     /// needed for metrics (so it costs the data plane nothing), at the price of the filter's
-    /// finer points (see the README).
+    /// finer points (see docs/envoy.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub envoy_cluster_stats: Option<EnvoyClusterStatsSpec>,
 }
@@ -213,7 +216,9 @@ pub struct EnvoyRdsSpec {
     pub virtual_host: String,
     /// Name of the route whose `weighted_clusters` are shifted.
     pub route: String,
+    /// The cluster of the stable version in that route's `weighted_clusters`.
     pub stable_cluster: String,
+    /// The cluster of the canary version in that route's `weighted_clusters`.
     pub canary_cluster: String,
     /// Envoy admin base URL, used to check that new weights are live (`/config_dump`).
     pub admin_url: String,
@@ -259,6 +264,8 @@ pub struct AnalysisSpec {
     /// rollout is Halted with the reason. Nothing advances meanwhile. Default 2.
     #[serde(default = "default_metrics_failure_limit")]
     pub metrics_failure_limit: u32,
+    /// Fixed-threshold checks judged every interval: a value outside its range fails the
+    /// interval.
     #[serde(default)]
     pub metrics: Vec<MetricSpec>,
     /// Judge the canary against the stable version with anytime-valid sequential tests
@@ -462,8 +469,12 @@ const DEFAULT_MAX_WEIGHT: u8 = 50;
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StepSpec {
+    /// Send this percentage of traffic to the canary, and hold it for at least one passing
+    /// analysis interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_weight: Option<u8>,
+    /// Hold the current weight: for `duration`, or (`pause: {}`) until a promote command.
+    /// Analysis keeps running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause: Option<Pause>,
 }
@@ -508,6 +519,7 @@ pub enum Step {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Pause {
+    /// How long to hold. Without it the rollout waits for a promote command.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration: Option<HumanDuration>,
 }
@@ -518,13 +530,15 @@ pub struct Pause {
 pub struct MetricSpec {
     /// `request-success-rate` (percent) or `request-duration` (milliseconds at `quantile`).
     pub name: String,
+    /// The accepted values; a value outside fails the interval.
     pub threshold_range: ThresholdRange,
     /// For `request-duration`: the quantile judged (default 0.99).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantile: Option<f64>,
     /// A custom metric: a PromQL template returning one number for the canary over the
     /// interval, e.g. `sum(rate(http_errors{app="{{ service }}",version="{{ canary }}"}[{{ interval }}]))`.
-    /// Variables: see [`QUERY_VARIABLES`]. Needs `metricsSource.prometheus`.
+    /// Variables: `{{ name }}`, `{{ namespace }}`, `{{ service }}`,
+    /// `{{ stable }}`, `{{ canary }}`, `{{ interval }}`. Needs `metricsSource.prometheus`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<String>,
 }
@@ -616,8 +630,10 @@ pub fn render_query(template: &str, vars: &QueryVariables) -> Result<String, Tem
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ThresholdRange {
+    /// The lowest passing value (inclusive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min: Option<f64>,
+    /// The highest passing value (inclusive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<f64>,
 }
