@@ -22,6 +22,8 @@
 //! - [`analysis`]: judging one interval's observation against the spec's metrics.
 //! - [`rollout`]: the state machine.
 //! - [`webhook`]: the spec's webhooks (hook points) and their validation.
+//! - [`workload`]: the workload lifecycle (Kubernetes mode with `targetRef`): the primary copy,
+//!   scaling a new revision up, promotion by copying its template, rollback, deadlines.
 
 pub mod analysis;
 pub mod contract;
@@ -32,3 +34,4 @@ pub mod rollout;
 pub mod sequential;
 pub mod spec;
 pub mod webhook;
+pub mod workload;

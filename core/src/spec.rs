@@ -54,6 +54,35 @@ pub struct CanarySpec {
     /// docs/operating.md.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<crate::webhook::WebhookSpec>,
+    /// Kubernetes mode: the Deployment (apps/v1, in the Canary's namespace) whose pod template
+    /// changes are released. Fledge keeps a copy, `<name>-primary`, that serves the stable
+    /// version, scales this one up for a new revision and back to 0 after promotion or
+    /// rollback. Without it, Fledge only moves traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<crate::workload::TargetRef>,
+    /// With `targetRef`: the autoscaling/v2 HorizontalPodAutoscaler of the target; the primary
+    /// gets a copy of it (`<name>-primary`) that scales the primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler_ref: Option<crate::workload::AutoscalerRef>,
+    /// With `targetRef`: how long the target or the primary may take to become available, and
+    /// how long a rollout may stay Halted, before it is rolled back. Default 10m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_deadline: Option<crate::duration::HumanDuration>,
+    /// With `targetRef`: the pod label that tells the two versions apart: `canary` on the
+    /// target's pods (write it in Git), `stable` on the primary's. The DestinationRule's subsets
+    /// select by it. Default `fledge.dev/track`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_label: Option<String>,
+    /// With `targetRef`: how long after all traffic went back to the primary the target is
+    /// scaled to 0 (the mesh needs a moment to push the weights to every proxy). Default 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down_delay: Option<crate::duration::HumanDuration>,
+    /// With `targetRef`: when the Canary is deleted, copy the primary's pod template back into
+    /// the target, scale the target up and send it all traffic before the primary goes
+    /// (Flagger's `revertOnDeletion`). Default false: the primary keeps serving, all traffic
+    /// on stable.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revert_on_deletion: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1010,6 +1039,7 @@ impl CanarySpec {
         }
         self.analysis.validate_into(p, has_prometheus);
         p.0.extend(crate::webhook::validate(&self.webhooks));
+        p.0.extend(crate::workload::validate_spec(self));
     }
 }
 

@@ -5,6 +5,7 @@
 //!
 //! | type | when the controller calls it | what its answer does |
 //! | --- | --- | --- |
+//! | `confirm-rollout` | with `targetRef`: before the target is scaled up for a new revision | not 2xx → the new revision waits (nothing scaled, no traffic) |
 //! | `pre-rollout` | before the first step (Initializing) | not 2xx → one failed check, the rollout waits |
 //! | `rollout` | every interval while the rollout runs (e.g. a load test) | not 2xx → one failed check |
 //! | `confirm-promotion` | when the last step passed and promotion is next | not 2xx → promotion held |
@@ -22,6 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum WebhookType {
+    ConfirmRollout,
     PreRollout,
     Rollout,
     ConfirmPromotion,
@@ -31,7 +33,8 @@ pub enum WebhookType {
 }
 
 impl WebhookType {
-    pub const ALL: [WebhookType; 6] = [
+    pub const ALL: [WebhookType; 7] = [
+        WebhookType::ConfirmRollout,
         WebhookType::PreRollout,
         WebhookType::Rollout,
         WebhookType::ConfirmPromotion,
@@ -43,6 +46,7 @@ impl WebhookType {
     /// The name used in specs, metrics and the API (`pre-rollout`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
+            WebhookType::ConfirmRollout => "confirm-rollout",
             WebhookType::PreRollout => "pre-rollout",
             WebhookType::Rollout => "rollout",
             WebhookType::ConfirmPromotion => "confirm-promotion",
@@ -196,6 +200,7 @@ mod tests {
     fn parses_every_type_with_defaults() {
         let hooks = parse(
             "
+- {name: approve-release, type: confirm-rollout, url: http://t/gate/rollout}
 - {name: smoke, type: pre-rollout, url: http://t/smoke}
 - {name: load-test, type: rollout, url: http://t/load, timeout: 5s, retries: 0, metadata: {cmd: hey}}
 - {name: approve, type: confirm-promotion, url: http://t/gate}
@@ -208,8 +213,8 @@ mod tests {
         assert_eq!(kinds, WebhookType::ALL.to_vec());
         assert_eq!(hooks[0].timeout, HumanDuration::from_secs(10));
         assert_eq!(hooks[0].retries, 2);
-        assert_eq!(hooks[1].metadata["cmd"], "hey");
-        assert_eq!(hooks[5].payload, WebhookPayload::Slack);
+        assert_eq!(hooks[2].metadata["cmd"], "hey");
+        assert_eq!(hooks[6].payload, WebhookPayload::Slack);
         assert_eq!(validate(&hooks), vec![]);
         for kind in WebhookType::ALL {
             let text = serde_json::to_string(&kind).unwrap();
@@ -220,7 +225,7 @@ mod tests {
     #[test]
     fn unknown_types_and_fields_are_rejected_at_parse_time() {
         assert!(serde_yaml::from_str::<Vec<WebhookSpec>>(
-            "[{name: a, type: confirm-rollout, url: http://t}]"
+            "[{name: a, type: confirm-traffic-increase, url: http://t}]"
         )
         .is_err());
         assert!(serde_yaml::from_str::<Vec<WebhookSpec>>(

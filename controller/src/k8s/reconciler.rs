@@ -505,6 +505,21 @@ async fn guard_watch(
     }
 }
 
+/// Until the workload lifecycle is wired into this reconciler (issue 11), a `targetRef` must
+/// not be accepted and silently ignored.
+fn workloads_not_managed_yet(
+    canary: &fledge_core::spec::Canary,
+) -> std::result::Result<(), fledge_core::spec::SpecErrors> {
+    match canary.spec.target_ref {
+        None => Ok(()),
+        Some(_) => Err(fledge_core::spec::SpecErrors(vec![fledge_core::spec::SpecError {
+            field: "spec.targetRef".into(),
+            problem: "this fledge controller does not manage workloads yet".into(),
+            fix: "remove targetRef (and the fields that need it) until a controller that releases Deployments is deployed".into(),
+        }])),
+    }
+}
+
 /// A live Canary (not being deleted).
 async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
     let now = ctx.clock.now();
@@ -516,7 +531,10 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
     let core = canary.to_core();
     let previous = canary.status.clone().unwrap_or_default();
 
-    if let Err(errors) = core.validate() {
+    if let Err(errors) = core
+        .validate()
+        .and_then(|()| workloads_not_managed_yet(&core))
+    {
         let mut status = previous.clone();
         status.observed_generation = generation;
         let readiness = Readiness::not_ready(reason::INVALID_SPEC, errors.to_string());
