@@ -12,7 +12,15 @@
 //!   never change `.status`; `metadata.generation` is bumped only when `.spec` changes (or
 //!   deletion starts);
 //! - `DELETE` of an object with finalizers only sets `deletionTimestamp`; it is removed when
-//!   the last finalizer goes; `POST` of an existing name → 409 AlreadyExists;
+//!   the last finalizer goes; `POST` of an existing name → 409 AlreadyExists; an object that
+//!   is removed takes its dependents (ownerReferences) with it, as the garbage collector's
+//!   background propagation does;
+//! - apps/v1 Deployments: `spec.replicas` defaults to 1, the selector must match the template's
+//!   labels and cannot change (422), and the `scale` subresource reads and writes
+//!   `spec.replicas` (autoscaling/v1 `Scale`, resourceVersion precondition); autoscaling/v2
+//!   HorizontalPodAutoscalers. Nothing runs pods: [`FakeApiServer::settle_deployments`] plays the
+//!   Deployment controller and kubelet in unit tests (status, observedGeneration, conditions);
+//!   the e2e tests' kubelet stand-in writes the same status over HTTP;
 //! - list (with the collection's resourceVersion) and watch (every event after a
 //!   resourceVersion, then live events, until `timeoutSeconds`);
 //! - every request is recorded (client identity, method, path, query, content type, body and
@@ -78,9 +86,12 @@ impl RecordedRequest {
 #[derive(Debug, Clone)]
 struct ResourceInfo {
     group: String,
+    version: String,
     plural: String,
     kind: String,
     status_subresource: bool,
+    /// Has the `scale` subresource (`spec.replicas`).
+    scale_subresource: bool,
     /// Custom resources need `metadata.resourceVersion` on PUT; some built-ins don't.
     requires_version_on_update: bool,
 }
@@ -242,6 +253,124 @@ fn finalizers_of(object: &Value) -> usize {
         .map_or(0, Vec::len)
 }
 
+/// What the real API server defaults on write (only what the controller relies on).
+fn default_object(info: &ResourceInfo, object: &mut Value) {
+    if info.group == "apps" && info.plural == "deployments" {
+        if let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut) {
+            spec.entry("replicas").or_insert(json!(1));
+        }
+    }
+}
+
+/// The API server's validation of what the controller writes: a Deployment's selector must
+/// select its template's labels and cannot change.
+fn validate_object(info: &ResourceInfo, old: Option<&Value>, new: &Value) -> Result<(), Failure> {
+    if !(info.group == "apps" && info.plural == "deployments") {
+        return Ok(());
+    }
+    let selector = new.pointer("/spec/selector").unwrap_or(&Value::Null);
+    if let Some(old) = old {
+        if old.pointer("/spec/selector").unwrap_or(&Value::Null) != selector {
+            return Err(Failure::invalid(format!(
+                "Deployment.apps {:?} is invalid: spec.selector: Invalid value: {selector}: field is immutable",
+                meta(new, "name").unwrap_or_default()
+            )));
+        }
+    }
+    let labels = new
+        .pointer("/spec/template/metadata/labels")
+        .and_then(Value::as_object);
+    let matches = selector
+        .get("matchLabels")
+        .and_then(Value::as_object)
+        .is_some_and(|wanted| {
+            !wanted.is_empty()
+                && wanted
+                    .iter()
+                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+        });
+    if !matches {
+        return Err(Failure::invalid(format!(
+            "Deployment.apps {:?} is invalid: spec.template.metadata.labels: Invalid value: `selector` does not match template `labels`",
+            meta(new, "name").unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+/// A Deployment's status as the Deployment controller writes it: `pods` pods, `updated` of the
+/// current template, `available` of them ready, with the `Available` and `Progressing`
+/// conditions.
+pub fn deployment_status(deployment: &Value, pods: i64, updated: i64, available: i64) -> Value {
+    let replicas = deployment
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .unwrap_or(1);
+    let generation = deployment
+        .pointer("/metadata/generation")
+        .cloned()
+        .unwrap_or(json!(1));
+    let complete = updated == replicas && available >= replicas && pods == updated;
+    let condition = |type_: &str, status: bool, reason: &str, message: String| json!({"type": type_, "status": if status { "True" } else { "False" }, "reason": reason, "message": message});
+    json!({
+        "observedGeneration": generation,
+        "replicas": pods,
+        "updatedReplicas": updated,
+        "readyReplicas": available,
+        "availableReplicas": available,
+        "unavailableReplicas": (pods - available).max(0),
+        "conditions": [
+            condition(
+                "Available",
+                available >= replicas,
+                if available >= replicas { "MinimumReplicasAvailable" } else { "MinimumReplicasUnavailable" },
+                format!("{available} of {replicas} replicas available"),
+            ),
+            condition(
+                "Progressing",
+                true,
+                if complete { "NewReplicaSetAvailable" } else { "ReplicaSetUpdated" },
+                format!("{updated} of {replicas} replicas updated"),
+            ),
+        ],
+    })
+}
+
+/// A Deployment's label selector as the `Scale` status shows it: `k=v,k2=v2`.
+fn selector_string(deployment: &Value) -> String {
+    deployment
+        .pointer("/spec/selector/matchLabels")
+        .and_then(Value::as_object)
+        .map(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+fn scale_of(deployment: &Value) -> Value {
+    let metadata = &deployment["metadata"];
+    json!({
+        "apiVersion": "autoscaling/v1",
+        "kind": "Scale",
+        "metadata": {
+            "name": metadata["name"],
+            "namespace": metadata["namespace"],
+            "uid": metadata["uid"],
+            "resourceVersion": metadata["resourceVersion"],
+            "creationTimestamp": metadata["creationTimestamp"],
+        },
+        "spec": {"replicas": deployment.pointer("/spec/replicas").cloned().unwrap_or(json!(1))},
+        "status": {
+            "replicas": deployment.pointer("/status/replicas").cloned().unwrap_or(json!(0)),
+            "selector": selector_string(deployment),
+        },
+    })
+}
+
 impl Default for FakeApiServer {
     fn default() -> Self {
         Self::new()
@@ -249,34 +378,48 @@ impl Default for FakeApiServer {
 }
 
 impl FakeApiServer {
-    /// A server that knows Canaries, VirtualServices, DestinationRules, Leases and Events.
+    /// A server that knows Canaries, VirtualServices, DestinationRules, Deployments,
+    /// HorizontalPodAutoscalers, Leases and Events.
     pub fn new() -> Self {
         let resource =
-            |group: &str, plural: &str, kind: &str, status: bool, versioned: bool| ResourceInfo {
-                group: group.into(),
-                plural: plural.into(),
-                kind: kind.into(),
-                status_subresource: status,
-                requires_version_on_update: versioned,
+            |api_version: &str, plural: &str, kind: &str, status: bool, versioned: bool| {
+                let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+                ResourceInfo {
+                    group: group.into(),
+                    version: version.into(),
+                    plural: plural.into(),
+                    kind: kind.into(),
+                    status_subresource: status,
+                    scale_subresource: plural == "deployments",
+                    requires_version_on_update: versioned,
+                }
             };
         let resources = vec![
-            resource("fledge.dev", "canaries", "Canary", true, true),
+            resource("fledge.dev/v1alpha1", "canaries", "Canary", true, true),
             resource(
-                "networking.istio.io",
+                "networking.istio.io/v1",
                 "virtualservices",
                 "VirtualService",
                 true,
                 true,
             ),
             resource(
-                "networking.istio.io",
+                "networking.istio.io/v1",
                 "destinationrules",
                 "DestinationRule",
                 true,
                 true,
             ),
-            resource("coordination.k8s.io", "leases", "Lease", false, false),
-            resource("events.k8s.io", "events", "Event", false, false),
+            resource("apps/v1", "deployments", "Deployment", true, false),
+            resource(
+                "autoscaling/v2",
+                "horizontalpodautoscalers",
+                "HorizontalPodAutoscaler",
+                true,
+                false,
+            ),
+            resource("coordination.k8s.io/v1", "leases", "Lease", false, false),
+            resource("events.k8s.io/v1", "events", "Event", false, false),
         ];
         let (events, _) = broadcast::channel(4096);
         FakeApiServer {
@@ -501,6 +644,8 @@ impl FakeApiServer {
                 map.remove("status");
             }
         }
+        default_object(&info, &mut object);
+        validate_object(&info, None, &object)?;
         state.objects.insert(key, object.clone());
         self.record(
             &mut state,
@@ -602,6 +747,8 @@ impl FakeApiServer {
                     }
                 }
             }
+            default_object(&info, &mut stored);
+            validate_object(&info, Some(&old), &stored)?;
             if old.get("spec") != stored.get("spec") {
                 let generation = old
                     .pointer("/metadata/generation")
@@ -620,6 +767,7 @@ impl FakeApiServer {
         let deleting = stored.pointer("/metadata/deletionTimestamp").is_some();
         let event_kind = if deleting && finalizers_of(&stored) == 0 {
             state.objects.remove(&key);
+            self.collect_garbage(&mut state, &stored);
             "DELETED"
         } else {
             state.objects.insert(key, stored.clone());
@@ -688,7 +836,63 @@ impl FakeApiServer {
                 object: object.clone(),
             },
         );
+        if kind == "DELETED" {
+            self.collect_garbage(&mut state, &object);
+        }
         Ok(object)
+    }
+
+    /// The garbage collector (background propagation): delete what names `removed` as an
+    /// owner, in its namespace; dependents with finalizers only get a deletionTimestamp.
+    fn collect_garbage(&self, state: &mut State, removed: &Value) {
+        let Some(uid) = removed.pointer("/metadata/uid").and_then(Value::as_str) else {
+            return;
+        };
+        let dependents: Vec<(String, String, String, String)> = state
+            .objects
+            .iter()
+            .filter(|(_, object)| {
+                object
+                    .pointer("/metadata/ownerReferences")
+                    .and_then(Value::as_array)
+                    .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for (group, plural, namespace, name) in dependents {
+            let key = (group.clone(), plural.clone(), namespace.clone(), name);
+            let Some(mut object) = state.objects.get(&key).cloned() else {
+                continue;
+            };
+            if object.pointer("/metadata/deletionTimestamp").is_some() {
+                continue;
+            }
+            let version = Self::next_version(state);
+            object["metadata"]["resourceVersion"] = json!(version.to_string());
+            let kind = if finalizers_of(&object) > 0 {
+                object["metadata"]["deletionTimestamp"] =
+                    json!(Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string());
+                state.objects.insert(key, object.clone());
+                "MODIFIED"
+            } else {
+                state.objects.remove(&key);
+                "DELETED"
+            };
+            self.record(
+                state,
+                WatchEvent {
+                    resource_version: version,
+                    group,
+                    plural,
+                    namespace: Some(namespace),
+                    kind,
+                    object: object.clone(),
+                },
+            );
+            if kind == "DELETED" {
+                self.collect_garbage(state, &object);
+            }
+        }
     }
 
     async fn handle(
@@ -767,12 +971,17 @@ impl FakeApiServer {
                 ))
             })?
             .clone();
-        if let Some(sub) = &api.subresource {
-            if sub != "status" || !info.status_subresource {
+        match api.subresource.as_deref() {
+            None => {}
+            Some("status") if info.status_subresource => {}
+            Some("scale") if info.scale_subresource => {
+                return self.scale(method, &api, query, content_type, body);
+            }
+            Some(sub) => {
                 return Err(Failure::not_found(&format!(
                     "subresource {sub} of {}",
                     api.plural
-                )));
+                )))
             }
         }
         let on_status = api.subresource.is_some();
@@ -802,7 +1011,7 @@ impl FakeApiServer {
                 Ok(Reply::Object(
                     StatusCode::OK,
                     json!({
-                        "apiVersion": if api.group.is_empty() { "v1".to_string() } else { format!("{}/v1", api.group) },
+                        "apiVersion": if api.group.is_empty() { info.version.clone() } else { format!("{}/{}", api.group, info.version) },
                         "kind": format!("{}List", info.kind),
                         "metadata": {"resourceVersion": state.last_version.to_string()},
                         "items": items,
@@ -861,6 +1070,115 @@ impl FakeApiServer {
                 "MethodNotAllowed",
                 format!("{method} {path} is not supported"),
             )),
+        }
+    }
+
+    /// The `scale` subresource: `GET` reads `spec.replicas` as a `Scale`; `PUT` (with an
+    /// optional resourceVersion precondition) and `PATCH` (merge or JSON patch of the `Scale`)
+    /// write it into the object's `spec.replicas` (a spec change: the generation moves).
+    fn scale(
+        &self,
+        method: &Method,
+        api: &ApiPath,
+        query: &BTreeMap<String, String>,
+        content_type: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<Reply, Failure> {
+        let _ = query;
+        let namespace = api.namespace.clone().unwrap_or_default();
+        let name = api
+            .name
+            .as_deref()
+            .ok_or_else(|| Failure::not_found("a scale without a name"))?;
+        let current = self
+            .get(&api.group, &api.plural, &namespace, name)
+            .ok_or_else(|| {
+                Failure::not_found(&format!("{}.{} \"{name}\"", api.plural, api.group))
+            })?;
+        let wanted = match method.as_str() {
+            "GET" => return Ok(Reply::Object(StatusCode::OK, scale_of(&current))),
+            "PUT" => body.ok_or_else(|| Failure::bad_request("empty body".into()))?,
+            "PATCH" => {
+                let patch = body.ok_or_else(|| Failure::bad_request("empty patch".into()))?;
+                let mut scale = scale_of(&current);
+                match content_type {
+                    Some("application/json-patch+json") => {
+                        apply_json_patch(&mut scale, &patch).map_err(Failure::invalid)?
+                    }
+                    Some("application/merge-patch+json") => json_patch::merge(&mut scale, &patch),
+                    other => {
+                        return Err(Failure(
+                            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                            "UnsupportedMediaType",
+                            format!("the fake API server does not support patch type {other:?}"),
+                        ))
+                    }
+                }
+                scale
+            }
+            _ => {
+                return Err(Failure(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "MethodNotAllowed",
+                    format!("{method} of a scale is not supported"),
+                ))
+            }
+        };
+        let replicas = wanted
+            .pointer("/spec/replicas")
+            .and_then(Value::as_i64)
+            .filter(|r| *r >= 0)
+            .ok_or_else(|| {
+                Failure::invalid(
+                    "spec.replicas: Invalid value: must be a non-negative integer".into(),
+                )
+            })?;
+        let mut object = current.clone();
+        object["spec"]["replicas"] = json!(replicas);
+        match meta(&wanted, "resourceVersion") {
+            Some(version) => object["metadata"]["resourceVersion"] = json!(version),
+            None => {
+                if let Some(map) = object["metadata"].as_object_mut() {
+                    map.remove("resourceVersion");
+                }
+            }
+        }
+        let updated =
+            self.update_object(&api.group, &api.plural, &namespace, name, object, false)?;
+        Ok(Reply::Object(StatusCode::OK, scale_of(&updated)))
+    }
+
+    /// Play the Deployment controller and the kubelet for every Deployment: its status says the
+    /// current spec was observed and every replica is updated — and available when `ready`
+    /// says so (a Deployment whose pods never become ready keeps none available). Written
+    /// through the status subresource, only when it changes; not recorded as requests.
+    pub fn settle_deployments(&self, ready: impl Fn(&Value) -> bool) {
+        let deployments: Vec<Value> = self
+            .lock()
+            .objects
+            .iter()
+            .filter(|((g, p, _, _), _)| g == "apps" && p == "deployments")
+            .map(|(_, v)| v.clone())
+            .collect();
+        for deployment in deployments {
+            let replicas = deployment
+                .pointer("/spec/replicas")
+                .and_then(Value::as_i64)
+                .unwrap_or(1);
+            let available = if ready(&deployment) { replicas } else { 0 };
+            let mut object = deployment.clone();
+            object["status"] = deployment_status(&deployment, replicas, replicas, available);
+            if object == deployment {
+                continue;
+            }
+            let namespace = meta(&deployment, "namespace")
+                .unwrap_or_default()
+                .to_string();
+            let name = meta(&deployment, "name").unwrap_or_default().to_string();
+            if let Some(map) = object["metadata"].as_object_mut() {
+                map.remove("resourceVersion");
+            }
+            let _ = self.update_object("apps", "deployments", &namespace, &name, object, true);
         }
     }
 
@@ -1180,5 +1498,152 @@ mod tests {
                 true
             ))
         );
+    }
+
+    fn deployment(name: &str) -> Value {
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "app"}},
+                "template": {"metadata": {"labels": {"app": "app"}},
+                             "spec": {"containers": [{"name": "app", "image": "app:v1"}]}}
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn deployments_default_replicas_validate_selectors_and_scale_through_the_subresource() {
+        use k8s_openapi::api::apps::v1::Deployment;
+        let server = FakeApiServer::new();
+        let created = server.create("apps", "deployments", deployment("app"));
+        assert_eq!(created["spec"]["replicas"], 1, "defaulted");
+        let api: Api<Deployment> = Api::namespaced(server.client("test"), "shop");
+        // A selector that does not select the template's labels is refused.
+        let mut bad: Deployment = serde_json::from_value(deployment("bad")).unwrap();
+        bad.spec.as_mut().unwrap().selector.match_labels =
+            Some([("app".to_string(), "other".to_string())].into());
+        let refused = api.create(&PostParams::default(), &bad).await;
+        assert!(matches!(refused, Err(kube::Error::Api(s)) if s.code == 422));
+        // The selector cannot change.
+        let mut changed = api.get("app").await.unwrap();
+        let spec = changed.spec.as_mut().unwrap();
+        spec.selector.match_labels =
+            Some([("app".into(), "app".into()), ("x".into(), "y".into())].into());
+        spec.template
+            .metadata
+            .as_mut()
+            .unwrap()
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("x".into(), "y".into());
+        let refused = api.replace("app", &PostParams::default(), &changed).await;
+        match refused {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 422);
+                assert!(
+                    status.message.contains("field is immutable"),
+                    "{}",
+                    status.message
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Scale: read, merge-patch, and a PUT with a stale resourceVersion.
+        let scale = api.get_scale("app").await.unwrap();
+        assert_eq!(scale.spec.as_ref().unwrap().replicas, Some(1));
+        assert_eq!(
+            scale.status.as_ref().unwrap().selector.as_deref(),
+            Some("app=app")
+        );
+        let patched = api
+            .patch_scale(
+                "app",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": 0}})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(patched.spec.unwrap().replicas, Some(0));
+        let stored = server.get("apps", "deployments", "shop", "app").unwrap();
+        assert_eq!(stored["spec"]["replicas"], 0);
+        assert_eq!(
+            stored["metadata"]["generation"], 2,
+            "scaling changes the spec"
+        );
+        let mut stale = scale.clone();
+        stale.spec.as_mut().unwrap().replicas = Some(3);
+        let refused = api
+            .replace_scale("app", &PostParams::default(), &stale)
+            .await;
+        assert!(matches!(refused, Err(kube::Error::Api(s)) if s.code == 409));
+        assert!(api.get_scale("missing").await.is_err());
+        // The status: only the "Deployment controller" (here settle_deployments) writes it.
+        server.edit("apps", "deployments", "shop", "app", |d| {
+            d["spec"]["replicas"] = json!(2)
+        });
+        server.settle_deployments(|_| true);
+        let settled = api.get("app").await.unwrap();
+        let status = settled.status.unwrap();
+        assert_eq!(status.observed_generation, Some(3));
+        assert_eq!(
+            (
+                status.replicas,
+                status.updated_replicas,
+                status.available_replicas
+            ),
+            (Some(2), Some(2), Some(2))
+        );
+        let available = status
+            .conditions
+            .unwrap()
+            .into_iter()
+            .find(|c| c.type_ == "Available")
+            .unwrap();
+        assert_eq!(available.status, "True");
+        server.edit("apps", "deployments", "shop", "app", |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("app:v2")
+        });
+        server.settle_deployments(|_| false);
+        let status = api.get("app").await.unwrap().status.unwrap();
+        assert_eq!(
+            (status.observed_generation, status.available_replicas),
+            (Some(4), Some(0))
+        );
+    }
+
+    #[tokio::test]
+    async fn owner_references_are_kept_and_removing_the_owner_collects_its_dependents() {
+        let server = FakeApiServer::new();
+        let owner = server.create("networking.istio.io", "virtualservices", vs());
+        let owner_ref = json!([{"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "name": "app", "uid": owner["metadata"]["uid"], "controller": true}]);
+        let mut dependent = deployment("app-primary");
+        dependent["metadata"]["ownerReferences"] = owner_ref.clone();
+        let created = server.create("apps", "deployments", dependent);
+        assert_eq!(created["metadata"]["ownerReferences"], owner_ref);
+        let mut hpa = json!({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": "app-primary", "namespace": "shop", "ownerReferences": owner_ref},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "app-primary"}, "maxReplicas": 3}});
+        hpa = server.try_create(hpa).unwrap();
+        assert_eq!(hpa["metadata"]["generation"], 1);
+        server.create("apps", "deployments", deployment("unrelated"));
+        server.delete("networking.istio.io", "virtualservices", "shop", "app");
+        assert!(server
+            .get("apps", "deployments", "shop", "app-primary")
+            .is_none());
+        assert!(server
+            .get(
+                "autoscaling",
+                "horizontalpodautoscalers",
+                "shop",
+                "app-primary"
+            )
+            .is_none());
+        assert!(server
+            .get("apps", "deployments", "shop", "unrelated")
+            .is_some());
     }
 }
