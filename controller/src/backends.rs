@@ -1,11 +1,12 @@
-//! Building the metrics source and traffic router a Canary spec names. This is the only place
-//! that knows every backend; adding one means a new file plus one arm here.
+//! Building the metrics source and traffic router a Canary spec names for `fledge run`. This is
+//! the only place that knows every metrics source (adding one means a new file plus one arm
+//! here); routers come from [`crate::router::factory`].
 
 use crate::metrics::envoy_admin::EnvoyAdminSource;
 use crate::metrics::envoy_cluster_stats::ClusterStats;
 use crate::metrics::prometheus::PrometheusSource;
 use crate::metrics::{MetricsSource, SubsetSelector};
-use crate::router::envoy_rds::{EnvoyRdsRouter, EnvoyRdsSettings};
+use crate::router::factory::{self, Mode};
 use crate::router::TrafficRouter;
 use fledge_core::spec::Canary;
 use std::sync::Arc;
@@ -14,10 +15,8 @@ use std::sync::Arc;
 pub enum BackendError {
     #[error("Canary {0:?}: spec.metricsSource names no source; add `envoyAdmin: {{urls: [...]}}`, `prometheus: {{address: ...}}` or `envoyClusterStats: {{urls: [...], stableCluster: ..., canaryCluster: ...}}`")]
     NoSource(String),
-    #[error("Canary {0:?}: spec.router names no router; add `envoyRds: {{...}}`")]
-    NoRouter(String),
-    #[error("Canary {0:?}: spec.router.istio moves an Istio VirtualService and runs in Kubernetes mode (`fledge controller`); standalone `fledge run` needs `spec.router.envoyRds`")]
-    IstioNeedsKubernetes(String),
+    #[error("Canary {name:?}: {message}")]
+    Router { name: String, message: String },
     #[error("Canary {name:?}: cannot build {what}: {message}")]
     Build {
         name: String,
@@ -71,26 +70,8 @@ pub fn metrics_source(canary: &Canary) -> Result<Box<dyn MetricsSource>, Backend
 }
 
 pub fn traffic_router(canary: &Canary) -> Result<Box<dyn TrafficRouter>, BackendError> {
-    match &canary.spec.router.envoy_rds {
-        Some(rds) => EnvoyRdsRouter::new(EnvoyRdsSettings {
-            path: rds.path.clone().into(),
-            route_configuration: rds.route_configuration.clone(),
-            virtual_host: rds.virtual_host.clone(),
-            route: rds.route.clone(),
-            stable_cluster: rds.stable_cluster.clone(),
-            canary_cluster: rds.canary_cluster.clone(),
-            admin_url: rds.admin_url.clone(),
-            verify_timeout: rds.verify_timeout.0,
-        })
-        .map(|r| Box::new(r) as Box<dyn TrafficRouter>)
-        .map_err(|e| BackendError::Build {
-            name: canary.name().to_string(),
-            what: "the Envoy RDS router",
-            message: e.to_string(),
-        }),
-        None if canary.spec.router.istio.is_some() => Err(BackendError::IstioNeedsKubernetes(
-            canary.name().to_string(),
-        )),
-        None => Err(BackendError::NoRouter(canary.name().to_string())),
-    }
+    factory::build(canary, Mode::Standalone).map_err(|message| BackendError::Router {
+        name: canary.name().to_string(),
+        message,
+    })
 }

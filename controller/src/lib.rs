@@ -1,13 +1,16 @@
 //! # fledge-controller
 //!
-//! The I/O shell around `fledge-core`. For each canary, [`runner::CanaryTask`] loops:
+//! The I/O shell around `fledge-core`. For each canary, [`runner::CanaryTask`] loops (and
+//! `fledge controller`'s reconciler does the same through the same [`tick`] and
+//! [`router::TrafficRouter`]):
 //!
 //! ```text
-//!  TrafficRouter::set_weights + verify ◀── status.canary_weight (level-triggered, every loop)
+//!  TrafficRouter::ensure (set + verify) ◀── status.canary_weight (level-triggered, every loop)
 //!        (Envoy file RDS)                        ▲
 //!                                                │
-//!  MetricsSource::observe ──▶ core::rollout::step ──▶ StateStore::save ──▶ progress lines
-//!   (Envoy admin scrape)        (pure decision)        (atomic file)         + Registry → HTTP API
+//!  tick: hooks → MetricsSource::observe → core::rollout::step ──▶ StateStore::save ──▶ notify
+//!                 (Envoy admin scrape)      (pure decision)       (atomic file)    progress lines,
+//!                                                                                  webhooks, Registry
 //! ```
 //!
 //! - [`config`]: read and validate Canary YAML files.
@@ -15,7 +18,9 @@
 //! - [`router`]: the `TrafficRouter` seam and its backends.
 //! - [`backends`]: the one place that maps a spec to backends.
 //! - [`state`]: atomic per-canary state files.
-//! - [`runner`]: the per-canary loop and the shared registry.
+//! - [`tick`]: one analysis tick (hooks → observe → decide → record → notify), shared by
+//!   `fledge run` and `fledge controller`.
+//! - [`runner`]: the per-canary loop of `fledge run` and the shared registry.
 //! - [`api`]: the status/command HTTP API, `/metrics` and the dashboard routes.
 //! - [`cli`]: the operator CLI (`fledge status`, `promote`, `abort`, `pause`, `resume`, `retry`).
 //! - [`dashboard`]: the embedded web dashboard and decision simulator, and the per-interval
@@ -37,4 +42,5 @@ pub mod router;
 pub mod runner;
 pub mod state;
 pub mod telemetry;
+pub mod tick;
 pub mod webhooks;

@@ -5,21 +5,21 @@
 //! the pure state machine what to do, persists the new status, and prints what happened.
 //! Metrics are never judged while the live weights are unknown or wrong.
 
-use crate::dashboard::series::{IntervalPoint, Series};
+use crate::dashboard::series::IntervalPoint;
 use crate::metrics::MetricsSource;
 use crate::progress;
-use crate::router::{TrafficRouter, Weights};
+use crate::router::{DesiredRoutes, TrafficRouter, Weights};
 use crate::state::{fingerprint, SavedState, StateStore};
 use crate::telemetry::{ErrorKind, Telemetry};
-use crate::webhooks::{WebhookCaller, WebhookStatus};
+use crate::tick::{Announce, CanaryAnalysis, Decided, Trigger};
+use crate::webhooks::WebhookStatus;
+use async_trait::async_trait;
 use chrono::Utc;
-use fledge_core::observe::ObservationError;
-use fledge_core::rollout::{CanaryStatus, Command, Gates, Input, Phase};
+use fledge_core::rollout::{CanaryStatus, Command, Phase};
 use fledge_core::spec::Canary;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 
@@ -46,13 +46,6 @@ pub struct CanaryView {
     /// The spec's webhooks and their last calls.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<WebhookStatus>,
-}
-
-/// What the runner keeps per canary besides the persisted status: the dashboard's time
-/// series and the webhooks with their last calls.
-struct OperatorState {
-    series: Series,
-    webhooks: WebhookCaller,
 }
 
 struct Entry {
@@ -206,16 +199,67 @@ pub struct CanaryTask {
     pub last_conflict: Option<String>,
 }
 
+/// `fledge run` tells people on stdout: one line per judged interval and per event.
+struct ProgressLines<'a> {
+    canary: &'a Canary,
+}
+
+#[async_trait]
+impl Announce for ProgressLines<'_> {
+    async fn announce(&self, decided: &Decided) {
+        let name = self.canary.name();
+        if let Some(report) = &decided.judged {
+            progress::analysis(name, report);
+        }
+        let steps = self.canary.spec.analysis.plan().len();
+        progress::actions(name, &decided.status, steps, &decided.actions);
+    }
+}
+
+/// One tick of `canary` (see [`crate::tick`]): decide, persist to the state file, notify. The
+/// routes follow at the top of the runner's next loop; the post-rollout hooks are called once
+/// the rollout just ended.
+async fn tick(
+    canary: &Canary,
+    store: &StateStore,
+    analysis: &mut CanaryAnalysis,
+    status: &mut CanaryStatus,
+    trigger: Trigger<'_>,
+    fingerprint: &str,
+) {
+    let name = canary.name();
+    let decided = match analysis.decide(status, trigger, Utc::now()).await {
+        Ok(decided) => decided,
+        Err(message) => {
+            tracing::warn!(canary = name, "{message}");
+            return;
+        }
+    };
+    let saved = SavedState {
+        spec_fingerprint: fingerprint.to_string(),
+        status: decided.status.clone(),
+    };
+    if let Err(e) = store.save(name, &saved) {
+        tracing::error!(canary = name, error = %e, "could not persist status; a restart would repeat this step");
+        analysis
+            .telemetry()
+            .record_error(analysis.label(), ErrorKind::Persist);
+    }
+    analysis.notify(&decided, &ProgressLines { canary }).await;
+    *status = decided.status.clone();
+    analysis.finish(&decided).await;
+}
+
 impl CanaryTask {
     fn view(
         &self,
         status: &CanaryStatus,
         router_error: Option<String>,
-        operator: &OperatorState,
+        analysis: &CanaryAnalysis,
     ) -> CanaryView {
         CanaryView {
-            series: operator.series.points(),
-            webhooks: operator.webhooks.statuses(),
+            series: analysis.series(),
+            webhooks: analysis.webhooks(),
             name: self.canary.name().to_string(),
             service: self.canary.spec.service.clone(),
             steps: self.canary.spec.analysis.plan().len(),
@@ -255,86 +299,36 @@ impl CanaryTask {
         }
     }
 
-    /// Make the router serve `canary_weight`; `Err` carries a readable reason. Weights that
-    /// differ from what this process last wrote were changed by someone else: that is
-    /// reported (log line and `conflict` in the view) before our weights are restored, since
-    /// the rollout's analysis is only valid at the weights it decided.
-    async fn ensure_weights(&mut self, canary_weight: u8) -> Result<(), String> {
-        let want = Weights::canary_percent(canary_weight);
-        let current = self.router.get_weights().await.map_err(|e| e.to_string())?;
-        if current != want {
-            if let Some(written) = self.last_written.filter(|w| *w != current) {
-                let conflict = format!(
-                    "weights were changed outside fledge: found stable {} / canary {}, expected stable {} / canary {}; restoring stable {} / canary {}",
-                    current.stable,
-                    current.canary,
-                    written.stable,
-                    written.canary,
-                    want.stable,
-                    want.canary
-                );
-                tracing::warn!(canary = self.canary.name(), "{conflict}");
-                progress::note(self.canary.name(), &conflict);
-                self.last_conflict = Some(format!("{}: {conflict}", Utc::now().to_rfc3339()));
-            }
-            self.router
-                .set_weights(want)
-                .await
-                .map_err(|e| e.to_string())?;
+    /// Make the routes follow `status` (and check the proxy really serves them); `Err`
+    /// carries a readable reason. Weights found that differ from what this process last wrote
+    /// were changed by someone else: that is reported (log line and `conflict` in the view),
+    /// since the rollout's analysis is only valid at the weights it decided, and they are
+    /// restored.
+    async fn ensure_routes(&mut self, status: &CanaryStatus) -> Result<(), String> {
+        let desired = DesiredRoutes::for_rollout(status.canary_weight, !status.phase.is_terminal());
+        let want = desired.weights;
+        let ensured = self
+            .router
+            .ensure(&desired)
+            .await
+            .map_err(|e| e.to_string())?;
+        let found = ensured.found;
+        if let Some(written) = self.last_written.filter(|w| found != want && *w != found) {
+            let conflict = format!(
+                "weights were changed outside fledge: found stable {} / canary {}, expected stable {} / canary {}; restored stable {} / canary {}",
+                found.stable,
+                found.canary,
+                written.stable,
+                written.canary,
+                want.stable,
+                want.canary
+            );
+            tracing::warn!(canary = self.canary.name(), "{conflict}");
+            progress::note(self.canary.name(), &conflict);
+            self.last_conflict = Some(format!("{}: {conflict}", Utc::now().to_rfc3339()));
         }
         self.last_written = Some(want);
-        self.router.verify(want).await.map_err(|e| e.to_string())
-    }
-
-    /// Decide with the webhooks' answers (`gates`); a decision that would promote asks the
-    /// confirm-promotion hooks first and, if one does not approve, is decided again with the
-    /// promotion held (the state machine stays pure; `promote --full` is not held).
-    async fn decide(
-        &self,
-        status: &mut CanaryStatus,
-        input: Input,
-        gates: Gates,
-        fingerprint: &str,
-        operator: &mut OperatorState,
-    ) {
-        let name = self.canary.name();
-        let telemetry = self.registry.telemetry();
-        let decision = operator
-            .webhooks
-            .decide(status, &input, gates, Utc::now())
-            .await;
-        if let Err(e) = self.store.save(
-            name,
-            &SavedState {
-                spec_fingerprint: fingerprint.to_string(),
-                status: decision.status.clone(),
-            },
-        ) {
-            tracing::error!(canary = name, error = %e, "could not persist status; a restart would repeat this step");
-            telemetry.record_error(name, ErrorKind::Persist);
-        }
-        let judged = input.observation.as_ref().is_some_and(|o| o.is_ok());
-        if judged {
-            if let Some(report) = &decision.status.last_analysis {
-                progress::analysis(name, report);
-            }
-        }
-        progress::actions(
-            name,
-            &decision.status,
-            self.canary.spec.analysis.plan().len(),
-            &decision.actions,
-        );
-        telemetry.observe_status(name, &decision.status);
-        telemetry.record_decisions(name, &decision.actions);
-        operator
-            .webhooks
-            .notify(&decision.status, &decision.actions);
-        let finished = decision.status.phase.is_terminal() && !status.phase.is_terminal();
-        *status = decision.status;
-        if finished {
-            operator.webhooks.post_rollout(status).await;
-        }
+        Ok(())
     }
 
     /// A guard trip the state machine has not been told about yet, if the metrics source
@@ -362,10 +356,11 @@ impl CanaryTask {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> CanaryStatus {
         let fingerprint = fingerprint(&self.canary.spec);
         let (commands_tx, mut commands) = mpsc::channel(16);
-        let mut operator = OperatorState {
-            series: Series::default(),
-            webhooks: WebhookCaller::new(&self.canary, self.registry.telemetry().clone()),
-        };
+        let mut analysis = CanaryAnalysis::new(
+            &self.canary,
+            self.canary.name(),
+            self.registry.telemetry().clone(),
+        );
         // Only one process acts on a canary: the others wait as standbys.
         let _lock = loop {
             match self.store.try_lock(self.canary.name()) {
@@ -387,7 +382,7 @@ impl CanaryTask {
                 self.store.lock_path(self.canary.name()).display()
             );
             self.registry
-                .publish(self.view(&saved, Some(standby), &operator), &commands_tx);
+                .publish(self.view(&saved, Some(standby), &analysis), &commands_tx);
             tokio::select! {
                 _ = tokio::time::sleep(self.canary.spec.analysis.interval.0.min(std::time::Duration::from_secs(2))) => {}
                 _ = shutdown.changed() => return saved,
@@ -396,10 +391,9 @@ impl CanaryTask {
         let mut status = self.initial_status(&fingerprint);
         // Show where the rollout stands right away, before the first (possibly slow) weight check.
         self.registry
-            .publish(self.view(&status, None, &operator), &commands_tx);
+            .publish(self.view(&status, None, &analysis), &commands_tx);
         let mut ticker = tokio::time::interval(self.canary.spec.analysis.interval.0);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let interval_secs = self.canary.spec.analysis.interval.0.as_secs_f64();
         // The data-plane guard watch: between analysis intervals, read the guard's gauge.
         let guard_every = self
             .canary
@@ -413,8 +407,8 @@ impl CanaryTask {
         guard_ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_guard_trip = None;
         loop {
-            let weights = self.ensure_weights(status.canary_weight).await;
-            if let Err(e) = &weights {
+            let routes = self.ensure_routes(&status).await;
+            if let Err(e) = &routes {
                 tracing::warn!(canary = self.canary.name(), error = %e, "weights not applied yet; will retry");
                 self.registry
                     .telemetry()
@@ -424,49 +418,34 @@ impl CanaryTask {
                 .telemetry()
                 .observe_status(self.canary.name(), &status);
             self.registry.publish(
-                self.view(&status, weights.clone().err(), &operator),
+                self.view(&status, routes.clone().err(), &analysis),
                 &commands_tx,
             );
-            if self.exit_when_done && status.phase.is_terminal() && weights.is_ok() {
-                operator.webhooks.drain().await;
+            if self.exit_when_done && status.phase.is_terminal() && routes.is_ok() {
+                analysis.drain().await;
                 return status;
             }
             tokio::select! {
                 _ = ticker.tick() => {
-                    if status.phase.is_terminal() || weights.is_err() {
+                    if status.phase.is_terminal() || routes.is_err() {
                         continue;
                     }
-                    let started = Instant::now();
-                    let tick_at = Utc::now();
-                    let gates = operator.webhooks.before_interval(&status).await;
-                    let observation = self.source.observe().await;
-                    if matches!(&observation, Err(e) if *e != ObservationError::Baseline) {
-                        self.registry.telemetry().record_error(self.canary.name(), ErrorKind::Metrics);
-                    }
-                    let (weight, phase) = (status.canary_weight, status.phase);
-                    let observed = observation.as_ref().ok().cloned();
-                    self.decide(&mut status, Input { observation: Some(observation), command: None }, gates, &fingerprint, &mut operator).await;
-                    let report = status.last_analysis.as_ref().filter(|r| r.at >= tick_at);
-                    if let Some(report) = report {
-                        self.registry.telemetry().record_analysis(self.canary.name(), report, started.elapsed());
-                    }
-                    match observed {
-                        Some(o) => operator.series.record(Utc::now(), interval_secs, weight, phase, &o, report.map(|r| r.report.verdict)),
-                        None => operator.series.skip(Utc::now()),
-                    }
+                    let source = &mut self.source;
+                    let observe = Box::pin(async move { Ok(source.observe().await) });
+                    tick(&self.canary, &self.store, &mut analysis, &mut status, Trigger::Interval(observe), &fingerprint).await;
                 }
                 Some(command) = commands.recv() => {
-                    self.decide(&mut status, Input { observation: None, command: Some(command) }, Gates::default(), &fingerprint, &mut operator).await;
+                    tick(&self.canary, &self.store, &mut analysis, &mut status, Trigger::Command(command), &fingerprint).await;
                 }
-                _ = guard_ticker.tick(), if guard_every.is_some() && weights.is_ok() && guard_watched(&status) => {
+                _ = guard_ticker.tick(), if guard_every.is_some() && routes.is_ok() && guard_watched(&status) => {
                     if let Some(tripped_at) = self.new_guard_trip(&mut last_guard_trip).await {
                         let command = Command::GuardTripped { tripped_at };
-                        self.decide(&mut status, Input { observation: None, command: Some(command) }, Gates::default(), &fingerprint, &mut operator).await;
+                        tick(&self.canary, &self.store, &mut analysis, &mut status, Trigger::Command(command), &fingerprint).await;
                     }
                 }
                 _ = shutdown.changed() => {
                     // Notifications in flight get a moment; each is bounded by its own timeout.
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), operator.webhooks.drain()).await;
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), analysis.drain()).await;
                     return status;
                 }
             }

@@ -10,8 +10,8 @@
 //! - `pre-rollout` (while Initializing) and `rollout` (every interval while the rollout runs):
 //!   a failure counts as one failed check ([`Gates::hook_failure`]).
 //! - `confirm-promotion`: asked when a decision would promote; anything but 2xx holds the
-//!   promotion ([`Gates::promotion_held`]). `promote --full` is an operator override and is
-//!   not held.
+//!   promotion ([`Gates::promotion_held`]; see [`crate::tick`], which asks). `promote --full`
+//!   is an operator override and is not held.
 //! - `rollback`: asked every interval while the rollout runs; a 2xx answer rolls back
 //!   ([`Gates::rollback_requested`]).
 //! - `post-rollout`: called once after Promoted or RolledBack.
@@ -20,9 +20,7 @@
 
 use crate::telemetry::Telemetry;
 use chrono::{DateTime, Utc};
-use fledge_core::rollout::{
-    self, Action, CanaryStatus, Command, Decision, EventReason, Gates, Input, Phase,
-};
+use fledge_core::rollout::{Action, CanaryStatus, EventReason, Gates, Phase};
 use fledge_core::spec::Canary;
 use fledge_core::webhook::{WebhookPayload, WebhookSpec, WebhookType};
 use serde::Serialize;
@@ -371,36 +369,6 @@ impl WebhookCaller {
             }
         }
         None
-    }
-
-    /// One step of the state machine with the hooks' answers: `gates` from
-    /// [`before_interval`](Self::before_interval) (or none, for a command); a decision that
-    /// would promote asks the `confirm-promotion` hooks first and, when one does not approve,
-    /// is decided again with the promotion held. The state machine stays pure; this is the one
-    /// place both `fledge run` and `fledge controller` turn hook answers into a decision.
-    /// `promote --full` is an operator override and is never held.
-    pub async fn decide(
-        &self,
-        status: &CanaryStatus,
-        input: &Input,
-        gates: Gates,
-        now: DateTime<Utc>,
-    ) -> Decision {
-        let spec = &self.canary.spec;
-        let decision = rollout::step_with_gates(spec, status, input, &gates, now);
-        let promoting = decision.status.phase == Phase::Promoted
-            && status.phase != Phase::Promoted
-            && input.command != Some(Command::PromoteFull);
-        if promoting && self.has(WebhookType::ConfirmPromotion) {
-            if let Some(reason) = self.confirm_promotion(status).await {
-                let held = Gates {
-                    promotion_held: Some(reason),
-                    ..gates
-                };
-                return rollout::step_with_gates(spec, status, input, &held, now);
-            }
-        }
-        decision
     }
 
     /// Call the `post-rollout` hooks (once the rollout is Promoted or RolledBack).

@@ -2,12 +2,14 @@
 //!
 //! Metrics sources come from the same place `fledge run` gets them ([`crate::backends`]), so
 //! every source the standalone mode knows (Envoy admin — the gateway-sidecar mode, pointed at
-//! `http://127.0.0.1:15000` — and Prometheus) works here too. The router is the Istio
-//! VirtualService router, built over the controller's Kubernetes client. Tests replace the
-//! metrics side with scripted observations through [`Backends`].
+//! `http://127.0.0.1:15000` — and Prometheus) works here too. The router comes from
+//! [`crate::router::factory`] (the one place naming concrete routers), built over the
+//! controller's Kubernetes client. Tests replace the metrics side with scripted observations
+//! through [`Backends`].
 
 use crate::metrics::MetricsSource;
-use crate::router::istio::{IstioRouter, IstioSettings};
+use crate::router::factory::{self, Mode};
+use crate::router::TrafficRouter;
 use kube::Client;
 
 /// Builds the per-canary backends.
@@ -24,12 +26,8 @@ pub trait Backends: Send + Sync {
         client: &Client,
         canary: &fledge_core::spec::Canary,
         namespace: &str,
-    ) -> Result<IstioRouter, String> {
-        IstioSettings::from_spec(&canary.spec, namespace)
-            .map(|settings| IstioRouter::new(client.clone(), settings))
-            .ok_or_else(|| {
-                "spec.router has no `istio` router; in Kubernetes mode write `router: {istio: {virtualService: ..., route: ...}}` (envoyRds is for `fledge run`)".to_string()
-            })
+    ) -> Result<Box<dyn TrafficRouter>, String> {
+        factory::build(canary, Mode::Kubernetes { client, namespace })
     }
 }
 

@@ -6,7 +6,7 @@
 
 use super::crd::{crd_yaml, Canary};
 use super::rbac::{Permission, CLUSTER_PERMISSIONS, LEASE_PERMISSIONS};
-use crate::router::istio::{read_routes, IstioSettings};
+use crate::router::factory::weights_in;
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -263,9 +263,8 @@ fn examples_are_valid_and_fit_together() {
             serde_yaml::from_str(&read(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         let core = canary.to_core();
         core.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
-        let settings = IstioSettings::from_spec(&core.spec, "shop").expect("an Istio router");
-        let routes = read_routes(vs, &settings).unwrap_or_else(|e| panic!("{file}: {e}"));
-        assert_eq!((routes.weights.stable, routes.weights.canary), (100, 0));
+        let weights = weights_in(&core.spec, "shop", vs).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!((weights.stable, weights.canary), (100, 0));
         assert!(subsets.contains(&core.spec.stable.subset.as_str()));
         assert!(subsets.contains(&core.spec.canary.subset.as_str()));
     }

@@ -1,21 +1,21 @@
 //! # Kubernetes mode: the `Canary` custom resource and its controller
 //!
 //! In a cluster, Fledge watches `Canary` objects (group `fledge.dev`, version `v1alpha1`) and
-//! moves the weights of the user's own Istio VirtualService. The rollout state lives in the
-//! Canary's `.status`, so any controller instance (a restarted pod, a new leader) continues
-//! exactly where the last one stopped.
+//! moves the weights of the user's own route object (an Istio VirtualService) through the
+//! same [`crate::router::TrafficRouter`] and [`crate::tick`] as `fledge run`. The rollout state
+//! lives in the Canary's `.status`, so any controller instance (a restarted pod, a new leader)
+//! continues exactly where the last one stopped.
 //!
 //! ```text
 //!   Lease (coordination.k8s.io) ──▶ lease::LeaderElector ── only the leader runs ──┐
 //!                                                                                   ▼
-//!   watch Canary ──▶ kube-runtime Controller ──▶ reconciler::reconcile(canary, ctx)
+//!   watch Canary, route objects ──▶ kube-runtime Controller ──▶ reconcile(canary, ctx)
 //!                                                  │ 1. finalizer (cleanup = all traffic to stable)
-//!                                                  │ 2. IstioRouter::ensure(status.canaryWeight)
+//!                                                  │ 2. TrafficRouter::ensure(status.canaryWeight)
 //!                                                  │ 3. analysis due? (status.lastTickAt + interval)
-//!                                                  │      MetricsSource::observe (factory::Backends)
-//!                                                  │      fledge_core::rollout::step (pure)
+//!                                                  │      tick: hooks → observe → decide → record
 //!                                                  │ 4. PUT .status (resourceVersion precondition)
-//!                                                  │ 5. actions: weights (IstioRouter), Events
+//!                                                  │ 5. notify (Events, webhooks), TrafficRouter::ensure
 //!                                                  ▼
 //!                                        requeue at the next analysis tick
 //! ```

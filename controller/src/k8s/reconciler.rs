@@ -33,24 +33,25 @@ use super::crd::{reason, Canary, CanaryResourceStatus, Readiness, COMMAND_ANNOTA
 use super::factory::Backends;
 use super::lease::{run_election, LeaseLock, LeaseSettings};
 use super::{api_status_code, Error, Result, CONTROLLER_NAME, FINALIZER};
-use crate::dashboard::series::Series;
 use crate::metrics::MetricsSource;
-use crate::router::istio::{virtual_service_resource, DesiredRoutes, IstioError};
-use crate::router::Weights;
+use crate::router::factory::{route_key, route_kinds};
+use crate::router::{DesiredRoutes, RouteKey, TrafficRouter, Weights};
 use crate::runner::{guard_watched, CanaryView, Registry};
 use crate::telemetry::ErrorKind;
-use crate::webhooks::WebhookCaller;
+use crate::tick::{Announce, CanaryAnalysis, Decided, Trigger};
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fledge_core::observe::{Observation, ObservationError};
-use fledge_core::rollout::{Action as RolloutAction, CanaryStatus, Command, Gates, Input, Phase};
+use fledge_core::rollout::{Action as RolloutAction, CanaryStatus, Command, Phase};
 use futures::channel::mpsc::UnboundedSender;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use kube::api::{Api, DynamicObject, PostParams};
+use kube::core::ApiResource;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -67,14 +68,13 @@ const EVENT_ACTION: &str = "Rollout";
 type SharedSource = Arc<tokio::sync::Mutex<Option<Box<dyn MetricsSource>>>>;
 
 /// What one Canary keeps in memory for one rollout during one leadership term: the metrics
-/// source (it holds the previous cumulative reading), the webhooks (their last calls and the
-/// notifications in flight), the dashboard's time series and, while it runs, the guard watch.
-/// None of it is needed to continue a rollout correctly: a new leader starts without it.
+/// source (it holds the previous cumulative reading), the analysis (the webhooks' last calls
+/// and notifications in flight, the dashboard's time series) and, while it runs, the guard
+/// watch. None of it is needed to continue a rollout correctly: a new leader starts without it.
 struct CanaryRuntime {
     fingerprint: String,
     source: SharedSource,
-    webhooks: tokio::sync::Mutex<WebhookCaller>,
-    series: Mutex<Series>,
+    analysis: tokio::sync::Mutex<CanaryAnalysis>,
     guard_watch: Mutex<Option<GuardWatch>>,
 }
 
@@ -161,10 +161,11 @@ impl Context {
         let runtime = Arc::new(CanaryRuntime {
             fingerprint: fingerprint.to_string(),
             source: Arc::new(tokio::sync::Mutex::new(None)),
-            webhooks: tokio::sync::Mutex::new(
-                WebhookCaller::new(canary, self.registry.telemetry().clone()).labelled(key),
-            ),
-            series: Mutex::new(Series::default()),
+            analysis: tokio::sync::Mutex::new(CanaryAnalysis::new(
+                canary,
+                key,
+                self.registry.telemetry().clone(),
+            )),
             guard_watch: Mutex::new(None),
         });
         runtimes.insert(key.to_string(), runtime.clone());
@@ -243,19 +244,21 @@ impl Context {
         status: &CanaryStatus,
         problem: Option<String>,
     ) {
-        let runtime = self.cached_runtime(key);
-        let series = runtime
-            .as_ref()
-            .map(|r| lock(&r.series).points())
-            .unwrap_or_default();
-        let webhooks = runtime
-            .as_ref()
-            .and_then(|r| r.webhooks.try_lock().ok().map(|w| w.statuses()))
-            .or_else(|| {
-                // A reconcile is calling the hooks right now: keep the last shown statuses.
-                self.registry.get(key).map(|view| view.webhooks)
+        // A reconcile may be calling the hooks right now: then keep what was last shown.
+        let shown = self
+            .cached_runtime(key)
+            .and_then(|r| {
+                r.analysis
+                    .try_lock()
+                    .ok()
+                    .map(|a| (a.series(), a.webhooks()))
             })
-            .unwrap_or_default();
+            .or_else(|| {
+                self.registry
+                    .get(key)
+                    .map(|view| (view.series, view.webhooks))
+            });
+        let (series, webhooks) = shown.unwrap_or_default();
         self.registry.publish_view(CanaryView {
             name: key.to_string(),
             service: canary.spec.service.clone(),
@@ -343,12 +346,16 @@ fn pending_command(
     })
 }
 
-/// The Canary that already steers `canary`'s VirtualService route, if another one does: the
-/// oldest (then the first by name) of those naming it wins, and a finished one whose final
-/// routes are applied steers nothing any more. Two Canaries moving one route's weights would
-/// undo each other's steps and judge traffic neither of them set.
-fn route_taken_by(store: &Store<Canary>, canary: &Canary) -> Option<String> {
-    let mine = canary.spec.router.istio.as_ref()?;
+/// The route `canary` steers, if its router is a Kubernetes one.
+fn route_of(canary: &Canary) -> Option<RouteKey> {
+    route_key(&canary.spec.canary, &canary.namespace()?)
+}
+
+/// The Canary that already steers `route` (`canary`'s), if another one does: the oldest (then
+/// the first by name) of those naming it wins, and a finished one whose final routes are
+/// applied steers nothing any more. Two Canaries moving one route's weights would undo each
+/// other's steps and judge traffic neither of them set.
+fn route_taken_by(store: &Store<Canary>, canary: &Canary, route: &RouteKey) -> Option<String> {
     let rank = |c: &Canary| (c.metadata.creation_timestamp.clone(), c.name_any());
     store
         .state()
@@ -356,11 +363,7 @@ fn route_taken_by(store: &Store<Canary>, canary: &Canary) -> Option<String> {
         .filter(|other| {
             other.namespace() == canary.namespace() && other.name_any() != canary.name_any()
         })
-        .filter(|other| {
-            other.spec.router.istio.as_ref().is_some_and(|theirs| {
-                theirs.virtual_service == mine.virtual_service && theirs.route == mine.route
-            })
-        })
+        .filter(|other| route_of(other).as_ref() == Some(route))
         .filter(|other| {
             !other.status.as_ref().is_some_and(|status| {
                 status.rollout.phase.is_terminal() && status.final_routes_applied
@@ -371,11 +374,12 @@ fn route_taken_by(store: &Store<Canary>, canary: &Canary) -> Option<String> {
         .next()
 }
 
+/// The routes the persisted status asks for.
 fn desired_routes(status: &CanaryResourceStatus) -> DesiredRoutes {
-    DesiredRoutes {
-        weights: Weights::canary_percent(status.rollout.canary_weight),
-        rollout_active: Some(!status.rollout.phase.is_terminal()),
-    }
+    DesiredRoutes::for_rollout(
+        status.rollout.canary_weight,
+        !status.rollout.phase.is_terminal(),
+    )
 }
 
 /// Write `status` with the resourceVersion `canary` was read at (409 → [`Error::Conflict`]);
@@ -520,303 +524,379 @@ fn workloads_not_managed_yet(
     }
 }
 
-/// A live Canary (not being deleted).
+/// A live Canary (not being deleted): one pass of short, named steps. Each step either lets
+/// the pass go on or ends it with the action to take.
 async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
     let now = ctx.clock.now();
-    let key = key_of(&canary);
-    let namespace = canary
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
-    let generation = canary.metadata.generation;
     let core = canary.to_core();
-    let previous = canary.status.clone().unwrap_or_default();
-
     if let Err(errors) = core
         .validate()
         .and_then(|()| workloads_not_managed_yet(&core))
     {
-        let mut status = previous.clone();
-        status.observed_generation = generation;
-        let readiness = Readiness::not_ready(reason::INVALID_SPEC, errors.to_string());
-        status.set_conditions(&readiness, generation, now);
-        if status != previous {
-            write_status(&canary, &status, ctx).await?;
-            ctx.publish(&canary, true, reason::INVALID_SPEC, &errors.to_string())
-                .await;
-        }
-        ctx.show(&key, &core, &status.rollout, Some(errors.to_string()));
-        return Ok(Action::await_change());
+        return invalid_spec(&canary, &core, errors.to_string(), now, ctx).await;
     }
-
-    let fingerprint = rollout_fingerprint(&canary);
-    let mut status = previous.clone();
-    if status.spec_fingerprint.as_deref() != Some(fingerprint.as_str()) {
-        if previous.spec_fingerprint.is_some() {
-            tracing::info!(canary = %key, "spec or rollout annotation changed: starting a new rollout");
-        }
-        status = CanaryResourceStatus {
-            spec_fingerprint: Some(fingerprint.clone()),
-            // Commands written before this rollout started are not meant for it.
-            handled_commands: canary.command_annotations(),
-            conditions: previous.conditions.clone(),
-            ..CanaryResourceStatus::default()
-        };
-        ctx.forget(&key);
+    let mut pass = Pass::begin(&canary, core, now, ctx);
+    if pass.handed_off() {
+        return Ok(pass.stay_handed_off());
     }
-    let pending = pending_command(&canary, &status);
-    let mut command = pending.as_ref().map(|(_, _, command)| *command);
-    if status.rollout.phase.is_terminal() {
-        // A trip seen just as the rollout finished changes nothing.
-        ctx.take_guard_trip(&key);
-    } else if command.is_none() {
-        command = ctx
-            .take_guard_trip(&key)
-            .map(|tripped_at| Command::GuardTripped { tripped_at });
+    if let Some(conflict) = pass.route_conflict() {
+        return pass.blocked(reason::ROUTE_CONFLICT, conflict, true).await;
     }
-    if status.rollout.phase.is_terminal() && status.final_routes_applied && command.is_none() {
-        // Finished, and the final routes are in place: hands off. From here the routes are
-        // yours (or GitOps') again, e.g. to make the promoted version the new stable.
-        ctx.watch_guard(&key, &core, &fingerprint, &status.rollout);
-        ctx.show(&key, &core, &status.rollout, None);
-        return Ok(Action::await_change());
-    }
-
-    if let Some(owner) = ctx
-        .canaries
-        .as_ref()
-        .and_then(|store| route_taken_by(store, &canary))
-    {
-        let route = canary
-            .spec
-            .router
-            .istio
-            .as_ref()
-            .map(|r| format!("{} route {:?}", r.virtual_service, r.route))
-            .unwrap_or_default();
-        not_ready(
-            &canary,
-            previous,
-            status,
-            reason::ROUTE_CONFLICT,
-            format!("VirtualService {route} is steered by Canary {owner}; this Canary waits until that one finishes or is deleted (one Canary per route)"),
-            ctx,
-        )
-        .await?;
-        return Ok(Action::requeue(ctx.retry_delay));
-    }
-    let router = match ctx.backends.router(&ctx.client, &core, &namespace) {
+    let router = match pass.router() {
         Ok(router) => router,
-        Err(message) => {
-            return not_ready(
-                &canary,
-                previous,
-                status,
-                reason::ROUTER_ERROR,
-                message,
-                ctx,
-            )
-            .await
-            .map(|()| Action::await_change())
-        }
+        Err(message) => return pass.blocked(reason::ROUTER_ERROR, message, false).await,
     };
     // Level-triggered: the routes follow the persisted status before anything is judged.
-    if let Err(e) = router.ensure(&desired_routes(&status)).await {
-        ctx.registry
-            .telemetry()
-            .record_error(&key, ErrorKind::Router);
-        not_ready(
-            &canary,
+    if let Err(message) = pass.routes_follow_status(router.as_ref()).await {
+        return pass.blocked(reason::ROUTER_ERROR, message, true).await;
+    }
+    let decided = match pass.tick().await {
+        Ok(decided) => decided,
+        Err(message) => {
+            return pass
+                .blocked(reason::METRICS_SOURCE_ERROR, message, true)
+                .await
+        }
+    };
+    let written = pass.persist().await?;
+    pass.act(written, decided, router.as_ref()).await
+}
+
+/// An invalid spec: `Ready=False/InvalidSpec` (every problem names its field and fix), one
+/// Warning Event, and nothing moves until the spec is edited.
+async fn invalid_spec(
+    canary: &Canary,
+    core: &fledge_core::spec::Canary,
+    errors: String,
+    now: DateTime<Utc>,
+    ctx: &Context,
+) -> Result<Action> {
+    let generation = canary.metadata.generation;
+    let previous = canary.status.clone().unwrap_or_default();
+    let mut status = previous.clone();
+    status.observed_generation = generation;
+    let readiness = Readiness::not_ready(reason::INVALID_SPEC, errors.clone());
+    status.set_conditions(&readiness, generation, now);
+    if status != previous {
+        write_status(canary, &status, ctx).await?;
+        ctx.publish(canary, true, reason::INVALID_SPEC, &errors)
+            .await;
+    }
+    ctx.show(&key_of(canary), core, &status.rollout, Some(errors));
+    Ok(Action::await_change())
+}
+
+/// One reconcile of a valid, live Canary: what it read and what it has decided so far.
+struct Pass<'a> {
+    ctx: &'a Context,
+    canary: &'a Canary,
+    core: fledge_core::spec::Canary,
+    key: String,
+    now: DateTime<Utc>,
+    /// Which rollout the Canary asks for (see [`rollout_fingerprint`]).
+    fingerprint: String,
+    /// The status as read.
+    previous: CanaryResourceStatus,
+    /// The status as this pass will write it.
+    status: CanaryResourceStatus,
+    /// The command annotation to act on, if any, as (annotation, value, command).
+    pending: Option<(&'static str, String, Command)>,
+    /// What the state machine is told in this pass besides an interval: the pending command,
+    /// or a guard trip.
+    command: Option<Command>,
+    /// An interval was due but the command went first: the next reconcile runs it at once.
+    interval_deferred: bool,
+}
+
+impl<'a> Pass<'a> {
+    /// Read where the rollout stands: a changed spec or rollout annotation starts a new
+    /// rollout; a pending command (or else a guard trip) is what this pass acts on.
+    fn begin(
+        canary: &'a Canary,
+        core: fledge_core::spec::Canary,
+        now: DateTime<Utc>,
+        ctx: &'a Context,
+    ) -> Self {
+        let key = key_of(canary);
+        let fingerprint = rollout_fingerprint(canary);
+        let previous = canary.status.clone().unwrap_or_default();
+        let mut status = previous.clone();
+        if status.spec_fingerprint.as_deref() != Some(fingerprint.as_str()) {
+            if previous.spec_fingerprint.is_some() {
+                tracing::info!(canary = %key, "spec or rollout annotation changed: starting a new rollout");
+            }
+            status = CanaryResourceStatus {
+                spec_fingerprint: Some(fingerprint.clone()),
+                // Commands written before this rollout started are not meant for it.
+                handled_commands: canary.command_annotations(),
+                conditions: previous.conditions.clone(),
+                ..CanaryResourceStatus::default()
+            };
+            ctx.forget(&key);
+        }
+        let pending = pending_command(canary, &status);
+        let mut command = pending.as_ref().map(|(_, _, command)| *command);
+        if status.rollout.phase.is_terminal() {
+            // A trip seen just as the rollout finished changes nothing.
+            ctx.take_guard_trip(&key);
+        } else if command.is_none() {
+            command = ctx
+                .take_guard_trip(&key)
+                .map(|tripped_at| Command::GuardTripped { tripped_at });
+        }
+        Pass {
+            ctx,
+            canary,
+            core,
+            key,
+            now,
+            fingerprint,
             previous,
             status,
-            reason::ROUTER_ERROR,
-            e.to_string(),
-            ctx,
+            pending,
+            command,
+            interval_deferred: false,
+        }
+    }
+
+    /// Finished, the final routes are in place, and no command asks for more: from here the
+    /// routes are yours (or GitOps') again, e.g. to make the promoted version the new stable.
+    fn handed_off(&self) -> bool {
+        self.status.rollout.phase.is_terminal()
+            && self.status.final_routes_applied
+            && self.command.is_none()
+    }
+
+    fn stay_handed_off(self) -> Action {
+        self.ctx.watch_guard(
+            &self.key,
+            &self.core,
+            &self.fingerprint,
+            &self.status.rollout,
+        );
+        self.ctx
+            .show(&self.key, &self.core, &self.status.rollout, None);
+        Action::await_change()
+    }
+
+    /// Why this Canary must wait: another one already steers its route.
+    fn route_conflict(&self) -> Option<String> {
+        let route = route_of(self.canary)?;
+        let store = self.ctx.canaries.as_ref()?;
+        let owner = route_taken_by(store, self.canary, &route)?;
+        Some(format!("{route} is steered by Canary {owner}; this Canary waits until that one finishes or is deleted (one Canary per route)"))
+    }
+
+    fn router(&self) -> std::result::Result<Box<dyn TrafficRouter>, String> {
+        let namespace = self.canary.namespace().unwrap_or_default();
+        self.ctx
+            .backends
+            .router(&self.ctx.client, &self.core, &namespace)
+    }
+
+    /// Make the routes serve what the persisted status says.
+    async fn routes_follow_status(
+        &mut self,
+        router: &dyn TrafficRouter,
+    ) -> std::result::Result<(), String> {
+        if let Err(e) = router.ensure(&desired_routes(&self.status)).await {
+            self.ctx
+                .registry
+                .telemetry()
+                .record_error(&self.key, ErrorKind::Router);
+            return Err(e.to_string());
+        }
+        if self.status.rollout.phase.is_terminal() {
+            self.status.final_routes_applied = true;
+        }
+        Ok(())
+    }
+
+    /// Whether an analysis interval is due: `lastTickAt + interval <= now`.
+    fn interval_due(&self) -> bool {
+        let interval = self.core.spec.analysis.interval.to_chrono();
+        !self.status.rollout.phase.is_terminal()
+            && self
+                .status
+                .last_tick_at
+                .is_none_or(|last| self.now - last >= interval)
+    }
+
+    /// The analysis tick, if one is due (see [`crate::tick`]). A command goes first, on its
+    /// own: it needs no metrics (an abort must work while the metrics source is down); an
+    /// interval due meanwhile runs in the next reconcile, at once. `Err`: the metrics source
+    /// cannot be built.
+    async fn tick(&mut self) -> std::result::Result<Option<Decided>, String> {
+        if let Some((annotation, value, _)) = &self.pending {
+            self.status
+                .handled_commands
+                .insert(annotation.to_string(), value.clone());
+        }
+        self.interval_deferred = self.interval_due() && self.command.is_some();
+        let interval_due = self.interval_due() && self.command.is_none();
+        if !interval_due && self.command.is_none() {
+            return Ok(None);
+        }
+        let runtime = self.ctx.runtime(&self.key, &self.core, &self.fingerprint);
+        let trigger = match self.command {
+            Some(command) => Trigger::Command(command),
+            None => Trigger::Interval(Box::pin(self.ctx.observe(&runtime, &self.core))),
+        };
+        let decided = runtime
+            .analysis
+            .lock()
+            .await
+            .decide(&self.status.rollout, trigger, self.now)
+            .await?;
+        self.status.rollout = decided.status.clone();
+        if !self.status.rollout.phase.is_terminal() {
+            // e.g. a retried rollback: its end will need its final routes applied again.
+            self.status.final_routes_applied = false;
+        }
+        if interval_due {
+            self.status.last_tick_at = Some(self.now);
+        }
+        if self.status.rollout.phase == Phase::Initializing {
+            // A retried rollout starts at once, like a new one.
+            self.status.last_tick_at = None;
+        }
+        Ok(Some(decided))
+    }
+
+    /// Persist the new status (Ready) before anything is acted on: a write that loses a race
+    /// (409) ends the pass and nothing below happens. Returns the Canary as written.
+    async fn persist(&mut self) -> Result<Canary> {
+        let generation = self.canary.metadata.generation;
+        self.status.observed_generation = generation;
+        self.status
+            .set_conditions(&Readiness::ok(), generation, self.now);
+        if self.status == self.previous {
+            return Ok(self.canary.clone());
+        }
+        write_status(self.canary, &self.status, self.ctx).await
+    }
+
+    /// Act on what was persisted: tell people (Events, event webhooks), move the routes
+    /// (and apply a finished rollout's final routes once), call the post-rollout hooks, and
+    /// requeue for the next interval.
+    async fn act(
+        mut self,
+        written: Canary,
+        decided: Option<Decided>,
+        router: &dyn TrafficRouter,
+    ) -> Result<Action> {
+        let ctx = self.ctx;
+        let runtime = ctx.runtime(&self.key, &self.core, &self.fingerprint);
+        if let Some(decided) = &decided {
+            let events = KubernetesEvents {
+                ctx,
+                canary: self.canary,
+                key: &self.key,
+            };
+            runtime.analysis.lock().await.notify(decided, &events).await;
+        }
+        let moves = decided.as_ref().is_some_and(Decided::moves_weights);
+        let finished = self.status.rollout.phase.is_terminal() && !self.status.final_routes_applied;
+        let mut routes_moved = true;
+        if moves || finished {
+            if let Err(e) = router.ensure(&desired_routes(&self.status)).await {
+                // The status already says where traffic should be; the next reconcile retries.
+                tracing::warn!(canary = %self.key, error = %e, "could not move traffic yet");
+                ctx.registry
+                    .telemetry()
+                    .record_error(&self.key, ErrorKind::Router);
+                routes_moved = false;
+            }
+        }
+        if let Some(decided) = &decided {
+            // Once per rollout (it ends in one reconcile only), after the routes were moved.
+            runtime.analysis.lock().await.finish(decided).await;
+        }
+        if !routes_moved {
+            let problem = format!(
+                "{} does not serve the wanted weights yet; retrying",
+                router.route()
+            );
+            ctx.show(&self.key, &self.core, &self.status.rollout, Some(problem));
+            return Ok(Action::requeue(ctx.retry_delay));
+        }
+        if finished {
+            self.status.final_routes_applied = true;
+            write_status(&written, &self.status, ctx).await?;
+        }
+        ctx.watch_guard(
+            &self.key,
+            &self.core,
+            &self.fingerprint,
+            &self.status.rollout,
+        );
+        ctx.show(&self.key, &self.core, &self.status.rollout, None);
+        Ok(self.requeue())
+    }
+
+    /// When to look again: a finished rollout waits for a change; a pending guard trip or an
+    /// interval deferred by a command runs at once; otherwise at the next interval.
+    fn requeue(&self) -> Action {
+        if self.status.rollout.phase.is_terminal() {
+            return Action::await_change();
+        }
+        if self.ctx.guard_trip_pending(&self.key) || self.interval_deferred {
+            return Action::requeue(Duration::from_millis(100));
+        }
+        let interval = self.core.spec.analysis.interval.to_chrono();
+        let next_tick = self.status.last_tick_at.unwrap_or(self.now) + interval;
+        let wait = (next_tick - self.now)
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .max(Duration::from_millis(100));
+        Action::requeue(wait)
+    }
+
+    /// The rollout cannot go on in this pass: record why (`Ready=False` and one Warning Event
+    /// per change of reason or message) and look again after the retry delay, or once the
+    /// Canary changes.
+    async fn blocked(self, why: &str, message: String, retry: bool) -> Result<Action> {
+        not_ready(
+            self.canary,
+            self.previous,
+            self.status,
+            why,
+            message,
+            self.ctx,
         )
         .await?;
-        return Ok(Action::requeue(ctx.retry_delay));
-    }
-    if status.rollout.phase.is_terminal() {
-        status.final_routes_applied = true;
-    }
-
-    let interval = core.spec.analysis.interval;
-    let tick_due = !status.rollout.phase.is_terminal()
-        && status
-            .last_tick_at
-            .is_none_or(|last| now - last >= interval.to_chrono());
-    // A command goes first, on its own: it needs no metrics (an abort must work while the
-    // metrics source is down). A tick due meanwhile runs in the next reconcile, at once.
-    let tick_deferred = tick_due && command.is_some();
-    let tick_due = tick_due && command.is_none();
-    let mut actions = Vec::new();
-    let before = status.rollout.clone();
-    let runtime = ctx.runtime(&key, &core, &fingerprint);
-    if let Some((annotation, value, _)) = &pending {
-        status
-            .handled_commands
-            .insert(annotation.to_string(), value.clone());
-    }
-    if tick_due || command.is_some() {
-        let webhooks = runtime.webhooks.lock().await;
-        let started = std::time::Instant::now();
-        let (gates, observation) = if tick_due {
-            // Hooks first (a load test starts before the interval is read), as in `fledge run`.
-            let gates = webhooks.before_interval(&status.rollout).await;
-            match ctx.observe(&runtime, &core).await {
-                Ok(observation) => (gates, Some(observation)),
-                Err(message) => {
-                    drop(webhooks);
-                    ctx.registry
-                        .telemetry()
-                        .record_error(&key, ErrorKind::Metrics);
-                    not_ready(
-                        &canary,
-                        previous,
-                        status,
-                        reason::METRICS_SOURCE_ERROR,
-                        message,
-                        ctx,
-                    )
-                    .await?;
-                    return Ok(Action::requeue(ctx.retry_delay));
-                }
-            }
+        Ok(if retry {
+            Action::requeue(self.ctx.retry_delay)
         } else {
-            (Gates::default(), None)
-        };
-        if matches!(&observation, Some(Err(e)) if *e != ObservationError::Baseline) {
-            ctx.registry
-                .telemetry()
-                .record_error(&key, ErrorKind::Metrics);
-        }
-        let observed = observation.as_ref().and_then(|o| o.as_ref().ok().cloned());
-        let input = Input {
-            observation,
-            command,
-        };
-        let decision = webhooks.decide(&status.rollout, &input, gates, now).await;
-        drop(webhooks);
-        let report = decision
-            .status
-            .last_analysis
-            .as_ref()
-            .filter(|r| tick_due && r.at >= now);
-        if let Some(report) = report {
-            ctx.registry
-                .telemetry()
-                .record_analysis(&key, report, started.elapsed());
-        }
-        if tick_due {
-            let mut series = lock(&runtime.series);
-            match &observed {
-                Some(o) => series.record(
-                    now,
-                    interval.0.as_secs_f64(),
-                    before.canary_weight,
-                    before.phase,
-                    o,
-                    report.map(|r| r.report.verdict),
-                ),
-                None => series.skip(now),
-            }
-        }
-        ctx.registry
-            .telemetry()
-            .record_decisions(&key, &decision.actions);
-        status.rollout = decision.status;
-        if !status.rollout.phase.is_terminal() {
-            // e.g. a retried rollback: its end will need its final routes applied again.
-            status.final_routes_applied = false;
-        }
-        if tick_due {
-            status.last_tick_at = Some(now);
-        }
-        if status.rollout.phase == Phase::Initializing {
-            // A retried rollout starts at once, like a new one.
-            status.last_tick_at = None;
-        }
-        actions = decision.actions;
+            Action::await_change()
+        })
     }
-    status.observed_generation = generation;
-    status.set_conditions(&Readiness::ok(), generation, now);
-    let mut current = (*canary).clone();
-    if status != previous {
-        // Persist first: if this fails (e.g. 409), nothing below happens.
-        current = write_status(&current, &status, ctx).await?;
-    }
+}
 
-    let mut move_routes = false;
-    for action in &actions {
-        match action {
-            RolloutAction::SetWeight { .. } => move_routes = true,
-            RolloutAction::Event {
+/// `fledge controller` tells people through Kubernetes Events on the Canary.
+struct KubernetesEvents<'a> {
+    ctx: &'a Context,
+    canary: &'a Canary,
+    key: &'a str,
+}
+
+#[async_trait]
+impl Announce for KubernetesEvents<'_> {
+    async fn announce(&self, decided: &Decided) {
+        for action in &decided.actions {
+            if let RolloutAction::Event {
                 reason,
                 warning,
                 message,
-            } => {
-                tracing::info!(canary = %key, reason = ?reason, "{message}");
-                ctx.publish(&canary, *warning, &format!("{reason:?}"), message)
+            } = action
+            {
+                tracing::info!(canary = %self.key, reason = ?reason, "{message}");
+                self.ctx
+                    .publish(self.canary, *warning, &format!("{reason:?}"), message)
                     .await;
             }
         }
     }
-    runtime
-        .webhooks
-        .lock()
-        .await
-        .notify(&status.rollout, &actions);
-    let just_finished = status.rollout.phase.is_terminal() && !before.phase.is_terminal();
-    let finished = status.rollout.phase.is_terminal() && !status.final_routes_applied;
-    let mut routes_moved = true;
-    if move_routes || finished {
-        if let Err(e) = router.ensure(&desired_routes(&status)).await {
-            // The status already says where traffic should be; the next reconcile retries.
-            tracing::warn!(canary = %key, error = %e, "could not move traffic yet");
-            ctx.registry
-                .telemetry()
-                .record_error(&key, ErrorKind::Router);
-            routes_moved = false;
-        }
-    }
-    if just_finished {
-        // Once per rollout (the transition happens in one reconcile only), after the routes
-        // were moved (or tried: the hook is told the outcome, not the routes' state).
-        runtime
-            .webhooks
-            .lock()
-            .await
-            .post_rollout(&status.rollout)
-            .await;
-    }
-    if !routes_moved {
-        ctx.show(
-            &key,
-            &core,
-            &status.rollout,
-            Some("the VirtualService does not serve the wanted weights yet; retrying".into()),
-        );
-        return Ok(Action::requeue(ctx.retry_delay));
-    }
-    if finished {
-        status.final_routes_applied = true;
-        write_status(&current, &status, ctx).await?;
-    }
-    ctx.watch_guard(&key, &core, &fingerprint, &status.rollout);
-    ctx.show(&key, &core, &status.rollout, None);
-
-    if status.rollout.phase.is_terminal() {
-        return Ok(Action::await_change());
-    }
-    if ctx.guard_trip_pending(&key) || tick_deferred {
-        // A trip arrived while an operator command was handled, or a tick waits: next.
-        return Ok(Action::requeue(Duration::from_millis(100)));
-    }
-    let next_tick = status.last_tick_at.unwrap_or(now) + interval.to_chrono();
-    let wait = (next_tick - now)
-        .to_std()
-        .unwrap_or(Duration::ZERO)
-        .max(Duration::from_millis(100));
-    Ok(Action::requeue(wait))
 }
 
 /// Record that the Canary is not ready (one Warning Event per change of reason or message).
@@ -855,14 +935,15 @@ async fn not_ready(
     Ok(())
 }
 
-/// A deleted Canary: mid-rollout, all traffic goes back to stable and the testers route and
-/// mirror are removed; a finished rollout's routes are left alone. Then it may go.
+/// A deleted Canary: mid-rollout, all traffic goes back to stable and every route the router
+/// manages besides the weights (testers route, mirror, guard route) is removed; a finished
+/// rollout's routes are left alone. Then it may go.
 async fn cleanup(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
     let key = key_of(&canary);
     if let Some(runtime) = ctx.cached_runtime(&key) {
         // Event notifications in flight get a moment (each is bounded by its own timeout).
-        let mut webhooks = runtime.webhooks.lock().await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), webhooks.drain()).await;
+        let mut analysis = runtime.analysis.lock().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), analysis.drain()).await;
     }
     ctx.forget(&key);
     ctx.registry.remove(&key);
@@ -887,20 +968,15 @@ async fn cleanup(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
     {
         Ok(router) => router,
         Err(message) => {
-            tracing::warn!(canary = %key, "deleted; no Istio route to restore: {message}");
+            tracing::warn!(canary = %key, "deleted; no route to restore: {message}");
             return Ok(Action::await_change());
         }
     };
-    let desired = DesiredRoutes {
-        weights,
-        rollout_active: Some(false),
-    };
-    match router.ensure(&desired).await {
+    match router.ensure(&DesiredRoutes::weights_only(weights)).await {
         Ok(_) => {
             let message = format!(
-                "Canary deleted: VirtualService {} route {:?} sends {}% to stable, {}% to canary",
-                router.settings().virtual_service,
-                router.settings().route,
+                "Canary deleted: {} sends {}% to stable, {}% to canary",
+                router.route(),
                 weights.stable,
                 weights.canary
             );
@@ -909,7 +985,7 @@ async fn cleanup(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
                 .await;
             Ok(Action::await_change())
         }
-        Err(e @ (IstioError::NotFound(_) | IstioError::Invalid { .. })) => {
+        Err(e) if e.nothing_to_restore() => {
             let message = format!("Canary deleted; no route to restore: {e}");
             tracing::warn!(canary = %key, "{message}");
             ctx.publish(&canary, true, reason::ROUTER_ERROR, &message)
@@ -932,30 +1008,64 @@ pub struct ControllerOptions {
     pub retry_delay: Duration,
 }
 
-/// Canaries whose router names this VirtualService.
+/// Canaries whose route is in `object`, of kind `kind`.
 fn canaries_using(
-    store: &kube::runtime::reflector::Store<Canary>,
-    virtual_service: &DynamicObject,
+    store: &Store<Canary>,
+    kind: &str,
+    object: &DynamicObject,
 ) -> Vec<ObjectRef<Canary>> {
-    let namespace = virtual_service.namespace();
-    let name = virtual_service.name_any();
+    let namespace = object.namespace().unwrap_or_default();
+    let name = object.name_any();
     store
         .state()
         .iter()
-        .filter(|c| c.namespace() == namespace)
         .filter(|c| {
-            c.spec
-                .router
-                .istio
-                .as_ref()
-                .is_some_and(|istio| istio.virtual_service == name)
+            route_of(c).is_some_and(|route| {
+                route.object.kind == kind
+                    && route.object.namespace == namespace
+                    && route.object.name == name
+            })
         })
         .map(|c| ObjectRef::from_obj(c.as_ref()))
         .collect()
 }
 
+/// The Canaries to re-check whenever an object holding routes changes: one watch per route
+/// kind of [`route_kinds`], each with its own backoff, so a kind whose CRD is not installed
+/// (e.g. no Gateway API) only keeps retrying its own watch and delays nothing else.
+fn route_changes(
+    client: &Client,
+    namespace: Option<&str>,
+    store: Store<Canary>,
+) -> impl Stream<Item = ObjectRef<Canary>> + Send + 'static {
+    let watches = route_kinds().into_iter().map(move |resource: ApiResource| {
+        let api: Api<DynamicObject> = match namespace {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+            None => Api::all_with(client.clone(), &resource),
+        };
+        let store = store.clone();
+        let kind = resource.kind.clone();
+        watcher(api, watcher::Config::default())
+            .default_backoff()
+            .touched_objects()
+            .filter_map(move |event| {
+                let canaries = match event {
+                    Ok(object) => canaries_using(&store, &kind, &object),
+                    Err(error) => {
+                        tracing::debug!(kind = %kind, %error, "cannot watch this route kind (not installed, or no permission); retrying");
+                        Vec::new()
+                    }
+                };
+                futures::future::ready(Some(futures::stream::iter(canaries)))
+            })
+            .flatten()
+            .boxed()
+    });
+    futures::stream::select_all(watches)
+}
+
 /// Run the controller until `shutdown` turns true: elect a leader; while leading, reconcile
-/// Canaries (and re-check one whenever its VirtualService changes, or at once when a guard
+/// Canaries (and re-check one whenever the object holding its route changes, or at once when a guard
 /// watch sees a trip). `registry` shows the leader's canaries (the dashboard, the status API,
 /// `/metrics`); a standby shows none and says why. On shutdown the in-flight reconciles
 /// finish, then the lease is released.
@@ -988,24 +1098,18 @@ pub async fn run(
         tracing::info!(identity = %options.lease.identity, "leading: starting the Canary controller");
         registry.set_note(None);
         let (guard_trigger, guard_trips) = futures::channel::mpsc::unbounded();
-        let (canaries, virtual_services): (Api<Canary>, Api<DynamicObject>) =
-            match &options.namespace {
-                Some(ns) => (
-                    Api::namespaced(client.clone(), ns),
-                    Api::namespaced_with(client.clone(), ns, &virtual_service_resource()),
-                ),
-                None => (
-                    Api::all(client.clone()),
-                    Api::all_with(client.clone(), &virtual_service_resource()),
-                ),
-            };
+        let canaries: Api<Canary> = match &options.namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
         let controller = Controller::new(canaries, watcher::Config::default());
         let store = controller.store();
+        let route_changes = route_changes(&client, options.namespace.as_deref(), store.clone());
         let ctx = Arc::new(Context {
             retry_delay: options.retry_delay,
             registry: registry.clone(),
             guard_trigger: Some(guard_trigger),
-            canaries: Some(store.clone()),
+            canaries: Some(store),
             ..Context::new(
                 client.clone(),
                 backends.clone(),
@@ -1017,12 +1121,7 @@ pub async fn run(
         let mut term_leader = leader.clone();
         let mut term_shutdown = shutdown.clone();
         controller
-            .watches_with(
-                virtual_services,
-                virtual_service_resource(),
-                watcher::Config::default(),
-                move |vs| canaries_using(&store, &vs),
-            )
+            .reconcile_on(route_changes)
             .reconcile_all_on(guard_trips)
             .graceful_shutdown_on(async move {
                 tokio::select! {

@@ -10,7 +10,7 @@ use super::lease::LeaseSettings;
 use super::rbac;
 use super::reconciler::{reconcile, run, Context, ControllerOptions};
 use crate::metrics::MetricsSource;
-use crate::router::istio::{read_routes, IstioSettings};
+use crate::router::factory::weights_in;
 use crate::router::Weights;
 use crate::runner::Registry;
 use async_trait::async_trait;
@@ -262,8 +262,7 @@ fn status_of(server: &FakeApiServer, name: &str) -> CanaryResourceStatus {
 fn vs_weights(server: &FakeApiServer) -> Weights {
     let vs = server.get(ISTIO, "virtualservices", NS, "app").unwrap();
     let canary = stored_canary_or_default_spec(server);
-    let settings = IstioSettings::from_spec(&canary, NS).unwrap();
-    read_routes(&vs, &settings).unwrap().weights
+    weights_in(&canary, NS, &vs).unwrap()
 }
 
 fn stored_canary_or_default_spec(server: &FakeApiServer) -> fledge_core::spec::CanarySpec {

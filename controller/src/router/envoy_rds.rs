@@ -27,7 +27,7 @@
 //! `resource` parameter the same entries sit under `configs[].dynamic_route_configs[]`. Both
 //! shapes are accepted, and weights are read whether printed as numbers or strings.
 
-use super::{RouterError, TrafficRouter, Weights};
+use super::{DesiredRoutes, Ensured, RouteKey, RouteObject, RouterError, TrafficRouter, Weights};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -56,7 +56,7 @@ pub struct EnvoyRdsSettings {
     pub stable_cluster: String,
     /// Cluster in `weighted_clusters.clusters` that serves the canary.
     pub canary_cluster: String,
-    /// Envoy admin base URL, e.g. `http://127.0.0.1:9901`, for [`TrafficRouter::verify`].
+    /// Envoy admin base URL, e.g. `http://127.0.0.1:9901`, for [`EnvoyRdsRouter::verify`].
     pub admin_url: String,
     /// How long `verify` waits for new weights to show up in Envoy's live config.
     pub verify_timeout: Duration,
@@ -66,6 +66,7 @@ pub struct EnvoyRdsSettings {
 #[derive(Debug)]
 pub struct EnvoyRdsRouter {
     settings: Arc<EnvoyRdsSettings>,
+    key: RouteKey,
     format: FileFormat,
     config_dump_url: reqwest::Url,
     client: reqwest::Client,
@@ -90,6 +91,7 @@ impl EnvoyRdsRouter {
                 RouterError::Admin(format!("cannot build the HTTP client: {error}"))
             })?;
         Ok(EnvoyRdsRouter {
+            key: route_key(&settings),
             settings: Arc::new(settings),
             format,
             config_dump_url,
@@ -152,9 +154,44 @@ impl EnvoyRdsRouter {
     }
 }
 
+/// The route `settings` name: route configuration / virtual host / route in the RDS file.
+pub fn route_key(settings: &EnvoyRdsSettings) -> RouteKey {
+    RouteKey {
+        object: RouteObject {
+            kind: "RDS file",
+            namespace: String::new(),
+            name: settings.path.display().to_string(),
+        },
+        route: format!(
+            "{}/{}/{}",
+            settings.route_configuration, settings.virtual_host, settings.route
+        ),
+    }
+}
+
+/// This router manages nothing but the weights: a testers, mirror or guard route in the RDS
+/// file is yours to write (see filter/README.md), so `desired`'s managed routes are not used.
 #[async_trait]
 impl TrafficRouter for EnvoyRdsRouter {
-    async fn get_weights(&self) -> Result<Weights, RouterError> {
+    fn route(&self) -> &RouteKey {
+        &self.key
+    }
+
+    /// Read the file, write the weights when they differ, then wait until Envoy serves them.
+    async fn ensure(&self, desired: &DesiredRoutes) -> Result<Ensured, RouterError> {
+        let found = self.get_weights().await?;
+        let wrote = found != desired.weights;
+        if wrote {
+            self.set_weights(desired.weights).await?;
+        }
+        self.verify(desired.weights).await?;
+        Ok(Ensured { found, wrote })
+    }
+}
+
+impl EnvoyRdsRouter {
+    /// The weights in the file now.
+    pub async fn get_weights(&self) -> Result<Weights, RouterError> {
         self.blocking(|settings, format| {
             let document = Document::read(&settings.path, format)?;
             let origin = settings.path.display().to_string();
@@ -163,7 +200,8 @@ impl TrafficRouter for EnvoyRdsRouter {
         .await
     }
 
-    async fn set_weights(&self, weights: Weights) -> Result<(), RouterError> {
+    /// Change only the two weights (and the version) in the file; no write when they match.
+    pub async fn set_weights(&self, weights: Weights) -> Result<(), RouterError> {
         if weights.stable.checked_add(weights.canary) != Some(100) {
             return Err(RouterError::Invalid(format!(
                 "weights must sum to 100, got stable {} + canary {}",
@@ -191,7 +229,8 @@ impl TrafficRouter for EnvoyRdsRouter {
         Ok(())
     }
 
-    async fn verify(&self, weights: Weights) -> Result<(), RouterError> {
+    /// Wait (bounded by `verify_timeout`) until Envoy itself serves `weights`.
+    pub async fn verify(&self, weights: Weights) -> Result<(), RouterError> {
         let started = Instant::now();
         let deadline = started + self.settings.verify_timeout;
         let mut live = None;
@@ -1333,6 +1372,47 @@ resources:
         let mut settings = settings(Path::new("/unused/routes.json"), &admin.url);
         settings.verify_timeout = timeout;
         EnvoyRdsRouter::new(settings).unwrap()
+    }
+
+    #[tokio::test]
+    async fn ensure_through_the_trait_writes_only_what_differs_then_waits_for_envoy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.json");
+        fs::write(&path, EXAMPLE_JSON).unwrap();
+        let admin = FakeAdmin::start(live_dump(json!(80), json!(20))).await;
+        let mut settings = settings(&path, &admin.url);
+        settings.verify_timeout = Duration::from_millis(300);
+        let router: Box<dyn TrafficRouter> = Box::new(EnvoyRdsRouter::new(settings).unwrap());
+        assert_eq!(
+            router.route().to_string(),
+            format!(
+                "RDS file {} route \"fledge_route/app/primary\"",
+                path.display()
+            )
+        );
+        let desired = DesiredRoutes::during_rollout(weights(80, 20));
+        let ensured = router.ensure(&desired).await.unwrap();
+        assert_eq!(
+            ensured,
+            Ensured {
+                found: weights(100, 0),
+                wrote: true
+            }
+        );
+        let again = router.ensure(&desired).await.unwrap();
+        assert_eq!(
+            again,
+            Ensured {
+                found: weights(80, 20),
+                wrote: false
+            }
+        );
+        // Written but not live: not ensured.
+        let err = router
+            .ensure(&DesiredRoutes::weights_only(weights(100, 0)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RouterError::NotLive { .. }), "{err}");
     }
 
     #[tokio::test]

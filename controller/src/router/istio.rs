@@ -23,7 +23,9 @@
 //! replaces, so a concurrent edit of any other field is preserved, and a concurrent edit of
 //! these fields makes the write fail and be recomputed instead of being overwritten blindly.
 
-use crate::router::{RouterError, TrafficRouter, Weights};
+use crate::router::{
+    DesiredRoutes, Ensured, RouteKey, RouteObject, RouterError, TrafficRouter, Weights,
+};
 use async_trait::async_trait;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -145,15 +147,18 @@ impl IstioSettings {
     fn vs_name(&self) -> String {
         format!("{}/{}", self.namespace, self.virtual_service)
     }
-}
 
-/// What the routes should look like.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DesiredRoutes {
-    pub weights: Weights,
-    /// `Some(true)`: a rollout runs, so the testers-first route and the mirror (if configured)
-    /// are present; `Some(false)`: they are absent; `None`: leave them as they are.
-    pub rollout_active: Option<bool>,
+    /// The route these settings steer.
+    pub fn route_key(&self) -> RouteKey {
+        RouteKey {
+            object: RouteObject {
+                kind: "VirtualService",
+                namespace: self.namespace.clone(),
+                name: self.virtual_service.clone(),
+            },
+            route: self.route.clone(),
+        }
+    }
 }
 
 /// What the weighted route currently looks like.
@@ -190,22 +195,14 @@ pub enum IstioError {
     },
 }
 
-impl IstioError {
-    /// True when the VirtualService or the route is gone (nothing left to restore).
-    pub fn is_not_found(&self) -> bool {
-        matches!(self, IstioError::NotFound(_))
-    }
-}
-
 impl From<IstioError> for RouterError {
     fn from(error: IstioError) -> Self {
         match error {
             IstioError::NotFound(message) => RouterError::NotFound(message),
-            IstioError::Api { what, source } => RouterError::Io {
-                path: what,
-                source: std::io::Error::other(source),
-            },
-            other => RouterError::Invalid(other.to_string()),
+            invalid @ IstioError::Invalid { .. } => RouterError::Invalid(invalid.to_string()),
+            unready @ IstioError::DestinationRule(_) => RouterError::Unready(unready.to_string()),
+            IstioError::Api { what, source } => RouterError::Api { what, source },
+            other @ IstioError::NotConverged { .. } => RouterError::NotConverged(other.to_string()),
         }
     }
 }
@@ -439,7 +436,8 @@ pub fn plan_patch(
         .cloned()
         .unwrap_or(Value::Null);
 
-    if let (Some(percentage), Some(active)) = (settings.mirror_percentage, desired.rollout_active) {
+    if let Some(percentage) = settings.mirror_percentage {
+        let active = desired.mirror;
         let current_mirror = located.route.get("mirror").cloned().unwrap_or(Value::Null);
         let current_percentage = located
             .route
@@ -485,7 +483,8 @@ pub fn plan_patch(
     }
 
     // Route insertions and removals shift indexes, so they come last.
-    if let (Some(header_route), Some(active)) = (&settings.header_route, desired.rollout_active) {
+    if let Some(header_route) = &settings.header_route {
+        let active = desired.testers;
         let existing = header_route_index(vs, &header_route.name);
         if existing == Some(i) {
             return Err(invalid(
@@ -557,6 +556,7 @@ fn subset_names(destination_rule: &Value) -> Vec<String> {
 /// A router for one canary's VirtualService.
 pub struct IstioRouter {
     settings: IstioSettings,
+    key: RouteKey,
     virtual_services: Api<DynamicObject>,
     destination_rules: Api<DynamicObject>,
     max_writes: u32,
@@ -572,6 +572,7 @@ impl IstioRouter {
         let destination_rules =
             Api::namespaced_with(client, &settings.namespace, &destination_rule_resource());
         IstioRouter {
+            key: settings.route_key(),
             settings,
             virtual_services,
             destination_rules,
@@ -689,15 +690,18 @@ impl IstioRouter {
 
     /// Make the VirtualService match `desired`: no write when it already does; otherwise a
     /// guarded JSON Patch, retried (re-read, re-planned) when a concurrent change makes a `test`
-    /// fail, then verified by reading back. Returns whether anything was written.
-    pub async fn ensure(&self, desired: &DesiredRoutes) -> Result<bool, IstioError> {
+    /// fail, then verified by reading back.
+    pub async fn ensure(&self, desired: &DesiredRoutes) -> Result<Ensured, IstioError> {
         let mut wrote = false;
+        let mut first_read = None;
         let mut destination_rule_checked = false;
         let mut last_problem = String::new();
         for _ in 0..=self.max_writes {
             let vs = self.read_virtual_service().await?;
+            let weights = read_routes(&vs, &self.settings)?.weights;
+            let found = *first_read.get_or_insert(weights);
             let Some(ops) = plan_patch(&vs, &self.settings, desired)? else {
-                return Ok(wrote);
+                return Ok(Ensured { found, wrote });
             };
             if wrote || !last_problem.is_empty() {
                 tracing::debug!(vs = %self.settings.vs_name(), "routes changed since the last read; writing again");
@@ -752,35 +756,17 @@ impl IstioRouter {
     }
 }
 
+/// Confirmation is the read-back in [`IstioRouter::ensure`]: Istio gives no per-proxy
+/// confirmation through the Kubernetes API; istiod pushes the change to every gateway within
+/// seconds.
 #[async_trait]
 impl TrafficRouter for IstioRouter {
-    async fn get_weights(&self) -> Result<Weights, RouterError> {
-        Ok(self.routes().await?.weights)
+    fn route(&self) -> &RouteKey {
+        &self.key
     }
 
-    /// Only the two weights; the testers route and mirror are left as they are.
-    async fn set_weights(&self, weights: Weights) -> Result<(), RouterError> {
-        self.ensure(&DesiredRoutes {
-            weights,
-            rollout_active: None,
-        })
-        .await?;
-        Ok(())
-    }
-
-    /// Reads the VirtualService back. (Istio gives no per-proxy confirmation through the
-    /// Kubernetes API; istiod pushes the change to every gateway within seconds.)
-    async fn verify(&self, weights: Weights) -> Result<(), RouterError> {
-        let live = self.routes().await?.weights;
-        if live == weights {
-            Ok(())
-        } else {
-            Err(RouterError::NotLive {
-                want: weights,
-                live: Some(live),
-                waited_ms: 0,
-            })
-        }
+    async fn ensure(&self, desired: &DesiredRoutes) -> Result<Ensured, RouterError> {
+        Ok(IstioRouter::ensure(self, desired).await?)
     }
 }
 
@@ -833,10 +819,7 @@ mod tests {
     }
 
     fn weights(canary: u8) -> DesiredRoutes {
-        DesiredRoutes {
-            weights: Weights::canary_percent(canary),
-            rollout_active: Some(true),
-        }
+        DesiredRoutes::during_rollout(Weights::canary_percent(canary))
     }
 
     #[test]
@@ -967,17 +950,8 @@ mod tests {
         assert_eq!(http[2]["name"], "primary");
         assert!(read_routes(&after, &s).unwrap().header_route_present);
         assert_eq!(plan_patch(&after, &s, &weights(0)).unwrap(), None);
-        // Leaving it alone when asked to.
-        let leave = DesiredRoutes {
-            weights: Weights::canary_percent(0),
-            rollout_active: None,
-        };
-        assert_eq!(plan_patch(&after, &s, &leave).unwrap(), None);
         // Rollout over: removed, and the VirtualService is as before.
-        let done = DesiredRoutes {
-            weights: Weights::canary_percent(0),
-            rollout_active: Some(false),
-        };
+        let done = DesiredRoutes::weights_only(Weights::canary_percent(0));
         let ops = plan_patch(&after, &s, &done).unwrap().unwrap();
         assert_eq!(apply(&after, &ops), vs());
     }
@@ -1016,10 +990,7 @@ mod tests {
             json!({"value": 10.0})
         );
         assert!(read_routes(&after, &s).unwrap().mirror_present);
-        let done = DesiredRoutes {
-            weights: Weights::canary_percent(0),
-            rollout_active: Some(false),
-        };
+        let done = DesiredRoutes::weights_only(Weights::canary_percent(0));
         assert_eq!(
             apply(&after, &plan_patch(&after, &s, &done).unwrap().unwrap()),
             vs()
@@ -1225,11 +1196,17 @@ spec:
         async fn ensure_patches_only_the_weights_then_reads_back() {
             let server = server();
             let before = stored_vs(&server);
-            let wrote = router(&server, settings())
+            let ensured = router(&server, settings())
                 .ensure(&weights(20))
                 .await
                 .unwrap();
-            assert!(wrote);
+            assert_eq!(
+                ensured,
+                Ensured {
+                    found: Weights::canary_percent(0),
+                    wrote: true
+                }
+            );
             assert_eq!(
                 lines(&server),
                 [
@@ -1253,11 +1230,11 @@ spec:
         #[tokio::test]
         async fn ensure_skips_no_op_writes() {
             let server = server();
-            let wrote = router(&server, settings())
+            let ensured = router(&server, settings())
                 .ensure(&weights(0))
                 .await
                 .unwrap();
-            assert!(!wrote);
+            assert!(!ensured.wrote);
             assert_eq!(lines(&server), [format!("GET {VS_PATH} 200")]);
         }
 
@@ -1416,22 +1393,31 @@ spec:
         }
 
         #[tokio::test]
-        async fn traffic_router_trait_reads_sets_and_verifies_weights() {
+        async fn the_traffic_router_trait_sets_and_confirms_and_names_the_route() {
             let server = server();
             let router = router(&server, settings());
             let router: &dyn TrafficRouter = &router;
             assert_eq!(
-                router.get_weights().await.unwrap(),
-                Weights::canary_percent(0)
+                router.route().to_string(),
+                "VirtualService shop/app route \"primary\""
             );
-            router
-                .set_weights(Weights::canary_percent(30))
+            let ensured = router
+                .ensure(&DesiredRoutes::during_rollout(Weights::canary_percent(30)))
                 .await
                 .unwrap();
-            router.verify(Weights::canary_percent(30)).await.unwrap();
-            assert!(router.verify(Weights::canary_percent(40)).await.is_err());
+            assert_eq!(ensured.found, Weights::canary_percent(0));
+            assert_eq!(
+                read_routes(&stored_vs(&server), &settings())
+                    .unwrap()
+                    .weights,
+                Weights::canary_percent(30)
+            );
             server.delete(GROUP, "virtualservices", "shop", "app");
-            let err = router.get_weights().await.unwrap_err();
+            let err = router
+                .ensure(&DesiredRoutes::weights_only(Weights::canary_percent(0)))
+                .await
+                .unwrap_err();
+            assert!(err.nothing_to_restore(), "{err}");
             assert!(matches!(err, RouterError::NotFound(_)), "{err}");
         }
     }

@@ -9,7 +9,7 @@
 //! check sees real `fledge_*` series. The team's e2e suite covers the full path.
 
 use super::envoy_rds::{EnvoyRdsRouter, EnvoyRdsSettings};
-use super::{TrafficRouter, Weights};
+use super::Weights;
 use crate::metrics::{promtext, EnvoyAdminSource, MetricsSource, SubsetSelector};
 use fledge_core::observe::ObservationError;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,92 @@
+//! The one place that names concrete routers: which router a spec asks for, built for the mode
+//! it runs in, the route it steers, and the Kubernetes kinds that hold routes.
+//!
+//! Adding a router means one arm in each function below (and its file next to this one).
+
+use super::envoy_rds::{self, EnvoyRdsRouter, EnvoyRdsSettings};
+use super::istio::{self, IstioRouter, IstioSettings};
+use super::{RouteKey, RouterError, TrafficRouter, Weights};
+use fledge_core::spec::{Canary, CanarySpec, EnvoyRdsSpec};
+use kube::core::ApiResource;
+use kube::Client;
+use serde_json::Value;
+
+/// Where a router runs.
+#[derive(Clone, Copy)]
+pub enum Mode<'a> {
+    /// `fledge run`: routes in files and proxies on this machine.
+    Standalone,
+    /// `fledge controller`: routes in Kubernetes objects of `namespace` (the Canary's).
+    Kubernetes {
+        client: &'a Client,
+        namespace: &'a str,
+    },
+}
+
+/// The router `canary.spec.router` names, for `mode`; the error says what to write instead.
+pub fn build(canary: &Canary, mode: Mode<'_>) -> Result<Box<dyn TrafficRouter>, String> {
+    let router = &canary.spec.router;
+    match mode {
+        Mode::Standalone => match &router.envoy_rds {
+            Some(rds) => EnvoyRdsRouter::new(rds_settings(rds))
+            .map(|r| Box::new(r) as Box<dyn TrafficRouter>)
+            .map_err(|e| format!("cannot build the Envoy RDS router: {e}")),
+            None if router.istio.is_some() => Err(
+                "spec.router.istio moves an Istio VirtualService and runs in Kubernetes mode (`fledge controller`); standalone `fledge run` needs `spec.router.envoyRds`".to_string(),
+            ),
+            None => Err("spec.router names no router; add `envoyRds: {...}`".to_string()),
+        },
+        Mode::Kubernetes { client, namespace } => {
+            match IstioSettings::from_spec(&canary.spec, namespace) {
+                Some(settings) => Ok(Box::new(IstioRouter::new(client.clone(), settings))),
+                None => Err(
+                    "spec.router has no `istio` router; in Kubernetes mode write `router: {istio: {virtualService: ..., route: ...}}` (envoyRds is for `fledge run`)".to_string(),
+                ),
+            }
+        }
+    }
+}
+
+/// The route `spec` steers when its Canary lives in `namespace` (Kubernetes routers), from
+/// the spec alone: to find two Canaries steering one route without building their routers.
+pub fn route_key(spec: &CanarySpec, namespace: &str) -> Option<RouteKey> {
+    if let Some(settings) = IstioSettings::from_spec(spec, namespace) {
+        return Some(settings.route_key());
+    }
+    let rds = spec.router.envoy_rds.as_ref()?;
+    Some(envoy_rds::route_key(&rds_settings(rds)))
+}
+
+/// The Kubernetes kinds whose objects hold routes: `fledge controller` watches each and
+/// re-checks the Canaries whose [`route_key`] names a changed object.
+pub fn route_kinds() -> Vec<ApiResource> {
+    vec![istio::virtual_service_resource()]
+}
+
+/// The weights `spec`'s router would read from `object` (a route object of a Kubernetes
+/// router, as JSON), without a cluster: for checking examples and test fixtures.
+pub fn weights_in(
+    spec: &CanarySpec,
+    namespace: &str,
+    object: &Value,
+) -> Result<Weights, RouterError> {
+    match IstioSettings::from_spec(spec, namespace) {
+        Some(settings) => Ok(istio::read_routes(object, &settings)?.weights),
+        None => Err(RouterError::Invalid(
+            "spec.router names no Kubernetes router".to_string(),
+        )),
+    }
+}
+
+fn rds_settings(rds: &EnvoyRdsSpec) -> EnvoyRdsSettings {
+    EnvoyRdsSettings {
+        path: rds.path.clone().into(),
+        route_configuration: rds.route_configuration.clone(),
+        virtual_host: rds.virtual_host.clone(),
+        route: rds.route.clone(),
+        stable_cluster: rds.stable_cluster.clone(),
+        canary_cluster: rds.canary_cluster.clone(),
+        admin_url: rds.admin_url.clone(),
+        verify_timeout: rds.verify_timeout.0,
+    }
+}
