@@ -1,6 +1,8 @@
 //! Loading Canary specs from YAML files (one or more documents per file).
 
 use fledge_core::spec::Canary;
+pub use fledge_core::warning::spec_warnings;
+use fledge_core::warning::Warning;
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -25,6 +27,8 @@ pub enum ConfigError {
         doc: usize,
         name: String,
         errors: fledge_core::spec::SpecErrors,
+        /// What the spec would not check, were it valid (see [`spec_warnings`]).
+        warnings: Vec<Warning>,
     },
     #[error("Canary {0:?} is defined more than once; give each canary its own metadata.name")]
     Duplicate(String),
@@ -62,6 +66,7 @@ pub fn parse_canaries(path: &str, text: &str) -> Result<Vec<Canary>, Vec<ConfigE
                     doc,
                     name: canary.metadata.name.clone(),
                     errors: e,
+                    warnings: spec_warnings(&canary),
                 }),
             },
             Err(e) => errors.push(ConfigError::Parse {
@@ -130,6 +135,7 @@ spec:
                stableCluster: a, canaryCluster: b, adminUrl: "http://127.0.0.1:9901"}
   analysis:
     stepWeight: 20
+    compareWithStable: {}
 "#;
 
     #[test]

@@ -131,11 +131,13 @@ enum Commands {
     },
     /// Print the Canary CustomResourceDefinition as YAML (`fledge crd > manifests/crd.yaml`).
     Crd,
-    /// Check Canary spec files and print every problem with the field and the fix.
+    /// Check Canary spec files: every error (exit code 2, on stderr) and every warning (exit
+    /// code 0, on stdout), each with the field and the fix.
     Validate {
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
-        /// `json`: one entry per file with every error's field, problem and fix.
+        /// `json`: one entry per file with its `errors` and `warnings`, each with the field and
+        /// the fix.
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: cli::Output,
     },
@@ -249,6 +251,16 @@ async fn run(
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
 
     let mut tasks = tokio::task::JoinSet::new();
+    for canary in &canaries {
+        // Warnings about checks are announced by the rollout itself (and kept in its status);
+        // the plan's own (pauses that wait for a person) are said once here.
+        let announced = fledge_core::warning::check_warnings(&canary.spec.analysis);
+        for warning in config::spec_warnings(canary) {
+            if !announced.contains(&warning) {
+                println!("fledge: {}: warning: {warning}", canary.name());
+            }
+        }
+    }
     for canary in canaries {
         let source = backends::metrics_source(&canary)?;
         let router = backends::traffic_router(&canary)?;
@@ -339,6 +351,13 @@ async fn controller(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Colour in log lines only for a person at a terminal: never in a file or a pipe, never with
+/// `NO_COLOR` set.
+fn log_colours() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -346,6 +365,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(log_colours())
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -382,16 +402,12 @@ fn main() -> ExitCode {
             println!("{document}");
             Ok(ExitCode::from(code))
         }
-        Commands::Validate { files, .. } => load(&files).map(|canaries| {
-            for c in &canaries {
-                println!(
-                    "{}: valid ({} steps)",
-                    c.name(),
-                    c.spec.analysis.plan().len()
-                );
-            }
-            ExitCode::SUCCESS
-        }),
+        Commands::Validate { files, .. } => {
+            let (out, err, code) = cli::validation_text(&files);
+            print!("{out}");
+            eprint!("{err}");
+            Ok(ExitCode::from(code))
+        }
         Commands::Run {
             files,
             listen,

@@ -263,7 +263,7 @@ impl CanaryTask {
             name: self.canary.name().to_string(),
             service: self.canary.spec.service.clone(),
             steps: self.canary.spec.analysis.plan().len(),
-            threshold: self.canary.spec.analysis.threshold,
+            threshold: self.canary.spec.analysis.rollback_threshold(),
             status: status.clone(),
             router_error,
             conflict: self.last_conflict.clone(),

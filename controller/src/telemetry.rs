@@ -491,13 +491,17 @@ mod tests {
                     threshold: ThresholdRange {
                         min: Some(99.0),
                         max: None,
+                        ..ThresholdRange::default()
                     },
                     verdict: Verdict::Pass,
                     decisive: false,
                     reason: String::new(),
+                    unit: String::new(),
+                    comparison: None,
                 }],
                 reason: String::new(),
                 hold: None,
+                warnings: Vec::new(),
             },
         };
         telemetry.record_analysis("app", &report, Duration::from_millis(30));

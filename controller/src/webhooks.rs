@@ -488,7 +488,7 @@ spec:
   metricsSource: {{envoyAdmin: {{urls: [\"http://127.0.0.1:9901\"]}}}}
   router:
     envoyRds: {{path: /tmp/r.json, routeConfiguration: r, virtualHost: v, route: r, stableCluster: s, canaryCluster: c, adminUrl: \"http://127.0.0.1:9901\"}}
-  analysis: {{interval: 10s, steps: [{{setWeight: 50}}]}}
+  analysis: {{interval: 10s, steps: [{{setWeight: 50}}], compareWithStable: {{}}}}
   webhooks:
 {hooks}"
         );

@@ -12,11 +12,14 @@
 //! The tests' running state lives in [`AnalysisState`], saved in the canary status. Every
 //! check carries its numbers and a one-line human reason.
 
-use crate::observe::Observation;
+use crate::contract::ResponseClass;
+use crate::observe::{LatencyHistogram, Observation};
 use crate::sequential::RatioTest;
 use crate::spec::{
-    AnalysisSpec, BurnRateSpec, CompareSpec, ComparedSignal, MetricKind, ThresholdRange,
+    format_number, AnalysisSpec, BurnRateSpec, CompareSpec, ComparedSignal, MetricKind,
+    ThresholdRange,
 };
+use crate::warning::{code, Warning};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -37,17 +40,118 @@ pub enum Verdict {
 #[serde(rename_all = "camelCase")]
 pub struct MetricCheck {
     pub name: String,
-    /// The canary's value (percent for success rate, milliseconds for duration, a ratio to
-    /// stable for comparisons, a burn rate for the SLO gate).
+    /// The canary's value (percent for success rate, milliseconds for duration, the canary's
+    /// rate ÷ the stable's for comparisons, a burn rate for the SLO gate), in `unit`.
     pub value: Option<f64>,
     /// The stable version's value over the same data, for comparison.
     pub stable_value: Option<f64>,
+    /// The passing range of `value`. Comparisons have none: their verdict rests on the evidence
+    /// in `comparison`, not on the ratio.
     pub threshold: ThresholdRange,
+    /// The unit written after `value` and the bounds: `%`, ` ms`, `×`, or empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub unit: String,
     pub verdict: Verdict,
     /// A failure of a decisive check rolls back at once instead of counting one failed check.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub decisive: bool,
     pub reason: String,
+    /// For canary-vs-stable tests: what the verdict rests on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comparison: Option<Comparison>,
+}
+
+/// The basis of a canary-vs-stable verdict: the ratio of rates is what the test estimates, the
+/// evidence (an e-value) is what it decides on. The canary is rolled back when the evidence
+/// that it is worse than `tolerance` reaches `evidenceNeeded` (1 / falseRollbackRate).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Comparison {
+    /// The canary's rate of the event ÷ the stable's (the most likely ratio so far); `None`
+    /// before any event.
+    pub ratio: Option<f64>,
+    /// The ratio still accepted (`compareWithStable.tolerance`).
+    pub tolerance: f64,
+    /// Evidence that the canary is worse than the tolerance, all comparisons of the rollout
+    /// combined (errors and each latency boundary): 1 = none either way.
+    pub evidence: f64,
+    /// The evidence that rolls back: 1 / falseRollbackRate.
+    pub evidence_needed: f64,
+    /// This test's anytime-valid p-value for "no worse than the tolerance".
+    pub p_value: f64,
+    pub canary_events: u64,
+    pub canary_requests: u64,
+    pub stable_events: u64,
+    pub stable_requests: u64,
+}
+
+impl MetricCheck {
+    /// One line that states the verdict and what it rests on, e.g.
+    /// `request-success-rate 96.72% (>= 99%), stable 100%: Fail` or
+    /// `errors-vs-stable: canary ≈1.41× stable (tolerance 1×), evidence 1.9 of 33.3 needed to roll back, p=0.53: Pass`.
+    pub fn summary(&self) -> String {
+        let verdict = format!("{:?}", self.verdict);
+        if let Some(c) = &self.comparison {
+            return format!("{}: {}: {verdict}", self.name, c.basis());
+        }
+        let number = |v: Option<f64>| {
+            v.map_or("n/a".to_string(), |v| {
+                format!("{}{}", format_number(round3(v)), self.unit)
+            })
+        };
+        let stable = match self.stable_value {
+            Some(_) => format!(", stable {}", number(self.stable_value)),
+            None => String::new(),
+        };
+        format!(
+            "{} {} ({}){stable}: {verdict}",
+            self.name,
+            number(self.value),
+            self.threshold.with_unit(&self.unit)
+        )
+    }
+}
+
+impl Comparison {
+    /// `canary ≈1.41× stable (tolerance 1×), evidence 1.9 of 33.3 needed to roll back, p=0.53`.
+    pub fn basis(&self) -> String {
+        let ratio = match self.ratio {
+            Some(r) => format!("canary ≈{}× stable", format_number(round2(r))),
+            None => "no events on either version yet".to_string(),
+        };
+        let reached = if self.evidence >= self.evidence_needed {
+            "reached"
+        } else {
+            "of"
+        };
+        format!(
+            "{ratio} (tolerance {}×), evidence {} {reached} {} needed to roll back, {}",
+            format_number(self.tolerance),
+            format_evidence(self.evidence),
+            format_evidence(self.evidence_needed),
+            format_p(self.p_value)
+        )
+    }
+}
+
+/// An e-value for people: three significant digits (`1.94`, `33.3`), whole numbers up to a
+/// million (`1234`), then `8.2e7`.
+fn format_evidence(e: f64) -> String {
+    if !e.is_finite() {
+        return e.to_string();
+    }
+    if e >= 1e6 {
+        return format!("{e:.1e}");
+    }
+    let digits = if e >= 100.0 {
+        0
+    } else if e >= 10.0 {
+        1
+    } else {
+        2
+    };
+    let scale = 10f64.powi(digits);
+    format_number((e * scale).round() / scale)
 }
 
 /// The judgement of one interval.
@@ -62,6 +166,10 @@ pub struct AnalysisReport {
     /// Set when the interval passed but promotion evidence is still missing: the step holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold: Option<String>,
+    /// Checks (or parts of them) that could not run in this interval, with the field and the
+    /// fix, e.g. latency not compared for lack of stable traffic.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<Warning>,
 }
 
 impl AnalysisReport {
@@ -146,41 +254,36 @@ pub fn evaluate(
 ) -> AnalysisReport {
     let canary_requests = obs.canary.requests();
     let stable_requests = obs.stable.requests();
+    let mut warnings = Vec::new();
 
     // Accumulating checks see every interval, including quiet ones: evidence adds up.
     let mut checks = Vec::new();
     if let Some(compare) = &spec.compare_with_stable {
         checks.extend(compare_with_stable(compare, spec, state, obs));
+        warnings.extend(comparison_warnings(compare, state, obs));
     }
     if let Some(burn) = &spec.slo_burn_rate {
-        checks.extend(burn_rate(burn, state, obs, now));
+        checks.extend(burn_rate(burn, &spec.error_statuses, state, obs, now));
     }
+    let report = |verdict, checks, reason, hold, warnings| AnalysisReport {
+        verdict,
+        canary_requests,
+        stable_requests,
+        checks,
+        reason,
+        hold,
+        warnings,
+    };
     let decisive = checks
         .iter()
         .find(|c: &&MetricCheck| c.decisive && c.verdict == Verdict::Fail)
         .map(|c| c.reason.clone());
     if let Some(reason) = decisive {
-        return AnalysisReport {
-            verdict: Verdict::Fail,
-            canary_requests,
-            stable_requests,
-            checks,
-            reason,
-            hold: None,
-        };
+        return report(Verdict::Fail, checks, reason, None, warnings);
     }
     if canary_requests < spec.min_canary_requests {
-        return AnalysisReport {
-            verdict: Verdict::NoData,
-            canary_requests,
-            stable_requests,
-            checks,
-            reason: format!(
-                "canary receives no traffic: {canary_requests} canary requests in the last interval, below minCanaryRequests {} (stable got {stable_requests})",
-                spec.min_canary_requests
-            ),
-            hold: None,
-        };
+        let reason = too_few_requests(spec, obs);
+        return report(Verdict::NoData, checks, reason, None, warnings);
     }
     checks.extend(threshold_checks(spec, obs));
 
@@ -198,6 +301,16 @@ pub fn evaluate(
         (Verdict::Fail, failed.join("; "))
     } else if !missing.is_empty() {
         (Verdict::NoData, missing.join("; "))
+    } else if checks.is_empty() && !spec.has_checks() {
+        (
+            Verdict::Pass,
+            format!("no checks (unchecked: true): {canary_requests} canary requests served"),
+        )
+    } else if checks.is_empty() {
+        (
+            Verdict::Pass,
+            format!("no check could run in this interval (see the warnings); {canary_requests} canary requests served"),
+        )
     } else {
         (
             Verdict::Pass,
@@ -208,13 +321,25 @@ pub fn evaluate(
         (Some(compare), Verdict::Pass) => promotion_hold(compare, state),
         _ => None,
     };
-    AnalysisReport {
-        verdict,
-        canary_requests,
-        stable_requests,
-        checks,
-        reason,
-        hold,
+    report(verdict, checks, reason, hold, warnings)
+}
+
+/// Why an interval with fewer than `minCanaryRequests` canary requests is not judged, naming
+/// the cause: a counter reset (the interval is partial), no traffic at all, or none for the
+/// canary.
+fn too_few_requests(spec: &AnalysisSpec, obs: &Observation) -> String {
+    let (canary, stable) = (obs.canary.requests(), obs.stable.requests());
+    let min = spec.min_canary_requests;
+    match &obs.counter_reset {
+        Some(what) => format!(
+            "counter reset: {what}, so this interval only counts requests since then ({canary} canary, {stable} stable; minCanaryRequests {min}); waiting for a full interval"
+        ),
+        None if canary == 0 && stable == 0 => format!(
+            "no traffic: neither version served a request in the last interval (minCanaryRequests {min}); is the service receiving requests?"
+        ),
+        None => format!(
+            "canary receives no traffic: {canary} canary requests in the last interval, below minCanaryRequests {min} (stable got {stable})"
+        ),
     }
 }
 
@@ -224,6 +349,7 @@ fn threshold_checks(spec: &AnalysisSpec, obs: &Observation) -> Vec<MetricCheck> 
         .iter()
         .filter_map(|metric| {
             let kind = metric.kind()?;
+            let statuses = &spec.error_statuses;
             let (value, stable_value, what) = match kind {
                 MetricKind::Custom => (
                     obs.custom
@@ -234,8 +360,8 @@ fn threshold_checks(spec: &AnalysisSpec, obs: &Observation) -> Vec<MetricCheck> 
                     metric.name.clone(),
                 ),
                 MetricKind::SuccessRate => (
-                    obs.canary.success_rate_percent(),
-                    obs.stable.success_rate_percent(),
+                    obs.canary.success_percent(statuses),
+                    obs.stable.success_percent(statuses),
                     "success rate".to_string(),
                 ),
                 MetricKind::Duration { quantile } => (
@@ -244,35 +370,29 @@ fn threshold_checks(spec: &AnalysisSpec, obs: &Observation) -> Vec<MetricCheck> 
                     format!("p{} latency", round2(quantile * 100.0)),
                 ),
             };
-            let unit = match kind {
-                MetricKind::SuccessRate => "%",
-                MetricKind::Duration { .. } => " ms",
-                MetricKind::Custom => "",
-            };
+            let unit = kind.unit();
             let range = metric.threshold_range;
+            let bounds = range.with_unit(unit);
             let stable_text = stable_value
                 .map(|s| format!(" (stable {}{unit})", round2(s)))
                 .unwrap_or_default();
             let (verdict, reason) = match value {
-                None => (
-                    Verdict::NoData,
-                    format!("no canary {what} data in this interval"),
-                ),
+                None => (Verdict::NoData, no_data_reason(&metric.name, kind, obs)),
                 Some(v) if range.contains(v) => (
                     Verdict::Pass,
-                    format!("canary {what} {}{unit} within {range}", round2(v)),
+                    format!("canary {what} {}{unit} within {bounds}", round2(v)),
                 ),
                 // A shared dependency or overload hurts both versions: not the canary's fault.
                 Some(v) if stable_value.is_some_and(|s| !range.contains(s)) => (
                     Verdict::NoData,
                     format!(
-                        "canary and stable both degraded: canary {what} {}{unit}{stable_text} outside {range}; not blaming the canary",
+                        "canary and stable both degraded: canary {what} {}{unit}{stable_text} outside {bounds}; not blaming the canary",
                         round2(v)
                     ),
                 ),
                 Some(v) => (
                     Verdict::Fail,
-                    format!("canary {what} {}{unit} outside {range}{stable_text}", round2(v)),
+                    format!("canary {what} {}{unit} outside {bounds}{stable_text}", round2(v)),
                 ),
             };
             Some(MetricCheck {
@@ -280,12 +400,30 @@ fn threshold_checks(spec: &AnalysisSpec, obs: &Observation) -> Vec<MetricCheck> 
                 value: value.map(round2),
                 stable_value: stable_value.map(round2),
                 threshold: range,
+                unit: unit.to_string(),
                 verdict,
                 decisive: false,
                 reason,
+                comparison: None,
             })
         })
         .collect()
+}
+
+/// A metric with no value this interval: say which metric and why it has none.
+fn no_data_reason(name: &str, kind: MetricKind, obs: &Observation) -> String {
+    match kind {
+        MetricKind::Custom => format!(
+            "metric {name} has no data: its query returned no value for this interval (an empty result or NaN)"
+        ),
+        MetricKind::SuccessRate => {
+            format!("metric {name} has no data: the canary served no request in this interval")
+        }
+        MetricKind::Duration { .. } => format!(
+            "metric {name} has no data: the canary's {} requests came without a latency histogram in this interval",
+            obs.canary.requests()
+        ),
+    }
 }
 
 /// Prior weight of each signal in the combined e-value: half each when both are compared.
@@ -300,49 +438,75 @@ fn signal_weights(compare: &CompareSpec) -> (f64, f64) {
     }
 }
 
-/// A comparison check; `rejected_p` is set when the combined evidence crossed `1/α` and this
-/// test carried most of it.
-fn ratio_check(name: String, what: &str, test: &RatioTest, rejected_p: Option<f64>) -> MetricCheck {
+/// The combined evidence of all comparisons and what rolls back: inputs to each check.
+struct Evidence {
+    /// ln of the combined e-value.
+    log_combined: f64,
+    /// ln(1/α).
+    log_needed: f64,
+}
+
+impl Evidence {
+    fn rejected(&self) -> bool {
+        self.log_combined >= self.log_needed
+    }
+}
+
+/// A comparison check. `fails` when the combined evidence crossed `1/α` and this test carried
+/// most of it.
+fn ratio_check(
+    name: String,
+    what: &str,
+    test: &RatioTest,
+    evidence: &Evidence,
+    fails: bool,
+) -> MetricCheck {
     let estimate = test.estimate();
-    let canary_rate = percent(test.canary_events, test.canary_requests);
-    let stable_rate = percent(test.stable_events, test.stable_requests);
+    let comparison = Comparison {
+        ratio: estimate.map(round2),
+        tolerance: test.tolerance,
+        evidence: evidence.log_combined.exp().min(1e15),
+        evidence_needed: evidence.log_needed.exp(),
+        p_value: if fails {
+            (-evidence.log_combined).exp().min(1.0)
+        } else {
+            test.p_value()
+        },
+        canary_events: test.canary_events,
+        canary_requests: test.canary_requests,
+        stable_events: test.stable_events,
+        stable_requests: test.stable_requests,
+    };
     let numbers = format!(
         "canary {}% of {}, stable {}% of {}",
-        round3(canary_rate),
+        round3(percent(test.canary_events, test.canary_requests)),
         test.canary_requests,
-        round3(stable_rate),
+        round3(percent(test.stable_events, test.stable_requests)),
         test.stable_requests
     );
-    let reason = match (estimate, rejected_p) {
-        (None, _) => format!("no {what} events yet on either version ({numbers})"),
-        (Some(r), Some(p)) => format!(
-            "canary {what} {}× stable, {} (tolerance {}×; {numbers})",
-            round2(r),
-            format_p(p),
-            test.tolerance
-        ),
-        (Some(r), None) => format!(
-            "canary {what} ≈{}× stable, {} (tolerance {}×; {numbers})",
-            round2(r),
-            format_p(test.p_value()),
-            test.tolerance
+    let reason = match estimate {
+        None => format!("no {what} events yet on either version ({numbers})"),
+        Some(r) => format!(
+            "canary {what} {}{}× stable (tolerance {}×): evidence {} {} {} needed to roll back, {}; {numbers}",
+            if fails { "" } else { "≈" },
+            format_number(round2(r)),
+            format_number(test.tolerance),
+            format_evidence(comparison.evidence),
+            if fails { "reached" } else { "of" },
+            format_evidence(comparison.evidence_needed),
+            format_p(comparison.p_value),
         ),
     };
     MetricCheck {
         name,
         value: estimate.map(round2),
-        stable_value: Some(1.0),
-        threshold: ThresholdRange {
-            min: None,
-            max: Some(test.tolerance),
-        },
-        verdict: if rejected_p.is_some() {
-            Verdict::Fail
-        } else {
-            Verdict::Pass
-        },
+        stable_value: None,
+        threshold: ThresholdRange::default(),
+        unit: "×".to_string(),
+        verdict: if fails { Verdict::Fail } else { Verdict::Pass },
         decisive: true,
         reason,
+        comparison: Some(comparison),
     }
 }
 
@@ -409,13 +573,14 @@ fn compare_with_stable(
 ) -> Vec<MetricCheck> {
     let (errors_weight, latency_weight) = signal_weights(compare);
     if compare.signals.contains(&ComparedSignal::Errors) {
+        let statuses = &spec.error_statuses;
         state
             .errors
             .get_or_insert_with(|| RatioTest::new(compare.tolerance))
             .update(
-                obs.canary.failures(),
+                obs.canary.errors(statuses),
                 obs.canary.requests(),
-                obs.stable.failures(),
+                obs.stable.errors(statuses),
                 obs.stable.requests(),
             );
     }
@@ -458,9 +623,11 @@ fn compare_with_stable(
             (latency_weight / boundaries).ln() + latency.test.log_evidence(),
         ));
     }
-    let combined = log_sum_exp(parts.iter().map(|(_, e)| *e));
-    let rejected = combined >= (1.0 / compare.false_rollback_rate).ln();
-    let p_combined = (-combined).exp().min(1.0);
+    let evidence = Evidence {
+        log_combined: log_sum_exp(parts.iter().map(|(_, e)| *e)),
+        log_needed: (1.0 / compare.false_rollback_rate).ln(),
+    };
+    let rejected = evidence.rejected();
     let leader = parts
         .iter()
         .max_by(|a, b| a.1.total_cmp(&b.1))
@@ -473,7 +640,8 @@ fn compare_with_stable(
             "errors-vs-stable".into(),
             "error rate",
             test,
-            fails.then_some(p_combined),
+            &evidence,
+            fails,
         ));
     }
     // Show the latency boundary with the strongest evidence against the canary.
@@ -486,12 +654,104 @@ fn compare_with_stable(
         let fails = rejected && leader == Some(Some(i));
         checks.push(ratio_check(
             "latency-vs-stable".into(),
-            &format!("share of requests slower than {} ms", latency.boundary_ms),
+            &format!(
+                "share of requests slower than {} ms",
+                format_number(latency.boundary_ms)
+            ),
             &latency.test,
-            fails.then_some(p_combined),
+            &evidence,
+            fails,
         ));
     }
     checks
+}
+
+/// What the comparison could not look at in this interval, with the field and the fix.
+fn comparison_warnings(
+    compare: &CompareSpec,
+    state: &AnalysisState,
+    obs: &Observation,
+) -> Vec<Warning> {
+    let field = "spec.analysis.compareWithStable";
+    let (canary, stable) = (obs.canary.requests(), obs.stable.requests());
+    let mut warnings = Vec::new();
+    if (canary == 0) != (stable == 0) {
+        let (idle, busy, served) = if stable == 0 {
+            ("stable", "canary", canary)
+        } else {
+            ("canary", "stable", stable)
+        };
+        warnings.push(Warning::new(
+            code::NOT_COMPARED_ONE_VERSION,
+            field,
+            format!(
+                "not compared this interval: the {idle} version served no request (the {busy} served {served}); a comparison needs both versions in the same interval"
+            ),
+            format!("check that the {idle} version receives traffic at this weight"),
+        ));
+    }
+    if compare.signals.contains(&ComparedSignal::Latency) {
+        warnings.extend(latency_warnings(state, obs));
+    }
+    warnings
+}
+
+/// Why the latency comparison learns nothing, if it does not.
+fn latency_warnings(state: &AnalysisState, obs: &Observation) -> Vec<Warning> {
+    let field = "spec.analysis.compareWithStable.latencyBoundariesMs";
+    let without_histogram = [("canary", &obs.canary), ("stable", &obs.stable)]
+        .into_iter()
+        .filter(|(_, t)| t.requests() > 0 && t.latency.count == 0)
+        .map(|(who, t)| format!("{who} ({} requests)", t.requests()))
+        .collect::<Vec<_>>();
+    if !without_histogram.is_empty() {
+        return vec![Warning::new(
+            code::NO_LATENCY_HISTOGRAM,
+            field,
+            format!(
+                "latency not compared: requests came without a latency histogram: {}",
+                without_histogram.join(", ")
+            ),
+            "use a metrics source that reports request durations (the filter's fledge_request_duration_ms, or Envoy's upstream_rq_time), or write `signals: [errors]`",
+        )];
+    }
+    if !state.latency_boundaries_chosen {
+        return vec![Warning::new(
+            code::LATENCY_NOT_COMPARED,
+            field,
+            format!(
+                "latency not compared: {} stable requests per interval, {MIN_STABLE_FOR_BOUNDARIES} needed",
+                obs.stable.latency.count
+            ),
+            "set latencyBoundariesMs or a longer interval",
+        )];
+    }
+    let mut missing: Vec<String> = Vec::new();
+    for latency in &state.latency {
+        let absent =
+            |h: &LatencyHistogram| h.count > 0 && h.slower_than(latency.boundary_ms).is_none();
+        if absent(&obs.canary.latency) || absent(&obs.stable.latency) {
+            missing.push(format_number(latency.boundary_ms));
+        }
+    }
+    if missing.is_empty() {
+        return Vec::new();
+    }
+    let buckets: Vec<String> = [&obs.stable.latency, &obs.canary.latency]
+        .into_iter()
+        .find(|h| !h.bounds_ms.is_empty())
+        .map(|h| h.bounds_ms.iter().map(|b| format_number(*b)).collect())
+        .unwrap_or_default();
+    vec![Warning::new(
+        code::LATENCY_BOUNDARY_NOT_A_BUCKET,
+        field,
+        format!(
+            "latency not compared at {} ms: not a bucket boundary of the latency histogram (its buckets: {} ms)",
+            missing.join(", "),
+            buckets.join(", ")
+        ),
+        "list bucket boundaries only, e.g. `latencyBoundariesMs: [250, 500]`",
+    )]
 }
 
 fn log_sum_exp(values: impl Iterator<Item = f64>) -> f64 {
@@ -528,6 +788,7 @@ fn promotion_hold(compare: &CompareSpec, state: &AnalysisState) -> Option<String
 /// Multi-window burn rate of the canary's error budget; the stable's burn is the control.
 fn burn_rate(
     burn: &BurnRateSpec,
+    error_statuses: &[ResponseClass],
     state: &mut AnalysisState,
     obs: &Observation,
     now: DateTime<Utc>,
@@ -535,9 +796,9 @@ fn burn_rate(
     state.recent.push(IntervalCounts {
         at: now,
         canary_requests: obs.canary.requests(),
-        canary_errors: obs.canary.failures(),
+        canary_errors: obs.canary.errors(error_statuses),
         stable_requests: obs.stable.requests(),
-        stable_errors: obs.stable.failures(),
+        stable_errors: obs.stable.errors(error_statuses),
     });
     let long_start = now - burn.long_window.to_chrono();
     state.recent.retain(|c| c.at > long_start);
@@ -588,12 +849,14 @@ fn burn_rate(
         value: canary_long.map(round2),
         stable_value: stable_long.map(round2),
         threshold: ThresholdRange {
-            min: None,
             max: Some(max),
+            ..ThresholdRange::default()
         },
+        unit: "×".to_string(),
         verdict,
         decisive: false,
         reason,
+        comparison: None,
     }]
 }
 
@@ -635,7 +898,7 @@ mod tests {
         Observation {
             stable: traffic(1000, 0, 0),
             canary,
-            custom: Default::default(),
+            ..Default::default()
         }
     }
 
@@ -708,7 +971,7 @@ mod tests {
         let report = judge(&spec, &obs(canary));
         assert_eq!(report.verdict, Verdict::NoData);
         assert!(
-            report.reason.contains("no canary p99 latency data"),
+            report.reason.contains("metric request-duration has no data: the canary's 100 requests came without a latency histogram"),
             "{}",
             report.reason
         );
@@ -730,6 +993,7 @@ mod tests {
             threshold_range: ThresholdRange {
                 min: None,
                 max: Some(1.0),
+                ..ThresholdRange::default()
             },
             quantile: None,
             query: Some("x".into()),
@@ -777,7 +1041,7 @@ mod tests {
         let o = Observation {
             stable: traffic(900, 100, 0),
             canary: traffic(90, 10, 0),
-            custom: Default::default(),
+            ..Default::default()
         };
         let report = judge(&spec, &o);
         assert_eq!(report.verdict, Verdict::NoData);
@@ -799,7 +1063,7 @@ mod tests {
             let o = Observation {
                 stable: traffic(396, 4, 0),
                 canary: traffic(95, 5, 0),
-                custom: Default::default(),
+                ..Default::default()
             };
             let report = evaluate(&spec, &mut state, &o, t(i));
             if report.decisive_failure().is_some() {
@@ -810,7 +1074,16 @@ mod tests {
                     "{}",
                     report.reason
                 );
-                assert!(report.reason.contains("× stable, p"), "{}", report.reason);
+                assert!(
+                    report.reason.contains("× stable (tolerance 1×): evidence"),
+                    "{}",
+                    report.reason
+                );
+                assert!(
+                    report.reason.contains("needed to roll back, p="),
+                    "{}",
+                    report.reason
+                );
                 break;
             }
         }
@@ -826,7 +1099,7 @@ mod tests {
             let o = Observation {
                 stable: traffic(396, 4, 2),
                 canary: traffic(99, 1, 0),
-                custom: Default::default(),
+                ..Default::default()
             };
             let report = evaluate(&spec, &mut state, &o, t(i));
             assert_eq!(report.verdict, Verdict::Pass, "{}", report.reason);
@@ -846,7 +1119,7 @@ mod tests {
             let o = Observation {
                 stable: traffic(400, 0, 8),
                 canary: traffic(100, 0, 10),
-                custom: Default::default(),
+                ..Default::default()
             };
             let report = evaluate(&spec, &mut state, &o, t(i));
             if let Some(check) = report.decisive_failure() {
@@ -866,7 +1139,7 @@ mod tests {
         let bad = Observation {
             stable: traffic(396, 4, 0),
             canary: traffic(80, 20, 0),
-            custom: Default::default(),
+            ..Default::default()
         };
         for i in 0..20 {
             evaluate(&spec, &mut state, &bad, t(i));
@@ -887,7 +1160,7 @@ mod tests {
         let healthy = Observation {
             stable: traffic(980, 20, 0),
             canary: traffic(980, 20, 0),
-            custom: Default::default(),
+            ..Default::default()
         };
         let first = evaluate(&spec, &mut state, &obs(traffic(100, 0, 0)), t(0));
         assert!(
@@ -940,7 +1213,7 @@ mod tests {
         let both = Observation {
             stable: traffic(900, 100, 0),
             canary: traffic(900, 100, 0),
-            custom: Default::default(),
+            ..Default::default()
         };
         let mut state = AnalysisState::default();
         let mut last = None;
@@ -954,6 +1227,203 @@ mod tests {
             state.recent.len() <= 13,
             "window pruned: {}",
             state.recent.len()
+        );
+    }
+
+    /// Halts name their cause: a counter reset (partial interval), no traffic at all, too
+    /// little canary traffic, a metric without data.
+    #[test]
+    fn too_little_data_names_its_cause() {
+        let spec = example().spec.analysis; // minCanaryRequests 10
+        let reset = Observation {
+            stable: traffic(40, 0, 0),
+            canary: traffic(6, 0, 0),
+            counter_reset: Some(
+                "Envoy http://127.0.0.1:9901 restarted (its counters went back to zero)".into(),
+            ),
+            ..Default::default()
+        };
+        let cases: &[(Observation, &str)] = &[
+            (
+                reset,
+                "counter reset: Envoy http://127.0.0.1:9901 restarted (its counters went back to zero), so this interval only counts requests since then (6 canary, 40 stable; minCanaryRequests 10); waiting for a full interval",
+            ),
+            (
+                Observation::default(),
+                "no traffic: neither version served a request in the last interval (minCanaryRequests 10); is the service receiving requests?",
+            ),
+            (
+                obs(traffic(3, 0, 0)),
+                "canary receives no traffic: 3 canary requests in the last interval, below minCanaryRequests 10 (stable got 1000)",
+            ),
+        ];
+        for (observation, reason) in cases {
+            let report = judge(&spec, observation);
+            assert_eq!(report.verdict, Verdict::NoData);
+            assert_eq!(report.reason, *reason);
+        }
+        let mut custom = example().spec.analysis;
+        custom.metrics = vec![crate::spec::MetricSpec {
+            name: "error-burn".into(),
+            threshold_range: ThresholdRange {
+                max: Some(1.0),
+                ..ThresholdRange::default()
+            },
+            quantile: None,
+            query: Some("x".into()),
+        }];
+        let report = judge(&custom, &obs(traffic(100, 0, 0)));
+        assert_eq!(
+            report.reason,
+            "metric error-burn has no data: its query returned no value for this interval (an empty result or NaN)"
+        );
+    }
+
+    #[test]
+    fn error_statuses_decide_what_counts_as_bad() {
+        let mut spec = example().spec.analysis; // success rate >= 99%
+        let mut canary = traffic(90, 0, 0);
+        canary.add(ResponseClass::ClientError, 10);
+        assert_eq!(judge(&spec, &obs(canary.clone())).verdict, Verdict::Pass);
+        spec.error_statuses = vec![ResponseClass::ServerError, ResponseClass::ClientError];
+        let report = judge(&spec, &obs(canary));
+        assert_eq!(report.verdict, Verdict::Fail);
+        assert_eq!(
+            report.checks[0].summary(),
+            "request-success-rate 90% (>= 99%), stable 100%: Fail"
+        );
+    }
+
+    #[test]
+    fn strict_bounds_fail_at_the_bound() {
+        let mut spec = example().spec.analysis;
+        spec.metrics[0].threshold_range = ThresholdRange {
+            above: Some(90.0),
+            ..ThresholdRange::default()
+        };
+        assert_eq!(judge(&spec, &obs(traffic(91, 9, 0))).verdict, Verdict::Pass);
+        let report = judge(&spec, &obs(traffic(90, 10, 0)));
+        assert_eq!(report.verdict, Verdict::Fail);
+        assert!(
+            report
+                .reason
+                .contains("canary success rate 90% outside > 90%"),
+            "{}",
+            report.reason
+        );
+    }
+
+    /// "errors-vs-stable 1.41 (<= 1) Pass" is gone: a comparison shows its ratio, the
+    /// tolerance, and the evidence its verdict rests on.
+    #[test]
+    fn a_comparison_states_ratio_tolerance_and_evidence() {
+        let spec = compare_spec();
+        let o = Observation {
+            stable: traffic(990, 10, 0),
+            canary: traffic(140, 2, 0),
+            ..Default::default()
+        };
+        let report = judge(&spec, &o);
+        let check = &report.checks[0];
+        assert_eq!(check.name, "errors-vs-stable");
+        assert_eq!(check.verdict, Verdict::Pass);
+        assert_eq!(
+            check.threshold,
+            ThresholdRange::default(),
+            "no bound for the ratio"
+        );
+        let c = check.comparison.as_ref().unwrap();
+        assert_eq!(
+            (c.tolerance, c.canary_events, c.stable_events),
+            (1.0, 2, 10)
+        );
+        assert!((c.evidence_needed - 1.0 / 0.03).abs() < 1e-9);
+        assert!(c.evidence < c.evidence_needed);
+        let summary = check.summary();
+        assert!(
+            summary.starts_with("errors-vs-stable: canary ≈1.41× stable (tolerance 1×), evidence "),
+            "{summary}"
+        );
+        assert!(
+            summary.ends_with(" of 33.3 needed to roll back, p=1: Pass"),
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn low_stable_traffic_warns_that_latency_is_not_compared() {
+        let spec = compare_spec();
+        let mut state = AnalysisState::default();
+        let quiet = Observation {
+            stable: traffic(12, 0, 0),
+            canary: traffic(30, 0, 0),
+            ..Default::default()
+        };
+        let report = evaluate(&spec, &mut state, &quiet, t(0));
+        assert_eq!(report.verdict, Verdict::Pass);
+        let warnings: Vec<String> = report.warnings.iter().map(|w| w.to_string()).collect();
+        assert_eq!(
+            warnings,
+            ["spec.analysis.compareWithStable.latencyBoundariesMs: latency not compared: 12 stable requests per interval, 50 needed; set latencyBoundariesMs or a longer interval"]
+        );
+        assert_eq!(report.warnings[0].code, code::LATENCY_NOT_COMPARED);
+        // Enough stable traffic once: boundaries are chosen, and the warning is gone.
+        let busy = obs(traffic(100, 0, 0));
+        let report = evaluate(&spec, &mut state, &busy, t(1));
+        assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+        assert!(state.latency_boundaries_chosen);
+    }
+
+    #[test]
+    fn a_boundary_that_is_not_a_bucket_and_a_missing_histogram_are_warnings() {
+        let mut spec = compare_spec();
+        spec.compare_with_stable
+            .as_mut()
+            .unwrap()
+            .latency_boundaries_ms = Some(vec![300.0, 500.0]);
+        let report = judge(&spec, &obs(traffic(100, 0, 0)));
+        assert_eq!(
+            report.warnings[0].to_string(),
+            "spec.analysis.compareWithStable.latencyBoundariesMs: latency not compared at 300 ms: not a bucket boundary of the latency histogram (its buckets: 50, 500, 1000 ms); list bucket boundaries only, e.g. `latencyBoundariesMs: [250, 500]`"
+        );
+        let mut canary = traffic(100, 0, 0);
+        canary.latency = LatencyHistogram::default();
+        let report = judge(&spec, &obs(canary));
+        assert_eq!(report.warnings[0].code, code::NO_LATENCY_HISTOGRAM);
+        assert!(
+            report.warnings[0]
+                .message
+                .ends_with("canary (100 requests)"),
+            "{}",
+            report.warnings[0]
+        );
+    }
+
+    #[test]
+    fn a_comparison_without_stable_traffic_says_so() {
+        let mut spec = compare_spec();
+        spec.compare_with_stable.as_mut().unwrap().signals = vec![ComparedSignal::Errors];
+        let o = Observation {
+            canary: traffic(50, 0, 0),
+            ..Default::default()
+        };
+        let report = judge(&spec, &o);
+        assert_eq!(
+            report.warnings[0].to_string(),
+            "spec.analysis.compareWithStable: not compared this interval: the stable version served no request (the canary served 50); a comparison needs both versions in the same interval; check that the stable version receives traffic at this weight"
+        );
+    }
+
+    #[test]
+    fn an_unchecked_spec_passes_on_traffic_and_says_so() {
+        let mut spec = example().spec.analysis;
+        spec.metrics.clear();
+        spec.unchecked = true;
+        let report = judge(&spec, &obs(traffic(50, 50, 0)));
+        assert_eq!(report.verdict, Verdict::Pass);
+        assert_eq!(
+            report.reason,
+            "no checks (unchecked: true): 100 canary requests served"
         );
     }
 }

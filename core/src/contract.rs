@@ -68,6 +68,7 @@ pub const MAX_LABEL_LEN: usize = 64;
 
 /// The class of a response as seen at the gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum ResponseClass {
     #[serde(rename = "1xx")]
     Informational,

@@ -24,6 +24,7 @@
 //! - [`webhook`]: the spec's webhooks (hook points) and their validation.
 //! - [`workload`]: the workload lifecycle (Kubernetes mode with `targetRef`): the primary copy,
 //!   scaling a new revision up, promotion by copying its template, rollback, deadlines.
+//! - [`warning`]: what a valid spec or a running rollout does not check, with the field and fix.
 
 pub mod analysis;
 pub mod contract;
@@ -33,5 +34,6 @@ pub mod observe;
 pub mod rollout;
 pub mod sequential;
 pub mod spec;
+pub mod warning;
 pub mod webhook;
 pub mod workload;

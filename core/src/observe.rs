@@ -127,13 +127,30 @@ impl SubsetTraffic {
         self.by_class[class.index()] += n;
     }
 
-    /// Requests the analysis counts as failures (5xx and no upstream response).
+    /// Requests counted as failures by default (5xx and no upstream response).
     pub fn failures(&self) -> u64 {
         ResponseClass::ALL
             .into_iter()
             .filter(|c| c.is_failure())
             .map(|c| self.count(c))
             .sum()
+    }
+
+    /// Requests counted as errors when `error_statuses` are the classes the spec calls bad
+    /// (`analysis.errorStatuses`). No response from the upstream is always an error.
+    pub fn errors(&self, error_statuses: &[ResponseClass]) -> u64 {
+        ResponseClass::ALL
+            .into_iter()
+            .filter(|c| *c == ResponseClass::NoResponse || error_statuses.contains(c))
+            .map(|c| self.count(c))
+            .sum()
+    }
+
+    /// Percentage of requests that were not errors by `error_statuses`; `None` without
+    /// requests.
+    pub fn success_percent(&self, error_statuses: &[ResponseClass]) -> Option<f64> {
+        let total = self.requests();
+        (total > 0).then(|| 100.0 * (total - self.errors(error_statuses)) as f64 / total as f64)
     }
 
     /// Percentage of requests that did not fail; `None` without requests.
@@ -151,16 +168,10 @@ impl SubsetTraffic {
     /// zero while the counters are subtracted as usual (treating it as a reset would count the
     /// previous interval's requests again).
     pub fn delta_since(&self, prev: &SubsetTraffic) -> SubsetTraffic {
-        let prev_latency_absent = prev.latency.bounds_ms.is_empty() && prev.latency.count == 0;
-        let reset = self
-            .by_class
-            .iter()
-            .zip(&prev.by_class)
-            .any(|(now, before)| now < before)
-            || (!prev_latency_absent && self.latency.is_reset_relative_to(&prev.latency));
-        if reset {
+        if self.is_reset_since(prev) {
             return self.clone();
         }
+        let prev_latency_absent = prev.latency.bounds_ms.is_empty() && prev.latency.count == 0;
         let mut by_class = [0u64; 6];
         for (i, slot) in by_class.iter_mut().enumerate() {
             *slot = self.by_class[i] - prev.by_class[i];
@@ -173,6 +184,17 @@ impl SubsetTraffic {
                 self.latency.minus(&prev.latency)
             },
         }
+    }
+
+    /// Whether a counter went down since the earlier cumulative reading `prev`: the proxy
+    /// restarted, and [`SubsetTraffic::delta_since`] counts only what came after the restart.
+    pub fn is_reset_since(&self, prev: &SubsetTraffic) -> bool {
+        let prev_latency_absent = prev.latency.bounds_ms.is_empty() && prev.latency.count == 0;
+        self.by_class
+            .iter()
+            .zip(&prev.by_class)
+            .any(|(now, before)| now < before)
+            || (!prev_latency_absent && self.latency.is_reset_relative_to(&prev.latency))
     }
 
     /// Sum two readings (e.g. the same subset seen by two gateway replicas).
@@ -194,6 +216,12 @@ pub struct Observation {
     /// here had no data.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub custom: std::collections::BTreeMap<String, f64>,
+    /// Set when counters went back to zero during the interval (a proxy restarted): the
+    /// interval then covers only the time since the restart. Names what reset, e.g.
+    /// `Envoy http://10.0.0.7:15000 restarted`, so a short interval is reported as such and
+    /// not as missing traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counter_reset: Option<String>,
 }
 
 impl Observation {

@@ -17,6 +17,7 @@
 use crate::analysis::{evaluate, AnalysisReport, AnalysisState, Verdict};
 use crate::observe::{Observation, ObservationError};
 use crate::spec::{CanarySpec, Step};
+use crate::warning::Warning;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -95,6 +96,11 @@ pub struct CanaryStatus {
     /// Set by a `Pause` command until `Resume`: nothing advances.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused_by_operator: bool,
+    /// What is not checked right now, each with the field and the fix: the spec's own
+    /// (`unchecked: true`, ...) and the last analysis' (latency not compared for lack of
+    /// traffic, ...). Each is announced by an event when it appears.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<Warning>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -141,6 +147,8 @@ pub enum EventReason {
     AnalysisFailed,
     Promoted,
     RollbackTriggered,
+    /// A warning appeared: a check does not run (see [`CanaryStatus::warnings`]).
+    Warning,
 }
 
 /// Side effects the caller performs after persisting the new status.
@@ -190,6 +198,19 @@ pub struct Gates {
     pub rollback_requested: Option<String>,
 }
 
+/// The cause of a failed metrics read, first: `metrics source unreachable (down or too slow): ...`.
+fn source_problem(err: &ObservationError) -> String {
+    match err {
+        ObservationError::Unreachable(detail) => {
+            format!("metrics source unreachable (down or too slow): {detail}")
+        }
+        ObservationError::Malformed(detail) => {
+            format!("metrics source returned malformed data: {detail}")
+        }
+        ObservationError::Baseline => err.to_string(),
+    }
+}
+
 /// Advance the rollout by one call. Pure: the same arguments always give the same decision.
 pub fn step(
     spec: &CanarySpec,
@@ -217,6 +238,7 @@ pub fn step_with_gates(
         gates,
     };
     machine.run(input);
+    machine.refresh_warnings();
     Decision {
         status: machine.status,
         actions: machine.actions,
@@ -285,14 +307,15 @@ impl Machine<'_> {
                     self.status.metrics_failures,
                     self.spec.analysis.metrics_failure_limit,
                 );
+                let cause = source_problem(err);
                 if failures >= limit {
                     self.halt(format!(
-                        "metrics unavailable for {failures} intervals in a row (limit {limit}), not judging: {err}"
+                        "{cause}; no metrics for {failures} intervals in a row (metricsFailureLimit {limit})"
                     ));
                 } else {
                     // A blip: wait, but never advance on missing data.
                     self.status.message = format!(
-                        "metrics unavailable ({failures}/{limit}), not judging this interval: {err}"
+                        "{cause}; not judging this interval ({failures} of {limit} failed reads before halting)"
                     );
                 }
                 Judgement::NoData
@@ -362,7 +385,7 @@ impl Machine<'_> {
     /// A failed pre-rollout / rollout webhook: one failed check, rollback at the threshold.
     fn count_hook_failure(&mut self, reason: &str) {
         self.status.failed_checks += 1;
-        let threshold = self.spec.analysis.threshold;
+        let threshold = self.spec.analysis.rollback_threshold();
         let failed = self.status.failed_checks;
         if failed >= threshold {
             self.roll_back(format!(
@@ -432,7 +455,7 @@ impl Machine<'_> {
             }
             Verdict::Fail => {
                 self.status.failed_checks += 1;
-                let threshold = self.spec.analysis.threshold;
+                let threshold = self.spec.analysis.rollback_threshold();
                 let failed = self.status.failed_checks;
                 if failed >= threshold {
                     self.roll_back(format!(
@@ -592,6 +615,38 @@ impl Machine<'_> {
         }
     }
 
+    /// Recompute the active warnings (the spec's, the last analysis', and checks not enforced
+    /// before `startingStep`) and announce each one that was not active before.
+    fn refresh_warnings(&mut self) {
+        let mut warnings = crate::warning::check_warnings(&self.spec.analysis);
+        let starting_step = self.spec.analysis.starting_step;
+        if self.status.step < starting_step && !self.status.phase.is_terminal() {
+            warnings.push(crate::warning::not_enforced(starting_step));
+        }
+        if let Some(report) = &self.status.last_analysis {
+            for warning in &report.report.warnings {
+                if !warnings.contains(warning) {
+                    warnings.push(warning.clone());
+                }
+            }
+        }
+        let new: Vec<String> = warnings
+            .iter()
+            .filter(|w| {
+                !self
+                    .status
+                    .warnings
+                    .iter()
+                    .any(|old| old.code == w.code && old.field == w.field)
+            })
+            .map(|w| format!("warning: {w}"))
+            .collect();
+        self.status.warnings = warnings;
+        for message in new {
+            self.event(EventReason::Warning, true, message);
+        }
+    }
+
     fn set_weight(&mut self, weight: u8) {
         if self.status.canary_weight != weight || self.actions.is_empty() {
             self.status.canary_weight = weight;
@@ -657,7 +712,7 @@ mod tests {
             observation: Some(Ok(Observation {
                 stable: traffic(500, 0),
                 canary: traffic(100, 0),
-                custom: Default::default(),
+                ..Default::default()
             })),
             command: None,
         }
@@ -667,7 +722,7 @@ mod tests {
             observation: Some(Ok(Observation {
                 stable: traffic(500, 0),
                 canary: traffic(80, 20),
-                custom: Default::default(),
+                ..Default::default()
             })),
             command: None,
         }
@@ -677,7 +732,7 @@ mod tests {
             observation: Some(Ok(Observation {
                 stable: traffic(500, 0),
                 canary: traffic(2, 0),
-                custom: Default::default(),
+                ..Default::default()
             })),
             command: None,
         }
@@ -797,7 +852,7 @@ mod tests {
     #[test]
     fn a_failed_interval_holds_the_weight() {
         let mut spec = simple_spec();
-        spec.analysis.threshold = 5;
+        spec.analysis.threshold = Some(5);
         let (status, trace) = drive(&spec, &[baseline(), failing(), failing(), healthy()]);
         assert_eq!(
             trace[1..],
@@ -866,7 +921,7 @@ mod tests {
         assert!(status
             .history
             .iter()
-            .any(|h| h.reason.contains("2 intervals in a row (limit 2)")));
+            .any(|h| h.reason.contains("metrics source unreachable (down or too slow): http://127.0.0.1:1: refused; no metrics for 2 intervals in a row (metricsFailureLimit 2)")));
         assert!(status.history.iter().any(|h| h.reason.contains("resuming")));
     }
 
@@ -1044,13 +1099,13 @@ mod tests {
     fn a_sequential_rejection_rolls_back_without_waiting_for_the_threshold() {
         let mut spec = simple_spec();
         spec.analysis.metrics.clear();
-        spec.analysis.threshold = 100;
+        spec.analysis.threshold = Some(100);
         spec.analysis.compare_with_stable = Some(crate::spec::CompareSpec::default());
         let bad = Input {
             observation: Some(Ok(Observation {
                 stable: traffic(495, 5),
                 canary: traffic(80, 20),
-                custom: Default::default(),
+                ..Default::default()
             })),
             command: None,
         };
@@ -1059,7 +1114,11 @@ mod tests {
         let (status, trace) = drive(&spec, &inputs);
         assert_eq!(status.phase, RolledBack, "{trace:?}");
         assert!(status.failed_checks < 10, "{}", status.failed_checks);
-        assert!(status.message.contains("× stable, p"), "{}", status.message);
+        assert!(
+            status.message.contains("× stable (tolerance 1×): evidence"),
+            "{}",
+            status.message
+        );
     }
 
     #[test]
@@ -1075,7 +1134,7 @@ mod tests {
             observation: Some(Ok(Observation {
                 stable: traffic(490, 10),
                 canary: traffic(490, 10),
-                custom: Default::default(),
+                ..Default::default()
             })),
             command: None,
         };
@@ -1387,5 +1446,106 @@ mod tests {
         let again = step(&spec, &rolled_back, &trip(20), t(21));
         assert_eq!(again.status, rolled_back);
         assert!(again.actions.is_empty());
+    }
+
+    fn warning_events(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Event {
+                    reason: EventReason::Warning,
+                    warning: true,
+                    message,
+                } => Some(message.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn observed(stable: SubsetTraffic, canary: SubsetTraffic) -> Input {
+        Input {
+            observation: Some(Ok(Observation {
+                stable,
+                canary,
+                ..Default::default()
+            })),
+            command: None,
+        }
+    }
+
+    /// A runtime warning is kept in the status while it holds, announced once when it appears,
+    /// and gone when the check runs again.
+    #[test]
+    fn warnings_live_in_the_status_and_are_announced_once() {
+        let mut spec = simple_spec();
+        spec.analysis.compare_with_stable = Some(crate::spec::CompareSpec::default());
+        let quiet = || observed(traffic(12, 0), traffic(30, 0));
+        let mut status = CanaryStatus::default();
+        let mut announced = Vec::new();
+        for (i, input) in [baseline(), quiet(), quiet()].iter().enumerate() {
+            let decision = step(&spec, &status, input, t(10 * i as i64));
+            announced.extend(warning_events(&decision.actions));
+            status = decision.status;
+        }
+        assert_eq!(
+            announced,
+            ["warning: spec.analysis.compareWithStable.latencyBoundariesMs: latency not compared: 12 stable requests per interval, 50 needed; set latencyBoundariesMs or a longer interval"]
+        );
+        assert_eq!(status.warnings.len(), 1);
+        assert_eq!(
+            status.warnings[0].code,
+            crate::warning::code::LATENCY_NOT_COMPARED
+        );
+        // A command carries no observation: the warning stays.
+        status = step(&spec, &status, &command(Command::Pause), t(40)).status;
+        assert_eq!(status.warnings.len(), 1);
+        status = step(&spec, &status, &command(Command::Resume), t(45)).status;
+        let busy = observed(traffic(200, 0), traffic(50, 0));
+        status = step(&spec, &status, &busy, t(50)).status;
+        assert_eq!(status.warnings, vec![], "latency is compared now");
+    }
+
+    #[test]
+    fn an_unchecked_rollout_carries_its_warning_from_the_start() {
+        let mut spec = simple_spec();
+        spec.analysis.metrics.clear();
+        spec.analysis.unchecked = true;
+        let decision = step(&spec, &CanaryStatus::default(), &baseline(), t(0));
+        assert_eq!(decision.status.warnings.len(), 1);
+        assert_eq!(
+            warning_events(&decision.actions),
+            ["warning: spec.analysis.unchecked: no checks: the canary is promoted on traffic alone, whatever its errors or latency; add `compareWithStable: {}`, `metrics` or `sloBurnRate`, then remove `unchecked: true`"]
+        );
+        let (status, trace) = drive(&spec, &[baseline(), failing(), failing(), failing()]);
+        assert_eq!(trace.last(), Some(&(Promoted, 100, 3)));
+        assert_eq!(status.warnings.len(), 1, "still said after promotion");
+    }
+
+    #[test]
+    fn checks_before_starting_step_are_a_warning_until_it_is_reached() {
+        let mut spec = simple_spec();
+        spec.analysis.starting_step = 1;
+        let (status, _) = drive(&spec, &[baseline()]);
+        assert_eq!(status.warnings[0].code, crate::warning::code::NOT_ENFORCED);
+        let (status, _) = drive(&spec, &[baseline(), healthy()]);
+        assert_eq!(status.step, 1);
+        assert!(status.warnings.is_empty(), "{:?}", status.warnings);
+    }
+
+    #[test]
+    fn failure_limit_tolerates_that_many_failures() {
+        let mut spec = simple_spec();
+        spec.analysis.threshold = None;
+        spec.analysis.failure_limit = Some(1);
+        let (status, trace) = drive(&spec, &[baseline(), failing(), failing()]);
+        assert_eq!(trace[1].0, Progressing, "one failure is tolerated");
+        assert_eq!(trace[2].0, RolledBack);
+        assert!(
+            status
+                .message
+                .contains("failed checks threshold reached 2/2"),
+            "{}",
+            status.message
+        );
     }
 }

@@ -128,7 +128,7 @@ pub struct EnvoyClusterStatsSpec {
     pub stable_cluster: String,
     /// The Envoy cluster of the canary version.
     pub canary_cluster: String,
-    /// Per-scrape timeout.
+    /// Per-scrape timeout (a duration, above 0). Default 2s.
     #[serde(default = "default_scrape_timeout")]
     pub timeout: HumanDuration,
 }
@@ -139,7 +139,7 @@ pub struct EnvoyClusterStatsSpec {
 pub struct PrometheusSpec {
     /// Base URL of the Prometheus HTTP API, e.g. `http://prometheus.istio-system:9090`.
     pub address: String,
-    /// Per-query timeout.
+    /// Per-query timeout (a duration, above 0). Default 5s.
     #[serde(default = "default_prometheus_timeout")]
     pub timeout: HumanDuration,
 }
@@ -154,7 +154,7 @@ fn default_prometheus_timeout() -> HumanDuration {
 pub struct EnvoyAdminSpec {
     /// Admin base URLs, e.g. `http://127.0.0.1:9901`.
     pub urls: Vec<String>,
-    /// Per-scrape timeout.
+    /// Per-scrape timeout (a duration, above 0). Default 2s.
     #[serde(default = "default_scrape_timeout")]
     pub timeout: HumanDuration,
 }
@@ -204,7 +204,8 @@ pub struct IstioRouterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header_route: Option<HeaderRouteSpec>,
     /// While the rollout runs, copy this percentage of the route's traffic to the canary
-    /// (Istio `mirror` + `mirrorPercentage`; mirrored responses are discarded).
+    /// (percent of requests, above 1 and at most 100; Istio `mirror` + `mirrorPercentage`;
+    /// mirrored responses are discarded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror_percentage: Option<f64>,
 }
@@ -251,7 +252,8 @@ pub struct EnvoyRdsSpec {
     pub canary_cluster: String,
     /// Envoy admin base URL, used to check that new weights are live (`/config_dump`).
     pub admin_url: String,
-    /// How long to wait for new weights to become live before reporting an error.
+    /// How long to wait for new weights to become live before reporting an error (a
+    /// duration). Default 5s.
     #[serde(default = "default_verify_timeout")]
     pub verify_timeout: HumanDuration,
 }
@@ -264,37 +266,77 @@ fn default_verify_timeout() -> HumanDuration {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AnalysisSpec {
-    /// How often metrics are read and judged. Each weight step lasts at least one interval.
+    /// How often metrics are read and judged (a duration, e.g. `30s`; at least 1s). Each
+    /// weight step lasts at least one interval.
     #[serde(default = "default_interval")]
     pub interval: HumanDuration,
-    /// Failed analysis intervals (in total) before the canary is rolled back.
-    #[serde(default = "default_threshold")]
-    pub threshold: u32,
-    /// Fewer canary requests than this in an interval means "no data": the rollout halts (and
-    /// never promotes) until traffic returns.
+    /// Failed analysis intervals (a count, over the whole rollout) at which the canary is
+    /// rolled back: `threshold: 5` rolls back at the 5th failed interval (Flagger's meaning).
+    /// Default 5. Exclusive with `failureLimit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<u32>,
+    /// Argo Rollouts' meaning: failed analysis intervals (a count) that are tolerated; one
+    /// more rolls back, so `failureLimit: 3` is `threshold: 4` and `failureLimit: 0` rolls back
+    /// at the first failure. Exclusive with `threshold`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_limit: Option<u32>,
+    /// Canary requests an interval needs to be judged (a count per interval). Fewer means "no
+    /// data": the rollout halts (and never promotes) until traffic returns. Default 20.
     #[serde(default = "default_min_canary_requests")]
     pub min_canary_requests: u64,
     /// Explicit steps (Argo Rollouts style). Exclusive with `stepWeight`/`stepWeights`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<Vec<StepSpec>>,
-    /// Increase the canary weight by this much per interval (Flagger style) up to `maxWeight`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Increase the canary weight by this many percent of traffic (a whole number, 1-100) per
+    /// step (Flagger style), up to `maxWeight`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_weight"
+    )]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 100)))]
     pub step_weight: Option<u8>,
-    /// Last weight before promotion when `stepWeight` is used (default 50).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Last canary weight before promotion when `stepWeight` is used, in percent of traffic (a
+    /// whole number, `stepWeight`-100). Default 50.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_weight"
+    )]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 100)))]
     pub max_weight: Option<u8>,
-    /// An explicit list of weights, one per interval (Flagger style).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// An explicit list of canary weights in percent of traffic (whole numbers, 0-100), one
+    /// step each (Flagger style).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_weights"
+    )]
     pub step_weights: Option<Vec<u8>>,
-    /// Index of the step from which metrics are judged; earlier steps only wait one interval.
+    /// Index (0-based) of the step from which checks are enforced; earlier steps are judged
+    /// and shown, not acted on (a warning says so).
     #[serde(default)]
     pub starting_step: usize,
-    /// Consecutive intervals the metrics source may fail (unreachable, slow, garbage) before the
-    /// rollout is Halted with the reason. Nothing advances meanwhile. Default 2.
+    /// Consecutive intervals (a count) the metrics source may fail (unreachable, slow, garbage)
+    /// before the rollout is Halted with the reason. Nothing advances meanwhile. Default 2.
     #[serde(default = "default_metrics_failure_limit")]
     pub metrics_failure_limit: u32,
-    /// Fixed-threshold checks judged every interval: a value outside its range fails the
-    /// interval.
+    /// Response classes the built-in checks (request-success-rate, compareWithStable's errors,
+    /// sloBurnRate) count as errors: `5xx` always, plus any of `3xx`, `4xx`. No response from
+    /// the upstream (reset, timeout, no healthy upstream) always counts. Default `[5xx]`;
+    /// `[5xx, 4xx]` is "good = status < 400".
+    #[serde(
+        default = "default_error_statuses",
+        skip_serializing_if = "is_default_error_statuses"
+    )]
+    pub error_statuses: Vec<crate::contract::ResponseClass>,
+    /// Promote on traffic alone, with no check at all. Without it, a spec with no
+    /// `metrics`, `compareWithStable` or `sloBurnRate` is refused; with it, the status, the CLI
+    /// and the dashboard carry a warning for as long as the rollout runs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unchecked: bool,
+    /// Fixed-threshold checks judged every interval (Flagger style): a value outside its range
+    /// fails the interval.
     #[serde(default)]
     pub metrics: Vec<MetricSpec>,
     /// Judge the canary against the stable version with anytime-valid sequential tests
@@ -319,10 +361,10 @@ pub struct AnalysisSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GuardSpec {
     /// Trip when at least this share of the canary's requests in the window failed (5xx or no
-    /// response). Default 0.5.
+    /// response), as a fraction (above 0, at most 1; 0.5 = half). Default 0.5.
     #[serde(default = "default_guard_max_error_ratio")]
     pub max_error_ratio: f64,
-    /// ... over at least this many canary requests in the window. Default 20.
+    /// ... over at least this many canary requests (a count) in the window. Default 20.
     #[serde(default = "default_guard_min_requests")]
     pub min_requests: u32,
     /// The sliding window (whole seconds, 1s..1h). Default 10s.
@@ -331,7 +373,8 @@ pub struct GuardSpec {
     /// How long after a trip the filter re-arms (whole seconds, at least `window`). Default 30s.
     #[serde(default = "default_guard_rearm_after")]
     pub rearm_after: HumanDuration,
-    /// How often the controller reads the guard's gauge between analysis intervals. Default 1s.
+    /// How often the controller reads the guard's gauge between analysis intervals (a duration,
+    /// 100ms-1m). Default 1s.
     #[serde(default = "default_guard_check_interval")]
     pub check_interval: HumanDuration,
 }
@@ -399,25 +442,32 @@ pub enum ComparedSignal {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CompareSpec {
     /// The chance of rolling back a canary that is no worse than the tolerance, over the whole
-    /// rollout however long it runs and however often it is checked. Default 0.03.
+    /// rollout however long it runs and however often it is checked: a probability as a
+    /// fraction (above 0, below 0.5; 0.03 = 3%). Default 0.03.
     #[serde(default = "default_false_rollback_rate")]
     pub false_rollback_rate: f64,
-    /// How much worse than stable is still acceptable: 1.0 = not worse at all, 1.2 = up to 20%
-    /// more errors (or slow requests). Default 1.0.
+    /// How much worse than stable is still acceptable, as a multiplier of the stable's rate
+    /// (1-10): 1.0 = not worse at all, 1.2 = up to 20% more errors (or slow requests).
+    /// Default 1.0.
     #[serde(default = "default_tolerance")]
     pub tolerance: f64,
     /// Which signals are compared. Default: errors and latency.
     #[serde(default = "default_compared_signals")]
     pub signals: Vec<ComparedSignal>,
-    /// Latency bucket boundaries (ms) to compare at. Default: chosen from the stable version's
-    /// first interval (near its p50, p90, p99) plus the `request-duration` limit.
+    /// Latency bucket boundaries to compare at, in milliseconds; each must be a bucket
+    /// boundary of the latency histogram (a warning says when one is not). Default: chosen from
+    /// the first interval in which the stable version serves at least 50 requests (near its
+    /// p50, p90, p99) plus the `request-duration` limit; until then latency is not compared,
+    /// and a warning says so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_boundaries_ms: Option<Vec<f64>>,
     /// If set, a step only advances once the canary's error ratio to stable is shown (with
-    /// the same confidence) to be below this margin, e.g. 2.0 = "at most twice as many errors".
+    /// the same confidence) to be below this margin, a multiplier above `tolerance`, e.g.
+    /// 2.0 = "at most twice as many errors".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promotion_margin: Option<f64>,
-    /// With `promotionMargin`: canary requests needed (in total) before a step may advance.
+    /// With `promotionMargin`: canary requests (a count, over the whole rollout) needed
+    /// before a step may advance.
     #[serde(default)]
     pub promotion_min_canary_requests: u64,
 }
@@ -450,16 +500,19 @@ impl Default for CompareSpec {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BurnRateSpec {
-    /// Success objective in percent, e.g. 99.9. Error budget = 100 − objective.
+    /// Success objective in percent of requests (above 1, below 100), e.g. 99.9. Error
+    /// budget = 100 − objective.
     pub objective: f64,
-    /// Fail when the burn rate (error ratio ÷ error budget) exceeds this over both windows.
-    /// Default 14.4 (the workbook's "page" rate).
+    /// Fail when the burn rate (error ratio ÷ error budget, a multiplier: 1 = spending the
+    /// budget exactly) exceeds this over both windows. Default 14.4 (the workbook's "page"
+    /// rate).
     #[serde(default = "default_max_burn_rate")]
     pub max_burn_rate: f64,
-    /// The long window. Default 5m.
+    /// The long window (a duration, at least the interval). Default 5m.
     #[serde(default = "default_long_window")]
     pub long_window: HumanDuration,
-    /// The short window. Default: a twelfth of the long window.
+    /// The short window (a duration, at most the long window). Default: a twelfth of the
+    /// long window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub short_window: Option<HumanDuration>,
 }
@@ -482,8 +535,13 @@ impl BurnRateSpec {
 fn default_interval() -> HumanDuration {
     HumanDuration::from_secs(30)
 }
-fn default_threshold() -> u32 {
-    5
+/// Failed intervals that roll back when neither `threshold` nor `failureLimit` is set.
+pub const DEFAULT_THRESHOLD: u32 = 5;
+fn default_error_statuses() -> Vec<crate::contract::ResponseClass> {
+    vec![crate::contract::ResponseClass::ServerError]
+}
+fn is_default_error_statuses(statuses: &[crate::contract::ResponseClass]) -> bool {
+    statuses == default_error_statuses().as_slice()
 }
 fn default_min_canary_requests() -> u64 {
     20
@@ -498,14 +556,81 @@ const DEFAULT_MAX_WEIGHT: u8 = 50;
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StepSpec {
-    /// Send this percentage of traffic to the canary, and hold it for at least one passing
-    /// analysis interval.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Send this percentage of traffic to the canary (a whole number, 0-100) and hold it for
+    /// at least one passing interval.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_weight"
+    )]
+    #[cfg_attr(feature = "schema", schemars(range(min = 0, max = 100)))]
     pub set_weight: Option<u8>,
-    /// Hold the current weight: for `duration`, or (`pause: {}`) until a promote command.
-    /// Analysis keeps running.
+    /// Hold the current weight: `{duration: 5m}`, or `{}` until `fledge promote` (a person
+    /// decides; a warning says so).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause: Option<Pause>,
+}
+
+/// A canary weight as written: any number is read, so that a negative or fractional weight
+/// gets an error naming the unit and the fix (serde's own would only say "expected u8"); the YAML
+/// or JSON reader puts the field's path in front. Whole numbers up to 255 are read as they are:
+/// validation reports those above 100 with everything else wrong in the spec (in Kubernetes, in
+/// the Canary's status).
+struct WeightValue(u8);
+
+impl<'de> Deserialize<'de> for WeightValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = WeightValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a whole percentage of traffic from 0 to 100")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<WeightValue, E> {
+                weight_from_number(v as f64).map_err(E::custom)
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<WeightValue, E> {
+                weight_from_number(v as f64).map_err(E::custom)
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<WeightValue, E> {
+                weight_from_number(v).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+fn weight_from_number(value: f64) -> Result<WeightValue, String> {
+    if value > 0.0 && value < 1.0 {
+        return Err(format!(
+            "{value} looks like a fraction, but weights are whole percentages of traffic (0-100): did you mean {} (%)?",
+            format_number(value * 100.0)
+        ));
+    }
+    if value.fract() != 0.0 || !(0.0..=f64::from(u8::MAX)).contains(&value) {
+        return Err(format!(
+            "{value} is not a whole percentage of traffic from 0 to 100; write e.g. `20` for 20% of requests to the canary"
+        ));
+    }
+    Ok(WeightValue(value as u8))
+}
+
+fn optional_weight<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {
+    Ok(Option::<WeightValue>::deserialize(d)?.map(|w| w.0))
+}
+
+fn optional_weights<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+    Ok(Option::<Vec<WeightValue>>::deserialize(d)?.map(|ws| ws.into_iter().map(|w| w.0).collect()))
+}
+
+/// A number as an operator would write it: no float noise (`99.9`, not `99.90000000000001`).
+pub fn format_number(value: f64) -> String {
+    let rounded = (value * 1e6).round() / 1e6;
+    if rounded == rounded.trunc() && rounded.abs() < 1e15 {
+        format!("{}", rounded as i64)
+    } else {
+        format!("{rounded}")
+    }
 }
 
 impl StepSpec {
@@ -548,7 +673,7 @@ pub enum Step {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Pause {
-    /// How long to hold. Without it the rollout waits for a promote command.
+    /// How long to hold (a duration, e.g. `5m`); without it, until promoted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration: Option<HumanDuration>,
 }
@@ -557,11 +682,14 @@ pub struct Pause {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MetricSpec {
-    /// `request-success-rate` (percent) or `request-duration` (milliseconds at `quantile`).
+    /// `request-success-rate` (percent of requests that are not errors, 0-100),
+    /// `request-duration` (milliseconds at `quantile`), or a custom metric's own name (with
+    /// `query`).
     pub name: String,
-    /// The accepted values; a value outside fails the interval.
+    /// The passing range, in the metric's unit (percent, ms, or the query's unit).
     pub threshold_range: ThresholdRange,
-    /// For `request-duration`: the quantile judged (default 0.99).
+    /// For `request-duration`: the quantile judged, as a fraction (0-1, e.g. 0.99 for p99;
+    /// default 0.99).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantile: Option<f64>,
     /// A custom metric: a PromQL template returning one number for the canary over the
@@ -655,32 +783,75 @@ pub fn render_query(template: &str, vars: &QueryVariables) -> Result<String, Tem
     Ok(out)
 }
 
+/// The passing range of a metric, in the metric's unit: percent of requests (0-100) for
+/// `request-success-rate`, milliseconds for `request-duration`, the query's own unit for a
+/// custom metric. `min`/`max` are inclusive (Flagger's `thresholdRange`), `above`/`below` strict
+/// (Argo's `result[0] > 0.90` is `above: 90` on the success rate).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ThresholdRange {
-    /// The lowest passing value (inclusive).
+    /// Lowest passing value (inclusive), in the metric's unit (percent for
+    /// request-success-rate, ms for request-duration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min: Option<f64>,
-    /// The highest passing value (inclusive).
+    /// Highest passing value (inclusive), in the metric's unit (percent for
+    /// request-success-rate, ms for request-duration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<f64>,
+    /// Values must be strictly above this, in the metric's unit. Exclusive with `min`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub above: Option<f64>,
+    /// Values must be strictly below this, in the metric's unit. Exclusive with `max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub below: Option<f64>,
 }
 
 impl ThresholdRange {
     pub fn contains(&self, value: f64) -> bool {
-        self.min.is_none_or(|min| value >= min) && self.max.is_none_or(|max| value <= max)
+        self.min.is_none_or(|min| value >= min)
+            && self.max.is_none_or(|max| value <= max)
+            && self.above.is_none_or(|above| value > above)
+            && self.below.is_none_or(|below| value < below)
+    }
+
+    /// Whether any bound is set.
+    pub fn is_bounded(&self) -> bool {
+        self.min.is_some() || self.max.is_some() || self.above.is_some() || self.below.is_some()
+    }
+
+    /// Every bound as (field name, value).
+    fn bounds(&self) -> [(&'static str, Option<f64>); 4] {
+        [
+            ("min", self.min),
+            ("max", self.max),
+            ("above", self.above),
+            ("below", self.below),
+        ]
+    }
+
+    /// The range with a unit after each number, e.g. `>= 99%`, `> 90% and <= 100%`, `< 500 ms`.
+    pub fn with_unit(&self, unit: &str) -> String {
+        let parts: Vec<String> = [
+            (">=", self.min),
+            ("> ", self.above),
+            ("<=", self.max),
+            ("< ", self.below),
+        ]
+        .into_iter()
+        .filter_map(|(op, v)| v.map(|v| format!("{} {}{unit}", op.trim_end(), format_number(v))))
+        .collect();
+        if parts.is_empty() {
+            "any".to_string()
+        } else {
+            parts.join(" and ")
+        }
     }
 }
 
 impl fmt::Display for ThresholdRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.min, self.max) {
-            (Some(min), Some(max)) => write!(f, "{min}..{max}"),
-            (Some(min), None) => write!(f, ">= {min}"),
-            (None, Some(max)) => write!(f, "<= {max}"),
-            (None, None) => f.write_str("any"),
-        }
+        f.write_str(&self.with_unit(""))
     }
 }
 
@@ -693,6 +864,18 @@ pub enum MetricKind {
     },
     /// A PromQL template evaluated by the Prometheus source; its value is judged as is.
     Custom,
+}
+
+impl MetricKind {
+    /// The unit of the metric's values, as written after a number: `%`, ` ms`, or nothing for
+    /// a custom query (its unit is the query's own).
+    pub fn unit(self) -> &'static str {
+        match self {
+            MetricKind::SuccessRate => "%",
+            MetricKind::Duration { .. } => " ms",
+            MetricKind::Custom => "",
+        }
+    }
 }
 
 impl MetricSpec {
@@ -712,6 +895,25 @@ impl MetricSpec {
 }
 
 impl AnalysisSpec {
+    /// Failed intervals at which the canary is rolled back: `threshold`, or `failureLimit` + 1,
+    /// or [`DEFAULT_THRESHOLD`].
+    pub fn rollback_threshold(&self) -> u32 {
+        match (self.threshold, self.failure_limit) {
+            (Some(threshold), _) => threshold,
+            (None, Some(limit)) => limit.saturating_add(1),
+            (None, None) => DEFAULT_THRESHOLD,
+        }
+    }
+
+    /// Whether any check can fail the canary: a metric, a comparison with stable, or the
+    /// burn-rate gate. (The guard and webhooks alone do not count: the guard only trips on
+    /// hard failures, and a webhook's meaning is its own.)
+    pub fn has_checks(&self) -> bool {
+        !self.metrics.is_empty()
+            || self.compare_with_stable.is_some()
+            || self.slo_burn_rate.is_some()
+    }
+
     /// The concrete step list: `steps` as written, or the weights from `stepWeights` /
     /// `stepWeight`+`maxWeight`. Promotion follows the last step.
     pub fn plan(&self) -> Vec<Step> {
@@ -868,7 +1070,7 @@ fn validate_admin_urls(p: &mut Problems, at: &str, urls: &[String], timeout: Hum
     if timeout.as_millis() == 0 {
         p.add(
             format!("{at}.timeout"),
-            "must be greater than zero",
+            "must be a duration above 0",
             "write e.g. `timeout: 2s`",
         );
     }
@@ -978,7 +1180,7 @@ impl CanarySpec {
             if prometheus.timeout.as_millis() == 0 {
                 p.add(
                     "spec.metricsSource.prometheus.timeout",
-                    "must be greater than zero",
+                    "must be a duration above 0",
                     "write e.g. `timeout: 5s`",
                 );
             }
@@ -1045,18 +1247,22 @@ impl CanarySpec {
 
 impl GuardSpec {
     fn validate_into(&self, p: &mut Problems, field: &str) {
-        if !(self.max_error_ratio > 0.0 && self.max_error_ratio <= 1.0) {
-            p.add(
-                format!("{field}.maxErrorRatio"),
-                format!("{} is not above 0 and at most 1", self.max_error_ratio),
-                "write the share of failed canary requests that trips the guard, e.g. `maxErrorRatio: 0.5`",
-            );
-        }
+        units::fraction(
+            p,
+            &format!("{field}.maxErrorRatio"),
+            self.max_error_ratio,
+            units::Fraction {
+                max: 1.0,
+                inclusive: true,
+            },
+            "maxErrorRatio (the share of failed canary requests that trips the guard)",
+            "0.5",
+        );
         if !(1..=1_000_000).contains(&self.min_requests) {
             p.add(
                 format!("{field}.minRequests"),
-                format!("{} is not between 1 and 1000000", self.min_requests),
-                "write the smallest sample the guard judges, e.g. `minRequests: 20`",
+                format!("{} requests is not between 1 and 1000000", self.min_requests),
+                "write the smallest sample the guard judges, in canary requests, e.g. `minRequests: 20`",
             );
         }
         let whole_seconds = |d: &HumanDuration| d.as_millis().is_multiple_of(1000);
@@ -1169,41 +1375,193 @@ impl IstioRouterSpec {
             }
         }
         if let Some(percentage) = self.mirror_percentage {
-            if !(percentage > 0.0 && percentage <= 100.0) {
+            let field = format!("{base}.mirrorPercentage");
+            if units::percent(p, &field, percentage, "mirrorPercentage", "10") && percentage <= 0.0
+            {
                 p.add(
-                    format!("{base}.mirrorPercentage"),
-                    format!("{percentage} is not above 0 and at most 100"),
-                    "write e.g. `mirrorPercentage: 10`, or drop it to mirror nothing",
+                    field,
+                    format!("{} % mirrors nothing", format_number(percentage)),
+                    "write the percentage of requests to copy, e.g. `mirrorPercentage: 10`, or drop it to mirror nothing",
                 );
             }
         }
     }
 }
 
+/// The one rule for numbers that are shares (docs/spec.md, "Units"): a field in percent takes
+/// 0-100 and refuses a value above 0 and at most 1, which is almost always a fraction meant as a
+/// percentage (`0.9` for 90%); a field that is a fraction (0-1) refuses a value above 1, almost
+/// always a percentage meant as a fraction. Both suggest the converted value.
+mod units {
+    use super::{format_number, Problems};
+
+    /// `value` in a percent field: refuse 0 < value ≤ 1, and anything outside 0-100.
+    pub(super) fn percent(
+        p: &mut Problems,
+        field: &str,
+        value: f64,
+        what: &str,
+        example: &str,
+    ) -> bool {
+        let key = field.rsplit('.').next().unwrap_or(field);
+        if value > 0.0 && value <= 1.0 {
+            p.add(
+                field,
+                format!(
+                    "{} looks like a fraction, but {what} is in percent (0-100)",
+                    format_number(value)
+                ),
+                format!(
+                    "did you mean {} (%)? write `{key}: {}`",
+                    format_number(value * 100.0),
+                    format_number(value * 100.0)
+                ),
+            );
+            return false;
+        }
+        if !(0.0..=100.0).contains(&value) {
+            p.add(
+                field,
+                format!(
+                    "{} % is not a percentage from 0 to 100",
+                    format_number(value)
+                ),
+                format!("write {what} in percent, e.g. `{key}: {example}`"),
+            );
+            return false;
+        }
+        true
+    }
+
+    /// The range of a fraction field: above 0 and below (or, `inclusive`, at most) `max`.
+    pub(super) struct Fraction {
+        pub max: f64,
+        pub inclusive: bool,
+    }
+
+    impl Fraction {
+        fn contains(&self, value: f64) -> bool {
+            value > 0.0 && (value < self.max || (self.inclusive && value == self.max))
+        }
+
+        fn describe(&self) -> String {
+            let max = format_number(self.max);
+            if self.inclusive {
+                format!("above 0, at most {max}")
+            } else {
+                format!("above 0, below {max}")
+            }
+        }
+    }
+
+    /// `value` in a fraction field: a value that fits once divided by 100 is taken for a
+    /// percentage.
+    pub(super) fn fraction(
+        p: &mut Problems,
+        field: &str,
+        value: f64,
+        range: Fraction,
+        what: &str,
+        example: &str,
+    ) -> bool {
+        if range.contains(value) {
+            return true;
+        }
+        let key = field.rsplit('.').next().unwrap_or(field);
+        if value > 1.0 && value <= 100.0 && range.contains(value / 100.0) {
+            let meant = format_number(value / 100.0);
+            p.add(
+                field,
+                format!(
+                    "{} looks like a percentage, but {what} is a fraction ({})",
+                    format_number(value),
+                    range.describe()
+                ),
+                format!("did you mean {meant}? write `{key}: {meant}`"),
+            );
+        } else {
+            p.add(
+                field,
+                format!(
+                    "{} is not a fraction {}",
+                    format_number(value),
+                    range.describe()
+                ),
+                format!("write {what} as a fraction, e.g. `{key}: {example}`"),
+            );
+        }
+        false
+    }
+}
+
 impl AnalysisSpec {
     fn validate_into(&self, p: &mut Problems, has_prometheus: bool) {
+        self.validate_schedule(p);
+        self.validate_steps(p);
+        self.validate_checks_present(p);
+        self.validate_error_statuses(p);
+        if let Some(compare) = &self.compare_with_stable {
+            compare.validate_into(p, "spec.analysis.compareWithStable");
+        }
+        if let Some(burn) = &self.slo_burn_rate {
+            burn.validate_into(p, "spec.analysis.sloBurnRate", self.interval);
+        }
+        if let Some(guard) = &self.guard {
+            guard.validate_into(p, "spec.analysis.guard");
+        }
+        let mut seen = Vec::new();
+        for (i, metric) in self.metrics.iter().enumerate() {
+            let field = format!("spec.analysis.metrics[{i}]");
+            if seen.contains(&metric.name.as_str()) {
+                p.add(
+                    format!("{field}.name"),
+                    format!("{:?} is listed twice", metric.name),
+                    "list each metric once",
+                );
+            }
+            seen.push(metric.name.as_str());
+            metric.validate_into(p, &field, has_prometheus);
+        }
+    }
+
+    /// Interval, rollback threshold, limits.
+    fn validate_schedule(&self, p: &mut Problems) {
         let base = "spec.analysis";
         if self.interval.as_millis() < 1000 {
             p.add(
                 format!("{base}.interval"),
                 format!("{} is shorter than 1s", self.interval),
-                "write e.g. `interval: 30s` (metrics need time to accumulate)",
+                "write a duration of at least 1s, e.g. `interval: 30s` (metrics need time to accumulate)",
             );
         }
         if self.metrics_failure_limit == 0 {
             p.add(
                 format!("{base}.metricsFailureLimit"),
-                "must be at least 1",
+                "must be at least 1 (failed metric reads in a row)",
                 "write how many failed metric reads in a row halt the rollout, e.g. `metricsFailureLimit: 2`",
             );
         }
-        if self.threshold == 0 {
-            p.add(
+        match (self.threshold, self.failure_limit) {
+            (Some(threshold), Some(limit)) => p.add(
+                format!("{base}.failureLimit"),
+                format!("is set together with threshold ({threshold} failed intervals)"),
+                format!(
+                    "keep one: `failureLimit: {limit}` (Argo: failures tolerated) is `threshold: {}` (Flagger: failures that roll back)",
+                    limit.saturating_add(1)
+                ),
+            ),
+            (Some(0), None) => p.add(
                 format!("{base}.threshold"),
-                "must be at least 1",
-                "write the number of failed intervals that triggers a rollback, e.g. `threshold: 5`",
-            );
+                "must be at least 1 (failed intervals that roll back)",
+                "write the number of failed intervals that triggers a rollback, e.g. `threshold: 5` (or Argo's `failureLimit: 0` to roll back at the first failure)",
+            ),
+            _ => {}
         }
+    }
+
+    /// Steps, weights, startingStep.
+    fn validate_steps(&self, p: &mut Problems) {
+        let base = "spec.analysis";
         let styles = [
             self.steps.is_some(),
             self.step_weight.is_some() || self.max_weight.is_some(),
@@ -1238,14 +1596,12 @@ impl AnalysisSpec {
                         "write `{setWeight: 20}`, `{pause: {duration: 1m}}` or `{pause: {}}` as separate steps",
                     );
                 }
-                if let Some(w) = step.set_weight {
-                    if w > 100 {
-                        p.add(
-                            format!("{base}.steps[{i}].setWeight"),
-                            format!("{w} is above 100"),
-                            "write a percentage from 0 to 100",
-                        );
-                    }
+                if let Some(w) = step.set_weight.filter(|w| *w > 100) {
+                    p.add(
+                        format!("{base}.steps[{i}].setWeight"),
+                        format!("{w} % is above 100"),
+                        "write a whole percentage of traffic from 0 to 100, e.g. `setWeight: 20`",
+                    );
                 }
             }
         }
@@ -1253,23 +1609,26 @@ impl AnalysisSpec {
             p.add(
                 format!("{base}.stepWeight"),
                 "is missing while maxWeight is set",
-                "add e.g. `stepWeight: 10`",
+                "add the weight increase per step in percent, e.g. `stepWeight: 10`",
             );
         }
         if let Some(step) = self.step_weight {
             if step == 0 || step > 100 {
                 p.add(
                     format!("{base}.stepWeight"),
-                    format!("{step} is not between 1 and 100"),
-                    "write e.g. `stepWeight: 10`",
+                    format!("{step} % is not between 1 and 100"),
+                    "write the weight increase per step in percent, e.g. `stepWeight: 10`",
                 );
             }
             let max = self.max_weight.unwrap_or(DEFAULT_MAX_WEIGHT);
             if max == 0 || max > 100 || max < step {
                 p.add(
                     format!("{base}.maxWeight"),
-                    format!("{max} is not between stepWeight ({step}) and 100"),
-                    "write e.g. `maxWeight: 50`",
+                    format!("{max} % is not between stepWeight ({step} %) and 100 %"),
+                    format!(
+                        "write the last weight before promotion in percent, at least stepWeight, e.g. `maxWeight: {}`",
+                        step.clamp(DEFAULT_MAX_WEIGHT, 100)
+                    ),
                 );
             }
         }
@@ -1278,17 +1637,15 @@ impl AnalysisSpec {
                 p.add(
                     format!("{base}.stepWeights"),
                     "is empty",
-                    "write e.g. `stepWeights: [5, 20, 50]`",
+                    "write the weights in percent, e.g. `stepWeights: [5, 20, 50]`",
                 );
             }
-            for (i, w) in weights.iter().enumerate() {
-                if *w > 100 {
-                    p.add(
-                        format!("{base}.stepWeights[{i}]"),
-                        format!("{w} is above 100"),
-                        "write a percentage from 0 to 100",
-                    );
-                }
+            for (i, w) in weights.iter().enumerate().filter(|(_, w)| **w > 100) {
+                p.add(
+                    format!("{base}.stepWeights[{i}]"),
+                    format!("{w} % is above 100"),
+                    "write a whole percentage of traffic from 0 to 100",
+                );
             }
         }
         let plan_len = self.plan().len();
@@ -1296,208 +1653,310 @@ impl AnalysisSpec {
             p.add(
                 format!("{base}.startingStep"),
                 format!(
-                    "{} is past the last step (there are {plan_len})",
+                    "{} is past the last step (a 0-based index; there are {plan_len} steps)",
                     self.starting_step
                 ),
                 format!("write a step index from 0 to {}", plan_len - 1),
             );
         }
-        if let Some(compare) = &self.compare_with_stable {
-            let field = format!("{base}.compareWithStable");
-            if !(compare.false_rollback_rate > 0.0 && compare.false_rollback_rate < 0.5) {
-                p.add(
-                    format!("{field}.falseRollbackRate"),
-                    format!("{} is not between 0 and 0.5", compare.false_rollback_rate),
-                    "write a small probability, e.g. `falseRollbackRate: 0.02` (2%)",
-                );
-            }
-            if !(compare.tolerance >= 1.0 && compare.tolerance <= 10.0) {
-                p.add(
-                    format!("{field}.tolerance"),
-                    format!("{} is not between 1 and 10", compare.tolerance),
-                    "write how many times worse than stable is acceptable, e.g. `tolerance: 1.2`",
-                );
-            }
-            if compare.signals.is_empty() {
-                p.add(
-                    format!("{field}.signals"),
-                    "is empty",
-                    "write `signals: [errors, latency]`, or remove compareWithStable",
-                );
-            }
-            if let Some(bounds) = &compare.latency_boundaries_ms {
-                if bounds.is_empty() || bounds.iter().any(|b| !b.is_finite() || *b <= 0.0) {
-                    p.add(
-                        format!("{field}.latencyBoundariesMs"),
-                        "must list positive bucket boundaries",
-                        "write histogram bucket boundaries in ms, e.g. `latencyBoundariesMs: [250, 500]`, or remove it",
-                    );
-                }
-            }
-            if let Some(margin) = compare.promotion_margin {
-                if !(margin > compare.tolerance.max(1.0) && margin.is_finite()) {
-                    p.add(
-                        format!("{field}.promotionMargin"),
-                        format!(
-                            "{margin} must be above the tolerance ({})",
-                            compare.tolerance
-                        ),
-                        "write e.g. `promotionMargin: 2.0`",
-                    );
-                }
-            }
+    }
+
+    /// A spec that would promote whatever the canary does is refused unless it says so.
+    fn validate_checks_present(&self, p: &mut Problems) {
+        if self.has_checks() || self.unchecked {
+            return;
         }
-        if let Some(burn) = &self.slo_burn_rate {
-            let field = format!("{base}.sloBurnRate");
-            if !(burn.objective > 0.0 && burn.objective < 100.0) {
+        p.add(
+            "spec.analysis",
+            "has no checks: nothing would stop a failing canary from being promoted (the guard and webhooks alone do not judge it)",
+            "add `compareWithStable: {}` (canary vs stable), `metrics: [{name: request-success-rate, thresholdRange: {min: 99}}]` or `sloBurnRate: {objective: 99.9}`; or write `unchecked: true` to promote on traffic alone",
+        );
+    }
+
+    fn validate_error_statuses(&self, p: &mut Problems) {
+        use crate::contract::ResponseClass;
+        let field = "spec.analysis.errorStatuses";
+        if !self.error_statuses.contains(&ResponseClass::ServerError) {
+            p.add(
+                field,
+                "does not list 5xx: server errors would count as good requests",
+                "list 5xx and what else is bad, e.g. `errorStatuses: [5xx, 4xx]`",
+            );
+        }
+        for (i, class) in self.error_statuses.iter().enumerate() {
+            if matches!(class, ResponseClass::Informational | ResponseClass::Success) {
                 p.add(
-                    format!("{field}.objective"),
-                    format!("{} is not a percentage between 0 and 100", burn.objective),
-                    "write the success objective in percent, e.g. `objective: 99.9`",
-                );
-            }
-            if !(burn.max_burn_rate > 0.0 && burn.max_burn_rate.is_finite()) {
-                p.add(
-                    format!("{field}.maxBurnRate"),
-                    "must be a positive number",
-                    "write e.g. `maxBurnRate: 14.4`",
-                );
-            }
-            if burn.long_window < self.interval {
-                p.add(
-                    format!("{field}.longWindow"),
-                    format!(
-                        "{} is shorter than the interval ({})",
-                        burn.long_window, self.interval
-                    ),
-                    "make the window span several intervals, e.g. `longWindow: 5m`",
-                );
-            }
-            if burn.short_window() > burn.long_window || burn.short_window().as_millis() == 0 {
-                p.add(
-                    format!("{field}.shortWindow"),
-                    format!(
-                        "{} must be positive and not longer than longWindow",
-                        burn.short_window()
-                    ),
-                    "write e.g. `shortWindow: 30s`, or leave it out (longWindow / 12)",
+                    format!("{field}[{i}]"),
+                    format!("{} cannot be an error status", class.label()),
+                    "list only 3xx, 4xx and 5xx (no response always counts), e.g. `errorStatuses: [5xx, 4xx]`",
                 );
             }
         }
-        if let Some(guard) = &self.guard {
-            guard.validate_into(p, &format!("{base}.guard"));
-        }
-        let mut seen = Vec::new();
-        for (i, metric) in self.metrics.iter().enumerate() {
-            let field = format!("{base}.metrics[{i}]");
-            if seen.contains(&metric.name.as_str()) {
-                p.add(
-                    format!("{field}.name"),
-                    format!("{:?} is listed twice", metric.name),
-                    "list each metric once",
-                );
-            }
-            seen.push(metric.name.as_str());
-            let range = metric.threshold_range;
-            if range.min.is_none() && range.max.is_none() {
-                p.add(
-                    format!("{field}.thresholdRange"),
-                    "has neither min nor max",
-                    "set a bound, e.g. `thresholdRange: {min: 99}`",
-                );
-            }
-            if let (Some(min), Some(max)) = (range.min, range.max) {
-                if min > max {
-                    p.add(
-                        format!("{field}.thresholdRange"),
-                        format!("min {min} is above max {max}"),
-                        "swap them or drop one",
-                    );
-                }
-            }
-            for (bound, value) in [("min", range.min), ("max", range.max)] {
-                if value.is_some_and(|v| !v.is_finite()) {
-                    p.add(
-                        format!("{field}.thresholdRange.{bound}"),
-                        "is not a finite number",
-                        "write a plain number",
-                    );
-                }
-            }
-            match metric.kind() {
-                None if metric.query.is_some() => p.add(
-                    format!("{field}.name"),
-                    format!("{:?} is a built-in metric and cannot have a query", metric.name),
-                    "give the custom metric its own name, e.g. `name: error-budget-burn`, or remove `query`",
+    }
+}
+
+impl CompareSpec {
+    fn validate_into(&self, p: &mut Problems, field: &str) {
+        units::fraction(
+            p,
+            &format!("{field}.falseRollbackRate"),
+            self.false_rollback_rate,
+            units::Fraction {
+                max: 0.5,
+                inclusive: false,
+            },
+            "falseRollbackRate (a probability)",
+            "0.03",
+        );
+        if !(self.tolerance >= 1.0 && self.tolerance <= 10.0) {
+            p.add(
+                format!("{field}.tolerance"),
+                format!(
+                    "{}× is not a multiplier between 1 and 10",
+                    format_number(self.tolerance)
                 ),
-                None => p.add(
-                    format!("{field}.name"),
-                    format!("unknown metric {:?}", metric.name),
+                "write how many times the stable's rate is acceptable, e.g. `tolerance: 1.2` (up to 20% worse)",
+            );
+        }
+        if self.signals.is_empty() {
+            p.add(
+                format!("{field}.signals"),
+                "is empty",
+                "write `signals: [errors, latency]`, or remove compareWithStable",
+            );
+        }
+        if let Some(bounds) = &self.latency_boundaries_ms {
+            if bounds.is_empty() || bounds.iter().any(|b| !b.is_finite() || *b <= 0.0) {
+                p.add(
+                    format!("{field}.latencyBoundariesMs"),
+                    "must list positive bucket boundaries in milliseconds",
+                    "write histogram bucket boundaries in ms, e.g. `latencyBoundariesMs: [250, 500]`, or remove it",
+                );
+            }
+        }
+        if let Some(margin) = self.promotion_margin {
+            if !(margin > self.tolerance.max(1.0) && margin.is_finite()) {
+                p.add(
+                    format!("{field}.promotionMargin"),
                     format!(
-                        "use one of: {}, or add a PromQL `query` for a custom metric",
-                        KNOWN_METRICS.join(", ")
+                        "{}× must be a multiplier above the tolerance ({}×)",
+                        format_number(margin),
+                        format_number(self.tolerance)
                     ),
+                    "write e.g. `promotionMargin: 2.0` (at most twice the stable's error rate)",
+                );
+            }
+        }
+    }
+}
+
+impl BurnRateSpec {
+    fn validate_into(&self, p: &mut Problems, field: &str, interval: HumanDuration) {
+        let objective = format!("{field}.objective");
+        if units::percent(p, &objective, self.objective, "the objective", "99.9")
+            && self.objective >= 100.0
+        {
+            p.add(
+                &objective,
+                format!("{} % leaves no error budget", format_number(self.objective)),
+                "write the success objective in percent, below 100, e.g. `objective: 99.9`",
+            );
+        } else if self.objective == 0.0 {
+            p.add(
+                &objective,
+                "0 % is not an objective",
+                "write the success objective in percent, e.g. `objective: 99.9`",
+            );
+        }
+        if !(self.max_burn_rate > 0.0 && self.max_burn_rate.is_finite()) {
+            p.add(
+                format!("{field}.maxBurnRate"),
+                format!(
+                    "{}× is not a positive multiplier of the budget",
+                    format_number(self.max_burn_rate)
                 ),
-                Some(MetricKind::Custom) => {
-                    let template = metric.query.as_deref().unwrap_or_default();
-                    if template.trim().is_empty() {
-                        p.add(format!("{field}.query"), "is empty", "write a PromQL expression that returns one number");
-                    }
-                    let probe = QueryVariables {
-                        name: "n".into(),
-                        namespace: "ns".into(),
-                        service: "s".into(),
-                        stable: "st".into(),
-                        canary: "c".into(),
-                        interval: "30s".into(),
-                    };
-                    if let Err(e) = render_query(template, &probe) {
-                        p.add(format!("{field}.query"), e.to_string(), "fix the template variable");
-                    }
-                    if !has_prometheus {
-                        p.add(
-                            format!("{field}.query"),
-                            "needs a Prometheus metrics source",
-                            "set `spec.metricsSource.prometheus.address`, or use a built-in metric",
-                        );
-                    }
-                    if metric.quantile.is_some() {
-                        p.add(format!("{field}.quantile"), "only applies to request-duration", "remove `quantile`");
+                "write the burn rate that fails the check (1 = spending the budget exactly), e.g. `maxBurnRate: 14.4`",
+            );
+        }
+        if self.long_window < interval {
+            p.add(
+                format!("{field}.longWindow"),
+                format!(
+                    "{} is shorter than the interval ({})",
+                    self.long_window, interval
+                ),
+                "make the window span several intervals, e.g. `longWindow: 5m`",
+            );
+        }
+        if self.short_window() > self.long_window || self.short_window().as_millis() == 0 {
+            p.add(
+                format!("{field}.shortWindow"),
+                format!(
+                    "{} must be a positive duration not longer than longWindow ({})",
+                    self.short_window(),
+                    self.long_window
+                ),
+                "write e.g. `shortWindow: 30s`, or leave it out (longWindow / 12)",
+            );
+        }
+    }
+}
+
+impl MetricSpec {
+    fn validate_into(&self, p: &mut Problems, field: &str, has_prometheus: bool) {
+        let range = self.threshold_range;
+        let kind = self.kind();
+        let unit = kind.map_or("", MetricKind::unit);
+        validate_range_shape(p, &format!("{field}.thresholdRange"), &range, unit);
+        match kind {
+            None if self.query.is_some() => p.add(
+                format!("{field}.name"),
+                format!("{:?} is a built-in metric and cannot have a query", self.name),
+                "give the custom metric its own name, e.g. `name: error-budget-burn`, or remove `query`",
+            ),
+            None => p.add(
+                format!("{field}.name"),
+                format!("unknown metric {:?}", self.name),
+                format!(
+                    "use one of: {}, or add a PromQL `query` for a custom metric",
+                    KNOWN_METRICS.join(", ")
+                ),
+            ),
+            Some(MetricKind::Custom) => self.validate_custom(p, field, has_prometheus),
+            Some(MetricKind::SuccessRate) => {
+                self.refuse_quantile(p, field);
+                for (bound, value) in range.bounds() {
+                    if let Some(v) = value.filter(|v| v.is_finite()) {
+                        let what = "request-success-rate (the share of requests that are not errors)";
+                        units::percent(p, &format!("{field}.thresholdRange.{bound}"), v, what, "99");
                     }
                 }
-                Some(MetricKind::SuccessRate) => {
-                    if metric.quantile.is_some() {
-                        p.add(
-                            format!("{field}.quantile"),
-                            "only applies to request-duration",
-                            "remove `quantile`",
-                        );
-                    }
-                    if range.min.is_some_and(|m| !(0.0..=100.0).contains(&m)) {
-                        p.add(
-                            format!("{field}.thresholdRange.min"),
-                            "is a percentage and must be between 0 and 100",
-                            "write e.g. `thresholdRange: {min: 99}`",
-                        );
-                    }
+            }
+            Some(MetricKind::Duration { quantile }) => {
+                let fraction = units::Fraction {
+                    max: 1.0,
+                    inclusive: false,
+                };
+                units::fraction(
+                    p,
+                    &format!("{field}.quantile"),
+                    quantile,
+                    fraction,
+                    "quantile",
+                    "0.99",
+                );
+                if range.max.is_none() && range.below.is_none() {
+                    p.add(
+                        format!("{field}.thresholdRange.max"),
+                        "is missing: a latency limit needs a maximum in milliseconds",
+                        "write e.g. `thresholdRange: {max: 500}` (500 ms)",
+                    );
                 }
-                Some(MetricKind::Duration { quantile }) => {
-                    if !(quantile > 0.0 && quantile < 1.0) {
+                for (bound, value) in range.bounds() {
+                    if let Some(v) = value.filter(|v| v.is_finite() && *v < 1.0) {
                         p.add(
-                            format!("{field}.quantile"),
-                            format!("{quantile} is not between 0 and 1"),
-                            "write e.g. `quantile: 0.99`",
-                        );
-                    }
-                    if range.max.is_none() {
-                        p.add(
-                            format!("{field}.thresholdRange.max"),
-                            "is missing: a latency limit needs a maximum in milliseconds",
-                            "write e.g. `thresholdRange: {max: 500}`",
+                            format!("{field}.thresholdRange.{bound}"),
+                            format!(
+                                "{} ms is below the 1 ms resolution of Envoy's latency histograms; request-duration is in milliseconds",
+                                format_number(v)
+                            ),
+                            format!(
+                                "did you mean {} (ms)? write `{bound}: {}`",
+                                format_number(v * 1000.0),
+                                format_number(v * 1000.0)
+                            ),
                         );
                     }
                 }
             }
+        }
+    }
+
+    fn refuse_quantile(&self, p: &mut Problems, field: &str) {
+        if self.quantile.is_some() {
+            p.add(
+                format!("{field}.quantile"),
+                "only applies to request-duration",
+                "remove `quantile`",
+            );
+        }
+    }
+
+    fn validate_custom(&self, p: &mut Problems, field: &str, has_prometheus: bool) {
+        let template = self.query.as_deref().unwrap_or_default();
+        if template.trim().is_empty() {
+            p.add(
+                format!("{field}.query"),
+                "is empty",
+                "write a PromQL expression that returns one number",
+            );
+        }
+        let probe = QueryVariables {
+            name: "n".into(),
+            namespace: "ns".into(),
+            service: "s".into(),
+            stable: "st".into(),
+            canary: "c".into(),
+            interval: "30s".into(),
+        };
+        if let Err(e) = render_query(template, &probe) {
+            p.add(
+                format!("{field}.query"),
+                e.to_string(),
+                "fix the template variable",
+            );
+        }
+        if !has_prometheus {
+            p.add(
+                format!("{field}.query"),
+                "needs a Prometheus metrics source",
+                "set `spec.metricsSource.prometheus.address`, or use a built-in metric",
+            );
+        }
+        self.refuse_quantile(p, field);
+    }
+}
+
+/// Bounds that can hold at all: at least one, finite, not contradicting each other.
+fn validate_range_shape(p: &mut Problems, field: &str, range: &ThresholdRange, unit: &str) {
+    if !range.is_bounded() {
+        p.add(
+            field,
+            "has no bound",
+            "set one, e.g. `thresholdRange: {min: 99}` (inclusive) or `{above: 99}` (strict)",
+        );
+    }
+    for (bound, value) in range.bounds() {
+        if value.is_some_and(|v| !v.is_finite()) {
+            p.add(
+                format!("{field}.{bound}"),
+                "is not a finite number",
+                "write a plain number",
+            );
+        }
+    }
+    for (low, high, a, b) in [
+        ("min", "above", range.min, range.above),
+        ("max", "below", range.max, range.below),
+    ] {
+        if a.is_some() && b.is_some() {
+            p.add(
+                format!("{field}.{high}"),
+                format!("is set together with {low}"),
+                format!("keep one: `{low}` is inclusive, `{high}` is strict"),
+            );
+        }
+    }
+    let lower = range.min.or(range.above);
+    let upper = range.max.or(range.below);
+    if let (Some(lo), Some(hi)) = (lower, upper) {
+        let empty = lo > hi || (lo == hi && (range.above.is_some() || range.below.is_some()));
+        if empty {
+            p.add(
+                field,
+                format!("no value passes: {}", range.with_unit(unit)),
+                "swap the bounds or drop one",
+            );
         }
     }
 }
@@ -1629,7 +2088,7 @@ spec:
             .replace("    minCanaryRequests: 10\n", "");
         let c: Canary = serde_yaml::from_str(&yaml).unwrap();
         assert_eq!(c.spec.analysis.interval, HumanDuration::from_secs(30));
-        assert_eq!(c.spec.analysis.threshold, 5);
+        assert_eq!(c.spec.analysis.rollback_threshold(), 5);
         assert_eq!(c.spec.analysis.min_canary_requests, 20);
     }
 
@@ -1742,7 +2201,10 @@ spec:
                 |c| c.spec.analysis.interval = HumanDuration::from_millis(10),
                 "spec.analysis.interval",
             ),
-            (|c| c.spec.analysis.threshold = 0, "spec.analysis.threshold"),
+            (
+                |c| c.spec.analysis.threshold = Some(0),
+                "spec.analysis.threshold",
+            ),
             (
                 |c| c.spec.analysis.steps = Some(vec![]),
                 "spec.analysis.steps",
@@ -1800,6 +2262,7 @@ spec:
                     c.spec.analysis.metrics[1].threshold_range = ThresholdRange {
                         min: Some(1.0),
                         max: None,
+                        ..ThresholdRange::default()
                     }
                 },
                 "spec.analysis.metrics[1].thresholdRange.max",
@@ -1875,14 +2338,14 @@ spec:
     #[test]
     fn all_problems_are_reported_at_once_and_readably() {
         let mut c = example();
-        c.spec.analysis.threshold = 0;
+        c.spec.analysis.threshold = Some(0);
         c.spec.analysis.metrics[0].name = "latency".into();
         let err = c.validate().unwrap_err();
         assert_eq!(err.0.len(), 2);
         let text = err.to_string();
         assert!(text.starts_with("2 problems in the Canary spec:"), "{text}");
         assert!(
-            text.contains("spec.analysis.threshold: must be at least 1; write"),
+            text.contains("spec.analysis.threshold: must be at least 1 (failed intervals that roll back); write"),
             "{text}"
         );
         assert!(
@@ -1922,6 +2385,7 @@ spec:
             threshold_range: ThresholdRange {
                 min: None,
                 max: Some(1.0),
+                ..ThresholdRange::default()
             },
             quantile: None,
             query: Some("sum(x{v=\"{{ canary }}\"})".into()),
@@ -2064,11 +2528,13 @@ spec:
         let r = ThresholdRange {
             min: Some(99.0),
             max: None,
+            ..ThresholdRange::default()
         };
         assert!(r.contains(99.0) && r.contains(100.0) && !r.contains(98.9));
         let r = ThresholdRange {
             min: None,
             max: Some(500.0),
+            ..ThresholdRange::default()
         };
         assert!(r.contains(500.0) && !r.contains(500.1));
     }

@@ -84,10 +84,11 @@ pub struct WebhookSpec {
     pub kind: WebhookType,
     /// The URL POSTed to (http or https).
     pub url: String,
-    /// Per-attempt timeout. Default 10s.
+    /// Per-attempt timeout (a duration, above 0 and at most 300s). Default 10s.
     #[serde(default = "default_timeout")]
     pub timeout: HumanDuration,
-    /// Further attempts after a timeout, connection error or 5xx (a 4xx answer is final).
+    /// Further attempts (a count, at most 10) after a timeout, connection error or 5xx (a 4xx
+    /// answer is final).
     /// Default 2.
     #[serde(default = "default_retries")]
     pub retries: u32,
@@ -170,7 +171,7 @@ pub fn validate(webhooks: &[WebhookSpec]) -> Vec<SpecError> {
         if hook.retries > MAX_RETRIES {
             add(
                 format!("{base}.retries"),
-                format!("{} is above {MAX_RETRIES}", hook.retries),
+                format!("{} retries is above {MAX_RETRIES}", hook.retries),
                 "write how many times a failed call is tried again, e.g. `retries: 2`",
             );
         }

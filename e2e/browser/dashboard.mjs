@@ -59,7 +59,8 @@ try {
     const points = (id) => Number(document.getElementById(id).dataset.points);
     return {
       phase: document.querySelector('[data-testid="canary-detail"]').dataset.phase,
-      message: document.querySelector('[data-testid="message"]').innerText,
+      message: document.querySelector('[data-testid="message"]')?.innerText ?? "",
+      warnings: [...document.querySelectorAll('[data-testid="warnings"] li')].map((li) => ({ code: li.dataset.code, text: li.innerText })),
       charts: { weight: points("chart-weight"), rps: points("chart-rps"), success: points("chart-success"), latency: points("chart-latency") },
       svgPaths: document.querySelectorAll(".chart svg path").length,
       decisionLog: [...document.querySelectorAll('[data-testid="decision-log"] tbody tr')].map((r) => r.innerText),

@@ -207,7 +207,7 @@ fn the_cli_steers_a_real_rollout_through_a_webhook_gate() -> Result<()> {
             "  weight    [██░░░░░░░░]  20%   step 2/3   failed checks 0/3\n",
             "paused at 20% until promoted",
             "✔ request-success-rate",
-            "(>= 99)",
+            "(>= 99%)",
             "✔ load-test (rollout) answered 200 OK",
             "· approve (confirm-promotion) not called yet",
         ] {
@@ -356,7 +356,8 @@ fn validate_reports_field_and_fix_as_json_with_exit_code_2() -> Result<()> {
         "http://127.0.0.1:9901",
         &dir.path().join("routes.json"),
     );
-    manifest.analysis_yaml = "threshold: 0\nsteps: [{setWeight: 50}]\n".into();
+    manifest.analysis_yaml =
+        "threshold: 0\nsteps: [{setWeight: 50}]\ncompareWithStable: {}\n".into();
     std::fs::write(
         &path,
         manifest.to_yaml()

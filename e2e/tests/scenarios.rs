@@ -302,7 +302,9 @@ fn canary_with_twice_the_stable_error_rate_is_rolled_back_by_the_sequential_test
     eprintln!("rollback reason: {}", view.message);
     ensure!(view.canary_weight == Some(0), "{view:?}");
     ensure!(
-        view.message.contains("error rate") && view.message.contains("× stable, p"),
+        view.message.contains("error rate")
+            && view.message.contains("× stable (tolerance 1×): evidence")
+            && view.message.contains("needed to roll back"),
         "the sequential test must be the reason: {}",
         view.message
     );

@@ -210,7 +210,7 @@ fn traffic(stable: u64, stable_errors: u64, canary: u64, canary_errors: u64) -> 
     Observation {
         stable: subset(stable, stable_errors),
         canary: subset(canary, canary_errors),
-        custom: Default::default(),
+        ..Default::default()
     }
 }
 

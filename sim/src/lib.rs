@@ -200,7 +200,7 @@ impl World {
         Observation {
             stable,
             canary,
-            custom: Default::default(),
+            ..Default::default()
         }
     }
 }

@@ -302,6 +302,16 @@ pub fn run(spec_yaml: &str, scenario: &Scenario) -> Result<SimulationReport, Sim
             ..point
         });
     }
+    // What the spec and the analysis did not check, as `fledge validate` and the status say it.
+    for warning in fledge_core::warning::spec_warnings(&canary)
+        .iter()
+        .chain(&status.warnings)
+    {
+        let text = format!("{warning}");
+        if !warnings.contains(&text) {
+            warnings.push(text);
+        }
+    }
     let steps = spec.analysis.plan().len();
     let decisions = status
         .history

@@ -52,7 +52,10 @@ pub fn view_of(canary: &Canary) -> Value {
         );
         map.insert("service".into(), json!(canary.spec.service));
         map.insert("steps".into(), json!(canary.spec.analysis.plan().len()));
-        map.insert("threshold".into(), json!(canary.spec.analysis.threshold));
+        map.insert(
+            "threshold".into(),
+            json!(canary.spec.analysis.rollback_threshold()),
+        );
         // Why the controller cannot go on (invalid spec, router, metrics source, route taken
         // by another Canary), as `fledge run` reports a router problem.
         let blocked = canary

@@ -18,6 +18,8 @@
 pub mod kube;
 pub mod render;
 
+use crate::config::spec_warnings;
+use fledge_core::warning::Warning;
 use render::{CanaryDoc, Style};
 use serde_json::{json, Value};
 use std::io::{IsTerminal, Write};
@@ -360,42 +362,76 @@ impl Style {
     }
 }
 
-/// The `--output json` document of `fledge validate`: one entry per file.
+/// A warning of `fledge validate` as JSON: where it is, and the warning itself.
+fn warning_json(doc: usize, canary: &str, warning: &Warning) -> Value {
+    json!({
+        "document": doc,
+        "canary": canary,
+        "code": warning.code,
+        "field": warning.field,
+        "message": warning.message,
+        "fix": warning.fix,
+    })
+}
+
+/// The `--output json` document of `fledge validate`: one entry per file, each with its
+/// canaries, `errors` (exit code 2) and `warnings` (exit code 0), every one with field and fix.
 pub fn validation_json(files: &[std::path::PathBuf]) -> (Value, u8) {
     let mut entries = Vec::new();
     let mut code = EXIT_OK;
     for file in files {
         let path = file.display().to_string();
         match crate::config::load_files(std::slice::from_ref(file)) {
-            Ok(canaries) => entries.push(json!({
-                "file": path,
-                "valid": true,
-                "canaries": canaries
+            Ok(canaries) => {
+                let warnings: Vec<Value> = canaries
                     .iter()
-                    .map(|c| json!({"name": c.name(), "steps": c.spec.analysis.plan().len()}))
-                    .collect::<Vec<_>>(),
-                "errors": [],
-            })),
+                    .enumerate()
+                    .flat_map(|(i, c)| {
+                        spec_warnings(c)
+                            .iter()
+                            .map(|w| warning_json(i + 1, c.name(), w))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                entries.push(json!({
+                    "file": path,
+                    "valid": true,
+                    "canaries": canaries
+                        .iter()
+                        .map(|c| json!({"name": c.name(), "steps": c.spec.analysis.plan().len()}))
+                        .collect::<Vec<_>>(),
+                    "errors": [],
+                    "warnings": warnings,
+                }))
+            }
             Err(errors) => {
                 code = EXIT_USAGE;
+                let mut warnings = Vec::new();
                 let errors: Vec<Value> = errors
                     .iter()
                     .flat_map(|error| match error {
                         crate::config::ConfigError::Invalid {
-                            doc, name, errors, ..
-                        } => errors
-                            .0
-                            .iter()
-                            .map(|e| {
-                                json!({
-                                    "document": doc,
-                                    "canary": name,
-                                    "field": e.field,
-                                    "problem": e.problem,
-                                    "fix": e.fix,
+                            doc,
+                            name,
+                            errors,
+                            warnings: found,
+                            ..
+                        } => {
+                            warnings.extend(found.iter().map(|w| warning_json(*doc, name, w)));
+                            errors
+                                .0
+                                .iter()
+                                .map(|e| {
+                                    json!({
+                                        "document": doc,
+                                        "canary": name,
+                                        "field": e.field,
+                                        "problem": e.problem,
+                                        "fix": e.fix,
+                                    })
                                 })
-                            })
-                            .collect::<Vec<_>>(),
+                                .collect::<Vec<_>>()
+                        }
                         other => vec![json!({ "problem": other.to_string() })],
                     })
                     .collect();
@@ -404,11 +440,57 @@ pub fn validation_json(files: &[std::path::PathBuf]) -> (Value, u8) {
                     "valid": false,
                     "canaries": [],
                     "errors": errors,
+                    "warnings": warnings,
                 }));
             }
         }
     }
     (Value::Array(entries), code)
+}
+
+/// `fledge validate` as text: (stdout, stderr, exit code). Each valid canary gets a line and
+/// its warnings below it on stdout (exit code 0); errors go to stderr (exit code 2).
+pub fn validation_text(files: &[std::path::PathBuf]) -> (String, String, u8) {
+    let warning_lines = |warnings: &[Warning]| -> String {
+        warnings
+            .iter()
+            .map(|w| format!("  warning: {w}\n"))
+            .collect()
+    };
+    match crate::config::load_files(files) {
+        Ok(canaries) => {
+            let mut out = String::new();
+            for c in &canaries {
+                let warnings = spec_warnings(c);
+                let noted = match warnings.len() {
+                    0 => String::new(),
+                    1 => ", 1 warning".to_string(),
+                    n => format!(", {n} warnings"),
+                };
+                out.push_str(&format!(
+                    "{}: valid ({} steps){noted}\n",
+                    c.name(),
+                    c.spec.analysis.plan().len()
+                ));
+                out.push_str(&warning_lines(&warnings));
+            }
+            (out, String::new(), EXIT_OK)
+        }
+        Err(errors) => {
+            let mut out = String::new();
+            let mut err = String::from("fledge: invalid canary spec:\n");
+            for error in &errors {
+                err.push_str(&format!("{error}\n"));
+                if let crate::config::ConfigError::Invalid { name, warnings, .. } = error {
+                    if !warnings.is_empty() {
+                        out.push_str(&format!("{name}: invalid (see the errors)\n"));
+                        out.push_str(&warning_lines(warnings));
+                    }
+                }
+            }
+            (out, err, EXIT_USAGE)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -465,7 +547,7 @@ mod tests {
         let bad = dir.path().join("bad.yaml");
         std::fs::write(
             &bad,
-            "apiVersion: fledge.dev/v1alpha1\nkind: Canary\nmetadata: {name: app}\nspec:\n  service: app\n  stable: {subset: stable}\n  canary: {subset: canary}\n  metricsSource: {envoyAdmin: {urls: [\"http://127.0.0.1:9901\"]}}\n  router: {envoyRds: {path: /tmp/r, routeConfiguration: r, virtualHost: v, route: r, stableCluster: s, canaryCluster: c, adminUrl: \"http://127.0.0.1:9901\"}}\n  analysis: {threshold: 0, steps: [{setWeight: 50}]}\n  webhooks: [{name: gate, type: confirm-promotion, url: ftp://x}]\n",
+            "apiVersion: fledge.dev/v1alpha1\nkind: Canary\nmetadata: {name: app}\nspec:\n  service: app\n  stable: {subset: stable}\n  canary: {subset: canary}\n  metricsSource: {envoyAdmin: {urls: [\"http://127.0.0.1:9901\"]}}\n  router: {envoyRds: {path: /tmp/r, routeConfiguration: r, virtualHost: v, route: r, stableCluster: s, canaryCluster: c, adminUrl: \"http://127.0.0.1:9901\"}}\n  analysis: {threshold: 0, steps: [{setWeight: 50}, {pause: {}}], compareWithStable: {}}\n  webhooks: [{name: gate, type: confirm-promotion, url: ftp://x}]\n",
         )
         .unwrap();
         let (value, code) = validation_json(&[bad]);
@@ -484,5 +566,50 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("threshold: 5"));
+        let warnings = value[0]["warnings"].as_array().unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0]["field"], "spec.analysis.steps[1].pause");
+        assert_eq!(warnings[0]["code"], "indefinitePause");
+        assert!(warnings[0]["fix"]
+            .as_str()
+            .unwrap()
+            .contains("pause: {duration: 5m}"));
+    }
+
+    #[test]
+    fn validate_prints_warnings_with_exit_0_and_errors_with_exit_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = |analysis: &str| {
+            format!(
+                "apiVersion: fledge.dev/v1alpha1\nkind: Canary\nmetadata: {{name: app}}\nspec:\n  service: app\n  stable: {{subset: stable}}\n  canary: {{subset: canary}}\n  metricsSource: {{envoyAdmin: {{urls: [\"http://127.0.0.1:9901\"]}}}}\n  router: {{envoyRds: {{path: /tmp/r, routeConfiguration: r, virtualHost: v, route: r, stableCluster: s, canaryCluster: c, adminUrl: \"http://127.0.0.1:9901\"}}}}\n  analysis: {analysis}\n"
+            )
+        };
+        let unchecked = dir.path().join("unchecked.yaml");
+        std::fs::write(&unchecked, spec("{unchecked: true, stepWeights: [50]}")).unwrap();
+        let (out, err, code) = validation_text(std::slice::from_ref(&unchecked));
+        assert_eq!(code, EXIT_OK, "{err}");
+        assert_eq!(err, "");
+        assert_eq!(
+            out,
+            "app: valid (1 steps), 1 warning\n  warning: spec.analysis.unchecked: no checks: the canary is promoted on traffic alone, whatever its errors or latency; add `compareWithStable: {}`, `metrics` or `sloBurnRate`, then remove `unchecked: true`\n"
+        );
+        let (json, code) = validation_json(std::slice::from_ref(&unchecked));
+        assert_eq!(code, EXIT_OK);
+        assert_eq!(json[0]["valid"], true);
+        assert_eq!(json[0]["warnings"][0]["code"], "unchecked");
+
+        let none = dir.path().join("none.yaml");
+        std::fs::write(&none, spec("{stepWeights: [50]}")).unwrap();
+        let (out, err, code) = validation_text(std::slice::from_ref(&none));
+        assert_eq!(code, EXIT_USAGE);
+        assert_eq!(out, "");
+        assert!(
+            err.contains("spec.analysis: has no checks: nothing would stop a failing canary from being promoted"),
+            "{err}"
+        );
+        assert!(
+            err.contains("or write `unchecked: true` to promote on traffic alone"),
+            "{err}"
+        );
     }
 }

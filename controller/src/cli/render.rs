@@ -1,6 +1,6 @@
 //! Text rendering of canary status for `fledge status` (pure functions, unit-tested).
 
-use fledge_core::analysis::Verdict;
+use fledge_core::analysis::{MetricCheck, Verdict};
 use fledge_core::rollout::{CanaryStatus, Phase};
 use serde::Deserialize;
 
@@ -175,18 +175,61 @@ pub fn render_list(canaries: &[CanaryDoc], style: Style) -> String {
     for c in canaries {
         let phase_plain = format!("{:?}", c.status.phase);
         let pad = 12usize.saturating_sub(phase_plain.chars().count());
+        let warnings = match c.status.warnings.len() {
+            0 => String::new(),
+            1 => format!("  {}", style.yellow("! 1 warning")),
+            n => format!("  {}", style.yellow(&format!("! {n} warnings"))),
+        };
         out.push_str(&format!(
-            "{:<name_width$}  {}{}  {}  {:<5}  {:<6}  {}\n",
+            "{:<name_width$}  {}{}  {}  {:<5}  {:<6}  {}{warnings}\n",
             c.name,
             phase_text(style, c.status.phase, false),
             " ".repeat(pad),
             weight_bar(c.status.canary_weight),
             step_label(c.status.step, c.steps),
             format!("{}/{}", c.status.failed_checks, c.threshold),
-            truncate(&c.status.message, 100),
+            truncate(&list_message(c), 100),
         ));
     }
     out
+}
+
+/// The message of the list view: the latest reason, else why the canary is blocked, else `-`
+/// (a column is never blank).
+fn list_message(c: &CanaryDoc) -> String {
+    if !c.status.message.is_empty() {
+        c.status.message.clone()
+    } else if let Some(error) = &c.router_error {
+        format!("blocked: {error}")
+    } else {
+        "-".to_string()
+    }
+}
+
+/// One check of the last analysis: its verdict mark, and what the verdict rests on.
+fn check_line(check: &MetricCheck, width: usize, style: Style) -> String {
+    let mark = verdict_mark(style, check.verdict);
+    if let Some(comparison) = &check.comparison {
+        return format!(
+            "    {mark} {:<width$}  {}\n",
+            check.name,
+            comparison.basis()
+        );
+    }
+    let with_unit = |v: Option<f64>| match v {
+        Some(_) => format!("{}{}", number(v), check.unit),
+        None => "n/a".to_string(),
+    };
+    let stable = match check.stable_value {
+        Some(_) => format!("  stable {}", with_unit(check.stable_value)),
+        None => String::new(),
+    };
+    format!(
+        "    {mark} {:<width$}  {:>9}  ({}){stable}\n",
+        check.name,
+        with_unit(check.value),
+        check.threshold.with_unit(&check.unit),
+    )
 }
 
 /// The detailed view of one canary.
@@ -210,12 +253,20 @@ pub fn render_canary(c: &CanaryDoc, style: Style) -> String {
         s.failed_checks,
         c.threshold
     ));
-    out.push_str(&format!("  reason    {}\n", s.message));
+    if !s.message.is_empty() {
+        out.push_str(&format!("  reason    {}\n", s.message));
+    }
     if let Some(error) = &c.router_error {
         out.push_str(&format!("  blocked   {} {error}\n", style.red("✘")));
     }
     if let Some(conflict) = &c.conflict {
         out.push_str(&format!("  conflict  {} {conflict}\n", style.yellow("!")));
+    }
+    if !s.warnings.is_empty() {
+        out.push_str("  warnings\n");
+        for warning in &s.warnings {
+            out.push_str(&format!("    {} {warning}\n", style.yellow("!")));
+        }
     }
     match &s.last_analysis {
         None => out.push_str("  analysis  none yet\n"),
@@ -240,14 +291,7 @@ pub fn render_canary(c: &CanaryDoc, style: Style) -> String {
                 .max()
                 .unwrap_or(0);
             for check in &report.report.checks {
-                out.push_str(&format!(
-                    "    {} {:<width$}  {:>9}  ({})  stable {}\n",
-                    verdict_mark(style, check.verdict),
-                    check.name,
-                    number(check.value),
-                    check.threshold,
-                    number(check.stable_value),
-                ));
+                out.push_str(&check_line(check, width, style));
                 if check.verdict != Verdict::Pass && !check.reason.is_empty() {
                     out.push_str(&format!("      {}\n", style.dim(&check.reason)));
                 }
@@ -263,7 +307,7 @@ pub fn render_canary(c: &CanaryDoc, style: Style) -> String {
             let line = match &hook.last_call {
                 None => format!("    · {} ({}) not called yet", hook.name, hook.kind),
                 Some(call) => format!(
-                    "    {} {} ({}) {} in {} ms at {}{}",
+                    "    {} {} ({}) {}in {} ms at {}{}",
                     if call.ok {
                         style.green("✔")
                     } else {
@@ -271,7 +315,11 @@ pub fn render_canary(c: &CanaryDoc, style: Style) -> String {
                     },
                     hook.name,
                     hook.kind,
-                    call.detail,
+                    if call.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{} ", call.detail)
+                    },
                     call.duration_ms,
                     call.at.format("%H:%M:%S"),
                     if hook.failures_in_a_row > 1 {
@@ -342,10 +390,34 @@ mod tests {
                                 threshold: ThresholdRange {
                                     min: Some(99.0),
                                     max: None,
+                                    ..ThresholdRange::default()
                                 },
                                 verdict: Verdict::Fail,
                                 decisive: false,
                                 reason: "success rate 96.721% below 99".into(),
+                                unit: "%".into(),
+                                comparison: None,
+                            },
+                            MetricCheck {
+                                name: "errors-vs-stable".into(),
+                                value: Some(1.41),
+                                stable_value: None,
+                                threshold: ThresholdRange::default(),
+                                verdict: Verdict::Pass,
+                                decisive: true,
+                                reason: String::new(),
+                                unit: "×".into(),
+                                comparison: Some(fledge_core::analysis::Comparison {
+                                    ratio: Some(1.41),
+                                    tolerance: 1.0,
+                                    evidence: 1.94,
+                                    evidence_needed: 33.33,
+                                    p_value: 0.53,
+                                    canary_events: 3,
+                                    canary_requests: 61,
+                                    stable_events: 7,
+                                    stable_requests: 243,
+                                }),
                             },
                             MetricCheck {
                                 name: "request-duration".into(),
@@ -354,16 +426,26 @@ mod tests {
                                 threshold: ThresholdRange {
                                     min: None,
                                     max: Some(500.0),
+                                    ..ThresholdRange::default()
                                 },
                                 verdict: Verdict::Pass,
                                 decisive: false,
                                 reason: String::new(),
+                                unit: " ms".into(),
+                                comparison: None,
                             },
                         ],
                         reason: String::new(),
                         hold: None,
+                        warnings: Vec::new(),
                     },
                 }),
+                warnings: vec![fledge_core::warning::Warning::new(
+                    fledge_core::warning::code::LATENCY_NOT_COMPARED,
+                    "spec.analysis.compareWithStable.latencyBoundariesMs",
+                    "latency not compared: 12 stable requests per interval, 50 needed",
+                    "set latencyBoundariesMs or a longer interval",
+                )],
                 history: vec![Transition {
                     at: at(0),
                     phase: Phase::Progressing,
@@ -412,10 +494,13 @@ mod tests {
 app  Progressing
   weight    [████░░░░░░]  40%   step 2/5   failed checks 1/2
   reason    advance canary weight to 40% (step 2/5)
+  warnings
+    ! spec.analysis.compareWithStable.latencyBoundariesMs: latency not compared: 12 stable requests per interval, 50 needed; set latencyBoundariesMs or a longer interval
   analysis  10:02:14 Fail — 61 canary / 243 stable requests
-    ✘ request-success-rate     96.721  (>= 99)  stable 100
+    ✘ request-success-rate    96.721%  (>= 99%)  stable 100%
       success rate 96.721% below 99
-    ✔ request-duration            4.9  (<= 500)  stable n/a
+    ✔ errors-vs-stable      canary ≈1.41× stable (tolerance 1×), evidence 1.94 of 33.3 needed to roll back, p=0.53
+    ✔ request-duration         4.9 ms  (<= 500 ms)
   webhooks
     ✘ load-test (rollout) timed out after 1s (2 attempts) in 2003 ms at 10:02:13, 2 failures in a row
   history
@@ -432,6 +517,7 @@ app  Progressing
         promoted.status.canary_weight = 100;
         promoted.status.step = 5;
         promoted.status.message = "promotion completed".into();
+        promoted.status.warnings.clear();
         let text = render_list(&[doc(), promoted.clone()], Style::PLAIN);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
@@ -440,7 +526,7 @@ app  Progressing
         );
         assert_eq!(
             lines[1],
-            "app       Progressing   [████░░░░░░]  40%  2/5    1/2     advance canary weight to 40% (step 2/5)"
+            "app       Progressing   [████░░░░░░]  40%  2/5    1/2     advance canary weight to 40% (step 2/5)  ! 1 warning"
         );
         assert_eq!(
             lines[2],
@@ -450,6 +536,45 @@ app  Progressing
         let coloured = render_list(&[promoted], Style { color: true });
         assert!(coloured.contains("\x1b[32mPromoted\x1b[0m"), "{coloured:?}");
         assert_eq!(render_list(&[], Style::PLAIN), "no canaries\n");
+    }
+
+    #[test]
+    fn no_field_is_shown_empty() {
+        let mut blocked = doc();
+        blocked.status = CanaryStatus::default();
+        blocked.router_error = Some(
+            r#"route "primary" not found in virtual host "app" of route configuration "fledge_route" in /tmp/r.json (its 1 route has no "name")"#.into(),
+        );
+        blocked.webhooks[0]
+            .last_call
+            .as_mut()
+            .unwrap()
+            .detail
+            .clear();
+        let text = render_canary(&blocked, Style::PLAIN);
+        assert!(!text.contains("  reason "), "{text}");
+        for line in text.lines() {
+            assert!(
+                !line
+                    .trim_end()
+                    .ends_with(|c: char| c == ':' || c.is_whitespace())
+                    && !line.contains("  )")
+                    && !line.contains("()")
+                    && !line.contains(")  in"),
+                "a blank field in {line:?}"
+            );
+        }
+        assert!(
+            text.contains("    ✘ load-test (rollout) in 2003 ms at 10:02:13"),
+            "{text}"
+        );
+        let list = render_list(&[blocked], Style::PLAIN);
+        assert!(
+            list.lines().nth(1).unwrap().ends_with(
+                r#"0/2     blocked: route "primary" not found in virtual host "app" of route configuration "fledge_route" in /…"#
+            ),
+            "{list}"
+        );
     }
 
     #[test]

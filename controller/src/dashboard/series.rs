@@ -151,7 +151,7 @@ mod tests {
         let observation = Observation {
             stable: traffic(300, 0),
             canary: traffic(95, 5),
-            custom: Default::default(),
+            ..Default::default()
         };
         series.record(
             at(10),

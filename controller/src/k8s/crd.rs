@@ -521,6 +521,7 @@ spec:
   analysis:
     interval: 30s
     stepWeights: [10, 50]
+    compareWithStable: {}
 "#;
         let canary: Canary = serde_yaml::from_str(yaml).unwrap();
         assert_eq!(canary.spec.service, "app");

@@ -263,7 +263,7 @@ impl Context {
             name: key.to_string(),
             service: canary.spec.service.clone(),
             steps: canary.spec.analysis.plan().len(),
-            threshold: canary.spec.analysis.threshold,
+            threshold: canary.spec.analysis.rollback_threshold(),
             status: status.clone(),
             router_error: problem,
             conflict: None,

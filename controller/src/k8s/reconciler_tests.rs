@@ -750,7 +750,7 @@ async fn an_invalid_spec_is_reported_with_the_field_and_the_fix_and_nothing_move
     assert!(
         ready
             .message
-            .contains("spec.analysis.stepWeights[0]: 120 is above 100; write a percentage"),
+            .contains("spec.analysis.stepWeights[0]: 120 % is above 100; write a whole percentage"),
         "{}",
         ready.message
     );

@@ -292,16 +292,18 @@ impl MetricsSource for EnvoyAdminSource {
 
         let mut stable = MergedSubset::new(&self.selector.stable_subset);
         let mut canary = MergedSubset::new(&self.selector.canary_subset);
+        let mut reset = Vec::new();
         for (endpoint, reading) in self.endpoints.iter().zip(&readings) {
             let Some(previous) = endpoint.previous.as_ref() else {
                 continue;
             };
             let (stable_delta, canary_delta) = interval_since(previous, reading);
-            if restarted(previous, reading) {
+            if counters_reset(previous, reading) {
                 tracing::info!(
                     endpoint = %endpoint.base_url,
                     "Envoy restarted since the previous scrape; counting from its restart"
                 );
+                reset.push(endpoint.base_url.clone());
             }
             stable
                 .add(&endpoint.base_url, &stable_delta)
@@ -316,9 +318,22 @@ impl MetricsSource for EnvoyAdminSource {
         Ok(Observation {
             stable: stable.traffic,
             canary: canary.traffic,
-            custom: Default::default(),
+            counter_reset: (!reset.is_empty()).then(|| {
+                format!(
+                    "Envoy {} restarted (its counters went back to zero)",
+                    reset.join(", ")
+                )
+            }),
+            ..Default::default()
         })
     }
+}
+
+/// The endpoint restarted (its uptime went down) or one of the canary's counters did.
+fn counters_reset(previous: &EndpointReading, current: &EndpointReading) -> bool {
+    restarted(previous, current)
+        || current.stable.is_reset_since(&previous.stable)
+        || current.canary.is_reset_since(&previous.canary)
 }
 
 fn restarted(previous: &EndpointReading, current: &EndpointReading) -> bool {

@@ -397,10 +397,16 @@ impl MetricsSource for PrometheusSource {
         let previous = self.previous.as_ref();
         let mut stable = MergedSubset::new(&self.selector.stable_subset);
         let mut canary = MergedSubset::new(&self.selector.canary_subset);
+        let mut reset = Vec::new();
         for (key, origin) in &origins {
             // The key holds the subset label, so a remembered origin is always the same side.
             let delta = match previous.and_then(|p| p.get(key)) {
-                Some(before) => origin.traffic.delta_since(&before.traffic),
+                Some(before) => {
+                    if origin.traffic.is_reset_since(&before.traffic) {
+                        reset.push(format_labels(key));
+                    }
+                    origin.traffic.delta_since(&before.traffic)
+                }
                 // Not seen before: a new replica or a subset's first requests, counted from 0.
                 None => origin.traffic.clone(),
             };
@@ -425,6 +431,12 @@ impl MetricsSource for PrometheusSource {
             stable,
             canary,
             custom,
+            counter_reset: (!reset.is_empty()).then(|| {
+                format!(
+                    "the counters of {} went back to zero (a gateway restarted)",
+                    reset.join(", ")
+                )
+            }),
         })
     }
 }

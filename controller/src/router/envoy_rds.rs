@@ -30,7 +30,6 @@
 use super::{DesiredRoutes, Ensured, RouteKey, RouteObject, RouterError, TrafficRouter, Weights};
 use async_trait::async_trait;
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -654,24 +653,50 @@ fn describe_route(settings: &EnvoyRdsSettings) -> String {
     )
 }
 
-/// Quote and list the names present, to help fix a typo.
-fn list_names<'a>(names: impl Iterator<Item = Option<&'a str>>) -> String {
-    let mut listed = String::new();
-    for (i, name) in names.enumerate() {
-        if i == 10 {
-            listed.push_str(", ...");
-            break;
+/// What a list holds, to help fix a typo or a missing name: `it has "a", "b"`,
+/// `its 1 route has no "name"`, `it has "a" and 2 routes without a "name"`, `it has none`.
+/// Also the fix: add an entry called `wanted`, or name the unnamed one.
+fn not_found_help<'a>(
+    names: impl Iterator<Item = Option<&'a str>>,
+    noun: &str,
+    wanted: &str,
+) -> (String, String) {
+    let mut named = Vec::new();
+    let mut unnamed = 0usize;
+    for name in names {
+        match name {
+            Some(name) => named.push(format!("{name:?}")),
+            None => unnamed += 1,
         }
-        if i > 0 {
-            listed.push_str(", ");
-        }
-        let _ = write!(listed, "{:?}", name.unwrap_or("<unnamed>"));
     }
-    if listed.is_empty() {
-        "none".to_string()
+    if named.len() > 10 {
+        named.truncate(10);
+        named.push("...".to_string());
+    }
+    let plural = |n: usize| {
+        if n == 1 {
+            noun.to_string()
+        } else {
+            format!("{noun}s")
+        }
+    };
+    let present = match (named.is_empty(), unnamed) {
+        (true, 0) => format!("it has no {noun}s"),
+        (true, 1) => format!("its 1 {noun} has no \"name\""),
+        (true, n) => format!("its {n} {noun}s have no \"name\""),
+        (false, 0) => format!("it has {}", named.join(", ")),
+        (false, n) => format!(
+            "it has {} and {n} {} without a \"name\"",
+            named.join(", "),
+            plural(n)
+        ),
+    };
+    let fix = if unnamed > 0 {
+        format!("give the {noun} fledge should use \"name\": {wanted:?}")
     } else {
-        listed
-    }
+        format!("add a {noun} with \"name\": {wanted:?}")
+    };
+    (present, fix)
 }
 
 /// The one element of `items` called `name`; an error if there are several.
@@ -712,10 +737,9 @@ fn locate_in_file<N: Node>(
     let name = &settings.route_configuration;
     let (index, route_configuration) =
         find_unique(resources, name, "route configuration", &origin)?.ok_or_else(|| {
+            let (present, fix) = not_found_help(resources.iter().map(Node::name), "resource", name);
             RouterError::NotFound(format!(
-                "route configuration {name:?} not found in {origin} (it has {}): add a resource \
-                 with \"name\": {name:?}",
-                list_names(resources.iter().map(Node::name))
+                "route configuration {name:?} not found in {origin} ({present}): {fix}"
             ))
         })?;
     let mut located = locate_route(route_configuration, settings, &origin)?;
@@ -738,10 +762,14 @@ fn locate_route<N: Node>(
         .unwrap_or_default();
     let (vh_index, virtual_host) = find_unique(virtual_hosts, vh_name, "virtual host", origin)?
         .ok_or_else(|| {
+            let (present, fix) = not_found_help(
+                virtual_hosts.iter().map(Node::name),
+                "virtual host",
+                vh_name,
+            );
             RouterError::NotFound(format!(
                 "virtual host {vh_name:?} not found in route configuration {rc_name:?} in \
-                 {origin} (it has {}): add a virtual host with \"name\": {vh_name:?}",
-                list_names(virtual_hosts.iter().map(Node::name))
+                 {origin} ({present}): {fix}"
             ))
         })?;
     let routes = virtual_host
@@ -750,11 +778,10 @@ fn locate_route<N: Node>(
         .unwrap_or_default();
     let (route_index, route) =
         find_unique(routes, route_name, "route", origin)?.ok_or_else(|| {
+            let (present, fix) = not_found_help(routes.iter().map(Node::name), "route", route_name);
             RouterError::NotFound(format!(
                 "route {route_name:?} not found in virtual host {vh_name:?} of route \
-                 configuration {rc_name:?} in {origin} (it has {}): add a route with \
-                 \"name\": {route_name:?}",
-                list_names(routes.iter().map(Node::name))
+                 configuration {rc_name:?} in {origin} ({present}): {fix}"
             ))
         })?;
     let clusters = route
@@ -776,11 +803,11 @@ fn locate_route<N: Node>(
     let cluster = |name: &str| -> Result<(usize, u64), RouterError> {
         let (index, entry) =
             find_unique(clusters, name, "weighted cluster", origin)?.ok_or_else(|| {
+                let (present, _) = not_found_help(clusters.iter().map(Node::name), "cluster", name);
                 RouterError::NotFound(format!(
-                    "cluster {name:?} not found in weighted_clusters of {} in {origin} (it has \
-                     {}): add {{\"name\": {name:?}, \"weight\": 0}}",
+                    "cluster {name:?} not found in weighted_clusters of {} in {origin} \
+                     ({present}): add {{\"name\": {name:?}, \"weight\": 0}}",
                     describe_route(settings),
-                    list_names(clusters.iter().map(Node::name))
                 ))
             })?;
         Ok((index, cluster_weight(entry, name, settings, origin)?))
@@ -792,7 +819,7 @@ fn locate_route<N: Node>(
         if index == stable_cluster || index == canary_cluster {
             continue;
         }
-        let name = entry.name().unwrap_or("<unnamed>");
+        let name = entry.name().unwrap_or("(without a name)");
         let weight = cluster_weight(entry, name, settings, origin)?;
         if weight != 0 {
             return Err(RouterError::Invalid(format!(
@@ -1147,6 +1174,11 @@ resources:
                 r#"route configuration "fledge_route" not found in {path} (it has "other"): add a resource with "name": "fledge_route""#,
             ),
             (
+                r#""routes":[{"name":"primary","#,
+                r#""routes":[{"#,
+                r#"route "primary" not found in virtual host "app" of route configuration "fledge_route" in {path} (its 1 route has no "name"): give the route fledge should use "name": "primary""#,
+            ),
+            (
                 r#""name":"app""#,
                 r#""name":"web""#,
                 r#"virtual host "app" not found in route configuration "fledge_route" in {path} (it has "web"): add a virtual host with "name": "app""#,
@@ -1194,6 +1226,10 @@ resources:
                 error.to_string().contains(&fragment),
                 "{error}\nshould contain\n{fragment}"
             );
+            if let RouterError::NotFound(_) = error {
+                // Exactly what was not found, nothing that was found.
+                assert_eq!(error.to_string(), fragment);
+            }
             let write_error = router.set_weights(weights(50, 50)).await.unwrap_err();
             assert_eq!(write_error.to_string(), error.to_string());
             assert_eq!(

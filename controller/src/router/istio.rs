@@ -1038,7 +1038,7 @@ spec:
   canary: {subset: canary}
   metricsSource: {envoyAdmin: {urls: ["http://127.0.0.1:15000"]}}
   router: {istio: {virtualService: app, route: primary}}
-  analysis: {stepWeights: [10]}
+  analysis: {stepWeights: [10], compareWithStable: {}}
 "#;
         let canary: fledge_core::spec::Canary = serde_yaml::from_str(valid).unwrap();
         assert_eq!(canary.validate(), Ok(()));
@@ -1080,7 +1080,7 @@ spec:
             (
                 |i| i.mirror_percentage = Some(150.0),
                 "spec.router.istio.mirrorPercentage",
-                "at most 100",
+                "150 % is not a percentage from 0 to 100; write mirrorPercentage in percent, e.g. `mirrorPercentage: 10`",
             ),
             (
                 |i| {

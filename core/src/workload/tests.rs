@@ -178,7 +178,7 @@ impl World {
                 observation: Some(Ok(Observation {
                     stable: traffic(500, 0),
                     canary: observation,
-                    custom: Default::default(),
+                    ..Default::default()
                 })),
                 command: None,
             };
@@ -1160,7 +1160,7 @@ spec:
   canary: {{subset: canary}}
   metricsSource: {{envoyAdmin: {{urls: [\"http://127.0.0.1:15000\"]}}}}
   router: {{istio: {{virtualService: app, route: primary}}}}
-  analysis: {{interval: 30s, stepWeights: [10, 50]}}
+  analysis: {{interval: 30s, stepWeights: [10, 50], compareWithStable: {{}}}}
 {extra}"
         );
         serde_yaml::from_str(&yaml).unwrap()

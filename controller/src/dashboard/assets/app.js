@@ -58,7 +58,8 @@
         `<td class="num">${stepLabel(c)}</td>` +
         `<td class="num">${c.failedChecks}/${c.threshold}</td>` +
         `<td>${verdict}</td>` +
-        `<td>${esc(c.message)}${c.routerError ? `<div class="alert">blocked: ${esc(c.routerError)}</div>` : ""}</td></tr>`;
+        `<td>${esc(c.message || (c.routerError ? "" : "-"))}${c.routerError ? `<div class="alert">blocked: ${esc(c.routerError)}</div>` : ""}` +
+        `${warningCount(c)}</td></tr>`;
     }).join("");
     app.innerHTML = `<h1>Canaries</h1><table data-testid="canary-list"><thead><tr><th>Canary</th><th>Phase</th><th>Canary weight</th>` +
       `<th>Step</th><th>Failed</th><th>Last analysis</th><th>Latest decision</th></tr></thead><tbody>${rows}</tbody></table>` +
@@ -78,12 +79,39 @@
     return points;
   }
 
+  // "! 2 warnings" under a canary's message in the list: checks that do not run.
+  function warningCount(c) {
+    const n = (c.warnings || []).length;
+    return n ? `<div class="warn" data-testid="warning-count">! ${n} warning${n === 1 ? "" : "s"}</div>` : "";
+  }
+
+  // Each warning with its field and its fix.
+  function warningList(c) {
+    const items = (c.warnings || []).map((w) => `<li data-code="${esc(w.code)}"><code>${esc(w.field)}</code>: ` +
+      `${esc(w.message)}; <span class="fix">${esc(w.fix)}</span></li>`).join("");
+    return items ? `<div class="warnings" data-testid="warnings"><strong>Warnings</strong><ul>${items}</ul></div>` : "";
+  }
+
+  function withUnit(v, unit) {
+    return v === null || v === undefined ? "n/a" : `${num(v)}${unit || ""}`;
+  }
+
+  // One row of the last analysis. A comparison's verdict rests on its evidence, not on a bound
+  // for the ratio, so its threshold column says what rolls back.
+  function checkRow(k) {
+    const c = k.comparison;
+    const canary = c ? (c.ratio === null || c.ratio === undefined ? "no events yet" : `≈${num(c.ratio, 2)}× stable`) : withUnit(k.value, k.unit);
+    const stable = c ? "" : (k.stableValue === null || k.stableValue === undefined ? "" : withUnit(k.stableValue, k.unit));
+    const basis = c ? `evidence ${num(c.evidence, 2)} of ${num(c.evidenceNeeded, 1)} needed to roll back (tolerance ${num(c.tolerance)}×, p=${num(c.pValue)})`
+      : range(k.threshold, k.unit);
+    return `<tr><td>${esc(k.name)}</td><td class="num">${esc(canary)}</td><td class="num">${esc(stable)}</td>` +
+      `<td class="num">${esc(basis)}</td><td><span class="badge ${esc(k.verdict)}">${esc(k.verdict)}</span></td><td>${esc(k.reason)}</td></tr>`;
+  }
+
   function renderCanary(c) {
     const now = Date.now();
     const analysis = c.lastAnalysis;
-    const checks = analysis ? analysis.checks.map((k) => `<tr><td>${esc(k.name)}</td><td class="num">${num(k.value)}</td>` +
-      `<td class="num">${num(k.stableValue)}</td><td class="num">${esc(range(k.thresholdRange || k.threshold))}</td>` +
-      `<td><span class="badge ${esc(k.verdict)}">${esc(k.verdict)}</span></td><td>${esc(k.reason)}</td></tr>`).join("") : "";
+    const checks = analysis ? analysis.checks.map(checkRow).join("") : "";
     const hooks = (c.webhooks || []).map((h) => {
       const call = h.lastCall;
       const state = !call ? `<span class="badge">not called</span>` : `<span class="badge ${call.ok ? "ok" : "failed"}">${call.ok ? "2xx" : "failed"}</span>`;
@@ -101,9 +129,9 @@
       `<div class="item"><div class="label">Canary weight</div><div class="value">${weightBar(c.canaryWeight)}</div></div>` +
       `<div class="item"><div class="label">Step</div><div class="value">${stepLabel(c)}</div></div>` +
       `<div class="item"><div class="label">Failed checks</div><div class="value">${c.failedChecks}/${c.threshold}</div></div></div>` +
-      `<div class="message" data-testid="message">${esc(c.message)}</div>` +
+      (c.message ? `<div class="message" data-testid="message">${esc(c.message)}</div>` : "") +
       (c.routerError ? `<div class="alert">blocked: ${esc(c.routerError)}</div>` : "") +
-      (c.conflict ? `<div class="alert">${esc(c.conflict)}</div>` : "") + `</div>` +
+      (c.conflict ? `<div class="alert">${esc(c.conflict)}</div>` : "") + warningList(c) + `</div>` +
       `<h2>Traffic</h2><div class="charts">${chartBox("chart-weight")}${chartBox("chart-rps")}${chartBox("chart-success")}${chartBox("chart-latency")}</div>` +
       `<h2>Last analysis ${analysis ? `· ${time(analysis.at)} · <span class="badge ${esc(analysis.verdict)}">${esc(analysis.verdict)}</span> · ` +
         `${analysis.canaryRequests} canary / ${analysis.stableRequests} stable requests` : ""}</h2>` +
@@ -134,12 +162,14 @@
     FledgeCharts.line(document.getElementById("chart-latency"), both("p99 latency", " ms", (s) => s.p99Ms));
   }
 
-  function range(r) {
+  // A passing range with its unit: "≥ 99%", "> 90% and ≤ 100%", "< 500 ms".
+  function range(r, unit) {
     if (!r) { return ""; }
-    if (r.min !== undefined && r.min !== null && r.max !== undefined && r.max !== null) { return `${r.min}..${r.max}`; }
-    if (r.min !== undefined && r.min !== null) { return `≥ ${r.min}`; }
-    if (r.max !== undefined && r.max !== null) { return `≤ ${r.max}`; }
-    return "any";
+    const u = unit || "";
+    const parts = [["≥", r.min], [">", r.above], ["≤", r.max], ["<", r.below]]
+      .filter(([, v]) => v !== undefined && v !== null)
+      .map(([op, v]) => `${op} ${v}${u}`);
+    return parts.length ? parts.join(" and ") : "any";
   }
 
   async function refresh() {
