@@ -19,6 +19,7 @@
 //! - [`observe`]: per-subset traffic, latency histograms, cumulative → per-interval deltas.
 //! - [`duration`]: human durations (`30s`, `2m`) used in specs.
 //! - [`spec`]: the Canary spec and its validation (errors name the field and the fix).
+//! - [`router_spec`]: the Gateway API router's spec and the testers' match conditions.
 //! - [`analysis`]: judging one interval's observation against the spec's metrics.
 //! - [`rollout`]: the state machine.
 //! - [`webhook`]: the spec's webhooks (hook points) and their validation.
@@ -32,6 +33,7 @@ pub mod duration;
 pub mod filter_config;
 pub mod observe;
 pub mod rollout;
+pub mod router_spec;
 pub mod sequential;
 pub mod spec;
 pub mod warning;

@@ -8,6 +8,10 @@ use crate::duration::HumanDuration;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+pub use crate::router_spec::{
+    BackendRefSpec, CookieMatchSpec, GatewayApiRouterSpec, HeaderMatchSpec, RuleRef,
+};
+
 pub const API_VERSION: &str = "fledge.dev/v1alpha1";
 pub const KIND: &str = "Canary";
 
@@ -174,6 +178,25 @@ pub struct RouterSpec {
     /// Shift the weights of a route in your own Istio VirtualService (Kubernetes mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub istio: Option<IstioRouterSpec>,
+    /// Shift the weights of two backendRefs of a rule in your own Gateway API HTTPRoute or
+    /// GRPCRoute (Kubernetes mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_api: Option<GatewayApiRouterSpec>,
+}
+
+impl RouterSpec {
+    /// The spec names of the routers that are set.
+    fn set(&self) -> Vec<&'static str> {
+        [
+            ("envoyRds", self.envoy_rds.is_some()),
+            ("istio", self.istio.is_some()),
+            ("gatewayApi", self.gateway_api.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(name, _)| name)
+        .collect()
+    }
 }
 
 /// The Istio router: Fledge changes only the weights of two destinations of one HTTP route in
@@ -199,8 +222,8 @@ pub struct IstioRouterSpec {
     /// Default: any DestinationRule in the namespace whose `host` is the destination host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination_rule: Option<String>,
-    /// Testers first: while the rollout runs, requests with these headers always go to the
-    /// canary, through a route Fledge inserts just before `route`.
+    /// Testers first: while the rollout runs, matching requests always go to the canary,
+    /// through a route Fledge inserts just before `route`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header_route: Option<HeaderRouteSpec>,
     /// While the rollout runs, copy this percentage of the route's traffic to the canary
@@ -210,7 +233,8 @@ pub struct IstioRouterSpec {
     pub mirror_percentage: Option<f64>,
 }
 
-/// A route that sends matching requests to the canary while a rollout runs.
+/// A route that sends the testers' requests to the canary while a rollout runs. A request is
+/// the testers' when it meets every condition given: `headers`, `headerMatches` and `cookie`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -220,7 +244,15 @@ pub struct HeaderRouteSpec {
     pub name: Option<String>,
     /// Request headers (lowercase names) and the exact values that select the canary, e.g.
     /// `{stage: canary}`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub headers: std::collections::BTreeMap<String, String>,
+    /// Header conditions by `exact` value, `prefix` or `regex` (RE2, whole value), e.g.
+    /// `[{name: user-agent, regex: ".*Firefox.*"}]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub header_matches: Vec<HeaderMatchSpec>,
+    /// A cookie that selects the canary, e.g. `{name: canary, value: always}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<CookieMatchSpec>,
 }
 
 impl IstioRouterSpec {
@@ -1194,30 +1226,50 @@ impl CanarySpec {
                 admin.timeout,
             );
         }
-        match &self.router.envoy_rds {
-            None if self.router.istio.is_some() => {}
-            None => p.add(
+        let routers = self.router.set();
+        match routers.as_slice() {
+            [] => p.add(
                 "spec.router",
                 "names no traffic router",
-                "add `istio: {virtualService: ..., route: ...}` (Kubernetes) or `envoyRds: {path: ..., routeConfiguration: ..., virtualHost: ..., route: ..., stableCluster: ..., canaryCluster: ..., adminUrl: ...}` (standalone)",
+                "add `istio: {virtualService: ..., route: ...}` or `gatewayApi: {httpRoute: ..., rule: ..., stableBackend: {name: ...}, canaryBackend: {name: ...}}` (Kubernetes), or `envoyRds: {path: ..., routeConfiguration: ..., virtualHost: ..., route: ..., stableCluster: ..., canaryCluster: ..., adminUrl: ...}` (standalone)",
             ),
-            Some(_) if self.router.istio.is_some() => p.add(
+            [_] => {}
+            several => p.add(
                 "spec.router",
-                "sets both envoyRds and istio",
-                "keep exactly one: `istio` in Kubernetes, `envoyRds` standalone",
+                format!("sets {}", several.join(" and ")),
+                "keep exactly one: `istio` or `gatewayApi` in Kubernetes, `envoyRds` standalone",
             ),
+        }
+        match &self.router.envoy_rds {
+            None => {}
             Some(rds) => {
                 let base = "spec.router.envoyRds";
                 for (field, value, example) in [
                     ("path", &rds.path, "path: /etc/envoy/rds/routes.json"),
-                    ("routeConfiguration", &rds.route_configuration, "routeConfiguration: fledge_route"),
+                    (
+                        "routeConfiguration",
+                        &rds.route_configuration,
+                        "routeConfiguration: fledge_route",
+                    ),
                     ("virtualHost", &rds.virtual_host, "virtualHost: app"),
                     ("route", &rds.route, "route: primary"),
-                    ("stableCluster", &rds.stable_cluster, "stableCluster: app_stable"),
-                    ("canaryCluster", &rds.canary_cluster, "canaryCluster: app_canary"),
+                    (
+                        "stableCluster",
+                        &rds.stable_cluster,
+                        "stableCluster: app_stable",
+                    ),
+                    (
+                        "canaryCluster",
+                        &rds.canary_cluster,
+                        "canaryCluster: app_canary",
+                    ),
                 ] {
                     if value.trim().is_empty() {
-                        p.add(format!("{base}.{field}"), "is empty", format!("write e.g. `{example}`"));
+                        p.add(
+                            format!("{base}.{field}"),
+                            "is empty",
+                            format!("write e.g. `{example}`"),
+                        );
                     }
                 }
                 if !rds.stable_cluster.is_empty() && rds.stable_cluster == rds.canary_cluster {
@@ -1238,6 +1290,9 @@ impl CanarySpec {
         }
         if let Some(istio) = &self.router.istio {
             istio.validate_into(p);
+        }
+        if let Some(gateway_api) = &self.router.gateway_api {
+            p.0.extend(crate::router_spec::validate_gateway_api(gateway_api));
         }
         self.analysis.validate_into(p, has_prometheus);
         p.0.extend(crate::webhook::validate(&self.webhooks));
@@ -1346,33 +1401,11 @@ impl IstioRouterSpec {
             }
         }
         if let Some(header_route) = &self.header_route {
-            if header_route.headers.is_empty() {
-                p.add(
-                    format!("{base}.headerRoute.headers"),
-                    "is empty",
-                    "list the headers that select the canary, e.g. `headers: {stage: canary}`",
-                );
-            }
-            for name in header_route.headers.keys() {
-                if name.is_empty()
-                    || name
-                        .chars()
-                        .any(|c| c.is_ascii_uppercase() || c.is_whitespace())
-                {
-                    p.add(
-                        format!("{base}.headerRoute.headers.{name}"),
-                        "is not a lowercase header name (Istio matches lowercase names only)",
-                        format!("write `{}`", name.to_ascii_lowercase().trim()),
-                    );
-                }
-            }
-            if header_route.name.as_deref() == Some(self.route.as_str()) {
-                p.add(
-                    format!("{base}.headerRoute.name"),
-                    "is the same as route",
-                    "give the inserted route its own name, or drop `name` for the default",
-                );
-            }
+            p.0.extend(crate::router_spec::validate_header_route(
+                &format!("{base}.headerRoute"),
+                header_route,
+                &self.route,
+            ));
         }
         if let Some(percentage) = self.mirror_percentage {
             let field = format!("{base}.mirrorPercentage");

@@ -108,6 +108,16 @@ struct WatchEvent {
 
 type Hook = Box<dyn FnOnce(&FakeApiServer) + Send>;
 
+/// What another controller does when an object it watches changes (see
+/// [`FakeApiServer::on_write`]).
+type Reaction = Arc<dyn Fn(&FakeApiServer, &Value) + Send + Sync>;
+
+struct Reactor {
+    group: String,
+    plural: String,
+    reaction: Reaction,
+}
+
 struct PendingHook {
     method: String,
     path_contains: String,
@@ -123,6 +133,7 @@ struct State {
     history: Vec<WatchEvent>,
     requests: Vec<RecordedRequest>,
     hooks: VecDeque<PendingHook>,
+    reactors: Vec<Reactor>,
 }
 
 /// The fake API server; cheap to clone (shared state).
@@ -378,8 +389,8 @@ impl Default for FakeApiServer {
 }
 
 impl FakeApiServer {
-    /// A server that knows Canaries, VirtualServices, DestinationRules, Deployments,
-    /// HorizontalPodAutoscalers, Leases and Events.
+    /// A server that knows Canaries, VirtualServices, DestinationRules, HTTPRoutes,
+    /// GRPCRoutes, Deployments, HorizontalPodAutoscalers, Leases and Events.
     pub fn new() -> Self {
         let resource =
             |api_version: &str, plural: &str, kind: &str, status: bool, versioned: bool| {
@@ -407,6 +418,20 @@ impl FakeApiServer {
                 "networking.istio.io/v1",
                 "destinationrules",
                 "DestinationRule",
+                true,
+                true,
+            ),
+            resource(
+                "gateway.networking.k8s.io/v1",
+                "httproutes",
+                "HTTPRoute",
+                true,
+                true,
+            ),
+            resource(
+                "gateway.networking.k8s.io/v1",
+                "grpcroutes",
+                "GRPCRoute",
                 true,
                 true,
             ),
@@ -555,7 +580,11 @@ impl FakeApiServer {
     pub fn create(&self, group: &str, plural: &str, object: Value) -> Value {
         let namespace = meta(&object, "namespace").unwrap_or("default").to_string();
         match self.create_object(group, plural, &namespace, object) {
-            Ok(stored) => stored,
+            Ok(stored) => {
+                let name = meta(&stored, "name").unwrap_or_default().to_string();
+                self.react(group, plural, &namespace, &name);
+                stored
+            }
             Err(Failure(_, _, message)) => panic!("fake API server: create failed: {message}"),
         }
     }
@@ -578,6 +607,59 @@ impl FakeApiServer {
             self.update_object(group, plural, namespace, name, object, false)
         {
             panic!("fake API server: edit failed: {message}");
+        }
+        self.react(group, plural, namespace, name);
+    }
+
+    /// Change a stored object's status as its controller would (status rules apply); not
+    /// recorded.
+    pub fn edit_status(
+        &self,
+        group: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+        change: impl FnOnce(&mut Value),
+    ) {
+        let Some(mut object) = self.get(group, plural, namespace, name) else {
+            panic!("fake API server: {plural} {namespace}/{name} does not exist");
+        };
+        change(&mut object);
+        if let Err(Failure(_, _, message)) =
+            self.update_object(group, plural, namespace, name, object, true)
+        {
+            panic!("fake API server: status edit failed: {message}");
+        }
+    }
+
+    /// After every change of a `group`/`plural` object other than a status write — by a client
+    /// or by a test's `create`/`edit` — run `reaction` with the stored object, as a controller
+    /// watching it would (e.g. a Gateway controller writing the route's `status.parents`).
+    pub fn on_write(
+        &self,
+        group: &str,
+        plural: &str,
+        reaction: impl Fn(&FakeApiServer, &Value) + Send + Sync + 'static,
+    ) {
+        self.lock().reactors.push(Reactor {
+            group: group.into(),
+            plural: plural.into(),
+            reaction: Arc::new(reaction),
+        });
+    }
+
+    fn react(&self, group: &str, plural: &str, namespace: &str, name: &str) {
+        let reactions: Vec<Reaction> = self
+            .lock()
+            .reactors
+            .iter()
+            .filter(|r| r.group == group && r.plural == plural)
+            .map(|r| r.reaction.clone())
+            .collect();
+        for reaction in reactions {
+            if let Some(object) = self.get(group, plural, namespace, name) {
+                reaction(self, &object);
+            }
         }
     }
 
@@ -942,15 +1024,30 @@ impl FakeApiServer {
                 json_response(code, &status_body(code, reason, &message)),
             ),
         };
+        let changed = code.is_success() && matches!(method.as_str(), "POST" | "PUT" | "PATCH");
         self.lock().requests.push(RecordedRequest {
             client: identity.to_string(),
             method: method.to_string(),
-            path,
+            path: path.clone(),
             query,
             content_type,
-            body,
+            body: body.clone(),
             status: code.as_u16(),
         });
+        if changed {
+            if let Ok(api) = parse_path(&path) {
+                let name = api.name.clone().or_else(|| {
+                    body.as_ref()
+                        .and_then(|b| meta(b, "name"))
+                        .map(str::to_string)
+                });
+                if let (None, Some(namespace), Some(name)) =
+                    (&api.subresource, &api.namespace, name)
+                {
+                    self.react(&api.group, &api.plural, namespace, &name);
+                }
+            }
+        }
         response
     }
 

@@ -48,6 +48,18 @@ pub const CLUSTER_PERMISSIONS: &[Permission] = &[
         why: "check the stable and canary subsets exist",
     },
     Permission {
+        api_group: "gateway.networking.k8s.io",
+        resource: "httproutes",
+        verbs: &["get", "list", "watch", "patch"],
+        why: "read and re-check Gateway API routes on change; change only the two weights and the rules Fledge adds (JSON Patch)",
+    },
+    Permission {
+        api_group: "gateway.networking.k8s.io",
+        resource: "grpcroutes",
+        verbs: &["get", "list", "watch", "patch"],
+        why: "the same for GRPCRoutes",
+    },
+    Permission {
         api_group: "events.k8s.io",
         resource: "events",
         verbs: &["create", "patch"],

@@ -35,7 +35,7 @@ use super::lease::{run_election, LeaseLock, LeaseSettings};
 use super::{api_status_code, Error, Result, CONTROLLER_NAME, FINALIZER};
 use crate::metrics::MetricsSource;
 use crate::router::factory::{route_key, route_kinds};
-use crate::router::{DesiredRoutes, RouteKey, TrafficRouter, Weights};
+use crate::router::{DesiredRoutes, RouteKey, RouterError, TrafficRouter, Weights};
 use crate::runner::{guard_watched, CanaryView, Registry};
 use crate::telemetry::ErrorKind;
 use crate::tick::{Announce, CanaryAnalysis, Decided, Trigger};
@@ -973,7 +973,9 @@ async fn cleanup(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
         }
     };
     match router.ensure(&DesiredRoutes::weights_only(weights)).await {
-        Ok(_) => {
+        // Not confirmed live (e.g. the Gateway has not accepted it yet): the route object says
+        // where traffic goes, which is all a deleted Canary can do.
+        Ok(_) | Err(RouterError::NotAccepted(_)) => {
             let message = format!(
                 "Canary deleted: {} sends {}% to stable, {}% to canary",
                 router.route(),

@@ -1092,9 +1092,9 @@ async fn a_virtual_service_edit_is_repaired_at_once_by_the_watch() {
     controller.stop().await;
 }
 
-/// Every request the controller makes in a full lifecycle (two canaries, one with a named
-/// DestinationRule, promotion, deletion, two replicas) is allowed by `manifests/rbac.yaml`, and
-/// every rule there is used.
+/// Every request the controller makes in a full lifecycle (two Istio canaries, one with a
+/// named DestinationRule, an HTTPRoute and a GRPCRoute canary, promotion, deletion, two
+/// replicas) is allowed by `manifests/rbac.yaml`, and every rule there is used.
 #[tokio::test(start_paused = true)]
 async fn rbac_in_the_manifests_covers_exactly_what_the_controller_calls() {
     let server = seeded(canary_object(json!({}), json!({})));
@@ -1107,6 +1107,7 @@ async fn rbac_in_the_manifests_covers_exactly_what_the_controller_calls() {
     );
     second["metadata"]["name"] = json!("app2");
     server.create(FLEDGE, "canaries", second);
+    gateway_api::add_gateway_canaries(&server);
     let clock = TokioClock::starting_at(t0());
     let a = start(&server, "a", ScriptedBackends::default(), clock);
     let b = start(&server, "b", ScriptedBackends::default(), clock);
@@ -1694,3 +1695,5 @@ async fn commands_wait_out_a_blocked_router_and_need_no_metrics() {
     );
     assert_eq!(vs_weights(&server), Weights::canary_percent(0));
 }
+
+mod gateway_api;

@@ -4,6 +4,7 @@
 //! Adding a router means one arm in each function below (and its file next to this one).
 
 use super::envoy_rds::{self, EnvoyRdsRouter, EnvoyRdsSettings};
+use super::gateway_api::{self, GatewayApiRouter, GatewayApiSettings, RouteKind};
 use super::istio::{self, IstioRouter, IstioSettings};
 use super::{RouteKey, RouterError, TrafficRouter, Weights};
 use fledge_core::spec::{Canary, CanarySpec, EnvoyRdsSpec};
@@ -37,12 +38,13 @@ pub fn build(canary: &Canary, mode: Mode<'_>) -> Result<Box<dyn TrafficRouter>, 
             None => Err("spec.router names no router; add `envoyRds: {...}`".to_string()),
         },
         Mode::Kubernetes { client, namespace } => {
-            match IstioSettings::from_spec(&canary.spec, namespace) {
-                Some(settings) => Ok(Box::new(IstioRouter::new(client.clone(), settings))),
-                None => Err(
-                    "spec.router has no `istio` router; in Kubernetes mode write `router: {istio: {virtualService: ..., route: ...}}` (envoyRds is for `fledge run`)".to_string(),
-                ),
+            if let Some(settings) = IstioSettings::from_spec(&canary.spec, namespace) {
+                return Ok(Box::new(IstioRouter::new(client.clone(), settings)));
             }
+            if let Some(settings) = GatewayApiSettings::from_spec(&canary.spec, namespace) {
+                return Ok(Box::new(GatewayApiRouter::new(client.clone(), settings)));
+            }
+            Err("spec.router has no Kubernetes router; in Kubernetes mode write `router: {istio: {virtualService: ..., route: ...}}` or `router: {gatewayApi: {httpRoute: ..., rule: ..., stableBackend: {name: ...}, canaryBackend: {name: ...}}}` (envoyRds is for `fledge run`)".to_string())
         }
     }
 }
@@ -53,6 +55,9 @@ pub fn route_key(spec: &CanarySpec, namespace: &str) -> Option<RouteKey> {
     if let Some(settings) = IstioSettings::from_spec(spec, namespace) {
         return Some(settings.route_key());
     }
+    if let Some(settings) = GatewayApiSettings::from_spec(spec, namespace) {
+        return Some(settings.route_key());
+    }
     let rds = spec.router.envoy_rds.as_ref()?;
     Some(envoy_rds::route_key(&rds_settings(rds)))
 }
@@ -60,7 +65,11 @@ pub fn route_key(spec: &CanarySpec, namespace: &str) -> Option<RouteKey> {
 /// The Kubernetes kinds whose objects hold routes: `fledge controller` watches each and
 /// re-checks the Canaries whose [`route_key`] names a changed object.
 pub fn route_kinds() -> Vec<ApiResource> {
-    vec![istio::virtual_service_resource()]
+    vec![
+        istio::virtual_service_resource(),
+        RouteKind::Http.resource(),
+        RouteKind::Grpc.resource(),
+    ]
 }
 
 /// The weights `spec`'s router would read from `object` (a route object of a Kubernetes
@@ -70,12 +79,15 @@ pub fn weights_in(
     namespace: &str,
     object: &Value,
 ) -> Result<Weights, RouterError> {
-    match IstioSettings::from_spec(spec, namespace) {
-        Some(settings) => Ok(istio::read_routes(object, &settings)?.weights),
-        None => Err(RouterError::Invalid(
-            "spec.router names no Kubernetes router".to_string(),
-        )),
+    if let Some(settings) = IstioSettings::from_spec(spec, namespace) {
+        return Ok(istio::read_routes(object, &settings)?.weights);
     }
+    if let Some(settings) = GatewayApiSettings::from_spec(spec, namespace) {
+        return gateway_api::read_weights(object, &settings);
+    }
+    Err(RouterError::Invalid(
+        "spec.router names no Kubernetes router".to_string(),
+    ))
 }
 
 fn rds_settings(rds: &EnvoyRdsSpec) -> EnvoyRdsSettings {

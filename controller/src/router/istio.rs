@@ -27,11 +27,11 @@ use crate::router::{
     DesiredRoutes, Ensured, RouteKey, RouteObject, RouterError, TrafficRouter, Weights,
 };
 use async_trait::async_trait;
+use fledge_core::router_spec::{HeaderMatcher, TesterCondition};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::Client;
 use serde_json::{json, Map, Value};
-use std::collections::BTreeMap;
 
 /// Istio's VirtualService API (served as `v1` since Istio 1.22).
 pub fn virtual_service_resource() -> ApiResource {
@@ -89,12 +89,13 @@ fn hosts_match(a: &str, b: &str) -> bool {
         || b.strip_prefix(a).is_some_and(|rest| rest.starts_with('.'))
 }
 
-/// The testers-first route.
+/// A route Fledge inserts before the weighted route while a rollout runs: the testers route
+/// (to the canary) or the guard route (to stable).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderRoute {
     pub name: String,
-    /// Header name → exact value.
-    pub headers: BTreeMap<String, String>,
+    /// What a request must carry (ANDed with each of the weighted route's matches).
+    pub conditions: Vec<TesterCondition>,
 }
 
 /// Everything the router needs to know about one canary's routes.
@@ -107,6 +108,9 @@ pub struct IstioSettings {
     pub canary: DestinationMatch,
     pub destination_rule: Option<String>,
     pub header_route: Option<HeaderRoute>,
+    /// With `analysis.guard`: requests the filter's guard marks (`x-fledge-guard` naming the
+    /// service) go to stable.
+    pub guard_route: Option<HeaderRoute>,
     pub mirror_percentage: Option<f64>,
 }
 
@@ -138,8 +142,17 @@ impl IstioSettings {
                 .zip(istio.header_route_name())
                 .map(|(h, name)| HeaderRoute {
                     name,
-                    headers: h.headers.clone(),
+                    conditions: h.conditions(),
                 }),
+            guard_route: spec.analysis.guard.as_ref().map(|_| HeaderRoute {
+                name: format!("{}-fledge-guard", istio.route),
+                conditions: vec![TesterCondition {
+                    header: fledge_core::contract::DEFAULT_GUARD_HEADER.to_string(),
+                    matcher: HeaderMatcher::Regex(fledge_core::filter_config::Guard::route_regex(
+                        &spec.service,
+                    )),
+                }],
+            }),
             mirror_percentage: istio.mirror_percentage,
         })
     }
@@ -166,6 +179,7 @@ impl IstioSettings {
 pub struct RouteState {
     pub weights: Weights,
     pub header_route_present: bool,
+    pub guard_route_present: bool,
     pub mirror_present: bool,
 }
 
@@ -343,20 +357,29 @@ pub fn read_routes(vs: &Value, settings: &IstioSettings) -> Result<RouteState, I
             .header_route
             .as_ref()
             .is_some_and(|h| header_route_index(vs, &h.name).is_some()),
+        guard_route_present: settings
+            .guard_route
+            .as_ref()
+            .is_some_and(|h| header_route_index(vs, &h.name).is_some()),
         mirror_present: settings.mirror_percentage.is_some()
             && located.route.get("mirror").is_some()
             && located.route.get("mirror") == canary_destination,
     })
 }
 
-/// The testers-first route for the weighted route `route`: a copy of it (so rewrites, timeouts
-/// and retries match) whose every match also requires the headers, sending everything to the
-/// canary destination.
-fn desired_header_route(
-    header_route: &HeaderRoute,
-    route: &Value,
-    canary_destination: &Value,
-) -> Value {
+/// An Istio `StringMatch` for one condition.
+fn string_match(matcher: &HeaderMatcher) -> Value {
+    match matcher {
+        HeaderMatcher::Exact(value) => json!({"exact": value}),
+        HeaderMatcher::Prefix(prefix) => json!({"prefix": prefix}),
+        HeaderMatcher::Regex(regex) => json!({"regex": regex}),
+    }
+}
+
+/// A route Fledge inserts for the weighted route `route`: a copy of it (so rewrites, timeouts
+/// and retries match) whose every match also requires `header_route`'s conditions, sending
+/// everything to `destination`.
+fn desired_header_route(header_route: &HeaderRoute, route: &Value, destination: &Value) -> Value {
     let mut copy = route.as_object().cloned().unwrap_or_default();
     for owned_elsewhere in [
         "name",
@@ -370,9 +393,9 @@ fn desired_header_route(
         copy.remove(owned_elsewhere);
     }
     let header_matches: Map<String, Value> = header_route
-        .headers
+        .conditions
         .iter()
-        .map(|(name, value)| (name.clone(), json!({"exact": value})))
+        .map(|c| (c.header.clone(), string_match(&c.matcher)))
         .collect();
     let matches: Vec<Value> = match route.get("match").and_then(Value::as_array) {
         Some(existing) if !existing.is_empty() => existing
@@ -393,7 +416,7 @@ fn desired_header_route(
     };
     copy.insert("name".into(), json!(header_route.name));
     copy.insert("match".into(), Value::Array(matches));
-    copy.insert("route".into(), json!([{"destination": canary_destination}]));
+    copy.insert("route".into(), json!([{"destination": destination}]));
     Value::Object(copy)
 }
 
@@ -483,52 +506,18 @@ pub fn plan_patch(
     }
 
     // Route insertions and removals shift indexes, so they come last.
-    if let Some(header_route) = &settings.header_route {
-        let active = desired.testers;
-        let existing = header_route_index(vs, &header_route.name);
-        if existing == Some(i) {
-            return Err(invalid(
-                settings,
-                format!(
-                    "the testers route name {:?} is the weighted route's name",
-                    header_route.name
-                ),
-                "set spec.router.istio.headerRoute.name to another name".into(),
-            ));
-        }
-        let wanted = desired_header_route(header_route, located.route, &canary_destination);
-        let http = vs.pointer("/spec/http").and_then(Value::as_array);
-        match (active, existing) {
-            (true, None) => {
-                ops.push(test(format!("{route_path}/name"), json!(settings.route)));
-                ops.push(json!({"op": "add", "path": route_path, "value": wanted}));
-            }
-            (true, Some(h)) => {
-                let current = http
-                    .and_then(|http| http.get(h))
-                    .cloned()
-                    .unwrap_or(Value::Null);
-                // Only what Fledge decides is compared (the rest may be defaulted by the server).
-                let same = ["match", "route"]
-                    .iter()
-                    .all(|k| current.get(k) == wanted.get(k));
-                if h > i || !same {
-                    let insert_at = if h < i { i - 1 } else { i };
-                    ops.push(test(format!("/spec/http/{h}"), current));
-                    ops.push(json!({"op": "remove", "path": format!("/spec/http/{h}")}));
-                    ops.push(json!({"op": "add", "path": format!("/spec/http/{insert_at}"), "value": wanted}));
-                }
-            }
-            (false, Some(h)) => {
-                ops.push(test(
-                    format!("/spec/http/{h}/name"),
-                    json!(header_route.name),
-                ));
-                ops.push(json!({"op": "remove", "path": format!("/spec/http/{h}")}));
-            }
-            (false, None) => {}
-        }
-    }
+    let stable_destination = located.destinations[located.stable]
+        .get("destination")
+        .cloned()
+        .unwrap_or(Value::Null);
+    plan_header_routes(
+        vs,
+        settings,
+        desired,
+        &located,
+        [&stable_destination, &canary_destination],
+        &mut ops,
+    )?;
 
     if ops.is_empty() {
         return Ok(None);
@@ -537,6 +526,81 @@ pub fn plan_patch(
     ops.insert(0, test(format!("{route_path}/name"), json!(settings.route)));
     ops.dedup();
     Ok(Some(ops))
+}
+
+/// The inserted routes as wanted: each wanted one present (as wanted) directly before the
+/// weighted route, the guard route first (it must win over the testers route), and the others
+/// absent. When they are not, every inserted route is removed and the wanted ones are inserted
+/// again before the weighted route. `destinations` are the stable and the canary one.
+fn plan_header_routes(
+    vs: &Value,
+    settings: &IstioSettings,
+    desired: &DesiredRoutes,
+    located: &Located<'_>,
+    [stable, canary]: [&Value; 2],
+    ops: &mut Vec<Value>,
+) -> Result<(), IstioError> {
+    let i = located.index;
+    let http = vs
+        .pointer("/spec/http")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let managed = [
+        (&settings.guard_route, desired.guard, stable),
+        (&settings.header_route, desired.testers, canary),
+    ];
+    let mut existing = Vec::new();
+    let mut wanted = Vec::new();
+    for (route, wanted_now, destination) in managed {
+        let Some(route) = route else { continue };
+        let index = header_route_index(vs, &route.name);
+        if index == Some(i) {
+            return Err(invalid(
+                settings,
+                format!(
+                    "the inserted route name {:?} is the weighted route's name",
+                    route.name
+                ),
+                "set spec.router.istio.headerRoute.name to another name".into(),
+            ));
+        }
+        existing.extend(index);
+        if wanted_now {
+            wanted.push((
+                index,
+                desired_header_route(route, located.route, destination),
+            ));
+        }
+    }
+    // Only what Fledge decides is compared (the rest may be defaulted by the server).
+    let same = |current: &Value, wanted: &Value| {
+        ["match", "route"]
+            .iter()
+            .all(|k| current.get(k) == wanted.get(k))
+    };
+    let first = i.saturating_sub(wanted.len());
+    let in_place = existing.len() == wanted.len()
+        && wanted.iter().enumerate().all(|(k, (index, route))| {
+            *index == Some(first + k) && http.get(first + k).is_some_and(|c| same(c, route))
+        });
+    if in_place {
+        return Ok(());
+    }
+    existing.sort_unstable_by(|a, b| b.cmp(a));
+    let removed_before = existing.iter().filter(|h| **h < i).count();
+    for h in existing {
+        let current = http.get(h).cloned().unwrap_or(Value::Null);
+        ops.push(test(format!("/spec/http/{h}"), current));
+        ops.push(json!({"op": "remove", "path": format!("/spec/http/{h}")}));
+    }
+    let insert_at = i - removed_before;
+    for (k, (_, route)) in wanted.into_iter().enumerate() {
+        ops.push(
+            json!({"op": "add", "path": format!("/spec/http/{}", insert_at + k), "value": route}),
+        );
+    }
+    Ok(())
 }
 
 /// The subsets a DestinationRule defines.
@@ -773,6 +837,14 @@ impl TrafficRouter for IstioRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
+    fn exact(header: &str, value: &str) -> Vec<TesterCondition> {
+        vec![TesterCondition {
+            header: header.into(),
+            matcher: HeaderMatcher::Exact(value.into()),
+        }]
+    }
 
     pub(crate) fn settings() -> IstioSettings {
         IstioSettings {
@@ -783,6 +855,7 @@ mod tests {
             canary: DestinationMatch::Subset("canary".into()),
             destination_rule: None,
             header_route: None,
+            guard_route: None,
             mirror_percentage: None,
         }
     }
@@ -932,7 +1005,7 @@ mod tests {
         let mut s = settings();
         s.header_route = Some(HeaderRoute {
             name: "primary-canary-testers".into(),
-            headers: BTreeMap::from([("stage".to_string(), "canary".to_string())]),
+            conditions: exact("stage", "canary"),
         });
         let ops = plan_patch(&vs(), &s, &weights(0)).unwrap().unwrap();
         let after = apply(&vs(), &ops);
@@ -961,7 +1034,7 @@ mod tests {
         let mut s = settings();
         s.header_route = Some(HeaderRoute {
             name: "testers".into(),
-            headers: BTreeMap::from([("stage".to_string(), "canary".to_string())]),
+            conditions: exact("stage", "canary"),
         });
         let mut doc = vs();
         let stray = json!({"name": "testers", "route": [{"destination": {"host": "app", "subset": "canary"}}]});
@@ -974,6 +1047,87 @@ mod tests {
             .map(|r| r["name"].as_str().unwrap())
             .collect();
         assert_eq!(names, ["health", "testers", "primary"]);
+    }
+
+    #[test]
+    fn testers_match_by_prefix_regex_and_cookie() {
+        let spec: fledge_core::spec::HeaderRouteSpec = serde_yaml::from_str(
+            "{headerMatches: [{name: x-team, prefix: qa-}, {name: user-agent, regex: '.*Firefox.*'}], cookie: {name: canary, value: always}}",
+        )
+        .unwrap();
+        let mut s = settings();
+        s.header_route = Some(HeaderRoute {
+            name: "testers".into(),
+            conditions: spec.conditions(),
+        });
+        let after = apply(&vs(), &plan_patch(&vs(), &s, &weights(0)).unwrap().unwrap());
+        assert_eq!(
+            after["spec"]["http"][1]["match"],
+            json!([{"uri": {"prefix": "/"}, "headers": {
+                "x-team": {"prefix": "qa-"},
+                "user-agent": {"regex": ".*Firefox.*"},
+                "cookie": {"regex": r"^(.*;\s*)?canary=always(;.*)?$"}
+            }}])
+        );
+    }
+
+    #[test]
+    fn the_guard_route_goes_first_to_stable_while_the_rollout_runs() {
+        let spec: fledge_core::spec::CanarySpec = serde_yaml::from_str(
+            r#"
+service: app
+stable: {subset: stable}
+canary: {subset: canary}
+metricsSource: {envoyAdmin: {urls: ["http://127.0.0.1:15000"]}}
+router: {istio: {virtualService: app, route: primary, headerRoute: {headers: {stage: canary}}}}
+analysis: {stepWeights: [10], guard: {}}
+"#,
+        )
+        .unwrap();
+        let s = IstioSettings::from_spec(&spec, "shop").unwrap();
+        let after = apply(
+            &vs(),
+            &plan_patch(&vs(), &s, &weights(10)).unwrap().unwrap(),
+        );
+        let http = after["spec"]["http"].as_array().unwrap();
+        let names: Vec<&str> = http.iter().map(|r| r["name"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "health",
+                "primary-fledge-guard",
+                "primary-canary-testers",
+                "primary"
+            ]
+        );
+        assert_eq!(
+            http[1]["match"],
+            json!([{"uri": {"prefix": "/"}, "headers": {"x-fledge-guard": {"regex": "(.*,)?app(,.*)?"}}}])
+        );
+        assert_eq!(
+            http[1]["route"],
+            json!([{"destination": {"host": "app", "subset": "stable", "port": {"number": 80}}}])
+        );
+        let state = read_routes(&after, &s).unwrap();
+        assert!(state.guard_route_present && state.header_route_present);
+        assert_eq!(plan_patch(&after, &s, &weights(10)).unwrap(), None);
+        // Testers off, guard still on: only the testers route goes.
+        let guard_only = DesiredRoutes {
+            testers: false,
+            ..weights(10)
+        };
+        let fewer = apply(
+            &after,
+            &plan_patch(&after, &s, &guard_only).unwrap().unwrap(),
+        );
+        assert_eq!(fewer["spec"]["http"].as_array().unwrap().len(), 3);
+        assert_eq!(fewer["spec"]["http"][1]["name"], "primary-fledge-guard");
+        // Finished: both removed, weights aside the VirtualService is as before.
+        let done = DesiredRoutes::weights_only(Weights::canary_percent(0));
+        assert_eq!(
+            apply(&after, &plan_patch(&after, &s, &done).unwrap().unwrap()),
+            vs()
+        );
     }
 
     #[test]
@@ -1087,6 +1241,8 @@ spec:
                     i.header_route = Some(fledge_core::spec::HeaderRouteSpec {
                         name: None,
                         headers: BTreeMap::new(),
+                        header_matches: Vec::new(),
+                        cookie: None,
                     })
                 },
                 "spec.router.istio.headerRoute.headers",
@@ -1097,6 +1253,8 @@ spec:
                     i.header_route = Some(fledge_core::spec::HeaderRouteSpec {
                         name: None,
                         headers: BTreeMap::from([("Stage".to_string(), "canary".to_string())]),
+                        header_matches: Vec::new(),
+                        cookie: None,
                     })
                 },
                 "spec.router.istio.headerRoute.headers.Stage",
@@ -1107,6 +1265,8 @@ spec:
                     i.header_route = Some(fledge_core::spec::HeaderRouteSpec {
                         name: Some("primary".into()),
                         headers: BTreeMap::from([("stage".to_string(), "canary".to_string())]),
+                        header_matches: Vec::new(),
+                        cookie: None,
                     })
                 },
                 "spec.router.istio.headerRoute.name",
@@ -1131,14 +1291,14 @@ spec:
         .unwrap();
         let errors = both.validate().unwrap_err().to_string();
         assert!(
-            errors.contains("spec.router: sets both envoyRds and istio; keep exactly one"),
+            errors.contains("spec.router: sets envoyRds and istio; keep exactly one"),
             "{errors}"
         );
         let mut neither = canary;
         neither.spec.router.istio = None;
         let errors = neither.validate().unwrap_err().to_string();
         assert!(
-            errors.contains("add `istio: {virtualService: ..., route: ...}` (Kubernetes)"),
+            errors.contains("add `istio: {virtualService: ..., route: ...}` or `gatewayApi: "),
             "{errors}"
         );
     }

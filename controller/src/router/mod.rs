@@ -18,6 +18,7 @@
 
 pub mod envoy_rds;
 pub mod factory;
+pub mod gateway_api;
 pub mod istio;
 #[cfg(test)]
 mod real_envoy_tests;
@@ -158,6 +159,9 @@ pub enum RouterError {
     /// Writes kept being undone or refused (someone else changes the same fields).
     #[error("{0}")]
     NotConverged(String),
+    /// The route is written as wanted, but its Gateway has not accepted it (yet): not live.
+    #[error("{0}")]
+    NotAccepted(String),
     #[error("proxy admin API error: {0}")]
     Admin(String),
     #[error("weights {want:?} not live in the proxy after {waited_ms} ms (live: {live:?})")]

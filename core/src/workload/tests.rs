@@ -30,6 +30,7 @@ fn spec() -> CanarySpec {
             header_route: None,
             mirror_percentage: None,
         }),
+        gateway_api: None,
     };
     spec.analysis.steps = Some(vec![StepSpec::set_weight(20), StepSpec::set_weight(50)]);
     spec.analysis.interval = HumanDuration::from_secs(10);
