@@ -28,6 +28,8 @@
 //! - [`http`]: a tiny blocking HTTP helper and a Prometheus text parser.
 //! - [`kubernetes`]: Kubernetes mode without a cluster — the fake API server over HTTP, a real
 //!   `fledge controller`, and a stand-in for istiod that copies VirtualService weights to Envoy.
+//! - [`gateway`]: a stand-in Gateway API implementation that programs Envoy from an HTTPRoute
+//!   and reports it accepted.
 //! - [`stack`]: [`stack::AppStack`], backends v1/v2 behind an Envoy with the filter — the
 //!   usual start of a test.
 //! - [`rollback`]: the canary-fails-hard scenario (data-plane guard and controller rollback
@@ -40,6 +42,7 @@ pub mod backend;
 pub mod browser;
 pub mod controller;
 pub mod envoy;
+pub mod gateway;
 pub mod http;
 pub mod kubernetes;
 pub mod loadgen;
