@@ -172,7 +172,7 @@ pub fn route_configuration(route: &Value) -> Result<Value, String> {
             });
         }
     }
-    translated.sort_by(|a, b| a.precedence.cmp(&b.precedence));
+    translated.sort_by_key(|t| t.precedence);
     Ok(json!({
         "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
         "name": ROUTE_CONFIG_NAME,
@@ -362,55 +362,6 @@ impl Drop for GatewaySync {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rules_become_envoy_routes_in_gateway_api_precedence() {
-        let route = json!({"spec": {"rules": [
-            {"name": "primary", "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
-             "backendRefs": [{"name": "app-stable", "weight": 80}, {"name": "app-canary", "weight": 20}]},
-            {"name": "health", "matches": [{"path": {"type": "Exact", "value": "/healthz"}}],
-             "backendRefs": [{"name": "app-stable"}]},
-            {"name": "primary-fledge-guard", "matches": [{"path": {"type": "PathPrefix", "value": "/"},
-              "headers": [{"type": "RegularExpression", "name": "x-fledge-guard", "value": "(.*,)?app(,.*)?"}]}],
-             "backendRefs": [{"name": "app-stable", "weight": 1}]},
-            {"name": "primary-canary-testers", "matches": [{"path": {"type": "PathPrefix", "value": "/"},
-              "headers": [{"type": "Exact", "name": "Stage", "value": "canary"}]}],
-             "backendRefs": [{"name": "app-canary", "weight": 1}]}
-        ]}});
-        let configuration = route_configuration(&route).unwrap();
-        let routes = configuration["virtual_hosts"][0]["routes"]
-            .as_array()
-            .unwrap();
-        let names: Vec<&str> = routes.iter().map(|r| r["name"].as_str().unwrap()).collect();
-        assert_eq!(
-            names,
-            [
-                "health",
-                "primary-fledge-guard",
-                "primary-canary-testers",
-                "primary"
-            ]
-        );
-        assert_eq!(
-            routes[2]["match"]["headers"],
-            json!([{"name": "stage", "string_match": {"exact": "canary"}}])
-        );
-        assert_eq!(
-            routes[3]["route"]["weighted_clusters"]["clusters"],
-            json!([{"name": STABLE_CLUSTER, "weight": 80}, {"name": CANARY_CLUSTER, "weight": 20}])
-        );
-        let mut unknown = route.clone();
-        unknown["spec"]["rules"][1]["backendRefs"][0]["name"] = json!("nope");
-        assert_eq!(
-            route_configuration(&unknown).unwrap_err(),
-            "backendRef \"nope\" not found"
-        );
-    }
-}
-
 /// The objects of a two-backend app in `namespace`: the HTTPRoute `app` (rule `primary`:
 /// `app-stable` 100 / `app-canary` 0, and a health rule) and a Canary steering it, whose
 /// metrics come from the gateway Envoy's admin at `envoy_admin_url`, with `analysis` as its
@@ -494,4 +445,53 @@ pub fn rule_weights(
         stable: weight("app-stable"),
         canary: weight("app-canary"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_become_envoy_routes_in_gateway_api_precedence() {
+        let route = json!({"spec": {"rules": [
+            {"name": "primary", "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+             "backendRefs": [{"name": "app-stable", "weight": 80}, {"name": "app-canary", "weight": 20}]},
+            {"name": "health", "matches": [{"path": {"type": "Exact", "value": "/healthz"}}],
+             "backendRefs": [{"name": "app-stable"}]},
+            {"name": "primary-fledge-guard", "matches": [{"path": {"type": "PathPrefix", "value": "/"},
+              "headers": [{"type": "RegularExpression", "name": "x-fledge-guard", "value": "(.*,)?app(,.*)?"}]}],
+             "backendRefs": [{"name": "app-stable", "weight": 1}]},
+            {"name": "primary-canary-testers", "matches": [{"path": {"type": "PathPrefix", "value": "/"},
+              "headers": [{"type": "Exact", "name": "Stage", "value": "canary"}]}],
+             "backendRefs": [{"name": "app-canary", "weight": 1}]}
+        ]}});
+        let configuration = route_configuration(&route).unwrap();
+        let routes = configuration["virtual_hosts"][0]["routes"]
+            .as_array()
+            .unwrap();
+        let names: Vec<&str> = routes.iter().map(|r| r["name"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "health",
+                "primary-fledge-guard",
+                "primary-canary-testers",
+                "primary"
+            ]
+        );
+        assert_eq!(
+            routes[2]["match"]["headers"],
+            json!([{"name": "stage", "string_match": {"exact": "canary"}}])
+        );
+        assert_eq!(
+            routes[3]["route"]["weighted_clusters"]["clusters"],
+            json!([{"name": STABLE_CLUSTER, "weight": 80}, {"name": CANARY_CLUSTER, "weight": 20}])
+        );
+        let mut unknown = route.clone();
+        unknown["spec"]["rules"][1]["backendRefs"][0]["name"] = json!("nope");
+        assert_eq!(
+            route_configuration(&unknown).unwrap_err(),
+            "backendRef \"nope\" not found"
+        );
+    }
 }
