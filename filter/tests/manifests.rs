@@ -81,6 +81,42 @@ fn wasm_plugins_target_the_gateway_fail_open_and_carry_a_valid_config() {
 }
 
 #[test]
+fn traffic_extension_matches_the_wasm_plugin_and_guards_the_service() {
+    let docs = documents("trafficextension.yaml");
+    assert_eq!(docs.len(), 1);
+    let extension = &docs[0];
+    assert_eq!(
+        str_at(extension, "apiVersion"),
+        "extensions.istio.io/v1alpha1"
+    );
+    assert_eq!(str_at(extension, "kind"), "TrafficExtension");
+    assert_eq!(
+        str_at(extension, "spec.selector.matchLabels.istio"),
+        "ingressgateway"
+    );
+    assert!(
+        extension["spec"].get("phase").is_none(),
+        "unset phase: just before the router"
+    );
+    assert!(at(extension, "spec.priority").is_i64());
+    assert_eq!(str_at(extension, "spec.match.0.mode"), "CLIENT");
+    let wasm = at(extension, "spec.wasm");
+    assert!(str_at(wasm, "url").starts_with("oci://"));
+    assert_eq!(str_at(wasm, "failStrategy"), "FAIL_OPEN");
+    assert_eq!(str_at(wasm, "pluginName"), "fledge");
+    let config = parses(at(wasm, "pluginConfig"), "trafficextension.yaml");
+    assert!(config.force_canary.is_some() && config.sticky.is_some());
+    let guard = config.guard.expect("the guard is configured");
+    assert_eq!(guard.header, contract::DEFAULT_GUARD_HEADER);
+    assert!(guard.services.contains_key("app"));
+    // The same plugin configuration as the WasmPlugin, plus the guard.
+    let plugin = &documents("wasmplugin.yaml")[0];
+    let mut expected = at(plugin, "spec.pluginConfig").clone();
+    expected["guard"] = at(wasm, "pluginConfig.guard").clone();
+    assert_eq!(at(wasm, "pluginConfig"), &expected);
+}
+
+#[test]
 fn envoy_filter_inserts_the_wasm_filter_before_the_router() {
     let docs = documents("envoyfilter.yaml");
     let filter = &docs[0];

@@ -277,3 +277,63 @@ fn examples_are_valid_and_fit_together() {
     assert_eq!(rule["spec"]["subsets"][0]["labels"]["version"], "v1");
     assert_eq!(rule["spec"]["subsets"][1]["labels"]["version"], "v2");
 }
+
+/// The Gateway API examples: each Canary is valid, its HTTPRoute rule starts at 100/0 with the
+/// backends it names, and the filter it installs (TrafficExtension in a waypoint, Envoy
+/// Gateway's EnvoyExtensionPolicy) parses, names the Canary's service and subsets, and guards
+/// the service when the Canary has `analysis.guard`.
+#[test]
+fn gateway_api_examples_are_valid_and_fit_together() {
+    use fledge_core::filter_config::FilterConfig;
+    for (file, filter_kind, config_path) in [
+        (
+            "examples/ambient.yaml",
+            "TrafficExtension",
+            "/spec/wasm/pluginConfig",
+        ),
+        (
+            "examples/envoy-gateway.yaml",
+            "EnvoyExtensionPolicy",
+            "/spec/wasm/0/config",
+        ),
+    ] {
+        let docs = documents(file);
+        let canary: Canary = serde_json::from_value(find(&docs, "Canary", "app").clone())
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let core = canary.to_core();
+        core.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
+        let route = find(&docs, "HTTPRoute", "app");
+        let weights =
+            weights_in(&core.spec, "shop", route).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!((weights.stable, weights.canary), (100, 0), "{file}");
+        let filter = find(&docs, filter_kind, "fledge");
+        let config = FilterConfig::from_value(filter.pointer(config_path).expect("config"))
+            .unwrap_or_else(|e| panic!("{file}: filter config rejected: {e}"));
+        assert!(
+            config
+                .clusters
+                .values()
+                .all(|c| c.service == core.spec.service),
+            "{file}: every cluster is the Canary's service"
+        );
+        let subsets: Vec<String> = config
+            .clusters
+            .values()
+            .filter_map(|c| c.subset.clone())
+            .collect();
+        for subset in &subsets {
+            assert!(
+                [&core.spec.stable.subset, &core.spec.canary.subset].contains(&subset),
+                "{file}: subset {subset}"
+            );
+        }
+        assert_eq!(
+            core.spec.analysis.guard.is_some(),
+            config
+                .guard
+                .as_ref()
+                .is_some_and(|g| g.services.contains_key(&core.spec.service)),
+            "{file}: the filter guards the service exactly when the Canary watches the guard"
+        );
+    }
+}

@@ -35,6 +35,9 @@ pub fn build(canary: &Canary, mode: Mode<'_>) -> Result<Box<dyn TrafficRouter>, 
             None if router.istio.is_some() => Err(
                 "spec.router.istio moves an Istio VirtualService and runs in Kubernetes mode (`fledge controller`); standalone `fledge run` needs `spec.router.envoyRds`".to_string(),
             ),
+            None if router.gateway_api.is_some() => Err(
+                "spec.router.gatewayApi moves a Gateway API route and runs in Kubernetes mode (`fledge controller`); standalone `fledge run` needs `spec.router.envoyRds`".to_string(),
+            ),
             None => Err("spec.router names no router; add `envoyRds: {...}`".to_string()),
         },
         Mode::Kubernetes { client, namespace } => {
