@@ -6,13 +6,13 @@
 //!    runs [`cleanup`] (all traffic back to stable unless it was promoted) before it goes away.
 //! 2. **Validate** the spec (`fledge_core`'s validation: every problem names the field and fix);
 //!    an invalid spec sets `Ready=False/InvalidSpec` and waits for an edit.
-//! 3. **Routes follow the status**: the VirtualService is made to serve `status.canaryWeight`
-//!    (plus the testers route / mirror while the rollout runs). Nothing is judged while the
-//!    routes are not as wanted.
+//! 3. **Routes follow the status**: the router makes the route serve `status.canaryWeight`
+//!    (plus the managed routes — testers, mirror, guard — while the rollout runs). Nothing is
+//!    judged while the routes are not as wanted (or, for the Gateway API, not accepted).
 //! 4. **Analysis tick, only when due**: `status.lastTickAt + interval <= now` (or an operator
 //!    command annotation is new). Then the metrics source is read and the pure
 //!    `fledge_core::rollout::step` decides. Reconciles triggered by anything else (our own status
-//!    write, a VirtualService edit, a resync) find no tick due and change nothing — which is
+//!    write, a route edit, a resync) find no tick due and change nothing — which is
 //!    why a restarted controller or a new leader never repeats a step.
 //! 5. **Persist, then act**: the new status is written with the resourceVersion that was read
 //!    (`PUT .../status`: a concurrent writer makes it a 409 and nothing is acted on); then the
