@@ -55,11 +55,12 @@ pub fn build(canary: &Canary, mode: Mode<'_>) -> Result<Box<dyn TrafficRouter>, 
 /// The route `spec` steers when its Canary lives in `namespace` (Kubernetes routers), from
 /// the spec alone: to find two Canaries steering one route without building their routers.
 pub fn route_key(spec: &CanarySpec, namespace: &str) -> Option<RouteKey> {
-    if let Some(settings) = IstioSettings::from_spec(spec, namespace) {
-        return Some(settings.route_key());
+    // Called for every Canary of a namespace on every reconcile: read the spec, build nothing.
+    if let Some(istio) = &spec.router.istio {
+        return Some(istio::route_key(istio, namespace));
     }
-    if let Some(settings) = GatewayApiSettings::from_spec(spec, namespace) {
-        return Some(settings.route_key());
+    if let Some(gateway) = &spec.router.gateway_api {
+        return gateway_api::route_key(gateway, namespace);
     }
     let rds = spec.router.envoy_rds.as_ref()?;
     Some(envoy_rds::route_key(&rds_settings(rds)))

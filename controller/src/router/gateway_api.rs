@@ -33,7 +33,7 @@ use crate::router::{
 };
 use async_trait::async_trait;
 use fledge_core::router_spec::{HeaderMatcher, RuleRef, TesterCondition};
-use fledge_core::spec::{BackendRefSpec, CanarySpec};
+use fledge_core::spec::{BackendRefSpec, CanarySpec, GatewayApiRouterSpec};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::Client;
@@ -142,17 +142,7 @@ impl GatewayApiSettings {
 
     /// The route these settings steer.
     pub fn route_key(&self) -> RouteKey {
-        RouteKey {
-            object: RouteObject {
-                kind: self.kind.name(),
-                namespace: self.namespace.clone(),
-                name: self.route.clone(),
-            },
-            route: match &self.rule {
-                RuleRef::Name(name) => name.clone(),
-                RuleRef::Index(index) => index.to_string(),
-            },
-        }
+        key(self.kind.name(), &self.namespace, &self.route, &self.rule)
     }
 
     fn describe(&self) -> String {
@@ -182,6 +172,30 @@ impl GatewayApiSettings {
 enum Side {
     Stable,
     Canary,
+}
+
+fn key(kind: &'static str, namespace: &str, route: &str, rule: &RuleRef) -> RouteKey {
+    RouteKey {
+        object: RouteObject {
+            kind,
+            namespace: namespace.to_string(),
+            name: route.to_string(),
+        },
+        route: match rule {
+            RuleRef::Name(name) => name.clone(),
+            RuleRef::Index(index) => index.to_string(),
+        },
+    }
+}
+
+/// The route `spec.router.gatewayApi` steers in `namespace`, if it names exactly one route.
+pub fn route_key(spec: &GatewayApiRouterSpec, namespace: &str) -> Option<RouteKey> {
+    let (kind, route) = spec.route()?;
+    let kind = match kind {
+        "GRPCRoute" => RouteKind::Grpc.name(),
+        _ => RouteKind::Http.name(),
+    };
+    Some(key(kind, namespace, route, &spec.rule))
 }
 
 /// Whether `backend_ref` (JSON) is the backend `spec` names, with the API's defaults.

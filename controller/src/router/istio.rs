@@ -163,15 +163,24 @@ impl IstioSettings {
 
     /// The route these settings steer.
     pub fn route_key(&self) -> RouteKey {
-        RouteKey {
-            object: RouteObject {
-                kind: "VirtualService",
-                namespace: self.namespace.clone(),
-                name: self.virtual_service.clone(),
-            },
-            route: self.route.clone(),
-        }
+        key(&self.namespace, &self.virtual_service, &self.route)
     }
+}
+
+fn key(namespace: &str, virtual_service: &str, route: &str) -> RouteKey {
+    RouteKey {
+        object: RouteObject {
+            kind: "VirtualService",
+            namespace: namespace.to_string(),
+            name: virtual_service.to_string(),
+        },
+        route: route.to_string(),
+    }
+}
+
+/// The route `spec.router.istio` steers in `namespace`.
+pub fn route_key(spec: &fledge_core::spec::IstioRouterSpec, namespace: &str) -> RouteKey {
+    key(namespace, &spec.virtual_service, &spec.route)
 }
 
 /// What the weighted route currently looks like.
