@@ -120,7 +120,10 @@ fn a_healthy_canary_is_promoted_and_a_failing_one_rolled_back_through_an_http_ro
         require("Promoted", Duration::from_secs(60), || {
             Ok(canary_status(&cluster)?["phase"] == "Promoted")
         })?;
-        ensure!(rule_weights(&cluster, NS, "app", "primary")? == RouteWeights::ALL_CANARY);
+        // The status is written before the routes move (persist, then act): wait for them.
+        require("the rule at 100% canary", Duration::from_secs(10), || {
+            Ok(rule_weights(&cluster, NS, "app", "primary")? == RouteWeights::ALL_CANARY)
+        })?;
         envoy.wait_for_route_weights(RouteWeights::ALL_CANARY, Duration::from_secs(10))?;
         let (share, responses) = v2_share_over(&load, Duration::from_secs(1));
         ensure!(
@@ -169,7 +172,9 @@ fn a_healthy_canary_is_promoted_and_a_failing_one_rolled_back_through_an_http_ro
             "{}",
             status["message"]
         );
-        ensure!(rule_weights(&cluster, NS, "app", "primary")? == RouteWeights::ALL_STABLE);
+        require("the rule at 100% stable", Duration::from_secs(10), || {
+            Ok(rule_weights(&cluster, NS, "app", "primary")? == RouteWeights::ALL_STABLE)
+        })?;
         envoy.wait_for_route_weights(RouteWeights::ALL_STABLE, Duration::from_secs(10))?;
         // No request reaches the canary afterwards.
         std::thread::sleep(Duration::from_millis(300));

@@ -169,7 +169,12 @@ fn kubernetes_mode_steers_real_traffic_through_a_virtual_service() -> Result<()>
         require("Promoted", Duration::from_secs(60), || {
             Ok(canary_status()?["phase"] == "Promoted")
         })?;
-        ensure!(cluster.route_weights(NS, "app", "primary")? == RouteWeights::ALL_CANARY);
+        // The status is written before the routes move (persist, then act): wait for them.
+        require(
+            "the VirtualService at 100% canary",
+            Duration::from_secs(10),
+            || Ok(cluster.route_weights(NS, "app", "primary")? == RouteWeights::ALL_CANARY),
+        )?;
         envoy.wait_for_route_weights(RouteWeights::ALL_CANARY, Duration::from_secs(10))?;
         let metrics = http::get_ok(&format!("{base}/metrics"), Duration::from_secs(3))?;
         let weight = http::prometheus_samples(&metrics, "fledge_canary_weight");
@@ -218,7 +223,11 @@ fn kubernetes_mode_steers_real_traffic_through_a_virtual_service() -> Result<()>
             "{}",
             status["message"]
         );
-        ensure!(cluster.route_weights(NS, "app", "primary")? == RouteWeights::ALL_STABLE);
+        require(
+            "the VirtualService at 100% stable",
+            Duration::from_secs(10),
+            || Ok(cluster.route_weights(NS, "app", "primary")? == RouteWeights::ALL_STABLE),
+        )?;
         envoy.wait_for_route_weights(RouteWeights::ALL_STABLE, Duration::from_secs(10))?;
         let (share, responses) = v2_share_over(&load, Duration::from_secs(2));
         ensure!(
