@@ -41,6 +41,7 @@ pub mod progress;
 pub mod router;
 pub mod runner;
 pub mod state;
+pub mod supervisor;
 pub mod telemetry;
 pub mod tick;
 pub mod webhooks;

@@ -1,10 +1,11 @@
 //! `fledge` — automated, metrics-driven canary releases for Envoy and Istio.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fledge_controller::runner::{CanaryTask, Registry};
+use fledge_controller::runner::Registry;
 use fledge_controller::state::StateStore;
-use fledge_controller::{api, backends, cli, config};
+use fledge_controller::supervisor::Supervisor;
+use fledge_controller::{api, cli, config};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -250,32 +251,8 @@ async fn run(
     let store = StateStore::new(state_dir);
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
 
-    let mut tasks = tokio::task::JoinSet::new();
-    for canary in &canaries {
-        // Warnings about checks are announced by the rollout itself (and kept in its status);
-        // the plan's own (pauses that wait for a person) are said once here.
-        let announced = fledge_core::warning::check_warnings(&canary.spec.analysis);
-        for warning in config::spec_warnings(canary) {
-            if !announced.contains(&warning) {
-                println!("fledge: {}: warning: {warning}", canary.name());
-            }
-        }
-    }
-    for canary in canaries {
-        let source = backends::metrics_source(&canary)?;
-        let router = backends::traffic_router(&canary)?;
-        let task = CanaryTask {
-            canary,
-            source,
-            router,
-            store: store.clone(),
-            registry: registry.clone(),
-            exit_when_done,
-            last_written: None,
-            last_conflict: None,
-        };
-        tasks.spawn(task.run(shutdown_rx.clone()));
-    }
+    let mut supervisor = Supervisor::new(files, store, registry.clone(), exit_when_done);
+    supervisor.start(canaries)?;
 
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -295,25 +272,10 @@ async fn run(
             .await
     });
 
-    let mut rolled_back = false;
-    let signal = shutdown_signal();
-    tokio::pin!(signal);
-    loop {
-        tokio::select! {
-            joined = tasks.join_next() => match joined {
-                Some(Ok(status)) => rolled_back |= status.phase == fledge_core::rollout::Phase::RolledBack,
-                Some(Err(e)) => bail!("a canary task failed: {e}"),
-                None => break,
-            },
-            _ = &mut signal => {
-                println!("fledge: shutting down (state is saved; run again to continue)");
-                break;
-            }
-        }
-    }
+    let outcome = supervisor.run(shutdown_signal()).await;
     let _ = shutdown_tx.send(true);
-    while tasks.join_next().await.is_some() {}
     let _ = server.await;
+    let rolled_back = outcome?;
     Ok(if rolled_back {
         ExitCode::from(3)
     } else {

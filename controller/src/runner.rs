@@ -3,13 +3,16 @@
 //! Each loop iteration first makes the router match `status.canary_weight` (and checks the
 //! proxy really serves it), then waits for the next analysis tick or an operator command, asks
 //! the pure state machine what to do, persists the new status, and prints what happened.
-//! Metrics are never judged while the live weights are unknown or wrong.
+//! Metrics are never judged while the live weights are unknown or wrong. Once a rollout has
+//! finished and its final weights are live, the route is left alone, so the operator can
+//! finalize (make the promoted version stable, set the weights back), as in Kubernetes mode.
+//! [`crate::supervisor`] starts, restarts and stops these tasks as the spec files change.
 
 use crate::dashboard::series::IntervalPoint;
 use crate::metrics::MetricsSource;
 use crate::progress;
 use crate::router::{DesiredRoutes, TrafficRouter, Weights};
-use crate::state::{fingerprint, SavedState, StateStore};
+use crate::state::{rollout_fingerprint, SavedState, StateStore};
 use crate::telemetry::{ErrorKind, Telemetry};
 use crate::tick::{Announce, CanaryAnalysis, Decided, Trigger};
 use crate::webhooks::WebhookStatus;
@@ -199,6 +202,32 @@ pub struct CanaryTask {
     pub last_conflict: Option<String>,
 }
 
+/// What the state file holds besides the status.
+struct Persisted {
+    /// The rollout the status belongs to ([`rollout_fingerprint`]).
+    fingerprint: String,
+    /// The finished rollout's final weights are live: the route is the operator's again.
+    final_routes_applied: bool,
+}
+
+impl Persisted {
+    /// Write `status` with this record; false (logged) when it could not be written.
+    fn save(&self, store: &StateStore, name: &str, status: &CanaryStatus) -> bool {
+        let state = SavedState {
+            spec_fingerprint: self.fingerprint.clone(),
+            status: status.clone(),
+            final_routes_applied: self.final_routes_applied,
+        };
+        match store.save(name, &state) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(canary = name, error = %e, "could not persist status; a restart would repeat this step");
+                false
+            }
+        }
+    }
+}
+
 /// `fledge run` tells people on stdout: one line per judged interval and per event.
 struct ProgressLines<'a> {
     canary: &'a Canary,
@@ -225,7 +254,7 @@ async fn tick(
     analysis: &mut CanaryAnalysis,
     status: &mut CanaryStatus,
     trigger: Trigger<'_>,
-    fingerprint: &str,
+    persisted: &mut Persisted,
 ) {
     let name = canary.name();
     let decided = match analysis.decide(status, trigger, Utc::now()).await {
@@ -235,12 +264,9 @@ async fn tick(
             return;
         }
     };
-    let saved = SavedState {
-        spec_fingerprint: fingerprint.to_string(),
-        status: decided.status.clone(),
-    };
-    if let Err(e) = store.save(name, &saved) {
-        tracing::error!(canary = name, error = %e, "could not persist status; a restart would repeat this step");
+    // A finished rollout stays hands-off; anything else (e.g. a retry) needs its weights.
+    persisted.final_routes_applied &= decided.status.phase.is_terminal();
+    if !persisted.save(store, name, &decided.status) {
         analysis
             .telemetry()
             .record_error(analysis.label(), ErrorKind::Persist);
@@ -270,9 +296,14 @@ impl CanaryTask {
         }
     }
 
-    /// Load a saved status for this spec, or start afresh.
-    fn initial_status(&self, fingerprint: &str) -> CanaryStatus {
+    /// Load the saved state of this rollout, or start a new one (keeping the decision history
+    /// of the canary's earlier rollouts).
+    fn initial_state(&self, fingerprint: &str) -> (CanaryStatus, Persisted) {
         let name = self.canary.name();
+        let persisted = |final_routes_applied| Persisted {
+            fingerprint: fingerprint.to_string(),
+            final_routes_applied,
+        };
         match self.store.load(name) {
             Ok(Some(saved)) if saved.spec_fingerprint == fingerprint => {
                 progress::line(
@@ -281,22 +312,53 @@ impl CanaryTask {
                     self.canary.spec.analysis.plan().len(),
                     "resuming from saved state",
                 );
-                saved.status
+                (saved.status, persisted(saved.final_routes_applied))
             }
-            Ok(Some(_)) => {
-                tracing::info!(
-                    canary = name,
-                    "spec changed since the saved state: starting a new rollout"
-                );
-                CanaryStatus::default()
+            Ok(Some(saved)) => {
+                let reason = match self.canary.rollout_marker() {
+                    Some(rollout) => format!(
+                        "new rollout of {rollout}: the spec or its fledge.dev/rollout annotation changed"
+                    ),
+                    None => "new rollout: the spec changed".to_string(),
+                };
+                tracing::info!(canary = name, "{reason}");
+                (saved.status.next_rollout(Utc::now(), reason), persisted(false))
             }
-            Ok(None) => CanaryStatus::default(),
+            Ok(None) => (CanaryStatus::default(), persisted(false)),
             Err(e) => {
                 // Refusing to start is safer than guessing where a rollout stood.
                 tracing::error!(canary = name, error = %e, "cannot read saved state; starting a new rollout from 0% canary");
-                CanaryStatus::default()
+                (CanaryStatus::default(), persisted(false))
             }
         }
+    }
+
+    /// [`Self::ensure_routes`], except after a finished rollout whose final weights are live:
+    /// then the route is the operator's, and left alone.
+    async fn reconcile_routes(
+        &mut self,
+        status: &CanaryStatus,
+        persisted: &mut Persisted,
+    ) -> Result<(), String> {
+        let finished = status.phase.is_terminal();
+        if finished && persisted.final_routes_applied {
+            return Ok(());
+        }
+        self.ensure_routes(status).await?;
+        if finished {
+            persisted.final_routes_applied = true;
+            let name = self.canary.name();
+            if !persisted.save(&self.store, name, status) {
+                self.registry
+                    .telemetry()
+                    .record_error(name, ErrorKind::Persist);
+            }
+            progress::note(
+                name,
+                "final weights are live; the route is left alone until the next rollout",
+            );
+        }
+        Ok(())
     }
 
     /// Make the routes follow `status` (and check the proxy really serves them); `Err`
@@ -354,7 +416,7 @@ impl CanaryTask {
 
     /// Drive this canary until shutdown (or until done, with `exit_when_done`).
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> CanaryStatus {
-        let fingerprint = fingerprint(&self.canary.spec);
+        let fingerprint = rollout_fingerprint(&self.canary);
         let (commands_tx, mut commands) = mpsc::channel(16);
         let mut analysis = CanaryAnalysis::new(
             &self.canary,
@@ -388,7 +450,7 @@ impl CanaryTask {
                 _ = shutdown.changed() => return saved,
             }
         };
-        let mut status = self.initial_status(&fingerprint);
+        let (mut status, mut persisted) = self.initial_state(&fingerprint);
         // Show where the rollout stands right away, before the first (possibly slow) weight check.
         self.registry
             .publish(self.view(&status, None, &analysis), &commands_tx);
@@ -407,7 +469,7 @@ impl CanaryTask {
         guard_ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_guard_trip = None;
         loop {
-            let routes = self.ensure_routes(&status).await;
+            let routes = self.reconcile_routes(&status, &mut persisted).await;
             if let Err(e) = &routes {
                 tracing::warn!(canary = self.canary.name(), error = %e, "weights not applied yet; will retry");
                 self.registry
@@ -432,15 +494,15 @@ impl CanaryTask {
                     }
                     let source = &mut self.source;
                     let observe = Box::pin(async move { Ok(source.observe().await) });
-                    tick(&self.canary, &self.store, &mut analysis, &mut status, Trigger::Interval(observe), &fingerprint).await;
+                    tick(&self.canary, &self.store, &mut analysis, &mut status, Trigger::Interval(observe), &mut persisted).await;
                 }
                 Some(command) = commands.recv() => {
-                    tick(&self.canary, &self.store, &mut analysis, &mut status, Trigger::Command(command), &fingerprint).await;
+                    tick(&self.canary, &self.store, &mut analysis, &mut status, Trigger::Command(command), &mut persisted).await;
                 }
                 _ = guard_ticker.tick(), if guard_every.is_some() && routes.is_ok() && guard_watched(&status) => {
                     if let Some(tripped_at) = self.new_guard_trip(&mut last_guard_trip).await {
                         let command = Command::GuardTripped { tripped_at };
-                        tick(&self.canary, &self.store, &mut analysis, &mut status, Trigger::Command(command), &fingerprint).await;
+                        tick(&self.canary, &self.store, &mut analysis, &mut status, Trigger::Command(command), &mut persisted).await;
                     }
                 }
                 _ = shutdown.changed() => {

@@ -2,7 +2,7 @@
 //! fsync, rename) after every decision, so a restarted `fledge run` continues at the same step.
 
 use fledge_core::rollout::CanaryStatus;
-use fledge_core::spec::CanarySpec;
+use fledge_core::spec::{Canary, CanarySpec};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -23,9 +23,14 @@ pub enum StateError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SavedState {
-    /// Fingerprint of the spec the status belongs to: a changed spec starts a new rollout.
+    /// Fingerprint of the spec (and rollout annotation) the status belongs to: a change
+    /// starts a new rollout.
     pub spec_fingerprint: String,
     pub status: CanaryStatus,
+    /// The rollout finished and its final weights were applied: from then on the route is
+    /// left alone (the operator finalizes), even across restarts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub final_routes_applied: bool,
 }
 
 /// A stable fingerprint of a spec (FNV-1a over its canonical JSON).
@@ -37,6 +42,17 @@ pub fn fingerprint(spec: &CanarySpec) -> String {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{hash:016x}")
+}
+
+/// Which rollout a canary asks for: its spec, plus the `fledge.dev/rollout` annotation when
+/// set (a new release of an unchanged spec). Without the annotation it is the spec's
+/// [`fingerprint`], as before the annotation existed, so saved states stay valid.
+pub fn rollout_fingerprint(canary: &Canary) -> String {
+    let spec = fingerprint(&canary.spec);
+    match canary.rollout_marker() {
+        Some(rollout) => format!("{spec}/{rollout}"),
+        None => spec,
+    }
 }
 
 /// Held while this process may act on a canary; the OS releases it when the process exits,
@@ -154,6 +170,7 @@ mod tests {
                 step: 2,
                 ..Default::default()
             },
+            final_routes_applied: true,
         };
         store.save("app", &state).unwrap();
         store.save("app", &state).unwrap();
@@ -162,6 +179,53 @@ mod tests {
             .unwrap()
             .collect();
         assert_eq!(files.len(), 1);
+    }
+
+    #[test]
+    fn a_state_file_written_before_final_routes_were_tracked_loads_as_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let status = serde_json::to_string(&CanaryStatus::default()).unwrap();
+        let old = format!(r#"{{"specFingerprint": "abc", "status": {status}}}"#);
+        std::fs::write(dir.path().join("app.json"), old).unwrap();
+        let loaded = StateStore::new(dir.path()).load("app").unwrap().unwrap();
+        assert!(!loaded.final_routes_applied);
+    }
+
+    #[test]
+    fn the_rollout_annotation_is_part_of_the_rollout_fingerprint() {
+        let mut canary: Canary = serde_yaml::from_str(
+            "apiVersion: fledge.dev/v1alpha1
+kind: Canary
+metadata: {name: app}
+spec:
+  service: app
+  stable: {subset: stable}
+  canary: {subset: canary}
+  metricsSource: {envoyAdmin: {urls: [\"http://127.0.0.1:9901\"]}}
+  router: {envoyRds: {path: /r.json, routeConfiguration: r, virtualHost: v, route: p,
+           stableCluster: s, canaryCluster: c, adminUrl: \"http://127.0.0.1:9901\"}}
+  analysis: {stepWeights: [50]}
+",
+        )
+        .unwrap();
+        let plain = rollout_fingerprint(&canary);
+        assert_eq!(plain, fingerprint(&canary.spec), "saved states stay valid");
+        canary
+            .metadata
+            .annotations
+            .insert(fledge_core::spec::ROLLOUT_ANNOTATION.into(), "v2".into());
+        let v2 = rollout_fingerprint(&canary);
+        canary
+            .metadata
+            .annotations
+            .insert(fledge_core::spec::ROLLOUT_ANNOTATION.into(), "v3".into());
+        let v3 = rollout_fingerprint(&canary);
+        assert!(plain != v2 && v2 != v3, "{plain} {v2} {v3}");
+        canary
+            .metadata
+            .annotations
+            .insert("other".into(), "x".into());
+        assert_eq!(rollout_fingerprint(&canary), v3);
     }
 
     #[test]

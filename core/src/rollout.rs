@@ -107,6 +107,29 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+impl CanaryStatus {
+    /// The status a new rollout of the same canary starts from (a changed spec, or a new
+    /// release named by the rollout annotation): everything starts afresh except the decision
+    /// history, which keeps the earlier rollouts and records why this one started.
+    pub fn next_rollout(&self, now: DateTime<Utc>, reason: String) -> CanaryStatus {
+        let mut history = self.history.clone();
+        history.push(Transition {
+            at: now,
+            phase: Phase::Initializing,
+            canary_weight: 0,
+            step: 0,
+            reason: reason.clone(),
+        });
+        let excess = history.len().saturating_sub(HISTORY_LIMIT);
+        history.drain(..excess);
+        CanaryStatus {
+            message: reason,
+            history,
+            ..CanaryStatus::default()
+        }
+    }
+}
+
 /// A request from an operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -1214,6 +1237,42 @@ mod tests {
         assert!(retried.history.len() > rolled.history.len());
         let again = step(&spec, &retried, &baseline(), t(210)).status;
         assert_eq!((again.phase, again.canary_weight), (Progressing, 20));
+    }
+
+    #[test]
+    fn a_next_rollout_starts_afresh_but_keeps_the_decision_history() {
+        let spec = simple_spec();
+        let (promoted, _) = drive(&spec, &[baseline(), command(Command::PromoteFull)]);
+        assert_eq!(promoted.phase, Promoted);
+        let next = promoted.next_rollout(t(300), "new rollout: v3".into());
+        assert_eq!(
+            (
+                next.phase,
+                next.canary_weight,
+                next.step,
+                next.failed_checks
+            ),
+            (Initializing, 0, 0, 0)
+        );
+        assert_eq!(
+            (next.started_at, next.last_analysis.is_none()),
+            (None, true)
+        );
+        assert_eq!(next.history.len(), promoted.history.len() + 1);
+        assert_eq!(next.history[..promoted.history.len()], promoted.history[..]);
+        let last = next.history.last().expect("an entry");
+        assert_eq!(
+            (last.at, last.phase, last.reason.as_str()),
+            (t(300), Initializing, "new rollout: v3")
+        );
+        let started = step(&spec, &next, &baseline(), t(310)).status;
+        assert_eq!((started.phase, started.canary_weight), (Progressing, 20));
+        let mut long = promoted.clone();
+        long.history = vec![promoted.history[0].clone(); HISTORY_LIMIT];
+        assert_eq!(
+            long.next_rollout(t(1), "x".into()).history.len(),
+            HISTORY_LIMIT
+        );
     }
 
     #[test]

@@ -21,6 +21,11 @@ pub const METRIC_SUCCESS_RATE: &str = "request-success-rate";
 pub const METRIC_DURATION: &str = "request-duration";
 pub const KNOWN_METRICS: [&str; 2] = [METRIC_SUCCESS_RATE, METRIC_DURATION];
 
+/// The annotation that names the release a rollout is for (e.g. `fledge.dev/rollout: v3`).
+/// Changing it starts a new rollout of the same spec, in both modes: the canary slot now runs
+/// a new version.
+pub const ROLLOUT_ANNOTATION: &str = "fledge.dev/rollout";
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -38,6 +43,9 @@ pub struct Metadata {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// Annotations. Changing [`ROLLOUT_ANNOTATION`] starts a new rollout of an unchanged spec.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub annotations: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1037,6 +1045,14 @@ fn is_http_url(s: &str) -> bool {
 impl Canary {
     pub fn name(&self) -> &str {
         &self.metadata.name
+    }
+
+    /// The release this rollout is for, from [`ROLLOUT_ANNOTATION`], if set.
+    pub fn rollout_marker(&self) -> Option<&str> {
+        self.metadata
+            .annotations
+            .get(ROLLOUT_ANNOTATION)
+            .map(String::as_str)
     }
 
     /// Check everything serde cannot: ranges, exclusive options, cross-field rules.

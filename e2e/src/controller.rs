@@ -48,6 +48,9 @@ pub struct CanaryManifest {
     /// harness's stable and canary clusters (`metricsSource.envoyClusterStats`): no filter
     /// needed.
     pub cluster_stats: bool,
+    /// The release this rollout is for (`metadata.annotations["fledge.dev/rollout"]`); a
+    /// running `fledge run` starts a new rollout when it changes.
+    pub rollout: Option<String>,
 }
 
 impl CanaryManifest {
@@ -79,7 +82,14 @@ metrics:
             analysis_yaml: Self::demo_analysis(),
             prometheus_address: None,
             cluster_stats: false,
+            rollout: None,
         }
+    }
+
+    /// Name the release (see [`CanaryManifest::rollout`]).
+    pub fn with_rollout(mut self, rollout: &str) -> Self {
+        self.rollout = Some(rollout.to_string());
+        self
     }
 
     /// Read metrics from the Prometheus at `address` (see [`CanaryManifest::prometheus_address`]).
@@ -106,10 +116,14 @@ metrics:
             ),
             None => format!("envoyAdmin: {{urls: [{}]}}", quote(&self.envoy_admin_url)),
         };
+        let annotations = match &self.rollout {
+            Some(rollout) => format!(", annotations: {{fledge.dev/rollout: {}}}", quote(rollout)),
+            None => String::new(),
+        };
         format!(
             "apiVersion: fledge.dev/v1alpha1
 kind: Canary
-metadata: {{name: {name}}}
+metadata: {{name: {name}{annotations}}}
 spec:
   service: {service}
   stable: {{subset: {stable}}}
@@ -141,9 +155,13 @@ spec:
         )
     }
 
-    /// Write the YAML to `path`.
+    /// Write the YAML to `path` atomically (a running `fledge run` reads it again when it
+    /// changes, and must never see half a file).
     pub fn write(&self, path: &Path) -> Result<()> {
-        std::fs::write(path, self.to_yaml()).with_context(|| format!("writing {}", path.display()))
+        let temp = path.with_extension("yaml.tmp");
+        std::fs::write(&temp, self.to_yaml())
+            .with_context(|| format!("writing {}", temp.display()))?;
+        std::fs::rename(&temp, path).with_context(|| format!("renaming to {}", path.display()))
     }
 }
 

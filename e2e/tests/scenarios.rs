@@ -5,7 +5,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use fledge_e2e::{
     init_tracing, wait_until, AppStack, Backend, BackendOptions, CanaryManifest, CanaryView,
-    Controller, Envoy, EnvoyOptions, LoadGen, LoadOptions, ScratchDir, WasmFilter,
+    Controller, Envoy, EnvoyOptions, LoadGen, LoadOptions, RouteWeights, ScratchDir, WasmFilter,
 };
 use std::time::Duration;
 
@@ -33,10 +33,11 @@ struct Stack {
     // Drop order: controller and load first, then Envoy and the backends, then the directory.
     controller: Controller,
     load: Option<LoadGen>,
-    _envoy: Envoy,
+    envoy: Envoy,
     stable: Backend,
     canary: Backend,
-    _dir: ScratchDir,
+    dir: ScratchDir,
+    manifest: CanaryManifest,
 }
 
 struct Scenario {
@@ -67,10 +68,11 @@ impl Scenario {
         Ok(Stack {
             controller,
             load: Some(load),
-            _envoy: envoy,
+            envoy,
             stable,
             canary,
-            _dir: dir,
+            dir,
+            manifest,
         })
     }
 }
@@ -160,6 +162,82 @@ fn healthy_canary_is_promoted_and_then_gets_the_traffic() -> Result<()> {
         canary > 100 && share >= 0.99,
         "after promotion canary served {canary}, stable {stable} ({:.1}% canary)",
         share * 100.0
+    );
+    Ok(())
+}
+
+/// One step at 50% with 1 s intervals: promoted a few seconds after it starts.
+const ONE_STEP_ANALYSIS: &str = "interval: 1s
+threshold: 2
+minCanaryRequests: 5
+stepWeights: [50]
+metrics:
+  - {name: request-success-rate, thresholdRange: {min: 99}}
+";
+
+#[test]
+fn one_fledge_run_hands_the_route_back_after_a_rollout_and_rolls_out_the_next_release() -> Result<()>
+{
+    let mut stack = Scenario {
+        name: "releases",
+        stable: BackendOptions::default(),
+        canary: BackendOptions::default(),
+        rps: 100,
+        analysis: ONE_STEP_ANALYSIS,
+    }
+    .start()?;
+    let releases = |stack: &Stack, rollout: &str| -> Result<()> {
+        stack
+            .manifest
+            .clone()
+            .with_rollout(rollout)
+            .write(&stack.dir.path().join("canary.yaml"))
+    };
+    let view = stack.wait_for_phase("releases", "Promoted", Duration::from_secs(30))?;
+    ensure!(view.canary_weight == Some(100), "{view:?}");
+
+    // The operator finalizes: all traffic back on the stable slot. fledge leaves it so.
+    stack.envoy.apply_route_weights(RouteWeights::ALL_STABLE)?;
+    let (_, canary_served) = stack.served_during(Duration::from_secs(3))?;
+    let (weights, _) = stack.envoy.live_route_weights()?;
+    ensure!(
+        weights == RouteWeights::ALL_STABLE && canary_served == 0,
+        "after a finished rollout the route is the operator's: live {weights}, canary served {canary_served}"
+    );
+
+    // A spec file that does not load changes nothing.
+    std::fs::write(
+        stack.dir.path().join("canary.yaml"),
+        "kind: Canary
+spec: [
+",
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let view = stack.controller.canary("releases")?;
+    ensure!(
+        view.phase == "Promoted",
+        "a bad edit changed the canary: {view:?}"
+    );
+
+    // The next release: the same spec, a new fledge.dev/rollout.
+    releases(&stack, "v3")?;
+    wait_until("the v3 rollout to start", Duration::from_secs(10), || {
+        let view = stack.controller.canary("releases")?;
+        Ok((!view.is_terminal()).then_some(()))
+    })?;
+    let view = stack.wait_for_phase("releases", "Promoted", Duration::from_secs(30))?;
+    let phases = Stack::history_phases(&view);
+    ensure!(
+        phases.iter().filter(|p| *p == "Promoted").count() == 2,
+        "one history with both rollouts expected: {phases:?}"
+    );
+    let history = view.raw["history"].to_string();
+    ensure!(history.contains("new rollout of v3"), "{history}");
+    let log = stack.controller.log_text();
+    ensure!(
+        log.contains("do not load") && log.contains("releases changed: starting a new rollout"),
+        "controller output:\n{}",
+        stack.controller.log_tail(40)
     );
     Ok(())
 }

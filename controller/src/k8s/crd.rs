@@ -274,6 +274,7 @@ impl Canary {
             metadata: fledge_core::spec::Metadata {
                 name: self.metadata.name.clone().unwrap_or_default(),
                 namespace: self.metadata.namespace.clone(),
+                annotations: self.metadata.annotations.clone().unwrap_or_default(),
             },
             spec: self.spec.canary.clone(),
         }

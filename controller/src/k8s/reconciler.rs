@@ -60,7 +60,7 @@ use tokio::sync::watch;
 
 /// Annotation whose value, when changed, starts a new rollout of the same spec (e.g. set it to
 /// the version being released: `fledge.dev/rollout: v3`).
-pub const ROLLOUT_ANNOTATION: &str = "fledge.dev/rollout";
+pub const ROLLOUT_ANNOTATION: &str = fledge_core::spec::ROLLOUT_ANNOTATION;
 /// Event `action` field.
 const EVENT_ACTION: &str = "Rollout";
 

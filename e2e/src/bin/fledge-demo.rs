@@ -7,11 +7,16 @@
 //!                fledge run ────────────┘  status API /api/v1/canaries
 //! ```
 //!
-//! Act 1: v1 is stable, v2 is a healthy canary; `fledge run` moves traffic 20 → 40 → pause →
-//! 60 → 80 and promotes; the demo checks that ≥ 99 % of later requests reach v2.
-//! Act 2: the operator finalizes (stable backend restarted as v2, weights reset to 100/0), a v3
-//! canary answers 20 % of requests with 500; a new `fledge run` must roll it back, after which no
-//! request may reach v3.
+//! One `fledge run`, and one dashboard URL, for the whole demo:
+//! Act 1: v1 is stable, v2 is a healthy canary (`fledge.dev/rollout: v2`); `fledge run` moves
+//! traffic 20 → 40 → pause → 60 → 80 and promotes; the demo checks that ≥ 99 % of later
+//! requests reach v2.
+//! Act 2: the operator finalizes (stable backend restarted as v2, weights reset to 100/0, which
+//! `fledge run` leaves alone after a finished rollout), a v3 canary answers 20 % of requests
+//! with 500, and the spec file names the new release (`fledge.dev/rollout: v3`); the same
+//! `fledge run` starts a new rollout and must roll it back, after which no request may reach v3.
+//! Finally the demo checks that the dashboard's API, at the URL printed at the start, tells
+//! both stories.
 //!
 //! Every process runs in its own process group and is stopped on exit, on error and on Ctrl-C.
 //! The exit code is non-zero when an expectation fails.
@@ -21,8 +26,8 @@ use clap::Parser;
 use fledge_e2e::controller::{CanaryManifest, Controller, PHASE_PROMOTED, PHASE_ROLLED_BACK};
 use fledge_e2e::process::kill_all_process_groups;
 use fledge_e2e::{
-    paths, Backend, BackendOptions, Envoy, EnvoyOptions, LoadGen, LoadOptions, LoadReport,
-    RouteWeights, WasmFilter,
+    paths, wait_until, Backend, BackendOptions, Envoy, EnvoyOptions, LoadGen, LoadOptions,
+    LoadReport, RouteWeights, WasmFilter,
 };
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -95,11 +100,11 @@ fn note(text: &str) {
     println!("   {text}");
 }
 
-/// Everything the rollouts act on.
+/// Everything the rollouts act on, and the one controller.
 struct Stage {
+    controller: Controller,
     envoy: Envoy,
     load: LoadGen,
-    work_dir: PathBuf,
     rollout_timeout: Duration,
     status_every: Duration,
 }
@@ -179,13 +184,20 @@ fn run(args: &Args) -> Result<()> {
         warmup.summary()
     );
 
-    let stage = Stage {
+    let manifest_path = work_dir.join("canary.yaml");
+    let manifest = CanaryManifest::new(APP, APP, &envoy.admin_url(), envoy.rds_path());
+    manifest.clone().with_rollout("v2").write(&manifest_path)?;
+    let controller = start_controller(&work_dir, &manifest_path)?;
+    // Its output, as it comes, for the whole demo.
+    let _follower = controller.follow_log("   │ fledge: ");
+    let mut stage = Stage {
+        controller,
         envoy,
         load,
-        work_dir: work_dir.clone(),
         rollout_timeout: Duration::from_secs(args.rollout_timeout_secs),
         status_every: Duration::from_secs(args.status_every_secs.max(1)),
     };
+    let dashboard = format!("{}/", stage.controller.base_url());
 
     // ── Act 1: a healthy canary is promoted.
     banner("Act 1: rolling out v2 (healthy). Expect: Promoted");
@@ -206,7 +218,6 @@ fn run(args: &Args) -> Result<()> {
         after.summary()
     );
     note("✔ ≥ 99% of new requests reach v2");
-    first.controller.stop();
 
     // ── The operator finalizes: stable becomes v2, all traffic back on stable.
     banner("The operator finalizes: stable backend restarted as v2, route reset to 100/0");
@@ -220,13 +231,20 @@ fn run(args: &Args) -> Result<()> {
         stable.version(),
         reload.as_millis()
     ));
-    let settled = stage.measure(Duration::from_secs(2));
-    note(&format!("last 2 s: {}", settled.summary()));
+    // Longer than one analysis interval: fledge's loop runs at least once meanwhile.
+    let settled = stage.measure(Duration::from_secs(4));
+    note(&format!("last 4 s: {}", settled.summary()));
     ensure!(
         settled.version_share("v2") >= 0.99,
         "after finalizing, traffic should be on stable v2: {}",
         settled.summary()
     );
+    let (weights, _) = stage.envoy.live_route_weights()?;
+    ensure!(
+        weights == RouteWeights::ALL_STABLE,
+        "fledge run should leave the route to the operator after a finished rollout, but envoy serves {weights}"
+    );
+    note("✔ fledge leaves the route alone after a finished rollout");
 
     banner("Replacing the canary with v3, which answers 20% of requests with 500");
     let canary_port = canary.port();
@@ -240,6 +258,12 @@ fn run(args: &Args) -> Result<()> {
 
     // ── Act 2: a failing canary is rolled back.
     banner("Act 2: rolling out v3 (20% errors). Expect: RolledBack");
+    manifest.with_rollout("v3").write(&manifest_path)?;
+    note(&format!(
+        "{} now says fledge.dev/rollout: v3; the same fledge run starts a new rollout",
+        display(&manifest_path)
+    ));
+    stage.wait_for_new_rollout()?;
     let before_second = stage.load.snapshot();
     let second = stage.rollout("rollout-2", PHASE_ROLLED_BACK)?;
     let during = stage.load.snapshot().since(&before_second);
@@ -270,6 +294,8 @@ fn run(args: &Args) -> Result<()> {
         during.server_errors()
     ));
 
+    stage.check_the_dashboard_tells_both_stories(&dashboard)?;
+
     banner("Summary");
     note(&format!(
         "v2 promoted in {:.0} s; v3 rolled back in {:.0} s",
@@ -283,22 +309,54 @@ fn run(args: &Args) -> Result<()> {
     note(&format!("files and logs: {}", work_dir.display()));
     if args.hold_secs > 0 {
         note(&format!(
-            "holding for {} s: status API {} (Ctrl-C to stop early)",
-            args.hold_secs,
-            second.controller.api_url()
+            "holding for {} s: dashboard {dashboard} (Ctrl-C to stop early)",
+            args.hold_secs
         ));
         std::thread::sleep(Duration::from_secs(args.hold_secs));
     }
-    second.controller.stop();
+    stage.controller.stop();
     drop(canary);
     drop(stable);
     Ok(())
 }
 
-/// A finished rollout: the controller (still running) and how long it took.
+/// A finished rollout: how long it took.
 struct Rollout {
-    controller: Controller,
     took: Duration,
+}
+
+/// Start the one `fledge run` of the demo and print where to watch it.
+fn start_controller(work_dir: &Path, manifest_path: &Path) -> Result<Controller> {
+    let state_dir = work_dir.join("state");
+    let log_path = work_dir.join("fledge.log");
+    note(&format!(
+        "fledge run -f {} --state-dir {}",
+        display(manifest_path),
+        display(&state_dir)
+    ));
+    // Its progress lines are the story; its info-level logs would repeat them.
+    let controller_log_level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+    let controller = Controller::start_with_env(
+        manifest_path,
+        &state_dir,
+        &log_path,
+        &[("RUST_LOG", controller_log_level.as_str())],
+    )?;
+    note(&format!("status API: {}", controller.api_url()));
+    let dashboard = format!("{}/", controller.base_url());
+    if matches!(
+        fledge_e2e::http::get(&dashboard, Duration::from_secs(2)),
+        Ok((200, _))
+    ) {
+        note(&format!(
+            "dashboard:  {dashboard}   (open it now: it follows the whole demo; decision simulator: {dashboard}simulator)"
+        ));
+    }
+    note(&format!(
+        "watch it:   fledge status {APP} --watch --server {}",
+        controller.base_url()
+    ));
+    Ok(controller)
 }
 
 impl Stage {
@@ -309,52 +367,62 @@ impl Stage {
         self.load.snapshot().since(&start)
     }
 
-    /// Start `fledge run` with a fresh state directory, print its output and a status line
-    /// every few seconds, and wait (bounded) until the canary reaches a final phase, which must be
-    /// `expected`.
-    fn rollout(&self, label: &str, expected: &str) -> Result<Rollout> {
-        let manifest_path = self.work_dir.join(format!("{label}-canary.yaml"));
-        CanaryManifest::new(APP, APP, &self.envoy.admin_url(), self.envoy.rds_path())
-            .write(&manifest_path)?;
-        let state_dir = self.work_dir.join(format!("{label}-state"));
-        let log_path = self.work_dir.join(format!("{label}-fledge.log"));
-        note(&format!(
-            "fledge run -f {} --state-dir {}",
-            display(&manifest_path),
-            display(&state_dir)
-        ));
-        // Its progress lines are the story; its info-level logs would repeat them.
-        let controller_log_level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
-        let mut controller = Controller::start_with_env(
-            &manifest_path,
-            &state_dir,
-            &log_path,
-            &[("RUST_LOG", controller_log_level.as_str())],
-        )?;
-        note(&format!("status API: {}", controller.api_url()));
-        let dashboard = format!("{}/", controller.base_url());
-        if matches!(
-            fledge_e2e::http::get(&dashboard, Duration::from_secs(2)),
-            Ok((200, _))
-        ) {
-            note(&format!(
-                "dashboard:  {dashboard}   (decision simulator: {dashboard}simulator)"
-            ));
+    /// After the spec file names a new release: wait (bounded) until `fledge run` has started
+    /// its new rollout.
+    fn wait_for_new_rollout(&mut self) -> Result<()> {
+        let controller = &mut self.controller;
+        wait_until(
+            "fledge run to start the new rollout",
+            Duration::from_secs(20),
+            || {
+                let view = controller.canary(APP)?;
+                Ok((!view.is_terminal()).then_some(()))
+            },
+        )
+        .with_context(|| format!("fledge log tail:\n{}", self.controller.log_tail(20)))
+    }
+
+    /// The dashboard's API, at the URL printed at the start, holds both rollouts: the
+    /// decision log shows v2 promoted, then the v3 rollout started and rolled back.
+    fn check_the_dashboard_tells_both_stories(&self, dashboard: &str) -> Result<()> {
+        let (code, _) = fledge_e2e::http::get(dashboard, Duration::from_secs(3))?;
+        ensure!(code == 200, "the dashboard {dashboard} answered {code}");
+        let url = format!("{}/{APP}", self.controller.api_url());
+        let canary = fledge_e2e::http::get_json(&url, Duration::from_secs(3))?;
+        let history = canary["history"].as_array().cloned().unwrap_or_default();
+        let position = |what: &dyn Fn(&serde_json::Value) -> bool| history.iter().position(what);
+        let promoted = position(&|t| t["phase"] == PHASE_PROMOTED);
+        let v3_started = position(&|t| {
+            t["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("new rollout of v3"))
+        });
+        let rolled_back = position(&|t| t["phase"] == PHASE_ROLLED_BACK);
+        match (promoted, v3_started, rolled_back) {
+            (Some(p), Some(s), Some(r)) if p < s && s < r => {}
+            _ => bail!(
+                "the dashboard's decision log should show v2 promoted, then v3 started and rolled back: {}",
+                serde_json::Value::Array(history)
+            ),
         }
         note(&format!(
-            "watch it:   fledge status {APP} --watch --server {}",
-            controller.base_url()
+            "✔ one dashboard for the whole demo: {dashboard} shows v2 promoted, then v3 rolled back"
         ));
-        let follower = controller.follow_log("   │ fledge: ");
+        Ok(())
+    }
+
+    /// Print the controller's output and a status line every few seconds, and wait (bounded)
+    /// until the canary reaches a final phase, which must be `expected`.
+    fn rollout(&mut self, label: &str, expected: &str) -> Result<Rollout> {
         let started = Instant::now();
         let mut previous = self.load.snapshot();
         let mut shown: Option<(String, Option<u64>)> = None;
         let outcome = loop {
             std::thread::sleep(self.status_every);
-            let view = controller.canary(APP).with_context(|| {
+            let view = self.controller.canary(APP).with_context(|| {
                 format!(
                     "reading canary status; fledge log tail:\n{}",
-                    controller.log_tail(20)
+                    self.controller.log_tail(20)
                 )
             })?;
             let now = self.load.snapshot();
@@ -382,7 +450,7 @@ impl Stage {
             let now_showing = (view.phase.clone(), view.canary_weight);
             if shown.as_ref() != Some(&now_showing) {
                 shown = Some(now_showing);
-                print_cli_view(&controller.base_url());
+                print_cli_view(&self.controller.base_url());
             }
             if view.is_terminal() {
                 break view;
@@ -392,18 +460,17 @@ impl Stage {
                     "{label}: no final phase after {:?} (phase {}); fledge log tail:\n{}",
                     self.rollout_timeout,
                     view.phase,
-                    controller.log_tail(30)
+                    self.controller.log_tail(30)
                 );
             }
         };
-        drop(follower);
         let took = started.elapsed();
         if outcome.phase != expected {
             bail!(
                 "{label}: expected {expected}, got {} ({}); fledge log tail:\n{}",
                 outcome.phase,
                 outcome.message,
-                controller.log_tail(30)
+                self.controller.log_tail(30)
             );
         }
         note(&format!(
@@ -411,7 +478,7 @@ impl Stage {
             outcome.phase,
             took.as_secs_f64()
         ));
-        Ok(Rollout { controller, took })
+        Ok(Rollout { took })
     }
 }
 
