@@ -1,17 +1,40 @@
 #!/usr/bin/env bash
-# Build the browser decision simulator: fledge-core + fledge-sim compiled to WebAssembly, and
-# the JavaScript glue from wasm-bindgen, into simulator/pkg/ (embedded by the fledge binary
-# built afterwards; see controller/build.rs). Installs what it needs on a fresh machine:
+# The browser decision simulator: fledge-core + fledge-sim compiled to WebAssembly, and the
+# JavaScript glue from wasm-bindgen, in simulator/pkg/ (embedded by the fledge binary built
+# afterwards; see controller/build.rs).
+#
+# simulator/pkg is committed with the list of inputs it was built from (simulator/pkg/inputs.txt,
+# see simulator/inputs.py). While they are unchanged this script does nothing, so a fresh
+# machine needs neither the wasm32-unknown-unknown target nor wasm-bindgen-cli (whose
+# `cargo install` takes minutes). When they changed it rebuilds the package, installing what it
+# needs:
 #   - the Rust target wasm32-unknown-unknown (rustup);
-#   - wasm-bindgen-cli, at exactly the version of the wasm-bindgen crate (cargo install).
-# Fast when everything is up to date.
+#   - wasm-bindgen-cli, at exactly the version of the wasm-bindgen crate (cargo install);
+# and asks for the new package to be committed.
+#
+#   bash simulator/build.sh            rebuild only when the inputs changed
+#   bash simulator/build.sh --force    rebuild anyway
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CARGO="${CARGO:-cargo}"
 TARGET="wasm32-unknown-unknown"
+OUT="$REPO_ROOT/simulator/pkg"
 say() { printf 'simulator: %s\n' "$*"; }
 die() { printf 'simulator: ERROR: %s\n' "$*" >&2; exit 1; }
+
+if [[ "${1:-}" != "--force" ]]; then
+    if ! command -v python3 >/dev/null; then
+        say "python3 not found: cannot compare simulator/pkg with its inputs, so it is rebuilt"
+    elif [[ ! -f "$OUT/fledge_simulator_bg.wasm" || ! -f "$OUT/fledge_simulator.js" ]]; then
+        say "simulator/pkg has no package yet: building it"
+    elif changed="$(python3 "$REPO_ROOT/simulator/inputs.py" --check 2>&1)"; then
+        say "up to date (simulator/pkg matches its inputs in simulator/pkg/inputs.txt)"
+        exit 0
+    else
+        say "simulator/pkg is stale, rebuilding it. $changed"
+    fi
+fi
 
 # The wasm-bindgen crate version pinned in simulator/Cargo.toml (`=X.Y.Z`); the CLI must match.
 VERSION="$(sed -n 's/^wasm-bindgen = "=\([0-9.]*\)".*/\1/p' "$REPO_ROOT/simulator/Cargo.toml")"
@@ -36,17 +59,18 @@ cd "$REPO_ROOT"
 "$CARGO" build -p fledge-simulator --target "$TARGET" --release
 WASM="${CARGO_TARGET_DIR:-target}/$TARGET/release/fledge_simulator.wasm"
 [[ -f "$WASM" ]] || die "$WASM was not built"
-OUT="simulator/pkg"
-# Only rewrite the package when the wasm changed, so the fledge binary is not rebuilt for nothing.
-STAMP="$OUT/.source-stamp"
-NEW_STAMP="$(cksum < "$WASM") $VERSION"
-if [[ -f "$OUT/fledge_simulator_bg.wasm" && -f "$STAMP" && "$(cat "$STAMP")" == "$NEW_STAMP" ]]; then
-    say "up to date ($OUT)"
-    exit 0
-fi
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 "$BINDGEN" --target web --no-typescript --out-dir "$TMP" "$WASM"
-cp "$TMP/fledge_simulator.js" "$TMP/fledge_simulator_bg.wasm" "$OUT/"
-echo "$NEW_STAMP" > "$STAMP"
+# Rewrite a file only when it changed, so the fledge binary is not rebuilt for nothing.
+for file in fledge_simulator.js fledge_simulator_bg.wasm; do
+    cmp -s "$TMP/$file" "$OUT/$file" || cp "$TMP/$file" "$OUT/$file"
+done
+if command -v python3 >/dev/null; then
+    python3 simulator/inputs.py > "$TMP/inputs.txt"
+    if ! cmp -s "$TMP/inputs.txt" "$OUT/inputs.txt"; then
+        cp "$TMP/inputs.txt" "$OUT/inputs.txt"
+        say "rebuilt simulator/pkg: commit it (the package and inputs.txt) so that fresh machines skip this build"
+    fi
+fi
 ls -l "$OUT/fledge_simulator_bg.wasm" | awk '{printf "simulator: %s (%.0f KiB)\n", $9, $5/1024}'
