@@ -4,9 +4,9 @@
 simulator/pkg is committed so that a fresh machine need not compile wasm-bindgen-cli (minutes)
 to build it. It stays valid while what it is compiled from is unchanged:
 
-  - the Rust sources of fledge-simulator, fledge-sim and fledge-core (whole-line comments and
-    `#[cfg(test)] mod tests` blocks left out: they do not change the package), their
-    Cargo.toml files and simulator/build.sh;
+  - the Rust sources of fledge-simulator, fledge-sim and fledge-core (whole-line comments,
+    `#[cfg(test)] mod tests` blocks, test files `tests.rs` / `*_tests.rs` and `src/bin` left
+    out: they do not change the package), their Cargo.toml files and simulator/build.sh;
   - the locked versions (Cargo.lock) of every crate fledge-simulator depends on, among them
     the pinned wasm-bindgen.
 
@@ -56,6 +56,8 @@ def source_inputs():
             path
             for path in (ROOT / crate / "src").rglob("*.rs")
             if "bin" not in path.relative_to(ROOT / crate / "src").parts
+            and path.name != "tests.rs"
+            and not path.name.endswith("_tests.rs")
         )
     for path in sorted(files):
         text = path.read_text(encoding="utf-8")
