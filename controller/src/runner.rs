@@ -322,7 +322,10 @@ impl CanaryTask {
                     None => "new rollout: the spec changed".to_string(),
                 };
                 tracing::info!(canary = name, "{reason}");
-                (saved.status.next_rollout(Utc::now(), reason), persisted(false))
+                (
+                    saved.status.next_rollout(Utc::now(), reason),
+                    persisted(false),
+                )
             }
             Ok(None) => (CanaryStatus::default(), persisted(false)),
             Err(e) => {
