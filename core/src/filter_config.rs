@@ -750,6 +750,72 @@ impl FilterConfig {
     }
 }
 
+/// The two builds of the filter. Envoy calls into a Wasm module only for the callbacks it
+/// exports, so each build exports only what it needs: the observer costs Envoy no more CPU per
+/// request than an empty filter, and in exchange never sees request or response headers while
+/// they can still be changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FilterModule {
+    /// `fledge_filter.wasm`: metrics, canary tagging, the data-plane guard.
+    #[default]
+    Full,
+    /// `fledge_observer.wasm`: metrics only.
+    Observer,
+}
+
+impl FilterModule {
+    /// The file `make build-filter` writes.
+    pub const fn file_name(self) -> &'static str {
+        match self {
+            FilterModule::Full => "fledge_filter.wasm",
+            FilterModule::Observer => "fledge_observer.wasm",
+        }
+    }
+}
+
+impl FilterConfig {
+    /// Parse a plugin configuration for `module`: [`FilterConfig::parse_bytes`], then
+    /// [`FilterConfig::check_module`].
+    pub fn parse_for(module: FilterModule, raw: &[u8]) -> Result<Self, FilterConfigError> {
+        let config = Self::parse_bytes(raw)?;
+        config.check_module(module)?;
+        Ok(config)
+    }
+
+    /// Whether `module` can do everything this configuration asks for. The observer cannot
+    /// write headers, so a setting that writes or strips one is an error naming the setting and
+    /// the module that has it (a configuration that would silently do nothing is not valid).
+    pub fn check_module(&self, module: FilterModule) -> Result<(), FilterConfigError> {
+        if module == FilterModule::Full {
+            return Ok(());
+        }
+        let needs_full = [
+            ("responseHeader", self.response_header.is_some()),
+            ("forceCanary", self.force_canary.is_some()),
+            ("sticky", self.sticky.is_some()),
+            ("guard", self.guard.is_some()),
+            (
+                "routeHeader",
+                self.route_header != contract::DEFAULT_ROUTE_HEADER,
+            ),
+            ("clearRouteCache", self.clear_route_cache),
+        ];
+        match needs_full.iter().find(|(_, set)| *set) {
+            Some((field, _)) => Err(FilterConfigError::invalid(
+                field,
+                format!(
+                    "needs {}, which can change headers; {} only records metrics (remove \
+                     {field}, or load {})",
+                    FilterModule::Full.file_name(),
+                    FilterModule::Observer.file_name(),
+                    FilterModule::Full.file_name(),
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 impl TryFrom<Value> for FilterConfig {
     type Error = FilterConfigError;
     fn try_from(value: Value) -> Result<Self, Self::Error> {
@@ -1389,6 +1455,41 @@ mod tests {
             assert_eq!(err.field(), *field, "{text}: {err}");
             assert!(err.to_string().contains(message), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn the_observer_module_refuses_what_needs_headers() {
+        let metrics_only = r#"{"clusters": {"a": {"service": "app", "subset": "canary"}},
+                              "istioClusterNames": false, "endpointMetadata": false,
+                              "subsetHeader": "x-version"}"#;
+        for module in [FilterModule::Full, FilterModule::Observer] {
+            FilterConfig::parse_for(module, metrics_only.as_bytes()).unwrap();
+            FilterConfig::parse_for(module, b"").unwrap();
+        }
+        let cases = [
+            (r#"{"responseHeader": "x-fledge-subset"}"#, "responseHeader"),
+            (r#"{"forceCanary": {"sourceCidrs": ["10.0.0.0/8"]}}"#, "forceCanary"),
+            (r#"{"sticky": {"cookie": "session"}}"#, "sticky"),
+            (r#"{"guard": {"services": {"app": {}}}}"#, "guard"),
+            (r#"{"routeHeader": "x-route"}"#, "routeHeader"),
+            (r#"{"clearRouteCache": true}"#, "clearRouteCache"),
+        ];
+        for (text, field) in cases {
+            FilterConfig::parse_for(FilterModule::Full, text.as_bytes()).unwrap();
+            let err = FilterConfig::parse_for(FilterModule::Observer, text.as_bytes()).unwrap_err();
+            assert_eq!(err.field(), field, "{text}");
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "{field}: needs fledge_filter.wasm, which can change headers; \
+                     fledge_observer.wasm only records metrics (remove {field}, or load \
+                     fledge_filter.wasm)"
+                )
+            );
+        }
+        // Syntax errors come first, as for the full module.
+        let err = FilterConfig::parse_for(FilterModule::Observer, b"nope").unwrap_err();
+        assert!(matches!(err, FilterConfigError::Syntax(_)), "{err}");
     }
 
     #[test]

@@ -1,36 +1,51 @@
-//! The proxy-wasm shell: the only module that makes hostcalls. It reads the plugin
-//! configuration, and per request hands headers, properties and the clock to
-//! [`crate::plugin`].
+//! The proxy-wasm shell: the only module that makes hostcalls, and the module's exports. Each
+//! exported callback hands the raw hostcalls to [`crate::module::Vm`], one per VM (Envoy runs a
+//! VM per worker thread, single-threaded).
 //!
-//! The SDK supplies the context plumbing (`main!`, dispatch, the allocator export). The
-//! per-request hostcalls go through the raw ABI below instead of the SDK wrappers because those
+//! No SDK: the exports are ours, so a build exports only the callbacks it needs (see
+//! [`crate::module`]), and the hostcalls go through the raw ABI because the SDK's wrappers
 //! `panic!` on any unexpected status, decode headers with `String::from_utf8(..).unwrap()`, and
 //! allocate two vectors to serialize every property path; here every status is handled (a
 //! failed call means "absent" or "not done"), values stay bytes, and paths are static.
+//!
+//! The cargo feature `full-module` (default) builds `fledge_filter.wasm`; `observer-module`
+//! (the `fledge-observer` crate) builds `fledge_observer.wasm`.
 
 use crate::guard::{CasWrite, SharedData};
 use crate::metrics::{MetricHost, MetricKind};
-use crate::plugin::{Configured, GuardEvent, Headers, Plugin, Property, StreamHost, StreamState};
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use crate::module::{ConfigureOutcome, Vm};
+use crate::plugin::{Configured, GuardEvent, Headers, Property, StreamHost};
+use fledge_core::filter_config::FilterModule;
 use std::cell::RefCell;
 use std::ptr::{null, null_mut};
-use std::rc::Rc;
 
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    // Replaces the SDK's hook (which unwraps its log call): log the panic at critical, nothing else.
-    std::panic::set_hook(Box::new(|info| {
-        log(LogLevel::Critical, &format!("fledge filter panicked: {info}"));
-    }));
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root {
-            plugin: Rc::new(RefCell::new(Plugin::default())),
-            tick_millis: COUNTER_FLUSH_MILLIS,
-            ticks: 0,
-        })
-    });
-}}
+#[cfg(feature = "full-module")]
+const MODULE: FilterModule = FilterModule::Full;
+#[cfg(not(feature = "full-module"))]
+const MODULE: FilterModule = FilterModule::Observer;
+
+thread_local! {
+    static VM: RefCell<Vm> = RefCell::new(Vm::new(MODULE));
+}
+
+/// Run `f` on this VM's state; a re-entrant call (not expected: no callback calls back into the
+/// module except the allocator) is skipped rather than panicking.
+fn with_vm<R: Default>(f: impl FnOnce(&mut Vm) -> R) -> R {
+    VM.with(|vm| match vm.try_borrow_mut() {
+        Ok(mut vm) => f(&mut vm),
+        Err(_) => R::default(),
+    })
+}
+
+/// Log levels of the proxy-wasm ABI.
+#[derive(Debug, Clone, Copy)]
+enum LogLevel {
+    Debug = 1,
+    Info = 2,
+    Warn = 3,
+    Error = 4,
+    Critical = 5,
+}
 
 /// The proxy-wasm ABI 0.2.1 imports the filter uses. Integers instead of the SDK's enums, so an
 /// unexpected status from the host is just a number, never an invalid enum value.
@@ -167,6 +182,7 @@ fn property_path(property: Property) -> &'static [u8] {
         Property::SourceAddress => b"source\0address",
         Property::ResponseCodeDetails => b"response\0code_details",
         Property::ResponseFlags => b"response\0flags",
+        Property::RequestDuration => b"request\0duration",
     }
 }
 
@@ -314,13 +330,6 @@ impl SharedData for Hostcalls {
     }
 }
 
-/// How often batched request counts reach Envoy's counters (`Plugin::flush`). Envoy publishes
-/// stats at its own flush interval (1 s in the Fledge configs), so this adds at most ~1 s.
-const COUNTER_FLUSH_MILLIS: u32 = 1000;
-/// The tick when a guard is configured: how often a worker merges its guard counts and learns
-/// other workers' trips. Counters are still flushed every [`COUNTER_FLUSH_MILLIS`].
-const GUARD_TICK_MILLIS: u32 = 100;
-
 fn log_guard_event(event: &GuardEvent) {
     match event {
         GuardEvent::Tripped { service, window } => log(
@@ -343,147 +352,153 @@ fn log_guard_event(event: &GuardEvent) {
     }
 }
 
-/// One per plugin configuration per VM: owns the configuration and the metric ids.
-struct Root {
-    plugin: Rc<RefCell<Plugin>>,
-    /// The tick period set in `on_configure`, and ticks since.
-    tick_millis: u32,
-    ticks: u64,
-}
-
-impl Context for Root {
-    fn on_done(&mut self) -> bool {
-        // The VM is going away: publish what is still batched.
-        if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
-            plugin.flush(&mut Hostcalls);
+fn log_configured(vm: &Vm, root_id: u32, outcome: &ConfigureOutcome) {
+    match &outcome.configured {
+        Configured::Applied {
+            clusters,
+            istio_cluster_names,
+        } => {
+            let Some(config) = vm.plugin(root_id).map(|plugin| plugin.config()) else {
+                return;
+            };
+            log(
+                LogLevel::Info,
+                &format!(
+                    "{} configured {clusters} cluster(s), istioClusterNames={istio_cluster_names}, \
+                     endpointMetadata={}, subsetHeader={:?}, responseHeader={:?}, \
+                     routeHeader={}, sticky={}, forceCanary={}, guard={}",
+                    vm.module().file_name(),
+                    config.endpoint_metadata,
+                    config.subset_header,
+                    config.response_header,
+                    config.route_header,
+                    config.sticky.is_some(),
+                    config.force_canary.is_some(),
+                    config.guard.is_some(),
+                ),
+            )
         }
-        true
+        Configured::Rejected(err) => log(
+            LogLevel::Error,
+            &format!(
+                "invalid plugin configuration, keeping the previous one (or the defaults): {err}"
+            ),
+        ),
     }
 }
 
-impl RootContext for Root {
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let raw = plugin_configuration();
-        let Ok(mut plugin) = self.plugin.try_borrow_mut() else {
-            log(LogLevel::Error, "configuration ignored (state busy)");
-            return true;
-        };
-        match plugin.configure(raw.as_deref(), &mut Hostcalls) {
-            Configured::Applied {
-                clusters,
-                istio_cluster_names,
-            } => {
-                let config = plugin.config();
-                log(
-                    LogLevel::Info,
-                    &format!(
-                        "configured {clusters} cluster(s), istioClusterNames={istio_cluster_names}, \
-                         endpointMetadata={}, subsetHeader={:?}, responseHeader={:?}, \
-                         routeHeader={}, sticky={}, forceCanary={}",
-                        config.endpoint_metadata,
-                        config.subset_header,
-                        config.response_header,
-                        config.route_header,
-                        config.sticky.is_some(),
-                        config.force_canary.is_some(),
-                    ),
-                )
-            }
-            Configured::Rejected(err) => log(
-                LogLevel::Error,
-                &format!(
-                    "invalid plugin configuration, keeping the previous one (or the defaults): {err}"
-                ),
-            ),
-        }
-        self.tick_millis = if plugin.has_guards() {
-            GUARD_TICK_MILLIS
-        } else {
-            COUNTER_FLUSH_MILLIS
-        };
-        // SAFETY: plain integer.
-        let tick = unsafe { abi::proxy_set_tick_period_milliseconds(self.tick_millis) };
-        if tick != abi::OK {
+// The exports. Signatures follow the proxy-wasm ABI 0.2.1 (`usize` is 32 bits on wasm32).
+
+#[cfg(target_os = "wasi")]
+extern "C" {
+    fn __wasm_call_ctors();
+}
+
+/// Module initialisation (WASI reactor): static constructors, then a panic hook that logs at
+/// `critical` (the filter is written not to panic; if it does anyway, the message is kept).
+#[no_mangle]
+pub extern "C" fn _initialize() {
+    #[cfg(target_os = "wasi")]
+    // SAFETY: the WASI reactor contract: run the static constructors once, before anything else.
+    unsafe {
+        __wasm_call_ctors();
+    }
+    std::panic::set_hook(Box::new(|info| {
+        log(LogLevel::Critical, &format!("fledge filter panicked: {info}"));
+    }));
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_abi_version_0_2_1() {}
+
+/// The host copies values into memory it gets here; `owned` takes them back.
+#[no_mangle]
+pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
+    let mut buffer: Vec<u8> = Vec::with_capacity(size);
+    // SAFETY: the capacity is `size`; the host writes all `size` bytes before handing the
+    // buffer back, and `owned` reads no byte before that.
+    unsafe {
+        buffer.set_len(size);
+    }
+    Box::into_raw(buffer.into_boxed_slice()).cast::<u8>()
+}
+
+#[no_mangle]
+pub extern "C" fn proxy_on_vm_start(_root_id: u32, _vm_configuration_size: usize) -> bool {
+    true
+}
+
+/// Always accepts: returning false would NACK the configuration or keep Envoy from starting.
+#[no_mangle]
+pub extern "C" fn proxy_on_configure(root_id: u32, _plugin_configuration_size: usize) -> bool {
+    let raw = plugin_configuration();
+    with_vm(|vm| {
+        let outcome = vm.on_configure(root_id, raw.as_deref(), &mut Hostcalls);
+        log_configured(vm, root_id, &outcome);
+        // SAFETY: plain integer; applies to the root context being configured.
+        let status = unsafe { abi::proxy_set_tick_period_milliseconds(outcome.tick_millis) };
+        if status != abi::OK {
             log(
                 LogLevel::Error,
                 &format!(
-                    "cannot set the tick period (status {tick}); request counts stay unpublished"
+                    "cannot set the tick period (status {status}); request counts stay unpublished"
                 ),
             );
         }
-        // Always accept: returning false would NACK the config or keep Envoy from starting.
-        true
-    }
-
-    fn on_tick(&mut self) {
-        self.ticks = self.ticks.wrapping_add(1);
-        if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
-            if plugin.has_guards() {
-                for event in plugin.guard_tick(&mut Hostcalls) {
-                    log_guard_event(&event);
-                }
-            }
-            let flush_every = u64::from((COUNTER_FLUSH_MILLIS / self.tick_millis.max(1)).max(1));
-            if self.ticks.is_multiple_of(flush_every) {
-                plugin.flush(&mut Hostcalls);
-            }
-        }
-    }
-
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http {
-            plugin: Rc::clone(&self.plugin),
-            stream: StreamState::default(),
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
+    });
+    true
 }
 
-/// Per request: a handle to the root's state and what was learned about this stream.
-struct Http {
-    plugin: Rc<RefCell<Plugin>>,
-    stream: StreamState,
+#[no_mangle]
+pub extern "C" fn proxy_on_context_create(context_id: u32, root_id: u32) {
+    with_vm(|vm| vm.on_context_create(context_id, root_id, &mut Hostcalls));
 }
 
-impl Context for Http {}
-
-impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
-            plugin.on_request_headers(&mut self.stream, &mut Hostcalls);
+#[no_mangle]
+pub extern "C" fn proxy_on_tick(root_id: u32) {
+    with_vm(|vm| {
+        for event in vm.on_tick(root_id, &mut Hostcalls) {
+            log_guard_event(&event);
         }
-        Action::Continue
-    }
+    });
+}
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
-            plugin.on_response_headers(&mut self.stream, end_of_stream, &mut Hostcalls);
+#[no_mangle]
+pub extern "C" fn proxy_on_log(context_id: u32) {
+    with_vm(|vm| {
+        if let Some(event) = vm.on_log(context_id, &mut Hostcalls) {
+            log_guard_event(&event);
         }
-        Action::Continue
-    }
+    });
+}
 
-    fn on_http_response_body(&mut self, _body_size: usize, end_of_stream: bool) -> Action {
-        if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
-            plugin.on_response_body(&mut self.stream, end_of_stream);
-        }
-        Action::Continue
-    }
+/// `Continue`, the only answer the filter gives: it never holds a stream.
+const CONTINUE: u32 = 0;
 
-    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
-        if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
-            plugin.on_response_trailers(&mut self.stream, &mut Hostcalls);
-        }
-        Action::Continue
-    }
+#[no_mangle]
+pub extern "C" fn proxy_on_response_trailers(context_id: u32, _num_trailers: usize) -> u32 {
+    with_vm(|vm| vm.on_response_trailers(context_id, &mut Hostcalls));
+    CONTINUE
+}
 
-    fn on_log(&mut self) {
-        if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
-            if let Some(event) = plugin.on_log(&mut self.stream, &mut Hostcalls) {
-                log_guard_event(&event);
-            }
-        }
-    }
+#[cfg(feature = "full-module")]
+#[no_mangle]
+pub extern "C" fn proxy_on_request_headers(
+    context_id: u32,
+    _num_headers: usize,
+    _end_of_stream: bool,
+) -> u32 {
+    with_vm(|vm| vm.on_request_headers(context_id, &mut Hostcalls));
+    CONTINUE
+}
+
+#[cfg(feature = "full-module")]
+#[no_mangle]
+pub extern "C" fn proxy_on_response_headers(
+    context_id: u32,
+    _num_headers: usize,
+    end_of_stream: bool,
+) -> u32 {
+    with_vm(|vm| vm.on_response_headers(context_id, end_of_stream, &mut Hostcalls));
+    CONTINUE
 }

@@ -32,10 +32,27 @@
 //! per-request hostcall list (each hostcall costs Envoy about 1 µs of CPU). The filter never
 //! rejects or delays traffic, and every failure degrades to "not recorded" or "not tagged".
 
+#[cfg(test)]
+mod fake;
 pub mod guard;
 pub mod metrics;
+pub mod module;
 pub mod plugin;
 pub mod tagging;
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(
+    target_arch = "wasm32",
+    feature = "full-module",
+    feature = "observer-module"
+))]
+compile_error!(
+    "fledge-filter: features full-module and observer-module both on (cargo unified the \
+     features of fledge-filter and fledge-observer): build them in separate cargo invocations, \
+     e.g. `make build-filter`"
+);
+
+#[cfg(all(
+    target_arch = "wasm32",
+    any(feature = "full-module", feature = "observer-module")
+))]
 mod host;

@@ -1,25 +1,36 @@
 //! `fledge-bench-filter` — what the Fledge filter costs Envoy, measured side by side (`make
 //! bench-filter`).
 //!
-//! One run starts a fast upstream (an Envoy answering `200 ok` with `direct_response`) and three
-//! Envoys with the same configuration except the HTTP filter: none, an empty Rust proxy-wasm
-//! filter (`fledge-empty-filter`, the Wasm dispatch floor), and the Fledge filter with a
-//! realistic configuration (sticky header, response subset header, forced-canary token check,
-//! route header, metrics). All use `--concurrency 1` on loopback. Rounds alternate the three
-//! (order rotated each round) so drift on a shared machine hits all of them alike:
+//! One run starts a fast upstream (an Envoy answering `200 ok` with `direct_response`) and one
+//! Envoy per variant, identical except for the HTTP filter, all with `--concurrency 1` on
+//! loopback:
 //!
-//! 1. throughput: closed loop, `wrk -t2 -c16` for `--seconds` per config per round; plus the
-//!    Envoy process's CPU time per request from `/proc/<pid>/stat`;
-//! 2. latency: open loop at a fixed rate below the knee (`--rate`, default a quarter of the
-//!    slowest config's median throughput) from this process over 4 keep-alive connections.
-//!    A request's latency is counted from its scheduled time when the connection was still busy
-//!    with the previous one (queueing the server caused), else from when it was sent.
+//! - `none`: no filter;
+//! - `cluster-stats`: no filter either — what `metricsSource.envoyClusterStats` runs — as a
+//!   process of its own, so its ratio to `none` shows how much two identical Envoys differ here;
+//! - `empty`: an empty Rust proxy-wasm SDK filter (`fledge-empty-filter`), the Wasm floor;
+//! - `observer`: the metrics-only module (`fledge_observer.wasm`), default configuration plus
+//!   the two clusters' names;
+//! - `tagging`: the full module (`fledge_filter.wasm`) with `responseHeader`, `sticky` and
+//!   `forceCanary` (the bench sends a sticky key on every request);
+//! - `guard`: the full module with a data-plane guard configured.
 //!
-//! Prints medians over rounds with their spread, the ratios Fledge ÷ none and Fledge ÷ empty
-//! (per round, then the median), p50/p99 per config, the p99 Fledge adds over the empty filter,
-//! the `.wasm` sizes and the machine.
+//! The measure is Envoy's **CPU time per request**: utime + stime of the measured Envoy process
+//! (`/proc/<pid>/stat`) across a round ÷ the requests it served in that round (closed loop,
+//! `wrk -t2 -c16`). CPU per request is far steadier than throughput on a shared machine: time
+//! the process does not get the core is not counted. Rounds alternate the variants (order rotated
+//! each round) so drift hits all alike, and each ratio is computed per round, then the median is
+//! taken. A ratio "÷ empty" is CPU(empty) ÷ CPU(variant): 1.0 = as cheap as the empty filter,
+//! 0.97 = 3% more CPU per request.
+//!
+//! Then latency: open loop at a fixed rate below the knee (`--rate`, default a quarter of the
+//! slowest median throughput) from this process over 4 keep-alive connections; the p99 each
+//! variant adds over the empty filter (median of the per-round differences).
+//!
+//! Finally each Fledge variant's own metrics are checked against the requests sent, so a variant
+//! cannot look cheap by not counting.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use fledge_core::contract;
 use fledge_e2e::envoy::{CANARY_CLUSTER, STABLE_CLUSTER};
@@ -35,17 +46,17 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Parser)]
 #[command(
     name = "fledge-bench-filter",
-    about = "Envoy with no filter vs an empty Wasm filter vs the Fledge filter"
+    about = "Envoy CPU per request: no filter, an empty Wasm filter and the Fledge modules, side by side"
 )]
 struct Args {
-    /// Rounds; each measures every config once, in rotated order.
-    #[arg(long, default_value_t = 5)]
+    /// Rounds; each measures every variant once, in rotated order.
+    #[arg(long, default_value_t = 7)]
     rounds: usize,
-    /// Seconds per closed-loop throughput measurement.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds of closed-loop load per variant per round (the CPU-per-request measurement).
+    #[arg(long, default_value_t = 6)]
     seconds: u64,
     /// Seconds per fixed-rate latency measurement.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 5)]
     latency_seconds: u64,
     /// Fixed request rate for latency (req/s); 0 = a quarter of the slowest median throughput.
     #[arg(long, default_value_t = 0)]
@@ -55,9 +66,13 @@ struct Args {
     connections: u32,
     #[arg(long, default_value_t = 2)]
     threads: u32,
-    /// Extra Fledge-filter configs measured alongside, as NAME=JSON (e.g. to see what one
-    /// feature costs): `--variant observe='{"clusters":{...}}'`; `NAME@/path/x.wasm=JSON` uses
-    /// another build of the filter.
+    /// Only these built-in variants (comma-separated: none, cluster-stats, empty, observer,
+    /// tagging, guard); `empty` is always kept (the ratios need it).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// More variants measured alongside, as NAME=JSON (the full module with that
+    /// configuration) or NAME@/path/x.wasm=JSON (another module, e.g. a throwaway build that
+    /// isolates one cost).
     #[arg(long = "variant")]
     variants: Vec<String>,
     /// Skip the fixed-rate latency phase.
@@ -68,146 +83,201 @@ struct Args {
 const USER_HEADER: &str = "x-user-id";
 const SECRET: &str = "bench-secret-0123456789abcdef";
 
-struct Config {
-    name: &'static str,
+/// Targets from the issue: CPU(empty) ÷ CPU(variant), medians of the per-round ratios.
+fn target_vs_empty(name: &str) -> Option<f64> {
+    match name {
+        "observer" => Some(0.97),
+        "tagging" | "guard" => Some(0.93),
+        _ => None,
+    }
+}
+const TARGET_ADDED_P99_MICROS: f64 = 50.0;
+const TARGET_WASM_KIB: f64 = 300.0;
+
+/// One Envoy under test.
+struct Variant {
+    name: String,
+    /// What it is, for the table.
+    about: String,
+    filter: Option<WasmFilter>,
+    /// Whether it emits Fledge metrics (checked at the end).
+    fledge_metrics: bool,
+}
+
+struct Running {
+    variant: Variant,
     envoy: Envoy,
+    /// Requests sent to it (all phases), for the metrics check.
+    sent: u64,
+}
+
+fn clusters_config() -> serde_json::Value {
+    json!({
+        STABLE_CLUSTER: {"service": "app", "subset": "stable"},
+        CANARY_CLUSTER: {"service": "app", "subset": "canary"},
+    })
+}
+
+fn builtin_variants(full: &Path, observer: &Path, empty: &Path) -> Vec<Variant> {
+    let tagging = json!({
+        "clusters": clusters_config(),
+        "sticky": {"header": USER_HEADER},
+        "responseHeader": "x-fledge-subset",
+        "forceCanary": {"secret": SECRET},
+    });
+    let guard = json!({
+        "clusters": clusters_config(),
+        "guard": {"services": {"app": {}}},
+    });
+    let filter = |wasm: &Path, config: String| {
+        Some(WasmFilter {
+            wasm: wasm.to_path_buf(),
+            plugin_config: config,
+        })
+    };
+    vec![
+        Variant {
+            name: "none".into(),
+            about: "no filter".into(),
+            filter: None,
+            fledge_metrics: false,
+        },
+        Variant {
+            name: "cluster-stats".into(),
+            about: "envoyClusterStats: no filter (a second identical Envoy)".into(),
+            filter: None,
+            fledge_metrics: false,
+        },
+        Variant {
+            name: "empty".into(),
+            about: "empty Rust proxy-wasm SDK filter".into(),
+            filter: filter(empty, String::new()),
+            fledge_metrics: false,
+        },
+        Variant {
+            name: "observer".into(),
+            about: "fledge_observer.wasm: metrics only".into(),
+            filter: filter(observer, json!({"clusters": clusters_config()}).to_string()),
+            fledge_metrics: true,
+        },
+        Variant {
+            name: "tagging".into(),
+            about: "fledge_filter.wasm: responseHeader + sticky + forceCanary".into(),
+            filter: filter(full, tagging.to_string()),
+            fledge_metrics: true,
+        },
+        Variant {
+            name: "guard".into(),
+            about: "fledge_filter.wasm: guard configured".into(),
+            filter: filter(full, guard.to_string()),
+            fledge_metrics: true,
+        },
+    ]
+}
+
+/// `NAME=JSON` or `NAME@/path/x.wasm=JSON`.
+fn extra_variant(spec: &str, full: &Path) -> Result<Variant> {
+    let (name, config) = spec
+        .split_once('=')
+        .context("--variant wants NAME=JSON or NAME@/path/x.wasm=JSON")?;
+    let (name, wasm) = match name.split_once('@') {
+        Some((name, path)) => (name, PathBuf::from(path)),
+        None => (name, full.to_path_buf()),
+    };
+    Ok(Variant {
+        name: name.to_string(),
+        about: format!("{} {config}", file_name(&wasm)),
+        filter: Some(WasmFilter {
+            wasm,
+            plugin_config: config.to_string(),
+        }),
+        fledge_metrics: false,
+    })
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     fledge_e2e::init_tracing();
-    let wasm = paths::filter_wasm()?;
-    let empty_wasm = wasm.with_file_name("fledge_empty_filter.wasm");
-    if !empty_wasm.is_file() {
-        bail!(
-            "{} missing; run cargo build -p fledge-empty-filter --target wasm32-wasip1 --release",
-            empty_wasm.display()
-        );
+    let full = paths::filter_wasm()?;
+    let observer = full.with_file_name("fledge_observer.wasm");
+    let empty = full.with_file_name("fledge_empty_filter.wasm");
+    let mut variants: Vec<Variant> = builtin_variants(&full, &observer, &empty)
+        .into_iter()
+        .filter(|v| args.only.is_empty() || v.name == "empty" || args.only.contains(&v.name))
+        .collect();
+    for spec in &args.variants {
+        variants.push(extra_variant(spec, &full)?);
+    }
+    for variant in &variants {
+        if let Some(filter) = &variant.filter {
+            ensure!(
+                filter.wasm.is_file(),
+                "{} missing; run cargo build -p fledge-filter -p fledge-observer -p fledge-empty-filter --target wasm32-wasip1 --release",
+                filter.wasm.display()
+            );
+        }
     }
     let wrk = which("wrk").context("wrk not found; apt-get install -y wrk")?;
     let dir = ScratchDir::temp("bench")?;
     let (upstream_port, _upstream) = start_upstream(dir.path())?;
 
-    let fledge_config = json!({
-        "clusters": {
-            STABLE_CLUSTER: {"service": "app", "subset": "stable"},
-            CANARY_CLUSTER: {"service": "app", "subset": "canary"},
-        },
-        "sticky": {"header": USER_HEADER},
-        "responseHeader": "x-fledge-subset",
-        "forceCanary": {"secret": SECRET},
-    })
-    .to_string();
-    let variants: [(&'static str, Option<WasmFilter>); 3] = [
-        ("none", None),
-        (
-            "empty",
-            Some(WasmFilter {
-                wasm: empty_wasm.clone(),
-                plugin_config: String::new(),
-            }),
-        ),
-        (
-            "fledge",
-            Some(WasmFilter {
-                wasm: wasm.clone(),
-                plugin_config: fledge_config,
-            }),
-        ),
-    ];
-    let mut configs = Vec::new();
-    for (name, filter) in variants {
-        // Identical routes everywhere (forced-canary route, sticky header_name, 90/10).
-        let mut options = EnvoyOptions::new(upstream_port, upstream_port)
-            .with_header_route_to_canary(
-                contract::DEFAULT_ROUTE_HEADER,
-                contract::FORCED_CANARY_ROUTE_VALUE,
-            )
-            .with_weighted_header_name(contract::DEFAULT_ROUTE_HEADER)
-            .in_dir(&dir.path().join(name));
-        options.initial_weights = RouteWeights::canary_percent(10);
-        options.log_level = "warn".into();
-        if let Some(filter) = filter {
-            options = options.with_filter(filter);
-        }
-        configs.push(Config {
-            name,
-            envoy: Envoy::start(options)?,
-        });
-    }
-    for variant in &args.variants {
-        let (name, config) = variant
-            .split_once('=')
-            .context("--variant wants NAME=JSON")?;
-        // NAME@/path/to/other.wasm compares another build of the filter.
-        let (name, variant_wasm) = match name.split_once('@') {
-            Some((name, path)) => (name, PathBuf::from(path)),
-            None => (name, wasm.clone()),
-        };
-        let name: &'static str = Box::leak(name.to_string().into_boxed_str());
-        let mut options = EnvoyOptions::new(upstream_port, upstream_port)
-            .with_header_route_to_canary(
-                contract::DEFAULT_ROUTE_HEADER,
-                contract::FORCED_CANARY_ROUTE_VALUE,
-            )
-            .with_weighted_header_name(contract::DEFAULT_ROUTE_HEADER)
-            .in_dir(&dir.path().join(name))
-            .with_filter(WasmFilter {
-                wasm: variant_wasm,
-                plugin_config: config.to_string(),
-            });
-        options.initial_weights = RouteWeights::canary_percent(10);
-        options.log_level = "warn".into();
-        configs.push(Config {
-            name,
-            envoy: Envoy::start(options)?,
-        });
-    }
-    for config in &configs {
-        let reply = http_get_once(config.envoy.listener_port())?;
+    let mut running = Vec::new();
+    for variant in variants {
+        let envoy = start_envoy(&variant, upstream_port, dir.path())?;
+        let reply = http_get_once(envoy.listener_port())?;
         if !reply.starts_with("HTTP/1.1 200") {
-            bail!("{} does not answer 200: {reply}", config.name);
+            bail!("{} does not answer 200: {reply}", variant.name);
         }
+        running.push(Running {
+            variant,
+            envoy,
+            sent: 1,
+        });
     }
 
     println!("{}", machine_line());
     let load_before = load_average();
+    let n = running.len();
     println!(
-        "plan: {} rounds x 3 configs; throughput wrk -t{} -c{} {}s; latency open loop {}s; Envoy --concurrency 1, upstream = Envoy direct_response",
+        "plan: {} rounds x {n} variants; CPU per request under closed-loop wrk -t{} -c{} {}s; latency open loop {}s; Envoy --concurrency 1, upstream = Envoy direct_response",
         args.rounds, args.threads, args.connections, args.seconds, args.latency_seconds
     );
     // Warm up every Envoy (VM start, connection pools).
-    for config in &configs {
-        run_wrk(&wrk, config, 2, &args)?;
+    for r in &mut running {
+        let result = run_wrk(&wrk, r, 2, &args)?;
+        r.sent += result.requests;
     }
 
-    let n = configs.len();
-    let mut throughput = vec![Vec::new(); n];
     let mut cpu_us = vec![Vec::new(); n];
+    let mut throughput = vec![Vec::new(); n];
     for round in 0..args.rounds {
-        let mut line = format!("round {}/{} throughput:", round + 1, args.rounds);
+        let mut line = format!("round {}/{} CPU µs/req:", round + 1, args.rounds);
         for k in 0..n {
             let i = (k + round) % n;
-            let before = cpu_seconds(configs[i].envoy.pid())?;
-            let result = run_wrk(&wrk, &configs[i], args.seconds, &args)?;
-            let after = cpu_seconds(configs[i].envoy.pid())?;
+            let r = &mut running[i];
+            let before = cpu_seconds(r.envoy.pid())?;
+            let result = run_wrk(&wrk, r, args.seconds, &args)?;
+            let after = cpu_seconds(r.envoy.pid())?;
+            r.sent += result.requests;
+            let per_request = (after - before) * 1e6 / result.requests.max(1) as f64;
+            cpu_us[i].push(per_request);
             throughput[i].push(result.rps);
-            cpu_us[i].push((after - before) * 1e6 / result.requests.max(1) as f64);
-            line.push_str(&format!(" {}={:.0}", configs[i].name, result.rps));
+            line.push_str(&format!(" {}={per_request:.1}", r.variant.name));
         }
         println!("{line}");
     }
-    let medians: Vec<f64> = throughput.iter().map(|v| median(v)).collect();
     let rate = if args.rate > 0 {
         args.rate
     } else {
-        let slowest = medians.iter().copied().fold(f64::INFINITY, f64::min);
+        let slowest = throughput
+            .iter()
+            .map(|v| median(v))
+            .fold(f64::INFINITY, f64::min);
         ((slowest / 4.0 / 100.0).floor() * 100.0).max(100.0) as u32
     };
 
     let mut p50 = vec![Vec::new(); n];
     let mut p99 = vec![Vec::new(); n];
-    let mut p999 = vec![Vec::new(); n];
     let latency_rounds = if args.no_latency { 0 } else { args.rounds };
     for round in 0..latency_rounds {
         let mut line = format!(
@@ -217,102 +287,127 @@ fn main() -> Result<()> {
         );
         for k in 0..n {
             let i = (k + round) % n;
+            let r = &mut running[i];
             let mut samples = open_loop(
-                configs[i].envoy.listener_port(),
+                r.envoy.listener_port(),
                 rate,
                 Duration::from_secs(args.latency_seconds),
             )?;
+            r.sent += samples.len() as u64;
             samples.sort_unstable_by(f64::total_cmp);
-            p50[i].push(percentile(&samples, 0.50));
-            p99[i].push(percentile(&samples, 0.99));
-            p999[i].push(percentile(&samples, 0.999));
-            line.push_str(&format!(
-                " {}={:.0}/{:.0}",
-                configs[i].name,
-                percentile(&samples, 0.50),
-                percentile(&samples, 0.99)
-            ));
+            let (a, b) = (percentile(&samples, 0.50), percentile(&samples, 0.99));
+            p50[i].push(a);
+            p99[i].push(b);
+            line.push_str(&format!(" {}={a:.0}/{b:.0}", r.variant.name));
         }
         println!("{line}");
     }
 
-    // Report.
-    let (none, empty, fledge) = (0, 1, 2);
-    let per_round = |a: usize, b: usize| -> Vec<f64> {
-        throughput[a]
+    let index = |name: &str| running.iter().position(|r| r.variant.name == name);
+    let empty_index = index("empty").context("the empty variant is required")?;
+    let none_index = index("none");
+    // CPU(reference) ÷ CPU(variant), per round.
+    let ratios = |reference: usize, i: usize| -> Vec<f64> {
+        cpu_us[reference]
             .iter()
-            .zip(&throughput[b])
-            .map(|(x, y)| x / y)
+            .zip(&cpu_us[i])
+            .map(|(r, v)| r / v)
             .collect()
     };
-    let fledge_none = per_round(fledge, none);
-    let fledge_empty = per_round(fledge, empty);
-    let empty_none = per_round(empty, none);
     println!();
     println!(
-        "== results (median over {} rounds, [min..max]) ==",
+        "== Envoy CPU per request (utime+stime ÷ requests served), medians of {} alternating rounds [min..max of the per-round values] ==",
         args.rounds
     );
-    for i in 0..n {
+    println!(
+        "{:<14} {:>12}  {:>24}  {:>9}  {:>11}  {:>22}  what",
+        "variant",
+        "CPU µs/req",
+        "÷ empty [min..max]",
+        "÷ none",
+        "req/s",
+        format!("p50/p99 µs at {rate}/s")
+    );
+    let mut verdicts = Vec::new();
+    for (i, r) in running.iter().enumerate() {
+        let vs_empty = ratios(empty_index, i);
+        let vs_none = none_index.map(|none| median(&ratios(none, i)));
+        let target = target_vs_empty(&r.variant.name);
+        let vs_empty_text = if i == empty_index {
+            "1".to_string()
+        } else {
+            format!(
+                "{:.3} [{:.3}..{:.3}]",
+                median(&vs_empty),
+                min(&vs_empty),
+                max(&vs_empty)
+            )
+        };
+        let latency = if p99[i].is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.0}/{:.0}", median(&p50[i]), median(&p99[i]))
+        };
         println!(
-            "{:<7} throughput {:>7.0} req/s [{:.0}..{:.0}]  Envoy CPU {:>5.1} µs/req  latency at {rate}/s: p50 {:>4.0} µs  p99 {:>5.0} µs [{:.0}..{:.0}]  p99.9 {:>5.0} µs",
-            configs[i].name,
-            medians[i],
-            min(&throughput[i]),
-            max(&throughput[i]),
+            "{:<14} {:>12.2}  {:>24}  {:>9}  {:>11.0}  {:>22}  {}",
+            r.variant.name,
             median(&cpu_us[i]),
-            median(&p50[i]),
-            median(&p99[i]),
-            min(&p99[i]),
-            max(&p99[i]),
-            median(&p999[i]),
+            vs_empty_text,
+            vs_none.map_or("-".into(), |v| format!("{v:.3}")),
+            median(&throughput[i]),
+            latency,
+            r.variant.about,
         );
+        if let Some(target) = target {
+            let value = median(&vs_empty);
+            verdicts.push(format!(
+                "{} ÷ empty = {value:.3} (target >= {target}): {}",
+                r.variant.name,
+                if value >= target { "met" } else { "MISSED" }
+            ));
+        }
     }
-    println!(
-        "throughput fledge/none  = {:.3} [{:.3}..{:.3}]",
-        median(&fledge_none),
-        min(&fledge_none),
-        max(&fledge_none)
-    );
-    println!(
-        "throughput fledge/empty = {:.3} [{:.3}..{:.3}]   (target >= 0.97)",
-        median(&fledge_empty),
-        min(&fledge_empty),
-        max(&fledge_empty)
-    );
-    println!(
-        "throughput empty/none   = {:.3} [{:.3}..{:.3}]   (the Wasm dispatch floor)",
-        median(&empty_none),
-        min(&empty_none),
-        max(&empty_none)
-    );
-    let added_p99: Vec<f64> = p99[fledge]
+    if !args.no_latency {
+        for (i, r) in running.iter().enumerate() {
+            if !r.variant.fledge_metrics {
+                continue;
+            }
+            let added: Vec<f64> = p99[i].iter().zip(&p99[empty_index]).map(|(v, e)| v - e).collect();
+            let value = median(&added);
+            verdicts.push(format!(
+                "{} added p99 vs empty at {rate}/s = {value:+.0} µs [{:+.0}..{:+.0}] (target <= {TARGET_ADDED_P99_MICROS} µs): {}",
+                r.variant.name,
+                min(&added),
+                max(&added),
+                if value <= TARGET_ADDED_P99_MICROS { "met" } else { "MISSED" }
+            ));
+        }
+    }
+    let mut modules: Vec<&Path> = running
         .iter()
-        .zip(&p99[empty])
-        .map(|(f, e)| f - e)
+        .filter_map(|r| r.variant.filter.as_ref().map(|f| f.wasm.as_path()))
         .collect();
-    let added_p50: Vec<f64> = p50[fledge]
-        .iter()
-        .zip(&p50[empty])
-        .map(|(f, e)| f - e)
-        .collect();
-    println!(
-        "added latency fledge vs empty at {rate}/s: p50 {:+.0} µs, p99 {:+.0} µs [{:+.0}..{:+.0}]   (target p99 <= 50 µs)",
-        median(&added_p50),
-        median(&added_p99),
-        min(&added_p99),
-        max(&added_p99)
-    );
-    println!(
-        "Envoy CPU per request: fledge - empty = {:+.2} µs, empty - none = {:+.2} µs",
-        median(&cpu_us[fledge]) - median(&cpu_us[empty]),
-        median(&cpu_us[empty]) - median(&cpu_us[none]),
-    );
-    println!(
-        "wasm: fledge_filter.wasm {:.1} KiB (target <= 300 KiB), fledge_empty_filter.wasm {:.1} KiB",
-        file_kib(&wasm),
-        file_kib(&empty_wasm)
-    );
+    modules.sort_by_key(|path| file_name(path));
+    modules.dedup_by_key(|path| file_name(path));
+    for wasm in modules {
+        let kib = file_kib(wasm);
+        verdicts.push(format!(
+            "{} = {kib:.1} KiB (target <= {TARGET_WASM_KIB} KiB): {}",
+            file_name(wasm),
+            if kib <= TARGET_WASM_KIB { "met" } else { "MISSED" }
+        ));
+    }
+    println!();
+    for verdict in &verdicts {
+        println!("{verdict}");
+    }
+    // Wait for the filters' 1 s counter flush and Envoy's stats flush, then check the counts.
+    std::thread::sleep(Duration::from_millis(2500));
+    for r in &running {
+        if r.variant.fledge_metrics {
+            println!("{}", metrics_check(r)?);
+        }
+    }
     println!(
         "load average before {load_before}, after {} (other work on this machine shares the cores)",
         load_average()
@@ -320,19 +415,64 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+fn start_envoy(variant: &Variant, upstream_port: u16, dir: &Path) -> Result<Envoy> {
+    // Identical routes everywhere (forced-canary route, sticky header_name, 90/10).
+    let mut options = EnvoyOptions::new(upstream_port, upstream_port)
+        .with_header_route_to_canary(
+            contract::DEFAULT_ROUTE_HEADER,
+            contract::FORCED_CANARY_ROUTE_VALUE,
+        )
+        .with_weighted_header_name(contract::DEFAULT_ROUTE_HEADER)
+        .in_dir(&dir.join(&variant.name));
+    options.initial_weights = RouteWeights::canary_percent(10);
+    options.log_level = "warn".into();
+    if let Some(filter) = &variant.filter {
+        options = options.with_filter(filter.clone());
+    }
+    Envoy::start(options).with_context(|| format!("starting variant {}", variant.name))
+}
+
+/// The variant's `fledge_requests_total` against the requests sent to it.
+fn metrics_check(r: &Running) -> Result<String> {
+    let text = r.envoy.stats_prometheus()?;
+    let counted: f64 = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{}{{", contract::REQUESTS_TOTAL)))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum();
+    let duration_count: f64 = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{}_count{{", contract::REQUEST_DURATION_MS)))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum();
+    let share = counted / r.sent as f64;
+    ensure!(
+        share > 0.99 && duration_count / r.sent as f64 > 0.99,
+        "{}: the filter counted {counted} requests and {duration_count} durations of {} sent",
+        r.variant.name,
+        r.sent
+    );
+    Ok(format!(
+        "metrics check {}: fledge_requests_total {counted:.0}, {}_count {duration_count:.0}, requests sent {}",
+        r.variant.name,
+        contract::REQUEST_DURATION_MS,
+        r.sent
+    ))
+}
+
 struct WrkResult {
     rps: f64,
     requests: u64,
 }
 
-fn run_wrk(wrk: &Path, config: &Config, seconds: u64, args: &Args) -> Result<WrkResult> {
+fn run_wrk(wrk: &Path, r: &Running, seconds: u64, args: &Args) -> Result<WrkResult> {
     let output = Command::new(wrk)
         .arg(format!("-t{}", args.threads))
         .arg(format!("-c{}", args.connections))
         .arg(format!("-d{seconds}s"))
         .arg("-H")
         .arg(format!("{USER_HEADER}: bench-user-42"))
-        .arg(format!("{}/", config.envoy.listener_url()))
+        .arg(format!("{}/", r.envoy.listener_url()))
         .output()
         .context("running wrk")?;
     let text = String::from_utf8_lossy(&output.stdout).to_string();
@@ -348,7 +488,7 @@ fn run_wrk(wrk: &Path, config: &Config, seconds: u64, args: &Args) -> Result<Wrk
         .and_then(|v| v.parse::<u64>().ok())
         .with_context(|| format!("no request count in wrk output:\n{text}"))?;
     if text.contains("Non-2xx") || text.contains("Socket errors") {
-        bail!("{}: errors under load:\n{text}", config.name);
+        bail!("{}: errors under load:\n{text}", r.variant.name);
     }
     Ok(WrkResult { rps, requests })
 }
@@ -533,6 +673,12 @@ fn which(program: &str) -> Option<PathBuf> {
             .map(|dir| dir.join(program))
             .find(|path| path.is_file())
     })
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn file_kib(path: &Path) -> f64 {
