@@ -372,6 +372,15 @@ pub(crate) mod fake {
             self.counters.get(&self.id(name)).copied().unwrap_or(0)
         }
 
+        /// Counter value by encoded name summed over every definition (each root context of a
+        /// VM defines its own ids for the same stat; Envoy adds them up).
+        pub fn counter_sum(&self, name: &str) -> i64 {
+            (0..self.defined.len() as u32)
+                .filter(|id| self.name(*id) == name)
+                .map(|id| self.counters.get(&id).copied().unwrap_or(0))
+                .sum()
+        }
+
         /// Gauge values of every definition of `name` (one per worker VM sharing this store).
         pub fn gauge_per_definition(&self, name: &str) -> Vec<Option<u64>> {
             (0..self.defined.len() as u32)

@@ -326,3 +326,330 @@ impl Vm {
         events
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeStream;
+    use crate::metrics::fake::{duration_name, requests_name, FakeHost};
+    use fledge_core::contract;
+
+    const APP: &str = r#"{"clusters": {"app_stable": {"service": "app", "subset": "stable"},
+                                       "app_canary": {"service": "app", "subset": "canary"}}}"#;
+    const ROOT: u32 = 1;
+
+    /// Envoy as seen by one VM: the metric store every request adds to, and the next context id.
+    struct Envoy {
+        vm: Vm,
+        metrics: FakeHost,
+        next_context: u32,
+    }
+
+    impl Envoy {
+        fn new(module: FilterModule, config: &str) -> Envoy {
+            let mut envoy = Envoy {
+                vm: Vm::new(module),
+                metrics: FakeHost::default(),
+                next_context: ROOT + 1,
+            };
+            let mut s = FakeStream::new();
+            envoy.vm.on_context_create(ROOT, 0, &mut s);
+            let outcome = envoy.vm.on_configure(ROOT, Some(config.as_bytes()), &mut s);
+            assert!(
+                matches!(outcome.configured, Configured::Applied { .. }),
+                "{outcome:?}"
+            );
+            envoy.metrics = std::mem::take(&mut s.metrics);
+            envoy
+        }
+
+        /// One stream, calling exactly the callbacks `module` exports, in Envoy's order; the
+        /// response is bodiless when `bodiless`, and has trailers when the fake has any.
+        /// Returns the fake with its hostcall log.
+        fn request(&mut self, mut s: FakeStream, bodiless: bool) -> FakeStream {
+            let context = self.next_context;
+            self.next_context += 1;
+            s.metrics = std::mem::take(&mut self.metrics);
+            let exported = exports(self.vm.module());
+            self.vm.on_context_create(context, ROOT, &mut s);
+            if exported.contains(&Callback::RequestHeaders) {
+                self.vm.on_request_headers(context, &mut s);
+            }
+            if exported.contains(&Callback::ResponseHeaders) {
+                self.vm.on_response_headers(context, bodiless, &mut s);
+            }
+            if !s.trailers.is_empty() && exported.contains(&Callback::ResponseTrailers) {
+                self.vm.on_response_trailers(context, &mut s);
+            }
+            self.vm.on_log(context, &mut s);
+            self.metrics = std::mem::take(&mut s.metrics);
+            s
+        }
+
+        /// The 1 s tick: batched counts reach the counters.
+        fn tick(&mut self) -> FakeStream {
+            let mut s = FakeStream::new();
+            s.metrics = std::mem::take(&mut self.metrics);
+            self.vm.on_tick(ROOT, &mut s);
+            self.metrics = std::mem::take(&mut s.metrics);
+            s
+        }
+
+        fn count(&self, subset: &str, class: &str) -> i64 {
+            self.metrics.counter(&requests_name("app", subset, class))
+        }
+    }
+
+    fn both() -> [FilterModule; 2] {
+        [FilterModule::Full, FilterModule::Observer]
+    }
+
+    #[test]
+    fn each_module_makes_few_hostcalls_per_plain_request() {
+        // Per request, in order. Each hostcall costs Envoy CPU on every request; the request
+        // count waits in the VM for the tick.
+        let want = |module| -> Vec<&str> {
+            match module {
+                FilterModule::Full => vec![
+                    "now",                        // context create: the start
+                    "get Request x-fledge-route", // request headers: strip a client's copy
+                    "property cluster",           // log: the subset
+                    "now",                        //   the duration
+                    "get Response :status",       //   the class
+                    "property details",           //   did the upstream answer, completely?
+                    "record",                     //   the duration histogram
+                ],
+                FilterModule::Observer => vec![
+                    "now",
+                    "property cluster",
+                    "now",
+                    "get Response :status",
+                    "get Response grpc-status", // a trailers-only gRPC error?
+                    "property details",
+                    "record",
+                ],
+            }
+        };
+        for module in both() {
+            let mut envoy = Envoy::new(module, APP);
+            for _ in 0..3 {
+                let s = envoy.request(FakeStream::finished("app_canary", 200), false);
+                assert_eq!(s.calls, want(module), "{module:?}");
+            }
+            assert_eq!(envoy.count("canary", "2xx"), 0);
+            assert_eq!(envoy.tick().calls, vec!["increment"], "{module:?}");
+            assert_eq!(envoy.count("canary", "2xx"), 3, "{module:?}");
+            assert_eq!(
+                envoy.metrics.samples(&duration_name("app", "canary")),
+                vec![7, 7, 7]
+            );
+        }
+    }
+
+    #[test]
+    fn both_modules_class_alike_from_the_log_phase() {
+        type Case = (&'static str, FakeStream, bool, &'static str, &'static str);
+        let grpc_trailers = |code: &str| {
+            let mut s = FakeStream::finished("app_canary", 200);
+            s.trailers.insert("grpc-status".into(), code.as_bytes().to_vec());
+            s
+        };
+        let grpc_only = |code: &str| {
+            let mut s = FakeStream::finished("app_canary", 200);
+            s.response
+                .insert("grpc-status".into(), code.as_bytes().to_vec());
+            s
+        };
+        let cases: Vec<Case> = vec![
+            ("200", FakeStream::finished("app_canary", 200), false, "canary", "2xx"),
+            ("404", FakeStream::finished("app_canary", 404), false, "canary", "4xx"),
+            ("upstream 503", FakeStream::finished("app_canary", 503), false, "canary", "5xx"),
+            (
+                "no healthy upstream",
+                FakeStream::finished("app_canary", 503)
+                    .with_property("details", b"no_healthy_upstream"),
+                true,
+                "canary",
+                "none",
+            ),
+            (
+                "reset before the response",
+                FakeStream::finished("app_canary", 503).with_property(
+                    "details",
+                    b"upstream_reset_before_response_started{connection_failure}",
+                ),
+                false,
+                "canary",
+                "none",
+            ),
+            (
+                "cut off mid-body",
+                FakeStream::finished("app_canary", 200).with_property(
+                    "details",
+                    b"upstream_reset_after_response_started{remote_reset}",
+                ),
+                false,
+                "canary",
+                "none",
+            ),
+            (
+                "reset, no response at all",
+                FakeStream::new().with_property("cluster", b"app_canary"),
+                false,
+                "canary",
+                "none",
+            ),
+            ("grpc OK in trailers", grpc_trailers("0"), false, "canary", "2xx"),
+            ("grpc UNAVAILABLE in trailers", grpc_trailers("14"), false, "canary", "5xx"),
+            ("grpc NOT_FOUND in trailers", grpc_trailers("5"), false, "canary", "4xx"),
+            ("grpc UNKNOWN trailers-only", grpc_only("2"), true, "canary", "5xx"),
+            ("grpc OK trailers-only", grpc_only("0"), true, "canary", "2xx"),
+            (
+                "Envoy's gRPC local reply",
+                grpc_only("14").with_property("details", b"no_healthy_upstream"),
+                true,
+                "canary",
+                "none",
+            ),
+            ("stable 200", FakeStream::finished("app_stable", 200), false, "stable", "2xx"),
+        ];
+        for module in both() {
+            for (name, stream, bodiless, subset, class) in &cases {
+                let mut envoy = Envoy::new(module, APP);
+                let mut copy = FakeStream::new();
+                copy.request = stream.request.clone();
+                copy.response = stream.response.clone();
+                copy.trailers = stream.trailers.clone();
+                copy.properties = stream.properties.clone();
+                envoy.request(copy, *bodiless);
+                envoy.tick();
+                assert_eq!(envoy.count(subset, class), 1, "{module:?}: {name}");
+            }
+            // No route: (other, other, none) without reading the response.
+            let mut envoy = Envoy::new(module, APP);
+            let s = envoy.request(FakeStream::new().with_status(404), false);
+            assert_eq!(s.calls.iter().filter(|c| c.starts_with("get Response")).count(), 0);
+            envoy.tick();
+            assert_eq!(
+                envoy
+                    .metrics
+                    .counter(&requests_name("other", "other", "none")),
+                1,
+                "{module:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn trailers_and_bodiless_responses_save_reads() {
+        for module in both() {
+            let mut envoy = Envoy::new(module, APP);
+            // gRPC with trailers: complete, so no code_details read for a 200, and no
+            // grpc-status read from the headers.
+            let mut s = FakeStream::finished("app_canary", 200);
+            s.trailers.insert("grpc-status".into(), b"0".to_vec());
+            let s = envoy.request(s, false);
+            assert!(s.calls.contains(&"get ResponseTrailers grpc-status".to_string()));
+            assert!(!s.calls.contains(&"property details".to_string()), "{module:?}");
+            assert!(!s.calls.contains(&"get Response grpc-status".to_string()));
+        }
+        // Only the full module sees the response headers: a response with a body cannot be
+        // trailers-only, and a bodiless one is complete.
+        let mut envoy = Envoy::new(FilterModule::Full, APP);
+        let s = envoy.request(FakeStream::finished("app_canary", 204), true);
+        assert!(s.calls.contains(&"get Response grpc-status".to_string()));
+        assert!(!s.calls.contains(&"property details".to_string()));
+    }
+
+    #[test]
+    fn a_stream_the_vm_lost_track_of_is_still_recorded() {
+        for module in both() {
+            let mut envoy = Envoy::new(module, APP);
+            // Context ids that share a slot: the second stream takes the first one's slot
+            // while the first is in flight.
+            let (first, second) = (10, 10 + STREAM_SLOTS as u32);
+            let mut s = FakeStream::finished("app_canary", 200);
+            s.trailers.insert("grpc-status".into(), b"14".to_vec());
+            s.properties.insert("duration", 42_000_000i64.to_le_bytes().to_vec());
+            s.metrics = std::mem::take(&mut envoy.metrics);
+            envoy.vm.on_context_create(first, ROOT, &mut s);
+            envoy.vm.on_context_create(second, ROOT, &mut s);
+            if module == FilterModule::Full {
+                envoy.vm.on_request_headers(first, &mut s);
+            }
+            envoy.vm.on_response_trailers(first, &mut s);
+            s.calls.clear();
+            envoy.vm.on_log(first, &mut s);
+            // Nothing known: the duration from Envoy, the gRPC status from the trailers, and
+            // code_details to tell an upstream's gRPC error from Envoy's own.
+            assert_eq!(
+                s.calls,
+                vec![
+                    "property cluster",
+                    "property duration",
+                    "get Response :status",
+                    "get ResponseTrailers grpc-status",
+                    "property details",
+                    "record",
+                ],
+                "{module:?}"
+            );
+            envoy.metrics = std::mem::take(&mut s.metrics);
+            envoy.tick();
+            assert_eq!(envoy.count("canary", "5xx"), 1, "{module:?}");
+            assert_eq!(
+                envoy.metrics.samples(&duration_name("app", "canary")),
+                vec![42]
+            );
+        }
+    }
+
+    #[test]
+    fn the_observer_rejects_tagging_settings_and_keeps_counting() {
+        let mut envoy = Envoy::new(FilterModule::Observer, APP);
+        let mut s = FakeStream::new();
+        s.metrics = std::mem::take(&mut envoy.metrics);
+        let outcome = envoy.vm.on_configure(
+            ROOT,
+            Some(br#"{"clusters": {}, "responseHeader": "x-fledge-subset"}"#),
+            &mut s,
+        );
+        let Configured::Rejected(err) = outcome.configured else {
+            panic!("accepted: {outcome:?}");
+        };
+        assert_eq!(err.field(), "responseHeader");
+        assert_eq!(s.metrics.counter(contract::CONFIG_ERRORS_TOTAL), 1);
+        envoy.metrics = std::mem::take(&mut s.metrics);
+        // The previous configuration stays: requests are still labelled by it.
+        envoy.request(FakeStream::finished("app_canary", 200), false);
+        envoy.tick();
+        assert_eq!(envoy.count("canary", "2xx"), 1);
+    }
+
+    #[test]
+    fn every_root_is_flushed_by_any_tick_and_old_roots_are_dropped() {
+        let mut vm = Vm::new(FilterModule::Observer);
+        let mut s = FakeStream::new();
+        for root in 1..=(MAX_ROOTS as u32 + 1) {
+            vm.on_context_create(root, 0, &mut s);
+            vm.on_configure(root, Some(APP.as_bytes()), &mut s);
+            if root > 1 {
+                vm.on_tick(root, &mut s);
+            }
+        }
+        // Root 1 never ticked: it was dropped for the newest, after publishing its counts.
+        assert!(vm.plugin(1).is_none());
+        assert!(vm.plugin(MAX_ROOTS as u32 + 1).is_some());
+        // A stream of root 2 is counted; root 3's tick publishes it.
+        let context = 100;
+        let mut r = FakeStream::finished("app_canary", 200);
+        r.metrics = std::mem::take(&mut s.metrics);
+        vm.on_context_create(context, 2, &mut r);
+        vm.on_log(context, &mut r);
+        vm.on_tick(3, &mut r);
+        assert_eq!(
+            r.metrics.counter_sum(&requests_name("app", "canary", "2xx")),
+            1
+        );
+    }
+}

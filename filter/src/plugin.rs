@@ -217,14 +217,15 @@ impl Finished {
     /// - no cluster (`direct_response`, redirects, no route): nothing came from an upstream, no
     ///   read at all;
     /// - the status from `:status` (absent: no response was sent);
-    /// - whether the upstream produced it: a complete response below 400 is the upstream's;
-    ///   otherwise (a status of 400 or more, or an end of stream the filter did not see)
-    ///   `response.code_details` says (`via_upstream`; `response.flags == 0` only on a host
-    ///   without that property). Envoy's own 2xx/3xx replies on a route with a cluster (a CORS
-    ///   preflight) would count as the upstream's; they are rare and not failures;
-    /// - for an HTTP 200 from the upstream, `grpc-status` from the trailers (seen in their own
-    ///   callback) or, for a trailers-only response, from the headers; a stream whose response
-    ///   headers the filter saw with a body following cannot be trailers-only;
+    /// - for an HTTP 200, `grpc-status` from the trailers (seen in their own callback) or, for
+    ///   a trailers-only response, from the headers; a stream whose response headers the filter
+    ///   saw with a body following cannot be trailers-only;
+    /// - whether the upstream produced it: a complete response below 400 (and no gRPC error)
+    ///   is the upstream's; otherwise (a status of 400 or more, a gRPC error, or an end of
+    ///   stream the filter did not see) `response.code_details` says (`via_upstream`;
+    ///   `response.flags == 0` only on a host without that property). Envoy's own 2xx/3xx
+    ///   replies on a route with a cluster (a CORS preflight) would count as the upstream's;
+    ///   they are rare and not failures;
     /// - the duration from the clock, or `request.duration` when the start is unknown.
     pub fn from_stream(stream: &StreamState, host: &mut impl StreamHost) -> Self {
         let duration_ms = match stream.started_nanos {
@@ -249,9 +250,15 @@ impl Finished {
             .header(Headers::Response, ":status")
             .as_deref()
             .and_then(parse_status);
+        let grpc_status = match (status, stream.grpc_status) {
+            (Some(200), None) => grpc_status_in_log(stream, host),
+            (_, grpc_status) => grpc_status,
+        };
+        // Envoy's own gRPC replies (200 + an error grpc-status, no body) look complete too.
+        let grpc_ok = grpc_status.is_none_or(|code| code == 0);
         let upstream_responded = match status {
             None => false,
-            Some(status) if status < 400 && stream.complete => true,
+            Some(status) if status < 400 && stream.complete && grpc_ok => true,
             Some(_) => match host.property(Property::ResponseCodeDetails) {
                 Some(details) => details == VIA_UPSTREAM,
                 // Fallback signal, only if a host lacks `response.code_details`.
@@ -262,10 +269,6 @@ impl Finished {
                         == Some(0)
                 }
             },
-        };
-        let grpc_status = match (status, stream.grpc_status) {
-            (Some(200), None) if upstream_responded => grpc_status_in_log(stream, host),
-            (_, grpc_status) => grpc_status,
         };
         Finished {
             status,
