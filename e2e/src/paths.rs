@@ -2,7 +2,8 @@
 //!
 //! Contract (shared with `scripts/setup.sh` and `scripts/envoy-path`):
 //! - Envoy is `$FLEDGE_ENVOY` if set, else `${FLEDGE_VENV:-<workspace>/.venv}/bin/envoy`.
-//! - The filter is `<target>/wasm32-wasip1/release/fledge_filter.wasm`, or `$FLEDGE_FILTER_WASM`.
+//! - The filter is `<target>/wasm32-wasip1/release/fledge_filter.wasm`, or `$FLEDGE_FILTER_WASM`;
+//!   its metrics-only module `fledge_observer.wasm` next to it, or `$FLEDGE_OBSERVER_WASM`.
 //! - `<target>` is `$CARGO_TARGET_DIR` if set, else `<workspace>/target`.
 //! - The controller is `$FLEDGE_BIN`, or `fledge` built by cargo (see [`cargo_binary`]).
 
@@ -68,6 +69,28 @@ pub fn filter_wasm_location() -> PathBuf {
             .join("release")
             .join("fledge_filter.wasm"),
     }
+}
+
+/// Where the release build of the metrics-only module is (`fledge_observer.wasm`, next to the
+/// filter, or `$FLEDGE_OBSERVER_WASM`).
+pub fn observer_wasm_location() -> PathBuf {
+    match non_empty_env("FLEDGE_OBSERVER_WASM") {
+        Some(path) => PathBuf::from(path),
+        None => filter_wasm_location().with_file_name("fledge_observer.wasm"),
+    }
+}
+
+/// The built metrics-only module. Errors (with the fix) if it has not been built.
+pub fn observer_wasm() -> Result<PathBuf> {
+    let path = observer_wasm_location();
+    if path.is_file() {
+        return Ok(path);
+    }
+    bail!(
+        "observer module not built: {} is missing; run make build-filter \
+         (cargo build -p fledge-observer --target wasm32-wasip1 --release)",
+        path.display()
+    )
 }
 
 /// The built filter. Errors (with the fix) if it has not been built.

@@ -1,15 +1,18 @@
-//! The filter under less friendly traffic, on a real Envoy with the built `.wasm`: HTTP/2
-//! (h2c), gRPC statuses in trailers and trailers-only responses, upstream resets and Envoy's
-//! local replies (`none`), a bad plugin configuration (fail open + error counter), and
-//! oversized or odd headers.
+//! The filter under less friendly traffic, on a real Envoy with both built modules
+//! (`fledge_filter.wasm` and the metrics-only `fledge_observer.wasm`): HTTP/2 (h2c), gRPC
+//! statuses in trailers and trailers-only responses, upstream resets and Envoy's local replies
+//! (`none`), a bad plugin configuration (fail open + error counter), oversized or odd headers,
+//! and each module's export list (what Envoy calls into).
 
 #[path = "support/filter.rs"]
 mod support;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use fledge_core::contract;
+use fledge_core::filter_config::FilterModule;
 use fledge_e2e::envoy::{CANARY_CLUSTER, STABLE_CLUSTER};
 use fledge_e2e::{init_tracing, Envoy, EnvoyOptions, WasmFilter};
+use fledge_filter::module::{exports, Callback};
 use serde_json::{json, Value};
 use std::path::Path;
 use support::*;
@@ -54,18 +57,27 @@ fn no_panics(envoy: &Envoy) -> Result<()> {
 #[test]
 fn http2_and_grpc_statuses_are_classed() -> Result<()> {
     init_tracing();
-    let Some(wasm) = filter_wasm_or_skip("http2 and grpc")? else {
-        return Ok(());
-    };
+    for (module, wasm) in modules_or_skip("http2 and grpc")? {
+        http2_and_grpc_statuses_are_classed_by(module, &wasm)
+            .with_context(|| format!("{module:?}"))?;
+    }
+    Ok(())
+}
+
+fn http2_and_grpc_statuses_are_classed_by(module: FilterModule, wasm: &Path) -> Result<()> {
     let (stable, canary, grpc) = (
         RawUpstream::start("v1")?,
         RawUpstream::start("v2")?,
         RawUpstream::start("g1")?,
     );
-    let config = json!({"clusters": clusters(), "responseHeader": "x-fledge-subset"});
+    let tagging = module == FilterModule::Full;
+    let mut config = json!({"clusters": clusters()});
+    if tagging {
+        config["responseHeader"] = json!("x-fledge-subset");
+    }
     let envoy = Envoy::start(
         EnvoyOptions::new(stable.port(), canary.port())
-            .with_filter(filter(&wasm, &config.to_string()))
+            .with_filter(filter(wasm, &config.to_string()))
             .with_cluster(grpc_cluster(grpc.port()))
             .with_route_before_primary(prefix_route("/grpc", "grpc_upstream")),
     )?;
@@ -78,9 +90,11 @@ fn http2_and_grpc_statuses_are_classed() -> Result<()> {
             status == 200 && version == "2",
             "{status} {version} {headers}"
         );
-        ensure!(headers.contains("x-fledge-subset: stable"), "{headers}");
+        ensure!(
+            headers.contains("x-fledge-subset: stable") == tagging,
+            "{headers}"
+        );
     }
-
     // gRPC over HTTP/2: 200 with grpc-status in trailers, or trailers-only.
     let grpc_call = |path: &str| -> Result<String> {
         let (status, headers, version) = curl_h2(
@@ -139,14 +153,18 @@ fn http2_and_grpc_statuses_are_classed() -> Result<()> {
 #[test]
 fn resets_and_local_replies_are_none() -> Result<()> {
     init_tracing();
-    let Some(wasm) = filter_wasm_or_skip("resets and local replies")? else {
-        return Ok(());
-    };
+    for (module, wasm) in modules_or_skip("resets and local replies")? {
+        resets_and_local_replies_are_none_for(&wasm).with_context(|| format!("{module:?}"))?;
+    }
+    Ok(())
+}
+
+fn resets_and_local_replies_are_none_for(wasm: &Path) -> Result<()> {
     let (stable, canary) = (RawUpstream::start("v1")?, RawUpstream::start("v2")?);
     let config = json!({"clusters": clusters()});
     let envoy = Envoy::start(
         EnvoyOptions::new(stable.port(), canary.port())
-            .with_filter(filter(&wasm, &config.to_string()))
+            .with_filter(filter(wasm, &config.to_string()))
             .with_route_before_primary(json!({
                 "match": {"prefix": "/local"},
                 "direct_response": {"status": 200, "body": {"inline_string": "local"}}
@@ -192,22 +210,31 @@ fn resets_and_local_replies_are_none() -> Result<()> {
 #[test]
 fn bad_config_fails_open_and_counts_the_error() -> Result<()> {
     init_tracing();
-    let Some(wasm) = filter_wasm_or_skip("bad config")? else {
-        return Ok(());
-    };
+    for (module, wasm) in modules_or_skip("bad config")? {
+        bad_config_fails_open_for(module, &wasm).with_context(|| format!("{module:?}"))?;
+    }
+    Ok(())
+}
+
+fn bad_config_fails_open_for(module: FilterModule, wasm: &Path) -> Result<()> {
     let (stable, canary) = (RawUpstream::start("v1")?, RawUpstream::start("v2")?);
-    for bad in [
+    let mut bad = vec![
         r#"{"sticky": {"cookie": "a;b"}}"#,
         r#"{"forceCanary": {"header": "stage"}}"#,
         "not json",
-    ] {
+    ];
+    if module == FilterModule::Observer {
+        // Valid for the full module, but the observer cannot write headers.
+        bad.push(r#"{"responseHeader": "x-fledge-subset"}"#);
+    }
+    for bad in bad {
         let envoy = Envoy::start(
             EnvoyOptions::new(stable.port(), canary.port())
                 .with_header_route_to_canary(
                     contract::DEFAULT_ROUTE_HEADER,
                     contract::FORCED_CANARY_ROUTE_VALUE,
                 )
-                .with_filter(filter(&wasm, bad)),
+                .with_filter(filter(wasm, bad)),
         )?;
         for _ in 0..10 {
             let reply = get(&envoy.listener_url(), &[("stage", b"canary")])?;
@@ -216,15 +243,18 @@ fn bad_config_fails_open_and_counts_the_error() -> Result<()> {
                 "{bad}: {reply:?}"
             );
         }
-        // Even with the defaults, the internal route header is stripped.
+        // Even with the defaults, the full module strips the internal route header (the
+        // observer never sees request headers: its manifests keep routes off that header).
         let reply = get(
             &envoy.listener_url(),
             &[(contract::DEFAULT_ROUTE_HEADER, b"canary")],
         )?;
-        ensure!(
-            reply.version() == "v1",
-            "{bad}: spoofed route header routed"
-        );
+        if module == FilterModule::Full {
+            ensure!(
+                reply.version() == "v1",
+                "{bad}: spoofed route header routed"
+            );
+        }
         wait_for_total(&envoy, 11.0)?;
         let errors = metric_sum(&envoy, contract::CONFIG_ERRORS_TOTAL, &[])?;
         ensure!(errors >= 1.0, "{bad}: fledge_config_errors_total {errors}");
@@ -235,6 +265,79 @@ fn bad_config_fails_open_and_counts_the_error() -> Result<()> {
         no_panics(&envoy)?;
     }
     Ok(())
+}
+
+/// What Envoy can call: each module exports exactly the callbacks `module.rs` lists for it (a
+/// build with cargo features unified across both crates would export more, and cost more).
+#[test]
+fn each_module_exports_only_its_callbacks() -> Result<()> {
+    for (module, wasm) in modules_or_skip("module exports")? {
+        let bytes = std::fs::read(&wasm)?;
+        let mut exported: Vec<String> = wasm_exports(&bytes)?
+            .into_iter()
+            .filter(|name| name.starts_with("proxy_on_"))
+            .collect();
+        exported.sort();
+        let mut want: Vec<String> = exports(module)
+            .iter()
+            .map(|callback| callback.export_name().to_string())
+            .chain(
+                [
+                    "proxy_on_configure",
+                    "proxy_on_memory_allocate",
+                    "proxy_on_vm_start",
+                ]
+                .map(String::from),
+            )
+            .collect();
+        want.sort();
+        ensure!(
+            exported == want,
+            "{module:?}: exports {exported:?}, want {want:?}"
+        );
+        ensure!(
+            module == FilterModule::Full || !exports(module).contains(&Callback::RequestHeaders)
+        );
+    }
+    Ok(())
+}
+
+/// The names in a Wasm module's export section.
+fn wasm_exports(bytes: &[u8]) -> Result<Vec<String>> {
+    fn leb(bytes: &[u8], at: &mut usize) -> Result<usize> {
+        let (mut value, mut shift) = (0usize, 0);
+        loop {
+            let byte = *bytes.get(*at).context("truncated LEB128")?;
+            *at += 1;
+            value |= usize::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Ok(value);
+            }
+            shift += 7;
+            ensure!(shift < 35, "LEB128 too long");
+        }
+    }
+    ensure!(bytes.starts_with(b"\0asm"), "not a Wasm module");
+    let mut at = 8;
+    while at < bytes.len() {
+        let id = bytes[at];
+        at += 1;
+        let size = leb(bytes, &mut at)?;
+        let end = at + size;
+        if id == 7 {
+            let mut names = Vec::new();
+            for _ in 0..leb(bytes, &mut at)? {
+                let len = leb(bytes, &mut at)?;
+                let name = bytes.get(at..at + len).context("truncated export name")?;
+                names.push(String::from_utf8_lossy(name).into_owned());
+                at += len + 1; // the name, then the export kind
+                leb(bytes, &mut at)?; // the index
+            }
+            return Ok(names);
+        }
+        at = end;
+    }
+    Ok(Vec::new())
 }
 
 #[test]

@@ -404,7 +404,10 @@ pub extern "C" fn _initialize() {
         __wasm_call_ctors();
     }
     std::panic::set_hook(Box::new(|info| {
-        log(LogLevel::Critical, &format!("fledge filter panicked: {info}"));
+        log(
+            LogLevel::Critical,
+            &format!("fledge filter panicked: {info}"),
+        );
     }));
 }
 

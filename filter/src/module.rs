@@ -250,7 +250,11 @@ impl Vm {
     }
 
     /// `proxy_on_request_headers` (full module).
-    pub fn on_request_headers<H: StreamHost + MetricHost>(&mut self, context_id: u32, host: &mut H) {
+    pub fn on_request_headers<H: StreamHost + MetricHost>(
+        &mut self,
+        context_id: u32,
+        host: &mut H,
+    ) {
         let (plugin, mut state, index) = self.stream(context_id);
         if let Some(plugin) = plugin {
             plugin.on_request_headers(&mut state, host);
@@ -451,7 +455,8 @@ mod tests {
         type Case = (&'static str, FakeStream, bool, &'static str, &'static str);
         let grpc_trailers = |code: &str| {
             let mut s = FakeStream::finished("app_canary", 200);
-            s.trailers.insert("grpc-status".into(), code.as_bytes().to_vec());
+            s.trailers
+                .insert("grpc-status".into(), code.as_bytes().to_vec());
             s
         };
         let grpc_only = |code: &str| {
@@ -461,9 +466,27 @@ mod tests {
             s
         };
         let cases: Vec<Case> = vec![
-            ("200", FakeStream::finished("app_canary", 200), false, "canary", "2xx"),
-            ("404", FakeStream::finished("app_canary", 404), false, "canary", "4xx"),
-            ("upstream 503", FakeStream::finished("app_canary", 503), false, "canary", "5xx"),
+            (
+                "200",
+                FakeStream::finished("app_canary", 200),
+                false,
+                "canary",
+                "2xx",
+            ),
+            (
+                "404",
+                FakeStream::finished("app_canary", 404),
+                false,
+                "canary",
+                "4xx",
+            ),
+            (
+                "upstream 503",
+                FakeStream::finished("app_canary", 503),
+                false,
+                "canary",
+                "5xx",
+            ),
             (
                 "no healthy upstream",
                 FakeStream::finished("app_canary", 503)
@@ -499,11 +522,41 @@ mod tests {
                 "canary",
                 "none",
             ),
-            ("grpc OK in trailers", grpc_trailers("0"), false, "canary", "2xx"),
-            ("grpc UNAVAILABLE in trailers", grpc_trailers("14"), false, "canary", "5xx"),
-            ("grpc NOT_FOUND in trailers", grpc_trailers("5"), false, "canary", "4xx"),
-            ("grpc UNKNOWN trailers-only", grpc_only("2"), true, "canary", "5xx"),
-            ("grpc OK trailers-only", grpc_only("0"), true, "canary", "2xx"),
+            (
+                "grpc OK in trailers",
+                grpc_trailers("0"),
+                false,
+                "canary",
+                "2xx",
+            ),
+            (
+                "grpc UNAVAILABLE in trailers",
+                grpc_trailers("14"),
+                false,
+                "canary",
+                "5xx",
+            ),
+            (
+                "grpc NOT_FOUND in trailers",
+                grpc_trailers("5"),
+                false,
+                "canary",
+                "4xx",
+            ),
+            (
+                "grpc UNKNOWN trailers-only",
+                grpc_only("2"),
+                true,
+                "canary",
+                "5xx",
+            ),
+            (
+                "grpc OK trailers-only",
+                grpc_only("0"),
+                true,
+                "canary",
+                "2xx",
+            ),
             (
                 "Envoy's gRPC local reply",
                 grpc_only("14").with_property("details", b"no_healthy_upstream"),
@@ -511,7 +564,13 @@ mod tests {
                 "canary",
                 "none",
             ),
-            ("stable 200", FakeStream::finished("app_stable", 200), false, "stable", "2xx"),
+            (
+                "stable 200",
+                FakeStream::finished("app_stable", 200),
+                false,
+                "stable",
+                "2xx",
+            ),
         ];
         for module in both() {
             for (name, stream, bodiless, subset, class) in &cases {
@@ -528,7 +587,13 @@ mod tests {
             // No route: (other, other, none) without reading the response.
             let mut envoy = Envoy::new(module, APP);
             let s = envoy.request(FakeStream::new().with_status(404), false);
-            assert_eq!(s.calls.iter().filter(|c| c.starts_with("get Response")).count(), 0);
+            assert_eq!(
+                s.calls
+                    .iter()
+                    .filter(|c| c.starts_with("get Response"))
+                    .count(),
+                0
+            );
             envoy.tick();
             assert_eq!(
                 envoy
@@ -549,8 +614,13 @@ mod tests {
             let mut s = FakeStream::finished("app_canary", 200);
             s.trailers.insert("grpc-status".into(), b"0".to_vec());
             let s = envoy.request(s, false);
-            assert!(s.calls.contains(&"get ResponseTrailers grpc-status".to_string()));
-            assert!(!s.calls.contains(&"property details".to_string()), "{module:?}");
+            assert!(s
+                .calls
+                .contains(&"get ResponseTrailers grpc-status".to_string()));
+            assert!(
+                !s.calls.contains(&"property details".to_string()),
+                "{module:?}"
+            );
             assert!(!s.calls.contains(&"get Response grpc-status".to_string()));
         }
         // Only the full module sees the response headers: a response with a body cannot be
@@ -570,7 +640,8 @@ mod tests {
             let (first, second) = (10, 10 + STREAM_SLOTS as u32);
             let mut s = FakeStream::finished("app_canary", 200);
             s.trailers.insert("grpc-status".into(), b"14".to_vec());
-            s.properties.insert("duration", 42_000_000i64.to_le_bytes().to_vec());
+            s.properties
+                .insert("duration", 42_000_000i64.to_le_bytes().to_vec());
             s.metrics = std::mem::take(&mut envoy.metrics);
             envoy.vm.on_context_create(first, ROOT, &mut s);
             envoy.vm.on_context_create(second, ROOT, &mut s);
@@ -648,7 +719,8 @@ mod tests {
         vm.on_log(context, &mut r);
         vm.on_tick(3, &mut r);
         assert_eq!(
-            r.metrics.counter_sum(&requests_name("app", "canary", "2xx")),
+            r.metrics
+                .counter_sum(&requests_name("app", "canary", "2xx")),
             1
         );
     }

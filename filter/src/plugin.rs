@@ -8,8 +8,7 @@ use crate::metrics::{MetricCache, MetricHost, MetricKind, UpstreamSubset};
 use crate::tagging;
 use fledge_core::contract::{self, ResponseClass};
 use fledge_core::filter_config::{
-    istio_workload_revision, FilterConfig, FilterConfigError, FilterModule, ForceCanary,
-    StickyKey,
+    istio_workload_revision, FilterConfig, FilterConfigError, FilterModule, ForceCanary, StickyKey,
 };
 
 /// `response.code_details` when the upstream produced the response headers.

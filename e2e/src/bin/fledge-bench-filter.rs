@@ -372,7 +372,11 @@ fn main() -> Result<()> {
             if !r.variant.fledge_metrics {
                 continue;
             }
-            let added: Vec<f64> = p99[i].iter().zip(&p99[empty_index]).map(|(v, e)| v - e).collect();
+            let added: Vec<f64> = p99[i]
+                .iter()
+                .zip(&p99[empty_index])
+                .map(|(v, e)| v - e)
+                .collect();
             let value = median(&added);
             verdicts.push(format!(
                 "{} added p99 vs empty at {rate}/s = {value:+.0} µs [{:+.0}..{:+.0}] (target <= {TARGET_ADDED_P99_MICROS} µs): {}",
@@ -394,7 +398,11 @@ fn main() -> Result<()> {
         verdicts.push(format!(
             "{} = {kib:.1} KiB (target <= {TARGET_WASM_KIB} KiB): {}",
             file_name(wasm),
-            if kib <= TARGET_WASM_KIB { "met" } else { "MISSED" }
+            if kib <= TARGET_WASM_KIB {
+                "met"
+            } else {
+                "MISSED"
+            }
         ));
     }
     println!();

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use anyhow::{bail, Context, Result};
+use fledge_core::filter_config::FilterModule;
 use fledge_e2e::http::prometheus_samples;
 use fledge_e2e::{paths, wait_until, Envoy};
 use std::collections::BTreeMap;
@@ -14,6 +15,23 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+/// Both built modules — the full filter and the metrics-only observer — to run a test against
+/// each; empty (test skipped) unless `FLEDGE_REQUIRE_WASM=1`.
+pub fn modules_or_skip(test: &str) -> Result<Vec<(FilterModule, PathBuf)>> {
+    let require = std::env::var("FLEDGE_REQUIRE_WASM").is_ok_and(|v| v == "1");
+    match (paths::filter_wasm(), paths::observer_wasm()) {
+        (Ok(full), Ok(observer)) => Ok(vec![
+            (FilterModule::Full, full),
+            (FilterModule::Observer, observer),
+        ]),
+        (Err(error), _) | (_, Err(error)) if !require => {
+            eprintln!("SKIPPED {test}: {error:#} (set FLEDGE_REQUIRE_WASM=1 to fail instead)");
+            Ok(Vec::new())
+        }
+        (Err(error), _) | (_, Err(error)) => Err(error),
+    }
+}
 
 /// The built filter, or `None` (test skipped) unless `FLEDGE_REQUIRE_WASM=1`.
 pub fn filter_wasm_or_skip(test: &str) -> Result<Option<PathBuf>> {
