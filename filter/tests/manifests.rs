@@ -9,7 +9,7 @@
 )]
 
 use fledge_core::contract;
-use fledge_core::filter_config::FilterConfig;
+use fledge_core::filter_config::{FilterConfig, FilterModule};
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -46,16 +46,31 @@ fn str_at<'a>(value: &'a Value, path: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{path} is not a string in {value}"))
 }
 
-fn parses(config: &Value, what: &str) -> FilterConfig {
-    FilterConfig::from_value(config)
-        .unwrap_or_else(|e| panic!("{what}: pluginConfig rejected: {e}"))
+/// The module a manifest loads, from its URL or file name: the observer's image or file says
+/// "observer", anything else is the full module.
+fn module_of(location: &str) -> FilterModule {
+    if location.contains("fledge-observer") || location.contains("fledge_observer") {
+        FilterModule::Observer
+    } else {
+        FilterModule::Full
+    }
+}
+
+fn parses(config: &Value, module: FilterModule, what: &str) -> FilterConfig {
+    let config = FilterConfig::from_value(config)
+        .unwrap_or_else(|e| panic!("{what}: pluginConfig rejected: {e}"));
+    config
+        .check_module(module)
+        .unwrap_or_else(|e| panic!("{what}: pluginConfig rejected by {module:?}: {e}"));
+    config
 }
 
 #[test]
 fn wasm_plugins_target_the_gateway_fail_open_and_carry_a_valid_config() {
-    for (file, scheme) in [
-        ("wasmplugin.yaml", "oci://"),
-        ("wasmplugin-file.yaml", "file://"),
+    for (file, scheme, module) in [
+        ("wasmplugin.yaml", "oci://", FilterModule::Full),
+        ("wasmplugin-file.yaml", "file://", FilterModule::Full),
+        ("wasmplugin-observer.yaml", "oci://", FilterModule::Observer),
     ] {
         let docs = documents(file);
         assert_eq!(docs.len(), 1, "{file}");
@@ -66,7 +81,9 @@ fn wasm_plugins_target_the_gateway_fail_open_and_carry_a_valid_config() {
             str_at(plugin, "spec.selector.matchLabels.istio"),
             "ingressgateway"
         );
-        assert!(str_at(plugin, "spec.url").starts_with(scheme), "{file}");
+        let url = str_at(plugin, "spec.url");
+        assert!(url.starts_with(scheme), "{file}");
+        assert_eq!(module_of(url), module, "{file}: {url}");
         assert_eq!(str_at(plugin, "spec.failStrategy"), "FAIL_OPEN");
         assert!(
             ["UNSPECIFIED_PHASE", "STATS"].contains(&str_at(plugin, "spec.phase")),
@@ -74,9 +91,12 @@ fn wasm_plugins_target_the_gateway_fail_open_and_carry_a_valid_config() {
         );
         assert!(at(plugin, "spec.priority").is_i64(), "{file}: priority");
         assert_eq!(str_at(plugin, "spec.match.0.mode"), "CLIENT");
-        let config = parses(at(plugin, "spec.pluginConfig"), file);
-        assert!(config.response_header.is_some() && config.sticky.is_some());
-        assert!(config.force_canary.is_some(), "{file}");
+        let config = parses(at(plugin, "spec.pluginConfig"), module, file);
+        if module == FilterModule::Full {
+            // The full module's manifests show tagging; metrics alone belong in the observer.
+            assert!(config.response_header.is_some() && config.sticky.is_some());
+            assert!(config.force_canary.is_some(), "{file}");
+        }
     }
 }
 
@@ -140,7 +160,8 @@ fn envoy_filter_inserts_the_wasm_filter_before_the_router() {
         str_at(config, "configuration.@type"),
         "type.googleapis.com/google.protobuf.StringValue"
     );
-    let plugin = FilterConfig::parse(str_at(config, "configuration.value"))
+    let module = module_of(str_at(config, "vm_config.code.local.filename"));
+    let plugin = FilterConfig::parse_for(module, str_at(config, "configuration.value").as_bytes())
         .unwrap_or_else(|e| panic!("envoyfilter.yaml configuration rejected: {e}"));
     assert!(plugin.sticky.is_some());
 }
@@ -166,8 +187,15 @@ fn plain_envoy_example_has_labels_routes_and_a_valid_config() {
     let wasm = &hcm["http_filters"][0];
     assert_eq!(wasm["name"], "envoy.filters.http.wasm");
     assert_eq!(hcm["http_filters"][1]["name"], "envoy.filters.http.router");
-    let config = FilterConfig::parse(str_at(wasm, "typed_config.config.configuration.value"))
-        .unwrap_or_else(|e| panic!("envoy.yaml configuration rejected: {e}"));
+    let module = module_of(str_at(
+        wasm,
+        "typed_config.config.vm_config.code.local.filename",
+    ));
+    let config = FilterConfig::parse_for(
+        module,
+        str_at(wasm, "typed_config.config.configuration.value").as_bytes(),
+    )
+    .unwrap_or_else(|e| panic!("envoy.yaml configuration rejected: {e}"));
     let routes = at(hcm, "route_config.virtual_hosts.0.routes")
         .as_array()
         .expect("routes");
