@@ -1468,7 +1468,10 @@ mod tests {
         }
         let cases = [
             (r#"{"responseHeader": "x-fledge-subset"}"#, "responseHeader"),
-            (r#"{"forceCanary": {"sourceCidrs": ["10.0.0.0/8"]}}"#, "forceCanary"),
+            (
+                r#"{"forceCanary": {"sourceCidrs": ["10.0.0.0/8"]}}"#,
+                "forceCanary",
+            ),
             (r#"{"sticky": {"cookie": "session"}}"#, "sticky"),
             (r#"{"guard": {"services": {"app": {}}}}"#, "guard"),
             (r#"{"routeHeader": "x-route"}"#, "routeHeader"),
