@@ -18,7 +18,11 @@ use std::fmt;
 
 /// Counter: requests by (service, subset, response class).
 pub const REQUESTS_TOTAL: &str = "fledge_requests_total";
-/// Histogram: request duration in milliseconds by (service, subset).
+/// Request duration in milliseconds by (service, subset), exposed in Prometheus' histogram
+/// shape: the filter counts durations into buckets in the VM and publishes them as counters
+/// `fledge_request_duration_ms_bucket{le}` (cumulative, `le="+Inf"` = all),
+/// `fledge_request_duration_ms_sum` and `fledge_request_duration_ms_count` — no hostcall per
+/// request, and the same series a histogram would give.
 pub const REQUEST_DURATION_MS: &str = "fledge_request_duration_ms";
 /// Counter: plugin configurations the filter rejected (it then fails open).
 pub const CONFIG_ERRORS_TOTAL: &str = "fledge_config_errors_total";
@@ -55,8 +59,23 @@ pub const TAG_SERVICE: &str = "fledge_service";
 pub const TAG_SUBSET: &str = "fledge_subset";
 /// Label key for the response class (`2xx`, `5xx`, `none`, ...).
 pub const TAG_CLASS: &str = "fledge_class";
+/// Label key of a duration bucket's upper bound (Prometheus' histogram convention).
+pub const TAG_LE: &str = "le";
 /// Every tag the filter emits; the Envoy bootstrap needs one `stats_tags` entry for each.
-pub const ALL_TAGS: [&str; 3] = [TAG_SERVICE, TAG_SUBSET, TAG_CLASS];
+pub const ALL_TAGS: [&str; 4] = [TAG_SERVICE, TAG_SUBSET, TAG_CLASS, TAG_LE];
+
+/// Upper bounds (ms) of the duration buckets unless the filter configuration sets
+/// `durationBucketsMs`; `+Inf` is always added.
+pub const DEFAULT_DURATION_BUCKETS_MS: [u32; 13] =
+    [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000];
+
+/// The `le` label value of a duration bucket: its bound in ms, or `+Inf`.
+pub fn le_label(bound_ms: Option<u32>) -> String {
+    match bound_ms {
+        Some(bound) => bound.to_string(),
+        None => "+Inf".to_string(),
+    }
+}
 
 /// Label value used for traffic whose service or subset cannot be determined. Cardinality must
 /// never grow with request content, so everything unknown collapses into this one value.

@@ -87,6 +87,14 @@ pub struct FilterConfig {
     /// Send new requests to stable at once when a canary fails hard.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guard: Option<Guard>,
+    /// Upper bounds (ms) of the `fledge_request_duration_ms` buckets, strictly increasing
+    /// (default [`contract::DEFAULT_DURATION_BUCKETS_MS`]; `+Inf` is always added).
+    #[serde(skip_serializing_if = "is_default_buckets")]
+    pub duration_buckets_ms: Vec<u32>,
+}
+
+fn is_default_buckets(buckets: &[u32]) -> bool {
+    buckets == contract::DEFAULT_DURATION_BUCKETS_MS
 }
 
 /// The data-plane guard. For each guarded service the filter keeps a sliding window of the
@@ -496,7 +504,7 @@ impl FilterConfigError {
 }
 
 const EXAMPLE: &str = r#"{"clusters": {"app_canary": {"service": "app", "subset": "canary"}}, "istioClusterNames": true}"#;
-const ROOT_KEYS: [&str; 10] = [
+const ROOT_KEYS: [&str; 11] = [
     "clusters",
     "istioClusterNames",
     "endpointMetadata",
@@ -507,8 +515,9 @@ const ROOT_KEYS: [&str; 10] = [
     "forceCanary",
     "sticky",
     "guard",
+    "durationBucketsMs",
 ];
-const ROOT_ALLOWED: &str = "clusters, istioClusterNames, endpointMetadata, subsetHeader, responseHeader, routeHeader, clearRouteCache, forceCanary, sticky, guard";
+const ROOT_ALLOWED: &str = "clusters, istioClusterNames, endpointMetadata, subsetHeader, responseHeader, routeHeader, clearRouteCache, forceCanary, sticky, guard, durationBucketsMs";
 const GUARD_KEYS: [&str; 2] = ["header", "services"];
 const GUARD_SERVICE_KEYS: [&str; 5] = [
     "canarySubset",
@@ -545,6 +554,7 @@ impl Default for FilterConfig {
             force_canary: None,
             sticky: None,
             guard: None,
+            duration_buckets_ms: contract::DEFAULT_DURATION_BUCKETS_MS.to_vec(),
         }
     }
 }
@@ -630,6 +640,9 @@ impl FilterConfig {
             None | Some(Value::Null) => None,
             Some(value) => Some(parse_guard(value)?),
         };
+        if let Some(value) = root.get("durationBucketsMs").filter(|v| !v.is_null()) {
+            config.duration_buckets_ms = parse_duration_buckets(value)?;
+        }
         config.check_header_clashes()?;
         Ok(config)
     }
@@ -968,6 +981,53 @@ fn parse_force_canary(value: &Value) -> Result<ForceCanary, FilterConfigError> {
         source_cidrs,
         max_token_lifetime_seconds,
     })
+}
+
+/// Most duration buckets a configuration may ask for (each is a counter per subset).
+pub const MAX_DURATION_BUCKETS: usize = 30;
+
+fn parse_duration_buckets(value: &Value) -> Result<Vec<u32>, FilterConfigError> {
+    const PATH: &str = "durationBucketsMs";
+    const EXPECTED: &str =
+        "an array of bucket bounds in whole milliseconds, increasing, such as [5, 25, 100, 500, 2500]";
+    let Value::Array(items) = value else {
+        return Err(FilterConfigError::WrongType {
+            field: PATH.to_string(),
+            expected: EXPECTED,
+            found: kind(value),
+        });
+    };
+    if items.is_empty() || items.len() > MAX_DURATION_BUCKETS {
+        return Err(FilterConfigError::invalid(
+            PATH,
+            format!(
+                "has {} bounds; give 1 to {MAX_DURATION_BUCKETS} (+Inf is added)",
+                items.len()
+            ),
+        ));
+    }
+    let mut bounds = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        let bound = item
+            .as_u64()
+            .filter(|n| (1..=86_400_000).contains(n))
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| FilterConfigError::WrongType {
+                field: format!("{PATH}[{index}]"),
+                expected: "a whole number of milliseconds, 1..=86400000",
+                found: kind(item),
+            })?;
+        if bounds.last().is_some_and(|previous| *previous >= bound) {
+            return Err(FilterConfigError::invalid(
+                &format!("{PATH}[{index}]"),
+                format!(
+                    "{bound} does not exceed the bound before it; list bounds in increasing order"
+                ),
+            ));
+        }
+        bounds.push(bound);
+    }
+    Ok(bounds)
 }
 
 fn parse_sticky(value: &Value) -> Result<Sticky, FilterConfigError> {
@@ -1455,6 +1515,59 @@ mod tests {
             assert_eq!(err.field(), *field, "{text}: {err}");
             assert!(err.to_string().contains(message), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn duration_buckets_default_or_increasing_bounds() {
+        let config = FilterConfig::parse("{}").unwrap();
+        assert_eq!(
+            config.duration_buckets_ms,
+            contract::DEFAULT_DURATION_BUCKETS_MS.to_vec()
+        );
+        assert!(!config.to_json().contains("durationBucketsMs"));
+        let config = FilterConfig::parse(r#"{"durationBucketsMs": [3, 7, 42]}"#).unwrap();
+        assert_eq!(config.duration_buckets_ms, vec![3, 7, 42]);
+        assert_eq!(FilterConfig::parse(&config.to_json()).unwrap(), config);
+        let cases = [
+            (
+                r#"{"durationBucketsMs": 5}"#,
+                "durationBucketsMs",
+                "expected an array",
+            ),
+            (
+                r#"{"durationBucketsMs": []}"#,
+                "durationBucketsMs",
+                "has 0 bounds",
+            ),
+            (
+                r#"{"durationBucketsMs": [5, 0]}"#,
+                "durationBucketsMs[1]",
+                "1..=86400000",
+            ),
+            (
+                r#"{"durationBucketsMs": [5, "x"]}"#,
+                "durationBucketsMs[1]",
+                "found a string",
+            ),
+            (
+                r#"{"durationBucketsMs": [5, 5]}"#,
+                "durationBucketsMs[1]",
+                "increasing order",
+            ),
+            (
+                r#"{"durationBucketsMs": [1.5]}"#,
+                "durationBucketsMs[0]",
+                "whole number",
+            ),
+        ];
+        for (text, field, message) in cases {
+            let err = FilterConfig::parse(text).unwrap_err();
+            assert_eq!(err.field(), field, "{text}: {err}");
+            assert!(err.to_string().contains(message), "{text}: {err}");
+        }
+        let many: Vec<u32> = (1..=31).collect();
+        let err = FilterConfig::parse(&format!("{{\"durationBucketsMs\": {many:?}}}")).unwrap_err();
+        assert!(err.to_string().contains("has 31 bounds"), "{err}");
     }
 
     #[test]

@@ -23,6 +23,32 @@ pub struct LatencyHistogram {
 }
 
 impl LatencyHistogram {
+    /// A histogram from one scrape of bucket counters (`cumulative` in the order of the
+    /// ascending `bounds_ms`). The Fledge filter publishes its duration buckets as separate
+    /// counters, and Envoy's admin reads them one by one while workers may be adding to them, so
+    /// a scrape can catch a flush halfway: a bucket ahead of the one above it, or of the count.
+    /// Each bucket is clipped to the one above it and to the count (PromQL's
+    /// `histogram_quantile` likewise repairs non-monotonic buckets); what was clipped shows up
+    /// in the next scrape, since the counters only grow.
+    pub fn from_scrape(
+        bounds_ms: Vec<f64>,
+        mut cumulative: Vec<u64>,
+        count: u64,
+        sum_ms: f64,
+    ) -> Self {
+        let mut ceiling = count;
+        for bucket in cumulative.iter_mut().rev() {
+            *bucket = (*bucket).min(ceiling);
+            ceiling = *bucket;
+        }
+        LatencyHistogram {
+            bounds_ms,
+            cumulative,
+            count,
+            sum_ms,
+        }
+    }
+
     /// Requests slower than `bound_ms` (strictly above the bucket boundary). `None` if the
     /// boundary is not one of the histogram's buckets.
     pub fn slower_than(&self, bound_ms: f64) -> Option<u64> {
@@ -250,6 +276,19 @@ pub enum ObservationError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scrape_caught_mid_flush_is_clipped_to_a_histogram() {
+        // The 10 ms bucket was read after a flush, the 25 ms one and the count before it.
+        let h = LatencyHistogram::from_scrape(vec![5.0, 10.0, 25.0], vec![3, 9, 7], 8, 40.0);
+        assert_eq!(h.cumulative, vec![3, 7, 7]);
+        assert_eq!(h.count, 8);
+        let h = LatencyHistogram::from_scrape(vec![5.0, 10.0], vec![3, 9], 6, 0.0);
+        assert_eq!(h.cumulative, vec![3, 6]);
+        // A consistent scrape is unchanged.
+        let h = LatencyHistogram::from_scrape(vec![5.0, 10.0], vec![3, 4], 6, 1.0);
+        assert_eq!(h.cumulative, vec![3, 4]);
+    }
 
     fn hist(bounds: &[f64], cumulative: &[u64], count: u64, sum: f64) -> LatencyHistogram {
         LatencyHistogram {

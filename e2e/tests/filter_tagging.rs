@@ -1,13 +1,15 @@
 //! The filter's canary tagging and subset detection on a real Envoy with the built `.wasm`:
 //! sticky users across weight changes, forced canaries (token and source network) with spoofed
-//! headers stripped, the response subset header, subsets from Istio endpoint metadata or an
-//! upstream header, and configurable histogram buckets.
+//! headers stripped, the response subset header, and — with both modules — subsets from Istio
+//! endpoint metadata or an upstream header and the duration buckets (counters in Prometheus'
+//! histogram shape, configurable bounds).
 
 #[path = "support/filter.rs"]
 mod support;
 
 use anyhow::{ensure, Context, Result};
 use fledge_core::contract;
+use fledge_core::filter_config::FilterModule;
 use fledge_e2e::envoy::{CANARY_CLUSTER, STABLE_CLUSTER};
 use fledge_e2e::{init_tracing, Envoy, EnvoyOptions, RouteWeights, WasmFilter};
 use serde_json::{json, Value};
@@ -314,21 +316,29 @@ fn forced_route_holds_behind_a_filter_that_resolved_the_route_first() -> Result<
 #[test]
 fn subsets_from_istio_endpoint_metadata_upstream_header_or_other() -> Result<()> {
     init_tracing();
-    let Some(wasm) = filter_wasm_or_skip("subset fallbacks")? else {
-        return Ok(());
-    };
+    for (module, wasm) in modules_or_skip("subset fallbacks")? {
+        subsets_by(module, &wasm).with_context(|| format!("{module:?}"))?;
+    }
+    Ok(())
+}
+
+fn subsets_by(module: FilterModule, wasm: &Path) -> Result<()> {
     let (v1, v2) = (RawUpstream::start("v1")?, RawUpstream::start("v2")?);
     // One Istio Service in front of both versions (no subsets); Istio puts the revision in
     // each endpoint's metadata.
     let istio = "outbound|80||reviews.default.svc.cluster.local";
-    let config = json!({
+    let tagging = module == FilterModule::Full;
+    let mut config = json!({
         "clusters": {STABLE_CLUSTER: {"service": "app", "subset": "stable"},
                      "app_all": {"service": "app"}},
         "subsetHeader": "x-version",
-        "responseHeader": "x-fledge-subset",
+        "durationBucketsMs": [3, 7, 42],
     });
+    if tagging {
+        config["responseHeader"] = json!("x-fledge-subset");
+    }
     let options = EnvoyOptions::new(v1.port(), v2.port())
-        .with_filter(filter(&wasm, config))
+        .with_filter(filter(wasm, config))
         .with_cluster(cluster_with_endpoints(
             istio,
             &[
@@ -343,8 +353,7 @@ fn subsets_from_istio_endpoint_metadata_upstream_header_or_other() -> Result<()>
         .with_cluster(cluster_with_endpoints("mystery", &[(v1.port(), None)]))
         .with_route_before_primary(prefix_route("/istio", istio))
         .with_route_before_primary(prefix_route("/byheader", "app_all"))
-        .with_route_before_primary(prefix_route("/mystery", "mystery"))
-        .with_histogram_buckets(contract::REQUEST_DURATION_MS, false, &[3.0, 7.0, 42.0]);
+        .with_route_before_primary(prefix_route("/mystery", "mystery"));
     let envoy = Envoy::start(options)?;
     let url = envoy.listener_url();
     let mut by_version = std::collections::BTreeMap::<String, u32>::new();
@@ -353,8 +362,9 @@ fn subsets_from_istio_endpoint_metadata_upstream_header_or_other() -> Result<()>
             let reply = get(&format!("{url}{path}"), &[])?;
             ensure!(reply.status == 200, "{reply:?}");
             // The response header names what the metadata / upstream header said.
+            let named = reply.header("x-fledge-subset");
             ensure!(
-                reply.header("x-fledge-subset") == Some(reply.version()),
+                named == tagging.then_some(reply.version()),
                 "{path}: {reply:?}"
             );
             *by_version
@@ -393,42 +403,45 @@ fn subsets_from_istio_endpoint_metadata_upstream_header_or_other() -> Result<()>
         )? == 5.0
     );
 
-    // Buckets from stats_config.histogram_bucket_settings.
+    // Buckets from durationBucketsMs, in the histogram shape, consistent with the count.
     let text = envoy.stats_prometheus()?;
-    let les: std::collections::BTreeSet<String> = fledge_e2e::http::parse_prometheus(&text)
-        .into_iter()
-        .filter(|s| s.name == "fledge_request_duration_ms_bucket")
-        .filter_map(|s| s.labels.get("le").cloned())
-        .collect();
-    let want: std::collections::BTreeSet<String> = ["3", "7", "42", "+Inf"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    ensure!(les == want, "bucket bounds {les:?}");
-    Ok(())
-}
-
-/// The shape Istio generates from `sidecar.istio.io/statsHistogramBuckets: '{"wasmcustom":[..]}'`
-/// (a prefix match on the stat name before tag extraction) reaches the filter's histogram.
-#[test]
-fn istio_style_prefix_buckets_apply_to_the_filter_histogram() -> Result<()> {
-    init_tracing();
-    let Some(wasm) = filter_wasm_or_skip("istio bucket prefix")? else {
-        return Ok(());
+    let samples = fledge_e2e::http::parse_prometheus(&text);
+    let series = |name: &str| {
+        samples
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && s.labels.get("fledge_service").map(String::as_str) == Some("reviews")
+                    && s.labels.get("fledge_subset").map(String::as_str) == Some("v1")
+            })
+            .collect::<Vec<_>>()
     };
-    let (stable, canary) = (RawUpstream::start("v1")?, RawUpstream::start("v2")?);
-    let options = EnvoyOptions::new(stable.port(), canary.port())
-        .with_filter(filter(&wasm, json!({"clusters": clusters()})))
-        .with_histogram_buckets("wasmcustom", true, &[4.0, 40.0]);
-    let envoy = Envoy::start(options)?;
-    get(&envoy.listener_url(), &[])?;
-    wait_for_total(&envoy, 1.0)?;
-    fledge_e2e::wait_until("le=40 bucket", std::time::Duration::from_secs(10), || {
-        let text = envoy.stats_prometheus()?;
-        Ok(text
-            .lines()
-            .any(|l| l.starts_with("fledge_request_duration_ms_bucket{") && l.contains("le=\"40\""))
-            .then_some(()))
-    })?;
+    let mut buckets: Vec<(f64, f64)> = series("fledge_request_duration_ms_bucket")
+        .iter()
+        .map(|s| {
+            let le = s.labels.get("le").map(String::as_str).unwrap_or("?");
+            (le.parse::<f64>().unwrap_or(f64::NAN), s.value)
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let bounds: Vec<f64> = buckets.iter().map(|(le, _)| *le).collect();
+    ensure!(
+        bounds == [3.0, 7.0, 42.0, f64::INFINITY],
+        "bucket bounds {bounds:?}"
+    );
+    let served = by_version.get("/istio v1").copied().map(f64::from);
+    let count = series("fledge_request_duration_ms_count")
+        .first()
+        .map(|s| s.value);
+    ensure!(count == served, "count {count:?}, served {served:?}");
+    ensure!(
+        buckets.windows(2).all(|w| w[0].1 <= w[1].1) && buckets.last().map(|b| b.1) == served,
+        "buckets not cumulative up to the count: {buckets:?}"
+    );
+    ensure!(
+        text.contains("# TYPE fledge_request_duration_ms_bucket counter"),
+        "bucket series are not counters"
+    );
+    ensure!(!series("fledge_request_duration_ms_sum").is_empty());
     Ok(())
 }

@@ -127,7 +127,6 @@ mod abi {
     pub const CAS_MISMATCH: u32 = 8;
     pub const METRIC_COUNTER: u32 = 0;
     pub const METRIC_GAUGE: u32 = 1;
-    pub const METRIC_HISTOGRAM: u32 = 2;
 }
 
 /// Take ownership of bytes the host wrote into memory it got from our allocator export
@@ -272,7 +271,6 @@ impl MetricHost for Hostcalls {
     fn define(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
         let kind = match kind {
             MetricKind::Counter => abi::METRIC_COUNTER,
-            MetricKind::Histogram => abi::METRIC_HISTOGRAM,
             MetricKind::Gauge => abi::METRIC_GAUGE,
         };
         let mut id = 0u32;
@@ -414,16 +412,12 @@ pub extern "C" fn _initialize() {
 #[no_mangle]
 pub extern "C" fn proxy_abi_version_0_2_1() {}
 
-/// The host copies values into memory it gets here; `owned` takes them back.
+/// The host copies values into memory it gets here (`size` bytes, uninitialised until the host
+/// writes them); `owned` takes them back once written.
 #[no_mangle]
 pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
-    let mut buffer: Vec<u8> = Vec::with_capacity(size);
-    // SAFETY: the capacity is `size`; the host writes all `size` bytes before handing the
-    // buffer back, and `owned` reads no byte before that.
-    unsafe {
-        buffer.set_len(size);
-    }
-    Box::into_raw(buffer.into_boxed_slice()).cast::<u8>()
+    let buffer: Box<[std::mem::MaybeUninit<u8>]> = Box::new_uninit_slice(size);
+    Box::into_raw(buffer).cast::<u8>()
 }
 
 #[no_mangle]

@@ -25,7 +25,6 @@ pub const MAX_CLUSTER_NAMES: usize = 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetricKind {
     Counter,
-    Histogram,
     /// Set with [`MetricHost::record`] (the guard's trip time).
     Gauge,
 }
@@ -37,21 +36,26 @@ pub trait MetricHost {
     fn define(&mut self, kind: MetricKind, name: &str) -> Option<u32>;
     /// Add `delta` (> 0) to a counter.
     fn increment(&mut self, id: u32, delta: i64);
-    /// Record a histogram sample, or set a gauge.
+    /// Set a gauge.
     fn record(&mut self, id: u32, value: u64);
 }
 
 /// The metric ids for one `(service, subset)` pair: one request counter per response class
-/// (indexed by [`ResponseClass::index`]) and one duration histogram.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// (indexed by [`ResponseClass::index`]) and the duration counters in Prometheus' histogram
+/// shape: one per bucket bound (cumulative; the last is `+Inf`), the sum and the count.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SubsetIds {
     requests: [Option<u32>; ResponseClass::ALL.len()],
-    duration: Option<u32>,
+    /// `fledge_request_duration_ms_bucket{le}`, the configured bounds then `+Inf`.
+    buckets: Vec<Option<u32>>,
+    duration_sum: Option<u32>,
+    duration_count: Option<u32>,
 }
 
 impl SubsetIds {
-    /// Define all 7 metrics of a pair (6 classes + 1 histogram).
-    pub fn define(host: &mut impl MetricHost, labels: &SubsetLabels) -> Self {
+    /// Define all metrics of a pair: 6 class counters, a bucket counter per bound plus `+Inf`,
+    /// the duration sum and count.
+    pub fn define(host: &mut impl MetricHost, labels: &SubsetLabels, bounds_ms: &[u32]) -> Self {
         let mut ids = SubsetIds::default();
         for class in ResponseClass::ALL {
             let name = contract::encode_stat_name(
@@ -66,14 +70,26 @@ impl SubsetIds {
                 *slot = host.define(MetricKind::Counter, &name);
             }
         }
-        let name = contract::encode_stat_name(
-            contract::REQUEST_DURATION_MS,
-            &[
-                (contract::TAG_SERVICE, &labels.service),
-                (contract::TAG_SUBSET, &labels.subset),
-            ],
-        );
-        ids.duration = host.define(MetricKind::Histogram, &name);
+        let pair = [
+            (contract::TAG_SERVICE, labels.service.as_str()),
+            (contract::TAG_SUBSET, labels.subset.as_str()),
+        ];
+        let bounds = bounds_ms.iter().map(|bound| Some(*bound)).chain([None]);
+        ids.buckets = bounds
+            .map(|bound| {
+                let le = contract::le_label(bound);
+                let name = contract::encode_stat_name(
+                    &format!("{}_bucket", contract::REQUEST_DURATION_MS),
+                    &[pair[0], pair[1], (contract::TAG_LE, &le)],
+                );
+                host.define(MetricKind::Counter, &name)
+            })
+            .collect();
+        let name = |suffix: &str| {
+            contract::encode_stat_name(&format!("{}{suffix}", contract::REQUEST_DURATION_MS), &pair)
+        };
+        ids.duration_sum = host.define(MetricKind::Counter, &name("_sum"));
+        ids.duration_count = host.define(MetricKind::Counter, &name("_count"));
         ids
     }
 
@@ -82,9 +98,24 @@ impl SubsetIds {
         self.requests.get(class.index()).copied().flatten()
     }
 
-    /// The duration histogram, if it could be defined.
-    pub fn duration(&self) -> Option<u32> {
-        self.duration
+    /// The `_count` counter of the durations, if it could be defined.
+    pub fn duration_count(&self) -> Option<u32> {
+        self.duration_count
+    }
+}
+
+/// What one pair counted since the last flush: requests by class, durations by bucket (not
+/// cumulative; the last slot is above every bound), and the durations' sum.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Pending {
+    classes: [i64; ResponseClass::ALL.len()],
+    buckets: Vec<i64>,
+    duration_sum: i64,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.classes.iter().all(|n| *n == 0) && self.buckets.iter().all(|n| *n == 0)
     }
 }
 
@@ -112,11 +143,12 @@ enum NameEntry {
     },
 }
 
-/// One defined `(service, subset)` pair.
+/// One defined `(service, subset)` pair, and its counts waiting for the next flush.
 #[derive(Debug)]
 struct Pair {
     ids: SubsetIds,
     labels: SubsetLabels,
+    pending: Pending,
 }
 
 /// Cluster name → metric ids, defined once and bounded. Held by the root context and kept
@@ -136,6 +168,8 @@ pub struct MetricCache {
     dynamic_pairs: usize,
     max_dynamic_pairs: usize,
     max_names: usize,
+    /// Duration bucket bounds (ms) the pairs' ids were defined with.
+    bounds_ms: Vec<u32>,
 }
 
 impl Default for MetricCache {
@@ -154,6 +188,7 @@ impl MetricCache {
             dynamic_pairs: 0,
             max_dynamic_pairs,
             max_names,
+            bounds_ms: contract::DEFAULT_DURATION_BUCKETS_MS.to_vec(),
         }
     }
 
@@ -161,6 +196,14 @@ impl MetricCache {
     /// changed) and define every configured cluster's pair up front, so its series exist (at 0)
     /// before the first request and no request pays for defining them.
     pub fn reconfigure(&mut self, config: &FilterConfig, host: &mut impl MetricHost) {
+        if config.duration_buckets_ms != self.bounds_ms {
+            // Other buckets: publish what is counted, then define every pair anew.
+            self.flush(host);
+            self.pairs.clear();
+            self.by_labels.clear();
+            self.dynamic_pairs = 0;
+            self.bounds_ms = config.duration_buckets_ms.clone();
+        }
         self.by_name.clear();
         self.dynamic_names = 0;
         for name in config.clusters.keys() {
@@ -212,7 +255,74 @@ impl MetricCache {
 
     /// The ids of a pair (empty if the index is unknown).
     pub fn ids(&self, index: usize) -> SubsetIds {
-        self.pairs.get(index).map(|p| p.ids).unwrap_or_default()
+        self.pairs
+            .get(index)
+            .map(|p| p.ids.clone())
+            .unwrap_or_default()
+    }
+
+    /// Count a finished request of pair `index` in the VM (no hostcall): its class and, if
+    /// known, its duration. [`MetricCache::flush`] publishes the counts.
+    pub fn count(&mut self, index: usize, class: ResponseClass, duration_ms: Option<u64>) {
+        let bucket = duration_ms.map(|ms| {
+            self.bounds_ms
+                .partition_point(|bound| u64::from(*bound) < ms)
+        });
+        let Some(pending) = self.pairs.get_mut(index).map(|pair| &mut pair.pending) else {
+            return;
+        };
+        if let Some(count) = pending.classes.get_mut(class.index()) {
+            *count += 1;
+        }
+        if let (Some(bucket), Some(ms)) = (bucket, duration_ms) {
+            if pending.buckets.len() <= bucket {
+                pending.buckets.resize(self.bounds_ms.len() + 1, 0);
+            }
+            if let Some(count) = pending.buckets.get_mut(bucket) {
+                *count += 1;
+            }
+            pending.duration_sum = pending
+                .duration_sum
+                .saturating_add(i64::try_from(ms).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Add the counts since the last flush to Envoy's counters: one `increment` per non-zero
+    /// counter. Per pair the duration counters go in the order `_count`, `+Inf`, the largest
+    /// bound down to the smallest, `_sum`, so that a reader going up the bounds while a flush
+    /// runs never sees a bucket above the one after it.
+    pub fn flush(&mut self, host: &mut impl MetricHost) {
+        for pair in &mut self.pairs {
+            if pair.pending.is_empty() {
+                continue;
+            }
+            let pending = std::mem::take(&mut pair.pending);
+            for class in ResponseClass::ALL {
+                let count = pending.classes.get(class.index()).copied().unwrap_or(0);
+                if let (Some(id), true) = (pair.ids.requests(class), count > 0) {
+                    host.increment(id, count);
+                }
+            }
+            let total: i64 = pending.buckets.iter().sum();
+            if total == 0 {
+                continue;
+            }
+            if let Some(id) = pair.ids.duration_count {
+                host.increment(id, total);
+            }
+            // Cumulative from the top: +Inf holds all, each bound what is at or below it.
+            let mut above = 0;
+            for (index, count) in pending.buckets.iter().enumerate().rev() {
+                let cumulative = total - above;
+                above += count;
+                if let (Some(Some(id)), true) = (pair.ids.buckets.get(index), cumulative > 0) {
+                    host.increment(*id, cumulative);
+                }
+            }
+            if let (Some(id), true) = (pair.ids.duration_sum, pending.duration_sum > 0) {
+                host.increment(id, pending.duration_sum);
+            }
+        }
     }
 
     /// The labels of a pair.
@@ -299,17 +409,18 @@ impl MetricCache {
             }
             self.dynamic_pairs += 1;
         }
-        let ids = SubsetIds::define(host, &labels);
+        let ids = SubsetIds::define(host, &labels, &self.bounds_ms);
         let index = self.pairs.len();
         self.pairs.push(Pair {
             ids,
             labels: labels.clone(),
+            pending: Pending::default(),
         });
         self.by_labels.insert(labels, index);
         Some(index)
     }
 
-    /// Number of defined `(service, subset)` pairs (each is 7 metrics).
+    /// Number of defined `(service, subset)` pairs.
     pub fn defined_pairs(&self) -> usize {
         self.pairs.len()
     }
@@ -334,7 +445,6 @@ pub(crate) mod fake {
     pub struct FakeHost {
         pub defined: Vec<(MetricKind, String)>,
         pub counters: BTreeMap<u32, i64>,
-        pub samples: BTreeMap<u32, Vec<u64>>,
         pub gauges: BTreeMap<u32, u64>,
         /// Refuse every define (host out of memory, bad name, ...).
         pub refuse: bool,
@@ -394,11 +504,26 @@ pub(crate) mod fake {
             self.gauges.get(&self.id(name)).copied()
         }
 
-        pub fn samples(&self, name: &str) -> Vec<u64> {
-            self.samples
-                .get(&self.id(name))
-                .cloned()
-                .unwrap_or_default()
+        /// A pair's duration counters: `(count, sum, cumulative count per bound then +Inf)`.
+        pub fn durations(&self, service: &str, subset: &str) -> (i64, i64, Vec<i64>) {
+            let sum = contract::encode_stat_name(
+                &format!("{}_sum", contract::REQUEST_DURATION_MS),
+                &[
+                    (contract::TAG_SERVICE, service),
+                    (contract::TAG_SUBSET, subset),
+                ],
+            );
+            let buckets = contract::DEFAULT_DURATION_BUCKETS_MS
+                .map(Some)
+                .into_iter()
+                .chain([None])
+                .map(|le| self.counter(&bucket_name(service, subset, le)))
+                .collect();
+            (
+                self.counter(&duration_name(service, subset)),
+                self.counter(&sum),
+                buckets,
+            )
         }
     }
 
@@ -417,7 +542,6 @@ pub(crate) mod fake {
         }
         fn record(&mut self, id: u32, value: u64) {
             match self.defined[id as usize].0 {
-                MetricKind::Histogram => self.samples.entry(id).or_default().push(value),
                 MetricKind::Gauge => {
                     self.gauges.insert(id, value);
                 }
@@ -437,15 +561,32 @@ pub(crate) mod fake {
         )
     }
 
+    /// `fledge_request_duration_ms_count` of a pair.
     pub fn duration_name(service: &str, subset: &str) -> String {
         contract::encode_stat_name(
-            contract::REQUEST_DURATION_MS,
+            &format!("{}_count", contract::REQUEST_DURATION_MS),
             &[
                 (contract::TAG_SERVICE, service),
                 (contract::TAG_SUBSET, subset),
             ],
         )
     }
+
+    /// `fledge_request_duration_ms_bucket{le}` of a pair (`None`: `+Inf`).
+    pub fn bucket_name(service: &str, subset: &str, le: Option<u32>) -> String {
+        contract::encode_stat_name(
+            &format!("{}_bucket", contract::REQUEST_DURATION_MS),
+            &[
+                (contract::TAG_SERVICE, service),
+                (contract::TAG_SUBSET, subset),
+                (contract::TAG_LE, &contract::le_label(le)),
+            ],
+        )
+    }
+
+    /// Metrics defined per `(service, subset)` pair with the default buckets: 6 classes, 13
+    /// bounds + `+Inf`, sum, count.
+    pub const PER_PAIR: usize = 6 + contract::DEFAULT_DURATION_BUCKETS_MS.len() + 1 + 2;
 }
 
 #[cfg(test)]
@@ -466,15 +607,22 @@ mod tests {
         let (config, mut host, mut cache) =
             (app_config(), FakeHost::default(), MetricCache::default());
         cache.reconfigure(&config, &mut host);
-        assert_eq!(host.defined.len(), 2 * 7);
+        assert_eq!(host.defined.len(), 2 * PER_PAIR);
         assert_eq!(cache.defined_pairs(), 2);
         for subset in ["stable", "canary"] {
             for class in ResponseClass::ALL {
                 host.id(&requests_name("app", subset, class.label()));
             }
+            for le in contract::DEFAULT_DURATION_BUCKETS_MS
+                .map(Some)
+                .into_iter()
+                .chain([None])
+            {
+                host.id(&bucket_name("app", subset, le));
+            }
             assert_eq!(
                 host.defined[host.id(&duration_name("app", subset)) as usize].0,
-                MetricKind::Histogram
+                MetricKind::Counter
             );
         }
         assert_eq!(
@@ -484,11 +632,11 @@ mod tests {
 
         // Requests to configured clusters define nothing more.
         let ids = cache.ids_for(Some(b"app_canary"), &config, &mut host);
-        assert_eq!(host.defined.len(), 14);
+        assert_eq!(host.defined.len(), 2 * PER_PAIR);
         let id = ids.requests(ResponseClass::ServerError).unwrap();
         assert_eq!(host.name(id), requests_name("app", "canary", "5xx"));
         assert_eq!(
-            host.name(ids.duration().unwrap()),
+            host.name(ids.duration_count().unwrap()),
             duration_name("app", "canary")
         );
     }
@@ -501,18 +649,18 @@ mod tests {
         let istio_a = b"outbound|80|v2|reviews.default.svc.cluster.local".as_slice();
         let istio_b = b"outbound|9080|v2|reviews.default.svc.cluster.local".as_slice();
         let first = cache.ids_for(Some(istio_a), &config, &mut host);
-        assert_eq!(host.defined.len(), 21);
+        assert_eq!(host.defined.len(), 3 * PER_PAIR);
         for _ in 0..10 {
             assert_eq!(cache.ids_for(Some(istio_a), &config, &mut host), first);
         }
         // Another cluster name with the same labels shares the pair's ids.
         assert_eq!(cache.ids_for(Some(istio_b), &config, &mut host), first);
-        assert_eq!(host.defined.len(), 21);
+        assert_eq!(host.defined.len(), 3 * PER_PAIR);
         // Unknown clusters and "no cluster" share (other, other), defined once.
         let other = cache.ids_for(Some(b"BlackHoleCluster"), &config, &mut host);
         assert_eq!(cache.ids_for(None, &config, &mut host), other);
         assert_eq!(cache.ids_for(Some(b"\xff\xfe"), &config, &mut host), other);
-        assert_eq!(host.defined.len(), 28);
+        assert_eq!(host.defined.len(), 4 * PER_PAIR);
         let id = other.requests(ResponseClass::NoResponse).unwrap();
         assert_eq!(host.name(id), requests_name("other", "other", "none"));
     }
@@ -523,14 +671,18 @@ mod tests {
             (app_config(), FakeHost::default(), MetricCache::default());
         cache.reconfigure(&config, &mut host);
         cache.reconfigure(&config, &mut host);
-        assert_eq!(host.defined.len(), 14, "same config again defines nothing");
+        assert_eq!(
+            host.defined.len(),
+            2 * PER_PAIR,
+            "same config again defines nothing"
+        );
 
         // app_canary now serves subset v3: new pair defined, app_stable's ids reused.
         let mut changed = config.clone();
         changed.clusters.get_mut("app_canary").unwrap().subset = Some("v3".to_string());
         let stable_before = cache.ids_for(Some(b"app_stable"), &config, &mut host);
         cache.reconfigure(&changed, &mut host);
-        assert_eq!(host.defined.len(), 21);
+        assert_eq!(host.defined.len(), 3 * PER_PAIR);
         assert_eq!(
             cache.ids_for(Some(b"app_stable"), &changed, &mut host),
             stable_before
@@ -551,9 +703,9 @@ mod tests {
             let name = format!("outbound|80|v{i}|svc.ns.svc.cluster.local");
             cache.ids_for(Some(name.as_bytes()), &config, &mut host);
         }
-        // 3 real pairs + (other, other), each 7 metrics, whatever the traffic.
+        // 3 real pairs + (other, other), whatever the traffic.
         assert_eq!(cache.defined_pairs(), 4);
-        assert_eq!(host.defined.len(), 4 * 7);
+        assert_eq!(host.defined.len(), 4 * PER_PAIR);
         let late = cache.ids_for(
             Some(b"outbound|80|v9|svc.ns.svc.cluster.local"),
             &config,
@@ -585,12 +737,12 @@ mod tests {
         // Full: a new name for a known pair still gets that pair; a new pair becomes other.
         let same_pair = cache.ids_for(Some(b"outbound|81|v1|svc"), &config, &mut host);
         assert_eq!(
-            host.name(same_pair.duration().unwrap()),
+            host.name(same_pair.duration_count().unwrap()),
             duration_name("svc", "v1")
         );
         let new_pair = cache.ids_for(Some(b"outbound|80|v2|svc"), &config, &mut host);
         assert_eq!(
-            host.name(new_pair.duration().unwrap()),
+            host.name(new_pair.duration_count().unwrap()),
             duration_name("other", "other")
         );
         assert_eq!(cache.known_names(), 2);
@@ -607,8 +759,7 @@ mod tests {
         let config = app_config();
         cache.reconfigure(&config, &mut host);
         let ids = cache.ids_for(Some(b"app_canary"), &config, &mut host);
-        assert_eq!(ids, SubsetIds::default());
         assert_eq!(ids.requests(ResponseClass::Success), None);
-        assert_eq!(ids.duration(), None);
+        assert_eq!(ids.duration_count(), None);
     }
 }

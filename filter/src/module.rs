@@ -335,7 +335,7 @@ impl Vm {
 mod tests {
     use super::*;
     use crate::fake::FakeStream;
-    use crate::metrics::fake::{duration_name, requests_name, FakeHost};
+    use crate::metrics::fake::{requests_name, FakeHost};
     use fledge_core::contract;
 
     const APP: &str = r#"{"clusters": {"app_stable": {"service": "app", "subset": "stable"},
@@ -410,8 +410,8 @@ mod tests {
 
     #[test]
     fn each_module_makes_few_hostcalls_per_plain_request() {
-        // Per request, in order. Each hostcall costs Envoy CPU on every request; the request
-        // count waits in the VM for the tick.
+        // Per request, in order. Each hostcall costs Envoy CPU on every request; the class and
+        // the duration are counted in the VM and wait for the tick.
         let want = |module| -> Vec<&str> {
             match module {
                 FilterModule::Full => vec![
@@ -421,7 +421,6 @@ mod tests {
                     "now",                        //   the duration
                     "get Response :status",       //   the class
                     "property details",           //   did the upstream answer, completely?
-                    "record",                     //   the duration histogram
                 ],
                 FilterModule::Observer => vec![
                     "now",
@@ -430,7 +429,6 @@ mod tests {
                     "get Response :status",
                     "get Response grpc-status", // a trailers-only gRPC error?
                     "property details",
-                    "record",
                 ],
             }
         };
@@ -441,12 +439,21 @@ mod tests {
                 assert_eq!(s.calls, want(module), "{module:?}");
             }
             assert_eq!(envoy.count("canary", "2xx"), 0);
-            assert_eq!(envoy.tick().calls, vec!["increment"], "{module:?}");
-            assert_eq!(envoy.count("canary", "2xx"), 3, "{module:?}");
-            assert_eq!(
-                envoy.metrics.samples(&duration_name("app", "canary")),
-                vec![7, 7, 7]
+            // One increment per counter that moved: the class, the duration count, the
+            // buckets at or above 7 ms (10 ms … 10 s and +Inf), the sum.
+            let tick = envoy.tick();
+            assert!(
+                tick.calls.iter().all(|c| c == "increment"),
+                "{:?}",
+                tick.calls
             );
+            assert_eq!(tick.calls.len(), 1 + 1 + 11 + 1, "{module:?}");
+            assert_eq!(envoy.count("canary", "2xx"), 3, "{module:?}");
+            let (count, sum, buckets) = envoy.metrics.durations("app", "canary");
+            assert_eq!((count, sum), (3, 21));
+            assert_eq!(buckets, [0, 0, 0, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]);
+            // Nothing new: a tick makes no hostcall.
+            assert!(envoy.tick().calls.is_empty());
         }
     }
 
@@ -661,17 +668,15 @@ mod tests {
                     "get Response :status",
                     "get ResponseTrailers grpc-status",
                     "property details",
-                    "record",
                 ],
                 "{module:?}"
             );
             envoy.metrics = std::mem::take(&mut s.metrics);
             envoy.tick();
             assert_eq!(envoy.count("canary", "5xx"), 1, "{module:?}");
-            assert_eq!(
-                envoy.metrics.samples(&duration_name("app", "canary")),
-                vec![42]
-            );
+            let (count, sum, buckets) = envoy.metrics.durations("app", "canary");
+            assert_eq!((count, sum), (1, 42));
+            assert_eq!(buckets, [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]);
         }
     }
 

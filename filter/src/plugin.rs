@@ -65,10 +65,6 @@ pub struct Plugin {
     config_errors: Option<Option<u32>>,
     /// Forced-canary counters (accepted, rejected), defined when first configured.
     forced: Option<(Option<u32>, Option<u32>)>,
-    /// Request counts not yet added to Envoy's counters, by pair index and class index. Each
-    /// hostcall costs Envoy about 1 µs of CPU, so counts are added in batches ([`Plugin::flush`],
-    /// on a 1 s tick) instead of once per request. Bounded by the number of pairs.
-    pending: Vec<[i64; ResponseClass::ALL.len()]>,
     /// The data-plane guards of the configured services (see [`crate::guard`]).
     guards: Vec<GuardSlot>,
     /// `fledge_guard_tripped{service}` ids, kept across reconfigurations (ids live as long as
@@ -726,7 +722,7 @@ impl Plugin {
             stream.has_cluster = cluster.is_some();
         }
         let finished = Finished::from_stream(stream, host);
-        self.record(stream.pair, &finished, host);
+        self.record(stream.pair, &finished);
         let index = self.guard_of(stream.pair)?;
         let slot = self.guards.get_mut(index)?;
         slot.pending.add(Counts {
@@ -754,45 +750,18 @@ impl Plugin {
         self.cache.pair_for(cluster, &self.config, &mut upstream)
     }
 
-    /// Record a finished request under `pair`: +1 on its class counter, duration into its
-    /// histogram.
-    /// The request count is batched (see [`Plugin::flush`]); the duration is recorded now
-    /// (Envoy has no way to record several histogram samples in one call).
-    pub fn record(&mut self, pair: Option<usize>, request: &Finished, host: &mut impl MetricHost) {
-        let Some(pair) = pair else {
-            return;
-        };
-        if self.pending.len() <= pair {
-            self.pending.resize(pair + 1, [0; ResponseClass::ALL.len()]);
-        }
-        if let Some(count) = self
-            .pending
-            .get_mut(pair)
-            .and_then(|counts| counts.get_mut(request.class().index()))
-        {
-            *count += 1;
-        }
-        if let (Some(id), Some(ms)) = (self.cache.ids(pair).duration(), request.duration_ms) {
-            host.record(id, ms);
+    /// Record a finished request under `pair`: its class and duration are counted in the VM
+    /// and reach Envoy's counters at the next [`Plugin::flush`] (no hostcall per request).
+    pub fn record(&mut self, pair: Option<usize>, request: &Finished) {
+        if let Some(pair) = pair {
+            self.cache.count(pair, request.class(), request.duration_ms);
         }
     }
 
-    /// Add the batched request counts to Envoy's counters (one hostcall per non-zero count).
+    /// Add the counts since the last flush to Envoy's counters (one hostcall per non-zero
+    /// counter; every second, from the tick).
     pub fn flush(&mut self, host: &mut impl MetricHost) {
-        for (pair, counts) in self.pending.iter_mut().enumerate() {
-            let ids = self.cache.ids(pair);
-            for class in ResponseClass::ALL {
-                let Some(count) = counts.get_mut(class.index()) else {
-                    continue;
-                };
-                if *count > 0 {
-                    if let Some(id) = ids.requests(class) {
-                        host.increment(id, *count);
-                    }
-                    *count = 0;
-                }
-            }
-        }
+        self.cache.flush(host);
     }
 
     /// The active configuration.
@@ -1015,13 +984,13 @@ mod tests {
             total = std::mem::take(&mut s.metrics);
         }
         assert_eq!(total.counter(&requests_name("app", "canary", "2xx")), 0);
-        // One flush adds the three requests in one call.
+        // One flush adds the three requests to each counter in one call.
         let mut s = FakeStream::new();
         s.metrics = std::mem::take(&mut total);
         plugin.flush(&mut s);
-        assert_eq!(s.calls, vec!["increment"]);
+        assert!(s.calls.iter().all(|c| c == "increment"), "{:?}", s.calls);
         total = std::mem::take(&mut s.metrics);
-        {}
+        assert_eq!(total.counter(&requests_name("app", "canary", "2xx")), 3);
         let s = FakeStream::finished("app_canary", 503)
             .with_property("details", b"no_healthy_upstream");
         send(&mut plugin, &mut total, s, false);
@@ -1032,11 +1001,10 @@ mod tests {
         assert_eq!(total.counter(&requests_name("app", "canary", "none")), 1);
         assert_eq!(total.counter(&requests_name("app", "stable", "5xx")), 1);
         assert_eq!(total.counter(&requests_name("app", "stable", "2xx")), 0);
-        assert_eq!(
-            total.samples(&duration_name("app", "canary")),
-            vec![7, 7, 7, 7]
-        );
-        assert!(total.samples(&duration_name("app", "stable")).is_empty());
+        // Durations: the canary's four took 7 ms each; the stable one without a clock has none.
+        assert_eq!(total.durations("app", "canary").0, 4);
+        assert_eq!(total.durations("app", "canary").1, 28);
+        assert_eq!(total.durations("app", "stable").0, 0);
 
         // No route → (other, other, none); Istio cluster without configuration.
         let s = FakeStream::new()
@@ -1357,7 +1325,7 @@ mod tests {
             metrics = std::mem::take(&mut s.metrics);
         }
         // 128 dynamic pairs + (other, other), 7 metrics each, + the error counter.
-        assert_eq!(metrics.defined.len(), (128 + 1) * 7 + 1);
+        assert_eq!(metrics.defined.len(), (128 + 1) * PER_PAIR + 1);
         assert_eq!(
             metrics.counter(&requests_name("other", "other", "2xx")),
             500 - 128

@@ -554,39 +554,26 @@ impl SubsetAccumulator {
         Ok(())
     }
 
-    /// The subset's traffic; `histogram` names the latency series in messages.
-    pub(super) fn finish(mut self, histogram: &str, subset: &str) -> Result<SubsetTraffic, String> {
+    /// The subset's traffic. Buckets caught mid-flush are clipped
+    /// ([`LatencyHistogram::from_scrape`]).
+    pub(super) fn finish(mut self) -> SubsetTraffic {
         self.finite_buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
         let bounds_ms: Vec<f64> = self.finite_buckets.iter().map(|(le, _)| *le).collect();
         let cumulative: Vec<u64> = self.finite_buckets.iter().map(|(_, n)| *n).collect();
-        if cumulative
-            .windows(2)
-            .any(|pair| matches!(pair, [a, b] if b < a))
-        {
-            return Err(format!(
-                "{histogram} buckets of subset {subset:?} decrease with le: {:?}",
-                self.finite_buckets
-            ));
-        }
         let highest_finite = cumulative.last().copied().unwrap_or(0);
         let count = self
             .count
             .or(self.infinite_bucket)
             .unwrap_or(highest_finite);
-        if count < highest_finite {
-            return Err(format!(
-                "{histogram} of subset {subset:?} counts {count} requests but a bucket holds {highest_finite}"
-            ));
-        }
-        Ok(SubsetTraffic {
+        SubsetTraffic {
             by_class: self.by_class,
-            latency: LatencyHistogram {
+            latency: LatencyHistogram::from_scrape(
                 bounds_ms,
                 cumulative,
                 count,
-                sum_ms: self.sum_ms.unwrap_or(0.0),
-            },
-        })
+                self.sum_ms.unwrap_or(0.0),
+            ),
+        }
     }
 }
 
@@ -653,8 +640,8 @@ fn reading_from_samples(
         }
     }
     Ok(EndpointReading {
-        stable: stable.finish(REQUEST_DURATION_MS, &selector.stable_subset)?,
-        canary: canary.finish(REQUEST_DURATION_MS, &selector.canary_subset)?,
+        stable: stable.finish(),
+        canary: canary.finish(),
         uptime_seconds,
         untagged_series,
     })
@@ -956,11 +943,6 @@ mod tests {
                 "bucket without le",
                 "fledge_request_duration_ms_bucket{fledge_service=\"app\",fledge_subset=\"canary\"} 1",
             ),
-            (
-                "decreasing buckets",
-                "fledge_request_duration_ms_bucket{fledge_service=\"app\",fledge_subset=\"canary\",le=\"1\"} 5\n\
-                 fledge_request_duration_ms_bucket{fledge_service=\"app\",fledge_subset=\"canary\",le=\"2\"} 4",
-            ),
         ];
         let admin = FakeAdmin::start("").await;
         for (what, body) in cases {
@@ -979,6 +961,29 @@ mod tests {
             panic!("expected Malformed");
         };
         assert!(message.contains("line 1"), "{message}");
+    }
+
+    /// The filter's bucket counters are published one by one: a scrape during a flush may see
+    /// a bucket ahead of the one above it. That is read as the earlier state, not as an error.
+    #[tokio::test]
+    async fn a_scrape_caught_mid_flush_is_clipped_not_malformed() {
+        let series = "fledge_service=\"app\",fledge_subset=\"canary\"";
+        let torn = format!(
+            "fledge_request_duration_ms_bucket{{{series},le=\"1\"}} 5\n\
+             fledge_request_duration_ms_bucket{{{series},le=\"2\"}} 4\n\
+             fledge_request_duration_ms_bucket{{{series},le=\"+Inf\"}} 4\n\
+             fledge_request_duration_ms_count{{{series}}} 4\n"
+        );
+        let admin = FakeAdmin::start(&torn).await;
+        let mut source = source(&[&admin.url]);
+        assert!(matches!(
+            source.observe().await,
+            Err(ObservationError::Baseline)
+        ));
+        admin.set_text(&torn.replace("} 5", "} 6").replace("} 4", "} 6"));
+        let observation = source.observe().await.expect("an observation");
+        assert_eq!(observation.canary.latency.count, 2);
+        assert_eq!(observation.canary.latency.cumulative, vec![2, 2]);
     }
 
     #[tokio::test]

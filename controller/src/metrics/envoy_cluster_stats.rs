@@ -97,8 +97,8 @@ impl StatsReader for ClusterStats {
             }
         }
         Ok(EndpointReading {
-            stable: stable.finish(LATENCY_HISTOGRAM, &self.stable_cluster)?,
-            canary: canary.finish(LATENCY_HISTOGRAM, &self.canary_cluster)?,
+            stable: stable.finish(),
+            canary: canary.finish(),
             uptime_seconds,
             untagged_series: 0,
         })

@@ -807,7 +807,7 @@ fn origins_from_samples(
     accumulators
         .into_iter()
         .map(|(key, (side, accumulator))| {
-            let traffic = accumulator.finish(&key)?;
+            let traffic = accumulator.finish();
             Ok((key, Origin { side, traffic }))
         })
         .collect()
@@ -882,40 +882,26 @@ impl OriginAccumulator {
         Ok(())
     }
 
-    fn finish(mut self, origin: &OriginKey) -> Result<SubsetTraffic, String> {
+    /// The subset's traffic; buckets a scrape caught mid-flush are clipped
+    /// ([`LatencyHistogram::from_scrape`]).
+    fn finish(mut self) -> SubsetTraffic {
         self.finite_buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
         let bounds_ms: Vec<f64> = self.finite_buckets.iter().map(|(le, _)| *le).collect();
         let cumulative: Vec<u64> = self.finite_buckets.iter().map(|(_, n)| *n).collect();
-        if cumulative
-            .windows(2)
-            .any(|pair| matches!(pair, [a, b] if b < a))
-        {
-            return Err(format!(
-                "{REQUEST_DURATION_MS} buckets of {} decrease with le: {:?}",
-                format_labels(origin),
-                self.finite_buckets
-            ));
-        }
         let highest_finite = cumulative.last().copied().unwrap_or(0);
         let count = self
             .count
             .or(self.infinite_bucket)
             .unwrap_or(highest_finite);
-        if count < highest_finite {
-            return Err(format!(
-                "{REQUEST_DURATION_MS} of {} counts {count} requests but a bucket holds {highest_finite}",
-                format_labels(origin)
-            ));
-        }
-        Ok(SubsetTraffic {
+        SubsetTraffic {
             by_class: self.by_class,
-            latency: LatencyHistogram {
+            latency: LatencyHistogram::from_scrape(
                 bounds_ms,
                 cumulative,
                 count,
-                sum_ms: self.sum_ms.unwrap_or(0.0),
-            },
-        })
+                self.sum_ms.unwrap_or(0.0),
+            ),
+        }
     }
 }
 
@@ -1527,16 +1513,6 @@ mod tests {
                     sample(labels("fledge_requests_total", json!({"fledge_class": "2xx"})), "-3")])}),
                 ),
                 "expected a non-negative count",
-            ),
-            (
-                "decreasing buckets",
-                Reply::Json(
-                    StatusCode::OK,
-                    json!({"status": "success", "data": vector(vec![
-                    sample(labels("fledge_request_duration_ms_bucket", json!({"le": "1"})), "5"),
-                    sample(labels("fledge_request_duration_ms_bucket", json!({"le": "2"})), "4")])}),
-                ),
-                "decrease with le",
             ),
         ];
         for (what, reply, needle) in cases {
