@@ -1,36 +1,37 @@
 //! # fledge-filter — per-subset request metrics and canary tagging from inside Envoy
 //!
-//! A proxy-wasm HTTP filter for Envoy/Istio gateways. For every finished request it records,
-//! labelled by the `(service, subset)` that served it, a request counter by response class and a
-//! duration histogram; the Fledge controller reads these from `/stats/prometheus` to judge a
-//! canary against its stable version. It can also tag traffic: the serving subset in a response
-//! header, a forced-canary header for trusted testers, sticky buckets for users. Names and label
-//! keys come from [`fledge_core::contract`]; the configuration schema from
-//! [`fledge_core::filter_config`].
+//! A proxy-wasm HTTP filter for Envoy/Istio gateways, built as two modules from this crate
+//! (see [`module`]): `fledge_filter.wasm` (metrics, canary tagging, the data-plane guard) and
+//! the metrics-only `fledge_observer.wasm`, which exports only the callbacks metrics need. For
+//! every finished request it counts the response class and the duration, labelled by the
+//! `(service, subset)` that served it; the Fledge controller reads these from
+//! `/stats/prometheus` to judge a canary against its stable version. Names and label keys come
+//! from [`fledge_core::contract`]; the configuration schema from [`fledge_core::filter_config`].
 //!
 //! ```text
-//! on_configure:  plugin config JSON ──FilterConfig::parse──▶ Plugin { config, MetricCache }
+//! on_configure:  plugin config JSON ──FilterConfig::parse_for(module)──▶ Plugin per root context
 //!                (bad: log, +1 fledge_config_errors_total, keep previous/defaults; always `true`)
-//!                configured clusters ──define_metric ×7 each──▶ cached ids; 1 s tick
-//! request hdrs:  forced-canary header? (token / source CIDR) ── strip; trusted → route = canary
+//!                configured clusters ──define_metric (22 counters each)──▶ cached ids; 1 s tick
+//! context create: the clock (the stream's start) into a slot of a fixed ring
+//! request hdrs:  (full) forced-canary header? (token / source CIDR) ── strip; trusted → canary
 //!                sticky key? ── FNV-1a bucket → route = <bucket>;  else strip client's route hdr
 //!                guard tripped? ── guard header = <tripped services> (→ stable); else strip it
-//! response hdrs: :status; grpc-status if bodiless; responseHeader ← subset (resolves the pair)
-//! body/trailers: end of stream seen?  grpc-status from trailers
+//! response hdrs: (full) bodiless? grpc-status; responseHeader ← subset (resolves the pair)
+//! trailers:      (both; only responses with trailers) grpc-status
 //! on_log:        xds.cluster_name ──MetricCache::pair_for──▶ pair (name, else endpoint
-//!                metadata / subset header; bounded) ; class from status (+ code_details only
-//!                for >= 400 or cut-off responses) ; duration from the clock
-//!                ──▶ record fledge_request_duration_ms ; count into a batch
-//!                guarded canary? ── count locally; would trip → merge into shared data now
-//! on_tick:       batched counts ──increment──▶ fledge_requests_total{service,subset,class}
-//!                (every 1 s); guards (every 100 ms): merge counts into the shared window (CAS),
-//!                learn other workers' trips ──▶ fledge_guard_tripped{service}
+//!                metadata / subset header; bounded); :status; response.code_details unless
+//!                the response was seen complete below 400; the clock ──▶ class and duration
+//!                counted in the VM; guarded canary? ── would trip → merge into shared data now
+//! on_tick:       every root's counts ──increment──▶ fledge_requests_total{service,subset,class},
+//!                fledge_request_duration_ms_{bucket,sum,count} (every 1 s); guards (100 ms):
+//!                merge into the shared window (CAS), learn trips ──▶ fledge_guard_tripped
 //! ```
 //!
-//! Only the `host` module (compiled for `wasm32` only) makes hostcalls; [`plugin`],
-//! [`metrics`], [`tagging`] and [`guard`] are plain Rust, tested natively against fakes that also pin the
-//! per-request hostcall list (each hostcall costs Envoy about 1 µs of CPU). The filter never
-//! rejects or delays traffic, and every failure degrades to "not recorded" or "not tagged".
+//! Only the `host` module (compiled for `wasm32` only) makes hostcalls and exports callbacks;
+//! [`module`], [`plugin`], [`metrics`], [`tagging`] and [`guard`] are plain Rust, tested natively
+//! against fakes that also pin each module's per-request hostcall list (every hostcall costs
+//! Envoy CPU on every request). The filter never rejects or delays traffic, and every failure
+//! degrades to "not recorded" or "not tagged".
 
 #[cfg(test)]
 mod fake;
