@@ -212,7 +212,7 @@ fn main() -> Result<()> {
         if let Some(filter) = &variant.filter {
             ensure!(
                 filter.wasm.is_file(),
-                "{} missing; run cargo build -p fledge-filter -p fledge-observer -p fledge-empty-filter --target wasm32-wasip1 --release",
+                "{} missing; run make build-filter and cargo build -p fledge-empty-filter --target wasm32-wasip1 --release",
                 filter.wasm.display()
             );
         }
