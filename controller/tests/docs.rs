@@ -19,7 +19,7 @@ mod paths;
 use fledge_controller::config::parse_canaries;
 use fledge_controller::k8s::crd::{crd_json, Canary as CanaryResource};
 use fledge_controller::router::istio::{read_routes, IstioSettings};
-use fledge_core::filter_config::FilterConfig;
+use fledge_core::filter_config::{FilterConfig, FilterModule};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -405,11 +405,14 @@ fn check_spec_fragment(block: &Block, fragment: &Map<String, Value>, out: &mut O
 
 fn check_envoy_bootstrap(block: &Block, bootstrap: &Value, out: &mut Outcome) {
     let mut bootstrap = bootstrap.clone();
-    for config in fledge_plugin_configurations(&bootstrap) {
-        if let Err(e) = FilterConfig::parse(&config) {
+    for (module, config) in fledge_plugin_configurations(&bootstrap) {
+        if let Err(e) = FilterConfig::parse_for(module, config.as_bytes()) {
             out.fail(
                 block,
-                format!("the Fledge filter's configuration is rejected by its parser: {e}"),
+                format!(
+                    "the Fledge filter's configuration is rejected by its parser ({}): {e}",
+                    module.file_name()
+                ),
             );
         }
     }
@@ -449,17 +452,21 @@ fn check_rds_response(block: &Block, response: &Value, out: &mut Outcome) {
     out.count("RDS DiscoveryResponse");
 }
 
-/// The `configuration` strings of every Wasm filter that loads `fledge_filter.wasm`.
-fn fledge_plugin_configurations(value: &Value) -> Vec<String> {
+/// The Fledge module a `vm_config.code.local.filename` loads, if any.
+fn fledge_module(filename: &str) -> Option<FilterModule> {
+    [FilterModule::Full, FilterModule::Observer]
+        .into_iter()
+        .find(|module| filename.ends_with(module.file_name()))
+}
+
+/// The module and `configuration` string of every Wasm filter that loads a Fledge module.
+fn fledge_plugin_configurations(value: &Value) -> Vec<(FilterModule, String)> {
     let mut found = Vec::new();
     visit(value, &mut |node| {
         let code = node.pointer("/vm_config/code/local/filename");
-        if code
-            .and_then(Value::as_str)
-            .is_some_and(|f| f.ends_with("fledge_filter.wasm"))
-        {
+        if let Some(module) = code.and_then(Value::as_str).and_then(fledge_module) {
             if let Some(text) = node.pointer("/configuration/value").and_then(Value::as_str) {
-                found.push(text.to_string());
+                found.push((module, text.to_string()));
             }
         }
     });
@@ -487,6 +494,7 @@ fn visit_mut(value: &mut Value, f: &mut dyn FnMut(&mut Value)) {
 const RDS_PLACEHOLDER: &str = "@RDS_FILE@";
 const RDS_DIR_PLACEHOLDER: &str = "@RDS_DIR@";
 const WASM_PLACEHOLDER: &str = "@FLEDGE_FILTER_WASM@";
+const OBSERVER_PLACEHOLDER: &str = "@FLEDGE_OBSERVER_WASM@";
 
 /// Paths on the documented machine (the `.wasm`, the RDS file) become placeholders that the
 /// Envoy run fills with this machine's paths.
@@ -496,11 +504,10 @@ fn rewrite_local_paths(bootstrap: &mut Value) {
             *source = json!({"path": RDS_PLACEHOLDER, "watched_directory": {"path": RDS_DIR_PLACEHOLDER}});
         }
         if let Some(filename) = node.pointer_mut("/vm_config/code/local/filename") {
-            if filename
-                .as_str()
-                .is_some_and(|f| f.ends_with("fledge_filter.wasm"))
-            {
-                *filename = json!(WASM_PLACEHOLDER);
+            match filename.as_str().and_then(fledge_module) {
+                Some(FilterModule::Full) => *filename = json!(WASM_PLACEHOLDER),
+                Some(FilterModule::Observer) => *filename = json!(OBSERVER_PLACEHOLDER),
+                None => {}
             }
         }
     });
@@ -555,8 +562,9 @@ fn bootstrap_with_routes(route_config: &Value) -> Value {
 
 fn run_envoy_checks(checks: &[EnvoyCheck]) -> Vec<String> {
     let required = std::env::var("FLEDGE_REQUIRE_WASM").is_ok_and(|v| v == "1");
-    let tools = paths::envoy_binary().and_then(|envoy| Ok((envoy, paths::filter_wasm()?)));
-    let (envoy, wasm) = match tools {
+    let tools = paths::envoy_binary()
+        .and_then(|envoy| Ok((envoy, (paths::filter_wasm()?, paths::observer_wasm()?))));
+    let (envoy, (wasm, observer)) = match tools {
         Ok(tools) => tools,
         Err(e) if required => return vec![format!("cannot validate Envoy examples: {e:#}")],
         Err(e) => {
@@ -579,7 +587,8 @@ fn run_envoy_checks(checks: &[EnvoyCheck]) -> Vec<String> {
             .to_string()
             .replace(RDS_PLACEHOLDER, &rds_file.display().to_string())
             .replace(RDS_DIR_PLACEHOLDER, &rds_dir.display().to_string())
-            .replace(WASM_PLACEHOLDER, &wasm.display().to_string());
+            .replace(WASM_PLACEHOLDER, &wasm.display().to_string())
+            .replace(OBSERVER_PLACEHOLDER, &observer.display().to_string());
         let path = dir.path().join(format!("bootstrap-{i}.json"));
         std::fs::write(&path, text).expect("write bootstrap");
         let output = Command::new(&envoy)
