@@ -121,10 +121,17 @@ fn traffic_extension_matches_the_wasm_plugin_and_guards_the_service() {
     assert!(at(extension, "spec.priority").is_i64());
     assert_eq!(str_at(extension, "spec.match.0.mode"), "CLIENT");
     let wasm = at(extension, "spec.wasm");
-    assert!(str_at(wasm, "url").starts_with("oci://"));
+    let url = str_at(wasm, "url");
+    assert!(url.starts_with("oci://"));
     assert_eq!(str_at(wasm, "failStrategy"), "FAIL_OPEN");
     assert_eq!(str_at(wasm, "pluginName"), "fledge");
-    let config = parses(at(wasm, "pluginConfig"), "trafficextension.yaml");
+    // Tagging and the guard: the full module.
+    assert_eq!(module_of(url), FilterModule::Full, "{url}");
+    let config = parses(
+        at(wasm, "pluginConfig"),
+        FilterModule::Full,
+        "trafficextension.yaml",
+    );
     assert!(config.force_canary.is_some() && config.sticky.is_some());
     let guard = config.guard.expect("the guard is configured");
     assert_eq!(guard.header, contract::DEFAULT_GUARD_HEADER);
