@@ -675,19 +675,15 @@ fn comparison_warnings(
     let field = "spec.analysis.compareWithStable";
     let (canary, stable) = (obs.canary.requests(), obs.stable.requests());
     let mut warnings = Vec::new();
-    if (canary == 0) != (stable == 0) {
-        let (idle, busy, served) = if stable == 0 {
-            ("stable", "canary", canary)
-        } else {
-            ("canary", "stable", stable)
-        };
+    // (A canary without requests is a halt, whose reason says so already.)
+    if stable == 0 && canary > 0 {
         warnings.push(Warning::new(
             code::NOT_COMPARED_ONE_VERSION,
             field,
             format!(
-                "not compared this interval: the {idle} version served no request (the {busy} served {served}); a comparison needs both versions in the same interval"
+                "not compared this interval: the stable version served no request (the canary served {canary}); a comparison needs both versions in the same interval"
             ),
-            format!("check that the {idle} version receives traffic at this weight"),
+            "check that the stable version receives traffic at this weight",
         ));
     }
     if compare.signals.contains(&ComparedSignal::Latency) {

@@ -92,7 +92,9 @@ fn kubernetes_mode_steers_real_traffic_through_a_virtual_service() -> Result<()>
     let canary_status = || -> Result<Value> { Ok(cluster.canary(NS, "app")?["status"].clone()) };
 
     let result = (|| -> Result<()> {
-        ensure!(controller.is_leader()?, "a lone controller leads");
+        require("a lone controller to lead", Duration::from_secs(10), || {
+            controller.is_leader()
+        })?;
         // 1. The first step reaches Envoy through the VirtualService; the rollout waits at the
         //    indefinite pause.
         require(
@@ -103,7 +105,12 @@ fn kubernetes_mode_steers_real_traffic_through_a_virtual_service() -> Result<()>
                 Ok(status["phase"] == "Paused" && status["canaryWeight"] == 20)
             },
         )?;
-        ensure!(cluster.route_weights(NS, "app", "primary")? == RouteWeights::canary_percent(20));
+        // The status is written before the routes follow it: wait for the VirtualService.
+        require(
+            "the VirtualService's weights",
+            Duration::from_secs(10),
+            || Ok(cluster.route_weights(NS, "app", "primary")? == RouteWeights::canary_percent(20)),
+        )?;
         envoy.wait_for_route_weights(RouteWeights::canary_percent(20), Duration::from_secs(10))?;
         let (share, responses) = v2_share_over(&load, Duration::from_secs(2));
         ensure!(
