@@ -58,7 +58,7 @@ pub fn parse_canaries(path: &str, text: &str) -> Result<Vec<Canary>, Vec<ConfigE
                 break;
             }
         };
-        match serde_yaml::from_value::<Canary>(value) {
+        match serde_path_to_error::deserialize::<_, Canary>(value) {
             Ok(canary) => match canary.validate() {
                 Ok(()) => canaries.push(canary),
                 Err(e) => errors.push(ConfigError::Invalid {
@@ -72,7 +72,7 @@ pub fn parse_canaries(path: &str, text: &str) -> Result<Vec<Canary>, Vec<ConfigE
             Err(e) => errors.push(ConfigError::Parse {
                 path: path.to_string(),
                 doc,
-                message: e.to_string(),
+                message: shape_error(&e),
             }),
         }
     }
@@ -83,6 +83,18 @@ pub fn parse_canaries(path: &str, text: &str) -> Result<Vec<Canary>, Vec<ConfigE
         Ok(canaries)
     } else {
         Err(errors)
+    }
+}
+
+/// A type error with the field it happened at, so that `missing field` or `unknown variant`
+/// says where: `spec.router.envoyRds: missing field `adminUrl``.
+fn shape_error(e: &serde_path_to_error::Error<serde_yaml::Error>) -> String {
+    let at = e.path().to_string();
+    let inner = e.inner().to_string();
+    if at.is_empty() || at == "." {
+        format!("{inner} (the fields are listed in docs/spec.md)")
+    } else {
+        format!("{at}: {inner} (the fields are listed in docs/spec.md)")
     }
 }
 
@@ -170,6 +182,19 @@ spec:
         assert!(text[0].contains("spec.analysis.stepWeight"), "{}", text[0]);
         assert!(text[1].starts_with("c.yaml, document 2:"), "{}", text[1]);
         assert!(text[1].contains("unknown field `servce`"), "{}", text[1]);
+    }
+
+    #[test]
+    fn shape_errors_name_the_nested_field() {
+        let text = GOOD
+            .replace("NAME", "one")
+            .replace(r#", adminUrl: "http://127.0.0.1:9901""#, "");
+        let errors = parse_canaries("c.yaml", &text).unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            "c.yaml, document 1: spec.router.envoyRds: missing field `adminUrl` \
+             (the fields are listed in docs/spec.md)"
+        );
     }
 
     /// Regression (fuzzing, `fuzz/` target `canary_spec`): a YAML syntax error used to make
