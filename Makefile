@@ -28,6 +28,15 @@ build: setup
 test: build-filter build
 	FLEDGE_REQUIRE_WASM=1 $(CARGO) test --workspace --exclude fledge-e2e --no-fail-fast
 	FLEDGE_REQUIRE_WASM=1 $(CARGO) test -p fledge-e2e --no-fail-fast -- --test-threads=2
+	$(MAKE) --no-print-directory fuzz-smoke
+
+# The fuzz crate is its own workspace (cargo-fuzz builds it with its own flags), so nothing
+# else compiles it: replay every seed and fuzz 20,000 inputs per target, so that the
+# harness keeps building against the loaders it includes and no seed regresses.
+.PHONY: fuzz-smoke
+fuzz-smoke:
+	cd fuzz && CARGO_TARGET_DIR=$(abspath $(TARGET_DIR))/fuzz $(CARGO) test -q
+	cd fuzz && CARGO_TARGET_DIR=$(abspath $(TARGET_DIR))/fuzz $(CARGO) run -q --bin fledge-fuzz-stable -- --max-runs 20000
 
 unit:
 	$(CARGO) test --workspace --exclude fledge-e2e
