@@ -14,7 +14,7 @@
 
 use crate::contract::ResponseClass;
 use crate::observe::{LatencyHistogram, Observation};
-use crate::sequential::RatioTest;
+use crate::sequential::{log_sum_exp, RatioTest};
 use crate::spec::{
     format_number, AnalysisSpec, BurnRateSpec, CompareSpec, ComparedSignal, MetricKind,
     ThresholdRange,
@@ -748,15 +748,6 @@ fn latency_warnings(state: &AnalysisState, obs: &Observation) -> Vec<Warning> {
         ),
         "list bucket boundaries only, e.g. `latencyBoundariesMs: [250, 500]`",
     )]
-}
-
-fn log_sum_exp(values: impl Iterator<Item = f64>) -> f64 {
-    let values: Vec<f64> = values.collect();
-    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    if !max.is_finite() {
-        return max;
-    }
-    max + values.iter().map(|v| (v - max).exp()).sum::<f64>().ln()
 }
 
 /// Hold the step until the canary is shown not to be worse than the margin.

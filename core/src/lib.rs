@@ -31,6 +31,7 @@ pub mod analysis;
 pub mod contract;
 pub mod duration;
 pub mod filter_config;
+mod names;
 pub mod observe;
 pub mod rollout;
 pub mod router_spec;

@@ -313,7 +313,7 @@ impl Machine<'_> {
         }
         if self.status.phase == Phase::Initializing {
             if let Some(reason) = &self.gates.hook_failure {
-                self.count_hook_failure(reason);
+                self.count_failure("check", reason);
                 return;
             }
             self.status.started_at = Some(self.now);
@@ -354,7 +354,7 @@ impl Machine<'_> {
         let judgement = match &self.gates.hook_failure {
             // One failed check per call: a failed interval already counted one.
             Some(reason) if judgement != Judgement::Fail => {
-                self.count_hook_failure(reason);
+                self.count_failure("check", reason);
                 if self.status.phase.is_terminal() {
                     return;
                 }
@@ -405,8 +405,10 @@ impl Machine<'_> {
         ));
     }
 
-    /// A failed pre-rollout / rollout webhook: one failed check, rollback at the threshold.
-    fn count_hook_failure(&mut self, reason: &str) {
+    /// One more failed check (`what`: "check" for a failed pre-rollout / rollout webhook,
+    /// "analysis" for a failed interval): roll back once the threshold is reached, otherwise say
+    /// how close it is.
+    fn count_failure(&mut self, what: &str, reason: &str) {
         self.status.failed_checks += 1;
         let threshold = self.spec.analysis.rollback_threshold();
         let failed = self.status.failed_checks;
@@ -415,7 +417,7 @@ impl Machine<'_> {
                 "rolling back: failed checks threshold reached {failed}/{threshold}: {reason}"
             ));
         } else {
-            self.status.message = format!("check failed ({failed}/{threshold}): {reason}");
+            self.status.message = format!("{what} failed ({failed}/{threshold}): {reason}");
             self.event(
                 EventReason::AnalysisFailed,
                 true,
@@ -477,22 +479,7 @@ impl Machine<'_> {
                 Judgement::NoData
             }
             Verdict::Fail => {
-                self.status.failed_checks += 1;
-                let threshold = self.spec.analysis.rollback_threshold();
-                let failed = self.status.failed_checks;
-                if failed >= threshold {
-                    self.roll_back(format!(
-                        "rolling back: failed checks threshold reached {failed}/{threshold}: {reason}"
-                    ));
-                } else {
-                    self.status.message =
-                        format!("analysis failed ({failed}/{threshold}): {reason}");
-                    self.event(
-                        EventReason::AnalysisFailed,
-                        true,
-                        self.status.message.clone(),
-                    );
-                }
+                self.count_failure("analysis", &reason);
                 Judgement::Fail
             }
         }

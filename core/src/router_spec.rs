@@ -2,6 +2,7 @@
 //! (`spec.router.gatewayApi`), and the testers' match conditions shared by the Istio and Gateway
 //! API routers (`headerRoute`), with their validation. Every problem names its field and fix.
 
+use crate::names::{is_object_name, is_section_name};
 use crate::spec::{HeaderRouteSpec, SpecError};
 use serde::{Deserialize, Serialize};
 
@@ -246,31 +247,6 @@ pub fn regex_escape(text: &str) -> String {
         escaped.push(c);
     }
     escaped
-}
-
-/// A Gateway API `SectionName`: a rule name.
-fn is_section_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-/// A Kubernetes object name (DNS-1123 subdomain).
-fn is_object_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
 }
 
 fn problem(field: String, problem: impl Into<String>, fix: impl Into<String>) -> SpecError {

@@ -34,7 +34,8 @@ pub fn ratio_grid() -> Vec<f64> {
     (-30..=30).map(|i| 2f64.powf(f64::from(i) / 6.0)).collect()
 }
 
-fn log_sum_exp(values: impl Iterator<Item = f64>) -> f64 {
+/// `ln(Σ exp(v))` without overflow: the largest value is factored out first.
+pub(crate) fn log_sum_exp(values: impl Iterator<Item = f64>) -> f64 {
     let values: Vec<f64> = values.collect();
     let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if !max.is_finite() {

@@ -14,6 +14,7 @@
 //! | `event` | every event (advance, pause, halt, failure, promotion, rollback) | recorded only |
 
 use crate::duration::HumanDuration;
+use crate::names::is_dns_label;
 use crate::spec::SpecError;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -113,15 +114,6 @@ pub const MAX_RETRIES: u32 = 10;
 /// Longest per-attempt timeout.
 pub const MAX_TIMEOUT_SECS: u64 = 300;
 
-fn is_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 /// Every problem in `spec.webhooks`, each naming the field and the fix.
 pub fn validate(webhooks: &[WebhookSpec]) -> Vec<SpecError> {
     let mut problems = Vec::new();
@@ -135,7 +127,7 @@ pub fn validate(webhooks: &[WebhookSpec]) -> Vec<SpecError> {
     let mut seen = BTreeSet::new();
     for (i, hook) in webhooks.iter().enumerate() {
         let base = format!("spec.webhooks[{i}]");
-        if !is_name(&hook.name) {
+        if !is_dns_label(&hook.name) {
             add(
                 format!("{base}.name"),
                 format!("{:?} is not a valid name", hook.name),

@@ -2,7 +2,8 @@
 //! `trackLabel`, `scaleDownDelay`, `revertOnDeletion`) and their validation.
 
 use crate::duration::HumanDuration;
-use crate::spec::{CanarySpec, SpecError};
+use crate::names::is_object_name;
+use crate::spec::{CanarySpec, Problems, SpecError};
 use crate::webhook::WebhookType;
 use serde::{Deserialize, Serialize};
 
@@ -107,19 +108,6 @@ impl CanarySpec {
     }
 }
 
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-fn is_object_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
-}
-
 /// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name of 1-63
 /// letters, digits, `-`, `_` or `.`, starting and ending with a letter or digit.
 pub fn is_label_key(key: &str) -> bool {
@@ -135,18 +123,6 @@ pub fn is_label_key(key: &str) -> bool {
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name.ends_with(|c: char| c.is_ascii_alphanumeric());
     name_ok && prefix.is_none_or(is_object_name)
-}
-
-struct Problems(Vec<SpecError>);
-
-impl Problems {
-    fn add(&mut self, field: &str, problem: impl Into<String>, fix: impl Into<String>) {
-        self.0.push(SpecError {
-            field: field.to_string(),
-            problem: problem.into(),
-            fix: fix.into(),
-        });
-    }
 }
 
 /// Every problem with the workload fields of `spec`. Each field but `targetRef` only means
@@ -271,7 +247,7 @@ fn without_target(p: &mut Problems, spec: &CanarySpec) {
     ];
     for (field, _) in set.iter().filter(|(_, set)| *set) {
         p.add(
-            field,
+            *field,
             "has no effect without spec.targetRef (there is no workload to manage)",
             fix,
         );
