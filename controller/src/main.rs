@@ -1,5 +1,7 @@
 //! `fledge` — automated, metrics-driven canary releases for Envoy and Istio.
 
+#![forbid(unsafe_code)]
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fledge_controller::runner::Registry;

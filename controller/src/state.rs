@@ -141,6 +141,7 @@ impl StateStore {
 }
 
 #[cfg(unix)]
+#[allow(unsafe_code)] // flock(2): the controller's only FFI call
 fn lock_exclusive_nonblocking(file: &std::fs::File) -> bool {
     use std::os::unix::io::AsRawFd;
     // SAFETY: flock on a file descriptor we own; no memory is shared with the kernel.

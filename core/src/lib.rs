@@ -27,6 +27,8 @@
 //!   scaling a new revision up, promotion by copying its template, rollback, deadlines.
 //! - [`warning`]: what a valid spec or a running rollout does not check, with the field and fix.
 
+#![forbid(unsafe_code)]
+
 pub mod analysis;
 pub mod contract;
 pub mod duration;

@@ -50,6 +50,7 @@ pub fn kill_all_process_groups() {
     }
 }
 
+#[allow(unsafe_code)] // kill(2)
 fn signal_group(pgid: i32, signal: i32) {
     if pgid > 1 {
         // SAFETY: kill(2) has no memory-safety preconditions; a negative pid addresses the
@@ -71,6 +72,7 @@ pub struct Proc {
 
 impl Proc {
     /// Spawn `command` with stdin closed and stdout+stderr appended to `log_path`.
+    #[allow(unsafe_code)] // pre_exec + prctl(2)
     pub fn spawn(name: &str, mut command: Command, log_path: &Path) -> Result<Proc> {
         let log = File::options()
             .create(true)

@@ -33,6 +33,15 @@
 //! Envoy CPU on every request). The filter never rejects or delays traffic, and every failure
 //! degrades to "not recorded" or "not tagged".
 
+// The runtime code never panics and never breaks traffic (tests may unwrap: filter/clippy.toml).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::unreachable
+)]
+
 #[cfg(test)]
 mod fake;
 pub mod guard;
@@ -56,4 +65,7 @@ compile_error!(
     target_arch = "wasm32",
     any(feature = "full-module", feature = "observer-module")
 ))]
+// The proxy-wasm ABI: `#[no_mangle]` exports and raw hostcalls, each with a SAFETY comment. The
+// rest of the crate denies unsafe code (workspace lints).
+#[allow(unsafe_code)]
 mod host;

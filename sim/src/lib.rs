@@ -15,6 +15,8 @@
 //! sequential policy with a Flagger-style per-interval threshold policy and a repeated
 //! fixed-sample test.
 
+#![forbid(unsafe_code)]
+
 use chrono::{DateTime, TimeZone, Utc};
 use fledge_core::contract::ResponseClass;
 use fledge_core::observe::{LatencyHistogram, Observation, SubsetTraffic};

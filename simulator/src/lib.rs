@@ -13,6 +13,8 @@
 //!                                                                          RolledBack or horizon)
 //! ```
 
+#![forbid(unsafe_code)]
+
 use chrono::{DateTime, TimeZone, Utc};
 use fledge_core::observe::{Observation, SubsetTraffic};
 use fledge_core::rollout::{self, CanaryStatus, Command, Input, Phase};

@@ -255,7 +255,7 @@ fn without_target(p: &mut Problems, spec: &CanarySpec) {
     for (i, hook) in spec.webhooks.iter().enumerate() {
         if hook.kind == WebhookType::ConfirmRollout {
             p.add(
-                &format!("spec.webhooks[{i}].type"),
+                format!("spec.webhooks[{i}].type"),
                 "confirm-rollout gates scaling up a new revision of spec.targetRef, and there is none",
                 "add spec.targetRef, or use `type: pre-rollout` to gate the start of a rollout",
             );

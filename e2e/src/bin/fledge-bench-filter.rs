@@ -637,6 +637,7 @@ fn start_upstream(dir: &Path) -> Result<(u16, Proc)> {
 }
 
 /// utime + stime of a process, in seconds.
+#[allow(unsafe_code)] // sysconf(3)
 fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the ")" that ends the command name; utime and stime are fields 14 and 15.

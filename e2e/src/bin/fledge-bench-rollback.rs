@@ -11,6 +11,8 @@
 //! then the median and maximum of each. Exits non-zero if a maximum misses its target (guard
 //! ≤ 1 s, controller ≤ 10 s).
 
+#![forbid(unsafe_code)]
+
 use anyhow::{bail, Result};
 use clap::Parser;
 use fledge_e2e::rollback::{self, RollbackOptions};

@@ -21,6 +21,8 @@
 //! Every process runs in its own process group and is stopped on exit, on error and on Ctrl-C.
 //! The exit code is non-zero when an expectation fails.
 
+#![forbid(unsafe_code)]
+
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use fledge_e2e::controller::{CanaryManifest, Controller, PHASE_PROMOTED, PHASE_ROLLED_BACK};

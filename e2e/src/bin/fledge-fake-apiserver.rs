@@ -12,6 +12,8 @@
 //! client identity the server records), prints `listening on http://ADDR`, and serves until
 //! SIGTERM or Ctrl-C.
 
+#![forbid(unsafe_code)]
+
 use anyhow::{Context, Result};
 use clap::Parser;
 use fledge_controller::k8s::fake_api::FakeApiServer;

@@ -20,6 +20,8 @@
 //! Exits non-zero when a criterion fails. Every process is on 127.0.0.1 and stopped at the end;
 //! the load is bounded by `--duration-secs` and `--rps`.
 
+#![forbid(unsafe_code)]
+
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use fledge_core::contract;

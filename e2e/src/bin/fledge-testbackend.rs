@@ -17,6 +17,8 @@
 //! served.
 //! SIGTERM or Ctrl-C stops it gracefully.
 
+#![forbid(unsafe_code)]
+
 use anyhow::{bail, Context, Result};
 use axum::body::Bytes;
 use axum::extract::{Query, State};

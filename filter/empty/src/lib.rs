@@ -1,6 +1,8 @@
 //! An HTTP filter that does nothing: Envoy still creates a context per request and calls every
 //! callback into the VM, so this is the cost floor of any Rust proxy-wasm filter.
 
+#![forbid(unsafe_code)]
+
 #[cfg(target_arch = "wasm32")]
 mod wasm {
     use proxy_wasm::traits::{Context, HttpContext, RootContext};

@@ -4,6 +4,8 @@
 //!
 //! Usage: `fledge-bench-decisions [RUNS_PER_CELL] [SEED]` (defaults 1000 and 42).
 
+#![forbid(unsafe_code)]
+
 use fledge_sim::{
     flagger_policy, fledge_policy, simulate, Policy, RepeatedZTest, Summary, TrafficModel,
     HORIZON_MINUTES, INTERVAL_SECONDS, MINUTES_PER_STEP, SWING_PERIOD_MINUTES, WEIGHTS,
