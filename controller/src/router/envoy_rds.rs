@@ -943,8 +943,7 @@ fn next_version(current: Option<String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::extract::{RawQuery, State};
-    use axum::routing::get;
+    use fledge_testkit::http::{FakeEndpoint, Reply};
     use serde_json::json;
 
     const EXAMPLE_JSON: &str = r#"{"version_info":"1","resources":[{"@type":"type.googleapis.com/envoy.config.route.v3.RouteConfiguration","name":"fledge_route","virtual_hosts":[{"name":"app","domains":["*"],"routes":[{"name":"primary","match":{"prefix":"/"},"route":{"weighted_clusters":{"clusters":[{"name":"app_stable","weight":100},{"name":"app_canary","weight":0}]}}}]}]}]}"#;
@@ -1345,46 +1344,15 @@ resources:
         assert_eq!(doc["version_info"], json!("6"));
     }
 
-    /// A fake Envoy admin serving a canned `config_dump`; stopped when dropped.
-    struct FakeAdmin {
-        url: String,
-        dump: Arc<Mutex<serde_json::Value>>,
-        queries: Arc<Mutex<Vec<String>>>,
-        server: tokio::task::JoinHandle<()>,
+    /// A fake Envoy admin serving `dump` at `/config_dump`; stopped when dropped.
+    async fn fake_admin(dump: serde_json::Value) -> FakeEndpoint {
+        let admin = FakeEndpoint::start().await.unwrap();
+        set_dump(&admin, &dump);
+        admin
     }
 
-    impl FakeAdmin {
-        async fn start(dump: serde_json::Value) -> FakeAdmin {
-            type Shared = (Arc<Mutex<serde_json::Value>>, Arc<Mutex<Vec<String>>>);
-            let dump = Arc::new(Mutex::new(dump));
-            let queries = Arc::new(Mutex::new(Vec::new()));
-            let app = axum::Router::new()
-                .route(
-                    "/config_dump",
-                    get(|State((dump, queries)): State<Shared>, RawQuery(query): RawQuery| async move {
-                        queries.lock().unwrap().push(query.unwrap_or_default());
-                        axum::Json(dump.lock().unwrap().clone())
-                    }),
-                )
-                .with_state((Arc::clone(&dump), Arc::clone(&queries)));
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}", listener.local_addr().unwrap());
-            let server = tokio::spawn(async move {
-                axum::serve(listener, app).await.unwrap();
-            });
-            FakeAdmin {
-                url,
-                dump,
-                queries,
-                server,
-            }
-        }
-    }
-
-    impl Drop for FakeAdmin {
-        fn drop(&mut self) {
-            self.server.abort();
-        }
+    fn set_dump(admin: &FakeEndpoint, dump: &serde_json::Value) {
+        admin.reply("/config_dump", Reply::json(200, dump));
     }
 
     /// The shape Envoy 1.40 returns for `?resource=dynamic_route_configs`.
@@ -1404,8 +1372,8 @@ resources:
             "last_updated": "2026-11-24T07:35:25.679Z"}]})
     }
 
-    fn verifying_router(admin: &FakeAdmin, timeout: Duration) -> EnvoyRdsRouter {
-        let mut settings = settings(Path::new("/unused/routes.json"), &admin.url);
+    fn verifying_router(admin: &FakeEndpoint, timeout: Duration) -> EnvoyRdsRouter {
+        let mut settings = settings(Path::new("/unused/routes.json"), admin.url());
         settings.verify_timeout = timeout;
         EnvoyRdsRouter::new(settings).unwrap()
     }
@@ -1415,8 +1383,8 @@ resources:
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("routes.json");
         fs::write(&path, EXAMPLE_JSON).unwrap();
-        let admin = FakeAdmin::start(live_dump(json!(80), json!(20))).await;
-        let mut settings = settings(&path, &admin.url);
+        let admin = fake_admin(live_dump(json!(80), json!(20))).await;
+        let mut settings = settings(&path, admin.url());
         settings.verify_timeout = Duration::from_millis(300);
         let router: Box<dyn TrafficRouter> = Box::new(EnvoyRdsRouter::new(settings).unwrap());
         assert_eq!(
@@ -1453,43 +1421,43 @@ resources:
 
     #[tokio::test]
     async fn verify_accepts_live_weights_as_numbers_or_strings() {
-        let admin = FakeAdmin::start(live_dump(json!(90), json!(10))).await;
+        let admin = fake_admin(live_dump(json!(90), json!(10))).await;
         let router = verifying_router(&admin, Duration::from_millis(300));
         router.verify(weights(90, 10)).await.unwrap();
         assert_eq!(
-            admin.queries.lock().unwrap()[0],
-            "resource=dynamic_route_configs"
+            admin.requests()[0].query.as_deref(),
+            Some("resource=dynamic_route_configs")
         );
 
-        *admin.dump.lock().unwrap() = live_dump(json!("80"), json!("20"));
+        set_dump(&admin, &live_dump(json!("80"), json!("20")));
         router.verify(weights(80, 20)).await.unwrap();
 
         // Without ?resource= Envoy nests the same entries one level deeper.
         let nested = json!({"configs": [{"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump",
             "dynamic_route_configs": live_dump(json!(70), json!(30))["configs"].clone()}]});
-        *admin.dump.lock().unwrap() = nested;
+        set_dump(&admin, &nested);
         router.verify(weights(70, 30)).await.unwrap();
     }
 
     #[tokio::test]
     async fn verify_waits_for_the_weights_to_go_live() {
-        let admin = FakeAdmin::start(live_dump(json!(100), json!(0))).await;
+        let admin = Arc::new(fake_admin(live_dump(json!(100), json!(0))).await);
         let router = verifying_router(&admin, Duration::from_secs(3));
-        let dump = Arc::clone(&admin.dump);
+        let flipped = Arc::clone(&admin);
         let flip = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            *dump.lock().unwrap() = live_dump(json!(50), json!(50));
+            set_dump(&flipped, &live_dump(json!(50), json!(50)));
         });
         let started = Instant::now();
         router.verify(weights(50, 50)).await.unwrap();
         assert!(started.elapsed() >= Duration::from_millis(250));
-        assert!(admin.queries.lock().unwrap().len() >= 2);
+        assert!(admin.requests().len() >= 2);
         flip.await.unwrap();
     }
 
     #[tokio::test]
     async fn verify_reports_what_is_live() {
-        let admin = FakeAdmin::start(live_dump(json!(100), json!(0))).await;
+        let admin = fake_admin(live_dump(json!(100), json!(0))).await;
         let router = verifying_router(&admin, Duration::from_millis(250));
         let started = Instant::now();
         match router.verify(weights(90, 10)).await {
@@ -1506,7 +1474,7 @@ resources:
         }
         assert!(started.elapsed() < Duration::from_secs(2));
 
-        *admin.dump.lock().unwrap() = json!({"configs": []});
+        set_dump(&admin, &json!({"configs": []}));
         assert!(matches!(
             router.verify(weights(90, 10)).await,
             Err(RouterError::NotLive { live: None, .. })
