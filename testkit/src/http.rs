@@ -62,9 +62,12 @@ impl Request {
 
 type Fallback = dyn Fn(&Request) -> Reply + Send + Sync;
 
+/// A reply and the `(parameter, value)` a request must have to get it (`None`: any request).
+type Rule = (Option<(String, String)>, Reply);
+
 struct Replies {
-    /// By path, then by (parameter, value); `None` answers any request to the path.
-    by_path: BTreeMap<String, Vec<(Option<(String, String)>, Reply)>>,
+    /// By path, in the order they are tried.
+    by_path: BTreeMap<String, Vec<Rule>>,
     requests: Vec<Request>,
     fallback: Arc<Fallback>,
 }
