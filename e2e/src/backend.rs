@@ -25,6 +25,12 @@ pub struct BackendOptions {
     pub seed: u64,
     /// Directory for the log; `None` uses a temporary directory.
     pub work_dir: Option<PathBuf>,
+    /// The pod this process plays (`x-backend-pod`).
+    pub pod: Option<String>,
+    /// Its readiness probe (`/__backend/ready`) never succeeds.
+    pub never_ready: bool,
+    /// Its readiness probe succeeds only this long after start.
+    pub ready_after_ms: u64,
 }
 
 /// What `GET /__backend/stats` returns.
@@ -80,7 +86,15 @@ impl Backend {
             .arg(options.slow_ms.to_string())
             .arg("--seed")
             .arg(options.seed.to_string())
+            .arg("--ready-after-ms")
+            .arg(options.ready_after_ms.to_string())
             .env("RUST_LOG", "info");
+        if let Some(pod) = &options.pod {
+            command.arg("--pod").arg(pod);
+        }
+        if options.never_ready {
+            command.arg("--never-ready");
+        }
         let log_path = dir.path().join(format!("backend-{version}-{port}.log"));
         let mut proc = Proc::spawn(&format!("backend {version}"), command, &log_path)?;
         let stats_url = format!("http://127.0.0.1:{port}/__backend/stats");
@@ -132,6 +146,15 @@ impl Backend {
         value["changedAtUnixMs"]
             .as_u64()
             .with_context(|| format!("{url} answered without changedAtUnixMs: {body}"))
+    }
+
+    /// Whether its readiness probe (`/__backend/ready`) succeeds.
+    pub fn ready(&self) -> bool {
+        let url = format!("{}/__backend/ready", self.url());
+        matches!(
+            crate::http::get(&url, Duration::from_millis(500)),
+            Ok((200, _))
+        )
     }
 
     /// Requests served so far (excluding `/__backend/*`).

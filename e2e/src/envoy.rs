@@ -124,6 +124,9 @@ pub struct EnvoyOptions {
     /// HTTP filters (raw Envoy JSON) placed before the Wasm filter, e.g. one that resolves the
     /// route early.
     pub http_filters_before_wasm: Vec<Value>,
+    /// The two clusters take their endpoints from files (EDS, `eds/<cluster>/endpoints.json`,
+    /// initially empty) instead of the two ports: a stand-in for istiod writes them.
+    pub file_eds: bool,
 }
 
 impl EnvoyOptions {
@@ -142,7 +145,15 @@ impl EnvoyOptions {
             extra_clusters: Vec::new(),
             histogram_bucket_settings: Vec::new(),
             http_filters_before_wasm: Vec::new(),
+            file_eds: false,
         }
+    }
+
+    /// Endpoints of `app_stable` and `app_canary` from files (see [`Envoy::eds_path`]), written
+    /// by a stand-in for istiod; both start empty.
+    pub fn with_file_eds(mut self) -> EnvoyOptions {
+        self.file_eds = true;
+        self
     }
 
     /// Add an HTTP filter (raw Envoy JSON) before the Wasm filter.
@@ -252,6 +263,13 @@ impl Envoy {
         let route_shape = options.route_shape();
         write_rds_file_with(&rds_path, &route_shape, options.initial_weights, 1)?;
 
+        if options.file_eds {
+            for cluster in [STABLE_CLUSTER, CANARY_CLUSTER] {
+                let path = eds_file(dir.path(), cluster);
+                std::fs::create_dir_all(path.parent().unwrap_or(dir.path()))?;
+                write_eds_file(&path, cluster, &[], 1)?;
+            }
+        }
         let admin_port = free_port()?;
         let listener_port = free_port()?;
         let bootstrap = bootstrap_config(&options, admin_port, listener_port, &rds_path)?;
@@ -361,6 +379,11 @@ impl Envoy {
     /// The watched RDS file (`<dir>/rds/routes.json`).
     pub fn rds_path(&self) -> &Path {
         &self.rds_path
+    }
+
+    /// The watched EDS file of `cluster` (with [`EnvoyOptions::with_file_eds`]).
+    pub fn eds_path(&self, cluster: &str) -> PathBuf {
+        eds_file(self._dir.path(), cluster)
     }
 
     pub fn pid(&self) -> u32 {
@@ -504,6 +527,59 @@ pub fn write_rds_file_with(
     Ok(())
 }
 
+fn eds_file(dir: &Path, cluster: &str) -> PathBuf {
+    dir.join("eds").join(cluster).join("endpoints.json")
+}
+
+/// Write an EDS `DiscoveryResponse` for `cluster` with one endpoint per port on 127.0.0.1,
+/// atomically (temp file + rename in the watched directory).
+pub fn write_eds_file(path: &Path, cluster: &str, ports: &[u16], version: u64) -> Result<()> {
+    let endpoints: Vec<Value> = ports
+        .iter()
+        .map(|port| {
+            json!({"endpoint": {"address": {"socket_address": {
+                "address": "127.0.0.1", "port_value": port
+            }}}})
+        })
+        .collect();
+    let response = json!({
+        "version_info": version.to_string(),
+        "resources": [{
+            "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+            "cluster_name": cluster,
+            "endpoints": [{"lb_endpoints": endpoints}],
+        }],
+    });
+    let dir = path
+        .parent()
+        .ok_or_else(|| anyhow!("EDS path {} has no directory", path.display()))?;
+    let temp_path = dir.join(format!(
+        ".endpoints.json.tmp-{}-{version}",
+        std::process::id()
+    ));
+    std::fs::write(&temp_path, serde_json::to_vec_pretty(&response)?)
+        .with_context(|| format!("writing {}", temp_path.display()))?;
+    std::fs::rename(&temp_path, path)
+        .with_context(|| format!("renaming {} to {}", temp_path.display(), path.display()))?;
+    Ok(())
+}
+
+fn file_eds_cluster(name: &str, path: &Path) -> Value {
+    let dir = path.parent().unwrap_or(path);
+    json!({
+        "name": name,
+        "type": "EDS",
+        "connect_timeout": "0.25s",
+        "eds_cluster_config": {"eds_config": {
+            "resource_api_version": "V3",
+            "path_config_source": {
+                "path": path.display().to_string(),
+                "watched_directory": {"path": dir.display().to_string()}
+            }
+        }}
+    })
+}
+
 fn read_rds_version(path: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;
     let value: Value = serde_json::from_str(&text).ok()?;
@@ -617,10 +693,18 @@ fn bootstrap_config(
     if !options.histogram_bucket_settings.is_empty() {
         stats_config["histogram_bucket_settings"] = json!(options.histogram_bucket_settings);
     }
-    let mut clusters = vec![
-        static_cluster(STABLE_CLUSTER, options.stable_port),
-        static_cluster(CANARY_CLUSTER, options.canary_port),
-    ];
+    let mut clusters = if options.file_eds {
+        let dir = rds_dir.parent().unwrap_or(rds_dir);
+        vec![
+            file_eds_cluster(STABLE_CLUSTER, &eds_file(dir, STABLE_CLUSTER)),
+            file_eds_cluster(CANARY_CLUSTER, &eds_file(dir, CANARY_CLUSTER)),
+        ]
+    } else {
+        vec![
+            static_cluster(STABLE_CLUSTER, options.stable_port),
+            static_cluster(CANARY_CLUSTER, options.canary_port),
+        ]
+    };
     clusters.extend(options.extra_clusters.iter().cloned());
     Ok(json!({
         "node": {"id": format!("fledge-e2e-{listener_port}"), "cluster": "fledge-e2e"},

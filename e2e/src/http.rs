@@ -71,6 +71,16 @@ pub fn patch_merge(url: &str, patch: &serde_json::Value, timeout: Duration) -> R
     body_if_2xx("PATCH", url, response)
 }
 
+/// PUT `url` with a JSON body, require 2xx, return the body.
+pub fn put_json(url: &str, body: &serde_json::Value, timeout: Duration) -> Result<String> {
+    let response = agent(timeout)
+        .put(url)
+        .header("content-type", "application/json")
+        .send(serde_json::to_vec(body)?.as_slice())
+        .with_context(|| format!("PUT {url}"))?;
+    body_if_2xx("PUT", url, response)
+}
+
 fn body_if_2xx(
     method: &str,
     url: &str,

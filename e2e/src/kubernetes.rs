@@ -13,14 +13,18 @@
 //! - [`FakeCluster`]: a running `fledge-fake-apiserver` seeded with objects, and its kubeconfig.
 //! - [`KubeController`]: a running `fledge controller` using that kubeconfig.
 //! - [`MeshSync`]: copies one VirtualService route's weights into Envoy's file RDS every
-//!   200 ms, as istiod would push them to the gateway. It is a stand-in: nothing of Istio's own
-//!   behaviour (subsets, propagation delays, xDS) is modelled beyond "the weights reach Envoy".
+//!   200 ms, as istiod would push them to the gateway; with [`SubsetEndpoints`] it also gives
+//!   each DestinationRule subset's Envoy cluster (file EDS) the pods whose labels match the
+//!   subset's, ready and not terminating (the pods of [`crate::kubelet::Kubelet`]). It is a
+//!   stand-in: nothing else of Istio (propagation delays, xDS) is modelled.
 
-use crate::envoy::{write_rds_file, RouteWeights};
+use crate::envoy::{write_eds_file, write_rds_file, RouteWeights};
+use crate::kubelet::Pods;
 use crate::process::{abort_if_exited, free_port, wait_until, Proc};
 use crate::{http, paths};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -203,6 +207,15 @@ pub struct MeshSync {
     thread: Option<JoinHandle<()>>,
 }
 
+/// How the istiod stand-in fills the clusters of DestinationRule subsets with pods.
+pub struct SubsetEndpoints {
+    /// The DestinationRule (in the VirtualService's namespace) whose subsets select the pods.
+    pub destination_rule: String,
+    /// (subset name, Envoy cluster, its EDS file), e.g. `("stable", "app_stable", path)`.
+    pub subsets: Vec<(String, String, PathBuf)>,
+    pub pods: Pods,
+}
+
 impl MeshSync {
     /// Every 200 ms, read `route` of VirtualService `namespace/name` and, when its weights
     /// changed, write them to `rds_path` (which the Envoy in `crate::envoy` watches).
@@ -213,10 +226,41 @@ impl MeshSync {
         route: &str,
         rds_path: &Path,
     ) -> Result<MeshSync> {
+        Self::start_with(cluster, namespace, name, route, rds_path, None)
+    }
+
+    /// [`MeshSync::start`], and the subsets' endpoints: each subset's cluster gets the pods
+    /// whose labels include the subset's labels (ready, not terminating) — none, if none.
+    pub fn start_with_endpoints(
+        cluster: &FakeCluster,
+        namespace: &str,
+        name: &str,
+        route: &str,
+        rds_path: &Path,
+        endpoints: SubsetEndpoints,
+    ) -> Result<MeshSync> {
+        Self::start_with(cluster, namespace, name, route, rds_path, Some(endpoints))
+    }
+
+    fn start_with(
+        cluster: &FakeCluster,
+        namespace: &str,
+        name: &str,
+        route: &str,
+        rds_path: &Path,
+        endpoints: Option<SubsetEndpoints>,
+    ) -> Result<MeshSync> {
         let url = format!(
             "{}{ISTIO_V1}/namespaces/{namespace}/virtualservices/{name}",
             cluster.url()
         );
+        let rule_url = endpoints.as_ref().map(|e| {
+            format!(
+                "{}{ISTIO_V1}/namespaces/{namespace}/destinationrules/{}",
+                cluster.url(),
+                e.destination_rule
+            )
+        });
         let route = route.to_string();
         let rds_path = rds_path.to_path_buf();
         let stop = Arc::new(AtomicBool::new(false));
@@ -228,7 +272,12 @@ impl MeshSync {
                 // Versions above anything the Envoy harness wrote itself.
                 let mut version = 1_000_000u64;
                 let mut pushed: Option<RouteWeights> = None;
+                let mut pushed_endpoints: BTreeMap<String, Vec<u16>> = BTreeMap::new();
                 while !stop_flag.load(Ordering::SeqCst) {
+                    if let (Some(endpoints), Some(rule_url)) = (&endpoints, &rule_url) {
+                        version += 1;
+                        push_endpoints(endpoints, rule_url, &mut pushed_endpoints, version);
+                    }
                     let weights = http::get_json(&url, Duration::from_secs(2))
                         .and_then(|vs| weights_of(&vs, &route));
                     match weights {
@@ -268,6 +317,71 @@ impl Drop for MeshSync {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// The labels each subset of a DestinationRule selects, by subset name.
+fn subset_labels(rule: &Value) -> BTreeMap<String, BTreeMap<String, String>> {
+    rule.pointer("/spec/subsets")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|subset| {
+            let name = subset.get("name")?.as_str()?.to_string();
+            let labels = subset
+                .get("labels")
+                .and_then(Value::as_object)
+                .map(|labels| {
+                    labels
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            Some((name, labels))
+        })
+        .collect()
+}
+
+/// Write each subset's cluster's endpoints when they changed.
+fn push_endpoints(
+    endpoints: &SubsetEndpoints,
+    rule_url: &str,
+    pushed: &mut BTreeMap<String, Vec<u16>>,
+    version: u64,
+) {
+    let rule = match http::get_json(rule_url, Duration::from_secs(2)) {
+        Ok(rule) => rule,
+        Err(e) => {
+            tracing::debug!(error = %e, "mesh-sync: cannot read the DestinationRule");
+            return;
+        }
+    };
+    let subsets = subset_labels(&rule);
+    let pods = match endpoints.pods.lock() {
+        Ok(pods) => pods.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    for (subset, cluster, path) in &endpoints.subsets {
+        let mut ports: Vec<u16> = match subsets.get(subset) {
+            Some(labels) => pods
+                .iter()
+                .filter(|pod| pod.serving() && pod.matches(labels))
+                .map(|pod| pod.port)
+                .collect(),
+            None => Vec::new(),
+        };
+        ports.sort_unstable();
+        if pushed.get(cluster) == Some(&ports) {
+            continue;
+        }
+        match write_eds_file(path, cluster, &ports, version) {
+            Ok(()) => {
+                tracing::info!(%cluster, ?ports, "mesh-sync: pushed the subset's endpoints to Envoy");
+                pushed.insert(cluster.clone(), ports);
+            }
+            Err(e) => tracing::warn!(error = %e, "mesh-sync: cannot write the endpoints file"),
         }
     }
 }

@@ -26,12 +26,17 @@
 //! - [`controller`]: [`controller::Controller`], a running `fledge run` and its status API, and
 //!   [`controller::CanaryManifest`], the Canary YAML it reads.
 //! - [`http`]: a tiny blocking HTTP helper and a Prometheus text parser.
+//! - [`kubelet`]: a stand-in for the Deployment controller and kubelet: real backend processes
+//!   as the pods of each Deployment, readiness written into the Deployment's status.
 //! - [`kubernetes`]: Kubernetes mode without a cluster — the fake API server over HTTP, a real
 //!   `fledge controller`, and a stand-in for istiod that copies VirtualService weights to Envoy.
 //! - [`gateway`]: a stand-in Gateway API implementation that programs Envoy from an HTTPRoute
 //!   and reports it accepted.
 //! - [`stack`]: [`stack::AppStack`], backends v1/v2 behind an Envoy with the filter — the
 //!   usual start of a test.
+//! - [`workload`]: [`workload::WorkloadStack`], an app released as Deployments (`targetRef`):
+//!   Envoy with subset clusters from EDS files, the fake API server, the kubelet and istiod
+//!   stand-ins.
 //! - [`rollback`]: the canary-fails-hard scenario (data-plane guard and controller rollback
 //!   times), shared by `tests/guard.rs` and `fledge-bench-rollback`.
 //!
@@ -44,6 +49,7 @@ pub mod controller;
 pub mod envoy;
 pub mod gateway;
 pub mod http;
+pub mod kubelet;
 pub mod kubernetes;
 pub mod loadgen;
 pub mod paths;
@@ -51,6 +57,7 @@ pub mod process;
 pub mod prometheus;
 pub mod rollback;
 pub mod stack;
+pub mod workload;
 
 pub use backend::{Backend, BackendOptions, BackendStats};
 pub use controller::{CanaryManifest, CanaryView, Controller};

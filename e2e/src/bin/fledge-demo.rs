@@ -145,6 +145,7 @@ fn run(args: &Args) -> Result<()> {
         slow_ms: 40,
         seed: 7,
         work_dir: Some(work_dir.join("backends")),
+        ..BackendOptions::default()
     };
     let stable = Backend::start("v1", backend_options(None, 0.0))?;
     let canary = Backend::start("v2", backend_options(None, 0.0))?;

@@ -15,6 +15,10 @@
 //! body, followed by `N` deterministic bytes from `K` (no body at all for 204 and 304):
 //! identical requests get identical responses, whichever proxy sent them. It is counted as
 //! served.
+//! `GET /__backend/ready` is its readiness probe: 200 once `--ready-after-ms` passed since
+//! start, 503 before that and always with `--never-ready` (not counted). With `--pod NAME`,
+//! every response also carries `x-backend-pod: NAME` (the e2e kubelet stand-in runs one process
+//! per pod).
 //! SIGTERM or Ctrl-C stops it gracefully.
 
 #![forbid(unsafe_code)]
@@ -59,11 +63,23 @@ struct Args {
     /// Seed of the error and slowness draws.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The pod this process plays, sent as `x-backend-pod`.
+    #[arg(long)]
+    pod: Option<String>,
+    /// The readiness probe never succeeds.
+    #[arg(long)]
+    never_ready: bool,
+    /// The readiness probe succeeds only this long after start.
+    #[arg(long, default_value_t = 0)]
+    ready_after_ms: u64,
 }
 
 struct Behaviour {
     version: String,
     version_header: HeaderValue,
+    pod_header: Option<HeaderValue>,
+    /// When the readiness probe starts to succeed (`None`: never).
+    ready_at: Option<std::time::Instant>,
     latency: Duration,
     slow_fraction: f64,
     slow_latency: Duration,
@@ -141,7 +157,18 @@ async fn serve_request(State(state): State<Arc<AppState>>) -> Response {
     response
         .headers_mut()
         .insert("x-backend-version", behaviour.version_header.clone());
+    if let Some(pod) = &behaviour.pod_header {
+        response.headers_mut().insert("x-backend-pod", pod.clone());
+    }
     response
+}
+
+/// `GET /__backend/ready`: the readiness probe.
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    match state.behaviour.ready_at {
+        Some(at) if std::time::Instant::now() >= at => (StatusCode::OK, "ready\n").into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response(),
+    }
 }
 
 async fn stats(State(state): State<Arc<AppState>>) -> Response {
@@ -152,6 +179,7 @@ async fn stats(State(state): State<Arc<AppState>>) -> Response {
         "lastServedUnixMs": state.last_served_unix_ms.load(Ordering::Relaxed),
         "firstErrorUnixMs": state.first_error_unix_ms.load(Ordering::Relaxed),
         "errorRate": f64::from_bits(state.error_rate_bits.load(Ordering::Relaxed)),
+        "pod": state.behaviour.pod_header.as_ref().and_then(|p| p.to_str().ok()),
     }))
     .into_response();
     response
@@ -302,6 +330,15 @@ async fn main() -> Result<()> {
             )
         })?,
         version: args.version_name.clone(),
+        pod_header: match &args.pod {
+            Some(pod) => Some(
+                HeaderValue::from_str(pod)
+                    .with_context(|| format!("--pod {pod:?} is not a valid header value"))?,
+            ),
+            None => None,
+        },
+        ready_at: (!args.never_ready)
+            .then(|| std::time::Instant::now() + Duration::from_millis(args.ready_after_ms)),
         latency: Duration::from_millis(args.latency_ms),
         slow_fraction: args.slow_fraction,
         slow_latency: Duration::from_millis(args.slow_ms),
@@ -317,6 +354,7 @@ async fn main() -> Result<()> {
     });
     let app = Router::new()
         .route("/__backend/stats", get(stats))
+        .route("/__backend/ready", get(ready))
         .route("/__backend/error-rate", post(set_error_rate))
         .route("/__backend/echo", any(echo))
         .fallback(serve_request)
