@@ -49,6 +49,10 @@ pub struct CanaryView {
     /// The spec's webhooks and their last calls.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<WebhookStatus>,
+    /// Kubernetes mode with `targetRef`: the workload (phase, revision and image, primary and
+    /// target replicas, held weights).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<fledge_core::workload::WorkloadStatus>,
 }
 
 struct Entry {
@@ -293,6 +297,7 @@ impl CanaryTask {
             status: status.clone(),
             router_error,
             conflict: self.last_conflict.clone(),
+            workload: None,
         }
     }
 

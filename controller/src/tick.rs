@@ -238,6 +238,18 @@ impl CanaryAnalysis {
     }
 
     /// Wait for event notifications still in flight (each is bounded by its own timeout).
+    /// Ask the `confirm-rollout` hooks (a new revision of a workload waits for them).
+    pub async fn confirm_rollout(&self, status: &CanaryStatus) -> Result<(), String> {
+        self.webhooks.confirm_rollout(status).await
+    }
+
+    /// Call the `post-rollout` hooks now: for a workload the release ends when the target is
+    /// back at 0 replicas, not when the state machine finishes, so its reconciler calls this
+    /// instead of relying on [`CanaryAnalysis::finish`].
+    pub async fn post_rollout(&self, status: &CanaryStatus) {
+        self.webhooks.post_rollout(status).await;
+    }
+
     pub async fn drain(&mut self) {
         self.webhooks.drain().await;
     }

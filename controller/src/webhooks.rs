@@ -14,7 +14,10 @@
 //!   is an operator override and is not held.
 //! - `rollback`: asked every interval while the rollout runs; a 2xx answer rolls back
 //!   ([`Gates::rollback_requested`]).
-//! - `post-rollout`: called once after Promoted or RolledBack.
+//! - `confirm-rollout` (with `targetRef`): asked while a new revision waits to be scaled up;
+//!   anything but 2xx keeps it waiting.
+//! - `post-rollout`: called once after Promoted or RolledBack (with `targetRef`: once the
+//!   release is over, Succeeded or Failed, the target back at 0 replicas).
 //! - `event`: every event of the state machine, sent in the background (generic JSON, or a
 //!   Slack incoming-webhook message with `payload: slack`).
 
@@ -352,6 +355,24 @@ impl WebhookCaller {
             }
         }
         gates
+    }
+
+    /// Ask every `confirm-rollout` hook (with `targetRef`, before a new revision is scaled
+    /// up); `Err(reason)` when one does not approve.
+    pub async fn confirm_rollout(&self, status: &CanaryStatus) -> Result<(), String> {
+        let context = HookContext::new(&self.canary, status);
+        for hook in self.hooks(WebhookType::ConfirmRollout) {
+            let record = self
+                .call_and_remember(&hook, &generic_body(&hook, &context, None))
+                .await;
+            if !record.ok {
+                return Err(format!(
+                    "confirm-rollout webhook {:?} did not approve ({})",
+                    hook.name, record.detail
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Ask every `confirm-promotion` hook; `Some(reason)` when one does not approve.

@@ -12,6 +12,7 @@ use super::clock::{from_k8s_timestamp, to_k8s_timestamp};
 use chrono::{DateTime, Utc};
 use fledge_core::rollout::{CanaryStatus, Command, Phase};
 use fledge_core::spec::CanarySpec;
+use fledge_core::workload::WorkloadStatus;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
@@ -45,6 +46,11 @@ pub const COMMAND_ANNOTATIONS: [(&str, Command); 6] = [
     printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
     printcolumn = r#"{"name": "Weight", "type": "integer", "description": "Percent of traffic on the canary", "jsonPath": ".status.canaryWeight"}"#,
     printcolumn = r#"{"name": "Failed", "type": "integer", "description": "Failed analysis intervals so far", "jsonPath": ".status.failedChecks", "priority": 1}"#,
+    printcolumn = r#"{"name": "Workload", "type": "string", "description": "With targetRef: the workload phase (ScalingUp, Promoting, Succeeded, ...)", "jsonPath": ".status.workload.phase"}"#,
+    printcolumn = r#"{"name": "Image", "type": "string", "description": "With targetRef: the images of the revision being (or last) rolled out", "jsonPath": ".status.workload.image"}"#,
+    printcolumn = r#"{"name": "Primary", "type": "integer", "description": "With targetRef: available replicas of the primary (stable)", "jsonPath": ".status.workload.primary.available"}"#,
+    printcolumn = r#"{"name": "Target", "type": "integer", "description": "With targetRef: replicas of the target (canary); 0 at rest", "jsonPath": ".status.workload.target.desired"}"#,
+    printcolumn = r#"{"name": "Revision", "type": "string", "description": "With targetRef: the target's pod template hash", "jsonPath": ".status.workload.revision", "priority": 1}"#,
     printcolumn = r#"{"name": "Reason", "type": "string", "description": "The latest reason, in one line", "jsonPath": ".status.message"}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
@@ -88,6 +94,10 @@ pub struct CanaryResourceStatus {
     /// Command annotations already acted on (annotation → value), so each is acted on once.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub handled_commands: BTreeMap<String, String>,
+    /// With `spec.targetRef`: the workload lifecycle (phase, revisions, replicas; see
+    /// `fledge_core::workload`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadStatus>,
 }
 
 impl JsonSchema for CanaryResourceStatus {
@@ -107,6 +117,18 @@ impl JsonSchema for CanaryResourceStatus {
                 "failedChecks": {"type": "integer", "minimum": 0},
                 "message": {"type": "string"},
                 "observedGeneration": {"type": "integer", "format": "int64"},
+                "workload": {
+                    "type": "object",
+                    "x-kubernetes-preserve-unknown-fields": true,
+                    "properties": {
+                        "phase": {"type": "string"},
+                        "revision": {"type": "string"},
+                        "image": {"type": "string"},
+                        "canaryWeight": {"type": "integer", "minimum": 0, "maximum": 100},
+                        "primary": {"type": "object", "properties": {"desired": {"type": "integer"}, "available": {"type": "integer"}}},
+                        "target": {"type": "object", "properties": {"desired": {"type": "integer"}, "available": {"type": "integer"}}}
+                    }
+                },
                 "conditions": {
                     "type": "array",
                     "x-kubernetes-list-type": "map",
@@ -150,6 +172,8 @@ pub mod reason {
     pub const TRAFFIC_RESTORED: &str = "TrafficRestored";
     /// Another Canary already steers the same VirtualService route.
     pub const ROUTE_CONFLICT: &str = "RouteConflict";
+    /// The workload (`targetRef`, its Deployment, HPA or subsets) cannot be released as it is.
+    pub const INVALID_WORKLOAD: &str = "InvalidWorkload";
 }
 
 /// What `Ready` should say.
@@ -448,6 +472,11 @@ mod tests {
                 ".status.phase",
                 ".status.canaryWeight",
                 ".status.failedChecks",
+                ".status.workload.phase",
+                ".status.workload.image",
+                ".status.workload.primary.available",
+                ".status.workload.target.desired",
+                ".status.workload.revision",
                 ".status.message",
                 ".metadata.creationTimestamp"
             ]

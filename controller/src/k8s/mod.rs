@@ -28,6 +28,8 @@
 //! - [`clock`]: wall clock, replaceable in tests.
 //! - [`serve`]: the `fledge controller` process (probes, graceful shutdown).
 //! - [`rbac`]: the API permissions the controller needs (checked against `manifests/`).
+//! - [`workload`]: with `spec.targetRef`, the objects the workload lifecycle reads and writes
+//!   (the target and primary Deployments, their HPAs) and the watches that wake a Canary.
 //! - `fake_api` (tests, and the `fake-api` feature for e2e tooling): an in-process Kubernetes
 //!   API server with the semantics the controller relies on, recording every request; it can
 //!   also be served over HTTP to a real `fledge controller` process.
@@ -39,6 +41,7 @@ pub mod lease;
 pub mod rbac;
 pub mod reconciler;
 pub mod serve;
+pub mod workload;
 
 #[cfg(any(test, feature = "fake-api"))]
 pub mod fake_api;
@@ -46,6 +49,8 @@ pub mod fake_api;
 mod manifest_tests;
 #[cfg(test)]
 mod reconciler_tests;
+#[cfg(test)]
+mod workload_tests;
 
 pub use reconciler::{run, ControllerOptions};
 
@@ -69,6 +74,13 @@ pub enum Error {
     Backend { name: String, message: String },
     #[error("Canary object has no {0}")]
     MissingField(&'static str),
+    /// Reading or writing a workload object (Deployment, HPA) failed; retried.
+    #[error("workload: {0}")]
+    Workload(String),
+    /// Deleting a Canary waits for its workload (traffic moved, target reverted); not a
+    /// failure: looked at again shortly.
+    #[error("{0}")]
+    Waiting(String),
     #[error("cannot (de)serialize: {0}")]
     Serde(#[from] serde_json::Error),
     // NB: boxed because finalizer::Error embeds this error type.
@@ -89,6 +101,8 @@ impl Error {
             Error::Router { .. } => "router",
             Error::Backend { .. } => "backend",
             Error::MissingField(_) => "missing_field",
+            Error::Workload(_) => "workload",
+            Error::Waiting(_) => "waiting",
             Error::Serde(_) => "serde",
             Error::Finalizer(_) => "finalizer",
             Error::Lease(_) => "lease",

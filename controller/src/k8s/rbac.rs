@@ -60,6 +60,24 @@ pub const CLUSTER_PERMISSIONS: &[Permission] = &[
         why: "the same for GRPCRoutes",
     },
     Permission {
+        api_group: "apps",
+        resource: "deployments",
+        verbs: &["get", "list", "watch", "create", "patch"],
+        why: "with targetRef: read the target, create the primary copy, copy a promoted template into it (JSON Patch), re-check a Canary when either changes",
+    },
+    Permission {
+        api_group: "apps",
+        resource: "deployments/scale",
+        verbs: &["patch"],
+        why: "with targetRef: scale the target up for a new revision and back to 0",
+    },
+    Permission {
+        api_group: "autoscaling",
+        resource: "horizontalpodautoscalers",
+        verbs: &["get", "list", "watch", "create", "patch", "delete"],
+        why: "with autoscalerRef: read the target's HPA, keep the primary's copy in step (delete it when autoscalerRef goes)",
+    },
+    Permission {
         api_group: "events.k8s.io",
         resource: "events",
         verbs: &["create", "patch"],

@@ -32,6 +32,7 @@ use super::clock::Clock;
 use super::crd::{reason, Canary, CanaryResourceStatus, Readiness, COMMAND_ANNOTATIONS};
 use super::factory::Backends;
 use super::lease::{run_election, LeaseLock, LeaseSettings};
+use super::workload::WorkloadApi;
 use super::{api_status_code, Error, Result, CONTROLLER_NAME, FINALIZER};
 use crate::metrics::MetricsSource;
 use crate::router::factory::{route_key, route_kinds};
@@ -43,6 +44,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fledge_core::observe::{Observation, ObservationError};
 use fledge_core::rollout::{Action as RolloutAction, CanaryStatus, Command, Phase};
+use fledge_core::workload::{self, Action as WorkloadAction, WorkloadPhase};
 use futures::channel::mpsc::UnboundedSender;
 use futures::{Stream, StreamExt};
 use kube::api::{Api, DynamicObject, PostParams};
@@ -241,9 +243,10 @@ impl Context {
         &self,
         key: &str,
         canary: &fledge_core::spec::Canary,
-        status: &CanaryStatus,
+        resource_status: &CanaryResourceStatus,
         problem: Option<String>,
     ) {
+        let status = &resource_status.rollout;
         // A reconcile may be calling the hooks right now: then keep what was last shown.
         let shown = self
             .cached_runtime(key)
@@ -269,6 +272,7 @@ impl Context {
             conflict: None,
             series,
             webhooks,
+            workload: resource_status.workload.clone(),
         });
         self.registry.telemetry().observe_status(key, status);
     }
@@ -365,21 +369,30 @@ fn route_taken_by(store: &Store<Canary>, canary: &Canary, route: &RouteKey) -> O
         })
         .filter(|other| route_of(other).as_ref() == Some(route))
         .filter(|other| {
-            !other.status.as_ref().is_some_and(|status| {
-                status.rollout.phase.is_terminal() && status.final_routes_applied
-            })
+            // A Canary with a workload keeps its route at rest (stable 100); one without lets
+            // go once its final routes are applied.
+            other.spec.target_ref.is_some()
+                || !other.status.as_ref().is_some_and(|status| {
+                    status.rollout.phase.is_terminal() && status.final_routes_applied
+                })
         })
         .filter(|other| rank(other) < rank(canary))
         .map(|other| key_of(other))
         .next()
 }
 
-/// The routes the persisted status asks for.
-fn desired_routes(status: &CanaryResourceStatus) -> DesiredRoutes {
-    DesiredRoutes::for_rollout(
-        status.rollout.canary_weight,
-        !status.rollout.phase.is_terminal(),
-    )
+/// The routes the persisted status asks for: with a workload, the weight its lifecycle
+/// decided (the managed routes only while the analysis runs); otherwise the rollout's.
+fn desired_routes(status: &CanaryResourceStatus) -> Option<DesiredRoutes> {
+    match &status.workload {
+        Some(workload) => workload
+            .canary_weight
+            .map(|weight| DesiredRoutes::for_rollout(weight, workload.phase.analysing())),
+        None => Some(DesiredRoutes::for_rollout(
+            status.rollout.canary_weight,
+            !status.rollout.phase.is_terminal(),
+        )),
+    }
 }
 
 /// Write `status` with the resourceVersion `canary` was read at (409 → [`Error::Conflict`]);
@@ -453,9 +466,17 @@ pub fn error_policy(canary: Arc<Canary>, error: &Error, ctx: Arc<Context>) -> Ac
         ),
         _ => false,
     };
+    let waiting = matches!(
+        error,
+        Error::Finalizer(inner)
+            if matches!(inner.as_ref(), kube::runtime::finalizer::Error::CleanupFailed(Error::Waiting(_)))
+    );
     if conflict {
         tracing::debug!(canary = %key_of(&canary), "status write conflicted; reconciling the new version");
         Action::requeue(Duration::from_millis(500))
+    } else if waiting {
+        tracing::debug!(canary = %key_of(&canary), error = %error, "deletion waits for the workload");
+        Action::requeue(Duration::from_secs(1).min(ctx.retry_delay))
     } else {
         tracing::warn!(canary = %key_of(&canary), error = %error, kind = error.label(), "reconcile failed; retrying");
         let kind = match error {
@@ -509,30 +530,12 @@ async fn guard_watch(
     }
 }
 
-/// Until the workload lifecycle is wired into this reconciler (issue 11), a `targetRef` must
-/// not be accepted and silently ignored.
-fn workloads_not_managed_yet(
-    canary: &fledge_core::spec::Canary,
-) -> std::result::Result<(), fledge_core::spec::SpecErrors> {
-    match canary.spec.target_ref {
-        None => Ok(()),
-        Some(_) => Err(fledge_core::spec::SpecErrors(vec![fledge_core::spec::SpecError {
-            field: "spec.targetRef".into(),
-            problem: "this fledge controller does not manage workloads yet".into(),
-            fix: "remove targetRef (and the fields that need it) until a controller that releases Deployments is deployed".into(),
-        }])),
-    }
-}
-
 /// A live Canary (not being deleted): one pass of short, named steps. Each step either lets
 /// the pass go on or ends it with the action to take.
 async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
     let now = ctx.clock.now();
     let core = canary.to_core();
-    if let Err(errors) = core
-        .validate()
-        .and_then(|()| workloads_not_managed_yet(&core))
-    {
+    if let Err(errors) = core.validate() {
         return invalid_spec(&canary, &core, errors.to_string(), now, ctx).await;
     }
     let mut pass = Pass::begin(&canary, core, now, ctx);
@@ -558,8 +561,12 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
                 .await
         }
     };
+    let workload = pass.workload(decided.as_ref()).await?;
+    if let Some(problems) = workload.as_ref().and_then(WorkloadPass::problems) {
+        return pass.workload_blocked(problems, router.as_ref()).await;
+    }
     let written = pass.persist().await?;
-    pass.act(written, decided, router.as_ref()).await
+    pass.act(written, decided, workload, router.as_ref()).await
 }
 
 /// An invalid spec: `Ready=False/InvalidSpec` (every problem names its field and fix), one
@@ -582,7 +589,7 @@ async fn invalid_spec(
         ctx.publish(canary, true, reason::INVALID_SPEC, &errors)
             .await;
     }
-    ctx.show(&key_of(canary), core, &status.rollout, Some(errors));
+    ctx.show(&key_of(canary), core, &status, Some(errors));
     Ok(Action::await_change())
 }
 
@@ -606,6 +613,22 @@ struct Pass<'a> {
     command: Option<Command>,
     /// An interval was due but the command went first: the next reconcile runs it at once.
     interval_deferred: bool,
+    /// With a workload: the canary weight the route was confirmed at in this pass.
+    routed: Option<u8>,
+}
+
+/// What the workload lifecycle read and decided in one pass.
+struct WorkloadPass {
+    facts: workload::Facts,
+    decision: workload::Decision,
+}
+
+impl WorkloadPass {
+    /// Bad input (`Ready=False`), each problem naming its field and fix.
+    fn problems(&self) -> Option<String> {
+        let problems = &self.decision.problems;
+        (!problems.is_empty()).then(|| fledge_core::spec::SpecErrors(problems.clone()).to_string())
+    }
 }
 
 impl<'a> Pass<'a> {
@@ -625,14 +648,30 @@ impl<'a> Pass<'a> {
             if previous.spec_fingerprint.is_some() {
                 tracing::info!(canary = %key, "spec or rollout annotation changed: starting a new rollout");
             }
+            // A workload's state is its objects' and outlives a spec change; its analysis
+            // restarts only while it runs (at rest, nothing is rolled out again).
+            let workload = previous
+                .workload
+                .clone()
+                .filter(|_| core.spec.target_ref.is_some());
+            let keep_rollout = workload.as_ref().is_some_and(|w| !w.phase.analysing());
             status = CanaryResourceStatus {
                 spec_fingerprint: Some(fingerprint.clone()),
                 // Commands written before this rollout started are not meant for it.
                 handled_commands: canary.command_annotations(),
                 conditions: previous.conditions.clone(),
+                rollout: if keep_rollout {
+                    previous.rollout.clone()
+                } else {
+                    CanaryStatus::default()
+                },
+                workload,
                 ..CanaryResourceStatus::default()
             };
             ctx.forget(&key);
+        }
+        if core.spec.target_ref.is_none() {
+            status.workload = None;
         }
         let pending = pending_command(canary, &status);
         let mut command = pending.as_ref().map(|(_, _, command)| *command);
@@ -656,13 +695,16 @@ impl<'a> Pass<'a> {
             pending,
             command,
             interval_deferred: false,
+            routed: None,
         }
     }
 
     /// Finished, the final routes are in place, and no command asks for more: from here the
     /// routes are yours (or GitOps') again, e.g. to make the promoted version the new stable.
     fn handed_off(&self) -> bool {
-        self.status.rollout.phase.is_terminal()
+        // A workload is never handed off: at rest its route stays at stable 100.
+        self.core.spec.target_ref.is_none()
+            && self.status.rollout.phase.is_terminal()
             && self.status.final_routes_applied
             && self.command.is_none()
     }
@@ -674,8 +716,7 @@ impl<'a> Pass<'a> {
             &self.fingerprint,
             &self.status.rollout,
         );
-        self.ctx
-            .show(&self.key, &self.core, &self.status.rollout, None);
+        self.ctx.show(&self.key, &self.core, &self.status, None);
         Action::await_change()
     }
 
@@ -699,14 +740,20 @@ impl<'a> Pass<'a> {
         &mut self,
         router: &dyn TrafficRouter,
     ) -> std::result::Result<(), String> {
-        if let Err(e) = router.ensure(&desired_routes(&self.status)).await {
+        // A workload routes nothing until its lifecycle has decided a weight.
+        let Some(desired) = desired_routes(&self.status) else {
+            return Ok(());
+        };
+        if let Err(e) = router.ensure(&desired).await {
             self.ctx
                 .registry
                 .telemetry()
                 .record_error(&self.key, ErrorKind::Router);
             return Err(e.to_string());
         }
-        if self.status.rollout.phase.is_terminal() {
+        if let Some(workload) = &self.status.workload {
+            self.routed = workload.canary_weight;
+        } else if self.status.rollout.phase.is_terminal() {
             self.status.final_routes_applied = true;
         }
         Ok(())
@@ -715,7 +762,15 @@ impl<'a> Pass<'a> {
     /// Whether an analysis interval is due: `lastTickAt + interval <= now`.
     fn interval_due(&self) -> bool {
         let interval = self.core.spec.analysis.interval.to_chrono();
-        !self.status.rollout.phase.is_terminal()
+        // A workload is analysed only while the target serves the revision under test.
+        let analysing = self
+            .status
+            .workload
+            .as_ref()
+            .is_none_or(|w| w.phase.analysing())
+            && (self.core.spec.target_ref.is_none() || self.status.workload.is_some());
+        analysing
+            && !self.status.rollout.phase.is_terminal()
             && self
                 .status
                 .last_tick_at
@@ -763,6 +818,86 @@ impl<'a> Pass<'a> {
         Ok(Some(decided))
     }
 
+    /// With `targetRef`: read the workload and let the lifecycle (`fledge_core::workload`)
+    /// decide — after the tick, so a promotion or rollback the tick decided is acted on in this
+    /// pass. A new revision restarts the rollout; the analysis starts as soon as the target
+    /// serves it. `Err`: the workload objects could not be read (retried).
+    async fn workload(&mut self, decided: Option<&Decided>) -> Result<Option<WorkloadPass>> {
+        if self.core.spec.target_ref.is_none() {
+            return Ok(None);
+        }
+        let namespace = self.canary.namespace().unwrap_or_default();
+        let api = WorkloadApi::new(&self.ctx.client, &namespace);
+        let mut facts = api.facts(self.canary, self.routed).await?;
+        facts.retry = decided.is_some_and(|d| {
+            d.before.phase == Phase::RolledBack && d.status.phase == Phase::Initializing
+        });
+        let current = self.status.workload.clone().unwrap_or_default();
+        if current.phase == WorkloadPhase::Waiting && self.confirmation_due() {
+            let runtime = self.ctx.runtime(&self.key, &self.core, &self.fingerprint);
+            let answer = runtime
+                .analysis
+                .lock()
+                .await
+                .confirm_rollout(&self.status.rollout)
+                .await;
+            facts.rollout_confirmed = Some(answer);
+            self.status.last_tick_at = Some(self.now);
+        }
+        let decision = workload::step(
+            &self.core.spec,
+            &current,
+            &self.status.rollout,
+            &facts,
+            self.now,
+        );
+        if let Some(rollout) = &decision.rollout {
+            self.status.rollout = rollout.clone();
+        }
+        if decision.status.phase.analysing() != current.phase.analysing()
+            || decision.rollout.is_some()
+        {
+            // The analysis starts (or restarts) at once, not an interval later.
+            self.status.last_tick_at = None;
+        }
+        self.status.workload = Some(decision.status.clone());
+        Ok(Some(WorkloadPass { facts, decision }))
+    }
+
+    /// Whether the confirm-rollout hooks are due again (at most once per interval).
+    fn confirmation_due(&self) -> bool {
+        let interval = self.core.spec.analysis.interval.to_chrono();
+        self.status
+            .last_tick_at
+            .is_none_or(|last| self.now - last >= interval)
+    }
+
+    /// Bad workload input: `Ready=False` naming the fields and fixes. Nothing is scaled; once
+    /// adopted, the weights still go where pods are (the lifecycle said which).
+    async fn workload_blocked(
+        self,
+        problems: String,
+        router: &dyn TrafficRouter,
+    ) -> Result<Action> {
+        let desired = desired_routes(&self.status);
+        let retry = self.ctx.retry_delay;
+        not_ready(
+            self.canary,
+            self.previous,
+            self.status,
+            reason::INVALID_WORKLOAD,
+            problems,
+            self.ctx,
+        )
+        .await?;
+        if let Some(desired) = desired {
+            if let Err(e) = router.ensure(&desired).await {
+                tracing::warn!(canary = %self.key, error = %e, "could not move traffic to where pods are");
+            }
+        }
+        Ok(Action::requeue(retry))
+    }
+
     /// Persist the new status (Ready) before anything is acted on: a write that loses a race
     /// (409) ends the pass and nothing below happens. Returns the Canary as written.
     async fn persist(&mut self) -> Result<Canary> {
@@ -783,23 +918,30 @@ impl<'a> Pass<'a> {
         mut self,
         written: Canary,
         decided: Option<Decided>,
+        workload: Option<WorkloadPass>,
         router: &dyn TrafficRouter,
     ) -> Result<Action> {
         let ctx = self.ctx;
         let runtime = ctx.runtime(&self.key, &self.core, &self.fingerprint);
+        let events = KubernetesEvents {
+            ctx,
+            canary: self.canary,
+            key: &self.key,
+        };
         if let Some(decided) = &decided {
-            let events = KubernetesEvents {
-                ctx,
-                canary: self.canary,
-                key: &self.key,
-            };
             runtime.analysis.lock().await.notify(decided, &events).await;
+        }
+        if let Some(workload) = &workload {
+            events.workload(&workload.decision).await;
         }
         let moves = decided.as_ref().is_some_and(Decided::moves_weights);
         let finished = self.status.rollout.phase.is_terminal() && !self.status.final_routes_applied;
         let mut routes_moved = true;
-        if moves || finished {
-            if let Err(e) = router.ensure(&desired_routes(&self.status)).await {
+        // A workload's routes follow its lifecycle every pass (no write when they already do).
+        let desired =
+            desired_routes(&self.status).filter(|_| moves || finished || workload.is_some());
+        if let Some(desired) = desired {
+            if let Err(e) = router.ensure(&desired).await {
                 // The status already says where traffic should be; the next reconcile retries.
                 tracing::warn!(canary = %self.key, error = %e, "could not move traffic yet");
                 ctx.registry
@@ -808,19 +950,35 @@ impl<'a> Pass<'a> {
                 routes_moved = false;
             }
         }
-        if let Some(decided) = &decided {
+        if let (Some(decided), None) = (&decided, &workload) {
             // Once per rollout (it ends in one reconcile only), after the routes were moved.
             runtime.analysis.lock().await.finish(decided).await;
+        }
+        if let (Some(workload), true) = (&workload, routes_moved) {
+            // The objects after the routes: a scale-down only ever follows confirmed weights.
+            let namespace = self.canary.namespace().unwrap_or_default();
+            WorkloadApi::new(&ctx.client, &namespace)
+                .perform(&workload.decision.actions, &workload.facts)
+                .await?;
+            if workload
+                .decision
+                .actions
+                .contains(&WorkloadAction::PostRollout)
+            {
+                // The release is over (Succeeded or Failed): once, as it ends in one pass.
+                let analysis = runtime.analysis.lock().await;
+                analysis.post_rollout(&self.status.rollout).await;
+            }
         }
         if !routes_moved {
             let problem = format!(
                 "{} does not serve the wanted weights yet; retrying",
                 router.route()
             );
-            ctx.show(&self.key, &self.core, &self.status.rollout, Some(problem));
+            ctx.show(&self.key, &self.core, &self.status, Some(problem));
             return Ok(Action::requeue(ctx.retry_delay));
         }
-        if finished {
+        if finished && workload.is_none() {
             self.status.final_routes_applied = true;
             write_status(&written, &self.status, ctx).await?;
         }
@@ -830,14 +988,18 @@ impl<'a> Pass<'a> {
             &self.fingerprint,
             &self.status.rollout,
         );
-        ctx.show(&self.key, &self.core, &self.status.rollout, None);
+        ctx.show(&self.key, &self.core, &self.status, None);
         Ok(self.requeue())
     }
 
     /// When to look again: a finished rollout waits for a change; a pending guard trip or an
     /// interval deferred by a command runs at once; otherwise at the next interval.
     fn requeue(&self) -> Action {
-        if self.status.rollout.phase.is_terminal() {
+        if let Some(workload) = &self.status.workload {
+            if let Some(action) = self.workload_requeue(workload) {
+                return action;
+            }
+        } else if self.status.rollout.phase.is_terminal() {
             return Action::await_change();
         }
         if self.ctx.guard_trip_pending(&self.key) || self.interval_deferred {
@@ -850,6 +1012,22 @@ impl<'a> Pass<'a> {
             .unwrap_or(Duration::ZERO)
             .max(Duration::from_millis(100));
         Action::requeue(wait)
+    }
+
+    /// When to look at a workload again, unless its analysis runs (then: the next interval).
+    /// Changes of its Deployments and HPAs wake it anyway; this covers the clocks (deadlines,
+    /// the scale-down delay) and the confirm-rollout hooks.
+    fn workload_requeue(&self, workload: &workload::WorkloadStatus) -> Option<Action> {
+        const POLL: Duration = Duration::from_secs(1);
+        let settled = workload.phase.at_rest()
+            && workload.target.desired == 0
+            && workload.weights_held.is_none();
+        match workload.phase {
+            WorkloadPhase::Progressing => None,
+            WorkloadPhase::Waiting => Some(Action::requeue(self.core.spec.analysis.interval.0)),
+            _ if settled => Some(Action::await_change()),
+            _ => Some(Action::requeue(POLL.min(self.ctx.retry_delay))),
+        }
     }
 
     /// The rollout cannot go on in this pass: record why (`Ready=False` and one Warning Event
@@ -899,6 +1077,32 @@ impl Announce for KubernetesEvents<'_> {
     }
 }
 
+impl KubernetesEvents<'_> {
+    /// The workload lifecycle's events, and those of a rollout it rolled back (a deadline).
+    async fn workload(&self, decision: &workload::Decision) {
+        for action in &decision.actions {
+            if let WorkloadAction::Event {
+                reason,
+                warning,
+                message,
+            } = action
+            {
+                tracing::info!(canary = %self.key, reason, "{message}");
+                self.ctx
+                    .publish(self.canary, *warning, reason, message)
+                    .await;
+            }
+        }
+        let decided = Decided {
+            before: CanaryStatus::default(),
+            status: decision.rollout.clone().unwrap_or_default(),
+            actions: decision.rollout_actions.clone(),
+            judged: None,
+        };
+        self.announce(&decided).await;
+    }
+}
+
 /// Record that the Canary is not ready (one Warning Event per change of reason or message).
 async fn not_ready(
     canary: &Canary,
@@ -910,12 +1114,7 @@ async fn not_ready(
 ) -> Result<()> {
     let key = key_of(canary);
     tracing::warn!(canary = %key, reason = why, "{message}");
-    ctx.show(
-        &key,
-        &canary.to_core(),
-        &status.rollout,
-        Some(message.clone()),
-    );
+    ctx.show(&key, &canary.to_core(), &status, Some(message.clone()));
     let generation = canary.metadata.generation;
     status.observed_generation = generation;
     status.set_conditions(
@@ -951,6 +1150,9 @@ async fn cleanup(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
     let namespace = canary
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
+    if canary.spec.target_ref.is_some() {
+        return cleanup_workload(&canary, &namespace, ctx).await;
+    }
     let status = canary.status.clone().unwrap_or_default();
     let phase = status.rollout.phase;
     if phase.is_terminal() && status.final_routes_applied {
@@ -999,6 +1201,55 @@ async fn cleanup(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
             message: format!("cannot restore traffic before deletion (will retry): {e}"),
         }),
     }
+}
+
+/// A deleted Canary with a workload (see `fledge_core::workload::on_deletion`): all traffic to
+/// the primary, which is released to keep serving — or, with `revertOnDeletion`, the target
+/// gets the primary's template back, is scaled up and given all traffic, and the primary goes
+/// with the Canary. Until that is done the Canary stays (`Error::Waiting` looks again soon).
+async fn cleanup_workload(canary: &Canary, namespace: &str, ctx: &Context) -> Result<Action> {
+    let key = key_of(canary);
+    let now = ctx.clock.now();
+    let mut status = canary.status.clone().unwrap_or_default();
+    let router = ctx
+        .backends
+        .router(&ctx.client, &canary.to_core(), namespace);
+    let current = status.workload.clone().unwrap_or_default();
+    // The route as it is now (confirmed by re-applying what the status last asked for).
+    let mut routed = None;
+    if let (Ok(router), Some(weight)) = (&router, current.canary_weight) {
+        let desired = DesiredRoutes::weights_only(Weights::canary_percent(weight));
+        if router.ensure(&desired).await.is_ok() {
+            routed = Some(weight);
+        }
+    }
+    let api = WorkloadApi::new(&ctx.client, namespace);
+    let facts = api.facts(canary, routed).await?;
+    let cleanup = workload::on_deletion(&canary.spec.canary, &current, &facts, now);
+    if let (Ok(router), Some(weight)) = (&router, cleanup.canary_weight) {
+        let desired = DesiredRoutes::weights_only(Weights::canary_percent(weight));
+        if let Err(e) = router.ensure(&desired).await {
+            if !e.nothing_to_restore() {
+                return Err(Error::Router {
+                    name: key,
+                    message: format!("cannot move traffic before deletion (will retry): {e}"),
+                });
+            }
+        }
+    }
+    let message = cleanup.status.message.clone();
+    if status.workload.as_ref() != Some(&cleanup.status) {
+        status.workload = Some(cleanup.status.clone());
+        write_status(canary, &status, ctx).await?;
+    }
+    api.perform(&cleanup.actions, &facts).await?;
+    if !cleanup.done {
+        return Err(Error::Waiting(message));
+    }
+    tracing::info!(canary = %key, "{message}");
+    ctx.publish(canary, false, reason::TRAFFIC_RESTORED, &message)
+        .await;
+    Ok(Action::await_change())
 }
 
 /// How `fledge controller` runs.
@@ -1107,6 +1358,8 @@ pub async fn run(
         let controller = Controller::new(canaries, watcher::Config::default());
         let store = controller.store();
         let route_changes = route_changes(&client, options.namespace.as_deref(), store.clone());
+        let workload_changes =
+            super::workload::workload_changes(&client, options.namespace.as_deref(), store.clone());
         let ctx = Arc::new(Context {
             retry_delay: options.retry_delay,
             registry: registry.clone(),
@@ -1124,6 +1377,7 @@ pub async fn run(
         let mut term_shutdown = shutdown.clone();
         controller
             .reconcile_on(route_changes)
+            .reconcile_on(workload_changes)
             .reconcile_all_on(guard_trips)
             .graceful_shutdown_on(async move {
                 tokio::select! {

@@ -24,15 +24,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
-const NS: &str = "shop";
-const ISTIO: &str = "networking.istio.io";
-const FLEDGE: &str = "fledge.dev";
+pub(super) const NS: &str = "shop";
+pub(super) const ISTIO: &str = "networking.istio.io";
+pub(super) const FLEDGE: &str = "fledge.dev";
 const CANARY_PATH: &str = "/apis/fledge.dev/v1alpha1/namespaces/shop/canaries/app";
-const VS_PATH: &str = "/apis/networking.istio.io/v1/namespaces/shop/virtualservices/app";
+pub(super) const VS_PATH: &str = "/apis/networking.istio.io/v1/namespaces/shop/virtualservices/app";
 const DR_LIST: &str = "/apis/networking.istio.io/v1/namespaces/shop/destinationrules";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
 
-fn t0() -> DateTime<Utc> {
+pub(super) fn t0() -> DateTime<Utc> {
     DateTime::from_timestamp(1_700_000_000, 0).unwrap()
 }
 
@@ -72,7 +72,7 @@ fn canary_object(analysis: Value, istio: Value) -> Value {
     })
 }
 
-fn virtual_service() -> Value {
+pub(super) fn virtual_service() -> Value {
     json!({
         "apiVersion": "networking.istio.io/v1",
         "kind": "VirtualService",
@@ -120,15 +120,15 @@ struct Script {
 }
 
 #[derive(Clone, Default)]
-struct ScriptedBackends {
+pub(super) struct ScriptedBackends {
     script: Arc<Mutex<Script>>,
 }
 
 impl ScriptedBackends {
-    fn trip_guard(&self, at: DateTime<Utc>) {
+    pub(super) fn trip_guard(&self, at: DateTime<Utc>) {
         self.script.lock().unwrap().guard_tripped_at = Some(at);
     }
-    fn set_unhealthy(&self, unhealthy: bool) {
+    pub(super) fn set_unhealthy(&self, unhealthy: bool) {
         self.script.lock().unwrap().unhealthy = unhealthy;
     }
     fn sources_built(&self) -> usize {
@@ -204,13 +204,13 @@ impl Backends for ScriptedBackends {
 }
 
 /// One controller instance's reconcile context (always leading), as a direct-call harness.
-struct Instance {
-    ctx: Arc<Context>,
-    backends: ScriptedBackends,
+pub(super) struct Instance {
+    pub(super) ctx: Arc<Context>,
+    pub(super) backends: ScriptedBackends,
     _leader: watch::Sender<bool>,
 }
 
-fn instance(server: &FakeApiServer, identity: &str, clock: &TokioClock) -> Instance {
+pub(super) fn instance(server: &FakeApiServer, identity: &str, clock: &TokioClock) -> Instance {
     let backends = ScriptedBackends::default();
     let (leader_tx, leader_rx) = watch::channel(true);
     let ctx = Context::new(
@@ -235,7 +235,7 @@ fn seeded(canary: Value) -> FakeApiServer {
     server
 }
 
-fn stored_canary(server: &FakeApiServer) -> Canary {
+pub(super) fn stored_canary(server: &FakeApiServer) -> Canary {
     serde_json::from_value(
         server
             .get(FLEDGE, "canaries", NS, "app")
@@ -244,8 +244,19 @@ fn stored_canary(server: &FakeApiServer) -> Canary {
     .expect("a valid Canary")
 }
 
-fn status(server: &FakeApiServer) -> CanaryResourceStatus {
+pub(super) fn status(server: &FakeApiServer) -> CanaryResourceStatus {
     stored_canary(server).status.unwrap_or_default()
+}
+
+/// The status of Canary `app` in `namespace`.
+fn status_in(server: &FakeApiServer, namespace: &str) -> CanaryResourceStatus {
+    let object = server
+        .get(FLEDGE, "canaries", namespace, "app")
+        .expect("canary exists");
+    serde_json::from_value::<Canary>(object)
+        .expect("a valid Canary")
+        .status
+        .unwrap_or_default()
 }
 
 /// The status of Canary `name` (not `app`).
@@ -282,20 +293,20 @@ fn stored_canary_or_default_spec(server: &FakeApiServer) -> fledge_core::spec::C
     }
 }
 
-async fn reconcile_now(server: &FakeApiServer, instance: &Instance) -> Action {
+pub(super) async fn reconcile_now(server: &FakeApiServer, instance: &Instance) -> Action {
     reconcile(Arc::new(stored_canary(server)), instance.ctx.clone())
         .await
         .expect("reconcile succeeds")
 }
 
-fn lines(requests: &[RecordedRequest]) -> Vec<String> {
+pub(super) fn lines(requests: &[RecordedRequest]) -> Vec<String> {
     requests
         .iter()
         .map(|r| format!("{} {}", r.line(), r.status))
         .collect()
 }
 
-fn event_reasons(server: &FakeApiServer) -> Vec<(String, String, i64)> {
+pub(super) fn event_reasons(server: &FakeApiServer) -> Vec<(String, String, i64)> {
     let mut events: Vec<Value> = server.list("events.k8s.io", "events", NS);
     events.sort_by_key(|e| {
         e["metadata"]["resourceVersion"]
@@ -835,7 +846,7 @@ fn options(identity: &str) -> ControllerOptions {
     }
 }
 
-struct Running {
+pub(super) struct Running {
     shutdown: watch::Sender<bool>,
     leader: watch::Receiver<bool>,
     /// What this instance's dashboard, status API and `/metrics` show.
@@ -843,7 +854,7 @@ struct Running {
     task: tokio::task::JoinHandle<super::Result<()>>,
 }
 
-fn start(
+pub(super) fn start(
     server: &FakeApiServer,
     identity: &str,
     backends: ScriptedBackends,
@@ -870,7 +881,7 @@ fn start(
 }
 
 impl Running {
-    async fn stop(self) {
+    pub(super) async fn stop(self) {
         self.shutdown.send_replace(true);
         self.task.await.unwrap().unwrap();
     }
@@ -1108,14 +1119,61 @@ async fn rbac_in_the_manifests_covers_exactly_what_the_controller_calls() {
     second["metadata"]["name"] = json!("app2");
     server.create(FLEDGE, "canaries", second);
     gateway_api::add_gateway_canaries(&server);
+    // A workload (targetRef, autoscalerRef) in another namespace: adopted, a revision promoted,
+    // its HPA edited, then autoscalerRef removed.
+    let web = "web";
+    super::workload_tests::seed_workload(&server, web, json!({"autoscalerRef": {"name": "app"}}));
+    server.create("autoscaling", "horizontalpodautoscalers", json!({
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "app", "namespace": web},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "app"},
+                 "minReplicas": 1, "maxReplicas": 4}
+    }));
+    let kubelet = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            loop {
+                server.settle_deployments(|_| true);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
     let clock = TokioClock::starting_at(t0());
     let a = start(&server, "a", ScriptedBackends::default(), clock);
     let b = start(&server, "b", ScriptedBackends::default(), clock);
     tokio::time::sleep(Duration::from_secs(100)).await;
     server.delete(FLEDGE, "canaries", NS, "app");
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    server.edit("apps", "deployments", web, "app", |d| {
+        d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("app:v2");
+    });
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    server.edit("autoscaling", "horizontalpodautoscalers", web, "app", |h| {
+        h["spec"]["maxReplicas"] = json!(6);
+    });
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    server.edit(FLEDGE, "canaries", web, "app", |c| {
+        c["spec"].as_object_mut().unwrap().remove("autoscalerRef");
+    });
+    tokio::time::sleep(Duration::from_secs(10)).await;
     a.stop().await;
     b.stop().await;
+    kubelet.abort();
+    let workload = status_in(&server, web).workload.expect("a workload");
+    assert_eq!(
+        (workload.phase, workload.stable_image.as_deref()),
+        (
+            fledge_core::workload::WorkloadPhase::Succeeded,
+            Some("app:v2")
+        )
+    );
+    assert!(server
+        .get(
+            "autoscaling",
+            "horizontalpodautoscalers",
+            web,
+            "app-primary"
+        )
+        .is_none());
 
     let granted = super::manifest_tests::granted_rules();
     let mut used = std::collections::BTreeSet::new();

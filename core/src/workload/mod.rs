@@ -83,6 +83,11 @@ pub enum WorkloadPhase {
 }
 
 impl WorkloadPhase {
+    /// The analysis intervals run only in this phase (the target serves the revision).
+    pub fn analysing(self) -> bool {
+        self == WorkloadPhase::Progressing
+    }
+
     pub fn at_rest(self) -> bool {
         matches!(
             self,
@@ -127,8 +132,10 @@ pub struct WorkloadStatus {
     pub stable_image: Option<String>,
     pub primary: Replicas,
     pub target: Replicas,
-    /// The canary weight routed now: the rollout's, or the phase's, corrected by the invariant.
-    pub canary_weight: u8,
+    /// The canary weight to route: the rollout's, or the phase's, corrected by the invariant.
+    /// `None` until the lifecycle routes anything (bad input before adoption routes nothing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary_weight: Option<u8>,
     /// Why the weights differ from what the phase wants (a subset without available pods).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weights_held: Option<String>,
@@ -167,6 +174,9 @@ pub struct Facts {
     pub subsets: Option<(Value, Value)>,
     /// In phase Waiting: the confirm-rollout webhooks' answer (`Err`: not approved, why).
     pub rollout_confirmed: Option<Result<(), String>>,
+    /// An operator's retry was just given to the rollout state machine (`fledge retry`): a
+    /// Failed revision is rolled out again.
+    pub retry: bool,
 }
 
 /// A side effect, performed after the status is persisted. All are idempotent.
@@ -639,6 +649,7 @@ impl<'a> Lifecycle<'a> {
     /// At rest: the target stays at 0 until its template changes (a new revision), or a retry.
     fn at_rest(&mut self, target: &Value, primary: &Value, revision: String) -> Want {
         let retried = self.status.phase == WorkloadPhase::Failed
+            && self.facts.retry
             && self.rollout().phase == Phase::Initializing
             && self.status.revision.as_deref() == Some(revision.as_str());
         if retried {
@@ -1072,7 +1083,7 @@ impl<'a> Lifecycle<'a> {
             self.event(reason::WEIGHTS_HELD, true, message);
         }
         self.status.weights_held = held;
-        self.status.canary_weight = weight;
+        self.status.canary_weight = Some(weight);
         weight
     }
 }
@@ -1195,7 +1206,7 @@ pub fn on_deletion(
         w if w < 100 && stable == 0 && canary > 0 => 100,
         w => w,
     };
-    status.canary_weight = weight;
+    status.canary_weight = Some(weight);
     let routed = facts.routed == Some(weight);
     let settled = if routed {
         let since = *status.stable_since.get_or_insert(now);

@@ -108,6 +108,7 @@ struct World {
     target_ready: bool,
     primary_ready: bool,
     confirmed: Option<Result<(), String>>,
+    retry: bool,
     now: i64,
     /// Every action performed, in order.
     log: Vec<Action>,
@@ -131,6 +132,7 @@ impl World {
             target_ready: true,
             primary_ready: true,
             confirmed: None,
+            retry: false,
             now: 0,
             log: Vec::new(),
             drop_actions: false,
@@ -156,6 +158,7 @@ impl World {
             routed: Some(self.routed),
             subsets: None,
             rollout_confirmed: self.confirmed.clone(),
+            retry: self.retry,
         }
     }
 
@@ -602,7 +605,9 @@ fn a_failing_revision_is_rolled_back_and_nothing_happens_until_the_template_chan
         t(retried.now),
     )
     .status;
+    retried.retry = true;
     let d = retried.step(Canary::Healthy);
+    retried.retry = false;
     assert_eq!(d.status.phase, WorkloadPhase::ScalingUp);
     assert!(d.actions.contains(&Action::ScaleTarget(2)));
     retried.run_until(Canary::Healthy, 40, |w| {
