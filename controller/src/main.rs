@@ -126,6 +126,10 @@ enum Commands {
         /// This instance's identity in the Lease (default: $POD_NAME, else $HOSTNAME).
         #[arg(long)]
         identity: Option<String>,
+        /// How long the Lease stays valid after its last renewal: a standby takes over about
+        /// this long after the leader died (whole seconds, at least 3s).
+        #[arg(long, default_value = "15s", value_parser = lease_duration)]
+        lease_duration: std::time::Duration,
         /// Address of the probes (/healthz, /readyz), the read-only dashboard and API, and
         /// /metrics. Loopback unless configured; in a pod set `--listen=0.0.0.0:8080` (the
         /// manifests do) so the kubelet and Prometheus reach it.
@@ -338,6 +342,7 @@ fn main() -> ExitCode {
             lease_namespace,
             lease_name,
             identity,
+            lease_duration,
             listen,
         } => {
             let options = fledge_controller::k8s::serve::ServeOptions::from_args(
@@ -346,7 +351,8 @@ fn main() -> ExitCode {
                 lease_name,
                 identity,
                 listen,
-            );
+            )
+            .with_lease_duration(lease_duration);
             match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt.block_on(controller(options)),
                 Err(e) => Err(e.into()),
@@ -417,4 +423,18 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `--lease-duration`: a duration of whole seconds, at least 3 s.
+fn lease_duration(text: &str) -> Result<std::time::Duration, String> {
+    let duration: fledge_core::duration::HumanDuration = text
+        .parse()
+        .map_err(|e: fledge_core::duration::DurationError| e.to_string())?;
+    let millis = duration.as_millis();
+    if millis < 3000 || millis % 1000 != 0 {
+        return Err(format!(
+            "{text:?} is not whole seconds of at least 3s; write e.g. `--lease-duration 15s`"
+        ));
+    }
+    Ok(duration.0)
 }

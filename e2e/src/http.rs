@@ -71,6 +71,16 @@ pub fn patch_merge(url: &str, patch: &serde_json::Value, timeout: Duration) -> R
     body_if_2xx("PATCH", url, response)
 }
 
+/// POST `url` with a JSON body, require 2xx, return the body.
+pub fn post_json(url: &str, body: &serde_json::Value, timeout: Duration) -> Result<String> {
+    let response = agent(timeout)
+        .post(url)
+        .header("content-type", "application/json")
+        .send(serde_json::to_vec(body)?.as_slice())
+        .with_context(|| format!("POST {url}"))?;
+    body_if_2xx("POST", url, response)
+}
+
 /// PUT `url` with a JSON body, require 2xx, return the body.
 pub fn put_json(url: &str, body: &serde_json::Value, timeout: Duration) -> Result<String> {
     let response = agent(timeout)

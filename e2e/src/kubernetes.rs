@@ -18,7 +18,9 @@
 //!   subset's, ready and not terminating (the pods of [`crate::kubelet::Kubelet`]). It is a
 //!   stand-in: nothing else of Istio (propagation delays, xDS) is modelled.
 
-use crate::envoy::{write_eds_file, write_rds_file, RouteWeights};
+use crate::envoy::{
+    write_eds_file, write_rds_file_with, RouteShape, RouteWeights, CANARY_CLUSTER, STABLE_CLUSTER,
+};
 use crate::kubelet::Pods;
 use crate::process::{abort_if_exited, free_port, wait_until, Proc};
 use crate::{http, paths};
@@ -114,6 +116,36 @@ impl FakeCluster {
     pub fn log_tail(&self, lines: usize) -> String {
         self.proc.log_tail(lines)
     }
+
+    /// Every request the server recorded so far (`client`, `method`, `path`, `status`).
+    pub fn requests(&self) -> Result<Vec<Value>> {
+        Ok(self
+            .get("/__fake/requests")?
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// `POST path` of a new object (as `kubectl create` would).
+    pub fn post(&self, path: &str, object: &Value) -> Result<()> {
+        http::post_json(
+            &format!("{}{path}", self.url),
+            object,
+            Duration::from_secs(3),
+        )
+        .map(|_| ())
+    }
+
+    /// `PATCH path` with a JSON merge patch (as `kubectl patch --type merge`, or a GitOps tool
+    /// applying a changed manifest, would).
+    pub fn patch(&self, path: &str, patch: &Value) -> Result<()> {
+        http::patch_merge(
+            &format!("{}{path}", self.url),
+            patch,
+            Duration::from_secs(3),
+        )
+        .map(|_| ())
+    }
 }
 
 fn weights_of(virtual_service: &Value, route: &str) -> Result<RouteWeights> {
@@ -146,6 +178,16 @@ impl KubeController {
     /// Start `fledge controller --identity IDENTITY` with the cluster's kubeconfig and wait
     /// until its `/readyz` answers.
     pub fn start(cluster: &FakeCluster, identity: &str, log_path: &Path) -> Result<KubeController> {
+        Self::start_with(cluster, identity, log_path, &[])
+    }
+
+    /// [`KubeController::start`] with more arguments (e.g. `--lease-duration 3s`).
+    pub fn start_with(
+        cluster: &FakeCluster,
+        identity: &str,
+        log_path: &Path,
+        args: &[&str],
+    ) -> Result<KubeController> {
         let port = free_port()?;
         let mut command = Command::new(paths::fledge_binary()?);
         command
@@ -156,6 +198,7 @@ impl KubeController {
             .arg("fledge-system")
             .arg("--identity")
             .arg(identity)
+            .args(args)
             .env("KUBECONFIG", cluster.kubeconfig())
             .env_remove("POD_NAME")
             .env_remove("POD_NAMESPACE");
@@ -191,6 +234,11 @@ impl KubeController {
         self.proc.stop()
     }
 
+    /// SIGKILL now: a crash (the Lease is not released).
+    pub fn kill(&mut self) {
+        self.proc.kill_now();
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         self.proc.log_tail(lines)
     }
@@ -200,10 +248,13 @@ impl KubeController {
     }
 }
 
-/// A stand-in for istiod: copies one VirtualService route's weights into Envoy's RDS file.
+/// A stand-in for istiod: copies one VirtualService route's weights (and the header-match
+/// routes before it, such as Fledge's testers route) into Envoy's RDS file.
 pub struct MeshSync {
     stop: Arc<AtomicBool>,
     pushes: Arc<AtomicU64>,
+    /// While set, route changes are not pushed (a control plane that has not pushed yet).
+    routes_held: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -265,28 +316,33 @@ impl MeshSync {
         let rds_path = rds_path.to_path_buf();
         let stop = Arc::new(AtomicBool::new(false));
         let pushes = Arc::new(AtomicU64::new(0));
-        let (stop_flag, push_count) = (stop.clone(), pushes.clone());
+        let routes_held = Arc::new(AtomicBool::new(false));
+        let (stop_flag, push_count, held) = (stop.clone(), pushes.clone(), routes_held.clone());
         let thread = std::thread::Builder::new()
             .name("mesh-sync".into())
             .spawn(move || {
                 // Versions above anything the Envoy harness wrote itself.
                 let mut version = 1_000_000u64;
-                let mut pushed: Option<RouteWeights> = None;
+                let mut pushed: Option<(RouteWeights, Vec<Value>)> = None;
                 let mut pushed_endpoints: BTreeMap<String, Vec<u16>> = BTreeMap::new();
                 while !stop_flag.load(Ordering::SeqCst) {
                     if let (Some(endpoints), Some(rule_url)) = (&endpoints, &rule_url) {
                         version += 1;
                         push_endpoints(endpoints, rule_url, &mut pushed_endpoints, version);
                     }
-                    let weights = http::get_json(&url, Duration::from_secs(2))
-                        .and_then(|vs| weights_of(&vs, &route));
-                    match weights {
-                        Ok(weights) if pushed != Some(weights) => {
+                    let state = http::get_json(&url, Duration::from_secs(2))
+                        .and_then(|vs| Ok((weights_of(&vs, &route)?, routes_before(&vs, &route))));
+                    match state {
+                        Ok(state) if pushed.as_ref() != Some(&state) && !held.load(Ordering::SeqCst) => {
                             version += 1;
-                            match write_rds_file(&rds_path, weights, version) {
+                            let shape = RouteShape {
+                                routes_before_primary: state.1.clone(),
+                                weighted_header_name: None,
+                            };
+                            match write_rds_file_with(&rds_path, &shape, state.0, version) {
                                 Ok(()) => {
-                                    tracing::info!(%weights, "mesh-sync: pushed the VirtualService's weights to Envoy");
-                                    pushed = Some(weights);
+                                    tracing::info!(weights = %state.0, routes = state.1.len(), "mesh-sync: pushed the VirtualService's route to Envoy");
+                                    pushed = Some(state);
                                     push_count.fetch_add(1, Ordering::SeqCst);
                                 }
                                 Err(e) => tracing::warn!(error = %e, "mesh-sync: cannot write the route file"),
@@ -302,8 +358,15 @@ impl MeshSync {
         Ok(MeshSync {
             stop,
             pushes,
+            routes_held,
             thread: Some(thread),
         })
+    }
+
+    /// Stop (or resume) pushing route changes, as a control plane that has not pushed the
+    /// latest VirtualService yet; endpoints are still pushed.
+    pub fn hold_routes(&self, held: bool) {
+        self.routes_held.store(held, Ordering::SeqCst);
     }
 
     /// How many weight changes were pushed to Envoy so far.
@@ -319,6 +382,36 @@ impl Drop for MeshSync {
             let _ = thread.join();
         }
     }
+}
+
+/// The header-match routes before `route` in a VirtualService (e.g. Fledge's testers route),
+/// as Envoy routes to the subset's cluster (`stable` → `app_stable`, `canary` →
+/// `app_canary`); only exact header matches are translated.
+fn routes_before(vs: &Value, route: &str) -> Vec<Value> {
+    let routes = vs["spec"]["http"].as_array().cloned().unwrap_or_default();
+    routes
+        .iter()
+        .take_while(|r| r["name"] != route)
+        .filter_map(|r| {
+            let cluster = match r["route"][0]["destination"]["subset"].as_str()? {
+                "stable" => STABLE_CLUSTER,
+                "canary" => CANARY_CLUSTER,
+                _ => return None,
+            };
+            let headers: Vec<Value> = r["match"][0]["headers"]
+                .as_object()?
+                .iter()
+                .filter_map(|(name, m)| {
+                    Some(serde_json::json!({"name": name, "string_match": {"exact": m.get("exact")?}}))
+                })
+                .collect();
+            Some(serde_json::json!({
+                "name": r["name"].as_str().unwrap_or("header-route"),
+                "match": {"prefix": "/", "headers": headers},
+                "route": {"cluster": cluster}
+            }))
+        })
+        .collect()
 }
 
 /// The labels each subset of a DestinationRule selects, by subset name.

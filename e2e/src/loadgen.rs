@@ -28,6 +28,8 @@ pub struct LoadOptions {
     pub max_requests: u64,
     /// Per-request timeout.
     pub request_timeout: Duration,
+    /// Request headers sent with every request (e.g. a testers header).
+    pub headers: Vec<(String, String)>,
 }
 
 impl LoadOptions {
@@ -41,7 +43,14 @@ impl LoadOptions {
             duration,
             max_requests,
             request_timeout: Duration::from_secs(5),
+            headers: Vec::new(),
         }
+    }
+
+    /// Send `name: value` with every request.
+    pub fn with_header(mut self, name: &str, value: &str) -> LoadOptions {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
     }
 }
 
@@ -260,7 +269,7 @@ fn run_worker(
             }
             std::thread::sleep((due - now).min(Duration::from_millis(50)));
         }
-        let outcome = send_one(&agent, url);
+        let outcome = send_one(&agent, url, &options.headers);
         let mut report = match shared.report.lock() {
             Ok(report) => report,
             Err(poisoned) => poisoned.into_inner(),
@@ -276,8 +285,12 @@ fn run_worker(
 }
 
 /// Status and version header of one GET, or `None` if no HTTP response came back.
-fn send_one(agent: &ureq::Agent, url: &str) -> Option<(u16, String)> {
-    match agent.get(url).call() {
+fn send_one(agent: &ureq::Agent, url: &str, headers: &[(String, String)]) -> Option<(u16, String)> {
+    let mut request = agent.get(url);
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    match request.call() {
         Ok(mut response) => {
             let status = response.status().as_u16();
             let version = response

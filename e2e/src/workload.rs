@@ -16,7 +16,7 @@
 use crate::envoy::{CANARY_CLUSTER, STABLE_CLUSTER};
 use crate::kubelet::Kubelet;
 use crate::kubernetes::{FakeCluster, MeshSync, SubsetEndpoints};
-use crate::{Envoy, EnvoyOptions, WasmFilter};
+use crate::{Envoy, EnvoyOptions, RouteWeights, WasmFilter};
 use anyhow::Result;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -126,14 +126,43 @@ pub struct WorkloadStack {
     pub envoy: Envoy,
 }
 
+/// How a [`WorkloadStack`] starts.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// The route weights the gateway serves before the istiod stand-in pushes anything.
+    pub initial_weights: RouteWeights,
+    /// Start with the stand-in holding route changes (see [`MeshSync::hold_routes`]).
+    pub routes_held: bool,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            initial_weights: RouteWeights::ALL_STABLE,
+            routes_held: false,
+        }
+    }
+}
+
 impl WorkloadStack {
     pub fn start(
         dir: &Path,
         namespace: &str,
         objects: impl FnOnce(&str) -> Vec<Value>,
     ) -> Result<WorkloadStack> {
+        Self::start_with(dir, namespace, StackOptions::default(), objects)
+    }
+
+    pub fn start_with(
+        dir: &Path,
+        namespace: &str,
+        options: StackOptions,
+        objects: impl FnOnce(&str) -> Vec<Value>,
+    ) -> Result<WorkloadStack> {
+        let mut envoy_options = EnvoyOptions::new(0, 0);
+        envoy_options.initial_weights = options.initial_weights;
         let envoy = Envoy::start(
-            EnvoyOptions::new(0, 0)
+            envoy_options
                 .with_file_eds()
                 .with_filter(WasmFilter::built(&WasmFilter::default_plugin_config(
                     "app",
@@ -144,6 +173,7 @@ impl WorkloadStack {
             FakeCluster::start(&dir.join("api"), namespace, &objects(&envoy.admin_url()))?;
         let kubelet = Kubelet::start(&cluster, namespace, &dir.join("pods"))?;
         let mesh = Self::mesh(&cluster, namespace, &envoy, &kubelet)?;
+        mesh.hold_routes(options.routes_held);
         Ok(WorkloadStack {
             mesh,
             kubelet,

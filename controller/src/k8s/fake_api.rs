@@ -475,31 +475,48 @@ impl FakeApiServer {
 
     /// Serve this API server over HTTP on `listener` (for a real `fledge controller` process in
     /// e2e tests; plain HTTP, no authentication). A request's client identity is its bearer
-    /// token (a kubeconfig `token:`), else `anonymous`. Runs until `shutdown` completes.
+    /// token (a kubeconfig `token:`), else `anonymous`. `GET /__fake/requests` answers every
+    /// recorded request so far (`client`, `method`, `path`, `status`, `body`) and is not recorded
+    /// itself. Runs until `shutdown` completes.
     pub async fn serve_http(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let app = axum::Router::new().fallback(move |request: Request<axum::body::Body>| {
-            let server = self.clone();
+        let log = self.clone();
+        let requests = move || {
+            let log = log.clone();
             async move {
-                let identity = request
-                    .headers()
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .unwrap_or("anonymous")
-                    .to_string();
-                let (parts, body) = request.into_parts();
-                let bytes = match body.collect().await {
-                    Ok(collected) => collected.to_bytes(),
-                    Err(_) => Default::default(),
-                };
-                let request = Request::from_parts(parts, kube::client::Body::from(bytes.to_vec()));
-                server.handle(&identity, request).await
+                let lines: Vec<Value> = log
+                    .requests()
+                    .iter()
+                    .map(|r| json!({"client": r.client, "method": r.method, "path": r.path, "status": r.status, "body": r.body}))
+                    .collect();
+                json_response(StatusCode::OK, &Value::Array(lines))
             }
-        });
+        };
+        let app = axum::Router::new()
+            .route("/__fake/requests", axum::routing::get(requests))
+            .fallback(move |request: Request<axum::body::Body>| {
+                let server = self.clone();
+                async move {
+                    let identity = request
+                        .headers()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("Bearer "))
+                        .unwrap_or("anonymous")
+                        .to_string();
+                    let (parts, body) = request.into_parts();
+                    let bytes = match body.collect().await {
+                        Ok(collected) => collected.to_bytes(),
+                        Err(_) => Default::default(),
+                    };
+                    let request =
+                        Request::from_parts(parts, kube::client::Body::from(bytes.to_vec()));
+                    server.handle(&identity, request).await
+                }
+            });
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await

@@ -65,6 +65,19 @@ impl ServeOptions {
     }
 }
 
+impl ServeOptions {
+    /// A Lease valid for `duration` after its last renewal (default 15 s): a new leader takes
+    /// over about this long after the last one died. The renew deadline and retry period keep
+    /// their default proportions (2/3 and 2/15 of it).
+    pub fn with_lease_duration(mut self, duration: Duration) -> Self {
+        let lease = &mut self.controller.lease;
+        lease.lease_duration = duration;
+        lease.renew_deadline = duration * 2 / 3;
+        lease.retry_period = (duration * 2 / 15).max(Duration::from_millis(200));
+        self
+    }
+}
+
 /// Run until `signal` completes, then shut down gracefully.
 pub async fn run_until(options: ServeOptions, signal: impl Future<Output = ()>) -> Result<()> {
     let client = kube::Client::try_default().await.map_err(|e| {
