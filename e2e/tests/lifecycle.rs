@@ -221,7 +221,7 @@ fn run(release: &mut Release, body: impl FnOnce(&mut Release) -> Result<()>) -> 
     result
 }
 
-/// 1. Adoption. The Deployment serves live traffic, and Git's VirtualService already says
+/// Case 1: Adoption. The Deployment serves live traffic, and Git's VirtualService already says
 /// stable 100 / canary 0 although no primary pod exists yet. The gateway still serves the last
 /// route istiod pushed before that sync (everything to the Deployment's pods); the stand-in
 /// holds the sync's route until Fledge has acted, as a control plane that has not pushed it
@@ -300,7 +300,7 @@ fn hpa() -> Value {
     })
 }
 
-/// 2. Seed 003 (Flagger's primary/canary): a healthy revision applied through the API as Argo
+/// Case 2: Seed 003 (Flagger's primary/canary): a healthy revision applied through the API as Argo
 /// CD would apply it is scaled up (as the HPA allows), analysed step by step (stepWeight /
 /// maxWeight), copied into the primary, and the target goes back to 0. Afterwards Envoy serves
 /// only primary pods running the new revision, the weights are stable 100 / canary 0 (what
@@ -360,7 +360,7 @@ fn a_healthy_revision_is_promoted_into_the_primary_and_the_target_scaled_to_zero
     })
 }
 
-/// 3. A failing revision (30% 5xx) is rolled back: the primary is untouched, the target goes
+/// Case 3: A failing revision (30% 5xx) is rolled back: the primary is untouched, the target goes
 /// to 0, and afterwards no request reaches the bad pods.
 #[test]
 fn a_failing_revision_is_rolled_back_and_no_request_reaches_the_bad_pods() -> Result<()> {
@@ -399,7 +399,7 @@ fn a_failing_revision_is_rolled_back_and_no_request_reaches_the_bad_pods() -> Re
     })
 }
 
-/// 4. A revision that never becomes ready is rolled back at `progressDeadline`, with that
+/// Case 4: A revision that never becomes ready is rolled back at `progressDeadline`, with that
 /// reason; it never got traffic.
 #[test]
 fn a_revision_that_never_becomes_ready_is_rolled_back_at_the_progress_deadline() -> Result<()> {
@@ -434,7 +434,7 @@ fn a_revision_that_never_becomes_ready_is_rolled_back_at_the_progress_deadline()
     })
 }
 
-/// 5. A new revision arriving mid-rollout first sends all traffic back to stable, then the
+/// Case 5: A new revision arriving mid-rollout first sends all traffic back to stable, then the
 /// analysis starts again on it; the one it replaced is never promoted.
 #[test]
 fn a_new_revision_mid_rollout_restarts_the_analysis() -> Result<()> {
@@ -580,7 +580,7 @@ fn writes_to(requests: &[Value], method: &str, path: &str) -> usize {
         .count()
 }
 
-/// 6. The controller is killed (SIGKILL) during a promotion, after the copy into the primary
+/// Case 6: The controller is killed (SIGKILL) during a promotion, after the copy into the primary
 /// and before the target's scale-down; the standby becomes leader and finishes the promotion
 /// exactly once: one copy, one scale-down, one Succeeded, one post-rollout call.
 #[test]
