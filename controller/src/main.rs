@@ -431,7 +431,7 @@ fn lease_duration(text: &str) -> Result<std::time::Duration, String> {
         .parse()
         .map_err(|e: fledge_core::duration::DurationError| e.to_string())?;
     let millis = duration.as_millis();
-    if millis < 3000 || millis % 1000 != 0 {
+    if millis < 3000 || !millis.is_multiple_of(1000) {
         return Err(format!(
             "{text:?} is not whole seconds of at least 3s; write e.g. `--lease-duration 15s`"
         ));
