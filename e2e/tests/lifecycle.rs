@@ -14,7 +14,9 @@
 use anyhow::{bail, ensure, Context, Result};
 use fledge_e2e::kubernetes::{require, KubeController};
 use fledge_e2e::workload::{deployment, routing_and_canary, template, StackOptions, WorkloadStack};
-use fledge_e2e::{init_tracing, LoadGen, LoadOptions, LoadReport, RouteWeights, ScratchDir};
+use fledge_e2e::{
+    browser, init_tracing, paths, LoadGen, LoadOptions, LoadReport, RouteWeights, ScratchDir,
+};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -28,6 +30,18 @@ const TARGET: &str = "/apis/apps/v1/namespaces/shop/deployments/app";
 const PRIMARY: &str = "/apis/apps/v1/namespaces/shop/deployments/app-primary";
 const VS: &str = "/apis/networking.istio.io/v1/namespaces/shop/virtualservices/app";
 const STEP: Duration = Duration::from_secs(60);
+/// The spec pasted into the dashboard's simulator page (any valid spec will do).
+const SIMULATED_SPEC: &str = "apiVersion: fledge.dev/v1alpha1
+kind: Canary
+metadata: {name: app, namespace: shop}
+spec:
+  service: app
+  stable: {subset: stable}
+  canary: {subset: canary}
+  metricsSource: {prometheus: {address: \"http://prometheus:9090\"}}
+  router: {istio: {virtualService: app, route: primary}}
+  analysis: {interval: 30s, stepWeights: [10, 30, 60]}
+";
 
 /// The analysis of every test unless it says otherwise: 1 s intervals, two steps.
 fn analysis() -> Value {
@@ -202,6 +216,41 @@ impl Release {
         Ok(())
     }
 
+    /// `fledge status --kubernetes` and the controller's dashboard (in headless chromium) show
+    /// the workload: its phase, the revision's image, the primary and target replicas.
+    fn shows_the_workload(&self, phase: &str, image: &str) -> Result<()> {
+        let kubeconfig = self.stack.cluster.kubeconfig().to_path_buf();
+        let (code, out, err) = browser::run_bounded_with_env(
+            &paths::fledge_binary()?,
+            &["status", "app", "--kubernetes", "-n", NS],
+            &[("KUBECONFIG", kubeconfig.as_path())],
+            Duration::from_secs(30),
+        )?;
+        ensure!(code == 0, "fledge status exit {code}: {out}{err}");
+        let primary = "primary 2/2   target 0/0";
+        ensure!(
+            out.contains(&format!("workload  {phase}   {primary}"))
+                && out.contains(&format!("revision  {image}")),
+            "fledge status:\n{out}"
+        );
+        let page = browser::drive_dashboard(
+            &self.controller.base_url(),
+            "shop/app",
+            self.dir.path(),
+            SIMULATED_SPEC,
+            r#"{"requestsPerMinute": 300, "seed": 5}"#,
+            "lifecycle",
+        )?;
+        let row = page["list"][0]["text"].as_str().unwrap_or_default();
+        ensure!(
+            row.contains(&format!("workload {phase}"))
+                && row.contains(image)
+                && row.contains("primary 2/2 · target 0/0"),
+            "dashboard row: {row:?}"
+        );
+        Ok(())
+    }
+
     fn fail_with_logs(&self, error: anyhow::Error) -> anyhow::Error {
         error.context(format!(
             "controller log tail:\n{}\nload: {}\nscratch: {}",
@@ -356,6 +405,7 @@ fn a_healthy_revision_is_promoted_into_the_primary_and_the_target_scaled_to_zero
         ensure!(primary["spec"]["template"]["spec"]["containers"][0]["image"] == "app:v2");
         r.target_retired()?;
         r.only_primary_serves("v2")?;
+        r.shows_the_workload("Succeeded", "app:v2")?;
         r.only_2xx()
     })
 }

@@ -65,6 +65,16 @@ pub fn view_of(canary: &Canary) -> Value {
             .filter(|ready| ready.status == "False")
             .map(|ready| format!("{}: {}", ready.reason, ready.message));
         map.insert("routerError".into(), json!(blocked));
+        if let Some(workload) = canary.status.as_ref().and_then(|s| s.workload.as_ref()) {
+            // With a workload, the weight shown is the one routed (its lifecycle's).
+            if let Some(weight) = workload.canary_weight {
+                map.insert("canaryWeight".into(), json!(weight));
+            }
+            map.insert(
+                "workload".into(),
+                serde_json::to_value(workload).unwrap_or_default(),
+            );
+        }
     }
     view
 }

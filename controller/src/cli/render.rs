@@ -2,6 +2,7 @@
 
 use fledge_core::analysis::{MetricCheck, Verdict};
 use fledge_core::rollout::{CanaryStatus, Phase};
+use fledge_core::workload::{short, WorkloadPhase, WorkloadStatus};
 use serde::Deserialize;
 
 /// One webhook's last call, as the API reports it.
@@ -47,6 +48,9 @@ pub struct CanaryDoc {
     pub conflict: Option<String>,
     #[serde(default)]
     pub webhooks: Vec<WebhookDoc>,
+    /// With `targetRef` (Kubernetes mode): the workload.
+    #[serde(default)]
+    pub workload: Option<WorkloadStatus>,
 }
 
 /// How to draw: with ANSI colours (a terminal without `NO_COLOR`) or plain.
@@ -117,6 +121,46 @@ fn phase_text(style: Style, phase: Phase, paused_by_operator: bool) -> String {
     }
 }
 
+fn workload_phase_text(style: Style, phase: WorkloadPhase) -> String {
+    let name = format!("{phase:?}");
+    match phase {
+        WorkloadPhase::Succeeded | WorkloadPhase::Initialized => style.green(&name),
+        WorkloadPhase::Failed | WorkloadPhase::RollingBack => style.red(&name),
+        WorkloadPhase::Waiting => style.yellow(&name),
+        _ => name,
+    }
+}
+
+/// `2/3`: available of desired replicas.
+fn replicas(r: fledge_core::workload::Replicas) -> String {
+    format!("{}/{}", r.available, r.desired)
+}
+
+/// The workload lines of `fledge status NAME`.
+fn render_workload(w: &WorkloadStatus, style: Style) -> String {
+    let mut out = format!(
+        "  workload  {}   primary {}   target {}\n",
+        workload_phase_text(style, w.phase),
+        replicas(w.primary),
+        replicas(w.target)
+    );
+    if let Some(image) = &w.image {
+        let revision = w.revision.as_deref().map(short).unwrap_or_default();
+        out.push_str(&format!("  revision  {image} ({revision})\n"));
+    }
+    if let Some(stable) = &w.stable_image {
+        out.push_str(&format!("  stable    {stable} on the primary\n"));
+    }
+    out.push_str(&format!("  doing     {}\n", w.message));
+    if let Some(held) = &w.weights_held {
+        out.push_str(&format!("  held      {} {held}\n", style.yellow("!")));
+    }
+    if let Some(failure) = &w.failure {
+        out.push_str(&format!("  failure   {} {failure}\n", style.red("✘")));
+    }
+    out
+}
+
 fn verdict_mark(style: Style, verdict: Verdict) -> String {
     match verdict {
         Verdict::Pass => style.green("✔"),
@@ -165,14 +209,41 @@ pub fn render_list(canaries: &[CanaryDoc], style: Style) -> String {
         .max()
         .unwrap_or(4)
         .max(4);
+    let workloads = canaries.iter().any(|c| c.workload.is_some());
+    let workload_header = if workloads {
+        format!("{:<12}  {:<7}  {:<7}  ", "WORKLOAD", "PRIMARY", "TARGET")
+    } else {
+        String::new()
+    };
     let mut out = format!(
         "{}\n",
         style.bold(&format!(
-            "{:<name_width$}  {:<12}  {:<17}  {:<5}  {:<6}  {}",
+            "{:<name_width$}  {:<12}  {:<17}  {:<5}  {:<6}  {workload_header}{}",
             "NAME", "PHASE", "WEIGHT", "STEP", "FAILED", "MESSAGE"
         ))
     );
     for c in canaries {
+        let workload = match (&c.workload, workloads) {
+            (Some(w), _) => {
+                let phase = format!("{:?}", w.phase);
+                let pad = 12usize.saturating_sub(phase.chars().count());
+                format!(
+                    "{}{}  {:<7}  {:<7}  ",
+                    workload_phase_text(style, w.phase),
+                    " ".repeat(pad),
+                    replicas(w.primary),
+                    replicas(w.target)
+                )
+            }
+            (None, true) => format!("{:<12}  {:<7}  {:<7}  ", "-", "", ""),
+            (None, false) => String::new(),
+        };
+        let message = c
+            .workload
+            .as_ref()
+            .map(|w| w.message.clone())
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| list_message(c));
         let phase_plain = format!("{:?}", c.status.phase);
         let pad = 12usize.saturating_sub(phase_plain.chars().count());
         let warnings = match c.status.warnings.len() {
@@ -181,14 +252,14 @@ pub fn render_list(canaries: &[CanaryDoc], style: Style) -> String {
             n => format!("  {}", style.yellow(&format!("! {n} warnings"))),
         };
         out.push_str(&format!(
-            "{:<name_width$}  {}{}  {}  {:<5}  {:<6}  {}{warnings}\n",
+            "{:<name_width$}  {}{}  {}  {:<5}  {:<6}  {workload}{}{warnings}\n",
             c.name,
             phase_text(style, c.status.phase, false),
             " ".repeat(pad),
             weight_bar(c.status.canary_weight),
             step_label(c.status.step, c.steps),
             format!("{}/{}", c.status.failed_checks, c.threshold),
-            truncate(&list_message(c), 100),
+            truncate(&message, 100),
         ));
     }
     out
@@ -255,6 +326,9 @@ pub fn render_canary(c: &CanaryDoc, style: Style) -> String {
     ));
     if !s.message.is_empty() {
         out.push_str(&format!("  reason    {}\n", s.message));
+    }
+    if let Some(workload) = &c.workload {
+        out.push_str(&render_workload(workload, style));
     }
     if let Some(error) = &c.router_error {
         out.push_str(&format!("  blocked   {} {error}\n", style.red("✘")));
@@ -468,6 +542,7 @@ mod tests {
                 }),
                 failures_in_a_row: 2,
             }],
+            workload: None,
         }
     }
 
@@ -601,5 +676,53 @@ app  Progressing
             "{text}"
         );
         assert!(text.contains("  analysis  none yet\n"), "{text}");
+    }
+
+    #[test]
+    fn a_workload_shows_its_phase_revision_replicas_and_why_weights_are_held() {
+        let mut app = doc();
+        app.workload = Some(WorkloadStatus {
+            phase: WorkloadPhase::Progressing,
+            revision: Some("4b78f6377011aa00".into()),
+            image: Some("app:v2".into()),
+            stable_image: Some("app:v1".into()),
+            primary: fledge_core::workload::Replicas {
+                desired: 3,
+                available: 3,
+            },
+            target: fledge_core::workload::Replicas {
+                desired: 3,
+                available: 0,
+            },
+            message: "analysing revision 4b78f63770 (app:v2)".into(),
+            weights_held: Some(
+                "the canary subset (app) has no available pods: all traffic stays on stable".into(),
+            ),
+            ..Default::default()
+        });
+        let text = render_canary(&app, Style::PLAIN);
+        for line in [
+            "  workload  Progressing   primary 3/3   target 0/3\n",
+            "  revision  app:v2 (4b78f63770)\n",
+            "  stable    app:v1 on the primary\n",
+            "  doing     analysing revision 4b78f63770 (app:v2)\n",
+            "  held      ! the canary subset (app) has no available pods: all traffic stays on stable\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in:\n{text}");
+        }
+        let list = render_list(&[app, doc()], Style::PLAIN);
+        let lines: Vec<&str> = list.lines().collect();
+        assert!(
+            lines[0].contains("WORKLOAD      PRIMARY  TARGET   MESSAGE"),
+            "{list}"
+        );
+        assert!(
+            lines[1].contains("Progressing   3/3      0/3      analysing revision"),
+            "{list}"
+        );
+        assert!(
+            lines[2].contains("-                               advance canary"),
+            "{list}"
+        );
     }
 }

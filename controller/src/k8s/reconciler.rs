@@ -246,7 +246,16 @@ impl Context {
         resource_status: &CanaryResourceStatus,
         problem: Option<String>,
     ) {
-        let status = &resource_status.rollout;
+        let mut status = resource_status.rollout.clone();
+        if let Some(weight) = resource_status
+            .workload
+            .as_ref()
+            .and_then(|w| w.canary_weight)
+        {
+            // With a workload, the weight shown is the one routed (its lifecycle's).
+            status.canary_weight = weight;
+        }
+        let status = &status;
         // A reconcile may be calling the hooks right now: then keep what was last shown.
         let shown = self
             .cached_runtime(key)

@@ -41,6 +41,20 @@
     return String(Math.round(v * Math.pow(10, d)) / Math.pow(10, d));
   }
 
+  // With targetRef (Kubernetes mode): the workload's phase, revision and replica counts.
+  function workloadLine(w) {
+    if (!w) { return ""; }
+    const replicas = (r) => `${r.available}/${r.desired}`;
+    return `<div class="muted" data-testid="workload">workload <span class="badge ${esc(w.phase)}">${esc(w.phase)}</span> ` +
+      `${esc(w.image || "")} · primary ${replicas(w.primary)} · target ${replicas(w.target)}</div>`;
+  }
+
+  function workloadAlerts(w) {
+    if (!w) { return ""; }
+    return (w.weightsHeld ? `<div class="alert" data-testid="weights-held">${esc(w.weightsHeld)}</div>` : "") +
+      (w.failure ? `<div class="alert">${esc(w.failure)}</div>` : "");
+  }
+
   function renderList(canaries) {
     if (canaries.length === 0) {
       // A standby Kubernetes controller says so (its leader shows the canaries).
@@ -53,7 +67,7 @@
       const verdict = c.lastAnalysis ? `<span class="badge ${esc(c.lastAnalysis.verdict)}">${esc(c.lastAnalysis.verdict)}</span>` : `<span class="muted">—</span>`;
       return `<tr class="canary-row" data-testid="canary-row" data-name="${esc(c.name)}" data-phase="${esc(c.phase)}">` +
         `<td><a class="name" href="#/canary/${encodeURIComponent(c.name)}">${esc(c.name)}</a><div class="muted">${esc(c.service)}</div></td>` +
-        `<td><span class="badge ${esc(c.phase)}">${esc(c.phase)}${c.pausedByOperator && c.phase !== "Paused" ? " (paused)" : ""}</span></td>` +
+        `<td><span class="badge ${esc(c.phase)}">${esc(c.phase)}${c.pausedByOperator && c.phase !== "Paused" ? " (paused)" : ""}</span>${workloadLine(c.workload)}</td>` +
         `<td>${weightBar(c.canaryWeight)}</td>` +
         `<td class="num">${stepLabel(c)}</td>` +
         `<td class="num">${c.failedChecks}/${c.threshold}</td>` +
@@ -130,6 +144,7 @@
       `<div class="item"><div class="label">Step</div><div class="value">${stepLabel(c)}</div></div>` +
       `<div class="item"><div class="label">Failed checks</div><div class="value">${c.failedChecks}/${c.threshold}</div></div></div>` +
       (c.message ? `<div class="message" data-testid="message">${esc(c.message)}</div>` : "") +
+      (c.workload ? workloadLine(c.workload) + `<div class="message">${esc(c.workload.message)}</div>` + workloadAlerts(c.workload) : "") +
       (c.routerError ? `<div class="alert">blocked: ${esc(c.routerError)}</div>` : "") +
       (c.conflict ? `<div class="alert">${esc(c.conflict)}</div>` : "") + warningList(c) + `</div>` +
       `<h2>Traffic</h2><div class="charts">${chartBox("chart-weight")}${chartBox("chart-rps")}${chartBox("chart-success")}${chartBox("chart-latency")}</div>` +
