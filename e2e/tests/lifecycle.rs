@@ -40,7 +40,7 @@ spec:
   canary: {subset: canary}
   metricsSource: {prometheus: {address: \"http://prometheus:9090\"}}
   router: {istio: {virtualService: app, route: primary}}
-  analysis: {interval: 30s, stepWeights: [10, 30, 60]}
+  analysis: {interval: 30s, stepWeights: [10, 30, 60], compareWithStable: {}}
 ";
 
 /// The analysis of every test unless it says otherwise: 1 s intervals, two steps.
