@@ -278,6 +278,77 @@ fn examples_are_valid_and_fit_together() {
     assert_eq!(rule["spec"]["subsets"][1]["labels"]["version"], "v2");
 }
 
+/// The workload example (`spec.targetRef`): the Canary is valid and its route starts at 100/0,
+/// the Deployment carries the track label where the lifecycle needs it, the HPA scales it, the
+/// DestinationRule's subsets select the primary copy's pods and the target's by the track
+/// label, and the Service selects both.
+#[test]
+fn workload_example_is_valid_and_fits_together() {
+    use fledge_core::workload::{check_autoscaler, check_target, primary_object, Owner};
+    let file = "examples/workload.yaml";
+    let docs = documents(file);
+    let canary: Canary = serde_json::from_value(find(&docs, "Canary", "app").clone())
+        .unwrap_or_else(|e| panic!("{file}: {e}"));
+    let core = canary.to_core();
+    core.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
+    let spec = &core.spec;
+    let target_ref = spec.target_ref.as_ref().expect("targetRef");
+    let hpa_ref = spec.autoscaler_ref.as_ref().expect("autoscalerRef");
+    let track = spec.track_label();
+
+    let vs = find(&docs, "VirtualService", "app");
+    let weights = weights_in(spec, "shop", vs).unwrap_or_else(|e| panic!("{file}: {e}"));
+    assert_eq!((weights.stable, weights.canary), (100, 0));
+
+    let target = find(&docs, "Deployment", &target_ref.name);
+    let problems = check_target(target, track);
+    assert!(problems.is_empty(), "{file}: {problems:?}");
+    let hpa = find(&docs, "HorizontalPodAutoscaler", &hpa_ref.name);
+    assert_eq!(check_autoscaler(hpa, &target_ref.name), None);
+
+    let owner = Owner {
+        namespace: "shop".into(),
+        name: "app".into(),
+        uid: "uid".into(),
+    };
+    let primary = primary_object(target, track, 2, &owner);
+    let rule = find(&docs, "DestinationRule", "app");
+    let subset_labels = |name: &str| {
+        rule["spec"]["subsets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("{file}: no subset {name}"))["labels"]
+            .clone()
+    };
+    let selects = |labels: &Value, pod: &Value| {
+        labels
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| &pod[k] == v)
+    };
+    let pods = |deployment: &Value| deployment["spec"]["template"]["metadata"]["labels"].clone();
+    let (stable, canary_subset) = (
+        subset_labels(&spec.stable.subset),
+        subset_labels(&spec.canary.subset),
+    );
+    assert!(selects(&stable, &pods(&primary)) && !selects(&stable, &pods(target)));
+    assert!(selects(&canary_subset, &pods(target)) && !selects(&canary_subset, &pods(&primary)));
+    let service = find(&docs, "Service", &spec.service);
+    let selector = &service["spec"]["selector"];
+    assert!(
+        selector.get(track).is_none(),
+        "the Service selects both tracks"
+    );
+    assert!(selects(selector, &pods(target)) && selects(selector, &pods(&primary)));
+    assert!(
+        target["spec"].get("replicas").is_none(),
+        "{file}: the HPA and Fledge own the target's replicas"
+    );
+}
+
 /// The Gateway API examples: each Canary is valid, its HTTPRoute rule starts at 100/0 with the
 /// backends it names, and the filter it installs (TrafficExtension in a waypoint, Envoy
 /// Gateway's EnvoyExtensionPolicy) parses, names the Canary's service and subsets, and guards
