@@ -311,6 +311,31 @@ impl Controller {
             .ok_or_else(|| anyhow!("canary {name:?} not in the API answer"))
     }
 
+    /// Wait until canary `name` reaches `phase`; fail at once if it ends (Promoted or
+    /// RolledBack) otherwise, with the controller's last output.
+    pub fn wait_for_phase(
+        &mut self,
+        name: &str,
+        phase: &str,
+        timeout: Duration,
+    ) -> Result<CanaryView> {
+        let waited = wait_until(&format!("canary {name} to be {phase}"), timeout, || {
+            let view = self.canary(name)?;
+            if view.phase == phase {
+                return Ok(Some(view));
+            }
+            if ["Promoted", "RolledBack"].contains(&view.phase.as_str()) {
+                bail!(
+                    "canary ended {} instead of {phase}: {}",
+                    view.phase,
+                    view.message
+                );
+            }
+            Ok(None)
+        });
+        waited.with_context(|| format!("controller output:\n{}", self.log_tail(40)))
+    }
+
     pub fn pid(&self) -> u32 {
         self.proc.pid()
     }

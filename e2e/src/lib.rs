@@ -32,7 +32,8 @@
 //!   `fledge controller`, and a stand-in for istiod that copies VirtualService weights to Envoy.
 //! - [`gateway`]: a stand-in Gateway API implementation that programs Envoy from an HTTPRoute
 //!   and reports it accepted.
-//! - [`stack`]: [`stack::AppStack`], backends v1/v2 behind an Envoy with the filter — the
+//! - [`stack`]: [`stack::AppStack`], backends v1/v2 behind an Envoy with the filter, and what a
+//!   test adds (load, Prometheus, `fledge run`) through its builder — the
 //!   usual start of a test.
 //! - [`workload`]: [`workload::WorkloadStack`], an app released as Deployments (`targetRef`):
 //!   Envoy with subset clusters from EDS files, the fake API server, the kubelet and istiod
@@ -64,7 +65,7 @@ pub use controller::{CanaryManifest, CanaryView, Controller};
 pub use envoy::{Envoy, EnvoyOptions, RouteWeights, WasmFilter};
 pub use loadgen::{LoadGen, LoadOptions, LoadReport};
 pub use process::{free_port, wait_until, Proc, ScratchDir};
-pub use stack::AppStack;
+pub use stack::{AppStack, AppStackBuilder};
 
 /// Install a `tracing` subscriber that honours `RUST_LOG` (default `info`) and writes to stderr
 /// in a form the test harness captures. Safe to call more than once.

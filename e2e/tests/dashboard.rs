@@ -5,10 +5,7 @@
 //! Screenshots are kept under `target/dashboard-screenshots/`.
 
 use anyhow::{ensure, Context, Result};
-use fledge_e2e::{
-    browser, http, init_tracing, paths, wait_until, AppStack, CanaryManifest, Controller, LoadGen,
-    LoadOptions, ScratchDir,
-};
+use fledge_e2e::{browser, http, init_tracing, paths, wait_until, AppStack, LoadOptions};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -46,19 +43,13 @@ const SCENARIO: &str = r#"{"requestsPerMinute": 300, "canaryErrorRatio": 3, "see
 fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
     init_tracing();
     browser::dashboard_script()?;
-    let dir = ScratchDir::temp("dashboard")?;
-    let AppStack {
-        stable: _stable,
-        canary: _canary,
-        envoy,
-    } = AppStack::start(dir.path())?;
-    let load = LoadGen::start(
-        &envoy.listener_url(),
-        LoadOptions::new(100, Duration::from_secs(150)),
-    )?;
-    let mut manifest = CanaryManifest::new("app", "app", &envoy.admin_url(), envoy.rds_path());
-    manifest.analysis_yaml = ANALYSIS.to_string();
-    let controller = Controller::start_in(dir.path(), &manifest)?;
+    let mut stack = AppStack::builder("dashboard")
+        .canary_named("app")
+        .load(LoadOptions::new(100, Duration::from_secs(150)))
+        .controller(ANALYSIS)
+        .start()?;
+    let dir = stack.path().to_path_buf();
+    let controller = stack.controller.as_mut().context("the controller")?;
     let base = controller.base_url();
     let result = (|| -> Result<()> {
         let info = http::get_json(&format!("{base}/api/v1/info"), Duration::from_secs(3))?;
@@ -77,7 +68,7 @@ fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
         let page = browser::drive_dashboard(
             &base,
             "app",
-            dir.path(),
+            dir.as_path(),
             SIMULATED_SPEC,
             SCENARIO,
             "standalone",
@@ -122,7 +113,7 @@ fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
 
         // The simulator page decides exactly as the native simulator (`fledge simulate`) on the
         // spec the page was given.
-        let spec_path = dir.path().join("simulated.yaml");
+        let spec_path = dir.as_path().join("simulated.yaml");
         let (code, native, err) = browser::run_bounded(
             &paths::fledge_binary()?,
             &[
@@ -162,6 +153,8 @@ fn dashboard_and_simulator_in_headless_chromium() -> Result<()> {
         Ok(())
     })();
     let result = result.with_context(|| format!("fledge log tail:\n{}", controller.log_tail(30)));
-    load.stop();
+    if let Some(load) = stack.load.take() {
+        load.stop();
+    }
     result
 }

@@ -5,10 +5,7 @@
 
 use anyhow::{ensure, Context, Result};
 use fledge_e2e::prometheus::{Prometheus, PrometheusOptions};
-use fledge_e2e::{
-    init_tracing, paths, wait_until, AppStack, CanaryManifest, Controller, LoadGen, LoadOptions,
-    ScratchDir,
-};
+use fledge_e2e::{init_tracing, paths, wait_until, AppStack, LoadOptions};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -56,24 +53,19 @@ fn every_grafana_query_is_valid_and_the_main_panels_show_the_rollout() -> Result
     init_tracing();
     let dashboard_path = paths::workspace_root().join("manifests/grafana/fledge-dashboard.json");
     let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&dashboard_path)?)?;
-    let dir = ScratchDir::temp("grafana")?;
-    let AppStack {
-        stable: _stable,
-        canary: _canary,
-        envoy,
-    } = AppStack::start(dir.path())?;
-    let load = LoadGen::start(
-        &envoy.listener_url(),
-        LoadOptions::new(100, Duration::from_secs(90)),
-    )?;
-    let mut manifest = CanaryManifest::new("app", "app", &envoy.admin_url(), envoy.rds_path());
-    manifest.analysis_yaml = ANALYSIS.to_string();
-    let mut controller = Controller::start_in(dir.path(), &manifest)?;
+    let mut stack = AppStack::builder("grafana")
+        .canary_named("app")
+        .load(LoadOptions::new(100, Duration::from_secs(90)))
+        .controller(ANALYSIS)
+        .start()?;
+    let dir = stack.path().to_path_buf();
+    let envoy = &stack.envoy;
+    let controller = stack.controller.as_mut().context("the controller")?;
     let traffic = Prometheus::start(
-        PrometheusOptions::envoy(&envoy.admin_url()).in_dir(&dir.path().join("prom-envoy")),
+        PrometheusOptions::envoy(&envoy.admin_url()).in_dir(&dir.as_path().join("prom-envoy")),
     )?;
     let mut fledge_options =
-        PrometheusOptions::envoy(&controller.base_url()).in_dir(&dir.path().join("prom-fledge"));
+        PrometheusOptions::envoy(&controller.base_url()).in_dir(&dir.as_path().join("prom-fledge"));
     fledge_options.metrics_path = "/metrics".to_string();
     let decisions = Prometheus::start(fledge_options)?;
     let result = (|| -> Result<()> {
@@ -166,6 +158,8 @@ fn every_grafana_query_is_valid_and_the_main_panels_show_the_rollout() -> Result
         Ok(())
     })();
     let result = result.with_context(|| format!("fledge log tail:\n{}", controller.log_tail(30)));
-    load.stop();
+    if let Some(load) = stack.load.take() {
+        load.stop();
+    }
     result
 }

@@ -3,10 +3,7 @@
 //! garbage, and the RDS file edited by someone else mid-rollout.
 
 use anyhow::{bail, ensure, Context, Result};
-use fledge_e2e::{
-    init_tracing, wait_until, AppStack, Backend, CanaryManifest, CanaryView, Controller, Envoy,
-    LoadGen, LoadOptions, RouteWeights, ScratchDir,
-};
+use fledge_e2e::{wait_until, AppStack, CanaryView, Controller, LoadOptions, RouteWeights};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -15,70 +12,43 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Real processes of one fault scenario (the controller is managed by each test).
-struct World {
-    load: Option<LoadGen>,
-    envoy: Envoy,
-    _stable: Backend,
-    _canary: Backend,
-    dir: ScratchDir,
+/// Backends, Envoy with the filter and 100 req/s of load (8 connections).
+fn start_stack(name: &str) -> Result<AppStack> {
+    let mut load = LoadOptions::new(100, Duration::from_secs(150));
+    load.workers = 8;
+    AppStack::builder(name).load(load).start()
 }
 
-impl World {
-    fn start(name: &str) -> Result<World> {
-        init_tracing();
-        let dir = ScratchDir::temp(name)?;
-        let AppStack {
-            stable,
-            canary,
-            envoy,
-        } = AppStack::start(dir.path())?;
-        let mut options = LoadOptions::new(100, Duration::from_secs(150));
-        options.workers = 8;
-        let load = LoadGen::start(&envoy.listener_url(), options)?;
-        Ok(World {
-            load: Some(load),
-            envoy,
-            _stable: stable,
-            _canary: canary,
-            dir,
-        })
+/// Write the Canary manifest (optionally reading metrics from `metrics_url`).
+fn write_manifest(
+    stack: &AppStack,
+    name: &str,
+    analysis: &str,
+    metrics_url: Option<&str>,
+) -> Result<PathBuf> {
+    let mut manifest = stack.manifest_for(name);
+    manifest.analysis_yaml = analysis.to_string();
+    let mut yaml = manifest.to_yaml();
+    if let Some(url) = metrics_url {
+        let admin = format!("envoyAdmin: {{urls: [\"{}\"]}}", stack.envoy.admin_url());
+        ensure!(yaml.contains(&admin), "unexpected manifest shape:\n{yaml}");
+        yaml = yaml.replace(
+            &admin,
+            &format!("envoyAdmin: {{urls: [\"{url}\"], timeout: 1s}}"),
+        );
     }
-
-    /// Write the Canary manifest (optionally reading metrics from `metrics_url`).
-    fn manifest(&self, name: &str, analysis: &str, metrics_url: Option<&str>) -> Result<PathBuf> {
-        let mut manifest =
-            CanaryManifest::new(name, "app", &self.envoy.admin_url(), self.envoy.rds_path());
-        manifest.analysis_yaml = analysis.to_string();
-        let mut yaml = manifest.to_yaml();
-        if let Some(url) = metrics_url {
-            let admin = format!("envoyAdmin: {{urls: [\"{}\"]}}", self.envoy.admin_url());
-            ensure!(yaml.contains(&admin), "unexpected manifest shape:\n{yaml}");
-            yaml = yaml.replace(
-                &admin,
-                &format!("envoyAdmin: {{urls: [\"{url}\"], timeout: 1s}}"),
-            );
-        }
-        let path = self.dir.path().join(format!("{name}.yaml"));
-        std::fs::write(&path, yaml)?;
-        Ok(path)
-    }
-
-    fn controller(&self, manifest: &Path, log: &str) -> Result<Controller> {
-        Controller::start(
-            manifest,
-            &self.dir.path().join("state"),
-            &self.dir.path().join(log),
-        )
-    }
+    let path = stack.path().join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml)?;
+    Ok(path)
 }
 
-impl Drop for World {
-    fn drop(&mut self) {
-        if let Some(load) = self.load.take() {
-            load.stop();
-        }
-    }
+/// A `fledge run` on `manifest` with the stack's state directory, logging to `log`.
+fn start_controller(stack: &AppStack, manifest: &Path, log: &str) -> Result<Controller> {
+    Controller::start(
+        manifest,
+        &stack.path().join("state"),
+        &stack.path().join(log),
+    )
 }
 
 fn wait_for(
@@ -128,9 +98,9 @@ metrics:
 
 #[test]
 fn controller_killed_mid_rollout_continues_at_the_same_step() -> Result<()> {
-    let world = World::start("killed")?;
-    let manifest = world.manifest("killed", STEPPED, None)?;
-    let mut first = world.controller(&manifest, "fledge-1.log")?;
+    let world = start_stack("killed")?;
+    let manifest = write_manifest(&world, "killed", STEPPED, None)?;
+    let mut first = start_controller(&world, &manifest, "fledge-1.log")?;
     let before = wait_for(
         &mut first,
         "killed",
@@ -142,7 +112,7 @@ fn controller_killed_mid_rollout_continues_at_the_same_step() -> Result<()> {
     let (live, _) = world.envoy.live_route_weights()?;
     ensure!(live == RouteWeights::canary_percent(40), "live {live}");
 
-    let mut second = world.controller(&manifest, "fledge-2.log")?;
+    let mut second = start_controller(&world, &manifest, "fledge-2.log")?;
     let resumed = wait_for(
         &mut second,
         "killed",
@@ -183,9 +153,9 @@ fn controller_killed_mid_rollout_continues_at_the_same_step() -> Result<()> {
 
 #[test]
 fn two_controllers_only_one_acts_and_the_standby_takes_over() -> Result<()> {
-    let world = World::start("standby")?;
-    let manifest = world.manifest("standby", STEPPED, None)?;
-    let mut active = world.controller(&manifest, "fledge-a.log")?;
+    let world = start_stack("standby")?;
+    let manifest = write_manifest(&world, "standby", STEPPED, None)?;
+    let mut active = start_controller(&world, &manifest, "fledge-a.log")?;
     wait_for(
         &mut active,
         "standby",
@@ -193,7 +163,7 @@ fn two_controllers_only_one_acts_and_the_standby_takes_over() -> Result<()> {
         Duration::from_secs(20),
         |v| v.canary_weight == Some(20),
     )?;
-    let mut standby = world.controller(&manifest, "fledge-b.log")?;
+    let mut standby = start_controller(&world, &manifest, "fledge-b.log")?;
     let waiting = wait_for(
         &mut standby,
         "standby",
@@ -234,9 +204,9 @@ fn two_controllers_only_one_acts_and_the_standby_takes_over() -> Result<()> {
 
 #[test]
 fn envoy_restart_resets_counters_without_a_false_verdict() -> Result<()> {
-    let mut world = World::start("restart")?;
-    let manifest = world.manifest("restart", STEPPED, None)?;
-    let mut controller = world.controller(&manifest, "fledge.log")?;
+    let mut world = start_stack("restart")?;
+    let manifest = write_manifest(&world, "restart", STEPPED, None)?;
+    let mut controller = start_controller(&world, &manifest, "fledge.log")?;
     wait_for(
         &mut controller,
         "restart",
@@ -359,7 +329,7 @@ fn serve(stream: TcpStream, upstream: &str, mode: u8) -> Result<()> {
 
 #[test]
 fn metrics_outage_never_promotes_halts_at_the_limit_and_resumes() -> Result<()> {
-    let world = World::start("outage")?;
+    let world = start_stack("outage")?;
     let admin = FaultyAdmin::start(world.envoy.admin_url())?;
     let quick = "interval: 2s
 threshold: 2
@@ -369,8 +339,8 @@ steps: [{setWeight: 20}, {setWeight: 40}]
 metrics:
   - {name: request-success-rate, thresholdRange: {min: 99}}
 ";
-    let manifest = world.manifest("outage", quick, Some(&admin.url))?;
-    let mut controller = world.controller(&manifest, "fledge.log")?;
+    let manifest = write_manifest(&world, "outage", quick, Some(&admin.url))?;
+    let mut controller = start_controller(&world, &manifest, "fledge.log")?;
     let mut seen = Vec::new();
     for (mode, expect, secs) in [
         (DOWN, "unreachable", 8),
@@ -422,7 +392,7 @@ metrics:
 
 #[test]
 fn rds_weights_edited_by_someone_else_are_reported_and_their_other_changes_survive() -> Result<()> {
-    let world = World::start("edited")?;
+    let world = start_stack("edited")?;
     let holding = "interval: 2s
 threshold: 2
 minCanaryRequests: 5
@@ -430,8 +400,8 @@ steps: [{setWeight: 30}, {pause: {duration: 60s}}]
 metrics:
   - {name: request-success-rate, thresholdRange: {min: 99}}
 ";
-    let manifest = world.manifest("edited", holding, None)?;
-    let mut controller = world.controller(&manifest, "fledge.log")?;
+    let manifest = write_manifest(&world, "edited", holding, None)?;
+    let mut controller = start_controller(&world, &manifest, "fledge.log")?;
     wait_for(
         &mut controller,
         "edited",

@@ -13,7 +13,7 @@ use fledge_e2e::kubernetes::{
     app_objects, exited_cleanly, require, FakeCluster, KubeController, MeshSync,
 };
 use fledge_e2e::{
-    browser, http, init_tracing, paths, AppStack, LoadGen, LoadOptions, RouteWeights, ScratchDir,
+    browser, http, init_tracing, paths, AppStack, LoadGen, LoadOptions, RouteWeights,
 };
 use serde_json::{json, Value};
 use std::path::Path;
@@ -59,12 +59,8 @@ fn v2_share_over(load: &LoadGen, window: Duration) -> (f64, u64) {
 fn kubernetes_mode_steers_real_traffic_through_a_virtual_service() -> Result<()> {
     init_tracing();
     browser::dashboard_script()?;
-    let dir = ScratchDir::temp("kubernetes")?;
-    let AppStack {
-        stable: _stable,
-        canary,
-        envoy,
-    } = AppStack::start(dir.path())?;
+    let stack = AppStack::builder("kubernetes").start()?;
+    let (dir, canary, envoy) = (stack.path(), &stack.canary, &stack.envoy);
     let analysis = json!({
         "interval": "1s",
         "threshold": 3,
@@ -76,7 +72,7 @@ fn kubernetes_mode_steers_real_traffic_through_a_virtual_service() -> Result<()>
         ]
     });
     let cluster = FakeCluster::start(
-        &dir.path().join("api"),
+        &dir.join("api"),
         NS,
         &app_objects(NS, &envoy.admin_url(), analysis),
     )?;
@@ -86,7 +82,7 @@ fn kubernetes_mode_steers_real_traffic_through_a_virtual_service() -> Result<()>
         LoadOptions::new(100, Duration::from_secs(170)),
     )?;
     let mut controller =
-        KubeController::start(&cluster, "fledge-e2e-0", &dir.path().join("controller.log"))?;
+        KubeController::start(&cluster, "fledge-e2e-0", &dir.join("controller.log"))?;
     let base = controller.base_url();
     let kubeconfig = cluster.kubeconfig().to_path_buf();
     let canary_status = || -> Result<Value> { Ok(cluster.canary(NS, "app")?["status"].clone()) };
@@ -134,7 +130,7 @@ fn kubernetes_mode_steers_real_traffic_through_a_virtual_service() -> Result<()>
         let page = browser::drive_dashboard(
             &base,
             "shop/app",
-            dir.path(),
+            dir,
             SIMULATED_SPEC,
             SCENARIO,
             "kubernetes",

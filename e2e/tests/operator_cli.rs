@@ -6,8 +6,8 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use fledge_e2e::{
-    free_port, http, init_tracing, paths, wait_until, AppStack, CanaryManifest, Controller,
-    LoadGen, LoadOptions, ScratchDir,
+    free_port, http, paths, wait_until, AppStack, CanaryManifest, Controller, LoadOptions,
+    ScratchDir,
 };
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -151,19 +151,12 @@ fn wait_for(
 
 #[test]
 fn the_cli_steers_a_real_rollout_through_a_webhook_gate() -> Result<()> {
-    init_tracing();
-    let dir = ScratchDir::temp("operator-cli")?;
     let receiver = Receiver::start()?;
-    let AppStack {
-        stable: _stable,
-        canary: _canary,
-        envoy,
-    } = AppStack::start(dir.path())?;
-    let load = LoadGen::start(
-        &envoy.listener_url(),
-        LoadOptions::new(100, Duration::from_secs(90)),
-    )?;
-    let mut manifest = CanaryManifest::new("app", "app", &envoy.admin_url(), envoy.rds_path());
+    let stack = AppStack::builder("operator-cli")
+        .load(LoadOptions::new(100, Duration::from_secs(90)))
+        .start()?;
+    let dir = stack.path();
+    let mut manifest = stack.manifest_for("app");
     manifest.analysis_yaml = ANALYSIS.to_string();
     let hooks = format!(
         "  webhooks:
@@ -174,16 +167,13 @@ fn the_cli_steers_a_real_rollout_through_a_webhook_gate() -> Result<()> {
 ",
         p = receiver.port
     );
-    let manifest_path = dir.path().join("canary.yaml");
+    let manifest_path = dir.join("canary.yaml");
     std::fs::write(&manifest_path, manifest.to_yaml() + &hooks)?;
     let (code, out, err) = fledge(&["validate", "-f", manifest_path.to_str().unwrap_or_default()])?;
     ensure!(code == 0, "the manifest must be valid: {out}{err}");
 
-    let controller = Controller::start(
-        &manifest_path,
-        &dir.path().join("state"),
-        &dir.path().join("fledge.log"),
-    )?;
+    let controller =
+        Controller::start(&manifest_path, &dir.join("state"), &dir.join("fledge.log"))?;
     let server = controller.base_url();
     let server = server.as_str();
     let result = (|| -> Result<()> {
@@ -341,9 +331,7 @@ fn the_cli_steers_a_real_rollout_through_a_webhook_gate() -> Result<()> {
         }
         Ok(())
     })();
-    let result = result.with_context(|| format!("fledge log tail:\n{}", controller.log_tail(40)));
-    load.stop();
-    result
+    result.with_context(|| format!("fledge log tail:\n{}", controller.log_tail(40)))
 }
 
 #[test]

@@ -13,16 +13,12 @@
 //! general keep the analysis interval at least 2× (better 4×) the scrape interval, or write a
 //! longer window into the template.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use fledge_controller::metrics::prometheus::{CustomQuery, PrometheusSource};
 use fledge_controller::metrics::{MetricsSource, SubsetSelector};
 use fledge_core::contract::ResponseClass;
 use fledge_core::observe::ObservationError;
-use fledge_e2e::prometheus::{Prometheus, PrometheusOptions};
-use fledge_e2e::{
-    init_tracing, wait_until, AppStack, Backend, BackendOptions, CanaryManifest, CanaryView,
-    Controller, Envoy, LoadGen, LoadOptions, RouteWeights, ScratchDir,
-};
+use fledge_e2e::{AppStack, BackendOptions, CanaryView, LoadGen, LoadOptions, RouteWeights};
 use std::time::Duration;
 
 /// Steps 20 → 40 → 60 → 80 with 4 s intervals, judged only by a custom PromQL metric: the
@@ -37,49 +33,6 @@ metrics:
     query: 'sum(increase(fledge_requests_total{fledge_service="{{ service }}",fledge_subset="{{ canary }}",fledge_class=~"5xx|none"}[{{ interval }}])) / sum(increase(fledge_requests_total{fledge_service="{{ service }}",fledge_subset="{{ canary }}"}[{{ interval }}]))'
 "#;
 
-/// Backends, an Envoy with the filter, and a Prometheus scraping it; dropping it stops all.
-struct Stack {
-    // Drop order: Prometheus, then Envoy and the backends, then the directory.
-    prometheus: Prometheus,
-    envoy: Envoy,
-    stable: Backend,
-    canary: Backend,
-    dir: ScratchDir,
-}
-
-impl Stack {
-    fn start(name: &str, canary: BackendOptions) -> Result<Stack> {
-        init_tracing();
-        let dir = ScratchDir::temp(name)?;
-        let AppStack {
-            stable,
-            canary,
-            envoy,
-        } = AppStack::start_with(dir.path(), BackendOptions::default(), canary)?;
-        let prometheus = Prometheus::start(
-            PrometheusOptions::envoy(&envoy.admin_url()).in_dir(&dir.path().join("prometheus")),
-        )?;
-        prometheus.wait_for_targets_up(Duration::from_secs(20))?;
-        Ok(Stack {
-            prometheus,
-            envoy,
-            stable,
-            canary,
-            dir,
-        })
-    }
-
-    /// Requests each backend serves during `window`.
-    fn served_during(&self, window: Duration) -> Result<(u64, u64)> {
-        let (stable0, canary0) = (self.stable.served()?, self.canary.served()?);
-        std::thread::sleep(window);
-        Ok((
-            self.stable.served()? - stable0,
-            self.canary.served()? - canary0,
-        ))
-    }
-}
-
 fn selector() -> SubsetSelector {
     SubsetSelector {
         service: "app".to_string(),
@@ -90,19 +43,19 @@ fn selector() -> SubsetSelector {
 
 #[test]
 fn prometheus_source_counts_exactly_what_each_backend_served() -> Result<()> {
-    let stack = Stack::start(
-        "prom-counts",
-        BackendOptions {
+    let stack = AppStack::builder("prom-counts")
+        .canary(BackendOptions {
             error_rate: 0.1,
             seed: 5,
             ..BackendOptions::default()
-        },
-    )?;
+        })
+        .prometheus()
+        .start()?;
     stack
         .envoy
         .apply_route_weights(RouteWeights::canary_percent(30))?;
     // The filter defines the configured subsets' counters at start (6 classes × 2 subsets).
-    stack.prometheus.wait_for_value(
+    stack.prometheus()?.wait_for_value(
         r#"count(fledge_requests_total{fledge_service="app"})"#,
         12.0,
         Duration::from_secs(20),
@@ -113,7 +66,7 @@ fn prometheus_source_counts_exactly_what_each_backend_served() -> Result<()> {
         .enable_all()
         .build()?;
     let mut source = PrometheusSource::new(
-        &stack.prometheus.url(),
+        &stack.prometheus()?.url(),
         selector(),
         vec![
             CustomQuery {
@@ -154,7 +107,7 @@ fn prometheus_source_counts_exactly_what_each_backend_served() -> Result<()> {
         r#"sum(fledge_request_duration_ms_count{fledge_service="app"})"#,
     ] {
         stack
-            .prometheus
+            .prometheus()?
             .wait_for_value(promql, served_ever, Duration::from_secs(15))?;
     }
 
@@ -210,62 +163,25 @@ fn prometheus_source_counts_exactly_what_each_backend_served() -> Result<()> {
 }
 
 /// `fledge run` with the Prometheus source and [`CUSTOM_METRIC_ANALYSIS`], plus load.
-struct Scenario {
-    // Drop order: controller and load first, then the rest.
-    controller: Controller,
-    load: Option<LoadGen>,
-    stack: Stack,
-}
-
-impl Scenario {
-    fn start(name: &str, canary: BackendOptions) -> Result<Scenario> {
-        let stack = Stack::start(name, canary)?;
-        let mut options = LoadOptions::new(100, Duration::from_secs(150));
-        options.workers = 8;
-        let load = LoadGen::start(&stack.envoy.listener_url(), options)?;
-        let mut manifest = CanaryManifest::new(
-            name,
-            "app",
-            &stack.envoy.admin_url(),
-            stack.envoy.rds_path(),
-        )
-        .with_prometheus(&stack.prometheus.url());
-        manifest.analysis_yaml = CUSTOM_METRIC_ANALYSIS.to_string();
-        let controller = Controller::start_in(stack.dir.path(), &manifest)?;
-        Ok(Scenario {
-            controller,
-            load: Some(load),
-            stack,
+fn start_scenario(name: &str, canary: BackendOptions) -> Result<AppStack> {
+    let mut load = LoadOptions::new(100, Duration::from_secs(150));
+    load.workers = 8;
+    let name = name.to_string();
+    AppStack::builder(&name)
+        .canary(canary)
+        .prometheus()
+        .load(load)
+        .controller_with(move |stack| {
+            let prometheus = stack
+                .prometheus
+                .as_ref()
+                .map(|p| p.url())
+                .unwrap_or_default();
+            let mut manifest = stack.manifest_for(&name).with_prometheus(&prometheus);
+            manifest.analysis_yaml = CUSTOM_METRIC_ANALYSIS.to_string();
+            manifest
         })
-    }
-
-    /// Wait until the canary reaches `phase`; fail at once if it ends otherwise.
-    fn wait_for_phase(&mut self, name: &str, phase: &str, timeout: Duration) -> Result<CanaryView> {
-        let controller = &mut self.controller;
-        wait_until(&format!("canary {name} to be {phase}"), timeout, || {
-            let view = controller.canary(name)?;
-            if view.phase == phase {
-                return Ok(Some(view));
-            }
-            if ["Promoted", "RolledBack"].contains(&view.phase.as_str()) {
-                bail!(
-                    "canary ended {} instead of {phase}: {}",
-                    view.phase,
-                    view.message
-                );
-            }
-            Ok(None)
-        })
-        .with_context(|| format!("controller output:\n{}", self.controller.log_tail(40)))
-    }
-}
-
-impl Drop for Scenario {
-    fn drop(&mut self) {
-        if let Some(load) = self.load.take() {
-            load.stop();
-        }
-    }
+        .start()
 }
 
 /// The custom metric's check in the last analysis.
@@ -286,7 +202,7 @@ fn custom_check(view: &CanaryView) -> Result<serde_json::Value> {
 
 #[test]
 fn custom_prometheus_metric_rolls_back_a_canary_answering_20_percent_5xx() -> Result<()> {
-    let mut scenario = Scenario::start(
+    let mut scenario = start_scenario(
         "prom-errors",
         BackendOptions {
             error_rate: 0.2,
@@ -294,7 +210,11 @@ fn custom_prometheus_metric_rolls_back_a_canary_answering_20_percent_5xx() -> Re
             ..BackendOptions::default()
         },
     )?;
-    let view = scenario.wait_for_phase("prom-errors", "RolledBack", Duration::from_secs(90))?;
+    let view = scenario.controller()?.wait_for_phase(
+        "prom-errors",
+        "RolledBack",
+        Duration::from_secs(90),
+    )?;
     ensure!(view.canary_weight == Some(0), "{view:?}");
     ensure!(
         view.message.contains("canary-failure-ratio"),
@@ -306,10 +226,10 @@ fn custom_prometheus_metric_rolls_back_a_canary_answering_20_percent_5xx() -> Re
     let ratio = check["value"].as_f64().unwrap_or(0.0);
     ensure!((0.1..=0.3).contains(&ratio), "5xx ratio {ratio}: {check}");
     // The canary really received traffic (it was judged on real requests) ...
-    let canary_served = scenario.stack.canary.served()?;
+    let canary_served = scenario.canary.served()?;
     ensure!(canary_served > 20, "canary served {canary_served}");
     // ... and none after the rollback.
-    let (stable, canary) = scenario.stack.served_during(Duration::from_secs(3))?;
+    let (stable, canary) = scenario.served_during(Duration::from_secs(3))?;
     ensure!(
         canary == 0 && stable > 100,
         "after rollback canary served {canary}, stable {stable}"
@@ -319,8 +239,12 @@ fn custom_prometheus_metric_rolls_back_a_canary_answering_20_percent_5xx() -> Re
 
 #[test]
 fn custom_prometheus_metric_promotes_a_healthy_canary() -> Result<()> {
-    let mut scenario = Scenario::start("prom-healthy", BackendOptions::default())?;
-    let view = scenario.wait_for_phase("prom-healthy", "Promoted", Duration::from_secs(90))?;
+    let mut scenario = start_scenario("prom-healthy", BackendOptions::default())?;
+    let view = scenario.controller()?.wait_for_phase(
+        "prom-healthy",
+        "Promoted",
+        Duration::from_secs(90),
+    )?;
     ensure!(view.canary_weight == Some(100), "{view:?}");
     let weights = view.weights_walked();
     ensure!(
@@ -332,7 +256,7 @@ fn custom_prometheus_metric_promotes_a_healthy_canary() -> Result<()> {
         check["verdict"] == "Pass" && check["value"].as_f64() == Some(0.0),
         "{check}"
     );
-    let (stable, canary) = scenario.stack.served_during(Duration::from_secs(3))?;
+    let (stable, canary) = scenario.served_during(Duration::from_secs(3))?;
     let share = canary as f64 / (stable + canary).max(1) as f64;
     ensure!(
         canary > 100 && share >= 0.99,

@@ -2,10 +2,10 @@
 //! bounded load, and `fledge run` moving the weights through file-based RDS. Every scenario
 //! asserts on the traffic that really reaches each backend, not only on the controller's status.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use fledge_e2e::{
-    init_tracing, wait_until, AppStack, Backend, BackendOptions, CanaryManifest, CanaryView,
-    Controller, Envoy, EnvoyOptions, LoadGen, LoadOptions, RouteWeights, ScratchDir, WasmFilter,
+    init_tracing, wait_until, AppStack, Backend, BackendOptions, CanaryView, Envoy, EnvoyOptions,
+    LoadGen, LoadOptions, RouteWeights, ScratchDir, WasmFilter,
 };
 use std::time::Duration;
 
@@ -28,18 +28,6 @@ steps: [{setWeight: 30}, {pause: {duration: 20s}}, {setWeight: 50}, {pause: {dur
 compareWithStable: {falseRollbackRate: 0.001}
 ";
 
-/// Everything one scenario runs; dropping it stops every process.
-struct Stack {
-    // Drop order: controller and load first, then Envoy and the backends, then the directory.
-    controller: Controller,
-    load: Option<LoadGen>,
-    envoy: Envoy,
-    stable: Backend,
-    canary: Backend,
-    dir: ScratchDir,
-    manifest: CanaryManifest,
-}
-
 struct Scenario {
     name: &'static str,
     stable: BackendOptions,
@@ -49,83 +37,28 @@ struct Scenario {
 }
 
 impl Scenario {
-    fn start(self) -> Result<Stack> {
-        init_tracing();
-        let dir = ScratchDir::temp(self.name)?;
-        let AppStack {
-            stable,
-            canary,
-            envoy,
-        } = AppStack::start_with(dir.path(), self.stable, self.canary)?;
-        let mut options = LoadOptions::new(self.rps, Duration::from_secs(120));
+    fn start(self) -> Result<AppStack> {
+        let mut load = LoadOptions::new(self.rps, Duration::from_secs(120));
         // Enough connections that a slow canary does not throttle the offered load.
-        options.workers = 8;
-        let load = LoadGen::start(&envoy.listener_url(), options)?;
-        let mut manifest =
-            CanaryManifest::new(self.name, "app", &envoy.admin_url(), envoy.rds_path());
-        manifest.analysis_yaml = self.analysis.to_string();
-        let controller = Controller::start_in(dir.path(), &manifest)?;
-        Ok(Stack {
-            controller,
-            load: Some(load),
-            envoy,
-            stable,
-            canary,
-            dir,
-            manifest,
-        })
+        load.workers = 8;
+        AppStack::builder(self.name)
+            .stable(self.stable)
+            .canary(self.canary)
+            .load(load)
+            .controller(self.analysis)
+            .start()
     }
 }
 
-impl Stack {
-    /// Wait until the canary reaches `phase`; fail at once if it reaches another final phase.
-    fn wait_for_phase(&mut self, name: &str, phase: &str, timeout: Duration) -> Result<CanaryView> {
-        let controller = &mut self.controller;
-        wait_until(&format!("canary {name} to be {phase}"), timeout, || {
-            let view = controller.canary(name)?;
-            if view.phase == phase {
-                return Ok(Some(view));
-            }
-            if ["Promoted", "RolledBack"].contains(&view.phase.as_str()) {
-                bail!(
-                    "canary ended {} instead of {phase}: {}",
-                    view.phase,
-                    view.message
-                );
-            }
-            Ok(None)
+fn history_phases(view: &CanaryView) -> Vec<String> {
+    view.raw["history"]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .filter_map(|t| t["phase"].as_str().map(str::to_string))
+                .collect()
         })
-        .with_context(|| format!("controller output:\n{}", self.controller.log_tail(40)))
-    }
-
-    /// Requests each backend serves during `window` of continued load.
-    fn served_during(&self, window: Duration) -> Result<(u64, u64)> {
-        let (stable0, canary0) = (self.stable.served()?, self.canary.served()?);
-        std::thread::sleep(window);
-        Ok((
-            self.stable.served()? - stable0,
-            self.canary.served()? - canary0,
-        ))
-    }
-
-    fn history_phases(view: &CanaryView) -> Vec<String> {
-        view.raw["history"]
-            .as_array()
-            .map(|h| {
-                h.iter()
-                    .filter_map(|t| t["phase"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        if let Some(load) = self.load.take() {
-            load.stop();
-        }
-    }
+        .unwrap_or_default()
 }
 
 #[test]
@@ -138,9 +71,12 @@ fn healthy_canary_is_promoted_and_then_gets_the_traffic() -> Result<()> {
         analysis: FAST_ANALYSIS,
     }
     .start()?;
-    let view = stack.wait_for_phase("healthy", "Promoted", Duration::from_secs(60))?;
+    let view =
+        stack
+            .controller()?
+            .wait_for_phase("healthy", "Promoted", Duration::from_secs(60))?;
     ensure!(view.canary_weight == Some(100), "{view:?}");
-    let phases = Stack::history_phases(&view);
+    let phases = history_phases(&view);
     ensure!(
         phases.iter().filter(|p| *p == "Progressing").count() == 4,
         "four weight steps expected in history: {phases:?}"
@@ -186,14 +122,19 @@ fn one_fledge_run_hands_the_route_back_after_a_rollout_and_rolls_out_the_next_re
         analysis: ONE_STEP_ANALYSIS,
     }
     .start()?;
-    let releases = |stack: &Stack, rollout: &str| -> Result<()> {
-        stack
+    let releases = |stack: &AppStack, rollout: &str| -> Result<()> {
+        let manifest = stack
             .manifest
             .clone()
+            .context("the controller's manifest")?;
+        manifest
             .with_rollout(rollout)
-            .write(&stack.dir.path().join("canary.yaml"))
+            .write(&stack.path().join("canary.yaml"))
     };
-    let view = stack.wait_for_phase("releases", "Promoted", Duration::from_secs(30))?;
+    let view =
+        stack
+            .controller()?
+            .wait_for_phase("releases", "Promoted", Duration::from_secs(30))?;
     ensure!(view.canary_weight == Some(100), "{view:?}");
 
     // The operator finalizes: all traffic back on the stable slot. fledge leaves it so.
@@ -207,13 +148,13 @@ fn one_fledge_run_hands_the_route_back_after_a_rollout_and_rolls_out_the_next_re
 
     // A spec file that does not load changes nothing.
     std::fs::write(
-        stack.dir.path().join("canary.yaml"),
+        stack.path().join("canary.yaml"),
         "kind: Canary
 spec: [
 ",
     )?;
     std::thread::sleep(Duration::from_secs(2));
-    let view = stack.controller.canary("releases")?;
+    let view = stack.controller()?.canary("releases")?;
     ensure!(
         view.phase == "Promoted",
         "a bad edit changed the canary: {view:?}"
@@ -222,22 +163,25 @@ spec: [
     // The next release: the same spec, a new fledge.dev/rollout.
     releases(&stack, "v3")?;
     wait_until("the v3 rollout to start", Duration::from_secs(10), || {
-        let view = stack.controller.canary("releases")?;
+        let view = stack.controller()?.canary("releases")?;
         Ok((!view.is_terminal()).then_some(()))
     })?;
-    let view = stack.wait_for_phase("releases", "Promoted", Duration::from_secs(30))?;
-    let phases = Stack::history_phases(&view);
+    let view =
+        stack
+            .controller()?
+            .wait_for_phase("releases", "Promoted", Duration::from_secs(30))?;
+    let phases = history_phases(&view);
     ensure!(
         phases.iter().filter(|p| *p == "Promoted").count() == 2,
         "one history with both rollouts expected: {phases:?}"
     );
     let history = view.raw["history"].to_string();
     ensure!(history.contains("new rollout of v3"), "{history}");
-    let log = stack.controller.log_text();
+    let log = stack.controller()?.log_text();
     ensure!(
         log.contains("do not load") && log.contains("releases changed: starting a new rollout"),
         "controller output:\n{}",
-        stack.controller.log_tail(40)
+        stack.controller()?.log_tail(40)
     );
     Ok(())
 }
@@ -256,7 +200,10 @@ fn canary_answering_20_percent_5xx_is_rolled_back_and_gets_no_traffic() -> Resul
         analysis: FAST_ANALYSIS,
     }
     .start()?;
-    let view = stack.wait_for_phase("errors", "RolledBack", Duration::from_secs(60))?;
+    let view =
+        stack
+            .controller()?
+            .wait_for_phase("errors", "RolledBack", Duration::from_secs(60))?;
     ensure!(view.canary_weight == Some(0), "{view:?}");
     ensure!(
         view.message.contains("failed checks threshold reached 2/2")
@@ -266,7 +213,7 @@ fn canary_answering_20_percent_5xx_is_rolled_back_and_gets_no_traffic() -> Resul
         view.message
     );
     ensure!(
-        !Stack::history_phases(&view).contains(&"Promoted".to_string()),
+        !history_phases(&view).contains(&"Promoted".to_string()),
         "{view:?}"
     );
     // The canary really received traffic before (it is judged on real requests) ...
@@ -300,7 +247,9 @@ fn canary_with_p99_over_the_limit_is_rolled_back() -> Result<()> {
         analysis: FAST_ANALYSIS,
     }
     .start()?;
-    let view = stack.wait_for_phase("slow", "RolledBack", Duration::from_secs(60))?;
+    let view = stack
+        .controller()?
+        .wait_for_phase("slow", "RolledBack", Duration::from_secs(60))?;
     ensure!(view.canary_weight == Some(0), "{view:?}");
     ensure!(
         view.message.contains("p99 latency"),
@@ -336,7 +285,9 @@ fn canary_without_traffic_halts_and_is_never_promoted() -> Result<()> {
         analysis: FAST_ANALYSIS,
     }
     .start()?;
-    let view = stack.wait_for_phase("idle", "Halted", Duration::from_secs(30))?;
+    let view = stack
+        .controller()?
+        .wait_for_phase("idle", "Halted", Duration::from_secs(30))?;
     ensure!(
         view.message.contains("canary receives no traffic"),
         "halt reason: {}",
@@ -344,11 +295,11 @@ fn canary_without_traffic_halts_and_is_never_promoted() -> Result<()> {
     );
     // It stays halted at its first step for several more intervals, and never promotes.
     std::thread::sleep(Duration::from_secs(8));
-    let view = stack.controller.canary("idle")?;
+    let view = stack.controller()?.canary("idle")?;
     ensure!(view.phase == "Halted", "{view:?}");
     ensure!(view.canary_weight == Some(20), "{view:?}");
     ensure!(
-        !Stack::history_phases(&view).contains(&"Promoted".to_string()),
+        !history_phases(&view).contains(&"Promoted".to_string()),
         "{view:?}"
     );
     ensure!(
@@ -376,7 +327,10 @@ fn canary_with_twice_the_stable_error_rate_is_rolled_back_by_the_sequential_test
         analysis: SEQUENTIAL_ANALYSIS,
     }
     .start()?;
-    let view = stack.wait_for_phase("twice", "RolledBack", Duration::from_secs(90))?;
+    let view =
+        stack
+            .controller()?
+            .wait_for_phase("twice", "RolledBack", Duration::from_secs(90))?;
     eprintln!("rollback reason: {}", view.message);
     ensure!(view.canary_weight == Some(0), "{view:?}");
     ensure!(
@@ -426,7 +380,9 @@ fn canary_as_good_as_a_flaky_stable_is_promoted_by_the_sequential_test() -> Resu
         analysis: SEQUENTIAL_ANALYSIS,
     }
     .start()?;
-    let view = stack.wait_for_phase("flaky", "Promoted", Duration::from_secs(90))?;
+    let view = stack
+        .controller()?
+        .wait_for_phase("flaky", "Promoted", Duration::from_secs(90))?;
     ensure!(view.canary_weight == Some(100), "{view:?}");
     let (stable, canary) = stack.served_during(Duration::from_secs(3))?;
     ensure!(

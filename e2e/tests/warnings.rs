@@ -6,10 +6,7 @@
 //! enough traffic the comparison runs and the warning is gone.
 
 use anyhow::{ensure, Context, Result};
-use fledge_e2e::{
-    browser, init_tracing, paths, wait_until, AppStack, CanaryManifest, Controller, LoadGen,
-    LoadOptions, ScratchDir,
-};
+use fledge_e2e::{browser, init_tracing, paths, wait_until, AppStack, LoadGen, LoadOptions};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -53,19 +50,14 @@ fn latency_warning(view: &Value) -> Option<Value> {
 fn too_little_traffic_to_compare_latency_is_a_warning_in_the_api_status_and_dashboard() -> Result<()>
 {
     init_tracing();
-    let dir = ScratchDir::temp("warnings")?;
-    let AppStack {
-        stable: _stable,
-        canary: _canary,
-        envoy,
-    } = AppStack::start(dir.path())?;
-    let quiet = LoadGen::start(
-        &envoy.listener_url(),
-        LoadOptions::new(20, Duration::from_secs(90)),
-    )?;
-    let mut manifest = CanaryManifest::new("app", "app", &envoy.admin_url(), envoy.rds_path());
-    manifest.analysis_yaml = ANALYSIS.to_string();
-    let mut controller = Controller::start_in(dir.path(), &manifest)?;
+    let mut stack = AppStack::builder("warnings")
+        .canary_named("app")
+        .load(LoadOptions::new(20, Duration::from_secs(90)))
+        .controller(ANALYSIS)
+        .start()?;
+    let dir = stack.path().to_path_buf();
+    let envoy = &stack.envoy;
+    let controller = stack.controller.as_mut().context("the controller")?;
     let server = controller.base_url();
     let result = (|| -> Result<()> {
         // A judged (passing) interval that could not compare latency; at this rate an interval
@@ -113,7 +105,7 @@ fn too_little_traffic_to_compare_latency_is_a_warning_in_the_api_status_and_dash
         let page = browser::drive_dashboard(
             &server,
             "app",
-            dir.path(),
+            dir.as_path(),
             SIMULATED_SPEC,
             r#"{"requestsPerMinute": 600}"#,
             "warnings",
@@ -166,7 +158,11 @@ fn too_little_traffic_to_compare_latency_is_a_warning_in_the_api_status_and_dash
         Ok(())
     })();
     let result = result.with_context(|| format!("fledge log tail:\n{}", controller.log_tail(30)));
-    quiet.stop();
-    controller.stop();
+    if let Some(quiet) = stack.load.take() {
+        quiet.stop();
+    }
+    if let Some(controller) = stack.controller.take() {
+        controller.stop();
+    }
     result
 }
