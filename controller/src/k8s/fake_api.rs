@@ -21,15 +21,22 @@
 //!   HorizontalPodAutoscalers. Nothing runs pods: [`FakeApiServer::settle_deployments`] plays the
 //!   Deployment controller and kubelet in unit tests (status, observedGeneration, conditions);
 //!   the e2e tests' kubelet stand-in writes the same status over HTTP;
-//! - list (with the collection's resourceVersion) and watch (every event after a
-//!   resourceVersion, then live events, until `timeoutSeconds`);
+//! - list (with the collection's resourceVersion, `limit` + `continue` pages and
+//!   `labelSelector`) and watch (every event after a resourceVersion, then live events, until
+//!   `timeoutSeconds`; `labelSelector` too). Like the real watch cache, only the newest events
+//!   are kept (see [`FakeApiServer::with_history_limit`]): a watch from an older
+//!   resourceVersion gets an `ERROR` event with `410 Expired`, and the client lists again;
 //! - every request is recorded (client identity, method, path, query, content type, body and
-//!   response code), like controller-rs's `ApiServerVerifier`, so tests assert exact requests.
+//!   response code), like controller-rs's `ApiServerVerifier`, so tests assert exact requests;
+//!   a long-running server (benchmarks) bounds that log and keeps per-kind tallies instead
+//!   ([`FakeApiServer::with_request_log_limit`], [`FakeApiServer::request_tallies`]).
+//!
+//! It copes with tens of thousands of objects and watchers: each change is serialized once for
+//! every watcher, and list pages are cut at `limit`.
 
 use axum::body::Body as ResponseBody;
 use axum::http::{Method, Request, Response, StatusCode};
 use chrono::Utc;
-use futures::StreamExt;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, VecDeque};
@@ -72,6 +79,21 @@ impl RecordedRequest {
         self.query.get("watch").map(String::as_str) == Some("true")
     }
 
+    /// What the request was, for tallies: `GET canaries list`, `GET canaries watch`,
+    /// `GET virtualservices one`, `PUT canaries/status`, `POST events`, ...
+    pub fn kind(&self) -> String {
+        let Some((_, resource, named)) = self.target() else {
+            return format!("{} other", self.method);
+        };
+        let what = match (self.method.as_str(), named) {
+            ("GET", true) => " one",
+            ("GET", false) if self.is_watch() => " watch",
+            ("GET", false) => " list",
+            _ => "",
+        };
+        format!("{} {resource}{what}", self.method)
+    }
+
     /// Parsed path: (api group, resource[/subresource], has a name).
     pub fn target(&self) -> Option<(String, String, bool)> {
         let path = parse_path(&self.path).ok()?;
@@ -96,7 +118,7 @@ struct ResourceInfo {
     requires_version_on_update: bool,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// A change, as the write paths describe it.
 struct WatchEvent {
     resource_version: u64,
     group: String,
@@ -104,6 +126,137 @@ struct WatchEvent {
     namespace: Option<String>,
     kind: &'static str,
     object: Value,
+}
+
+/// A change as watchers get it: serialized once, whatever the number of watchers.
+#[derive(Debug)]
+struct RecordedEvent {
+    resource_version: u64,
+    group: String,
+    plural: String,
+    namespace: Option<String>,
+    labels: BTreeMap<String, String>,
+    /// `{"type": ..., "object": ...}` and a newline.
+    line: bytes::Bytes,
+}
+
+impl RecordedEvent {
+    fn new(event: WatchEvent) -> Self {
+        let line = format!("{}\n", json!({"type": event.kind, "object": &event.object}));
+        RecordedEvent {
+            resource_version: event.resource_version,
+            labels: labels_of(&event.object),
+            group: event.group,
+            plural: event.plural,
+            namespace: event.namespace,
+            line: bytes::Bytes::from(line),
+        }
+    }
+}
+
+fn labels_of(object: &Value) -> BTreeMap<String, String> {
+    object
+        .pointer("/metadata/labels")
+        .and_then(Value::as_object)
+        .map(|labels| {
+            labels
+                .iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One requirement of a `labelSelector` (equality- and set-based, as in Kubernetes).
+#[derive(Debug, Clone, PartialEq)]
+enum LabelRequirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    NotExists(String),
+}
+
+impl LabelRequirement {
+    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        match self {
+            LabelRequirement::Equals(k, v) => labels.get(k) == Some(v),
+            LabelRequirement::NotEquals(k, v) => labels.get(k) != Some(v),
+            LabelRequirement::In(k, values) => labels.get(k).is_some_and(|v| values.contains(v)),
+            LabelRequirement::NotIn(k, values) => {
+                !labels.get(k).is_some_and(|v| values.contains(v))
+            }
+            LabelRequirement::Exists(k) => labels.contains_key(k),
+            LabelRequirement::NotExists(k) => !labels.contains_key(k),
+        }
+    }
+}
+
+/// Parse `a=b,c!=d,e in (f,g),h notin (i),j,!k`.
+fn parse_label_selector(text: &str) -> Result<Vec<LabelRequirement>, String> {
+    let mut parts = Vec::new();
+    let mut depth = 0usize;
+    let mut current = String::new();
+    for c in text.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                parts.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    parts.push(current);
+    let set = |values: &str| -> Result<Vec<String>, String> {
+        let inner = values
+            .trim()
+            .strip_prefix('(')
+            .and_then(|v| v.strip_suffix(')'))
+            .ok_or_else(|| format!("invalid label selector set {values:?}"))?;
+        Ok(inner.split(',').map(|v| v.trim().to_string()).collect())
+    };
+    parts
+        .iter()
+        .map(|part| part.trim())
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            if let Some((key, values)) = part.split_once(" notin ") {
+                return Ok(LabelRequirement::NotIn(key.trim().into(), set(values)?));
+            }
+            if let Some((key, values)) = part.split_once(" in ") {
+                return Ok(LabelRequirement::In(key.trim().into(), set(values)?));
+            }
+            if let Some((key, value)) = part.split_once("!=") {
+                return Ok(LabelRequirement::NotEquals(
+                    key.trim().into(),
+                    value.trim().into(),
+                ));
+            }
+            if let Some((key, value)) = part.split_once("==").or_else(|| part.split_once('=')) {
+                return Ok(LabelRequirement::Equals(
+                    key.trim().into(),
+                    value.trim().into(),
+                ));
+            }
+            if let Some(key) = part.strip_prefix('!') {
+                return Ok(LabelRequirement::NotExists(key.trim().into()));
+            }
+            if part.contains(char::is_whitespace) {
+                return Err(format!("invalid label selector requirement {part:?}"));
+            }
+            Ok(LabelRequirement::Exists(part.into()))
+        })
+        .collect()
+}
+
+fn selected(selector: &[LabelRequirement], labels: &BTreeMap<String, String>) -> bool {
+    selector
+        .iter()
+        .all(|requirement| requirement.matches(labels))
 }
 
 type Hook = Box<dyn FnOnce(&FakeApiServer) + Send>;
@@ -124,14 +277,27 @@ struct PendingHook {
     hook: Hook,
 }
 
+/// Events kept for watches that resume from a resourceVersion (see
+/// [`FakeApiServer::with_history_limit`]).
+pub const DEFAULT_HISTORY_LIMIT: usize = 100_000;
+
 #[derive(Default)]
 struct State {
     last_version: u64,
     next_uid: u64,
     /// (group, plural, namespace, name) → object
     objects: BTreeMap<(String, String, String, String), Value>,
-    history: Vec<WatchEvent>,
-    requests: Vec<RecordedRequest>,
+    /// The newest events, oldest first.
+    history: VecDeque<Arc<RecordedEvent>>,
+    history_limit: usize,
+    /// The resourceVersion of the newest event dropped from `history`: a watch from an older
+    /// version would miss events (410 Expired).
+    compacted: u64,
+    requests: VecDeque<RecordedRequest>,
+    /// `None`: keep every request.
+    request_log_limit: Option<usize>,
+    /// Requests by [`RecordedRequest::kind`].
+    tallies: BTreeMap<String, u64>,
     hooks: VecDeque<PendingHook>,
     reactors: Vec<Reactor>,
 }
@@ -141,7 +307,7 @@ struct State {
 pub struct FakeApiServer {
     state: Arc<Mutex<State>>,
     resources: Arc<Vec<ResourceInfo>>,
-    events: broadcast::Sender<WatchEvent>,
+    events: broadcast::Sender<Arc<RecordedEvent>>,
 }
 
 /// A failed request: status code, Kubernetes reason, message.
@@ -208,9 +374,63 @@ fn parse_query(query: Option<&str>) -> BTreeMap<String, String> {
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k.to_string(), v.replace("%2F", "/").replace("%3A", ":"))
+            (percent_decode(k), percent_decode(v))
         })
         .collect()
+}
+
+/// `application/x-www-form-urlencoded` decoding (`+` is a space); bad escapes stay as they are.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let escaped = (b == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (b, escaped) {
+            (_, Some(decoded)) => {
+                out.push(decoded);
+                i += 3;
+            }
+            (b'+', None) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, None) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A list page's `continue` token: the first page's resourceVersion, and where the next page
+/// starts (after this namespace and name).
+fn continue_token(list_version: &str, namespace: &str, name: &str) -> String {
+    format!("{list_version}/{namespace}/{name}")
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// (list resourceVersion, namespace, name)
+fn parse_continue_token(token: &str) -> Option<(String, String, String)> {
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| {
+            token
+                .get(i..i + 2)
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+        })
+        .collect();
+    let text = String::from_utf8(bytes?).ok()?;
+    let (version, rest) = text.split_once('/')?;
+    let (namespace, name) = rest.split_once('/')?;
+    Some((version.to_string(), namespace.to_string(), name.to_string()))
 }
 
 /// RFC 6902 with Kubernetes' `test` rule (a missing path equals `null`).
@@ -446,14 +666,53 @@ impl FakeApiServer {
             resource("coordination.k8s.io/v1", "leases", "Lease", false, false),
             resource("events.k8s.io/v1", "events", "Event", false, false),
         ];
-        let (events, _) = broadcast::channel(4096);
+        let (events, _) = broadcast::channel(16_384);
         FakeApiServer {
-            state: Arc::new(Mutex::new(State::default())),
+            state: Arc::new(Mutex::new(State {
+                history_limit: DEFAULT_HISTORY_LIMIT,
+                ..State::default()
+            })),
             resources: Arc::new(resources),
             events,
         }
     }
 
+    /// Keep only the newest `limit` events for resuming watches, as the API server's watch
+    /// cache does; a watch from an older resourceVersion gets `410 Expired`.
+    pub fn with_history_limit(self, limit: usize) -> Self {
+        self.lock().history_limit = limit.max(1);
+        self
+    }
+
+    /// Keep only the newest `limit` requests in [`FakeApiServer::requests`] (the tallies count
+    /// them all). For long-running servers.
+    pub fn with_request_log_limit(self, limit: usize) -> Self {
+        self.lock().request_log_limit = Some(limit);
+        self
+    }
+
+    /// How many requests of each [`RecordedRequest::kind`] were served so far.
+    pub fn request_tallies(&self) -> BTreeMap<String, u64> {
+        self.lock().tallies.clone()
+    }
+
+    /// Write an object's `.status` as another client would (e.g. to seed a Canary that is
+    /// mid-rollout); not recorded.
+    pub fn set_status(
+        &self,
+        group: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+        status: Value,
+    ) -> Result<Value, String> {
+        let mut object = self
+            .get(group, plural, namespace, name)
+            .ok_or_else(|| format!("{plural} {namespace}/{name} does not exist"))?;
+        object["status"] = status;
+        self.update_object(group, plural, namespace, name, object, true)
+            .map_err(|Failure(_, _, message)| message)
+    }
     fn lock(&self) -> MutexGuard<'_, State> {
         match self.state.lock() {
             Ok(state) => state,
@@ -476,8 +735,10 @@ impl FakeApiServer {
     /// Serve this API server over HTTP on `listener` (for a real `fledge controller` process in
     /// e2e tests; plain HTTP, no authentication). A request's client identity is its bearer
     /// token (a kubeconfig `token:`), else `anonymous`. `GET /__fake/requests` answers every
-    /// recorded request so far (`client`, `method`, `path`, `status`, `body`) and is not recorded
-    /// itself. Runs until `shutdown` completes.
+    /// recorded request so far (`client`, `method`, `path`, `status`, `body`; see
+    /// [`FakeApiServer::with_request_log_limit`]) and `GET /__fake/request-tallies` the
+    /// [`FakeApiServer::request_tallies`]; neither is recorded itself. Runs until `shutdown`
+    /// completes.
     pub async fn serve_http(
         self,
         listener: tokio::net::TcpListener,
@@ -495,8 +756,16 @@ impl FakeApiServer {
                 json_response(StatusCode::OK, &Value::Array(lines))
             }
         };
+        let tallies = self.clone();
         let app = axum::Router::new()
             .route("/__fake/requests", axum::routing::get(requests))
+            .route(
+                "/__fake/request-tallies",
+                axum::routing::get(move || {
+                    let tallies = tallies.request_tallies();
+                    async move { axum::Json(tallies) }
+                }),
+            )
             .fallback(move |request: Request<axum::body::Body>| {
                 let server = self.clone();
                 async move {
@@ -545,12 +814,12 @@ impl FakeApiServer {
 
     /// Every request so far, in order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.lock().requests.clone()
+        self.lock().requests.iter().cloned().collect()
     }
 
     /// Every request so far, forgetting them.
     pub fn take_requests(&self) -> Vec<RecordedRequest> {
-        std::mem::take(&mut self.lock().requests)
+        std::mem::take(&mut self.lock().requests).into()
     }
 
     /// Run `hook` just before the next request whose method is `method` and whose path
@@ -688,7 +957,13 @@ impl FakeApiServer {
     }
 
     fn record(&self, state: &mut State, event: WatchEvent) {
-        state.history.push(event.clone());
+        let event = Arc::new(RecordedEvent::new(event));
+        state.history.push_back(event.clone());
+        while state.history.len() > state.history_limit {
+            if let Some(dropped) = state.history.pop_front() {
+                state.compacted = dropped.resource_version;
+            }
+        }
         let _ = self.events.send(event);
     }
 
@@ -1042,7 +1317,7 @@ impl FakeApiServer {
             ),
         };
         let changed = code.is_success() && matches!(method.as_str(), "POST" | "PUT" | "PATCH");
-        self.lock().requests.push(RecordedRequest {
+        let recorded = RecordedRequest {
             client: identity.to_string(),
             method: method.to_string(),
             path: path.clone(),
@@ -1050,7 +1325,20 @@ impl FakeApiServer {
             content_type,
             body: body.clone(),
             status: code.as_u16(),
-        });
+        };
+        {
+            let mut state = self.lock();
+            *state.tallies.entry(recorded.kind()).or_default() += 1;
+            if state.request_log_limit != Some(0) {
+                state.requests.push_back(recorded);
+            }
+            while state
+                .request_log_limit
+                .is_some_and(|limit| state.requests.len() > limit)
+            {
+                state.requests.pop_front();
+            }
+        }
         if changed {
             if let Ok(api) = parse_path(&path) {
                 let name = api.name.clone().or_else(|| {
@@ -1110,28 +1398,9 @@ impl FakeApiServer {
             ("GET", None) if query.get("watch").map(String::as_str) == Some("true") => {
                 Ok(Reply::Watch(self.watch(&api, query)))
             }
-            ("GET", None) => {
-                let state = self.lock();
-                let items: Vec<Value> = state
-                    .objects
-                    .iter()
-                    .filter(|((g, p, ns, _), _)| {
-                        *g == api.group
-                            && *p == api.plural
-                            && api.namespace.as_ref().is_none_or(|want| want == ns)
-                    })
-                    .map(|(_, v)| v.clone())
-                    .collect();
-                Ok(Reply::Object(
-                    StatusCode::OK,
-                    json!({
-                        "apiVersion": if api.group.is_empty() { info.version.clone() } else { format!("{}/{}", api.group, info.version) },
-                        "kind": format!("{}List", info.kind),
-                        "metadata": {"resourceVersion": state.last_version.to_string()},
-                        "items": items,
-                    }),
-                ))
-            }
+            ("GET", None) => self
+                .list_page(&api, &info, query)
+                .map(|list| Reply::Object(StatusCode::OK, list)),
             ("POST", None) => {
                 let object = body.ok_or_else(|| Failure::bad_request("empty body".into()))?;
                 self.create_object(&api.group, &api.plural, &namespace, object)
@@ -1296,20 +1565,97 @@ impl FakeApiServer {
         }
     }
 
+    /// One page of a list: `limit` objects at most (all without it) after the `continue`
+    /// token's object, those matching `labelSelector`. Later pages show objects as they are
+    /// when asked (not at the first page's resourceVersion, which is what they report): a
+    /// watch from that version then delivers any change twice at worst, which clients accept.
+    fn list_page(
+        &self,
+        api: &ApiPath,
+        info: &ResourceInfo,
+        query: &BTreeMap<String, String>,
+    ) -> Result<Value, Failure> {
+        let selector = match query.get("labelSelector") {
+            Some(text) => parse_label_selector(text).map_err(Failure::bad_request)?,
+            None => Vec::new(),
+        };
+        let limit = query
+            .get("limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .filter(|l| *l > 0);
+        let after = match query.get("continue").filter(|t| !t.is_empty()) {
+            Some(token) => Some(parse_continue_token(token).ok_or_else(|| {
+                Failure::bad_request(format!("invalid continue token {token:?}"))
+            })?),
+            None => None,
+        };
+        let state = self.lock();
+        let list_version = after
+            .as_ref()
+            .map(|(version, _, _)| version.clone())
+            .unwrap_or_else(|| state.last_version.to_string());
+        let mut items = Vec::new();
+        let mut next = None;
+        let matching = state.objects.iter().filter(|((g, p, ns, name), object)| {
+            *g == api.group
+                && *p == api.plural
+                && api.namespace.as_ref().is_none_or(|want| want == ns)
+                && after
+                    .as_ref()
+                    .is_none_or(|(_, after_ns, after_name)| (ns, name) > (after_ns, after_name))
+                && (selector.is_empty() || selected(&selector, &labels_of(object)))
+        });
+        for ((_, _, ns, name), object) in matching {
+            if limit.is_some_and(|limit| items.len() >= limit) {
+                let _ = (ns, name);
+                next = items.last().map(|last: &Value| {
+                    continue_token(
+                        &list_version,
+                        meta(last, "namespace").unwrap_or_default(),
+                        meta(last, "name").unwrap_or_default(),
+                    )
+                });
+                break;
+            }
+            items.push(object.clone());
+        }
+        let mut metadata = json!({ "resourceVersion": list_version });
+        if let Some(token) = next {
+            metadata["continue"] = json!(token);
+        }
+        Ok(json!({
+            "apiVersion": if api.group.is_empty() { info.version.clone() } else { format!("{}/{}", api.group, info.version) },
+            "kind": format!("{}List", info.kind),
+            "metadata": metadata,
+            "items": items,
+        }))
+    }
+
     fn watch(&self, api: &ApiPath, query: &BTreeMap<String, String>) -> Response<ResponseBody> {
         let timeout = query
             .get("timeoutSeconds")
             .and_then(|s| s.parse().ok())
             .unwrap_or(290);
+        let selector = match query.get("labelSelector") {
+            Some(text) => match parse_label_selector(text) {
+                Ok(selector) => selector,
+                Err(problem) => {
+                    let code = StatusCode::BAD_REQUEST;
+                    return json_response(code, &status_body(code, "BadRequest", &problem));
+                }
+            },
+            None => Vec::new(),
+        };
         let matches = {
             let api = api.clone();
-            move |event: &WatchEvent| {
+            move |event: &RecordedEvent| {
                 event.group == api.group
                     && event.plural == api.plural
                     && api
                         .namespace
                         .as_ref()
                         .is_none_or(|ns| event.namespace.as_ref() == Some(ns))
+                    && (selector.is_empty() || selected(&selector, &event.labels))
             }
         };
         let (backlog, live, after) = {
@@ -1320,6 +1666,19 @@ impl FakeApiServer {
                 .and_then(|v| v.parse::<u64>().ok())
                 .filter(|v| *v > 0)
             {
+                Some(after) if after < state.compacted => {
+                    // Events after `after` were dropped: the client must list again.
+                    let code = StatusCode::GONE;
+                    let message = format!(
+                        "too old resource version: {after} ({})",
+                        state.compacted + 1
+                    );
+                    let line = format!(
+                        "{}\n",
+                        json!({"type": "ERROR", "object": status_body(code, "Expired", &message)})
+                    );
+                    return Response::new(ResponseBody::from(line));
+                }
                 Some(after) => (
                     state
                         .history
@@ -1340,14 +1699,17 @@ impl FakeApiServer {
                                 && *p == api.plural
                                 && api.namespace.as_ref().is_none_or(|want| want == ns)
                         })
-                        .map(|((g, p, ns, _), object)| WatchEvent {
-                            resource_version: 0,
-                            group: g.clone(),
-                            plural: p.clone(),
-                            namespace: Some(ns.clone()),
-                            kind: "ADDED",
-                            object: object.clone(),
+                        .map(|((g, p, ns, _), object)| {
+                            Arc::new(RecordedEvent::new(WatchEvent {
+                                resource_version: 0,
+                                group: g.clone(),
+                                plural: p.clone(),
+                                namespace: Some(ns.clone()),
+                                kind: "ADDED",
+                                object: object.clone(),
+                            }))
                         })
+                        .filter(|e| matches(e))
                         .collect(),
                     live,
                     state.last_version,
@@ -1360,8 +1722,7 @@ impl FakeApiServer {
             move |(mut backlog, mut live, after, matches)| async move {
                 loop {
                     if let Some(event) = backlog.pop_front() {
-                        let line =
-                            format!("{}\n", json!({"type": event.kind, "object": event.object}));
+                        let line = event.line.clone();
                         return Some((Ok::<_, Infallible>(line), (backlog, live, after, matches)));
                     }
                     tokio::select! {
@@ -1369,6 +1730,7 @@ impl FakeApiServer {
                         received = live.recv() => match received {
                             Ok(event) if event.resource_version > after && matches(&event) => backlog.push_back(event),
                             Ok(_) => {}
+                            // The client resumes from its last resourceVersion.
                             Err(broadcast::error::RecvError::Lagged(_)) => return None,
                             Err(broadcast::error::RecvError::Closed) => return None,
                         },
@@ -1376,9 +1738,7 @@ impl FakeApiServer {
                 }
             },
         );
-        Response::new(ResponseBody::from_stream(
-            stream.map(|r| r.map(bytes::Bytes::from)),
-        ))
+        Response::new(ResponseBody::from_stream(stream))
     }
 }
 
@@ -1390,6 +1750,7 @@ enum Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
     use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
     use kube::core::{ApiResource, GroupVersionKind};
 
@@ -1759,5 +2120,152 @@ mod tests {
         assert!(server
             .get("apps", "deployments", "shop", "unrelated")
             .is_some());
+    }
+
+    fn named_vs(name: &str, labels: Value) -> Value {
+        let mut object = vs();
+        object["metadata"]["name"] = json!(name);
+        object["metadata"]["labels"] = labels;
+        object
+    }
+
+    #[tokio::test]
+    async fn lists_come_in_pages_and_filter_by_label() {
+        let server = FakeApiServer::new();
+        for i in 0..7 {
+            let shard = if i % 2 == 0 { "a" } else { "b" };
+            server.create(
+                "networking.istio.io",
+                "virtualservices",
+                named_vs(&format!("vs-{i}"), json!({"shard": shard, "tier": "web"})),
+            );
+        }
+        let api = api(&server);
+        let mut names = Vec::new();
+        let mut params = kube::api::ListParams::default().limit(3);
+        let mut pages = 0;
+        let mut versions = std::collections::BTreeSet::new();
+        loop {
+            let page = api.list(&params).await.unwrap();
+            pages += 1;
+            versions.insert(page.metadata.resource_version.clone());
+            names.extend(page.items.iter().map(|o| o.metadata.name.clone().unwrap()));
+            match page.metadata.continue_ {
+                Some(token) if !token.is_empty() => params = params.continue_token(&token),
+                _ => break,
+            }
+        }
+        assert_eq!(pages, 3);
+        assert_eq!(
+            versions.len(),
+            1,
+            "every page reports the first page's version"
+        );
+        assert_eq!(names, (0..7).map(|i| format!("vs-{i}")).collect::<Vec<_>>());
+
+        let select = |selector: &str| {
+            let api = api.clone();
+            let params = kube::api::ListParams::default().labels(selector);
+            async move {
+                api.list(&params)
+                    .await
+                    .unwrap()
+                    .items
+                    .iter()
+                    .map(|o| o.metadata.name.clone().unwrap())
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(select("shard=a").await, ["vs-0", "vs-2", "vs-4", "vs-6"]);
+        assert_eq!(select("shard!=a,tier").await, ["vs-1", "vs-3", "vs-5"]);
+        assert_eq!(select("shard in (b),tier notin (db)").await.len(), 3);
+        assert!(select("!tier").await.is_empty());
+        assert!(select("shard=c").await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn watches_filter_by_label_and_too_old_versions_expire() {
+        let server = FakeApiServer::new().with_history_limit(2);
+        let first = server.create(
+            "networking.istio.io",
+            "virtualservices",
+            named_vs("a", json!({"shard": "a"})),
+        );
+        let since: u64 = first["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        server.create(
+            "networking.istio.io",
+            "virtualservices",
+            named_vs("b", json!({"shard": "b"})),
+        );
+        server.create(
+            "networking.istio.io",
+            "virtualservices",
+            named_vs("c", json!({"shard": "a"})),
+        );
+        let api = api(&server);
+        // The history holds the last two events (b, c): a watch from `a` still sees both.
+        let params = kube::api::WatchParams::default()
+            .timeout(1)
+            .labels("shard=a");
+        let names: Vec<String> = api
+            .watch(&params, &since.to_string())
+            .await
+            .unwrap()
+            .map(|e| match e.unwrap() {
+                kube::api::WatchEvent::Added(o) => o.metadata.name.unwrap(),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+            .await;
+        assert_eq!(names, ["c"]);
+        // One more event drops `b`: from `a` on, an event is missing — 410 Expired, as the
+        // real watch cache says.
+        server.create(
+            "networking.istio.io",
+            "virtualservices",
+            named_vs("d", json!({"shard": "b"})),
+        );
+        let events: Vec<_> = api
+            .watch(
+                &kube::api::WatchParams::default().timeout(1),
+                &since.to_string(),
+            )
+            .await
+            .unwrap()
+            .collect()
+            .await;
+        match events.as_slice() {
+            [Ok(kube::api::WatchEvent::Error(status))] => {
+                assert_eq!(status.code, 410);
+                assert_eq!(status.reason, "Expired");
+            }
+            other => panic!("expected one 410 error event, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bounded_request_log_still_tallies_every_request() {
+        let server = FakeApiServer::new().with_request_log_limit(1);
+        server.create("networking.istio.io", "virtualservices", vs());
+        let api = api(&server);
+        api.get("app").await.unwrap();
+        api.get("app").await.unwrap();
+        api.list(&Default::default()).await.unwrap();
+        assert_eq!(server.requests().len(), 1);
+        let tallies = server.request_tallies();
+        assert_eq!(tallies.get("GET virtualservices one"), Some(&2));
+        assert_eq!(tallies.get("GET virtualservices list"), Some(&1));
+    }
+
+    #[test]
+    fn query_strings_are_percent_decoded() {
+        let query = parse_query(Some("labelSelector=shard%20in%20%28a%2Cb%29&x=a+b&bad=%zz"));
+        assert_eq!(query["labelSelector"], "shard in (a,b)");
+        assert_eq!(query["x"], "a b");
+        assert_eq!(query["bad"], "%zz");
     }
 }

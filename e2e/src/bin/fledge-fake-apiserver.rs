@@ -8,9 +8,11 @@
 //! ```
 //!
 //! `--seed` is a JSON array of objects (Canary, VirtualService, DestinationRule, ...) created
-//! before it listens. It writes a kubeconfig naming its address (the user's bearer token is the
-//! client identity the server records), prints `listening on http://ADDR`, and serves until
-//! SIGTERM or Ctrl-C.
+//! before it listens; an object's `status`, if given, is then written through the status
+//! subresource (e.g. a Canary that is mid-rollout). `GET /__fake/request-tallies` counts the
+//! requests served by kind; `--request-log-limit` and `--history-limit` bound its memory for long
+//! runs. It writes a kubeconfig naming its address (the user's bearer token is the client identity
+//! the server records), prints `listening on http://ADDR`, and serves until SIGTERM or Ctrl-C.
 
 #![forbid(unsafe_code)]
 
@@ -41,6 +43,12 @@ struct Args {
     /// A JSON file holding an array of objects to create first (repeatable).
     #[arg(long)]
     seed: Vec<PathBuf>,
+    /// Events kept for watches resuming from a resourceVersion (older: 410 Expired).
+    #[arg(long, default_value_t = fledge_controller::k8s::fake_api::DEFAULT_HISTORY_LIMIT)]
+    history_limit: usize,
+    /// Requests kept in the in-memory log (all are counted at /__fake/request-tallies).
+    #[arg(long)]
+    request_log_limit: Option<usize>,
 }
 
 fn kubeconfig(server: &str, namespace: &str, token: &str) -> String {
@@ -61,20 +69,58 @@ current-context: fake
     )
 }
 
+/// Write `status` to the object `created` (whose resource does or does not have a status
+/// subresource: either way the stored object ends up with it).
+fn seed_status(
+    server: &FakeApiServer,
+    created: &serde_json::Value,
+    status: serde_json::Value,
+) -> Result<()> {
+    let text = |pointer: &str| created.pointer(pointer).and_then(|v| v.as_str());
+    let group = text("/apiVersion")
+        .and_then(|v| v.rsplit_once('/'))
+        .map(|(group, _)| group)
+        .unwrap_or_default();
+    let plural = match text("/kind") {
+        Some("Canary") => "canaries",
+        Some("VirtualService") => "virtualservices",
+        Some("DestinationRule") => "destinationrules",
+        other => anyhow::bail!("a status can be seeded for Canaries, VirtualServices and DestinationRules, not {other:?}"),
+    };
+    server
+        .set_status(
+            group,
+            plural,
+            text("/metadata/namespace").unwrap_or("default"),
+            text("/metadata/name").unwrap_or_default(),
+            status,
+        )
+        .map(drop)
+        .map_err(anyhow::Error::msg)
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let server = FakeApiServer::new();
+    let mut server = FakeApiServer::new().with_history_limit(args.history_limit);
+    if let Some(limit) = args.request_log_limit {
+        server = server.with_request_log_limit(limit);
+    }
     for seed in &args.seed {
         let text = std::fs::read_to_string(seed)
             .with_context(|| format!("reading --seed {}", seed.display()))?;
         let objects: Vec<serde_json::Value> = serde_json::from_str(&text)
             .with_context(|| format!("--seed {} is not a JSON array", seed.display()))?;
         for object in objects {
-            server
+            let status = object.get("status").cloned();
+            let created = server
                 .try_create(object)
                 .map_err(anyhow::Error::msg)
                 .with_context(|| format!("creating an object of --seed {}", seed.display()))?;
+            if let Some(status) = status {
+                seed_status(&server, &created, status)
+                    .with_context(|| format!("writing a status of --seed {}", seed.display()))?;
+            }
         }
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
