@@ -5,7 +5,7 @@
 use crate::metrics::envoy_admin::EnvoyAdminSource;
 use crate::metrics::envoy_cluster_stats::ClusterStats;
 use crate::metrics::prometheus::PrometheusSource;
-use crate::metrics::{MetricsSource, SubsetSelector};
+use crate::metrics::{MetricsSource, ReadHub, SharedReads, SubsetSelector};
 use crate::router::factory::{self, Mode};
 use crate::router::TrafficRouter;
 use fledge_core::spec::Canary;
@@ -25,7 +25,36 @@ pub enum BackendError {
     },
 }
 
-pub fn metrics_source(canary: &Canary) -> Result<Box<dyn MetricsSource>, BackendError> {
+/// The phase of `canary`'s analysis ticks ([`crate::schedule`]): canaries reading the same
+/// metrics endpoints tick together, so one read serves them all.
+pub fn tick_phase(canary: &Canary) -> std::time::Duration {
+    let sources = &canary.spec.metrics_source;
+    let mut endpoints: Vec<&str> = match (
+        &sources.envoy_cluster_stats,
+        &sources.envoy_admin,
+        &sources.prometheus,
+    ) {
+        (Some(stats), _, _) => stats.urls.iter().map(String::as_str).collect(),
+        (None, Some(admin), _) => admin.urls.iter().map(String::as_str).collect(),
+        (None, None, Some(prometheus)) => vec![prometheus.address.as_str()],
+        (None, None, None) => Vec::new(),
+    };
+    endpoints.sort_unstable();
+    crate::schedule::phase_of(&endpoints.join(" "), canary.spec.analysis.interval.0)
+}
+
+/// The metrics source `canary` names, reading through `hub` (shared with every other canary
+/// reading the same endpoints).
+pub fn metrics_source(
+    canary: &Canary,
+    hub: &Arc<ReadHub>,
+) -> Result<Box<dyn MetricsSource>, BackendError> {
+    let analysis = &canary.spec.analysis;
+    let guard_every = analysis
+        .guard
+        .as_ref()
+        .map_or(analysis.interval.0, |guard| guard.check_interval.0);
+    let reads = SharedReads::through(hub.clone(), analysis.interval.0, guard_every);
     let selector = SubsetSelector {
         service: canary.spec.service.clone(),
         stable_subset: canary.spec.stable.subset.clone(),
@@ -43,7 +72,7 @@ pub fn metrics_source(canary: &Canary) -> Result<Box<dyn MetricsSource>, Backend
             reader,
             stats.timeout.0,
         )
-        .map(|s| Box::new(s) as Box<dyn MetricsSource>)
+        .map(|s| Box::new(s.sharing(reads)) as Box<dyn MetricsSource>)
         .map_err(|e| BackendError::Build {
             name: canary.name().to_string(),
             what: "the Envoy cluster stats metrics source",
@@ -52,14 +81,14 @@ pub fn metrics_source(canary: &Canary) -> Result<Box<dyn MetricsSource>, Backend
     }
     match (&sources.envoy_admin, &sources.prometheus) {
         (Some(admin), _) => EnvoyAdminSource::new(admin.urls.clone(), selector, admin.timeout.0)
-            .map(|s| Box::new(s) as Box<dyn MetricsSource>)
+            .map(|s| Box::new(s.sharing(reads)) as Box<dyn MetricsSource>)
             .map_err(|e| BackendError::Build {
                 name: canary.name().to_string(),
                 what: "the Envoy admin metrics source",
                 message: e.to_string(),
             }),
         (None, Some(prometheus)) => PrometheusSource::for_canary(canary, prometheus)
-            .map(|s| Box::new(s) as Box<dyn MetricsSource>)
+            .map(|s| Box::new(s.sharing(reads)) as Box<dyn MetricsSource>)
             .map_err(|e| BackendError::Build {
                 name: canary.name().to_string(),
                 what: "the Prometheus metrics source",

@@ -257,7 +257,12 @@ async fn run(
     let store = StateStore::new(state_dir);
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
 
-    let mut supervisor = Supervisor::new(files, store, registry.clone(), exit_when_done);
+    // One scrape (or query) per metrics endpoint per tick, shared by every canary reading it.
+    let reads = std::sync::Arc::new(
+        fledge_controller::metrics::ReadHub::new()
+            .context("cannot build the HTTP client for metrics")?,
+    );
+    let mut supervisor = Supervisor::new(files, store, registry.clone(), reads, exit_when_done);
     supervisor.start(canaries)?;
 
     let listener = tokio::net::TcpListener::bind(listen)

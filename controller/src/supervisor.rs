@@ -11,12 +11,14 @@
 
 use crate::backends;
 use crate::config;
+use crate::metrics::ReadHub;
 use crate::runner::{CanaryTask, Registry};
 use crate::state::{rollout_fingerprint, StateStore};
 use fledge_core::rollout::{CanaryStatus, Phase};
 use fledge_core::spec::Canary;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -53,6 +55,8 @@ pub struct Supervisor {
     files: Vec<PathBuf>,
     store: StateStore,
     registry: Registry,
+    /// Every canary's metrics reads go through it (one read per endpoint per tick).
+    reads: Arc<ReadHub>,
     exit_when_done: bool,
     running: BTreeMap<String, Running>,
     next_id: u64,
@@ -68,6 +72,7 @@ impl Supervisor {
         files: Vec<PathBuf>,
         store: StateStore,
         registry: Registry,
+        reads: Arc<ReadHub>,
         exit_when_done: bool,
     ) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -76,6 +81,7 @@ impl Supervisor {
             files,
             store,
             registry,
+            reads,
             exit_when_done,
             running: BTreeMap::new(),
             next_id: 0,
@@ -153,7 +159,7 @@ impl Supervisor {
 
     fn task(&self, canary: Canary) -> Result<CanaryTask, backends::BackendError> {
         Ok(CanaryTask {
-            source: backends::metrics_source(&canary)?,
+            source: backends::metrics_source(&canary, &self.reads)?,
             router: backends::traffic_router(&canary)?,
             canary,
             store: self.store.clone(),

@@ -7,9 +7,10 @@
 //! controller's Kubernetes client. Tests replace the metrics side with scripted observations
 //! through [`Backends`].
 
-use crate::metrics::MetricsSource;
+use crate::metrics::{MetricsSource, ReadHub};
 use crate::router::factory::{self, Mode};
 use crate::router::TrafficRouter;
+use std::sync::Arc;
 use kube::Client;
 
 /// Builds the per-canary backends.
@@ -19,6 +20,12 @@ pub trait Backends: Send + Sync {
         &self,
         canary: &fledge_core::spec::Canary,
     ) -> Result<Box<dyn MetricsSource>, String>;
+
+    /// The phase of `canary`'s aligned analysis ticks ([`crate::schedule`]): by default from
+    /// its metrics endpoints, so canaries reading one endpoint are judged together.
+    fn tick_phase(&self, canary: &fledge_core::spec::Canary) -> std::time::Duration {
+        crate::backends::tick_phase(canary)
+    }
 
     /// The router for `canary` in `namespace`.
     fn router(
@@ -31,15 +38,28 @@ pub trait Backends: Send + Sync {
     }
 }
 
-/// The real backends: metrics sources exactly as `fledge run` builds them.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DefaultBackends;
+/// The real backends: metrics sources exactly as `fledge run` builds them, all reading through
+/// one [`ReadHub`] (one scrape or query per endpoint per tick).
+#[derive(Debug, Clone)]
+pub struct DefaultBackends {
+    pub reads: Arc<ReadHub>,
+}
+
+impl DefaultBackends {
+    pub fn new() -> Result<Self, String> {
+        ReadHub::new()
+            .map(|hub| DefaultBackends {
+                reads: Arc::new(hub),
+            })
+            .map_err(|e| format!("cannot build the HTTP client for metrics: {e}"))
+    }
+}
 
 impl Backends for DefaultBackends {
     fn metrics_source(
         &self,
         canary: &fledge_core::spec::Canary,
     ) -> Result<Box<dyn MetricsSource>, String> {
-        crate::backends::metrics_source(canary).map_err(|e| e.to_string())
+        crate::backends::metrics_source(canary, &self.reads).map_err(|e| e.to_string())
     }
 }

@@ -10,6 +10,11 @@
 //! per-cluster statistics instead (`super::envoy_cluster_stats`). Everything else here — the
 //! endpoints, restarts, all-or-nothing commits, the guard gauge — is the same for both.
 //!
+//! Scrapes are shared ([`super::shared`]): a gateway's page holds every service's series, so it
+//! is fetched and indexed ([`PageIndex`]) once per tick for every canary behind that gateway;
+//! each canary then picks its own series out of the index. Only the fetch is shared: previous
+//! readings, deltas and commits stay per canary.
+//!
 //! Readings are committed all-or-nothing: if any endpoint fails, the call errors and *every*
 //! endpoint keeps its previous reading. A partial view must not produce a verdict, and the next
 //! full scrape then yields, for every endpoint, the traffic since the same earlier instant — so
@@ -17,6 +22,7 @@
 //! twice.
 
 use super::promtext::{self, Sample};
+use super::shared::{within, SharedReads};
 use super::{describe_request_error, MergedSubset, MetricsSource, SubsetSelector};
 use async_trait::async_trait;
 use fledge_core::contract::{
@@ -24,9 +30,10 @@ use fledge_core::contract::{
     TAG_SUBSET,
 };
 use fledge_core::observe::{LatencyHistogram, Observation, ObservationError, SubsetTraffic};
+use futures::FutureExt;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::task::JoinSet;
 
 /// The `filter` query parameter sent to `/stats/prometheus`. Envoy matches this regex against
 /// the full stat name *before* tag extraction (verified with Envoy 1.40: `^cluster\.app_stable\.`
@@ -34,19 +41,98 @@ use tokio::task::JoinSet;
 /// `^cluster\.upstream_rq_total` matches nothing). The filter's full names look like
 /// `fledge_service=.=app;.;...;fledge_requests_total`, so the pattern is left unanchored.
 /// `server.uptime` lets us see restarts that counters alone would hide. Samples are filtered
-/// again here, so an Envoy that ignored the parameter would still be read correctly.
+/// again here, so an Envoy that ignored the parameter would still be read correctly. It names
+/// no service: one scrape serves every canary behind the gateway.
 const STATS_FILTER: &str = r"fledge_request|^server\.uptime$";
 
 /// Envoy's uptime gauge in seconds, as `/stats/prometheus` names it.
 pub(super) const UPTIME_GAUGE: &str = "envoy_server_uptime";
 
+/// Pages larger than this are parsed off the async workers (a 1,000-service gateway's page is
+/// about 2.6 MB: tens of milliseconds of parsing).
+const PARSE_OFF_WORKERS_BYTES: usize = 256 * 1024;
+
 /// What one scrape of an Envoy's `/stats/prometheus` is read for.
 pub trait StatsReader: std::fmt::Debug + Send + Sync {
     /// The `filter` regex sent with the scrape. Envoy matches it against full stat names
-    /// before tag extraction (see [`STATS_FILTER`]); it should keep `^server\.uptime$`.
+    /// before tag extraction (see [`STATS_FILTER`]); it should keep `^server\.uptime$`. Readers
+    /// of one kind send the same filter, so their canaries share the scrape.
     fn stats_filter(&self) -> String;
-    /// The canary's cumulative traffic in one scrape (samples are filtered again here).
-    fn read(&self, samples: &[Sample]) -> Result<EndpointReading, String>;
+    /// Every group of series this kind of reader tells apart in a page (the filter's
+    /// service/subset pairs, Envoy's clusters), summed. Done once per scrape for every canary.
+    fn index(&self, samples: &[Sample]) -> PageIndex;
+    /// This canary's cumulative traffic in an indexed page.
+    fn read(&self, page: &PageIndex) -> Result<EndpointReading, String>;
+}
+
+/// One scrape, indexed: each group's cumulative traffic (or why it cannot be read).
+#[derive(Debug, Default)]
+pub struct PageIndex {
+    pub uptime_seconds: Option<f64>,
+    /// Samples that look like ours but whose labels were not extracted (see `warn_untagged`).
+    pub untagged_series: usize,
+    groups: HashMap<String, Result<SubsetTraffic, String>>,
+}
+
+impl PageIndex {
+    /// A group's traffic; a group without series has seen no request yet and counts as zero.
+    pub fn traffic(&self, group: &str) -> Result<SubsetTraffic, String> {
+        match self.groups.get(group) {
+            Some(traffic) => traffic.clone(),
+            None => Ok(SubsetTraffic::default()),
+        }
+    }
+
+    /// How many groups the page holds.
+    pub fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+}
+
+/// Builds a [`PageIndex`]: one accumulator per group; a group's first problem sticks to it
+/// (other groups, i.e. other canaries, are not affected).
+#[derive(Default)]
+pub(super) struct PageIndexer {
+    pub(super) uptime_seconds: Option<f64>,
+    pub(super) untagged_series: usize,
+    /// group → its series so far
+    groups: HashMap<String, Result<SubsetAccumulator, String>>,
+}
+
+impl PageIndexer {
+    /// Add `sample` to `group` with `add`.
+    pub(super) fn add(
+        &mut self,
+        group: String,
+        add: impl FnOnce(&mut SubsetAccumulator) -> Result<(), String>,
+    ) {
+        let accumulator = self
+            .groups
+            .entry(group)
+            .or_insert_with(|| Ok(SubsetAccumulator::default()));
+        if let Ok(series) = accumulator {
+            if let Err(problem) = add(series) {
+                *accumulator = Err(problem);
+            }
+        }
+    }
+
+    /// The index. Buckets caught mid-flush are clipped ([`SubsetAccumulator::finish`]).
+    pub(super) fn finish(self) -> PageIndex {
+        PageIndex {
+            uptime_seconds: self.uptime_seconds,
+            untagged_series: self.untagged_series,
+            groups: self
+                .groups
+                .into_iter()
+                .map(|(group, series)| (group, series.map(SubsetAccumulator::finish)))
+                .collect(),
+        }
+    }
 }
 
 /// The Fledge filter's metrics of one service: `fledge_requests_total` by subset and class,
@@ -56,13 +142,28 @@ pub struct FilterMetrics {
     pub selector: SubsetSelector,
 }
 
+/// The index group of a service's subset.
+fn filter_group(service: &str, subset: &str) -> String {
+    format!("{service}\u{1f}{subset}")
+}
+
 impl StatsReader for FilterMetrics {
     fn stats_filter(&self) -> String {
         STATS_FILTER.to_string()
     }
 
-    fn read(&self, samples: &[Sample]) -> Result<EndpointReading, String> {
-        reading_from_samples(samples, &self.selector)
+    fn index(&self, samples: &[Sample]) -> PageIndex {
+        index_filter_samples(samples)
+    }
+
+    fn read(&self, page: &PageIndex) -> Result<EndpointReading, String> {
+        let selector = &self.selector;
+        Ok(EndpointReading {
+            stable: page.traffic(&filter_group(&selector.service, &selector.stable_subset))?,
+            canary: page.traffic(&filter_group(&selector.service, &selector.canary_subset))?,
+            uptime_seconds: page.uptime_seconds,
+            untagged_series: page.untagged_series,
+        })
     }
 }
 
@@ -85,7 +186,8 @@ pub struct EnvoyAdminSource {
     selector: SubsetSelector,
     reader: Arc<dyn StatsReader>,
     endpoints: Vec<Endpoint>,
-    client: reqwest::Client,
+    reads: SharedReads,
+    request_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -95,8 +197,8 @@ struct Endpoint {
     stats_url: reqwest::Url,
     /// `/stats/prometheus` filtered to the guard's gauge only.
     guard_url: reqwest::Url,
-    /// Last reading that was part of a fully successful scrape.
-    previous: Option<EndpointReading>,
+    /// Last reading that was part of a fully successful scrape, and which shared read it was.
+    previous: Option<(u64, EndpointReading)>,
 }
 
 /// One Envoy's cumulative counters for the selected canary.
@@ -112,7 +214,7 @@ pub struct EndpointReading {
 impl EnvoyAdminSource {
     /// A source reading every URL in `admin_urls` (Envoy admin base URLs such as
     /// `http://127.0.0.1:9901`) for the canary described by `selector`. Each request is bounded
-    /// by `request_timeout`.
+    /// by `request_timeout`. It reads on its own; [`EnvoyAdminSource::sharing`] makes it share.
     pub fn new(
         admin_urls: Vec<String>,
         selector: SubsetSelector,
@@ -154,60 +256,51 @@ impl EnvoyAdminSource {
                 })
             })
             .collect::<Result<Vec<_>, EnvoyAdminSourceError>>()?;
-        let client = reqwest::Client::builder()
-            .timeout(request_timeout)
-            .connect_timeout(request_timeout)
-            .build()
-            .map_err(EnvoyAdminSourceError::HttpClient)?;
+        let reads = SharedReads::unshared().map_err(EnvoyAdminSourceError::HttpClient)?;
         Ok(EnvoyAdminSource {
             selector,
             reader,
             endpoints,
-            client,
+            reads,
+            request_timeout,
         })
     }
 
-    /// Scrape every endpoint concurrently; results in endpoint order.
-    async fn scrape_all(&self) -> Vec<Result<EndpointReading, ObservationError>> {
-        let mut tasks = JoinSet::new();
-        for (index, endpoint) in self.endpoints.iter().enumerate() {
-            let client = self.client.clone();
-            let url = endpoint.stats_url.clone();
-            let base_url = endpoint.base_url.clone();
-            let reader = self.reader.clone();
-            tasks.spawn(async move {
-                (
-                    index,
-                    scrape(&client, url, &base_url, reader.as_ref()).await,
-                )
+    /// Share scrapes through `reads` with every other canary reading the same endpoints.
+    pub fn sharing(mut self, reads: SharedReads) -> Self {
+        self.reads = reads;
+        self
+    }
+
+    /// Scrape every endpoint concurrently (or join a scrape of this tick another canary
+    /// started); results in endpoint order, with the shared read each came from.
+    async fn scrape_all(&self) -> Vec<Result<(u64, EndpointReading), ObservationError>> {
+        let reads = self.endpoints.iter().map(|endpoint| async move {
+            let seen = endpoint.previous.as_ref().map(|(seq, _)| *seq);
+            let key = format!("{}#{}", endpoint.stats_url, std::any::type_name_of_val(&*self.reader));
+            let (seq, read) = self.reads.hub.stats_pages.read(&key, self.reads.max_age, seen, || {
+                let client = self.reads.hub.http.clone();
+                let url = endpoint.stats_url.clone();
+                let base_url = endpoint.base_url.clone();
+                let reader = self.reader.clone();
+                let timeout = self.request_timeout;
+                async move { scrape(&client, url, &base_url, reader, timeout).await }.boxed()
             });
-        }
-        let mut results: Vec<Option<Result<EndpointReading, ObservationError>>> =
-            self.endpoints.iter().map(|_| None).collect();
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok((index, result)) => {
-                    if let Some(slot) = results.get_mut(index) {
-                        *slot = Some(result);
-                    }
-                }
-                Err(join_error) => {
-                    tracing::error!(error = %join_error, "metrics scrape task failed");
-                }
-            }
-        }
-        results
-            .into_iter()
-            .zip(&self.endpoints)
-            .map(|(result, endpoint)| {
-                result.unwrap_or_else(|| {
-                    Err(ObservationError::Unreachable(format!(
-                        "{}: scrape task did not finish",
-                        endpoint.base_url
-                    )))
+            let page = within(read, self.request_timeout).await.ok_or_else(|| {
+                ObservationError::Unreachable(format!(
+                    "{}: timed out after {:?}",
+                    endpoint.base_url, self.request_timeout
+                ))
+            })?;
+            let page = page.as_ref().as_ref().map_err(Clone::clone)?;
+            self.reader
+                .read(page)
+                .map(|reading| (seq, reading))
+                .map_err(|problem| {
+                    ObservationError::Malformed(format!("{}: {problem}", endpoint.base_url))
                 })
-            })
-            .collect()
+        });
+        futures::future::join_all(reads).await
     }
 }
 
@@ -221,14 +314,28 @@ impl MetricsSource for EnvoyAdminSource {
         let mut newest: Option<u64> = None;
         let mut first_error = None;
         for endpoint in &self.endpoints {
-            match read_guard(
-                &self.client,
-                &endpoint.guard_url,
-                &endpoint.base_url,
-                &self.selector.service,
-            )
-            .await
-            {
+            let (_, read) = self.reads.hub.guard_pages.read(
+                endpoint.guard_url.as_str(),
+                self.reads.guard_max_age,
+                None,
+                || {
+                    let client = self.reads.hub.http.clone();
+                    let url = endpoint.guard_url.clone();
+                    let base_url = endpoint.base_url.clone();
+                    let timeout = self.request_timeout;
+                    async move { read_guards(&client, url, &base_url, timeout).await }.boxed()
+                },
+            );
+            let guards = within(read, self.request_timeout).await;
+            let value = match guards.as_deref() {
+                Some(Ok(guards)) => Ok(guards.get(&self.selector.service).copied()),
+                Some(Err(error)) => Err(error.clone()),
+                None => Err(ObservationError::Unreachable(format!(
+                    "{}: timed out after {:?}",
+                    endpoint.base_url, self.request_timeout
+                ))),
+            };
+            match value {
                 Ok(value) => newest = newest.max(value),
                 Err(error) => {
                     first_error.get_or_insert(error);
@@ -276,7 +383,7 @@ impl MetricsSource for EnvoyAdminSource {
             });
         }
 
-        for (endpoint, reading) in self.endpoints.iter().zip(&readings) {
+        for (endpoint, (_, reading)) in self.endpoints.iter().zip(&readings) {
             if reading.untagged_series > 0 {
                 warn_untagged(&endpoint.base_url, reading.untagged_series);
             }
@@ -293,8 +400,8 @@ impl MetricsSource for EnvoyAdminSource {
         let mut stable = MergedSubset::new(&self.selector.stable_subset);
         let mut canary = MergedSubset::new(&self.selector.canary_subset);
         let mut reset = Vec::new();
-        for (endpoint, reading) in self.endpoints.iter().zip(&readings) {
-            let Some(previous) = endpoint.previous.as_ref() else {
+        for (endpoint, (_, reading)) in self.endpoints.iter().zip(&readings) {
+            let Some((_, previous)) = endpoint.previous.as_ref() else {
                 continue;
             };
             let (stable_delta, canary_delta) = interval_since(previous, reading);
@@ -390,15 +497,45 @@ fn stats_url(base_url: &str, filter: &str) -> Result<reqwest::Url, EnvoyAdminSou
     Ok(url)
 }
 
+/// Fetch `url` and index the page with `reader` (shared by every canary reading it).
 async fn scrape(
     client: &reqwest::Client,
     url: reqwest::Url,
     base_url: &str,
-    reader: &dyn StatsReader,
-) -> Result<EndpointReading, ObservationError> {
+    reader: Arc<dyn StatsReader>,
+    timeout: Duration,
+) -> Result<PageIndex, ObservationError> {
+    let body = fetch(client, url, base_url, timeout).await?;
+    let large = body.len() > PARSE_OFF_WORKERS_BYTES;
+    let base_url = base_url.to_string();
+    let index = move || {
+        let samples = promtext::parse(&body).map_err(|error| {
+            ObservationError::Malformed(format!("{base_url}/stats/prometheus: {error}"))
+        })?;
+        Ok(reader.index(&samples))
+    };
+    if large {
+        tokio::task::spawn_blocking(index).await.unwrap_or_else(|error| {
+            Err(ObservationError::Malformed(format!(
+                "indexing a scrape failed: {error}"
+            )))
+        })
+    } else {
+        index()
+    }
+}
+
+/// `GET url` (2xx) as text.
+async fn fetch(
+    client: &reqwest::Client,
+    url: reqwest::Url,
+    base_url: &str,
+    timeout: Duration,
+) -> Result<String, ObservationError> {
     let unreachable = |what: String| ObservationError::Unreachable(format!("{base_url}: {what}"));
     let response = client
         .get(url)
+        .timeout(timeout)
         .send()
         .await
         .map_err(|error| unreachable(describe_request_error(&error)))?;
@@ -415,66 +552,33 @@ async fn scrape(
             body.chars().take(200).collect::<String>().trim()
         )));
     }
-    let samples = promtext::parse(&body).map_err(|error| {
-        ObservationError::Malformed(format!("{base_url}/stats/prometheus: {error}"))
-    })?;
-    reader
-        .read(&samples)
-        .map_err(|problem| ObservationError::Malformed(format!("{base_url}: {problem}")))
+    Ok(body)
 }
 
-/// The guard gauge of `service` at one endpoint (Unix seconds of the trip, 0 while armed;
-/// `None` if the filter defines no guard for it).
-async fn read_guard(
+/// Every service's guard gauge at one endpoint (Unix seconds of the trip, 0 while armed); a
+/// service whose filter defines no guard is absent.
+async fn read_guards(
     client: &reqwest::Client,
-    url: &reqwest::Url,
+    url: reqwest::Url,
     base_url: &str,
-    service: &str,
-) -> Result<Option<u64>, ObservationError> {
-    let unreachable = |what: String| ObservationError::Unreachable(format!("{base_url}: {what}"));
-    let response = client
-        .get(url.clone())
-        .send()
-        .await
-        .map_err(|error| unreachable(describe_request_error(&error)))?;
-    let status = response.status();
-    let body = response
-        .text()
-        .await
-        .map_err(|error| unreachable(describe_request_error(&error)))?;
-    if !status.is_success() {
-        return Err(unreachable(format!("HTTP {status} from /stats/prometheus")));
-    }
+    timeout: Duration,
+) -> Result<HashMap<String, u64>, ObservationError> {
+    let body = fetch(client, url, base_url, timeout).await?;
     let samples = promtext::parse(&body).map_err(|error| {
         ObservationError::Malformed(format!("{base_url}/stats/prometheus: {error}"))
     })?;
-    Ok(samples
+    let mut guards: HashMap<String, u64> = HashMap::new();
+    for sample in samples
         .iter()
-        .filter(|s| s.name == GUARD_TRIPPED && s.label(TAG_SERVICE) == Some(service))
+        .filter(|s| s.name == GUARD_TRIPPED)
         .filter(|s| s.value.is_finite() && s.value >= 0.0)
-        .map(|s| s.value as u64)
-        .max())
-}
-
-/// Which of the canary's two subsets a sample belongs to, if any.
-#[derive(Clone, Copy)]
-enum Side {
-    Stable,
-    Canary,
-}
-
-fn side_of(sample: &Sample, selector: &SubsetSelector) -> Option<Side> {
-    if sample.label(TAG_SERVICE) != Some(selector.service.as_str()) {
-        return None;
+    {
+        if let Some(service) = sample.label(TAG_SERVICE) {
+            let value = guards.entry(service.to_string()).or_default();
+            *value = (*value).max(sample.value as u64);
+        }
     }
-    let subset = sample.label(TAG_SUBSET)?;
-    if subset == selector.stable_subset {
-        Some(Side::Stable)
-    } else if subset == selector.canary_subset {
-        Some(Side::Canary)
-    } else {
-        None
-    }
+    Ok(guards)
 }
 
 /// Accumulates one subset's series. Series that differ in labels other than ours (e.g. extra
@@ -595,24 +699,19 @@ fn whole_count(sample: &Sample) -> Result<u64, String> {
     }
 }
 
-/// The selected canary's cumulative traffic in one scrape. A subset without series has seen no
-/// request yet (the filter creates a series on the first request) and counts as zero.
-fn reading_from_samples(
-    samples: &[Sample],
-    selector: &SubsetSelector,
-) -> Result<EndpointReading, String> {
+/// Every service's subsets in one scrape of the filter's metrics, by [`filter_group`]. A subset
+/// without series has seen no request yet (the filter creates a series on the first request)
+/// and counts as zero.
+fn index_filter_samples(samples: &[Sample]) -> PageIndex {
     let bucket_name = format!("{REQUEST_DURATION_MS}_bucket");
     let sum_name = format!("{REQUEST_DURATION_MS}_sum");
     let count_name = format!("{REQUEST_DURATION_MS}_count");
 
-    let mut stable = SubsetAccumulator::default();
-    let mut canary = SubsetAccumulator::default();
-    let mut uptime_seconds = None;
-    let mut untagged_series = 0;
+    let mut index = PageIndexer::default();
     for sample in samples {
         let name = sample.name.as_str();
         if name == UPTIME_GAUGE {
-            uptime_seconds = Some(sample.value).filter(|v| v.is_finite());
+            index.uptime_seconds = Some(sample.value).filter(|v| v.is_finite());
             continue;
         }
         let is_ours =
@@ -620,31 +719,27 @@ fn reading_from_samples(
         if !is_ours {
             // Without stats_tags Envoy folds the tags into the name instead.
             if name.contains(REQUESTS_TOTAL) && name.contains(TAG_SUBSET) {
-                untagged_series += 1;
+                index.untagged_series += 1;
             }
             continue;
         }
-        let accumulator = match side_of(sample, selector) {
-            Some(Side::Stable) => &mut stable,
-            Some(Side::Canary) => &mut canary,
-            None => continue,
+        let (Some(service), Some(subset)) = (sample.label(TAG_SERVICE), sample.label(TAG_SUBSET))
+        else {
+            continue;
         };
-        if name == REQUESTS_TOTAL {
-            accumulator.add_requests(sample)?;
-        } else if name == bucket_name {
-            accumulator.add_bucket(sample)?;
-        } else if name == sum_name {
-            accumulator.add_sum(sample)?;
-        } else {
-            accumulator.add_count(sample)?;
-        }
+        index.add(filter_group(service, subset), |series| {
+            if name == REQUESTS_TOTAL {
+                series.add_requests(sample)
+            } else if name == bucket_name {
+                series.add_bucket(sample)
+            } else if name == sum_name {
+                series.add_sum(sample)
+            } else {
+                series.add_count(sample)
+            }
+        });
     }
-    Ok(EndpointReading {
-        stable: stable.finish(),
-        canary: canary.finish(),
-        uptime_seconds,
-        untagged_series,
-    })
+    index.finish()
 }
 
 #[cfg(test)]

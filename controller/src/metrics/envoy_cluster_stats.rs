@@ -26,7 +26,9 @@
 //! (docs/kubernetes.md). A cluster that has served no request yet has no series and counts as
 //! zero, like a subset the filter has not seen.
 
-use super::envoy_admin::{EndpointReading, StatsReader, SubsetAccumulator, UPTIME_GAUGE};
+use super::envoy_admin::{
+    EndpointReading, PageIndex, PageIndexer, StatsReader, SubsetAccumulator, UPTIME_GAUGE,
+};
 use super::promtext::Sample;
 use fledge_core::contract::ResponseClass;
 
@@ -45,61 +47,59 @@ pub struct ClusterStats {
 }
 
 impl StatsReader for ClusterStats {
-    /// `^cluster\.(<stable>|<canary>)\.upstream_rq_([1-5]xx|time)$` (cluster names escaped:
-    /// Istio's contain `|` and `.`), and the uptime gauge.
+    /// `^cluster\..*\.upstream_rq_([1-5]xx|time)$` and the uptime gauge: every cluster's
+    /// classes and latency, so one scrape serves every canary reading this Envoy.
     fn stats_filter(&self) -> String {
-        format!(
-            r"^cluster\.({}|{})\.upstream_rq_([1-5]xx|time)$|^server\.uptime$",
-            regex_escape(&self.stable_cluster),
-            regex_escape(&self.canary_cluster)
-        )
+        r"^cluster\..*\.upstream_rq_([1-5]xx|time)$|^server\.uptime$".to_string()
     }
 
-    fn read(&self, samples: &[Sample]) -> Result<EndpointReading, String> {
+    /// Every cluster's classes and latency, by cluster name.
+    fn index(&self, samples: &[Sample]) -> PageIndex {
         let bucket = format!("{LATENCY_HISTOGRAM}_bucket");
         let sum = format!("{LATENCY_HISTOGRAM}_sum");
         let count = format!("{LATENCY_HISTOGRAM}_count");
-        let mut stable = SubsetAccumulator::default();
-        let mut canary = SubsetAccumulator::default();
-        let mut uptime_seconds = None;
+        let mut index = PageIndexer::default();
         for sample in samples {
             let name = sample.name.as_str();
             if name == UPTIME_GAUGE {
-                uptime_seconds = Some(sample.value).filter(|v| v.is_finite());
+                index.uptime_seconds = Some(sample.value).filter(|v| v.is_finite());
                 continue;
             }
-            let cluster = sample.label(CLUSTER_LABEL);
-            let accumulator = if cluster == Some(self.stable_cluster.as_str()) {
-                &mut stable
-            } else if cluster == Some(self.canary_cluster.as_str()) {
-                &mut canary
-            } else {
+            let Some(cluster) = sample.label(CLUSTER_LABEL) else {
                 continue;
             };
-            if name == CLASS_COUNTER {
-                let class = sample
-                    .label(CLASS_LABEL)
-                    .and_then(class_of)
-                    .ok_or_else(|| {
+            let add: fn(&mut SubsetAccumulator, &Sample) -> Result<(), String> = if name
+                == CLASS_COUNTER
+            {
+                |series, sample| {
+                    let cluster = sample.label(CLUSTER_LABEL).unwrap_or_default();
+                    let class = sample.label(CLASS_LABEL).and_then(class_of).ok_or_else(|| {
                         format!(
-                            "{name} of cluster {:?} has no {CLASS_LABEL} of 1 to 5: {:?}",
-                            cluster.unwrap_or_default(),
+                            "{CLASS_COUNTER} of cluster {cluster:?} has no {CLASS_LABEL} of 1 to 5: {:?}",
                             sample.labels
                         )
                     })?;
-                accumulator.add_class(class, sample)?;
+                    series.add_class(class, sample)
+                }
             } else if name == bucket {
-                accumulator.add_bucket(sample)?;
+                SubsetAccumulator::add_bucket
             } else if name == sum {
-                accumulator.add_sum(sample)?;
+                SubsetAccumulator::add_sum
             } else if name == count {
-                accumulator.add_count(sample)?;
-            }
+                SubsetAccumulator::add_count
+            } else {
+                continue;
+            };
+            index.add(cluster.to_string(), |series| add(series, sample));
         }
+        index.finish()
+    }
+
+    fn read(&self, page: &PageIndex) -> Result<EndpointReading, String> {
         Ok(EndpointReading {
-            stable: stable.finish(),
-            canary: canary.finish(),
-            uptime_seconds,
+            stable: page.traffic(&self.stable_cluster)?,
+            canary: page.traffic(&self.canary_cluster)?,
+            uptime_seconds: page.uptime_seconds,
             untagged_series: 0,
         })
     }
@@ -114,18 +114,6 @@ fn class_of(label: &str) -> Option<ResponseClass> {
         "5" => ResponseClass::ServerError,
         _ => return None,
     })
-}
-
-/// `value` as a literal in an RE2 / ECMAScript regex (Envoy's stats filter).
-fn regex_escape(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() * 2);
-    for c in value.chars() {
-        if r"\.+*?()|[]{}^$".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 #[cfg(test)]
@@ -143,12 +131,22 @@ mod tests {
     }
 
     #[test]
-    fn the_filter_names_both_clusters_literally() {
-        let filter = reader().stats_filter();
+    fn the_filter_names_no_cluster_so_one_scrape_serves_every_canary() {
+        let other = ClusterStats {
+            stable_cluster: "a".into(),
+            canary_cluster: "b".into(),
+        };
+        assert_eq!(reader().stats_filter(), other.stats_filter());
         assert_eq!(
-            filter,
-            r"^cluster\.(outbound\|80\|stable\|app\.shop\.svc\.cluster\.local|outbound\|80\|canary\|app\.shop\.svc\.cluster\.local)\.upstream_rq_([1-5]xx|time)$|^server\.uptime$"
+            reader().stats_filter(),
+            r"^cluster\..*\.upstream_rq_([1-5]xx|time)$|^server\.uptime$"
         );
+    }
+
+    fn read(text: &str) -> Result<EndpointReading, String> {
+        let samples = promtext::parse(text).unwrap();
+        let reader = reader();
+        reader.read(&reader.index(&samples))
     }
 
     #[test]
@@ -169,8 +167,7 @@ envoy_cluster_upstream_rq_time_count{{envoy_cluster_name="{c}"}} 100
 "#,
             c = ISTIO_CANARY
         );
-        let samples = promtext::parse(&text).unwrap();
-        let reading = reader().read(&samples).unwrap();
+        let reading = read(&text).unwrap();
         let canary = &reading.canary;
         assert_eq!(canary.count(ResponseClass::Success), 90);
         assert_eq!(canary.count(ResponseClass::ServerError), 10);
@@ -188,8 +185,7 @@ envoy_cluster_upstream_rq_time_count{{envoy_cluster_name="{c}"}} 100
         let text = format!(
             "envoy_cluster_upstream_rq_xx{{envoy_response_code_class=\"9\",envoy_cluster_name=\"{ISTIO_CANARY}\"}} 1\n"
         );
-        let samples = promtext::parse(&text).unwrap();
-        let error = reader().read(&samples).unwrap_err();
+        let error = read(&text).unwrap_err();
         assert!(error.contains(ISTIO_CANARY), "{error}");
     }
 }

@@ -3,14 +3,19 @@
 //! A source is built for one canary and returns, on each call, the traffic of that canary's
 //! stable and canary subsets *since the previous call* (a per-interval delta), or a typed
 //! error — never a silent zero. New backends are new files implementing [`MetricsSource`].
+//!
+//! Reads are shared ([`shared`]): one scrape or query per endpoint per tick serves every canary
+//! reading that endpoint; each source keeps its own previous reading and delta.
 
 pub mod envoy_admin;
 pub mod envoy_cluster_stats;
 pub mod prometheus;
 pub mod promtext;
+pub mod shared;
 
 pub use envoy_admin::{EnvoyAdminSource, EnvoyAdminSourceError};
 pub use prometheus::{PrometheusSource, PrometheusSourceError};
+pub use shared::{ReadHub, SharedReads};
 
 use async_trait::async_trait;
 use fledge_core::observe::{Observation, ObservationError};

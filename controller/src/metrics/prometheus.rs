@@ -10,6 +10,11 @@
 //! {__name__=~"fledge_requests_total|fledge_request_duration_ms_bucket|fledge_request_duration_ms_sum|fledge_request_duration_ms_count",fledge_service="app",fledge_subset=~"stable|canary"}
 //! ```
 //!
+//! — shared ([`super::shared`]): the query names every service whose canaries read this
+//! Prometheus (`fledge_service=~"app|cart|..."`, their subsets likewise), is sent once per tick
+//! and its answer indexed once by origin; each canary picks its own origins out of it. A canary
+//! whose service is not in a read (it just started) starts a new one that includes it.
+//!
 //! and, per *origin* (one subset as exported by one scraped gateway replica: every label except
 //! `__name__`, `le` and `fledge_class`), subtracts the origin's reading of the previous call
 //! with [`SubsetTraffic::delta_since`], which treats any decrease as a counter reset (the
@@ -46,15 +51,18 @@
 //! [`ObservationError::Malformed`] with Prometheus' message and the query. After any error no
 //! reading is committed, so the next successful call covers everything since the last one.
 
+use super::shared::{within, SharedReads};
 use super::{describe_request_error, MergedSubset, MetricsSource, SubsetSelector};
 use async_trait::async_trait;
+use futures::FutureExt;
 use fledge_core::contract::{
     ResponseClass, REQUESTS_TOTAL, REQUEST_DURATION_MS, TAG_CLASS, TAG_SERVICE, TAG_SUBSET,
 };
 use fledge_core::observe::{LatencyHistogram, Observation, ObservationError, SubsetTraffic};
 use fledge_core::spec::{render_query, Canary, MetricKind, PrometheusSpec, QueryVariables};
 use serde::Deserialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
@@ -68,6 +76,12 @@ const FORGET_VANISHED_ORIGIN_AFTER: Duration = Duration::from_secs(3600);
 
 /// Longest part of an unexpected response body quoted in an error message.
 const BODY_EXCERPT_CHARS: usize = 200;
+
+/// Longest part of a query quoted in an error message (a shared query names many services).
+const QUERY_EXCERPT_CHARS: usize = 400;
+
+/// Answers larger than this are parsed off the async workers.
+const PARSE_OFF_WORKERS_BYTES: usize = 256 * 1024;
 
 /// A custom metric's query, already rendered from its template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,11 +116,17 @@ pub struct PrometheusSource {
     address: String,
     query_url: reqwest::Url,
     selector: SubsetSelector,
+    /// This canary's own traffic query (what the shared one asks for this canary).
     traffic_query: String,
     custom_queries: Vec<CustomQuery>,
-    client: reqwest::Client,
+    request_timeout: Duration,
+    reads: SharedReads,
+    /// This canary's place in the shared queries; it leaves them when dropped.
+    registration: Registration,
     /// Last committed reading of every origin; `None` until the baseline is taken.
     previous: Option<BTreeMap<OriginKey, RememberedOrigin>>,
+    /// Which shared read `previous` came from.
+    previous_read: Option<u64>,
     /// Set once we have warned that Prometheus has no series for this canary, so the warning is
     /// not repeated every interval.
     warned_no_series: bool,
@@ -144,21 +164,30 @@ impl PrometheusSource {
             return Err(PrometheusSourceError::SameSubsets(selector.stable_subset));
         }
         let query_url = query_url(address)?;
-        let client = reqwest::Client::builder()
-            .timeout(request_timeout)
-            .connect_timeout(request_timeout)
-            .build()
-            .map_err(PrometheusSourceError::HttpClient)?;
+        let reads = SharedReads::unshared().map_err(PrometheusSourceError::HttpClient)?;
+        let address = address.trim_end_matches('/').to_string();
+        let registration = Registration::new(&reads, &address, &selector);
         Ok(PrometheusSource {
-            address: address.trim_end_matches('/').to_string(),
+            traffic_query: traffic_query(std::slice::from_ref(&selector)),
+            registration,
+            address,
             query_url,
-            traffic_query: traffic_query(&selector),
             selector,
             custom_queries,
-            client,
+            request_timeout,
+            reads,
             previous: None,
+            previous_read: None,
             warned_no_series: false,
         })
+    }
+
+    /// Share the traffic and guard queries through `reads` with every other canary reading the
+    /// same Prometheus (custom queries stay this canary's own).
+    pub fn sharing(mut self, reads: SharedReads) -> Self {
+        self.registration = Registration::new(&reads, &self.address, &self.selector);
+        self.reads = reads;
+        self
     }
 
     /// The source for `canary` with its `metricsSource.prometheus` settings: the canary's
@@ -211,45 +240,49 @@ impl PrometheusSource {
         &self.custom_queries
     }
 
-    /// The current cumulative reading of every origin of this canary.
-    async fn read_origins(&self) -> Result<BTreeMap<OriginKey, Origin>, ObservationError> {
-        let data = instant_query(
-            &self.client,
-            &self.query_url,
-            &self.address,
-            "traffic query",
-            &self.traffic_query,
-        )
-        .await?;
-        let samples = match data {
-            QueryData::Vector(samples) => samples,
-            other => {
-                return Err(ObservationError::Malformed(format!(
-                    "Prometheus {}: traffic query returned a {} instead of a vector; query: {}",
-                    self.address,
-                    other.type_name(),
-                    self.traffic_query
-                )))
-            }
-        };
-        origins_from_samples(&samples, &self.selector).map_err(|problem| {
+    /// The current cumulative reading of every origin of this canary, and the shared read it
+    /// came from.
+    async fn read_origins(&self) -> Result<(u64, BTreeMap<OriginKey, Origin>), ObservationError> {
+        let hub = &self.reads.hub;
+        let query = hub.prometheus.traffic_query(&self.address);
+        let key = format!("{}\n{query}", self.address);
+        let (seq, read) =
+            hub.prometheus_traffic
+                .read(&key, self.reads.max_age, self.previous_read, || {
+                    let client = hub.http.clone();
+                    let url = self.query_url.clone();
+                    let address = self.address.clone();
+                    let timeout = self.request_timeout;
+                    async move { read_traffic(&client, &url, &address, &query, timeout).await }
+                        .boxed()
+                });
+        let index = within(read, self.request_timeout).await.ok_or_else(|| {
+            ObservationError::Unreachable(format!(
+                "Prometheus {}: traffic query: timed out after {:?}",
+                self.address, self.request_timeout
+            ))
+        })?;
+        let index = index.as_ref().as_ref().map_err(Clone::clone)?;
+        let origins = index.origins(&self.selector).map_err(|problem| {
             ObservationError::Malformed(format!(
                 "Prometheus {}: {problem}; query: {}",
                 self.address, self.traffic_query
             ))
-        })
+        })?;
+        Ok((seq, origins))
     }
 
     /// Evaluate every custom query concurrently. Metrics without a finite value are left out.
     async fn read_custom(&self) -> Result<BTreeMap<String, f64>, ObservationError> {
         let mut tasks = JoinSet::new();
         for (index, custom) in self.custom_queries.iter().enumerate() {
-            let client = self.client.clone();
+            let client = self.reads.hub.http.clone();
             let url = self.query_url.clone();
             let address = self.address.clone();
             let custom = custom.clone();
+            let timeout = self.request_timeout;
             tasks.spawn(async move {
-                let result = evaluate_custom(&client, &url, &address, &custom).await;
+                let result = evaluate_custom(&client, &url, &address, &custom, timeout).await;
                 (index, result)
             });
         }
@@ -317,8 +350,10 @@ impl PrometheusSource {
         }
     }
 
-    /// Remember `origins` as the committed reading; forget origins unseen for too long.
-    fn commit(&mut self, origins: BTreeMap<OriginKey, Origin>, now: Instant) {
+    /// Remember `origins` (from shared read `read`) as the committed reading; forget origins
+    /// unseen for too long.
+    fn commit(&mut self, read: u64, origins: BTreeMap<OriginKey, Origin>, now: Instant) {
+        self.previous_read = Some(read);
         let remembered = self.previous.get_or_insert_with(BTreeMap::new);
         for (key, origin) in origins {
             remembered.insert(
@@ -337,49 +372,51 @@ impl PrometheusSource {
 
 #[async_trait]
 impl MetricsSource for PrometheusSource {
-    /// `max(fledge_guard_tripped{fledge_service="<service>"})`: the newest trip over every
-    /// scraped gateway; no series or 0 means armed. Lags by up to one scrape interval.
+    /// `max by (fledge_service) (fledge_guard_tripped{fledge_service=~"<services>"})`, shared
+    /// like the traffic query: the newest trip over every scraped gateway; no series or 0 means
+    /// armed. Lags by up to one scrape interval.
     async fn guard_tripped_at(
         &mut self,
     ) -> Result<Option<chrono::DateTime<chrono::Utc>>, ObservationError> {
-        let promql = format!(
-            "max({}{{{}={}}})",
-            fledge_core::contract::GUARD_TRIPPED,
-            TAG_SERVICE,
-            promql_string(&self.selector.service)
-        );
-        let data = instant_query(
-            &self.client,
-            &self.query_url,
-            &self.address,
-            "guard query",
-            &promql,
-        )
-        .await?;
-        let seconds = custom_value(&data).map_err(|problem| {
-            ObservationError::Malformed(format!(
-                "Prometheus {}: guard query {problem}; query: {promql}",
-                self.address
+        let hub = &self.reads.hub;
+        let promql = hub.prometheus.guard_query(&self.address);
+        let key = format!("{}\n{promql}", self.address);
+        let (_, read) = hub
+            .prometheus_guard
+            .read(&key, self.reads.guard_max_age, None, || {
+                let client = hub.http.clone();
+                let url = self.query_url.clone();
+                let address = self.address.clone();
+                let timeout = self.request_timeout;
+                async move { read_guards(&client, &url, &address, &promql, timeout).await }.boxed()
+            });
+        let guards = within(read, self.request_timeout).await.ok_or_else(|| {
+            ObservationError::Unreachable(format!(
+                "Prometheus {}: guard query: timed out after {:?}",
+                self.address, self.request_timeout
             ))
         })?;
-        Ok(seconds
+        let guards = guards.as_ref().as_ref().map_err(Clone::clone)?;
+        Ok(guards
+            .get(&self.selector.service)
+            .copied()
             .filter(|s| *s >= 1.0 && *s < 1e12)
             .and_then(|s| chrono::DateTime::from_timestamp(s as i64, 0)))
     }
 
     async fn observe(&mut self) -> Result<Observation, ObservationError> {
         if self.previous.is_none() {
-            let origins = self.read_origins().await.inspect_err(|error| {
+            let (read, origins) = self.read_origins().await.inspect_err(|error| {
                 tracing::warn!(prometheus = %self.address, %error, "metrics baseline not taken");
             })?;
             self.warn_if_no_series(&origins);
-            self.commit(origins, Instant::now());
+            self.commit(read, origins, Instant::now());
             tracing::debug!(service = %self.selector.service, "metrics baseline taken");
             return Err(ObservationError::Baseline);
         }
 
         let (origins, custom) = tokio::join!(self.read_origins(), self.read_custom());
-        let (origins, custom) = match (origins, custom) {
+        let ((read, origins), custom) = match (origins, custom) {
             (Ok(origins), Ok(custom)) => (origins, custom),
             (origins, custom) => {
                 let error = combine_errors(origins.err(), custom.err());
@@ -419,7 +456,7 @@ impl MetricsSource for PrometheusSource {
             })?;
         }
         let (stable, canary) = (stable.traffic, canary.traffic);
-        self.commit(origins, Instant::now());
+        self.commit(read, origins, Instant::now());
         tracing::debug!(
             service = %self.selector.service,
             stable_requests = stable.requests(),
@@ -470,8 +507,9 @@ fn other_message(error: ObservationError) -> String {
     }
 }
 
-/// The traffic query for `selector` (see the module docs).
-fn traffic_query(selector: &SubsetSelector) -> String {
+/// The traffic query for the canaries of `selectors` (see the module docs): their services'
+/// series of their subsets, `=` for one value, a regex of alternatives for several.
+fn traffic_query(selectors: &[SubsetSelector]) -> String {
     let names = [
         REQUESTS_TOTAL.to_string(),
         format!("{REQUEST_DURATION_MS}_bucket"),
@@ -480,17 +518,244 @@ fn traffic_query(selector: &SubsetSelector) -> String {
     ]
     .map(|name| regex_escape(&name))
     .join("|");
-    let subsets = format!(
-        "{}|{}",
-        regex_escape(&selector.stable_subset),
-        regex_escape(&selector.canary_subset)
+    let services = distinct(selectors.iter().map(|s| s.service.as_str()));
+    let subsets = distinct(
+        selectors
+            .iter()
+            .flat_map(|s| [s.stable_subset.as_str(), s.canary_subset.as_str()]),
     );
     format!(
-        "{{__name__=~{names},{TAG_SERVICE}={service},{TAG_SUBSET}=~{subsets}}}",
+        "{{__name__=~{names},{TAG_SERVICE}{services},{TAG_SUBSET}=~{subsets}}}",
         names = promql_string(&names),
-        service = promql_string(&selector.service),
-        subsets = promql_string(&subsets),
+        services = matcher(&services),
+        subsets = promql_string(&alternatives(&subsets)),
     )
+}
+
+/// The guard query for `services`: each one's newest trip over every scraped gateway.
+fn guard_query(services: &[&str]) -> String {
+    format!(
+        "max by ({TAG_SERVICE}) ({}{{{TAG_SERVICE}{}}})",
+        fledge_core::contract::GUARD_TRIPPED,
+        matcher(services)
+    )
+}
+
+/// `="x"` for one value, `=~"a|b"` for several.
+fn matcher(values: &[&str]) -> String {
+    match values {
+        [one] => format!("={}", promql_string(one)),
+        several => format!("=~{}", promql_string(&alternatives(several))),
+    }
+}
+
+fn alternatives(values: &[&str]) -> String {
+    values
+        .iter()
+        .map(|v| regex_escape(v))
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+/// `values` without repeats, in first-seen order.
+fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut seen = std::collections::HashSet::new();
+    values.filter(|v| seen.insert(*v)).collect()
+}
+
+/// The canaries reading each Prometheus: the shared queries ask for all of their series.
+#[derive(Debug, Default)]
+pub struct PrometheusRegistry {
+    /// address → (service, stable, canary) → how many sources read it
+    by_address: Mutex<HashMap<String, BTreeMap<(String, String, String), usize>>>,
+}
+
+impl PrometheusRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeMap<(String, String, String), usize>>> {
+        match self.by_address.lock() {
+            Ok(map) => map,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn selectors(&self, address: &str) -> Vec<SubsetSelector> {
+        self.lock()
+            .get(address)
+            .map(|selectors| {
+                selectors
+                    .keys()
+                    .map(|(service, stable, canary)| SubsetSelector {
+                        service: service.clone(),
+                        stable_subset: stable.clone(),
+                        canary_subset: canary.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The traffic query for every canary reading `address`.
+    pub fn traffic_query(&self, address: &str) -> String {
+        traffic_query(&self.selectors(address))
+    }
+
+    /// The guard query for every canary reading `address`.
+    pub fn guard_query(&self, address: &str) -> String {
+        let selectors = self.selectors(address);
+        guard_query(&distinct(selectors.iter().map(|s| s.service.as_str())))
+    }
+}
+
+/// A source's place in its Prometheus' shared queries, left when dropped.
+#[derive(Debug)]
+struct Registration {
+    hub: Arc<super::shared::ReadHub>,
+    address: String,
+    key: (String, String, String),
+}
+
+impl Registration {
+    fn new(reads: &SharedReads, address: &str, selector: &SubsetSelector) -> Self {
+        let key = (
+            selector.service.clone(),
+            selector.stable_subset.clone(),
+            selector.canary_subset.clone(),
+        );
+        *reads
+            .hub
+            .prometheus
+            .lock()
+            .entry(address.to_string())
+            .or_default()
+            .entry(key.clone())
+            .or_default() += 1;
+        Registration {
+            hub: reads.hub.clone(),
+            address: address.to_string(),
+            key,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut by_address = self.hub.prometheus.lock();
+        if let Some(selectors) = by_address.get_mut(&self.address) {
+            if let Some(count) = selectors.get_mut(&self.key) {
+                *count -= 1;
+                if *count == 0 {
+                    selectors.remove(&self.key);
+                }
+            }
+            if selectors.is_empty() {
+                by_address.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// The answer to a shared traffic query: every origin's cumulative traffic, by service.
+#[derive(Debug, Default)]
+pub struct TrafficIndex {
+    /// service → (origin, its subset, its traffic or why it cannot be read)
+    by_service: HashMap<String, Vec<(OriginKey, String, Result<SubsetTraffic, String>)>>,
+}
+
+impl TrafficIndex {
+    /// The origins of `selector`'s two subsets; the first problem of one of them fails it.
+    fn origins(&self, selector: &SubsetSelector) -> Result<BTreeMap<OriginKey, Origin>, String> {
+        let Some(origins) = self.by_service.get(&selector.service) else {
+            return Ok(BTreeMap::new());
+        };
+        let mut selected = BTreeMap::new();
+        for (key, subset, traffic) in origins {
+            let side = if *subset == selector.stable_subset {
+                Side::Stable
+            } else if *subset == selector.canary_subset {
+                Side::Canary
+            } else {
+                continue;
+            };
+            let traffic = traffic.clone()?;
+            selected.insert(key.clone(), Origin { side, traffic });
+        }
+        Ok(selected)
+    }
+}
+
+/// Send the shared traffic query and index its answer.
+async fn read_traffic(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    address: &str,
+    promql: &str,
+    timeout: Duration,
+) -> Result<TrafficIndex, ObservationError> {
+    let body = query_body(client, url, address, "traffic query", promql, timeout).await?;
+    let large = body.0.len() > PARSE_OFF_WORKERS_BYTES;
+    let address = address.to_string();
+    let promql = promql.to_string();
+    let index = move || {
+        let data = parse_answer(&body.0, body.1, &address, "traffic query", &promql)?;
+        match data {
+            QueryData::Vector(samples) => Ok(index_samples(samples)),
+            other => Err(ObservationError::Malformed(format!(
+                "Prometheus {address}: traffic query returned a {} instead of a vector; query: {}",
+                other.type_name(),
+                excerpt(&promql)
+            ))),
+        }
+    };
+    if large {
+        tokio::task::spawn_blocking(index).await.unwrap_or_else(|error| {
+            Err(ObservationError::Malformed(format!(
+                "indexing a Prometheus answer failed: {error}"
+            )))
+        })
+    } else {
+        index()
+    }
+}
+
+/// Send the shared guard query: each service's newest trip (Unix seconds).
+async fn read_guards(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    address: &str,
+    promql: &str,
+    timeout: Duration,
+) -> Result<HashMap<String, f64>, ObservationError> {
+    let data = instant_query(client, url, address, "guard query", promql, timeout).await?;
+    let QueryData::Vector(samples) = data else {
+        return Err(ObservationError::Malformed(format!(
+            "Prometheus {address}: guard query returned a {} instead of a vector; query: {}",
+            data.type_name(),
+            excerpt(promql)
+        )));
+    };
+    let mut guards = HashMap::new();
+    for sample in samples {
+        let (Some(service), Some(value)) = (sample.metric.get(TAG_SERVICE), sample.value) else {
+            continue;
+        };
+        let value = value.number().map_err(|problem| {
+            ObservationError::Malformed(format!(
+                "Prometheus {address}: guard query: {problem}; query: {}",
+                excerpt(promql)
+            ))
+        })?;
+        guards.insert(service.clone(), value);
+    }
+    Ok(guards)
+}
+
+/// A query for an error message: whole when short, else its start and its length.
+fn excerpt(promql: &str) -> String {
+    if promql.chars().count() <= QUERY_EXCERPT_CHARS {
+        return promql.to_string();
+    }
+    let start: String = promql.chars().take(QUERY_EXCERPT_CHARS).collect();
+    format!("{start}... ({} characters)", promql.len())
 }
 
 /// `value` as a PromQL double-quoted string literal (quotes included): backslash, double quote
@@ -626,12 +891,27 @@ async fn instant_query(
     address: &str,
     what: &str,
     promql: &str,
+    timeout: Duration,
 ) -> Result<QueryData, ObservationError> {
+    let (body, status) = query_body(client, url, address, what, promql, timeout).await?;
+    parse_answer(&body, status, address, what, promql)
+}
+
+/// Send `promql`; the answer's body and HTTP status.
+async fn query_body(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    address: &str,
+    what: &str,
+    promql: &str,
+    timeout: Duration,
+) -> Result<(String, reqwest::StatusCode), ObservationError> {
     let unreachable = |problem: String| {
         ObservationError::Unreachable(format!("Prometheus {address}: {what}: {problem}"))
     };
     let response = client
         .post(url.clone())
+        .timeout(timeout)
         .form(&[("query", promql)])
         .send()
         .await
@@ -643,23 +923,38 @@ async fn instant_query(
             describe_request_error(&error)
         ))
     })?;
-    let excerpt = || body.chars().take(BODY_EXCERPT_CHARS).collect::<String>();
+    Ok((body, status))
+}
+
+/// The `data` of a Prometheus API answer, or the error it reports.
+fn parse_answer(
+    body: &str,
+    status: reqwest::StatusCode,
+    address: &str,
+    what: &str,
+    promql: &str,
+) -> Result<QueryData, ObservationError> {
+    let unreachable = |problem: String| {
+        ObservationError::Unreachable(format!("Prometheus {address}: {what}: {problem}"))
+    };
+    let excerpt_body = || body.chars().take(BODY_EXCERPT_CHARS).collect::<String>();
+    let promql = excerpt(promql);
     // Prometheus answers API errors (bad query: 400, execution error: 422, timeout: 503) with
     // a JSON body; anything else that is not 2xx comes from somewhere else (a proxy, a wrong
     // address) and says nothing about the query.
-    let parsed = serde_json::from_str::<ApiResponse>(&body);
+    let parsed = serde_json::from_str::<ApiResponse>(body);
     let api = match parsed {
         Ok(api) => api,
         Err(_) if !status.is_success() => {
             return Err(unreachable(format!(
                 "HTTP {status} from {QUERY_PATH}: {}",
-                excerpt().trim()
+                excerpt_body().trim()
             )))
         }
         Err(error) => {
             return Err(ObservationError::Malformed(format!(
                 "Prometheus {address}: {what}: not a Prometheus API answer ({error}): {}; query: {promql}",
-                excerpt().trim()
+                excerpt_body().trim()
             )))
         }
     };
@@ -690,9 +985,10 @@ async fn evaluate_custom(
     url: &reqwest::Url,
     address: &str,
     custom: &CustomQuery,
+    timeout: Duration,
 ) -> Result<Option<f64>, ObservationError> {
     let what = format!("custom metric {:?}", custom.metric);
-    let data = instant_query(client, url, address, &what, &custom.promql).await?;
+    let data = instant_query(client, url, address, &what, &custom.promql, timeout).await?;
     custom_value(&data).map_err(|problem| {
         ObservationError::Malformed(format!(
             "Prometheus {address}: {what} {problem}; query: {}",
@@ -756,61 +1052,79 @@ struct Origin {
     traffic: SubsetTraffic,
 }
 
-/// Group the traffic query's samples by origin and build each origin's cumulative traffic.
-fn origins_from_samples(
-    samples: &[VectorSample],
-    selector: &SubsetSelector,
-) -> Result<BTreeMap<OriginKey, Origin>, String> {
+/// Group a traffic answer's samples by origin and build each origin's cumulative traffic, by
+/// service. A problem with a series sticks to its origin (only canaries reading that origin
+/// fail on it).
+fn index_samples(samples: Vec<VectorSample>) -> TrafficIndex {
     let bucket_name = format!("{REQUEST_DURATION_MS}_bucket");
     let sum_name = format!("{REQUEST_DURATION_MS}_sum");
     let count_name = format!("{REQUEST_DURATION_MS}_count");
 
-    let mut accumulators: BTreeMap<OriginKey, (Side, OriginAccumulator)> = BTreeMap::new();
+    let mut accumulators: BTreeMap<OriginKey, Result<OriginAccumulator, String>> = BTreeMap::new();
     for sample in samples {
         let labels = &sample.metric;
-        let name = labels.get("__name__").map(String::as_str).unwrap_or("");
-        // Prometheus already selected these; checking again keeps a misbehaving proxy in
-        // front of it from mixing in other series.
-        if labels.get(TAG_SERVICE) != Some(&selector.service) {
+        if !labels.contains_key(TAG_SERVICE) || !labels.contains_key(TAG_SUBSET) {
             continue;
         }
-        let side = match labels.get(TAG_SUBSET) {
-            Some(subset) if *subset == selector.stable_subset => Side::Stable,
-            Some(subset) if *subset == selector.canary_subset => Side::Canary,
-            _ => continue,
-        };
-        let series = format_labels(labels);
-        let value = sample
-            .value
-            .as_ref()
-            .ok_or_else(|| format!("{series} is a native histogram, expected a float sample"))?
-            .number()
-            .map_err(|problem| format!("{series}: {problem}"))?;
         let key: OriginKey = labels
             .iter()
             .filter(|(label, _)| !matches!(label.as_str(), "__name__" | "le" | TAG_CLASS))
             .map(|(label, value)| (label.clone(), value.clone()))
             .collect();
-        let (_, accumulator) = accumulators
+        let accumulator = accumulators
             .entry(key)
-            .or_insert_with(|| (side, OriginAccumulator::default()));
-        if name == REQUESTS_TOTAL {
-            accumulator.add_requests(labels, &series, value)?;
-        } else if name == bucket_name {
-            accumulator.add_bucket(labels, &series, value)?;
-        } else if name == sum_name {
-            accumulator.add_sum(&series, value)?;
-        } else if name == count_name {
-            accumulator.count = Some(whole_count(&series, value)?);
+            .or_insert_with(|| Ok(OriginAccumulator::default()));
+        let Ok(series) = accumulator else {
+            continue;
+        };
+        if let Err(problem) = add_sample(series, &sample, [&bucket_name, &sum_name, &count_name])
+        {
+            *accumulator = Err(problem);
         }
     }
-    accumulators
-        .into_iter()
-        .map(|(key, (side, accumulator))| {
-            let traffic = accumulator.finish();
-            Ok((key, Origin { side, traffic }))
-        })
-        .collect()
+    let mut index = TrafficIndex::default();
+    for (key, accumulator) in accumulators {
+        let traffic = accumulator.map(OriginAccumulator::finish);
+        let (Some(service), Some(subset)) = (key.get(TAG_SERVICE), key.get(TAG_SUBSET)) else {
+            continue;
+        };
+        let (service, subset) = (service.clone(), subset.clone());
+        index
+            .by_service
+            .entry(service)
+            .or_default()
+            .push((key, subset, traffic));
+    }
+    index
+}
+
+/// Add one sample of the traffic query to its origin's series.
+fn add_sample(
+    series: &mut OriginAccumulator,
+    sample: &VectorSample,
+    [bucket_name, sum_name, count_name]: [&String; 3],
+) -> Result<(), String> {
+    let labels = &sample.metric;
+    let name = labels.get("__name__").map(String::as_str).unwrap_or("");
+    let described = format_labels(labels);
+    let value = sample
+        .value
+        .as_ref()
+        .ok_or_else(|| format!("{described} is a native histogram, expected a float sample"))?
+        .number()
+        .map_err(|problem| format!("{described}: {problem}"))?;
+    if name == REQUESTS_TOTAL {
+        series.add_requests(labels, &described, value)
+    } else if name == bucket_name {
+        series.add_bucket(labels, &described, value)
+    } else if name == sum_name {
+        series.add_sum(&described, value)
+    } else if name == count_name {
+        series.count = Some(whole_count(&described, value)?);
+        Ok(())
+    } else {
+        Ok(())
+    }
 }
 
 /// One origin's series, as they arrive.
@@ -1134,7 +1448,7 @@ mod tests {
 
     #[test]
     fn traffic_query_is_exactly_this_promql() {
-        assert_eq!(traffic_query(&selector()), TRAFFIC_QUERY);
+        assert_eq!(traffic_query(&[selector()]), TRAFFIC_QUERY);
     }
 
     #[test]
@@ -1145,7 +1459,7 @@ mod tests {
             canary_subset: "can|ary(x)".to_string(),
         };
         assert_eq!(
-            traffic_query(&selector),
+            traffic_query(std::slice::from_ref(&selector)),
             r#"{__name__=~"fledge_requests_total|fledge_request_duration_ms_bucket|fledge_request_duration_ms_sum|fledge_request_duration_ms_count",fledge_service="a\"b\\c",fledge_subset=~"v1\\.2|can\\|ary\\(x\\)"}"#
         );
         let cases = [
