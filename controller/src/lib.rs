@@ -21,6 +21,7 @@
 //! - [`tick`]: one analysis tick (hooks → observe → decide → record → notify), shared by
 //!   `fledge run` and `fledge controller`.
 //! - [`runner`]: the per-canary loop of `fledge run` and the shared registry.
+//! - [`schedule`]: when analyses are due (aligned ticks, so reads are shared).
 //! - [`api`]: the status/command HTTP API, `/metrics` and the dashboard routes.
 //! - [`cli`]: the operator CLI (`fledge status`, `promote`, `abort`, `pause`, `resume`, `retry`).
 //! - [`dashboard`]: the embedded web dashboard and decision simulator, and the per-interval
@@ -40,6 +41,7 @@ pub mod metrics;
 pub mod progress;
 pub mod router;
 pub mod runner;
+pub mod schedule;
 pub mod state;
 pub mod supervisor;
 pub mod telemetry;

@@ -12,6 +12,7 @@ use crate::dashboard::series::IntervalPoint;
 use crate::metrics::MetricsSource;
 use crate::progress;
 use crate::router::{DesiredRoutes, TrafficRouter, Weights};
+use crate::schedule;
 use crate::state::{rollout_fingerprint, SavedState, StateStore};
 use crate::telemetry::{ErrorKind, Telemetry};
 use crate::tick::{Announce, CanaryAnalysis, Decided, Trigger};
@@ -462,8 +463,12 @@ impl CanaryTask {
         // Show where the rollout stands right away, before the first (possibly slow) weight check.
         self.registry
             .publish(self.view(&status, None, &analysis), &commands_tx);
-        let mut ticker = tokio::time::interval(self.canary.spec.analysis.interval.0);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Aligned ticks: canaries reading the same metrics endpoint are judged together, so one
+        // read serves them all (see `crate::schedule`).
+        let interval = self.canary.spec.analysis.interval.0;
+        let phase = crate::backends::tick_phase(&self.canary);
+        let mut last_tick: Option<chrono::DateTime<Utc>> = None;
+        let started_at = Utc::now();
         // The data-plane guard watch: between analysis intervals, read the guard's gauge.
         let guard_every = self
             .canary
@@ -495,14 +500,23 @@ impl CanaryTask {
                 analysis.drain().await;
                 return status;
             }
+            let due = schedule::next_tick(last_tick, interval, phase);
+            let until_due = due
+                .and_then(|due| (due - Utc::now()).to_std().ok())
+                .unwrap_or_default();
             tokio::select! {
-                _ = ticker.tick() => {
+                _ = tokio::time::sleep(until_due) => {
+                    let tick_at = Utc::now();
+                    last_tick = Some(tick_at);
                     if status.phase.is_terminal() || routes.is_err() {
                         continue;
                     }
                     let source = &mut self.source;
                     let observe = Box::pin(async move { Ok(source.observe().await) });
                     tick(&self.canary, &self.store, &mut analysis, &mut status, Trigger::Interval(observe), &mut persisted).await;
+                    // Late from its aligned instant (or from this process' start) to recorded.
+                    let due = due.unwrap_or(tick_at).max(started_at);
+                    self.registry.telemetry().record_lag((Utc::now() - due).to_std().unwrap_or_default());
                 }
                 Some(command) = commands.recv() => {
                     tick(&self.canary, &self.store, &mut analysis, &mut status, Trigger::Command(command), &mut persisted).await;

@@ -9,6 +9,7 @@
 //! | `fledge_canary_failed_checks` | gauge | `canary` | failed checks so far (rollback at the threshold) |
 //! | `fledge_analysis_total` | counter | `canary`, `verdict` | judged intervals by verdict (`Pass`, `Fail`, `NoData`) |
 //! | `fledge_analysis_duration_seconds` | histogram | `canary` | reading metrics + deciding, per interval |
+//! | `fledge_analysis_lag_seconds` | histogram | — | from an analysis being due (its aligned tick) to its decision being recorded |
 //! | `fledge_analysis_metric_value` | gauge | `canary`, `metric` | latest value of each check |
 //! | `fledge_analysis_checks_total` | counter | `canary`, `metric`, `verdict` | check results |
 //! | `fledge_decisions_total` | counter | `canary`, `reason` | events of the state machine (`CanaryAdvanced`, `Promoted`, `RollbackTriggered`, ...) |
@@ -40,7 +41,7 @@ pub const PHASES: [Phase; 6] = [
 
 /// Every metric family and its type. A family appears in the exposition once it has a sample;
 /// this list is the contract (checked against the encoding by a test), e.g. for dashboards.
-pub const FAMILIES: [(&str, &str); 13] = [
+pub const FAMILIES: [(&str, &str); 14] = [
     ("fledge_info", "gauge"),
     ("fledge_canary_weight", "gauge"),
     ("fledge_canary_phase", "gauge"),
@@ -48,6 +49,7 @@ pub const FAMILIES: [(&str, &str); 13] = [
     ("fledge_canary_failed_checks", "gauge"),
     ("fledge_analysis", "counter"),
     ("fledge_analysis_duration_seconds", "histogram"),
+    ("fledge_analysis_lag_seconds", "histogram"),
     ("fledge_analysis_metric_value", "gauge"),
     ("fledge_analysis_checks", "counter"),
     ("fledge_decisions", "counter"),
@@ -142,6 +144,13 @@ struct VersionLabels {
 type FloatGauge = Gauge<f64, AtomicU64>;
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// Decision lag: finer around the one second an operator cares about.
+fn lag_histogram() -> Histogram {
+    Histogram::new([
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ])
+}
+
 fn seconds_histogram() -> Histogram {
     Histogram::new([
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -180,6 +189,7 @@ struct Metrics {
     failed_checks: Family<CanaryLabels, Gauge>,
     analyses: Family<VerdictLabels, Counter>,
     analysis_duration: HistogramFamily<CanaryLabels>,
+    analysis_lag: Histogram,
     metric_value: Family<MetricLabels, FloatGauge>,
     checks: Family<CheckLabels, Counter>,
     decisions: Family<ReasonLabels, Counter>,
@@ -264,6 +274,12 @@ impl Telemetry {
             "Time to read the metrics and decide, per analysis interval",
             analysis_duration.clone(),
         );
+        let analysis_lag = lag_histogram();
+        registry.register(
+            "fledge_analysis_lag_seconds",
+            "From an analysis being due to its decision being recorded (all canaries)",
+            analysis_lag.clone(),
+        );
         let metric_value = Family::default();
         registry.register(
             "fledge_analysis_metric_value",
@@ -310,6 +326,7 @@ impl Telemetry {
                 failed_checks,
                 analyses,
                 analysis_duration,
+                analysis_lag,
                 metric_value,
                 checks,
                 decisions,
@@ -318,6 +335,11 @@ impl Telemetry {
                 errors,
             }),
         }
+    }
+
+    /// An analysis tick's decision was recorded `lag` after the tick was due.
+    pub fn record_lag(&self, lag: Duration) {
+        self.metrics.analysis_lag.observe(lag.as_secs_f64());
     }
 
     /// Publish a canary's current state (weight, phase, step, failed checks).

@@ -10,8 +10,8 @@
 use crate::metrics::{MetricsSource, ReadHub};
 use crate::router::factory::{self, Mode};
 use crate::router::TrafficRouter;
-use std::sync::Arc;
 use kube::Client;
+use std::sync::Arc;
 
 /// Builds the per-canary backends.
 pub trait Backends: Send + Sync {

@@ -9,7 +9,8 @@
 //! 3. **Routes follow the status**: the router makes the route serve `status.canaryWeight`
 //!    (plus the managed routes — testers, mirror, guard — while the rollout runs). Nothing is
 //!    judged while the routes are not as wanted (or, for the Gateway API, not accepted).
-//! 4. **Analysis tick, only when due**: `status.lastTickAt + interval <= now` (or an operator
+//! 4. **Analysis tick, only when due**: at the first aligned tick half an interval or more after
+//!    `status.lastTickAt` (see [`crate::schedule`]; or an operator
 //!    command annotation is new). Then the metrics source is read and the pure
 //!    `fledge_core::rollout::step` decides. Reconciles triggered by anything else (our own status
 //!    write, a route edit, a resync) find no tick due and change nothing — which is
@@ -38,6 +39,7 @@ use crate::metrics::MetricsSource;
 use crate::router::factory::{route_key, route_kinds};
 use crate::router::{DesiredRoutes, RouteKey, RouterError, TrafficRouter, Weights};
 use crate::runner::{guard_watched, CanaryView, Registry};
+use crate::schedule;
 use crate::telemetry::ErrorKind;
 use crate::tick::{Announce, CanaryAnalysis, Decided, Trigger};
 use async_trait::async_trait;
@@ -113,6 +115,8 @@ pub struct Context {
     /// resourceVersions this instance has replaced with a status write: an object still at one
     /// of them is a stale cache entry (our own write's watch event has not arrived yet).
     superseded: Mutex<HashMap<String, String>>,
+    /// When this context (this leadership term) began.
+    pub started: DateTime<Utc>,
 }
 
 impl Context {
@@ -129,6 +133,7 @@ impl Context {
         };
         Context {
             recorder: Recorder::new(client.clone(), reporter),
+            started: clock.now(),
             client,
             backends,
             clock,
@@ -624,6 +629,10 @@ struct Pass<'a> {
     interval_deferred: bool,
     /// With a workload: the canary weight the route was confirmed at in this pass.
     routed: Option<u8>,
+    /// The phase of this Canary's aligned ticks ([`schedule`]).
+    phase: Duration,
+    /// When the interval judged in this pass was due.
+    judged_due: Option<DateTime<Utc>>,
 }
 
 /// What the workload lifecycle read and decided in one pass.
@@ -695,7 +704,6 @@ impl<'a> Pass<'a> {
         Pass {
             ctx,
             canary,
-            core,
             key,
             now,
             fingerprint,
@@ -705,6 +713,9 @@ impl<'a> Pass<'a> {
             command,
             interval_deferred: false,
             routed: None,
+            phase: ctx.backends.tick_phase(&core),
+            judged_due: None,
+            core,
         }
     }
 
@@ -768,9 +779,16 @@ impl<'a> Pass<'a> {
         Ok(())
     }
 
-    /// Whether an analysis interval is due: `lastTickAt + interval <= now`.
+    /// When the next analysis is due: the first aligned tick half an interval or more after
+    /// `lastTickAt` ([`schedule`]: every Canary reading one metrics endpoint is judged at the
+    /// same instants, so one read serves them all); `None`: at once.
+    fn next_tick(&self) -> Option<DateTime<Utc>> {
+        let interval = self.core.spec.analysis.interval.0;
+        schedule::next_tick(self.status.last_tick_at, interval, self.phase)
+    }
+
+    /// Whether an analysis interval is due.
     fn interval_due(&self) -> bool {
-        let interval = self.core.spec.analysis.interval.to_chrono();
         // A workload is analysed only while the target serves the revision under test.
         let analysing = self
             .status
@@ -780,10 +798,7 @@ impl<'a> Pass<'a> {
             && (self.core.spec.target_ref.is_none() || self.status.workload.is_some());
         analysing
             && !self.status.rollout.phase.is_terminal()
-            && self
-                .status
-                .last_tick_at
-                .is_none_or(|last| self.now - last >= interval)
+            && self.next_tick().is_none_or(|due| self.now >= due)
     }
 
     /// The analysis tick, if one is due (see [`crate::tick`]). A command goes first, on its
@@ -818,6 +833,7 @@ impl<'a> Pass<'a> {
             self.status.final_routes_applied = false;
         }
         if interval_due {
+            self.judged_due = Some(self.next_tick().unwrap_or(self.now));
             self.status.last_tick_at = Some(self.now);
         }
         if self.status.rollout.phase == Phase::Initializing {
@@ -914,10 +930,19 @@ impl<'a> Pass<'a> {
         self.status.observed_generation = generation;
         self.status
             .set_conditions(&Readiness::ok(), generation, self.now);
-        if self.status == self.previous {
-            return Ok(self.canary.clone());
+        let written = if self.status == self.previous {
+            self.canary.clone()
+        } else {
+            write_status(self.canary, &self.status, self.ctx).await?
+        };
+        if let Some(due) = self.judged_due {
+            // Late from its aligned tick (or from this leadership term's start: a new leader's
+            // first ticks are not late for the time no one led) to the decision recorded.
+            let due = due.max(self.ctx.started);
+            let lag = (self.ctx.clock.now() - due).to_std().unwrap_or_default();
+            self.ctx.registry.telemetry().record_lag(lag);
         }
-        write_status(self.canary, &self.status, self.ctx).await
+        Ok(written)
     }
 
     /// Act on what was persisted: tell people (Events, event webhooks), move the routes
@@ -1014,8 +1039,7 @@ impl<'a> Pass<'a> {
         if self.ctx.guard_trip_pending(&self.key) || self.interval_deferred {
             return Action::requeue(Duration::from_millis(100));
         }
-        let interval = self.core.spec.analysis.interval.to_chrono();
-        let next_tick = self.status.last_tick_at.unwrap_or(self.now) + interval;
+        let next_tick = self.next_tick().unwrap_or(self.now);
         let wait = (next_tick - self.now)
             .to_std()
             .unwrap_or(Duration::ZERO)

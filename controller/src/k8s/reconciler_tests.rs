@@ -201,6 +201,12 @@ impl Backends for ScriptedBackends {
             baseline_taken: false,
         }))
     }
+
+    /// Ticks aligned on `t0`, so the tests' times read as whole intervals after the start.
+    fn tick_phase(&self, canary: &fledge_core::spec::Canary) -> std::time::Duration {
+        let interval_ms = canary.spec.analysis.interval.0.as_millis().max(1) as i64;
+        std::time::Duration::from_millis(t0().timestamp_millis().rem_euclid(interval_ms) as u64)
+    }
 }
 
 /// One controller instance's reconcile context (always leading), as a direct-call harness.

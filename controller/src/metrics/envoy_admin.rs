@@ -277,15 +277,24 @@ impl EnvoyAdminSource {
     async fn scrape_all(&self) -> Vec<Result<(u64, EndpointReading), ObservationError>> {
         let reads = self.endpoints.iter().map(|endpoint| async move {
             let seen = endpoint.previous.as_ref().map(|(seq, _)| *seq);
-            let key = format!("{}#{}", endpoint.stats_url, std::any::type_name_of_val(&*self.reader));
-            let (seq, read) = self.reads.hub.stats_pages.read(&key, self.reads.max_age, seen, || {
-                let client = self.reads.hub.http.clone();
-                let url = endpoint.stats_url.clone();
-                let base_url = endpoint.base_url.clone();
-                let reader = self.reader.clone();
-                let timeout = self.request_timeout;
-                async move { scrape(&client, url, &base_url, reader, timeout).await }.boxed()
-            });
+            let key = format!(
+                "{}#{}",
+                endpoint.stats_url,
+                std::any::type_name_of_val(&*self.reader)
+            );
+            let (seq, read) =
+                self.reads
+                    .hub
+                    .stats_pages
+                    .read(&key, self.reads.max_age, seen, || {
+                        let client = self.reads.hub.http.clone();
+                        let url = endpoint.stats_url.clone();
+                        let base_url = endpoint.base_url.clone();
+                        let reader = self.reader.clone();
+                        let timeout = self.request_timeout;
+                        async move { scrape(&client, url, &base_url, reader, timeout).await }
+                            .boxed()
+                    });
             let page = within(read, self.request_timeout).await.ok_or_else(|| {
                 ObservationError::Unreachable(format!(
                     "{}: timed out after {:?}",
@@ -515,11 +524,13 @@ async fn scrape(
         Ok(reader.index(&samples))
     };
     if large {
-        tokio::task::spawn_blocking(index).await.unwrap_or_else(|error| {
-            Err(ObservationError::Malformed(format!(
-                "indexing a scrape failed: {error}"
-            )))
-        })
+        tokio::task::spawn_blocking(index)
+            .await
+            .unwrap_or_else(|error| {
+                Err(ObservationError::Malformed(format!(
+                    "indexing a scrape failed: {error}"
+                )))
+            })
     } else {
         index()
     }

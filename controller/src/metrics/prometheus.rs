@@ -54,12 +54,12 @@
 use super::shared::{within, SharedReads};
 use super::{describe_request_error, MergedSubset, MetricsSource, SubsetSelector};
 use async_trait::async_trait;
-use futures::FutureExt;
 use fledge_core::contract::{
     ResponseClass, REQUESTS_TOTAL, REQUEST_DURATION_MS, TAG_CLASS, TAG_SERVICE, TAG_SUBSET,
 };
 use fledge_core::observe::{LatencyHistogram, Observation, ObservationError, SubsetTraffic};
 use fledge_core::spec::{render_query, Canary, MetricKind, PrometheusSpec, QueryVariables};
+use futures::FutureExt;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -571,7 +571,9 @@ pub struct PrometheusRegistry {
 }
 
 impl PrometheusRegistry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeMap<(String, String, String), usize>>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, BTreeMap<(String, String, String), usize>>> {
         match self.by_address.lock() {
             Ok(map) => map,
             Err(poisoned) => poisoned.into_inner(),
@@ -707,11 +709,13 @@ async fn read_traffic(
         }
     };
     if large {
-        tokio::task::spawn_blocking(index).await.unwrap_or_else(|error| {
-            Err(ObservationError::Malformed(format!(
-                "indexing a Prometheus answer failed: {error}"
-            )))
-        })
+        tokio::task::spawn_blocking(index)
+            .await
+            .unwrap_or_else(|error| {
+                Err(ObservationError::Malformed(format!(
+                    "indexing a Prometheus answer failed: {error}"
+                )))
+            })
     } else {
         index()
     }
@@ -1077,8 +1081,7 @@ fn index_samples(samples: Vec<VectorSample>) -> TrafficIndex {
         let Ok(series) = accumulator else {
             continue;
         };
-        if let Err(problem) = add_sample(series, &sample, [&bucket_name, &sum_name, &count_name])
-        {
+        if let Err(problem) = add_sample(series, &sample, [&bucket_name, &sum_name, &count_name]) {
             *accumulator = Err(problem);
         }
     }
