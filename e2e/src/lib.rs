@@ -38,6 +38,8 @@
 //! - [`workload`]: [`workload::WorkloadStack`], an app released as Deployments (`targetRef`):
 //!   Envoy with subset clusters from EDS files, the fake API server, the kubelet and istiod
 //!   stand-ins.
+//! - [`scale`]: a fleet of thousands of Canaries mid-rollout, fake gateways and a fake
+//!   Prometheus serving their series, and `/proc` readings (`fledge-bench-scale`).
 //! - [`rollback`]: the canary-fails-hard scenario (data-plane guard and controller rollback
 //!   times), shared by `tests/guard.rs` and `fledge-bench-rollback`.
 //!
@@ -57,6 +59,7 @@ pub mod paths;
 pub mod process;
 pub mod prometheus;
 pub mod rollback;
+pub mod scale;
 pub mod stack;
 pub mod workload;
 

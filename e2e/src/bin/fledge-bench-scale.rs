@@ -1,0 +1,543 @@
+//! `fledge-bench-scale` (`make bench-scale`): one `fledge controller` process with 1,000 and
+//! then 10,000 Canaries mid-rollout, against the fake API server over HTTP, fake gateways whose
+//! `/stats/prometheus` pages hold every service's fledge series, and a fake Prometheus.
+//!
+//! ```text
+//! this process: FakeApiServer (HTTP) · FakeGateway × G · FakePrometheus · observer (watch)
+//!      ▲ list/watch, status, VirtualServices, Events, Lease      ▲ scrapes / queries
+//!      └──────────────────── fledge controller (the process measured) ──┘
+//! ```
+//!
+//! Per size it warms up, then measures a window of `--intervals` analysis intervals:
+//! - `rss_mib`: the controller's resident memory at the end of the window (`/proc/PID/status`);
+//! - `cpu_ms_per_canary_interval`: utime + stime (`/proc/PID/stat`) over the window, divided by
+//!   canaries × intervals in the window;
+//! - `lag_p99_ms`: from an analysis being due (the canary's schedule) to its decision being
+//!   recorded — the controller's `fledge_analysis_lag_seconds` histogram when it has one, else
+//!   seen from here: a status write carrying a new `lastTickAt`, compared with the previous
+//!   `lastTickAt` plus the interval;
+//! - `scrapes_per_interval`: `/stats/prometheus` traffic scrapes per gateway per interval;
+//! - `api_requests_per_s`: every request the API server served during the window.
+//!
+//! It ends with one line per size:
+//! `scale: canaries=N rss_mib=… cpu_ms_per_canary_interval=… lag_p99_ms=… scrapes_per_interval=… api_requests_per_s=…`
+
+use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use fledge_controller::k8s::crd::{Canary, CanaryResourceStatus, Readiness};
+use fledge_controller::k8s::fake_api::FakeApiServer;
+use fledge_e2e::process::{free_port, wait_until, Proc, ScratchDir};
+use fledge_e2e::scale::{
+    load_average, quantile, FakeGateway, FakePrometheus, Fleet, Member, ProcSample,
+};
+use fledge_e2e::{http, paths};
+use futures::StreamExt;
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fledge-bench-scale",
+    about = "One fledge controller with thousands of Canaries: memory, CPU, decision lag, scrapes and API load"
+)]
+struct Args {
+    /// Fleet sizes for `fledge controller`, in order.
+    #[arg(long, value_delimiter = ',', default_values_t = [1000, 10000])]
+    sizes: Vec<usize>,
+    /// Analysis interval of every Canary, seconds.
+    #[arg(long, default_value_t = 10)]
+    interval: u64,
+    /// Analysis intervals measured per size (after the warm-up).
+    #[arg(long, default_value_t = 10)]
+    intervals: u32,
+    /// Services per fake gateway (the Envoy-admin canaries are spread over gateways of this size).
+    #[arg(long, default_value_t = 1000)]
+    services_per_gateway: usize,
+    /// Length of each pause step, seconds (pauses end at spread times, so some canaries step).
+    #[arg(long, default_value_t = 1800)]
+    pause: u64,
+    /// Where logs and files go (default: a temporary directory, removed at the end).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// What one size measured.
+struct Summary {
+    canaries: usize,
+    rss_mib: f64,
+    cpu_ms_per_canary_interval: f64,
+    lag_p99_ms: f64,
+    scrapes_per_interval: f64,
+    api_requests_per_s: f64,
+}
+
+impl Summary {
+    fn line(&self) -> String {
+        format!(
+            "scale: canaries={} rss_mib={:.0} cpu_ms_per_canary_interval={:.3} lag_p99_ms={:.0} scrapes_per_interval={:.2} api_requests_per_s={:.1}",
+            self.canaries,
+            self.rss_mib,
+            self.cpu_ms_per_canary_interval,
+            self.lag_p99_ms,
+            self.scrapes_per_interval,
+            self.api_requests_per_s
+        )
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let scratch = ScratchDir::at_or_temp(args.dir.as_deref(), "fledge-bench-scale")?;
+    let mut summaries = Vec::new();
+    for &size in &args.sizes {
+        let dir = scratch.path().join(format!("controller-{size}"));
+        let summary = runtime.block_on(kubernetes_run(&args, size, &dir))?;
+        println!("{}", summary.line());
+        summaries.push(summary);
+    }
+    println!();
+    for summary in &summaries {
+        println!("{}", summary.line());
+    }
+    Ok(())
+}
+
+/// Everything served from this process for one run.
+struct Cluster {
+    server: FakeApiServer,
+    kubeconfig: PathBuf,
+    gateways: Vec<FakeGateway>,
+    prometheus: FakePrometheus,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+async fn start_cluster(fleet: &Fleet, dir: &Path) -> Result<Cluster> {
+    std::fs::create_dir_all(dir)?;
+    let (shutdown, stopped) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    let mut gateways = Vec::new();
+    for g in 0..fleet.gateways {
+        gateways.push(FakeGateway::start(&fleet.on_gateway(g), started, stopped.clone()).await?);
+    }
+    let prometheus = FakePrometheus::start(&fleet.on_prometheus(), started, stopped.clone()).await?;
+    let gateway_urls: Vec<String> = gateways.iter().map(|g| g.url.clone()).collect();
+
+    let server = FakeApiServer::new()
+        .with_history_limit(50_000)
+        .with_request_log_limit(0);
+    let now = Utc::now();
+    for member in &fleet.members {
+        seed(&server, fleet, member, &gateway_urls, &prometheus.url, now)?;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = format!("http://{}", listener.local_addr()?);
+    let mut stop = stopped.clone();
+    tokio::spawn(server.clone().serve_http(listener, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    }));
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, kubeconfig_text(&address))?;
+    Ok(Cluster {
+        server,
+        kubeconfig,
+        gateways,
+        prometheus,
+        shutdown,
+    })
+}
+
+fn kubeconfig_text(server: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n  - name: fake\n    cluster: {{server: \"{server}\"}}\n\
+         users:\n  - name: fake\n    user: {{token: \"fledge\"}}\ncontexts:\n  - name: fake\n    \
+         context: {{cluster: fake, user: fake, namespace: default}}\ncurrent-context: fake\n"
+    )
+}
+
+/// The VirtualService (at the seeded status' weight) and the Canary (with its finalizer and a
+/// mid-rollout status) of `member`.
+fn seed(
+    server: &FakeApiServer,
+    fleet: &Fleet,
+    member: &Member,
+    gateway_urls: &[String],
+    prometheus_url: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let spec_json = fleet.spec(member, gateway_urls, prometheus_url);
+    let spec: fledge_core::spec::CanarySpec =
+        serde_json::from_value(spec_json.clone()).context("the fleet's spec")?;
+    let rollout = fleet.mid_rollout_status(member, &spec, now);
+    let weight = rollout.canary_weight;
+    let last_tick_at = rollout.last_analysis.as_ref().map(|a| a.at);
+    let mut status = CanaryResourceStatus {
+        rollout,
+        observed_generation: Some(1),
+        spec_fingerprint: Some("generation-1".to_string()),
+        last_tick_at,
+        ..CanaryResourceStatus::default()
+    };
+    status.set_conditions(&Readiness::ok(), Some(1), now);
+    server
+        .try_create(json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"name": member.name, "namespace": member.namespace},
+            "spec": {
+                "hosts": [format!("{}.example.com", member.name)],
+                "gateways": ["istio-system/public"],
+                "http": [{
+                    "name": "primary",
+                    "route": [
+                        {"destination": {"host": member.name, "subset": "stable"}, "weight": 100 - weight},
+                        {"destination": {"host": member.name, "subset": "canary"}, "weight": weight}
+                    ]
+                }]
+            }
+        }))
+        .map_err(anyhow::Error::msg)?;
+    server
+        .try_create(json!({
+            "apiVersion": "fledge.dev/v1alpha1",
+            "kind": "Canary",
+            "metadata": {
+                "name": member.name,
+                "namespace": member.namespace,
+                "finalizers": ["fledge.dev/traffic"],
+            },
+            "spec": spec_json,
+        }))
+        .map_err(anyhow::Error::msg)?;
+    server
+        .set_status(
+            "fledge.dev",
+            "canaries",
+            &member.namespace,
+            &member.name,
+            serde_json::to_value(&status)?,
+        )
+        .map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
+/// A running `fledge controller`.
+struct ControllerProc {
+    proc: Proc,
+    port: u16,
+}
+
+impl ControllerProc {
+    fn start(kubeconfig: &Path, identity: &str, log: &Path) -> Result<ControllerProc> {
+        let port = free_port()?;
+        let mut command = Command::new(paths::fledge_binary()?);
+        command
+            .arg("controller")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--lease-namespace")
+            .arg("fledge-system")
+            .arg("--identity")
+            .arg(identity)
+            .env("KUBECONFIG", kubeconfig)
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE");
+        let proc = Proc::spawn("fledge controller", command, log)?;
+        Ok(ControllerProc { proc, port })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn wait_leading(&mut self, timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        let url = self.url("/readyz");
+        let proc = &mut self.proc;
+        wait_until("fledge controller to lead", timeout, || {
+            fledge_e2e::process::abort_if_exited(proc)?;
+            Ok(http::get(&url, Duration::from_secs(2))
+                .ok()
+                .filter(|(code, body)| *code == 200 && body.trim() == "ok: leader")
+                .map(|_| ()))
+        })
+        .with_context(|| format!("fledge controller log:\n{}", self.proc.log_tail(20)))?;
+        Ok(started.elapsed())
+    }
+
+    /// The controller's `fledge_analysis_lag_seconds` histogram: (upper bound, cumulative count).
+    fn lag_histogram(&self) -> Option<Vec<(f64, f64)>> {
+        let (_, text) = http::get(&self.url("/metrics"), Duration::from_secs(30)).ok()?;
+        let buckets: Vec<(f64, f64)> = text
+            .lines()
+            .filter(|l| l.starts_with("fledge_analysis_lag_seconds_bucket"))
+            .filter_map(|l| {
+                let le = l.split("le=\"").nth(1)?.split('"').next()?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                let value = l.rsplit(' ').next()?.parse().ok()?;
+                Some((le, value))
+            })
+            .collect();
+        (!buckets.is_empty()).then_some(buckets)
+    }
+}
+
+/// Status writes that carried a new `lastTickAt`, seen through a watch: (seen at, lag in ms).
+#[derive(Default)]
+struct Observed {
+    last_tick: HashMap<String, DateTime<Utc>>,
+    lags: Vec<(Instant, f64)>,
+}
+
+fn observe(server: &FakeApiServer, interval: Duration) -> Arc<Mutex<Observed>> {
+    let observed = Arc::new(Mutex::new(Observed::default()));
+    let api: kube::Api<Canary> = kube::Api::all(server.client("bench-observer"));
+    let sink = observed.clone();
+    let interval = chrono::Duration::from_std(interval).unwrap_or_default();
+    tokio::spawn(async move {
+        let mut events = kube::runtime::watcher(api, kube::runtime::watcher::Config::default())
+            .boxed();
+        while let Some(event) = events.next().await {
+            let canary = match event {
+                Ok(
+                    kube::runtime::watcher::Event::Apply(canary)
+                    | kube::runtime::watcher::Event::InitApply(canary),
+                ) => canary,
+                _ => continue,
+            };
+            let Some(tick) = canary.status.as_ref().and_then(|s| s.last_tick_at) else {
+                continue;
+            };
+            let key = format!(
+                "{}/{}",
+                canary.metadata.namespace.clone().unwrap_or_default(),
+                canary.metadata.name.clone().unwrap_or_default()
+            );
+            let now = Utc::now();
+            let mut observed = match sink.lock() {
+                Ok(o) => o,
+                Err(p) => p.into_inner(),
+            };
+            if let Some(previous) = observed.last_tick.insert(key, tick) {
+                if tick > previous {
+                    let due = previous + interval;
+                    let lag = (now - due).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+                    observed.lags.push((Instant::now(), lag.max(0.0)));
+                }
+            }
+        }
+    });
+    observed
+}
+
+/// `q` of a cumulative histogram's increase between two readings, interpolated in the bucket
+/// like PromQL's `histogram_quantile`.
+fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<(f64, f64)> {
+    let earlier: BTreeMap<String, f64> = before.iter().map(|(le, v)| (le.to_string(), *v)).collect();
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, v)| (*le, v - earlier.get(&le.to_string()).copied().unwrap_or(0.0)))
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for (le, count) in &delta {
+        if *count >= rank {
+            if le.is_infinite() {
+                return Some((lower.0, total));
+            }
+            let share = if count - lower.1 > 0.0 {
+                (rank - lower.1) / (count - lower.1)
+            } else {
+                1.0
+            };
+            return Some((lower.0 + (le - lower.0) * share, total));
+        }
+        lower = (*le, *count);
+    }
+    None
+}
+
+struct Reading {
+    proc: ProcSample,
+    tallies: BTreeMap<String, u64>,
+    gateway_hits: Vec<(u64, u64, u64)>,
+    prometheus_hits: (u64, u64, u64),
+    lag_histogram: Option<Vec<(f64, f64)>>,
+}
+
+fn read(controller: &ControllerProc, cluster: &Cluster) -> Result<Reading> {
+    Ok(Reading {
+        lag_histogram: controller.lag_histogram(),
+        proc: ProcSample::read(controller.proc.pid())?,
+        tallies: cluster.server.request_tallies(),
+        gateway_hits: cluster.gateways.iter().map(|g| g.hits.snapshot()).collect(),
+        prometheus_hits: cluster.prometheus.hits.snapshot(),
+    })
+}
+
+fn hits_delta(before: &(u64, u64, u64), after: &(u64, u64, u64)) -> (u64, u64, u64) {
+    (after.0 - before.0, after.1 - before.1, after.2 - before.2)
+}
+
+async fn kubernetes_run(args: &Args, size: usize, dir: &Path) -> Result<Summary> {
+    let interval = Duration::from_secs(args.interval);
+    let fleet = Fleet::new(
+        size,
+        args.services_per_gateway,
+        interval,
+        Duration::from_secs(args.pause),
+    );
+    println!(
+        "== fledge controller, {size} canaries: {} gateways × ≤{} services (Envoy admin), {} via Prometheus (2 gateway replicas), interval {}s, {} intervals measured",
+        fleet.gateways,
+        args.services_per_gateway,
+        fleet.on_prometheus().len(),
+        args.interval,
+        args.intervals
+    );
+    let seeding = Instant::now();
+    let cluster = start_cluster(&fleet, dir).await?;
+    println!(
+        "   seeded {size} Canaries mid-rollout and their VirtualServices in {:.1}s",
+        seeding.elapsed().as_secs_f64()
+    );
+    let observed = observe(&cluster.server, interval);
+    let mut controller = ControllerProc::start(&cluster.kubeconfig, "bench-a", &dir.join("controller.log"))?;
+    let leading = tokio::task::block_in_place(|| controller.wait_leading(Duration::from_secs(60)))?;
+    println!("   leading after {:.1}s", leading.as_secs_f64());
+
+    // Warm-up: every canary's first tick (a baseline) and its first judged interval.
+    let warm_up = (interval * 3).max(Duration::from_secs(20));
+    tokio::time::sleep(warm_up).await;
+    if !controller.proc.is_running() {
+        bail!("fledge controller exited:\n{}", controller.proc.log_tail(30));
+    }
+    let before = tokio::task::block_in_place(|| read(&controller, &cluster))?;
+    let window = interval * args.intervals;
+    let mut peak_rss = before.proc.rss_kib;
+    let window_started = Instant::now();
+    while window_started.elapsed() < window {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Ok(sample) = ProcSample::read(controller.proc.pid()) {
+            peak_rss = peak_rss.max(sample.rss_kib);
+        }
+    }
+    let after = tokio::task::block_in_place(|| read(&controller, &cluster))?;
+    let seconds = after.proc.at.duration_since(before.proc.at).as_secs_f64();
+    let intervals = seconds / interval.as_secs_f64();
+
+    let cpu_ms = after.proc.cpu_ms - before.proc.cpu_ms;
+    let canary_intervals = size as f64 * intervals;
+    let requests: BTreeMap<String, u64> = after
+        .tallies
+        .iter()
+        .map(|(kind, n)| (kind.clone(), n - before.tallies.get(kind).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let api_total: u64 = requests.values().sum();
+    let gateway: Vec<(u64, u64, u64)> = before
+        .gateway_hits
+        .iter()
+        .zip(&after.gateway_hits)
+        .map(|(b, a)| hits_delta(b, a))
+        .collect();
+    let scrapes: u64 = gateway.iter().map(|h| h.0).sum();
+    let guard_reads: u64 = gateway.iter().map(|h| h.1).sum();
+    let scraped_bytes: u64 = gateway.iter().map(|h| h.2).sum();
+    let prometheus = hits_delta(&before.prometheus_hits, &after.prometheus_hits);
+    let scrapes_per_interval = scrapes as f64 / intervals / fleet.gateways.max(1) as f64;
+
+    let observed_lags: Vec<f64> = {
+        let observed = observed.lock().map_err(|_| anyhow::anyhow!("observer lock"))?;
+        observed
+            .lags
+            .iter()
+            .filter(|(at, _)| *at >= before.proc.at && *at <= after.proc.at)
+            .map(|(_, lag)| *lag)
+            .collect()
+    };
+    let observed_count = observed_lags.len();
+    let observed_p99 = quantile(&mut observed_lags.clone(), 0.99);
+    let self_reported = match (&before.lag_histogram, &after.lag_histogram) {
+        (Some(b), Some(a)) => histogram_quantile(b, a, 0.99),
+        (None, Some(a)) => histogram_quantile(&[], a, 0.99),
+        _ => None,
+    };
+    let lag_p99_ms = match self_reported {
+        Some((seconds, _)) => seconds * 1000.0,
+        None => observed_p99,
+    };
+
+    println!(
+        "   window {seconds:.0}s = {intervals:.1} intervals; load average {}",
+        load_average()
+    );
+    println!(
+        "   controller: rss {:.0} MiB at the end (peak {:.0}); cpu {:.0} ms = {:.1}% of a core",
+        after.proc.rss_mib(),
+        peak_rss as f64 / 1024.0,
+        cpu_ms,
+        cpu_ms / seconds / 10.0
+    );
+    match self_reported {
+        Some((p99, count)) => println!(
+            "   decisions: {count:.0} in the window ({:.2} per canary-interval); lag p99 {:.0} ms (fledge_analysis_lag_seconds); status writes with a new lastTickAt seen: {observed_count} (p99 {observed_p99:.0} ms)",
+            count / canary_intervals,
+            p99 * 1000.0
+        ),
+        None => println!(
+            "   decisions seen as status writes with a new lastTickAt: {observed_count} ({:.2} per canary-interval); lag p99 {observed_p99:.0} ms",
+            observed_count as f64 / canary_intervals
+        ),
+    }
+    println!(
+        "   gateways: {scrapes} traffic scrapes ({scrapes_per_interval:.2} per gateway per interval, {:.1} MB/s), {guard_reads} guard reads ({:.1}/s); Prometheus: {} traffic queries ({:.2} per interval), {} guard queries",
+        scraped_bytes as f64 / seconds / 1e6,
+        guard_reads as f64 / seconds,
+        prometheus.0,
+        prometheus.0 as f64 / intervals,
+        prometheus.1
+    );
+    let mut breakdown: Vec<(&String, &u64)> = requests.iter().collect();
+    breakdown.sort_by(|a, b| b.1.cmp(a.1));
+    println!(
+        "   API server: {api_total} requests = {:.1}/s: {}",
+        api_total as f64 / seconds,
+        breakdown
+            .iter()
+            .take(8)
+            .map(|(kind, n)| format!("{kind} {:.1}/s", **n as f64 / seconds))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = controller.proc.stop();
+    Ok(Summary {
+        canaries: size,
+        rss_mib: after.proc.rss_mib(),
+        cpu_ms_per_canary_interval: cpu_ms / canary_intervals,
+        lag_p99_ms,
+        scrapes_per_interval,
+        api_requests_per_s: api_total as f64 / seconds,
+    })
+}

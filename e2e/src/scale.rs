@@ -1,0 +1,712 @@
+//! The pieces of `fledge-bench-scale`: a fleet of thousands of Canaries mid-rollout, the gateways
+//! and the Prometheus their metrics come from, and what the bench reads of the process under
+//! test.
+//!
+//! ```text
+//!  FakeApiServer (in this process, over HTTP) ◀──list/watch/status── fledge controller (measured)
+//!  FakeGateway × G  /stats/prometheus: every service's fledge series ◀──scrapes──┘   │
+//!  FakePrometheus   /api/v1/query: the same series from 2 gateway replicas ◀─queries──┘
+//! ```
+//!
+//! Traffic is a function of time, the same for every reader: service `i`'s subset serves a fixed
+//! rate, with 0.05 % 5xx, 0.2 % 4xx and latencies mostly 5–25 ms, so every canary passes its
+//! checks. A gateway's page holds, per service, exactly what the filter and Envoy emit (see
+//! [`GatewayPage`]): 6 request counters per subset (one per response class, all defined when the
+//! pair is) and the duration histogram with Envoy's 19 default buckets plus `+Inf`, `_sum` and
+//! `_count` — 56 lines, about 2.6 KB per service, measured on Envoy 1.40 with the filter.
+
+use anyhow::{Context, Result};
+use axum::extract::{Form, RawQuery, State};
+use axum::routing::get;
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
+use fledge_core::observe::{LatencyHistogram, Observation, ObservationError, SubsetTraffic};
+use fledge_core::rollout::{step, CanaryStatus, Input};
+use fledge_core::spec::CanarySpec;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Envoy's default histogram buckets (ms), as `/stats/prometheus` prints them.
+pub const ENVOY_BUCKETS: [&str; 19] = [
+    "0.5", "1", "5", "10", "25", "50", "100", "250", "500", "1000", "2500", "5000", "10000",
+    "30000", "60000", "300000", "600000", "1800000", "3600000",
+];
+/// Share of requests at or under each bucket bound.
+const BUCKET_SHARE: [f64; 19] = [
+    0.0, 0.02, 0.30, 0.60, 0.85, 0.95, 0.99, 0.999, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+    1.0, 1.0,
+];
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+/// Requests per second per subset.
+const STABLE_RPS: f64 = 100.0;
+const CANARY_RPS: f64 = 30.0;
+/// Counters start as if the gateway had been up this long.
+const UPTIME_AT_START_S: f64 = 86_400.0;
+
+/// Where a Canary's metrics come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `envoyAdmin` on gateway `g`.
+    Gateway(usize),
+    /// `prometheus`, which scrapes two replicas of a gateway of its own.
+    Prometheus,
+}
+
+/// One Canary of the fleet.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub index: usize,
+    pub namespace: String,
+    pub name: String,
+    pub source: Source,
+    pub guard: bool,
+}
+
+impl Member {
+    pub fn service(&self) -> &str {
+        &self.name
+    }
+}
+
+/// The fleet's shape.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    pub members: Vec<Member>,
+    pub gateways: usize,
+    pub interval: Duration,
+    /// Each pause step lasts this long (the fleet is mid-rollout, in pauses ending at spread
+    /// times, so some canaries take a step during any window).
+    pub pause: Duration,
+}
+
+impl Fleet {
+    /// `canaries` Canaries in 20 namespaces; 1 in 10 reads Prometheus, the others a gateway of
+    /// `services_per_gateway` services; every other one has the data-plane guard.
+    pub fn new(
+        canaries: usize,
+        services_per_gateway: usize,
+        interval: Duration,
+        pause: Duration,
+    ) -> Fleet {
+        let mut on_gateways = 0usize;
+        let members = (0..canaries)
+            .map(|index| {
+                let source = if index % 10 == 9 {
+                    Source::Prometheus
+                } else {
+                    on_gateways += 1;
+                    Source::Gateway((on_gateways - 1) / services_per_gateway.max(1))
+                };
+                Member {
+                    index,
+                    namespace: format!("team-{:02}", index % 20),
+                    name: format!("svc-{index:05}"),
+                    source,
+                    guard: index % 2 == 0,
+                }
+            })
+            .collect::<Vec<_>>();
+        let gateways = members
+            .iter()
+            .filter_map(|m| match m.source {
+                Source::Gateway(g) => Some(g + 1),
+                Source::Prometheus => None,
+            })
+            .max()
+            .unwrap_or(0);
+        Fleet {
+            members,
+            gateways,
+            interval,
+            pause,
+        }
+    }
+
+    pub fn on_gateway(&self, gateway: usize) -> Vec<&Member> {
+        self.members
+            .iter()
+            .filter(|m| m.source == Source::Gateway(gateway))
+            .collect()
+    }
+
+    pub fn on_prometheus(&self) -> Vec<&Member> {
+        self.members
+            .iter()
+            .filter(|m| m.source == Source::Prometheus)
+            .collect()
+    }
+
+    /// The `spec` of `member`'s Canary (JSON, as in the CRD).
+    pub fn spec(&self, member: &Member, gateway_urls: &[String], prometheus_url: &str) -> Value {
+        let metrics_source = match member.source {
+            Source::Gateway(g) => json!({"envoyAdmin": {"urls": [gateway_urls[g]]}}),
+            Source::Prometheus => json!({"prometheus": {"address": prometheus_url}}),
+        };
+        let pause = format!("{}s", self.pause.as_secs());
+        let mut analysis = json!({
+            "interval": format!("{}s", self.interval.as_secs()),
+            "threshold": 3,
+            "minCanaryRequests": 20,
+            "steps": [
+                {"setWeight": 10}, {"pause": {"duration": pause}},
+                {"setWeight": 25}, {"pause": {"duration": pause}},
+                {"setWeight": 50}, {"pause": {"duration": pause}},
+            ],
+            "metrics": [
+                {"name": "request-success-rate", "thresholdRange": {"min": 99}},
+                {"name": "request-duration", "quantile": 0.99, "thresholdRange": {"max": 500}},
+            ],
+        });
+        if member.guard {
+            analysis["guard"] = json!({});
+        }
+        json!({
+            "service": member.service(),
+            "stable": {"subset": "stable"},
+            "canary": {"subset": "canary"},
+            "metricsSource": metrics_source,
+            "router": {"istio": {"virtualService": member.name, "route": "primary"}},
+            "analysis": analysis,
+        })
+    }
+
+    /// A status `member` could have mid-rollout at `now`: the state machine itself run from the
+    /// start through the first weight step into the first pause, which began a spread time ago
+    /// (so pauses end at spread times from now on).
+    pub fn mid_rollout_status(
+        &self,
+        member: &Member,
+        spec: &CanarySpec,
+        now: DateTime<Utc>,
+    ) -> CanaryStatus {
+        let interval = ChronoDuration::from_std(self.interval).unwrap_or_default();
+        let pause = ChronoDuration::from_std(self.pause).unwrap_or_default();
+        // Golden-ratio spread of the pause's start over its length.
+        let spread = (member.index as f64 * 0.618_033_988_75).fract();
+        let paused_for = ChronoDuration::milliseconds((pause.num_milliseconds() as f64 * spread) as i64);
+        let mut at = now - paused_for - interval * 2;
+        let mut status = CanaryStatus::default();
+        for observation in [Err(ObservationError::Baseline), Ok(passing_observation(self.interval))] {
+            let input = Input {
+                observation: Some(observation),
+                command: None,
+            };
+            status = step(spec, &status, &input, at).status;
+            at += interval;
+        }
+        status
+    }
+}
+
+/// An interval of traffic that passes the fleet's checks.
+fn passing_observation(interval: Duration) -> Observation {
+    let seconds = interval.as_secs_f64();
+    Observation {
+        stable: subset_traffic(STABLE_RPS * seconds),
+        canary: subset_traffic(CANARY_RPS * seconds),
+        custom: Default::default(),
+    }
+}
+
+fn subset_traffic(requests: f64) -> SubsetTraffic {
+    let counts = SubsetCounts::at(requests);
+    SubsetTraffic {
+        by_class: counts.by_class,
+        latency: LatencyHistogram {
+            bounds_ms: ENVOY_BUCKETS.iter().filter_map(|b| b.parse().ok()).collect(),
+            cumulative: counts.buckets.to_vec(),
+            count: counts.total,
+            sum_ms: counts.sum_ms,
+        },
+    }
+}
+
+/// One subset's cumulative counters after `requests` requests.
+struct SubsetCounts {
+    total: u64,
+    by_class: [u64; 6],
+    buckets: [u64; 19],
+    sum_ms: f64,
+}
+
+impl SubsetCounts {
+    fn at(requests: f64) -> SubsetCounts {
+        let total = requests.max(0.0) as u64;
+        let failed = total / 2000;
+        let client_errors = total / 500;
+        let mut buckets = [0u64; 19];
+        for (bucket, share) in buckets.iter_mut().zip(BUCKET_SHARE) {
+            *bucket = (total as f64 * share) as u64;
+        }
+        SubsetCounts {
+            total,
+            by_class: [0, total - failed - client_errors, 0, client_errors, failed, 0],
+            buckets,
+            sum_ms: total as f64 * 7.25,
+        }
+    }
+
+    /// Service `service`'s subset (stable: `canary == false`) after `elapsed` seconds.
+    fn of(service: usize, canary: bool, elapsed: f64) -> SubsetCounts {
+        let rate = if canary { CANARY_RPS } else { STABLE_RPS };
+        // A little variety between services, the same at every reading.
+        let rate = rate * (1.0 + (service % 7) as f64 * 0.05);
+        SubsetCounts::at(rate * (UPTIME_AT_START_S + elapsed))
+    }
+}
+
+/// Renders a gateway's `/stats/prometheus` (with the controller's `filter`) the way Envoy 1.40
+/// does: one `# TYPE` line per family, families in name order, each with every service's series.
+pub struct GatewayPage {
+    /// (service index, `fledge_service="svc-..."`)
+    services: Vec<(usize, String)>,
+    guarded: Vec<String>,
+}
+
+impl GatewayPage {
+    pub fn new(members: &[&Member]) -> GatewayPage {
+        GatewayPage {
+            services: members
+                .iter()
+                .map(|m| (m.index, format!("fledge_service=\"{}\"", m.service())))
+                .collect(),
+            guarded: members
+                .iter()
+                .filter(|m| m.guard)
+                .map(|m| format!("fledge_service=\"{}\"", m.service()))
+                .collect(),
+        }
+    }
+
+    /// The page for `filter` (Envoy's regex, recognised by what the controller sends).
+    pub fn render(&self, filter: &str, elapsed: f64) -> String {
+        if filter.contains("guard") {
+            let mut page = String::with_capacity(self.guarded.len() * 60 + 64);
+            page.push_str("# TYPE fledge_guard_tripped gauge\n");
+            for labels in &self.guarded {
+                let _ = writeln!(page, "fledge_guard_tripped{{{labels}}} 0");
+            }
+            return page;
+        }
+        let mut page = String::with_capacity(self.services.len() * 2800 + 256);
+        page.push_str("# TYPE fledge_requests_total counter\n");
+        for (index, service) in &self.services {
+            for (subset, canary) in [("canary", true), ("stable", false)] {
+                let counts = SubsetCounts::of(*index, canary, elapsed);
+                for (class, count) in CLASSES.iter().zip(counts.by_class) {
+                    let _ = writeln!(
+                        page,
+                        "fledge_requests_total{{{service},fledge_subset=\"{subset}\",fledge_class=\"{class}\"}} {count}"
+                    );
+                }
+            }
+        }
+        page.push_str("# TYPE envoy_server_uptime gauge\n");
+        let _ = writeln!(page, "envoy_server_uptime{{}} {}", (UPTIME_AT_START_S + elapsed) as u64);
+        page.push_str("# TYPE fledge_request_duration_ms histogram\n");
+        for (index, service) in &self.services {
+            for (subset, canary) in [("canary", true), ("stable", false)] {
+                let counts = SubsetCounts::of(*index, canary, elapsed);
+                for (le, count) in ENVOY_BUCKETS.iter().zip(counts.buckets) {
+                    let _ = writeln!(
+                        page,
+                        "fledge_request_duration_ms_bucket{{{service},fledge_subset=\"{subset}\",le=\"{le}\"}} {count}"
+                    );
+                }
+                let _ = writeln!(
+                    page,
+                    "fledge_request_duration_ms_bucket{{{service},fledge_subset=\"{subset}\",le=\"+Inf\"}} {}",
+                    counts.total
+                );
+                let _ = writeln!(
+                    page,
+                    "fledge_request_duration_ms_sum{{{service},fledge_subset=\"{subset}\"}} {}",
+                    counts.sum_ms
+                );
+                let _ = writeln!(
+                    page,
+                    "fledge_request_duration_ms_count{{{service},fledge_subset=\"{subset}\"}} {}",
+                    counts.total
+                );
+            }
+        }
+        page
+    }
+}
+
+/// Requests a fake endpoint served.
+#[derive(Debug, Default)]
+pub struct Hits {
+    /// `/stats/prometheus` for the traffic series (or Prometheus traffic queries).
+    pub traffic: AtomicU64,
+    /// Guard reads.
+    pub guard: AtomicU64,
+    /// Response bytes.
+    pub bytes: AtomicU64,
+}
+
+impl Hits {
+    pub fn snapshot(&self) -> (u64, u64, u64) {
+        (
+            self.traffic.load(Ordering::Relaxed),
+            self.guard.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+struct GatewayState {
+    page: GatewayPage,
+    started: Instant,
+    hits: Arc<Hits>,
+}
+
+/// A fake gateway Envoy admin: `/stats/prometheus` only.
+pub struct FakeGateway {
+    pub url: String,
+    pub hits: Arc<Hits>,
+}
+
+impl FakeGateway {
+    /// Serve on a free 127.0.0.1 port on the current tokio runtime until `shutdown` fires.
+    pub async fn start(
+        members: &[&Member],
+        started: Instant,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<FakeGateway> {
+        let hits = Arc::new(Hits::default());
+        let state = Arc::new(GatewayState {
+            page: GatewayPage::new(members),
+            started,
+            hits: hits.clone(),
+        });
+        let app = axum::Router::new()
+            .route("/stats/prometheus", get(serve_page))
+            .with_state(state);
+        let url = serve(app, shutdown).await?;
+        Ok(FakeGateway { url, hits })
+    }
+}
+
+async fn serve_page(State(state): State<Arc<GatewayState>>, RawQuery(query): RawQuery) -> String {
+    let query = query.unwrap_or_default();
+    let filter = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("filter="))
+        .unwrap_or_default();
+    let elapsed = state.started.elapsed().as_secs_f64();
+    let page = state.page.render(filter, elapsed);
+    if filter.contains("guard") {
+        state.hits.guard.fetch_add(1, Ordering::Relaxed);
+    } else {
+        state.hits.traffic.fetch_add(1, Ordering::Relaxed);
+    }
+    state.hits.bytes.fetch_add(page.len() as u64, Ordering::Relaxed);
+    page
+}
+
+async fn serve(
+    app: axum::Router,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding a fake endpoint")?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            })
+            .await;
+    });
+    Ok(url)
+}
+
+/// A fake Prometheus answering the instant queries Fledge sends (`POST /api/v1/query`) with the
+/// fledge series of two scraped replicas of one gateway, labelled as Prometheus labels them
+/// (`instance`, `job`, `namespace`, `pod`). Values are those of its last scrape (every second).
+/// It understands selectors naming `fledge_service` by `=` or by a regex of alternatives, and the
+/// guard query; anything else is answered with `bad_data`, as Prometheus answers a query it
+/// cannot parse.
+pub struct FakePrometheus {
+    pub url: String,
+    pub hits: Arc<Hits>,
+}
+
+struct PrometheusState {
+    /// service name → service index, for the services Prometheus knows.
+    services: HashMap<String, usize>,
+    started: Instant,
+    hits: Arc<Hits>,
+}
+
+const REPLICAS: [(&str, &str); 2] = [
+    ("10.8.0.14:15090", "istio-ingressgateway-7c9f6d8b5-2xk4p"),
+    ("10.8.1.22:15090", "istio-ingressgateway-7c9f6d8b5-q7wzn"),
+];
+
+impl FakePrometheus {
+    pub async fn start(
+        members: &[&Member],
+        started: Instant,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<FakePrometheus> {
+        let hits = Arc::new(Hits::default());
+        let state = Arc::new(PrometheusState {
+            services: members
+                .iter()
+                .map(|m| (m.service().to_string(), m.index))
+                .collect(),
+            started,
+            hits: hits.clone(),
+        });
+        let app = axum::Router::new()
+            .route("/api/v1/query", get(query_get).post(query_post))
+            .with_state(state);
+        let url = serve(app, shutdown).await?;
+        Ok(FakePrometheus { url, hits })
+    }
+}
+
+async fn query_get(
+    State(state): State<Arc<PrometheusState>>,
+    axum::extract::Query(form): axum::extract::Query<HashMap<String, String>>,
+) -> axum::response::Response {
+    answer(&state, form.get("query").map(String::as_str).unwrap_or_default())
+}
+
+async fn query_post(
+    State(state): State<Arc<PrometheusState>>,
+    Form(form): Form<HashMap<String, String>>,
+) -> axum::response::Response {
+    answer(&state, form.get("query").map(String::as_str).unwrap_or_default())
+}
+
+fn answer(state: &PrometheusState, promql: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let scraped = state.started.elapsed().as_secs_f64().floor();
+    let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+    let Some(services) = named_services(promql) else {
+        let body = json!({"status": "error", "errorType": "bad_data",
+            "error": format!("the bench's fake Prometheus does not understand {promql:?}")});
+        return (axum::http::StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+    };
+    let known: Vec<(&str, usize)> = services
+        .iter()
+        .filter_map(|s| state.services.get(s).map(|i| (s.as_str(), *i)))
+        .collect();
+    let body = if promql.contains("fledge_guard_tripped") {
+        state.hits.guard.fetch_add(1, Ordering::Relaxed);
+        guard_answer(promql, &known, now)
+    } else {
+        state.hits.traffic.fetch_add(1, Ordering::Relaxed);
+        traffic_answer(&known, scraped, now)
+    };
+    let text = body.to_string();
+    state
+        .hits
+        .bytes
+        .fetch_add(text.len() as u64, Ordering::Relaxed);
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        text,
+    )
+        .into_response()
+}
+
+/// The services a query's `fledge_service` matcher names: `="x"` or `=~"a|b|c"` (regex escapes
+/// undone).
+fn named_services(promql: &str) -> Option<Vec<String>> {
+    let at = promql.find("fledge_service=")?;
+    let rest = &promql[at + "fledge_service=".len()..];
+    let (regex, rest) = match rest.strip_prefix('~') {
+        Some(rest) => (true, rest),
+        None => (false, rest),
+    };
+    let rest = rest.strip_prefix('"')?;
+    let mut value = String::new();
+    let mut chars = rest.chars();
+    loop {
+        match chars.next()? {
+            '"' => break,
+            '\\' => value.push(chars.next()?),
+            c => value.push(c),
+        }
+    }
+    if !regex {
+        return Some(vec![value]);
+    }
+    // PromQL string escapes are undone above; now the regex escapes.
+    let mut names = vec![String::new()];
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => names.last_mut()?.push(chars.next()?),
+            '|' => names.push(String::new()),
+            c => names.last_mut()?.push(c),
+        }
+    }
+    Some(names)
+}
+
+fn guard_answer(promql: &str, services: &[(&str, usize)], now: f64) -> Value {
+    let by_service = promql.contains("by (fledge_service)") || promql.contains("by(fledge_service)");
+    let result: Vec<Value> = if by_service {
+        services
+            .iter()
+            .map(|(name, _)| json!({"metric": {"fledge_service": name}, "value": [now, "0"]}))
+            .collect()
+    } else if services.is_empty() {
+        Vec::new()
+    } else {
+        vec![json!({"metric": {}, "value": [now, "0"]})]
+    };
+    json!({"status": "success", "data": {"resultType": "vector", "result": result}})
+}
+
+fn traffic_answer(services: &[(&str, usize)], scraped: f64, now: f64) -> Value {
+    let mut result = Vec::with_capacity(services.len() * 2 * 28 * REPLICAS.len());
+    for (name, index) in services {
+        for (subset, canary) in [("stable", false), ("canary", true)] {
+            // Each replica serves half the traffic.
+            let counts = SubsetCounts::of(*index, canary, scraped);
+            for (instance, pod) in REPLICAS {
+                let labels = |name_label: &str| {
+                    json!({
+                        "__name__": name_label,
+                        "fledge_service": name,
+                        "fledge_subset": subset,
+                        "instance": instance,
+                        "job": "envoy-stats",
+                        "namespace": "istio-system",
+                        "pod": pod,
+                    })
+                };
+                let half = |n: u64| (n / 2).to_string();
+                for (class, count) in CLASSES.iter().zip(counts.by_class) {
+                    let mut metric = labels("fledge_requests_total");
+                    metric["fledge_class"] = json!(class);
+                    result.push(json!({"metric": metric, "value": [now, half(count)]}));
+                }
+                for (le, count) in ENVOY_BUCKETS.iter().zip(counts.buckets) {
+                    let mut metric = labels("fledge_request_duration_ms_bucket");
+                    metric["le"] = json!(le);
+                    result.push(json!({"metric": metric, "value": [now, half(count)]}));
+                }
+                let mut metric = labels("fledge_request_duration_ms_bucket");
+                metric["le"] = json!("+Inf");
+                result.push(json!({"metric": metric, "value": [now, half(counts.total)]}));
+                result.push(json!({"metric": labels("fledge_request_duration_ms_sum"),
+                    "value": [now, (counts.sum_ms / 2.0).to_string()]}));
+                result.push(json!({"metric": labels("fledge_request_duration_ms_count"),
+                    "value": [now, half(counts.total)]}));
+            }
+        }
+    }
+    json!({"status": "success", "data": {"resultType": "vector", "result": result}})
+}
+
+/// CPU time and resident memory of a process, from `/proc`.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcSample {
+    /// utime + stime, in milliseconds.
+    pub cpu_ms: f64,
+    pub rss_kib: u64,
+    pub at: Instant,
+}
+
+impl ProcSample {
+    pub fn read(pid: u32) -> Result<ProcSample> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("reading /proc/{pid}/stat"))?;
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let after = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .context("unexpected /proc/PID/stat")?;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| -> Result<f64> {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .context("unexpected /proc/PID/stat")
+        };
+        // Field 14 is index 11 after the state field (index 0 is field 3).
+        let cpu_ticks = ticks(11)? + ticks(12)?;
+        // SAFETY-free: sysconf is a plain libc call.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("reading /proc/{pid}/status"))?;
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Ok(ProcSample {
+            cpu_ms: cpu_ticks * 1000.0 / hz,
+            rss_kib,
+            at: Instant::now(),
+        })
+    }
+
+    pub fn rss_mib(&self) -> f64 {
+        self.rss_kib as f64 / 1024.0
+    }
+}
+
+/// The 1-, 5- and 15-minute load averages.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".to_string())
+}
+
+/// The `q` quantile (0..1) of `values` (nearest rank); 0 when empty.
+pub fn quantile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    values[rank - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_parses_as_the_controller_reads_it() {
+        let fleet = Fleet::new(30, 10, Duration::from_secs(10), Duration::from_secs(600));
+        let page = GatewayPage::new(&fleet.on_gateway(0)).render("fledge_request", 5.0);
+        let lines = page.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(lines, 10 * 56 + 1, "56 lines per service, plus the uptime");
+        let bytes_per_service = page.len() / 10;
+        assert!((2400..3000).contains(&bytes_per_service), "{bytes_per_service}");
+        assert_eq!(
+            named_services(r#"{__name__=~"x",fledge_service=~"svc\\-1|svc\\.2"}"#),
+            Some(vec!["svc-1".to_string(), "svc.2".to_string()])
+        );
+        assert_eq!(
+            named_services(r#"max(fledge_guard_tripped{fledge_service="svc-3"})"#),
+            Some(vec!["svc-3".to_string()])
+        );
+    }
+
+    #[test]
+    fn the_seeded_status_is_mid_rollout_in_a_pause() {
+        let fleet = Fleet::new(3, 10, Duration::from_secs(10), Duration::from_secs(600));
+        let member = &fleet.members[1];
+        let spec: CanarySpec =
+            serde_json::from_value(fleet.spec(member, &["http://g".into()], "http://p")).unwrap();
+        let status = fleet.mid_rollout_status(member, &spec, Utc::now());
+        assert_eq!(status.step, 1, "{status:?}");
+        assert_eq!(status.canary_weight, 10);
+    }
+}
