@@ -186,10 +186,14 @@ impl Fleet {
         let pause = ChronoDuration::from_std(self.pause).unwrap_or_default();
         // Golden-ratio spread of the pause's start over its length.
         let spread = (member.index as f64 * 0.618_033_988_75).fract();
-        let paused_for = ChronoDuration::milliseconds((pause.num_milliseconds() as f64 * spread) as i64);
+        let paused_for =
+            ChronoDuration::milliseconds((pause.num_milliseconds() as f64 * spread) as i64);
         let mut at = now - paused_for - interval * 2;
         let mut status = CanaryStatus::default();
-        for observation in [Err(ObservationError::Baseline), Ok(passing_observation(self.interval))] {
+        for observation in [
+            Err(ObservationError::Baseline),
+            Ok(passing_observation(self.interval)),
+        ] {
             let input = Input {
                 observation: Some(observation),
                 command: None,
@@ -216,7 +220,10 @@ fn subset_traffic(requests: f64) -> SubsetTraffic {
     SubsetTraffic {
         by_class: counts.by_class,
         latency: LatencyHistogram {
-            bounds_ms: ENVOY_BUCKETS.iter().filter_map(|b| b.parse().ok()).collect(),
+            bounds_ms: ENVOY_BUCKETS
+                .iter()
+                .filter_map(|b| b.parse().ok())
+                .collect(),
             cumulative: counts.buckets.to_vec(),
             count: counts.total,
             sum_ms: counts.sum_ms,
@@ -243,7 +250,14 @@ impl SubsetCounts {
         }
         SubsetCounts {
             total,
-            by_class: [0, total - failed - client_errors, 0, client_errors, failed, 0],
+            by_class: [
+                0,
+                total - failed - client_errors,
+                0,
+                client_errors,
+                failed,
+                0,
+            ],
             buckets,
             sum_ms: total as f64 * 7.25,
         }
@@ -305,7 +319,11 @@ impl GatewayPage {
             }
         }
         page.push_str("# TYPE envoy_server_uptime gauge\n");
-        let _ = writeln!(page, "envoy_server_uptime{{}} {}", (UPTIME_AT_START_S + elapsed) as u64);
+        let _ = writeln!(
+            page,
+            "envoy_server_uptime{{}} {}",
+            (UPTIME_AT_START_S + elapsed) as u64
+        );
         page.push_str("# TYPE fledge_request_duration_ms histogram\n");
         for (index, service) in &self.services {
             for (subset, canary) in [("canary", true), ("stable", false)] {
@@ -404,7 +422,10 @@ async fn serve_page(State(state): State<Arc<GatewayState>>, RawQuery(query): Raw
     } else {
         state.hits.traffic.fetch_add(1, Ordering::Relaxed);
     }
-    state.hits.bytes.fetch_add(page.len() as u64, Ordering::Relaxed);
+    state
+        .hits
+        .bytes
+        .fetch_add(page.len() as u64, Ordering::Relaxed);
     page
 }
 
@@ -476,14 +497,20 @@ async fn query_get(
     State(state): State<Arc<PrometheusState>>,
     axum::extract::Query(form): axum::extract::Query<HashMap<String, String>>,
 ) -> axum::response::Response {
-    answer(&state, form.get("query").map(String::as_str).unwrap_or_default())
+    answer(
+        &state,
+        form.get("query").map(String::as_str).unwrap_or_default(),
+    )
 }
 
 async fn query_post(
     State(state): State<Arc<PrometheusState>>,
     Form(form): Form<HashMap<String, String>>,
 ) -> axum::response::Response {
-    answer(&state, form.get("query").map(String::as_str).unwrap_or_default())
+    answer(
+        &state,
+        form.get("query").map(String::as_str).unwrap_or_default(),
+    )
 }
 
 fn answer(state: &PrometheusState, promql: &str) -> axum::response::Response {
@@ -554,7 +581,8 @@ fn named_services(promql: &str) -> Option<Vec<String>> {
 }
 
 fn guard_answer(promql: &str, services: &[(&str, usize)], now: f64) -> Value {
-    let by_service = promql.contains("by (fledge_service)") || promql.contains("by(fledge_service)");
+    let by_service =
+        promql.contains("by (fledge_service)") || promql.contains("by(fledge_service)");
     let result: Vec<Value> = if by_service {
         services
             .iter()
@@ -663,7 +691,12 @@ impl ProcSample {
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
-        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .unwrap_or_else(|| "?".to_string())
 }
 
@@ -688,7 +721,10 @@ mod tests {
         let lines = page.lines().filter(|l| !l.starts_with('#')).count();
         assert_eq!(lines, 10 * 56 + 1, "56 lines per service, plus the uptime");
         let bytes_per_service = page.len() / 10;
-        assert!((2400..3000).contains(&bytes_per_service), "{bytes_per_service}");
+        assert!(
+            (2400..3000).contains(&bytes_per_service),
+            "{bytes_per_service}"
+        );
         assert_eq!(
             named_services(r#"{__name__=~"x",fledge_service=~"svc\\-1|svc\\.2"}"#),
             Some(vec!["svc-1".to_string(), "svc.2".to_string()])

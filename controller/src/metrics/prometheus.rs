@@ -563,17 +563,20 @@ fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
     values.filter(|v| seen.insert(*v)).collect()
 }
 
+/// (service, stable subset, canary subset) of a registered canary.
+type SelectorKey = (String, String, String);
+
+/// address → registered canaries → how many sources read for each.
+type Registered = HashMap<String, BTreeMap<SelectorKey, usize>>;
+
 /// The canaries reading each Prometheus: the shared queries ask for all of their series.
 #[derive(Debug, Default)]
 pub struct PrometheusRegistry {
-    /// address → (service, stable, canary) → how many sources read it
-    by_address: Mutex<HashMap<String, BTreeMap<(String, String, String), usize>>>,
+    by_address: Mutex<Registered>,
 }
 
 impl PrometheusRegistry {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, BTreeMap<(String, String, String), usize>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registered> {
         match self.by_address.lock() {
             Ok(map) => map,
             Err(poisoned) => poisoned.into_inner(),
@@ -613,7 +616,7 @@ impl PrometheusRegistry {
 struct Registration {
     hub: Arc<super::shared::ReadHub>,
     address: String,
-    key: (String, String, String),
+    key: SelectorKey,
 }
 
 impl Registration {
@@ -656,11 +659,14 @@ impl Drop for Registration {
     }
 }
 
+/// One origin of a shared traffic answer: its key, its subset, its traffic (or why it cannot
+/// be read).
+type IndexedOrigin = (OriginKey, String, Result<SubsetTraffic, String>);
+
 /// The answer to a shared traffic query: every origin's cumulative traffic, by service.
 #[derive(Debug, Default)]
 pub struct TrafficIndex {
-    /// service → (origin, its subset, its traffic or why it cannot be read)
-    by_service: HashMap<String, Vec<(OriginKey, String, Result<SubsetTraffic, String>)>>,
+    by_service: HashMap<String, Vec<IndexedOrigin>>,
 }
 
 impl TrafficIndex {

@@ -133,7 +133,8 @@ async fn start_cluster(fleet: &Fleet, dir: &Path) -> Result<Cluster> {
     for g in 0..fleet.gateways {
         gateways.push(FakeGateway::start(&fleet.on_gateway(g), started, stopped.clone()).await?);
     }
-    let prometheus = FakePrometheus::start(&fleet.on_prometheus(), started, stopped.clone()).await?;
+    let prometheus =
+        FakePrometheus::start(&fleet.on_prometheus(), started, stopped.clone()).await?;
     let gateway_urls: Vec<String> = gateways.iter().map(|g| g.url.clone()).collect();
 
     let server = FakeApiServer::new()
@@ -312,8 +313,8 @@ fn observe(server: &FakeApiServer, interval: Duration) -> Arc<Mutex<Observed>> {
     let sink = observed.clone();
     let interval = chrono::Duration::from_std(interval).unwrap_or_default();
     tokio::spawn(async move {
-        let mut events = kube::runtime::watcher(api, kube::runtime::watcher::Config::default())
-            .boxed();
+        let mut events =
+            kube::runtime::watcher(api, kube::runtime::watcher::Config::default()).boxed();
         while let Some(event) = events.next().await {
             let canary = match event {
                 Ok(
@@ -350,10 +351,16 @@ fn observe(server: &FakeApiServer, interval: Duration) -> Arc<Mutex<Observed>> {
 /// `q` of a cumulative histogram's increase between two readings, interpolated in the bucket
 /// like PromQL's `histogram_quantile`.
 fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<(f64, f64)> {
-    let earlier: BTreeMap<String, f64> = before.iter().map(|(le, v)| (le.to_string(), *v)).collect();
+    let earlier: BTreeMap<String, f64> =
+        before.iter().map(|(le, v)| (le.to_string(), *v)).collect();
     let delta: Vec<(f64, f64)> = after
         .iter()
-        .map(|(le, v)| (*le, v - earlier.get(&le.to_string()).copied().unwrap_or(0.0)))
+        .map(|(le, v)| {
+            (
+                *le,
+                v - earlier.get(&le.to_string()).copied().unwrap_or(0.0),
+            )
+        })
         .collect();
     let total = delta.last()?.1;
     if total <= 0.0 {
@@ -423,7 +430,8 @@ async fn kubernetes_run(args: &Args, size: usize, dir: &Path) -> Result<Summary>
         seeding.elapsed().as_secs_f64()
     );
     let observed = observe(&cluster.server, interval);
-    let mut controller = ControllerProc::start(&cluster.kubeconfig, "bench-a", &dir.join("controller.log"))?;
+    let mut controller =
+        ControllerProc::start(&cluster.kubeconfig, "bench-a", &dir.join("controller.log"))?;
     let leading = tokio::task::block_in_place(|| controller.wait_leading(Duration::from_secs(60)))?;
     println!("   leading after {:.1}s", leading.as_secs_f64());
 
@@ -431,7 +439,10 @@ async fn kubernetes_run(args: &Args, size: usize, dir: &Path) -> Result<Summary>
     let warm_up = (interval * 3).max(Duration::from_secs(20));
     tokio::time::sleep(warm_up).await;
     if !controller.proc.is_running() {
-        bail!("fledge controller exited:\n{}", controller.proc.log_tail(30));
+        bail!(
+            "fledge controller exited:\n{}",
+            controller.proc.log_tail(30)
+        );
     }
     let before = tokio::task::block_in_place(|| read(&controller, &cluster))?;
     let window = interval * args.intervals;
@@ -452,7 +463,12 @@ async fn kubernetes_run(args: &Args, size: usize, dir: &Path) -> Result<Summary>
     let requests: BTreeMap<String, u64> = after
         .tallies
         .iter()
-        .map(|(kind, n)| (kind.clone(), n - before.tallies.get(kind).copied().unwrap_or(0)))
+        .map(|(kind, n)| {
+            (
+                kind.clone(),
+                n - before.tallies.get(kind).copied().unwrap_or(0),
+            )
+        })
         .filter(|(_, n)| *n > 0)
         .collect();
     let api_total: u64 = requests.values().sum();
@@ -469,7 +485,9 @@ async fn kubernetes_run(args: &Args, size: usize, dir: &Path) -> Result<Summary>
     let scrapes_per_interval = scrapes as f64 / intervals / fleet.gateways.max(1) as f64;
 
     let observed_lags: Vec<f64> = {
-        let observed = observed.lock().map_err(|_| anyhow::anyhow!("observer lock"))?;
+        let observed = observed
+            .lock()
+            .map_err(|_| anyhow::anyhow!("observer lock"))?;
         observed
             .lags
             .iter()
