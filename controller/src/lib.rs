@@ -27,6 +27,7 @@
 //! - [`dashboard`]: the embedded web dashboard and decision simulator, and the per-interval
 //!   time series the runner keeps for its charts.
 //! - [`webhooks`]: calling the spec's webhooks and turning answers into gates.
+//! - [`http`]: the one HTTP client of the process (metrics reads, webhooks, routers).
 //! - [`telemetry`]: the controller's own Prometheus metrics.
 //! - [`k8s`]: Kubernetes mode — the `Canary` CRD, its reconciler (state in `.status`), leader
 //!   election, and the fake API server its tests run against (see docs/kubernetes.md).
@@ -36,6 +37,7 @@ pub mod backends;
 pub mod cli;
 pub mod config;
 pub mod dashboard;
+pub mod http;
 pub mod k8s;
 pub mod metrics;
 pub mod progress;

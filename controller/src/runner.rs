@@ -8,7 +8,7 @@
 //! finalize (make the promoted version stable, set the weights back), as in Kubernetes mode.
 //! [`crate::supervisor`] starts, restarts and stops these tasks as the spec files change.
 
-use crate::dashboard::series::IntervalPoint;
+use crate::dashboard::series::{IntervalPoint, SharedSeries};
 use crate::metrics::MetricsSource;
 use crate::progress;
 use crate::router::{DesiredRoutes, TrafficRouter, Weights};
@@ -57,7 +57,10 @@ pub struct CanaryView {
 }
 
 struct Entry {
+    /// Without its series (see `series`).
     view: CanaryView,
+    /// The canary's series, read only when one canary is asked for.
+    series: Option<SharedSeries>,
     /// `None` for a canary steered elsewhere (in Kubernetes mode: annotations on the Canary).
     commands: Option<mpsc::Sender<Command>>,
 }
@@ -97,8 +100,18 @@ impl Registry {
         }
     }
 
+    /// One canary, with its series.
     pub fn get(&self, name: &str) -> Option<CanaryView> {
-        self.list().into_iter().find(|v| v.name == name)
+        let map = match self.inner.read() {
+            Ok(map) => map,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let entry = map.get(name)?;
+        let mut view = entry.view.clone();
+        if let Some(series) = &entry.series {
+            view.series = series.points();
+        }
+        Some(view)
     }
 
     /// The controller's self-metrics, shared by every canary task.
@@ -106,21 +119,37 @@ impl Registry {
         &self.telemetry
     }
 
-    fn publish(&self, view: CanaryView, commands: &mpsc::Sender<Command>) {
-        self.insert(view, Some(commands.clone()));
+    fn publish(&self, view: CanaryView, series: SharedSeries, commands: &mpsc::Sender<Command>) {
+        self.insert(view, Some(series), Some(commands.clone()));
     }
 
-    /// Show a canary whose commands go elsewhere (`fledge controller`: annotations).
-    pub fn publish_view(&self, view: CanaryView) {
-        self.insert(view, None);
+    /// Show a canary whose commands go elsewhere (`fledge controller`: annotations), with
+    /// its series if it has one (read when the dashboard asks for this canary).
+    pub fn publish_view(&self, view: CanaryView, series: Option<SharedSeries>) {
+        self.insert(view, series, None);
     }
 
-    fn insert(&self, view: CanaryView, commands: Option<mpsc::Sender<Command>>) {
+    fn insert(
+        &self,
+        mut view: CanaryView,
+        series: Option<SharedSeries>,
+        commands: Option<mpsc::Sender<Command>>,
+    ) {
+        if series.is_some() {
+            view.series = Vec::new();
+        }
         let mut map = match self.inner.write() {
             Ok(map) => map,
             Err(poisoned) => poisoned.into_inner(),
         };
-        map.insert(view.name.clone(), Entry { view, commands });
+        map.insert(
+            view.name.clone(),
+            Entry {
+                view,
+                series,
+                commands,
+            },
+        );
     }
 
     /// Stop showing a canary (deleted).
@@ -289,7 +318,7 @@ impl CanaryTask {
         analysis: &CanaryAnalysis,
     ) -> CanaryView {
         CanaryView {
-            series: analysis.series(),
+            series: Vec::new(),
             webhooks: analysis.webhooks(),
             name: self.canary.name().to_string(),
             service: self.canary.spec.service.clone(),
@@ -452,8 +481,11 @@ impl CanaryTask {
                 "standby: another fledge process holds {}; this one takes over when it stops",
                 self.store.lock_path(self.canary.name()).display()
             );
-            self.registry
-                .publish(self.view(&saved, Some(standby), &analysis), &commands_tx);
+            self.registry.publish(
+                self.view(&saved, Some(standby), &analysis),
+                analysis.series_handle(),
+                &commands_tx,
+            );
             tokio::select! {
                 _ = tokio::time::sleep(self.canary.spec.analysis.interval.0.min(std::time::Duration::from_secs(2))) => {}
                 _ = shutdown.changed() => return saved,
@@ -461,8 +493,11 @@ impl CanaryTask {
         };
         let (mut status, mut persisted) = self.initial_state(&fingerprint);
         // Show where the rollout stands right away, before the first (possibly slow) weight check.
-        self.registry
-            .publish(self.view(&status, None, &analysis), &commands_tx);
+        self.registry.publish(
+            self.view(&status, None, &analysis),
+            analysis.series_handle(),
+            &commands_tx,
+        );
         // Aligned ticks: canaries reading the same metrics endpoint are judged together, so one
         // read serves them all (see `crate::schedule`).
         let interval = self.canary.spec.analysis.interval.0;
@@ -494,6 +529,7 @@ impl CanaryTask {
                 .observe_status(self.canary.name(), &status);
             self.registry.publish(
                 self.view(&status, routes.clone().err(), &analysis),
+                analysis.series_handle(),
                 &commands_tx,
             );
             if self.exit_when_done && status.phase.is_terminal() && routes.is_ok() {

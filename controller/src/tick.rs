@@ -17,7 +17,7 @@
 //! The modes only schedule ticks (an interval, an operator command, a guard trip), persist the
 //! status between deciding and acting, and move the routes.
 
-use crate::dashboard::series::{IntervalPoint, Series};
+use crate::dashboard::series::{IntervalPoint, SharedSeries};
 use crate::telemetry::{ErrorKind, Telemetry};
 use crate::webhooks::{WebhookCaller, WebhookStatus};
 use async_trait::async_trait;
@@ -82,7 +82,7 @@ pub struct CanaryAnalysis {
     /// The canary's name in self-metrics and logs (`namespace/name` in Kubernetes mode).
     label: String,
     webhooks: WebhookCaller,
-    series: Series,
+    series: SharedSeries,
     telemetry: Telemetry,
 }
 
@@ -93,7 +93,7 @@ impl CanaryAnalysis {
             canary: canary.clone(),
             label: label.to_string(),
             webhooks: WebhookCaller::new(canary, telemetry.clone()).labelled(label),
-            series: Series::default(),
+            series: SharedSeries::default(),
             telemetry,
         }
     }
@@ -109,6 +109,11 @@ impl CanaryAnalysis {
     /// The observed intervals, for the dashboard.
     pub fn series(&self) -> Vec<IntervalPoint> {
         self.series.points()
+    }
+
+    /// The series itself, for the registry to read when the dashboard asks.
+    pub fn series_handle(&self) -> SharedSeries {
+        self.series.clone()
     }
 
     /// The spec's webhooks and their last calls.

@@ -266,7 +266,7 @@ impl WebhookCaller {
         WebhookCaller {
             label: canary.name().to_string(),
             canary: canary.clone(),
-            client: reqwest::Client::new(),
+            client: crate::http::client(),
             telemetry,
             statuses: Arc::new(Mutex::new(statuses)),
             background: JoinSet::new(),

@@ -60,6 +60,57 @@ pub struct IntervalPoint {
     pub verdict: Option<Verdict>,
 }
 
+/// One canary's series, shared between its analysis (which records) and the registry (which
+/// reads it only when the dashboard asks for that canary), so it is never copied per interval.
+#[derive(Debug, Clone, Default)]
+pub struct SharedSeries(std::sync::Arc<std::sync::Mutex<Series>>);
+
+impl SharedSeries {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Series> {
+        match self.0.lock() {
+            Ok(series) => series,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// See [`Series::record`].
+    pub fn record(
+        &self,
+        at: DateTime<Utc>,
+        nominal_seconds: f64,
+        canary_weight: u8,
+        phase: Phase,
+        observation: &Observation,
+        verdict: Option<Verdict>,
+    ) {
+        self.lock().record(
+            at,
+            nominal_seconds,
+            canary_weight,
+            phase,
+            observation,
+            verdict,
+        );
+    }
+
+    /// See [`Series::skip`].
+    pub fn skip(&self, at: DateTime<Utc>) {
+        self.lock().skip(at);
+    }
+
+    pub fn points(&self) -> Vec<IntervalPoint> {
+        self.lock().points()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
 /// The last [`SERIES_LIMIT`] intervals of one canary.
 #[derive(Debug, Clone, Default)]
 pub struct Series {

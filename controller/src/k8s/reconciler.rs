@@ -35,6 +35,7 @@ use super::factory::Backends;
 use super::lease::{run_election, LeaseLock, LeaseSettings};
 use super::workload::WorkloadApi;
 use super::{api_status_code, Error, Result, CONTROLLER_NAME, FINALIZER};
+use crate::dashboard::series::SharedSeries;
 use crate::metrics::MetricsSource;
 use crate::router::factory::{route_key, route_kinds};
 use crate::router::{DesiredRoutes, RouteKey, RouterError, TrafficRouter, Weights};
@@ -79,6 +80,8 @@ struct CanaryRuntime {
     fingerprint: String,
     source: SharedSource,
     analysis: tokio::sync::Mutex<CanaryAnalysis>,
+    /// The analysis' series, readable while a reconcile holds the analysis.
+    series: SharedSeries,
     guard_watch: Mutex<Option<GuardWatch>>,
 }
 
@@ -165,14 +168,12 @@ impl Context {
         if let Some(runtime) = runtimes.get(key).filter(|r| r.fingerprint == fingerprint) {
             return runtime.clone();
         }
+        let analysis = CanaryAnalysis::new(canary, key, self.registry.telemetry().clone());
         let runtime = Arc::new(CanaryRuntime {
             fingerprint: fingerprint.to_string(),
             source: Arc::new(tokio::sync::Mutex::new(None)),
-            analysis: tokio::sync::Mutex::new(CanaryAnalysis::new(
-                canary,
-                key,
-                self.registry.telemetry().clone(),
-            )),
+            series: analysis.series_handle(),
+            analysis: tokio::sync::Mutex::new(analysis),
             guard_watch: Mutex::new(None),
         });
         runtimes.insert(key.to_string(), runtime.clone());
@@ -261,22 +262,15 @@ impl Context {
             status.canary_weight = weight;
         }
         let status = &status;
+        let runtime = self.cached_runtime(key);
         // A reconcile may be calling the hooks right now: then keep what was last shown.
-        let shown = self
-            .cached_runtime(key)
-            .and_then(|r| {
-                r.analysis
-                    .try_lock()
-                    .ok()
-                    .map(|a| (a.series(), a.webhooks()))
-            })
-            .or_else(|| {
-                self.registry
-                    .get(key)
-                    .map(|view| (view.series, view.webhooks))
-            });
-        let (series, webhooks) = shown.unwrap_or_default();
-        self.registry.publish_view(CanaryView {
+        let webhooks = runtime
+            .as_ref()
+            .and_then(|r| r.analysis.try_lock().ok().map(|a| a.webhooks()))
+            .or_else(|| self.registry.get(key).map(|view| view.webhooks))
+            .unwrap_or_default();
+        let series = runtime.map(|r| r.series.clone());
+        let view = CanaryView {
             name: key.to_string(),
             service: canary.spec.service.clone(),
             steps: canary.spec.analysis.plan().len(),
@@ -284,10 +278,11 @@ impl Context {
             status: status.clone(),
             router_error: problem,
             conflict: None,
-            series,
+            series: Vec::new(),
             webhooks,
             workload: resource_status.workload.clone(),
-        });
+        };
+        self.registry.publish_view(view, series);
         self.registry.telemetry().observe_status(key, status);
     }
 

@@ -97,7 +97,7 @@ pub async fn run_until(options: ServeOptions, signal: impl Future<Output = ()>) 
         client,
         listener,
         options,
-        Arc::new(DefaultBackends::new().map_err(Error::Startup)?),
+        Arc::new(DefaultBackends::default()),
         Arc::new(SystemClock),
         signal,
     )

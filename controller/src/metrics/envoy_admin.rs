@@ -176,8 +176,6 @@ pub enum EnvoyAdminSourceError {
     InvalidUrl { url: String, reason: String },
     #[error("stable and canary subsets are both {0:?}; they must differ")]
     SameSubsets(String),
-    #[error("cannot build the HTTP client: {0}")]
-    HttpClient(#[source] reqwest::Error),
 }
 
 /// Reads one canary's traffic from one or more Envoy admin APIs.
@@ -256,7 +254,7 @@ impl EnvoyAdminSource {
                 })
             })
             .collect::<Result<Vec<_>, EnvoyAdminSourceError>>()?;
-        let reads = SharedReads::unshared().map_err(EnvoyAdminSourceError::HttpClient)?;
+        let reads = SharedReads::unshared();
         Ok(EnvoyAdminSource {
             selector,
             reader,

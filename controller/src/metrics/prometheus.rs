@@ -105,8 +105,6 @@ pub enum PrometheusSourceError {
         #[source]
         source: fledge_core::spec::TemplateError,
     },
-    #[error("cannot build the HTTP client: {0}")]
-    HttpClient(#[source] reqwest::Error),
 }
 
 /// Reads one canary's traffic and custom metrics from a Prometheus that scrapes the gateways.
@@ -164,7 +162,7 @@ impl PrometheusSource {
             return Err(PrometheusSourceError::SameSubsets(selector.stable_subset));
         }
         let query_url = query_url(address)?;
-        let reads = SharedReads::unshared().map_err(PrometheusSourceError::HttpClient)?;
+        let reads = SharedReads::unshared();
         let address = address.trim_end_matches('/').to_string();
         let registration = Registration::new(&reads, &address, &selector);
         Ok(PrometheusSource {

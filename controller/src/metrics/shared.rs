@@ -109,7 +109,7 @@ impl<V: Send + Sync + 'static> SingleFlight<V> {
 
 /// The reads of one process: every canary's metrics source reads through it.
 pub struct ReadHub {
-    /// One HTTP client (one connection pool) for every endpoint.
+    /// The process' HTTP client (one connection pool) for every endpoint.
     pub(crate) http: reqwest::Client,
     /// Envoy `/stats/prometheus` traffic pages, indexed, by URL and reader.
     pub(crate) stats_pages: SingleFlight<Result<PageIndex, ObservationError>>,
@@ -131,16 +131,22 @@ impl std::fmt::Debug for ReadHub {
     }
 }
 
+impl Default for ReadHub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ReadHub {
-    pub fn new() -> Result<Self, reqwest::Error> {
-        Ok(ReadHub {
-            http: reqwest::Client::builder().build()?,
+    pub fn new() -> Self {
+        ReadHub {
+            http: crate::http::client(),
             stats_pages: SingleFlight::default(),
             guard_pages: SingleFlight::default(),
             prometheus_traffic: SingleFlight::default(),
             prometheus_guard: SingleFlight::default(),
             prometheus: PrometheusRegistry::default(),
-        })
+        }
     }
 
     /// Reads started so far (scrapes and queries; joined reads not counted).
@@ -164,12 +170,12 @@ pub struct SharedReads {
 
 impl SharedReads {
     /// A source reading alone: its own hub, and every call reads anew.
-    pub fn unshared() -> Result<Self, reqwest::Error> {
-        Ok(SharedReads {
-            hub: Arc::new(ReadHub::new()?),
+    pub fn unshared() -> Self {
+        SharedReads {
+            hub: Arc::new(ReadHub::new()),
             max_age: Duration::ZERO,
             guard_max_age: Duration::ZERO,
-        })
+        }
     }
 
     /// Reads through `hub` for a canary analysed every `interval` whose guard (if any) is read

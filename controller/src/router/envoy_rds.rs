@@ -83,12 +83,8 @@ impl EnvoyRdsRouter {
             )));
         }
         let config_dump_url = config_dump_url(&settings.admin_url)?;
-        let client = reqwest::Client::builder()
-            .connect_timeout(settings.verify_timeout.max(Duration::from_millis(100)))
-            .build()
-            .map_err(|error| {
-                RouterError::Admin(format!("cannot build the HTTP client: {error}"))
-            })?;
+        // The process' client; each request carries its own timeout.
+        let client = crate::http::client();
         Ok(EnvoyRdsRouter {
             key: route_key(&settings),
             settings: Arc::new(settings),
