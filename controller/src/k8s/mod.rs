@@ -23,6 +23,7 @@
 //! - [`crd`]: the `Canary` resource (spec = `fledge_core::spec::CanarySpec`), its status,
 //!   conditions and the generated CRD YAML (`fledge crd`).
 //! - [`reconciler`]: `Context`, `reconcile`, `cleanup`, `error_policy` and [`run`].
+//! - [`routes`]: route objects as watched, routes confirmed, which Canary names which route.
 //! - [`lease`]: leader election with a `Lease` and resourceVersion preconditions.
 //! - [`factory`]: builds a canary's metrics source and router (the seam tests replace).
 //! - [`clock`]: wall clock, replaceable in tests.
@@ -40,6 +41,7 @@ pub mod factory;
 pub mod lease;
 pub mod rbac;
 pub mod reconciler;
+pub mod routes;
 pub mod serve;
 pub mod workload;
 

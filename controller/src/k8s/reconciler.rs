@@ -34,11 +34,11 @@ use super::crd::{reason, Canary, CanaryResourceStatus, Readiness, COMMAND_ANNOTA
 use super::factory::Backends;
 use super::lease::{run_election, LeaseLock, LeaseSettings};
 use super::workload::WorkloadApi;
+use super::routes::{self, route_of, ConfirmedRoutes, RouteIndex, RouteObjects};
 use super::{api_status_code, Error, Result, CONTROLLER_NAME, FINALIZER};
 use crate::dashboard::series::SharedSeries;
 use crate::metrics::MetricsSource;
-use crate::router::factory::{route_key, route_kinds};
-use crate::router::{DesiredRoutes, RouteKey, RouterError, TrafficRouter, Weights};
+use crate::router::{DesiredRoutes, RouterError, TrafficRouter, Weights};
 use crate::runner::{guard_watched, CanaryView, Registry};
 use crate::schedule;
 use crate::telemetry::ErrorKind;
@@ -49,14 +49,12 @@ use fledge_core::observe::{Observation, ObservationError};
 use fledge_core::rollout::{Action as RolloutAction, CanaryStatus, Command, Phase};
 use fledge_core::workload::{self, Action as WorkloadAction, WorkloadPhase};
 use futures::channel::mpsc::UnboundedSender;
-use futures::{Stream, StreamExt};
-use kube::api::{Api, DynamicObject, PostParams};
-use kube::core::ApiResource;
+use futures::StreamExt;
+use kube::api::{Api, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -97,6 +95,14 @@ impl Drop for GuardWatch {
 /// Guard trips seen by the watches and not yet handed to the state machine, by Canary key.
 type PendingTrips = Arc<Mutex<HashMap<String, DateTime<Utc>>>>;
 
+/// The route watches' knowledge, shared by every reconcile of a leadership term.
+#[derive(Clone)]
+pub struct RouteState {
+    pub objects: RouteObjects,
+    pub confirmed: Arc<ConfirmedRoutes>,
+    pub index: Arc<RouteIndex>,
+}
+
 /// Shared state of all reconciles in one leadership term.
 pub struct Context {
     pub client: Client,
@@ -111,8 +117,9 @@ pub struct Context {
     pub registry: Registry,
     /// Wakes the controller (every Canary is reconciled) when a guard watch sees a trip.
     pub guard_trigger: Option<UnboundedSender<()>>,
-    /// Every Canary the controller watches (to find two naming the same route).
-    pub canaries: Option<Store<Canary>>,
+    /// What the route watches know: route objects, confirmed routes, which Canary names
+    /// which route (set by [`run`]; without it every pass asks the router).
+    pub routes: Option<RouteState>,
     runtimes: Mutex<HashMap<String, Arc<CanaryRuntime>>>,
     guard_trips: PendingTrips,
     /// resourceVersions this instance has replaced with a status write: an object still at one
@@ -144,7 +151,7 @@ impl Context {
             retry_delay: Duration::from_secs(10),
             registry: Registry::default(),
             guard_trigger: None,
-            canaries: None,
+            routes: None,
             runtimes: Mutex::new(HashMap::new()),
             guard_trips: Arc::new(Mutex::new(HashMap::new())),
             superseded: Mutex::new(HashMap::new()),
@@ -153,6 +160,9 @@ impl Context {
 
     /// Forget a Canary's in-memory state (its rollout changed, or it was deleted).
     fn forget(&self, key: &str) {
+        if let Some(routes) = &self.routes {
+            routes.confirmed.forget(key);
+        }
         lock(&self.runtimes).remove(key);
         lock(&self.guard_trips).remove(key);
     }
@@ -357,37 +367,6 @@ fn pending_command(
         }
         Some((*key, value.to_string(), *command))
     })
-}
-
-/// The route `canary` steers, if its router is a Kubernetes one.
-fn route_of(canary: &Canary) -> Option<RouteKey> {
-    route_key(&canary.spec.canary, &canary.namespace()?)
-}
-
-/// The Canary that already steers `route` (`canary`'s), if another one does: the oldest (then
-/// the first by name) of those naming it wins, and a finished one whose final routes are
-/// applied steers nothing any more. Two Canaries moving one route's weights would undo each
-/// other's steps and judge traffic neither of them set.
-fn route_taken_by(store: &Store<Canary>, canary: &Canary, route: &RouteKey) -> Option<String> {
-    let rank = |c: &Canary| (c.metadata.creation_timestamp.clone(), c.name_any());
-    store
-        .state()
-        .iter()
-        .filter(|other| {
-            other.namespace() == canary.namespace() && other.name_any() != canary.name_any()
-        })
-        .filter(|other| route_of(other).as_ref() == Some(route))
-        .filter(|other| {
-            // A Canary with a workload keeps its route at rest (stable 100); one without lets
-            // go once its final routes are applied.
-            other.spec.target_ref.is_some()
-                || !other.status.as_ref().is_some_and(|status| {
-                    status.rollout.phase.is_terminal() && status.final_routes_applied
-                })
-        })
-        .filter(|other| rank(other) < rank(canary))
-        .map(|other| key_of(other))
-        .next()
 }
 
 /// The routes the persisted status asks for: with a workload, the weight its lifecycle
@@ -738,8 +717,8 @@ impl<'a> Pass<'a> {
     /// Why this Canary must wait: another one already steers its route.
     fn route_conflict(&self) -> Option<String> {
         let route = route_of(self.canary)?;
-        let store = self.ctx.canaries.as_ref()?;
-        let owner = route_taken_by(store, self.canary, &route)?;
+        let routes = self.ctx.routes.as_ref()?;
+        let owner = routes.index.taken_by(self.canary, &route)?;
         Some(format!("{route} is steered by Canary {owner}; this Canary waits until that one finishes or is deleted (one Canary per route)"))
     }
 
@@ -759,12 +738,16 @@ impl<'a> Pass<'a> {
         let Some(desired) = desired_routes(&self.status) else {
             return Ok(());
         };
-        if let Err(e) = router.ensure(&desired).await {
-            self.ctx
-                .registry
-                .telemetry()
-                .record_error(&self.key, ErrorKind::Router);
-            return Err(e.to_string());
+        if !self.routes_known_to_serve(&desired) {
+            let epoch = self.route_epoch();
+            if let Err(e) = router.ensure(&desired).await {
+                self.ctx
+                    .registry
+                    .telemetry()
+                    .record_error(&self.key, ErrorKind::Router);
+                return Err(e.to_string());
+            }
+            self.routes_confirmed(desired, epoch);
         }
         if let Some(workload) = &self.status.workload {
             self.routed = workload.canary_weight;
@@ -772,6 +755,44 @@ impl<'a> Pass<'a> {
             self.status.final_routes_applied = true;
         }
         Ok(())
+    }
+
+    /// Whether the routes already serve `desired` without asking the API server: confirmed
+    /// by the router and unchanged since, or so in the object the route watch delivered.
+    fn routes_known_to_serve(&self, desired: &DesiredRoutes) -> bool {
+        let Some(routes) = &self.ctx.routes else {
+            return false;
+        };
+        if routes.confirmed.holds(&self.key, desired) {
+            return true;
+        }
+        let epoch = routes.confirmed.epoch(&self.key);
+        let namespace = self.canary.namespace().unwrap_or_default();
+        let serves = route_of(self.canary)
+            .and_then(|route| routes.objects.get(&route))
+            .and_then(|object| serde_json::to_value(object.as_ref()).ok())
+            .is_some_and(|object| {
+                crate::router::factory::serves(&self.core.spec, &namespace, &object, desired)
+                    .unwrap_or(false)
+            });
+        if serves {
+            routes.confirmed.confirm(&self.key, *desired, epoch);
+        }
+        serves
+    }
+
+    /// The route's change count before asking the router (see [`ConfirmedRoutes`]).
+    fn route_epoch(&self) -> u64 {
+        self.ctx
+            .routes
+            .as_ref()
+            .map_or(0, |routes| routes.confirmed.epoch(&self.key))
+    }
+
+    fn routes_confirmed(&self, desired: DesiredRoutes, epoch: u64) {
+        if let Some(routes) = &self.ctx.routes {
+            routes.confirmed.confirm(&self.key, desired, epoch);
+        }
     }
 
     /// When the next analysis is due: the first aligned tick half an interval or more after
@@ -970,6 +991,7 @@ impl<'a> Pass<'a> {
         let desired =
             desired_routes(&self.status).filter(|_| moves || finished || workload.is_some());
         if let Some(desired) = desired {
+            let epoch = self.route_epoch();
             if let Err(e) = router.ensure(&desired).await {
                 // The status already says where traffic should be; the next reconcile retries.
                 tracing::warn!(canary = %self.key, error = %e, "could not move traffic yet");
@@ -977,6 +999,8 @@ impl<'a> Pass<'a> {
                     .telemetry()
                     .record_error(&self.key, ErrorKind::Router);
                 routes_moved = false;
+            } else {
+                self.routes_confirmed(desired, epoch);
             }
         }
         if let (Some(decided), None) = (&decided, &workload) {
@@ -1289,62 +1313,6 @@ pub struct ControllerOptions {
     pub retry_delay: Duration,
 }
 
-/// Canaries whose route is in `object`, of kind `kind`.
-fn canaries_using(
-    store: &Store<Canary>,
-    kind: &str,
-    object: &DynamicObject,
-) -> Vec<ObjectRef<Canary>> {
-    let namespace = object.namespace().unwrap_or_default();
-    let name = object.name_any();
-    store
-        .state()
-        .iter()
-        .filter(|c| {
-            route_of(c).is_some_and(|route| {
-                route.object.kind == kind
-                    && route.object.namespace == namespace
-                    && route.object.name == name
-            })
-        })
-        .map(|c| ObjectRef::from_obj(c.as_ref()))
-        .collect()
-}
-
-/// The Canaries to re-check whenever an object holding routes changes: one watch per route
-/// kind of [`route_kinds`], each with its own backoff, so a kind whose CRD is not installed
-/// (e.g. no Gateway API) only keeps retrying its own watch and delays nothing else.
-fn route_changes(
-    client: &Client,
-    namespace: Option<&str>,
-    store: Store<Canary>,
-) -> impl Stream<Item = ObjectRef<Canary>> + Send + 'static {
-    let watches = route_kinds().into_iter().map(move |resource: ApiResource| {
-        let api: Api<DynamicObject> = match namespace {
-            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-            None => Api::all_with(client.clone(), &resource),
-        };
-        let store = store.clone();
-        let kind = resource.kind.clone();
-        watcher(api, watcher::Config::default())
-            .default_backoff()
-            .touched_objects()
-            .filter_map(move |event| {
-                let canaries = match event {
-                    Ok(object) => canaries_using(&store, &kind, &object),
-                    Err(error) => {
-                        tracing::debug!(kind = %kind, %error, "cannot watch this route kind (not installed, or no permission); retrying");
-                        Vec::new()
-                    }
-                };
-                futures::future::ready(Some(futures::stream::iter(canaries)))
-            })
-            .flatten()
-            .boxed()
-    });
-    futures::stream::select_all(watches)
-}
-
 /// Run the controller until `shutdown` turns true: elect a leader; while leading, reconcile
 /// Canaries (and re-check one whenever the object holding its route changes, or at once when a guard
 /// watch sees a trip). `registry` shows the leader's canaries (the dashboard, the status API,
@@ -1385,14 +1353,25 @@ pub async fn run(
         };
         let controller = Controller::new(canaries, watcher::Config::default());
         let store = controller.store();
-        let route_changes = route_changes(&client, options.namespace.as_deref(), store.clone());
         let workload_changes =
             super::workload::workload_changes(&client, options.namespace.as_deref(), store.clone());
+        let index = Arc::new(RouteIndex::new(store));
+        let confirmed = Arc::new(ConfirmedRoutes::default());
+        let (objects, route_changes) = routes::watch(
+            &client,
+            options.namespace.as_deref(),
+            index.clone(),
+            confirmed.clone(),
+        );
         let ctx = Arc::new(Context {
             retry_delay: options.retry_delay,
             registry: registry.clone(),
             guard_trigger: Some(guard_trigger),
-            canaries: Some(store),
+            routes: Some(RouteState {
+                objects,
+                confirmed,
+                index,
+            }),
             ..Context::new(
                 client.clone(),
                 backends.clone(),

@@ -6,7 +6,7 @@
 use super::envoy_rds::{self, EnvoyRdsRouter, EnvoyRdsSettings};
 use super::gateway_api::{self, GatewayApiRouter, GatewayApiSettings, RouteKind};
 use super::istio::{self, IstioRouter, IstioSettings};
-use super::{RouteKey, RouterError, TrafficRouter, Weights};
+use super::{DesiredRoutes, RouteKey, RouterError, TrafficRouter, Weights};
 use fledge_core::spec::{Canary, CanarySpec, EnvoyRdsSpec};
 use kube::core::ApiResource;
 use kube::Client;
@@ -92,6 +92,23 @@ pub fn weights_in(
     Err(RouterError::Invalid(
         "spec.router names no Kubernetes router".to_string(),
     ))
+}
+
+/// Whether `object` — a route object of `spec`'s Kubernetes router, as a watch delivered it —
+/// already serves `desired` (weights and managed routes): then the router has nothing to write
+/// and nothing to read back, and `fledge controller` skips the API call.
+pub fn serves(
+    spec: &CanarySpec,
+    namespace: &str,
+    object: &Value,
+    desired: &DesiredRoutes,
+) -> Result<bool, RouterError> {
+    match IstioSettings::from_spec(spec, namespace) {
+        Some(settings) => Ok(istio::plan_patch(object, &settings, desired)?.is_none()),
+        None => Err(RouterError::Invalid(
+            "spec.router names no Kubernetes router".to_string(),
+        )),
+    }
 }
 
 fn rds_settings(rds: &EnvoyRdsSpec) -> EnvoyRdsSettings {
