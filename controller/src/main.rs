@@ -135,6 +135,24 @@ enum Commands {
         /// manifests do) so the kubelet and Prometheus reach it.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Own only the Canaries of the namespaces in shard N of M (e.g. `--shard 0/4`); each
+        /// shard has its own Lease (`<lease-name>-shard-N-of-M`). See docs/operating.md.
+        #[arg(long)]
+        shard: Option<fledge_controller::k8s::shard::Shard>,
+        /// Own only the Canaries with these labels (a Kubernetes label selector, e.g.
+        /// `team in (a,b)`); it gets its own Lease (`<lease-name>-<hash of the selector>`).
+        #[arg(long)]
+        selector: Option<String>,
+        /// Write analysis progress alone (evidence, last report) to .status this often (steps,
+        /// failures, commands and conditions are written at once). 0s: with every change.
+        #[arg(long, default_value = "5m")]
+        status_checkpoint: fledge_core::duration::HumanDuration,
+        /// Kubernetes API requests per second, client side (leader election aside).
+        #[arg(long, default_value_t = fledge_controller::k8s::serve::DEFAULT_API_QPS)]
+        kube_api_qps: f64,
+        /// Requests allowed above --kube-api-qps after a quiet while.
+        #[arg(long, default_value_t = fledge_controller::k8s::serve::DEFAULT_API_BURST)]
+        kube_api_burst: u32,
     },
     /// Print the Canary CustomResourceDefinition as YAML (`fledge crd > manifests/crd.yaml`).
     Crd,
@@ -346,6 +364,11 @@ fn main() -> ExitCode {
             identity,
             lease_duration,
             listen,
+            shard,
+            selector,
+            status_checkpoint,
+            kube_api_qps,
+            kube_api_burst,
         } => {
             let options = fledge_controller::k8s::serve::ServeOptions::from_args(
                 namespace,
@@ -354,7 +377,14 @@ fn main() -> ExitCode {
                 identity,
                 listen,
             )
-            .with_lease_duration(lease_duration);
+            .with_lease_duration(lease_duration)
+            .scaled(fledge_controller::k8s::serve::ScaleArgs {
+                shard,
+                selector,
+                status_checkpoint: Some(status_checkpoint.0),
+                api_qps: Some(kube_api_qps),
+                api_burst: Some(kube_api_burst),
+            });
             match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt.block_on(controller(options)),
                 Err(e) => Err(e.into()),

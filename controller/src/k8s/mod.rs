@@ -28,6 +28,8 @@
 //! - [`factory`]: builds a canary's metrics source and router (the seam tests replace).
 //! - [`clock`]: wall clock, replaceable in tests.
 //! - [`serve`]: the `fledge controller` process (probes, graceful shutdown).
+//! - [`throttle`]: the client-side API request limit (QPS with a burst).
+//! - [`shard`]: which Canaries one controller instance owns (`--shard N/M`, `--selector`).
 //! - [`rbac`]: the API permissions the controller needs (checked against `manifests/`).
 //! - [`workload`]: with `spec.targetRef`, the objects the workload lifecycle reads and writes
 //!   (the target and primary Deployments, their HPAs) and the watches that wake a Canary.
@@ -43,6 +45,8 @@ pub mod rbac;
 pub mod reconciler;
 pub mod routes;
 pub mod serve;
+pub mod shard;
+pub mod throttle;
 pub mod workload;
 
 #[cfg(any(test, feature = "fake-api"))]
@@ -54,7 +58,7 @@ mod reconciler_tests;
 #[cfg(test)]
 mod workload_tests;
 
-pub use reconciler::{run, ControllerOptions};
+pub use reconciler::{run, Clients, ControllerOptions};
 
 /// Finalizer put on every Canary: deleting one mid-rollout first returns all traffic to stable.
 pub const FINALIZER: &str = "fledge.dev/traffic";

@@ -35,6 +35,7 @@ use super::factory::Backends;
 use super::lease::{run_election, LeaseLock, LeaseSettings};
 use super::workload::WorkloadApi;
 use super::routes::{self, route_of, ConfirmedRoutes, RouteIndex, RouteObjects};
+use super::shard::Shard;
 use super::{api_status_code, Error, Result, CONTROLLER_NAME, FINALIZER};
 use crate::dashboard::series::SharedSeries;
 use crate::metrics::MetricsSource;
@@ -54,7 +55,8 @@ use kube::api::{Api, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
-use kube::runtime::watcher;
+use kube::runtime::reflector::Store;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -80,7 +82,17 @@ struct CanaryRuntime {
     analysis: tokio::sync::Mutex<CanaryAnalysis>,
     /// The analysis' series, readable while a reconcile holds the analysis.
     series: SharedSeries,
+    /// Status decided but not written yet (analysis progress between checkpoints).
+    unpersisted: Mutex<Option<Unpersisted>>,
     guard_watch: Mutex<Option<GuardWatch>>,
+}
+
+/// A status decided after the Canary's last write, and the resourceVersion it builds on: it
+/// is used only while the Canary is still at that version (any other write, e.g. by another
+/// controller instance, wins).
+struct Unpersisted {
+    base_version: Option<String>,
+    status: CanaryResourceStatus,
 }
 
 /// The task reading a Canary's data-plane guard gauge; stopped when dropped.
@@ -127,6 +139,9 @@ pub struct Context {
     superseded: Mutex<HashMap<String, String>>,
     /// When this context (this leadership term) began.
     pub started: DateTime<Utc>,
+    /// How often analysis progress alone is written to `.status` (see [`must_persist`]);
+    /// zero: with every change.
+    pub status_checkpoint: Duration,
 }
 
 impl Context {
@@ -144,6 +159,7 @@ impl Context {
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             started: clock.now(),
+            status_checkpoint: Duration::ZERO,
             client,
             backends,
             clock,
@@ -183,11 +199,35 @@ impl Context {
             fingerprint: fingerprint.to_string(),
             source: Arc::new(tokio::sync::Mutex::new(None)),
             series: analysis.series_handle(),
+            unpersisted: Mutex::new(None),
             analysis: tokio::sync::Mutex::new(analysis),
             guard_watch: Mutex::new(None),
         });
         runtimes.insert(key.to_string(), runtime.clone());
         runtime
+    }
+
+    /// The status decided for `canary` since its last write, if it builds on the version read.
+    fn unpersisted(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        canary: &Canary,
+    ) -> Option<CanaryResourceStatus> {
+        let runtime = self
+            .cached_runtime(key)
+            .filter(|r| r.fingerprint == fingerprint)?;
+        let unpersisted = lock(&runtime.unpersisted);
+        unpersisted
+            .as_ref()
+            .filter(|u| u.base_version == canary.resource_version())
+            .map(|u| u.status.clone())
+    }
+
+    fn keep_unpersisted(&self, key: &str, unpersisted: Option<Unpersisted>) {
+        if let Some(runtime) = self.cached_runtime(key) {
+            *lock(&runtime.unpersisted) = unpersisted;
+        }
     }
 
     fn cached_runtime(&self, key: &str) -> Option<Arc<CanaryRuntime>> {
@@ -367,6 +407,53 @@ fn pending_command(
         }
         Some((*key, value.to_string(), *command))
     })
+}
+
+/// Whether `new` differs from the persisted `previous` in something a reader needs now or a
+/// restarted controller needs to continue correctly: phase, weight, step and when it began,
+/// failed checks (a rollback threshold must survive restarts), metrics failures, a pause by the
+/// operator, the history, commands handled, conditions, final routes, the rollout's fingerprint
+/// and generation. Not: the sequential tests' evidence, the last analysis report and message,
+/// the passing checks of the step and `lastTickAt` — progress within a step that a restart may
+/// re-gather (ticks are aligned, so `lastTickAt` is not needed to schedule them), written with
+/// the next change or at the next checkpoint.
+fn must_persist(previous: &CanaryResourceStatus, new: &CanaryResourceStatus) -> bool {
+    durable(previous) != durable(new)
+}
+
+/// `status` without the fields that are only checkpointed (see [`must_persist`]).
+fn durable(status: &CanaryResourceStatus) -> CanaryResourceStatus {
+    let mut durable = status.clone();
+    durable.rollout.last_analysis = None;
+    durable.rollout.analysis_state = Default::default();
+    durable.rollout.step_passed_checks = 0;
+    durable.rollout.message.clear();
+    durable.last_tick_at = None;
+    for condition in &mut durable.conditions {
+        if condition.type_ != super::crd::condition::READY {
+            condition.message.clear();
+        }
+    }
+    durable
+}
+
+/// Whether the checkpointed fields are due for a write: `checkpoint` (plus a spread of up to
+/// one more `checkpoint` per Canary, so thousands of Canaries do not write at once) after the
+/// persisted `lastTickAt`. `Duration::ZERO`: every change is written.
+fn checkpoint_due(
+    previous: &CanaryResourceStatus,
+    now: DateTime<Utc>,
+    checkpoint: Duration,
+    key: &str,
+) -> bool {
+    if checkpoint.is_zero() {
+        return true;
+    }
+    let spread = schedule::phase_of(key, checkpoint);
+    let every = chrono::Duration::from_std(checkpoint + spread).unwrap_or(chrono::Duration::MAX);
+    previous
+        .last_tick_at
+        .is_none_or(|written| now - written >= every)
 }
 
 /// The routes the persisted status asks for: with a workload, the weight its lifecycle
@@ -661,6 +748,9 @@ impl<'a> Pass<'a> {
                 ..CanaryResourceStatus::default()
             };
             ctx.forget(&key);
+        } else if let Some(unpersisted) = ctx.unpersisted(&key, &fingerprint, canary) {
+            // Analysis progress decided since the last write (see `persist`).
+            status = unpersisted;
         }
         if core.spec.target_ref.is_none() {
             status.workload = None;
@@ -941,15 +1031,34 @@ impl<'a> Pass<'a> {
 
     /// Persist the new status (Ready) before anything is acted on: a write that loses a race
     /// (409) ends the pass and nothing below happens. Returns the Canary as written.
+    ///
+    /// Only what a reader needs is written at once (see [`must_persist`]); analysis progress
+    /// alone (evidence, the last report, `lastTickAt`) is kept in memory and checkpointed.
     async fn persist(&mut self) -> Result<Canary> {
         let generation = self.canary.metadata.generation;
         self.status.observed_generation = generation;
         self.status
             .set_conditions(&Readiness::ok(), generation, self.now);
+        let checkpoint_due = checkpoint_due(
+            &self.previous,
+            self.now,
+            self.ctx.status_checkpoint,
+            &self.key,
+        );
         let written = if self.status == self.previous {
+            self.ctx.keep_unpersisted(&self.key, None);
             self.canary.clone()
+        } else if checkpoint_due || must_persist(&self.previous, &self.status) {
+            let written = write_status(self.canary, &self.status, self.ctx).await?;
+            self.ctx.keep_unpersisted(&self.key, None);
+            written
         } else {
-            write_status(self.canary, &self.status, self.ctx).await?
+            let unpersisted = Unpersisted {
+                base_version: self.canary.resource_version(),
+                status: self.status.clone(),
+            };
+            self.ctx.keep_unpersisted(&self.key, Some(unpersisted));
+            self.canary.clone()
         };
         if let Some(due) = self.judged_due {
             // Late from its aligned tick (or from this leadership term's start: a new leader's
@@ -1311,6 +1420,69 @@ pub struct ControllerOptions {
     pub namespace: Option<String>,
     pub lease: LeaseSettings,
     pub retry_delay: Duration,
+    /// How often analysis progress alone is written to `.status` (see [`must_persist`]).
+    pub status_checkpoint: Duration,
+    /// Only the Canaries of these namespaces (`--shard N/M`).
+    pub shard: Option<Shard>,
+    /// Only the Canaries with these labels (`--selector`, a Kubernetes label selector).
+    pub selector: Option<String>,
+}
+
+/// The Kubernetes clients of a controller: `api` for everything but leader election, which
+/// has its own (unthrottled) client so that queued requests never delay a Lease renewal.
+#[derive(Clone)]
+pub struct Clients {
+    pub api: Client,
+    pub election: Client,
+}
+
+impl Clients {
+    /// One client for both (tests).
+    pub fn single(client: Client) -> Self {
+        Clients {
+            api: client.clone(),
+            election: client,
+        }
+    }
+}
+
+/// The Canaries this instance owns, from a watch of those matching `selector`, filtered to
+/// `shard`'s namespaces before they are cached (other shards' Canaries cost no memory here),
+/// without managed fields (not needed, and a large part of each object).
+fn owned_canaries(
+    api: Api<Canary>,
+    selector: Option<&str>,
+    shard: Option<Shard>,
+) -> (
+    Store<Canary>,
+    impl futures::Stream<Item = std::result::Result<Canary, watcher::Error>> + Send + 'static,
+) {
+    let mut config = watcher::Config::default();
+    if let Some(selector) = selector {
+        config = config.labels(selector);
+    }
+    let writer = kube::runtime::reflector::store::Writer::default();
+    let store = writer.as_reader();
+    let owned = move |canary: &Canary| {
+        shard.is_none_or(|shard| shard.owns(&canary.namespace().unwrap_or_default()))
+    };
+    let events = watcher(api, config)
+        .default_backoff()
+        .filter_map(move |event| {
+            let event = match event {
+                Ok(
+                    watcher::Event::Apply(canary)
+                    | watcher::Event::InitApply(canary)
+                    | watcher::Event::Delete(canary),
+                ) if !owned(&canary) => None,
+                other => Some(
+                    other.map(|event| event.modify(|canary| canary.managed_fields_mut().clear())),
+                ),
+            };
+            futures::future::ready(event)
+        });
+    let stream = kube::runtime::reflector(writer, events).applied_objects();
+    (store, stream)
 }
 
 /// Run the controller until `shutdown` turns true: elect a leader; while leading, reconcile
@@ -1319,7 +1491,7 @@ pub struct ControllerOptions {
 /// `/metrics`); a standby shows none and says why. On shutdown the in-flight reconciles
 /// finish, then the lease is released.
 pub async fn run(
-    client: Client,
+    clients: Clients,
     options: ControllerOptions,
     backends: Arc<dyn Backends>,
     clock: Arc<dyn Clock>,
@@ -1334,7 +1506,8 @@ pub async fn run(
     registry.clear(Some(standby_note.clone()));
     let leader = is_leader.subscribe();
     let (stop_election, election_stopped) = watch::channel(false);
-    let lock = LeaseLock::new(client.clone(), options.lease.clone(), clock.clone());
+    let client = clients.api;
+    let lock = LeaseLock::new(clients.election, options.lease.clone(), clock.clone());
     let election = tokio::spawn(run_election(lock, is_leader, election_stopped));
 
     loop {
@@ -1351,8 +1524,8 @@ pub async fn run(
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
         };
-        let controller = Controller::new(canaries, watcher::Config::default());
-        let store = controller.store();
+        let (store, owned) = owned_canaries(canaries, options.selector.as_deref(), options.shard);
+        let controller = Controller::for_stream(owned, store.clone());
         let workload_changes =
             super::workload::workload_changes(&client, options.namespace.as_deref(), store.clone());
         let index = Arc::new(RouteIndex::new(store));
@@ -1365,6 +1538,7 @@ pub async fn run(
         );
         let ctx = Arc::new(Context {
             retry_delay: options.retry_delay,
+            status_checkpoint: options.status_checkpoint,
             registry: registry.clone(),
             guard_trigger: Some(guard_trigger),
             routes: Some(RouteState {

@@ -8,7 +8,7 @@ use super::factory::Backends;
 use super::fake_api::{FakeApiServer, RecordedRequest};
 use super::lease::LeaseSettings;
 use super::rbac;
-use super::reconciler::{reconcile, run, Context, ControllerOptions};
+use super::reconciler::{reconcile, run, Clients, Context, ControllerOptions};
 use crate::metrics::MetricsSource;
 use crate::router::factory::weights_in;
 use crate::router::Weights;
@@ -849,6 +849,9 @@ fn options(identity: &str) -> ControllerOptions {
         namespace: None,
         lease: LeaseSettings::new("fledge-system", "fledge-controller", identity),
         retry_delay: Duration::from_secs(10),
+        status_checkpoint: Duration::ZERO,
+        shard: None,
+        selector: None,
     }
 }
 
@@ -866,12 +869,22 @@ pub(super) fn start(
     backends: ScriptedBackends,
     clock: TokioClock,
 ) -> Running {
+    start_with(server, options(identity), backends, clock)
+}
+
+fn start_with(
+    server: &FakeApiServer,
+    options: ControllerOptions,
+    backends: ScriptedBackends,
+    clock: TokioClock,
+) -> Running {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (leader_tx, leader) = watch::channel(false);
     let registry = Registry::default();
+    let identity = options.lease.identity.clone();
     let task = tokio::spawn(run(
-        server.client(identity),
-        options(identity),
+        Clients::single(server.client(&identity)),
+        options,
         Arc::new(backends),
         Arc::new(clock),
         registry.clone(),
@@ -1589,7 +1602,7 @@ async fn fledge_controller_serves_probes_the_dashboard_and_metrics_over_http() {
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(serve(
-        server.client("a"),
+        Clients::single(server.client("a")),
         listener,
         options,
         Arc::new(ScriptedBackends::default()),
@@ -1761,3 +1774,166 @@ async fn commands_wait_out_a_blocked_router_and_need_no_metrics() {
 }
 
 mod gateway_api;
+
+/// Requests of `client` of one kind (`RecordedRequest::kind`), leases aside.
+fn count_kind(requests: &[RecordedRequest], client: &str, kind: &str) -> usize {
+    requests
+        .iter()
+        .filter(|r| r.client == client && r.kind() == kind)
+        .count()
+}
+
+#[tokio::test(start_paused = true)]
+async fn analysis_progress_is_checkpointed_steps_are_written_at_once_and_routes_are_not_polled() {
+    let server = seeded(canary_object(
+        json!({
+            "interval": "10s",
+            "stepWeights": null,
+            "steps": [{"setWeight": 20}, {"pause": {"duration": "10m"}}, {"setWeight": 50}]
+        }),
+        json!({}),
+    ));
+    let backends = ScriptedBackends::default();
+    let checkpoint = Duration::from_secs(60);
+    let first = ControllerOptions {
+        status_checkpoint: checkpoint,
+        ..options("a")
+    };
+    let controller = start_with(
+        &server,
+        first,
+        backends.clone(),
+        TokioClock::starting_at(t0()),
+    );
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    // Baseline at 0 s (step 0: 20 %), a pass at 10 s (→ the pause), both written at once.
+    let st = status(&server);
+    assert_eq!((st.rollout.step, st.rollout.canary_weight), (1, 20));
+    assert_eq!(vs_weights(&server), Weights::canary_percent(20));
+    let requests = server.take_requests();
+    assert!(count_kind(&requests, "a", "PUT canaries/status") >= 2);
+
+    // In the pause: judged every 10 s, but nothing is written and no route is read.
+    let judged = backends.observations();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(backends.observations() >= judged + 3);
+    let requests = server.take_requests();
+    for kind in [
+        "PUT canaries/status",
+        "GET virtualservices one",
+        "PATCH virtualservices",
+    ] {
+        assert_eq!(count_kind(&requests, "a", kind), 0, "{kind}: {requests:?}");
+    }
+    let shown = controller
+        .registry
+        .get("shop/app")
+        .and_then(|v| v.status.last_analysis)
+        .map(|a| a.at);
+    let persisted = status(&server).rollout.last_analysis.map(|a| a.at);
+    assert!(
+        shown > persisted,
+        "the dashboard shows progress not written yet"
+    );
+
+    // The checkpoint writes the progress within two checkpoint periods of the last write.
+    tokio::time::sleep(Duration::from_secs(95)).await;
+    let writes = count_kind(&server.take_requests(), "a", "PUT canaries/status");
+    assert!((1..=2).contains(&writes), "{writes} checkpoint writes");
+    let persisted = status(&server);
+    assert_eq!(persisted.rollout.step, 1);
+    assert!(persisted.last_tick_at >= Some(t0() + chrono::Duration::seconds(60)));
+    controller.stop().await;
+
+    // A new controller continues at the persisted step: nothing is stepped again.
+    let successor = start_with(
+        &server,
+        ControllerOptions {
+            status_checkpoint: checkpoint,
+            ..options("b")
+        },
+        backends.clone(),
+        TokioClock::starting_at(t0() + chrono::Duration::seconds(150)),
+    );
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let st = status(&server);
+    assert_eq!((st.rollout.step, st.rollout.canary_weight), (1, 20));
+    let steps: Vec<usize> = st.rollout.history.iter().map(|t| t.step).collect();
+    assert_eq!(
+        steps,
+        [0, 1],
+        "each step entered once: {:?}",
+        st.rollout.history
+    );
+    successor.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shards_each_lead_their_own_lease_and_act_only_on_their_namespaces() {
+    use super::shard::{lease_name, Shard};
+    let shards = [Shard { index: 0, count: 2 }, Shard { index: 1, count: 2 }];
+    let owner = |namespace: &str| shards.iter().position(|s| s.owns(namespace)).unwrap();
+    let other = (0..100)
+        .map(|i| format!("team-{i}"))
+        .find(|ns| owner(ns) != owner(NS))
+        .unwrap();
+    let server = seeded(canary_object(json!({}), json!({})));
+    let in_other = |mut object: Value| {
+        object["metadata"]["namespace"] = json!(other);
+        object
+    };
+    server.create(ISTIO, "virtualservices", in_other(virtual_service()));
+    server.create(ISTIO, "destinationrules", in_other(destination_rule()));
+    server.create(
+        FLEDGE,
+        "canaries",
+        in_other(canary_object(json!({}), json!({}))),
+    );
+    let running: Vec<Running> = shards
+        .iter()
+        .map(|shard| {
+            let identity = format!("shard-{}", shard.index);
+            let mut options = options(&identity);
+            options.lease.name = lease_name(&options.lease.name, Some(*shard), None);
+            options.shard = Some(*shard);
+            start_with(
+                &server,
+                options,
+                ScriptedBackends::default(),
+                TokioClock::starting_at(t0()),
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(45)).await;
+
+    assert!(
+        running.iter().all(|r| *r.leader.borrow()),
+        "each shard leads its own Lease"
+    );
+    let leases = server.list("coordination.k8s.io", "leases", "fledge-system");
+    assert_eq!(leases.len(), 2);
+    for (namespace, name) in [(NS.to_string(), "app"), (other.clone(), "app")] {
+        let st: CanaryResourceStatus = serde_json::from_value(
+            server.get(FLEDGE, "canaries", &namespace, name).unwrap()["status"].clone(),
+        )
+        .unwrap();
+        assert_eq!(
+            st.rollout.canary_weight, 50,
+            "{namespace}: {}",
+            st.rollout.message
+        );
+        let path =
+            format!("/apis/fledge.dev/v1alpha1/namespaces/{namespace}/canaries/{name}/status");
+        let writers: std::collections::BTreeSet<String> = server
+            .requests()
+            .iter()
+            .filter(|r| r.method == "PUT" && r.path == path)
+            .map(|r| r.client.clone())
+            .collect();
+        let expected = format!("shard-{}", owner(&namespace));
+        assert_eq!(writers.into_iter().collect::<Vec<_>>(), [expected]);
+    }
+    for r in running {
+        r.stop().await;
+    }
+}

@@ -19,7 +19,9 @@
 use super::clock::{Clock, SystemClock};
 use super::factory::{Backends, DefaultBackends};
 use super::lease::LeaseSettings;
-use super::reconciler::{run, ControllerOptions};
+use super::reconciler::{run, Clients, ControllerOptions};
+use super::shard::{self, Shard};
+use super::throttle::ThrottleLayer;
 use super::{Error, Result};
 use crate::api::{CommandPolicy, KUBERNETES_COMMANDS};
 use crate::runner::Registry;
@@ -29,11 +31,34 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// How often analysis progress alone is written to a Canary's `.status` by default (each
+/// Canary at a spread moment between one and two of these after its last write).
+pub const DEFAULT_STATUS_CHECKPOINT: Duration = Duration::from_secs(300);
+
+/// Default client-side limit on API requests per second (Argo Rollouts: 40), and the burst
+/// above it (Argo Rollouts: 80).
+pub const DEFAULT_API_QPS: f64 = 50.0;
+pub const DEFAULT_API_BURST: u32 = 100;
+
 /// Everything `fledge controller` is told on its command line (and by the Downward API).
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub controller: ControllerOptions,
     pub listen: SocketAddr,
+    /// API requests per second (client side, leader election aside).
+    pub api_qps: f64,
+    /// Requests allowed above `api_qps` after a quiet while.
+    pub api_burst: u32,
+}
+
+/// How one instance scales: what it owns and how it talks to the API server.
+#[derive(Debug, Clone, Default)]
+pub struct ScaleArgs {
+    pub shard: Option<Shard>,
+    pub selector: Option<String>,
+    pub status_checkpoint: Option<Duration>,
+    pub api_qps: Option<f64>,
+    pub api_burst: Option<u32>,
 }
 
 impl ServeOptions {
@@ -59,9 +84,37 @@ impl ServeOptions {
                 namespace,
                 lease: LeaseSettings::new(&lease_namespace, &lease_name, &identity),
                 retry_delay: Duration::from_secs(10),
+                status_checkpoint: DEFAULT_STATUS_CHECKPOINT,
+                shard: None,
+                selector: None,
             },
             listen,
+            api_qps: DEFAULT_API_QPS,
+            api_burst: DEFAULT_API_BURST,
         }
+    }
+
+    /// Apply `--shard`, `--selector`, `--status-checkpoint`, `--kube-api-qps` and
+    /// `--kube-api-burst`; a shard or selector gets its own Lease (see [`shard::lease_name`]).
+    pub fn scaled(mut self, scale: ScaleArgs) -> Self {
+        let controller = &mut self.controller;
+        controller.lease.name = shard::lease_name(
+            &controller.lease.name,
+            scale.shard,
+            scale.selector.as_deref(),
+        );
+        controller.shard = scale.shard;
+        controller.selector = scale.selector.filter(|s| !s.trim().is_empty());
+        if let Some(checkpoint) = scale.status_checkpoint {
+            controller.status_checkpoint = checkpoint;
+        }
+        if let Some(qps) = scale.api_qps {
+            self.api_qps = qps;
+        }
+        if let Some(burst) = scale.api_burst {
+            self.api_burst = burst;
+        }
+        self
     }
 }
 
@@ -80,11 +133,21 @@ impl ServeOptions {
 
 /// Run until `signal` completes, then shut down gracefully.
 pub async fn run_until(options: ServeOptions, signal: impl Future<Output = ()>) -> Result<()> {
-    let client = kube::Client::try_default().await.map_err(|e| {
+    let unreachable = |e: &dyn std::fmt::Display| {
         Error::Startup(format!(
             "cannot reach the Kubernetes API ({e}); in a pod this uses the ServiceAccount, elsewhere $KUBECONFIG or ~/.kube/config"
         ))
-    })?;
+    };
+    let config = kube::Config::infer().await.map_err(|e| unreachable(&e))?;
+    let throttled = kube::client::ClientBuilder::try_from(config.clone())
+        .map_err(|e| unreachable(&e))?
+        .with_layer(&ThrottleLayer::new(options.api_qps, options.api_burst))
+        .build();
+    let election = kube::Client::try_from(config).map_err(|e| unreachable(&e))?;
+    let clients = Clients {
+        api: throttled,
+        election,
+    };
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
         .map_err(|e| {
@@ -94,7 +157,7 @@ pub async fn run_until(options: ServeOptions, signal: impl Future<Output = ()>) 
             ))
         })?;
     serve(
-        client,
+        clients,
         listener,
         options,
         Arc::new(DefaultBackends::default()),
@@ -104,10 +167,10 @@ pub async fn run_until(options: ServeOptions, signal: impl Future<Output = ()>) 
     .await
 }
 
-/// [`run_until`] with its parts given: the API client, the bound listener, the backends and
+/// [`run_until`] with its parts given: the API clients, the bound listener, the backends and
 /// the clock (tests pass the fake API server's client and scripted backends).
 pub async fn serve(
-    client: kube::Client,
+    clients: Clients,
     listener: tokio::net::TcpListener,
     options: ServeOptions,
     backends: Arc<dyn Backends>,
@@ -120,6 +183,10 @@ pub async fn serve(
         identity = %options.controller.lease.identity,
         lease = %format!("{}/{}", options.controller.lease.namespace, options.controller.lease.name),
         namespace = options.controller.namespace.as_deref().unwrap_or("(all)"),
+        shard = %options.controller.shard.map(|s| s.to_string()).unwrap_or_else(|| "(all)".into()),
+        selector = options.controller.selector.as_deref().unwrap_or("(all)"),
+        api_qps = options.api_qps,
+        api_burst = options.api_burst,
         http = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         "fledge controller starting"
     );
@@ -152,7 +219,7 @@ pub async fn serve(
     });
 
     let controller = tokio::spawn(run(
-        client,
+        clients,
         options.controller,
         backends,
         clock,
