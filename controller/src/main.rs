@@ -153,6 +153,10 @@ enum Commands {
         /// Requests allowed above --kube-api-qps after a quiet while.
         #[arg(long, default_value_t = fledge_controller::k8s::serve::DEFAULT_API_BURST)]
         kube_api_burst: u32,
+        /// Canaries with self-metrics series of their own at /metrics; the others are summed
+        /// under canary="_other" (and counted by phase in fledge_canaries).
+        #[arg(long, default_value_t = fledge_controller::telemetry::DEFAULT_CANARY_SERIES_LIMIT)]
+        metrics_canary_limit: usize,
     },
     /// Print the Canary CustomResourceDefinition as YAML (`fledge crd > manifests/crd.yaml`).
     Crd,
@@ -369,6 +373,7 @@ fn main() -> ExitCode {
             status_checkpoint,
             kube_api_qps,
             kube_api_burst,
+            metrics_canary_limit,
         } => {
             let options = fledge_controller::k8s::serve::ServeOptions::from_args(
                 namespace,
@@ -384,6 +389,7 @@ fn main() -> ExitCode {
                 status_checkpoint: Some(status_checkpoint.0),
                 api_qps: Some(kube_api_qps),
                 api_burst: Some(kube_api_burst),
+                canary_series_limit: Some(metrics_canary_limit),
             });
             match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt.block_on(controller(options)),

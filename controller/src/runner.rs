@@ -89,6 +89,14 @@ pub enum CommandError {
 }
 
 impl Registry {
+    /// A registry whose self-metrics are `telemetry` (e.g. with a series limit).
+    pub fn with_telemetry(telemetry: Telemetry) -> Self {
+        Registry {
+            telemetry,
+            ..Registry::default()
+        }
+    }
+
     pub fn list(&self) -> Vec<CanaryView> {
         match self.inner.read() {
             Ok(map) => map.values().map(|e| e.view.clone()).collect(),

@@ -16,6 +16,13 @@
 //! | `fledge_webhook_calls_total` | counter | `canary`, `webhook`, `type`, `outcome` | webhook calls (`ok` / `failed`) |
 //! | `fledge_webhook_duration_seconds` | histogram | `canary`, `webhook`, `type` | time per call, retries included |
 //! | `fledge_reconcile_errors_total` | counter | `canary`, `kind` | `router` (weights not applied/confirmed), `metrics` (source unreadable), `persist` (state not saved) |
+//! | `fledge_canaries` | gauge | `phase` | canaries in each phase (all of them, whatever the limit below) |
+//!
+//! Label cardinality is capped: only the first [`DEFAULT_CANARY_SERIES_LIMIT`] canaries (or
+//! [`Telemetry::with_canary_limit`]) get series of their own. Beyond that a canary's state
+//! gauges are not exported (it counts in `fledge_canaries`) and its counters and histograms are
+//! summed under `canary="_other"`. A deleted canary's gauges go at once; its counters stay
+//! until a new canary needs its place.
 
 use fledge_core::analysis::Verdict;
 use fledge_core::rollout::{Action, CanaryStatus, Phase, TimedReport};
@@ -41,7 +48,7 @@ pub const PHASES: [Phase; 6] = [
 
 /// Every metric family and its type. A family appears in the exposition once it has a sample;
 /// this list is the contract (checked against the encoding by a test), e.g. for dashboards.
-pub const FAMILIES: [(&str, &str); 14] = [
+pub const FAMILIES: [(&str, &str); 15] = [
     ("fledge_info", "gauge"),
     ("fledge_canary_weight", "gauge"),
     ("fledge_canary_phase", "gauge"),
@@ -56,7 +63,14 @@ pub const FAMILIES: [(&str, &str); 14] = [
     ("fledge_webhook_calls", "counter"),
     ("fledge_webhook_duration_seconds", "histogram"),
     ("fledge_reconcile_errors", "counter"),
+    ("fledge_canaries", "gauge"),
 ];
+
+/// Canaries with series of their own (see the module docs); the others are summed.
+pub const DEFAULT_CANARY_SERIES_LIMIT: usize = 500;
+
+/// The `canary` label of the canaries beyond the limit.
+pub const OTHER_CANARIES: &str = "_other";
 
 /// Every sample name the controller can expose: counters with `_total`, histograms with
 /// `_bucket`, `_sum` and `_count`.
@@ -137,6 +151,32 @@ struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FleetPhaseLabels {
+    phase: String,
+}
+
+/// The label values one canary has used, so all of its series can be removed when its place
+/// is given to another canary.
+#[derive(Default)]
+struct UsedLabels {
+    metrics: std::collections::BTreeSet<String>,
+    reasons: std::collections::BTreeSet<String>,
+    webhooks: std::collections::BTreeSet<(String, String)>,
+    /// Deleted: its gauges are gone, its counters may be removed to make room.
+    forgotten: bool,
+}
+
+/// Which canaries have series of their own, and each canary's phase (for `fledge_canaries`).
+#[derive(Default)]
+struct Admission {
+    limit: usize,
+    admitted: std::collections::HashMap<String, UsedLabels>,
+    /// Deleted canaries still holding a place, oldest first.
+    forgotten: std::collections::VecDeque<String>,
+    phases: std::collections::HashMap<String, Phase>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
     version: String,
 }
@@ -196,6 +236,8 @@ struct Metrics {
     webhook_calls: Family<WebhookOutcomeLabels, Counter>,
     webhook_duration: HistogramFamily<WebhookLabels>,
     errors: Family<ErrorLabels, Counter>,
+    fleet: Family<FleetPhaseLabels, Gauge>,
+    admission: std::sync::Mutex<Admission>,
 }
 
 /// The controller's metrics registry. Cheap to clone; all clones share the same metrics.
@@ -317,8 +359,19 @@ impl Telemetry {
             "Reconcile errors by kind (router, metrics, persist, api)",
             errors.clone(),
         );
+        let fleet = Family::default();
+        registry.register(
+            "fledge_canaries",
+            "Canaries in each phase (every canary, also those beyond the per-canary series limit)",
+            fleet.clone(),
+        );
         Telemetry {
             metrics: Arc::new(Metrics {
+                fleet,
+                admission: std::sync::Mutex::new(Admission {
+                    limit: DEFAULT_CANARY_SERIES_LIMIT,
+                    ..Admission::default()
+                }),
                 registry,
                 weight,
                 phase,
@@ -337,6 +390,148 @@ impl Telemetry {
         }
     }
 
+    /// At most `limit` canaries get series of their own (see the module docs).
+    pub fn with_canary_limit(self, limit: usize) -> Self {
+        self.admission().limit = limit;
+        self
+    }
+
+    fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
+        match self.metrics.admission.lock() {
+            Ok(admission) => admission,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Whether `canary` has series of its own: it has a place, or one is free, or a deleted
+    /// canary's place is taken over (its remaining series are removed).
+    fn admit(&self, canary: &str) -> bool {
+        let mut admission = self.admission();
+        if let Some(used) = admission.admitted.get_mut(canary) {
+            if used.forgotten {
+                used.forgotten = false;
+                admission.forgotten.retain(|c| c != canary);
+            }
+            return true;
+        }
+        if admission.admitted.len() >= admission.limit {
+            let Some(evicted) = admission.forgotten.pop_front() else {
+                return false;
+            };
+            if let Some(used) = admission.admitted.remove(&evicted) {
+                self.remove_series(&evicted, &used);
+            }
+        }
+        admission
+            .admitted
+            .insert(canary.to_string(), UsedLabels::default());
+        true
+    }
+
+    /// The `canary` label for counters and histograms: the canary, or [`OTHER_CANARIES`].
+    fn counted_as(&self, canary: &str) -> String {
+        if self.admit(canary) {
+            canary.to_string()
+        } else {
+            OTHER_CANARIES.to_string()
+        }
+    }
+
+    /// Remember a label value `canary` used, to remove its series later.
+    fn used(&self, canary: &str, record: impl FnOnce(&mut UsedLabels)) {
+        if let Some(used) = self.admission().admitted.get_mut(canary) {
+            record(used);
+        }
+    }
+
+    fn remove_series(&self, canary: &str, used: &UsedLabels) {
+        let m = &self.metrics;
+        let canary = canary.to_string();
+        for verdict in ["Pass", "Fail", "NoData"] {
+            m.analyses.remove(&VerdictLabels {
+                canary: canary.clone(),
+                verdict: verdict.to_string(),
+            });
+            for metric in &used.metrics {
+                m.checks.remove(&CheckLabels {
+                    canary: canary.clone(),
+                    metric: metric.clone(),
+                    verdict: verdict.to_string(),
+                });
+            }
+        }
+        for metric in &used.metrics {
+            m.metric_value.remove(&MetricLabels {
+                canary: canary.clone(),
+                metric: metric.clone(),
+            });
+        }
+        m.analysis_duration.remove(&CanaryLabels {
+            canary: canary.clone(),
+        });
+        for reason in &used.reasons {
+            m.decisions.remove(&ReasonLabels {
+                canary: canary.clone(),
+                reason: reason.clone(),
+            });
+        }
+        for (webhook, kind) in &used.webhooks {
+            for outcome in ["ok", "failed"] {
+                m.webhook_calls.remove(&WebhookOutcomeLabels {
+                    canary: canary.clone(),
+                    webhook: webhook.clone(),
+                    r#type: kind.clone(),
+                    outcome: outcome.to_string(),
+                });
+            }
+            m.webhook_duration.remove(&WebhookLabels {
+                canary: canary.clone(),
+                webhook: webhook.clone(),
+                r#type: kind.clone(),
+            });
+        }
+        for kind in [
+            ErrorKind::Router,
+            ErrorKind::Metrics,
+            ErrorKind::Persist,
+            ErrorKind::Api,
+        ] {
+            m.errors.remove(&ErrorLabels {
+                canary: canary.clone(),
+                kind: kind.as_str().to_string(),
+            });
+        }
+    }
+
+    /// Count `canary` in `fledge_canaries` under `phase` (`None`: no more).
+    fn count_phase(&self, canary: &str, phase: Option<Phase>) {
+        let previous = {
+            let mut admission = self.admission();
+            match phase {
+                Some(phase) => admission.phases.insert(canary.to_string(), phase),
+                None => admission.phases.remove(canary),
+            }
+        };
+        if previous == phase {
+            return;
+        }
+        let fleet = &self.metrics.fleet;
+        if let Some(previous) = previous {
+            fleet
+                .get_or_create(&FleetPhaseLabels {
+                    phase: phase_name(previous),
+                })
+                .dec();
+        }
+        if let Some(phase) = phase {
+            fleet
+                .get_or_create(&FleetPhaseLabels {
+                    phase: phase_name(phase),
+                })
+                .inc();
+        }
+    }
+
     /// An analysis tick's decision was recorded `lag` after the tick was due.
     pub fn record_lag(&self, lag: Duration) {
         self.metrics.analysis_lag.observe(lag.as_secs_f64());
@@ -344,6 +539,10 @@ impl Telemetry {
 
     /// Publish a canary's current state (weight, phase, step, failed checks).
     pub fn observe_status(&self, canary: &str, status: &CanaryStatus) {
+        self.count_phase(canary, Some(status.phase));
+        if !self.admit(canary) {
+            return;
+        }
         let m = &self.metrics;
         let labels = CanaryLabels {
             canary: canary.to_string(),
@@ -368,8 +567,20 @@ impl Telemetry {
     }
 
     /// Stop publishing a deleted canary's state gauges (weight, phase, step, failed checks).
-    /// Its counters stay: they are totals a rate() over a window still needs.
+    /// Its counters stay — they are totals a rate() over a window still needs — until a new
+    /// canary needs its place (see the module docs).
     pub fn forget(&self, canary: &str) {
+        self.count_phase(canary, None);
+        {
+            let mut admission = self.admission();
+            let newly_forgotten = admission
+                .admitted
+                .get_mut(canary)
+                .is_some_and(|used| !std::mem::replace(&mut used.forgotten, true));
+            if newly_forgotten {
+                admission.forgotten.push_back(canary.to_string());
+            }
+        }
         let m = &self.metrics;
         let labels = CanaryLabels {
             canary: canary.to_string(),
@@ -388,6 +599,14 @@ impl Telemetry {
     /// Count one judged interval and publish its checks; `took` is read + decide time.
     pub fn record_analysis(&self, canary: &str, report: &TimedReport, took: Duration) {
         let m = &self.metrics;
+        let own = self.admit(canary);
+        let canary = &self.counted_as(canary);
+        if own {
+            self.used(canary, |used| {
+                used.metrics
+                    .extend(report.report.checks.iter().map(|c| c.name.clone()))
+            });
+        }
         m.analyses
             .get_or_create(&VerdictLabels {
                 canary: canary.to_string(),
@@ -400,7 +619,7 @@ impl Telemetry {
             })
             .observe(took.as_secs_f64());
         for check in &report.report.checks {
-            if let Some(value) = check.value.filter(|v| v.is_finite()) {
+            if let Some(value) = check.value.filter(|v| v.is_finite() && own) {
                 m.metric_value
                     .get_or_create(&MetricLabels {
                         canary: canary.to_string(),
@@ -420,8 +639,12 @@ impl Telemetry {
 
     /// Count the events of one decision by reason.
     pub fn record_decisions(&self, canary: &str, actions: &[Action]) {
+        let canary = &self.counted_as(canary);
         for action in actions {
             if let Action::Event { reason, .. } = action {
+                self.used(canary, |used| {
+                    used.reasons.insert(format!("{reason:?}"));
+                });
                 self.metrics
                     .decisions
                     .get_or_create(&ReasonLabels {
@@ -443,6 +666,11 @@ impl Telemetry {
         took: Duration,
     ) {
         let m = &self.metrics;
+        let canary = &self.counted_as(canary);
+        self.used(canary, |used| {
+            used.webhooks
+                .insert((webhook.to_string(), kind.to_string()));
+        });
         m.webhook_calls
             .get_or_create(&WebhookOutcomeLabels {
                 canary: canary.to_string(),
@@ -461,6 +689,7 @@ impl Telemetry {
     }
 
     pub fn record_error(&self, canary: &str, kind: ErrorKind) {
+        let canary = &self.counted_as(canary);
         self.metrics
             .errors
             .get_or_create(&ErrorLabels {
@@ -687,5 +916,44 @@ mod tests {
             let name = sample.split(['{', ' ']).next().unwrap();
             assert!(names.iter().any(|n| n == name), "{name} not in {names:?}");
         }
+    }
+
+    #[test]
+    fn canaries_beyond_the_limit_are_summed_and_a_deleted_canarys_place_is_reused() {
+        let telemetry = Telemetry::new().with_canary_limit(2);
+        let status = |phase| CanaryStatus {
+            phase,
+            canary_weight: 10,
+            ..Default::default()
+        };
+        for name in ["a", "b", "c", "d"] {
+            telemetry.observe_status(name, &status(Phase::Progressing));
+            telemetry.record_error(name, ErrorKind::Metrics);
+        }
+        let text = telemetry.encode().unwrap();
+        assert!(sample_line(&text, "fledge_canary_weight{canary=\"a\"} 10").is_some());
+        assert!(sample_line(&text, "fledge_canary_weight{canary=\"b\"} 10").is_some());
+        assert!(sample_line(&text, "fledge_canary_weight{canary=\"c\"}").is_none());
+        assert!(sample_line(
+            &text,
+            "fledge_reconcile_errors_total{canary=\"_other\",kind=\"metrics\"} 2"
+        )
+        .is_some());
+        assert!(sample_line(&text, "fledge_canaries{phase=\"Progressing\"} 4").is_some());
+
+        // `a` is deleted: its gauges go, its counter stays until `e` takes its place.
+        telemetry.forget("a");
+        let text = telemetry.encode().unwrap();
+        assert!(sample_line(&text, "fledge_canary_weight{canary=\"a\"}").is_none());
+        assert!(sample_line(&text, "fledge_reconcile_errors_total{canary=\"a\"").is_some());
+        assert!(sample_line(&text, "fledge_canaries{phase=\"Progressing\"} 3").is_some());
+        telemetry.observe_status("e", &status(Phase::Paused));
+        let text = telemetry.encode().unwrap();
+        assert!(sample_line(&text, "fledge_reconcile_errors_total{canary=\"a\"").is_none());
+        assert!(sample_line(&text, "fledge_canary_weight{canary=\"e\"} 10").is_some());
+        assert!(sample_line(&text, "fledge_canaries{phase=\"Paused\"} 1").is_some());
+        // Two canaries' own series (4 gauges, 6 phases) and the summed counter: bounded.
+        let per_canary = text.lines().filter(|l| l.contains("canary=\"")).count();
+        assert_eq!(per_canary, 2 * 9 + 2, "{text}");
     }
 }

@@ -168,7 +168,11 @@ impl Fleet {
             "stable": {"subset": "stable"},
             "canary": {"subset": "canary"},
             "metricsSource": metrics_source,
-            "router": {"istio": {"virtualService": member.name, "route": "primary"}},
+            "router": {"istio": {
+                "virtualService": member.name,
+                "route": "primary",
+                "destinationRule": member.name,
+            }},
             "analysis": analysis,
         })
     }

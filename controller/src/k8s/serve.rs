@@ -49,6 +49,8 @@ pub struct ServeOptions {
     pub api_qps: f64,
     /// Requests allowed above `api_qps` after a quiet while.
     pub api_burst: u32,
+    /// Canaries with self-metrics series of their own (see [`crate::telemetry`]).
+    pub canary_series_limit: usize,
 }
 
 /// How one instance scales: what it owns and how it talks to the API server.
@@ -59,6 +61,7 @@ pub struct ScaleArgs {
     pub status_checkpoint: Option<Duration>,
     pub api_qps: Option<f64>,
     pub api_burst: Option<u32>,
+    pub canary_series_limit: Option<usize>,
 }
 
 impl ServeOptions {
@@ -91,6 +94,7 @@ impl ServeOptions {
             listen,
             api_qps: DEFAULT_API_QPS,
             api_burst: DEFAULT_API_BURST,
+            canary_series_limit: crate::telemetry::DEFAULT_CANARY_SERIES_LIMIT,
         }
     }
 
@@ -113,6 +117,9 @@ impl ServeOptions {
         }
         if let Some(burst) = scale.api_burst {
             self.api_burst = burst;
+        }
+        if let Some(limit) = scale.canary_series_limit {
+            self.canary_series_limit = limit;
         }
         self
     }
@@ -191,7 +198,9 @@ pub async fn serve(
         "fledge controller starting"
     );
 
-    let registry = Registry::default();
+    let registry = Registry::with_telemetry(
+        crate::telemetry::Telemetry::new().with_canary_limit(options.canary_series_limit),
+    );
     let http = crate::api::router_with(
         registry.clone(),
         CommandPolicy::Disabled(KUBERNETES_COMMANDS.to_string()),

@@ -26,7 +26,9 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use clap::Parser;
 use fledge_controller::k8s::crd::{Canary, CanaryResourceStatus, Readiness};
-use fledge_controller::k8s::fake_api::FakeApiServer;
+use fledge_controller::k8s::fake_api::{apply_json_patch, FakeApiServer};
+use fledge_controller::router::istio::{plan_patch, IstioSettings};
+use fledge_controller::router::DesiredRoutes;
 use fledge_e2e::process::{free_port, wait_until, Proc, ScratchDir};
 use fledge_e2e::scale::{
     load_average, quantile, FakeGateway, FakePrometheus, Fleet, Member, ProcSample,
@@ -184,7 +186,11 @@ fn seed(
         serde_json::from_value(spec_json.clone()).context("the fleet's spec")?;
     let rollout = fleet.mid_rollout_status(member, &spec, now);
     let weight = rollout.canary_weight;
-    let last_tick_at = rollout.last_analysis.as_ref().map(|a| a.at);
+    // As a controller that checkpoints every 5 minutes leaves it: written within the last 5.
+    let checkpointed = chrono::Duration::milliseconds(
+        ((member.index as f64 * 0.754_877_666).fract() * 300_000.0) as i64,
+    );
+    let last_tick_at = Some(now - checkpointed);
     let mut status = CanaryResourceStatus {
         rollout,
         observed_generation: Some(1),
@@ -193,21 +199,46 @@ fn seed(
         ..CanaryResourceStatus::default()
     };
     status.set_conditions(&Readiness::ok(), Some(1), now);
+    let mut virtual_service = json!({
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": member.name, "namespace": member.namespace},
+        "spec": {
+            "hosts": [format!("{}.example.com", member.name)],
+            "gateways": ["istio-system/public"],
+            "http": [{
+                "name": "primary",
+                "route": [
+                    {"destination": {"host": member.name, "subset": "stable"}, "weight": 100 - weight},
+                    {"destination": {"host": member.name, "subset": "canary"}, "weight": weight}
+                ]
+            }]
+        }
+    });
+    // The routes as Fledge wrote them for this step (the guard route too, where there is one).
+    let settings = IstioSettings::from_spec(&spec, &member.namespace)
+        .context("the fleet's spec names an Istio route")?;
+    let desired = DesiredRoutes::for_rollout(weight, true);
+    if let Some(ops) =
+        plan_patch(&virtual_service, &settings, &desired).map_err(|e| anyhow::anyhow!("{e}"))?
+    {
+        apply_json_patch(&mut virtual_service, &serde_json::Value::Array(ops))
+            .map_err(anyhow::Error::msg)?;
+    }
+    server
+        .try_create(virtual_service)
+        .map_err(anyhow::Error::msg)?;
     server
         .try_create(json!({
             "apiVersion": "networking.istio.io/v1",
-            "kind": "VirtualService",
+            "kind": "DestinationRule",
             "metadata": {"name": member.name, "namespace": member.namespace},
             "spec": {
-                "hosts": [format!("{}.example.com", member.name)],
-                "gateways": ["istio-system/public"],
-                "http": [{
-                    "name": "primary",
-                    "route": [
-                        {"destination": {"host": member.name, "subset": "stable"}, "weight": 100 - weight},
-                        {"destination": {"host": member.name, "subset": "canary"}, "weight": weight}
-                    ]
-                }]
+                "host": member.name,
+                "subsets": [
+                    {"name": "stable", "labels": {"version": "v1"}},
+                    {"name": "canary", "labels": {"version": "v2"}}
+                ]
             }
         }))
         .map_err(anyhow::Error::msg)?;
@@ -385,6 +416,35 @@ fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Op
     None
 }
 
+/// Wait until an interval passes with fewer API requests than 5 per second (the start-up —
+/// first reads, writes queued behind the client-side limit — is over); false on `limit`.
+async fn settle(
+    controller: &ControllerProc,
+    cluster: &Cluster,
+    interval: Duration,
+    limit: Duration,
+) -> Result<bool> {
+    let started = Instant::now();
+    let total = |tallies: &BTreeMap<String, u64>| tallies.values().sum::<u64>();
+    loop {
+        let before = total(&cluster.server.request_tallies());
+        tokio::time::sleep(interval).await;
+        let requests = total(&cluster.server.request_tallies()) - before;
+        if ProcSample::read(controller.proc.pid()).is_err() {
+            bail!(
+                "fledge controller exited:\n{}",
+                controller.proc.log_tail(30)
+            );
+        }
+        if (requests as f64) < 5.0 * interval.as_secs_f64() {
+            return Ok(true);
+        }
+        if started.elapsed() >= limit {
+            return Ok(false);
+        }
+    }
+}
+
 struct Reading {
     proc: ProcSample,
     tallies: BTreeMap<String, u64>,
@@ -435,15 +495,16 @@ async fn kubernetes_run(args: &Args, size: usize, dir: &Path) -> Result<Summary>
     let leading = tokio::task::block_in_place(|| controller.wait_leading(Duration::from_secs(60)))?;
     println!("   leading after {:.1}s", leading.as_secs_f64());
 
-    // Warm-up: every canary's first tick (a baseline) and its first judged interval.
+    // Warm-up: every canary's first tick (a baseline) and its first judged interval, and
+    // until the start-up requests are done (at most 10 minutes).
     let warm_up = (interval * 3).max(Duration::from_secs(20));
     tokio::time::sleep(warm_up).await;
-    if !controller.proc.is_running() {
-        bail!(
-            "fledge controller exited:\n{}",
-            controller.proc.log_tail(30)
-        );
-    }
+    let settling = Instant::now();
+    let settled = settle(&controller, &cluster, interval, Duration::from_secs(600)).await?;
+    println!(
+        "   warm-up {:.0}s (start-up requests done: {settled})",
+        warm_up.as_secs_f64() + settling.elapsed().as_secs_f64()
+    );
     let before = tokio::task::block_in_place(|| read(&controller, &cluster))?;
     let window = interval * args.intervals;
     let mut peak_rss = before.proc.rss_kib;
