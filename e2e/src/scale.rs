@@ -381,8 +381,10 @@ impl Hits {
 }
 
 struct GatewayState {
-    page: GatewayPage,
-    started: Instant,
+    /// The traffic page and the guard page, rendered once a second (like Envoy's counters,
+    /// which move between flushes): serving is a copy, so a page is never slow because the
+    /// bench is busy.
+    pages: std::sync::RwLock<(bytes::Bytes, bytes::Bytes)>,
     hits: Arc<Hits>,
 }
 
@@ -400,10 +402,35 @@ impl FakeGateway {
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Result<FakeGateway> {
         let hits = Arc::new(Hits::default());
+        let page = Arc::new(GatewayPage::new(members));
+        let render = |page: &GatewayPage, elapsed: f64| {
+            (
+                bytes::Bytes::from(page.render("fledge_request", elapsed)),
+                bytes::Bytes::from(page.render("fledge_guard_tripped", elapsed)),
+            )
+        };
         let state = Arc::new(GatewayState {
-            page: GatewayPage::new(members),
-            started,
+            pages: std::sync::RwLock::new(render(&page, started.elapsed().as_secs_f64())),
             hits: hits.clone(),
+        });
+        let renderer = state.clone();
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                let page = page.clone();
+                let elapsed = started.elapsed().as_secs_f64();
+                if let Ok(pages) = tokio::task::spawn_blocking(move || render(&page, elapsed)).await
+                {
+                    if let Ok(mut current) = renderer.pages.write() {
+                        *current = pages;
+                    }
+                }
+            }
         });
         let app = axum::Router::new()
             .route("/stats/prometheus", get(serve_page))
@@ -413,15 +440,22 @@ impl FakeGateway {
     }
 }
 
-async fn serve_page(State(state): State<Arc<GatewayState>>, RawQuery(query): RawQuery) -> String {
+async fn serve_page(
+    State(state): State<Arc<GatewayState>>,
+    RawQuery(query): RawQuery,
+) -> bytes::Bytes {
     let query = query.unwrap_or_default();
     let filter = query
         .split('&')
         .find_map(|kv| kv.strip_prefix("filter="))
         .unwrap_or_default();
-    let elapsed = state.started.elapsed().as_secs_f64();
-    let page = state.page.render(filter, elapsed);
-    if filter.contains("guard") {
+    let guard = filter.contains("guard");
+    let page = match state.pages.read() {
+        Ok(pages) if guard => pages.1.clone(),
+        Ok(pages) => pages.0.clone(),
+        Err(_) => bytes::Bytes::new(),
+    };
+    if guard {
         state.hits.guard.fetch_add(1, Ordering::Relaxed);
     } else {
         state.hits.traffic.fetch_add(1, Ordering::Relaxed);
@@ -467,6 +501,8 @@ struct PrometheusState {
     services: HashMap<String, usize>,
     started: Instant,
     hits: Arc<Hits>,
+    /// query → (scrape second, answer): an answer is built once per scrape.
+    answers: std::sync::Mutex<HashMap<String, (f64, bytes::Bytes)>>,
 }
 
 const REPLICAS: [(&str, &str); 2] = [
@@ -488,6 +524,7 @@ impl FakePrometheus {
                 .collect(),
             started,
             hits: hits.clone(),
+            answers: std::sync::Mutex::new(HashMap::new()),
         });
         let app = axum::Router::new()
             .route("/api/v1/query", get(query_get).post(query_post))
@@ -530,14 +567,35 @@ fn answer(state: &PrometheusState, promql: &str) -> axum::response::Response {
         .iter()
         .filter_map(|s| state.services.get(s).map(|i| (s.as_str(), *i)))
         .collect();
-    let body = if promql.contains("fledge_guard_tripped") {
+    let guard = promql.contains("fledge_guard_tripped");
+    if guard {
         state.hits.guard.fetch_add(1, Ordering::Relaxed);
-        guard_answer(promql, &known, now)
     } else {
         state.hits.traffic.fetch_add(1, Ordering::Relaxed);
-        traffic_answer(&known, scraped, now)
+    }
+    let cached = state.answers.lock().ok().and_then(|answers| {
+        answers
+            .get(promql)
+            .filter(|(at, _)| *at == scraped)
+            .map(|(_, a)| a.clone())
+    });
+    let text = match cached {
+        Some(text) => text,
+        None => {
+            let body = if guard {
+                guard_answer(promql, &known, now)
+            } else {
+                traffic_answer(&known, scraped, now)
+            };
+            let text = bytes::Bytes::from(body.to_string());
+            if let Ok(mut answers) = state.answers.lock() {
+                // Only this scrape's answers are kept.
+                answers.retain(|_, (at, _)| *at == scraped);
+                answers.insert(promql.to_string(), (scraped, text.clone()));
+            }
+            text
+        }
     };
-    let text = body.to_string();
     state
         .hits
         .bytes
