@@ -155,6 +155,15 @@ soak: build-filter
 # A canary that starts failing every request: time until the data-plane guard stops its traffic
 # and until the controller's rollback is live, over BENCH_ROLLBACK_ROUNDS rounds on real Envoy.
 BENCH_ROLLBACK_ROUNDS ?= 5
+# One `fledge controller` with 1,000 and then 10,000 Canaries mid-rollout against the fake API
+# server over HTTP, fake gateways and a fake Prometheus: RSS, CPU per canary-interval, decision
+# lag, scrapes per endpoint and API requests per second (docs/operating.md, "Scale and sharding").
+# Release build as shipped, without LTO to keep the build short (BENCH_SCALE_ARGS: --sizes 1000 ...).
+.PHONY: bench-scale
+bench-scale: setup
+	CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 $(CARGO) build --release -p fledge-controller --bin fledge -p fledge-e2e --bin fledge-bench-scale
+	$(TARGET_DIR)/release/fledge-bench-scale $(BENCH_SCALE_ARGS)
+
 .PHONY: bench-rollback
 bench-rollback: build-filter
 	$(CARGO) build -p fledge-controller --bin fledge

@@ -215,7 +215,7 @@ fn passing_observation(interval: Duration) -> Observation {
     Observation {
         stable: subset_traffic(STABLE_RPS * seconds),
         canary: subset_traffic(CANARY_RPS * seconds),
-        custom: Default::default(),
+        ..Default::default()
     }
 }
 
