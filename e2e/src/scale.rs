@@ -727,8 +727,7 @@ impl ProcSample {
         };
         // Field 14 is index 11 after the state field (index 0 is field 3).
         let cpu_ticks = ticks(11)? + ticks(12)?;
-        // SAFETY-free: sysconf is a plain libc call.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let hz = clock_ticks_per_second();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .with_context(|| format!("reading /proc/{pid}/status"))?;
         let rss_kib = status
@@ -770,6 +769,13 @@ pub fn quantile(values: &mut [f64], q: f64) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
     values[rank - 1]
+}
+
+/// `sysconf(_SC_CLK_TCK)`: the unit of the CPU times in `/proc/PID/stat`.
+#[allow(unsafe_code)] // sysconf(3)
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no memory-safety preconditions; it reads a configuration value.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
 #[cfg(test)]
