@@ -4,7 +4,8 @@
 //!   parsers: Canary objects with the spec loader (`config::parse_canaries`) and the Kubernetes
 //!   CRD type, spec fragments merged into a valid Canary, the filter's configuration parser,
 //!   Istio objects against the Istio router, and Envoy configuration (bootstraps, RDS files,
-//!   route lists) with the real Envoy in `--mode validate`. A block of no known kind fails.
+//!   route lists) with the real Envoy in `--mode validate`, and Deployments and HPAs against the
+//!   Canary whose `targetRef`/`autoscalerRef` names them. A block of no known kind fails.
 //! - The field reference in docs/spec.md is generated from the CRD schema, i.e. the spec's doc
 //!   comments; every field must have one. `make docs` regenerates the table.
 //! - Every relative link between Markdown files points at a file and heading that exist.
@@ -266,6 +267,9 @@ fn check_kubernetes(block: &Block, documents: &[Value], out: &mut Outcome) {
             ("networking.istio.io", "VirtualService" | "DestinationRule") => {
                 out.count("Istio object (checked against the Canary)");
             }
+            ("apps", "Deployment") | ("autoscaling", "HorizontalPodAutoscaler") => {
+                out.count("workload object (checked against the Canary's targetRef)");
+            }
             _ => out.fail(
                 block,
                 format!(
@@ -280,6 +284,48 @@ fn check_kubernetes(block: &Block, documents: &[Value], out: &mut Outcome) {
             out.fail(block, e);
         }
     }
+    for e in check_workload_objects(&canaries, documents) {
+        out.fail(block, e);
+    }
+}
+
+/// A Deployment or HPA in a block must be the target (or autoscaler) of a Canary in the same
+/// block, and pass the checks the lifecycle makes before it releases anything: the track label
+/// on the pods and in the selector, an HPA that scales the target.
+fn check_workload_objects(canaries: &[CanaryResource], documents: &[Value]) -> Vec<String> {
+    use fledge_core::workload::{check_autoscaler, check_target};
+    let mut failures = Vec::new();
+    for document in documents {
+        let kind = document["kind"].as_str().unwrap_or_default();
+        if kind != "Deployment" && kind != "HorizontalPodAutoscaler" {
+            continue;
+        }
+        let name = document["metadata"]["name"].as_str().unwrap_or_default();
+        let releasing = canaries.iter().map(|c| c.to_core()).find(|c| {
+            let spec = &c.spec;
+            match kind {
+                "Deployment" => spec.target_ref.as_ref().is_some_and(|t| t.name == name),
+                _ => spec.autoscaler_ref.as_ref().is_some_and(|a| a.name == name),
+            }
+        });
+        let Some(canary) = releasing else {
+            failures.push(format!(
+                "{kind} {name}: no Canary in this block names it in targetRef/autoscalerRef; \
+                 show it next to that Canary, or tag the block ```yaml external"
+            ));
+            continue;
+        };
+        let spec = &canary.spec;
+        let problems = match (kind, &spec.target_ref) {
+            ("Deployment", _) => check_target(document, spec.track_label()),
+            (_, Some(target)) => check_autoscaler(document, &target.name)
+                .into_iter()
+                .collect(),
+            _ => Vec::new(),
+        };
+        failures.extend(problems.iter().map(|p| format!("{kind} {name}: {p}")));
+    }
+    failures
 }
 
 /// The spec loader `fledge run` and `fledge validate` use, and the CRD type `fledge controller`
@@ -652,6 +698,7 @@ fn every_yaml_and_json_example_in_the_docs_is_accepted_by_the_real_parsers() {
     for kind in [
         "Canary",
         "Canary spec fragment",
+        "workload object (checked against the Canary's targetRef)",
         "filter configuration",
         "Envoy bootstrap",
         "Envoy routes",
@@ -706,6 +753,39 @@ fn a_block_of_unknown_kind_or_an_invalid_example_fails_with_the_fix() {
         unknown_object[0].contains("no parser for v1 Pod"),
         "{unknown_object:?}"
     );
+    let workload = |pod_labels: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: app}}\nspec:\n  \
+             selector: {{matchLabels: {{app: app, fledge.dev/track: canary}}}}\n  \
+             template: {{metadata: {{labels: {pod_labels}}}}}\n---\n\
+             apiVersion: fledge.dev/v1alpha1\nkind: Canary\nmetadata: {{name: app}}\nspec:\n  \
+             targetRef: {{name: app}}\n  service: app\n  stable: {{subset: stable}}\n  \
+             canary: {{subset: canary}}\n  \
+             metricsSource: {{prometheus: {{address: \"http://prometheus:9090\"}}}}\n  \
+             router: {{istio: {{virtualService: app, route: primary}}}}\n  \
+             analysis: {{stepWeights: [10, 50], metrics: [{{name: request-success-rate, thresholdRange: {{min: 99}}}}]}}\n"
+        )
+    };
+    assert_eq!(
+        failures(block(
+            "yaml",
+            &[],
+            &workload("{app: app, fledge.dev/track: canary}")
+        )),
+        Vec::<String>::new()
+    );
+    let untracked = failures(block("yaml", &[], &workload("{app: app}")));
+    assert!(
+        untracked[0].contains("have no fledge.dev/track label")
+            && untracked[0].contains("add `fledge.dev/track: canary`"),
+        "{untracked:?}"
+    );
+    let alone = failures(block(
+        "yaml",
+        &[],
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: other}\n",
+    ));
+    assert!(alone[0].contains("no Canary in this block"), "{alone:?}");
     let syntax = failures(block("yaml", &[], "a: [1, 2\n"));
     assert!(syntax[0].contains("does not parse"), "{syntax:?}");
 }
