@@ -25,7 +25,7 @@ use crate::backend::{Backend, BackendOptions};
 use crate::http;
 use crate::kubernetes::FakeCluster;
 use anyhow::{Context, Result};
-use fledge_controller::k8s::fake_api::deployment_status;
+use fledge_testkit::fake_api::deployment_status;
 use fledge_core::workload::{images, template_hash};
 use serde_json::Value;
 use std::collections::BTreeMap;

@@ -196,7 +196,7 @@ impl KubeTarget {
 mod tests {
     use super::*;
     use crate::cli::render::{render_canary, CanaryDoc, Style};
-    use crate::k8s::fake_api::FakeApiServer;
+    use fledge_testkit::fake_api::FakeApiServer;
 
     fn canary_object(name: &str) -> Value {
         json!({

@@ -228,7 +228,7 @@ pub async fn run_election(
 mod tests {
     use super::*;
     use crate::k8s::clock::TokioClock;
-    use crate::k8s::fake_api::FakeApiServer;
+    use fledge_testkit::fake_api::FakeApiServer;
     use serde_json::json;
 
     const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/fledge-system/leases/fledge";

@@ -33,9 +33,10 @@
 //! - [`rbac`]: the API permissions the controller needs (checked against `manifests/`).
 //! - [`workload`]: with `spec.targetRef`, the objects the workload lifecycle reads and writes
 //!   (the target and primary Deployments, their HPAs) and the watches that wake a Canary.
-//! - `fake_api` (tests, and the `fake-api` feature for e2e tooling): an in-process Kubernetes
-//!   API server with the semantics the controller relies on, recording every request; it can
-//!   also be served over HTTP to a real `fledge controller` process.
+//!
+//! The tests run against the fake Kubernetes API server of `fledge-testkit`
+//! (`testkit/src/fake_api.rs`), which keeps the semantics the controller relies on and records
+//! every request; the e2e tests serve it over HTTP to a real `fledge controller` process.
 
 pub mod clock;
 pub mod crd;
@@ -49,8 +50,6 @@ pub mod shard;
 pub mod throttle;
 pub mod workload;
 
-#[cfg(any(test, feature = "fake-api"))]
-pub mod fake_api;
 #[cfg(test)]
 mod manifest_tests;
 #[cfg(test)]

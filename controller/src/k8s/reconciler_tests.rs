@@ -5,7 +5,7 @@
 use super::clock::TokioClock;
 use super::crd::{condition, Canary, CanaryResourceStatus};
 use super::factory::Backends;
-use super::fake_api::{FakeApiServer, RecordedRequest};
+use fledge_testkit::fake_api::{FakeApiServer, RecordedRequest};
 use super::lease::LeaseSettings;
 use super::rbac;
 use super::reconciler::{reconcile, run, Clients, Context, ControllerOptions};

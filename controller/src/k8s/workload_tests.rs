@@ -4,7 +4,7 @@
 
 use super::clock::TokioClock;
 use super::crd::{condition, CanaryResourceStatus};
-use super::fake_api::FakeApiServer;
+use fledge_testkit::fake_api::FakeApiServer;
 use super::reconciler_tests::{
     event_reasons, instance, reconcile_now, status, stored_canary, t0, virtual_service, Instance,
     FLEDGE, ISTIO, NS,

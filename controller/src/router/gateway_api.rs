@@ -952,7 +952,7 @@ mod tests {
 
     fn apply(doc: &Value, ops: &[Value]) -> Value {
         let mut doc = doc.clone();
-        crate::k8s::fake_api::apply_json_patch(&mut doc, &Value::Array(ops.to_vec())).unwrap();
+        fledge_testkit::fake_api::apply_json_patch(&mut doc, &Value::Array(ops.to_vec())).unwrap();
         doc
     }
 

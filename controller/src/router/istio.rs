@@ -896,7 +896,7 @@ mod tests {
     /// passes), as the fake API server does.
     fn apply(doc: &Value, ops: &[Value]) -> Value {
         let mut doc = doc.clone();
-        crate::k8s::fake_api::apply_json_patch(&mut doc, &Value::Array(ops.to_vec())).unwrap();
+        fledge_testkit::fake_api::apply_json_patch(&mut doc, &Value::Array(ops.to_vec())).unwrap();
         doc
     }
 
@@ -1315,7 +1315,7 @@ spec:
     /// Through kube-rs against the fake API server, asserting the exact requests.
     mod against_api_server {
         use super::*;
-        use crate::k8s::fake_api::FakeApiServer;
+        use fledge_testkit::fake_api::FakeApiServer;
 
         const GROUP: &str = "networking.istio.io";
 

@@ -1,5 +1,5 @@
 //! `fledge-fake-apiserver` — the controller's in-process fake Kubernetes API server
-//! (`fledge_controller::k8s::fake_api`, the one its unit tests use) served over plain HTTP on
+//! (`fledge_testkit::fake_api`, the one the controller's unit tests use) served over plain HTTP on
 //! 127.0.0.1, so end-to-end tests can run the real `fledge controller` and `fledge ... --kubernetes`
 //! binaries against it. Test tooling only: no authentication, no TLS, state in memory.
 //!
@@ -18,7 +18,7 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use fledge_controller::k8s::fake_api::FakeApiServer;
+use fledge_testkit::fake_api::FakeApiServer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
