@@ -5,7 +5,6 @@
 use super::clock::TokioClock;
 use super::crd::{condition, Canary, CanaryResourceStatus};
 use super::factory::Backends;
-use fledge_testkit::fake_api::{FakeApiServer, RecordedRequest};
 use super::lease::LeaseSettings;
 use super::rbac;
 use super::reconciler::{reconcile, run, Clients, Context, ControllerOptions};
@@ -18,6 +17,7 @@ use chrono::{DateTime, Utc};
 use fledge_core::contract::ResponseClass;
 use fledge_core::observe::{LatencyHistogram, Observation, ObservationError, SubsetTraffic};
 use fledge_core::rollout::Phase;
+use fledge_testkit::fake_api::{FakeApiServer, RecordedRequest};
 use kube::runtime::controller::Action;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};

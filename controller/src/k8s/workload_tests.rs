@@ -4,7 +4,6 @@
 
 use super::clock::TokioClock;
 use super::crd::{condition, CanaryResourceStatus};
-use fledge_testkit::fake_api::FakeApiServer;
 use super::reconciler_tests::{
     event_reasons, instance, reconcile_now, status, stored_canary, t0, virtual_service, Instance,
     FLEDGE, ISTIO, NS,
@@ -13,6 +12,7 @@ use crate::router::factory::weights_in;
 use crate::router::Weights;
 use fledge_core::rollout::Phase;
 use fledge_core::workload::WorkloadPhase;
+use fledge_testkit::fake_api::FakeApiServer;
 use serde_json::{json, Value};
 use std::time::Duration;
 

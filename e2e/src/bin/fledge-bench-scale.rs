@@ -26,7 +26,6 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use clap::Parser;
 use fledge_controller::k8s::crd::{Canary, CanaryResourceStatus, Readiness};
-use fledge_controller::k8s::fake_api::{apply_json_patch, FakeApiServer};
 use fledge_controller::router::istio::{plan_patch, IstioSettings};
 use fledge_controller::router::DesiredRoutes;
 use fledge_e2e::process::{free_port, wait_until, Proc, ScratchDir};
@@ -34,6 +33,7 @@ use fledge_e2e::scale::{
     load_average, quantile, FakeGateway, FakePrometheus, Fleet, Member, ProcSample,
 };
 use fledge_e2e::{http, paths};
+use fledge_testkit::fake_api::{apply_json_patch, FakeApiServer};
 use futures::StreamExt;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};

@@ -44,7 +44,7 @@ struct Args {
     #[arg(long)]
     seed: Vec<PathBuf>,
     /// Events kept for watches resuming from a resourceVersion (older: 410 Expired).
-    #[arg(long, default_value_t = fledge_controller::k8s::fake_api::DEFAULT_HISTORY_LIMIT)]
+    #[arg(long, default_value_t = fledge_testkit::fake_api::DEFAULT_HISTORY_LIMIT)]
     history_limit: usize,
     /// Requests kept in the in-memory log (all are counted at /__fake/request-tallies).
     #[arg(long)]
