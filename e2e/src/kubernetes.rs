@@ -483,49 +483,7 @@ fn push_endpoints(
 /// `primary`: stable 100 / canary 0), the DestinationRule and a Canary whose metrics come from
 /// the gateway Envoy's admin at `envoy_admin_url`, with `analysis` as its `spec.analysis`.
 pub fn app_objects(namespace: &str, envoy_admin_url: &str, analysis: Value) -> Vec<Value> {
-    vec![
-        serde_json::json!({
-            "apiVersion": "networking.istio.io/v1",
-            "kind": "VirtualService",
-            "metadata": {"name": "app", "namespace": namespace},
-            "spec": {
-                "hosts": ["app.example.com"],
-                "gateways": ["istio-system/public"],
-                "http": [{
-                    "name": "primary",
-                    "route": [
-                        {"destination": {"host": "app", "subset": "stable"}, "weight": 100},
-                        {"destination": {"host": "app", "subset": "canary"}, "weight": 0}
-                    ]
-                }]
-            }
-        }),
-        serde_json::json!({
-            "apiVersion": "networking.istio.io/v1",
-            "kind": "DestinationRule",
-            "metadata": {"name": "app", "namespace": namespace},
-            "spec": {
-                "host": "app",
-                "subsets": [
-                    {"name": "stable", "labels": {"version": "v1"}},
-                    {"name": "canary", "labels": {"version": "v2"}}
-                ]
-            }
-        }),
-        serde_json::json!({
-            "apiVersion": "fledge.dev/v1alpha1",
-            "kind": "Canary",
-            "metadata": {"name": "app", "namespace": namespace},
-            "spec": {
-                "service": "app",
-                "stable": {"subset": "stable"},
-                "canary": {"subset": "canary"},
-                "metricsSource": {"envoyAdmin": {"urls": [envoy_admin_url]}},
-                "router": {"istio": {"virtualService": "app", "route": "primary"}},
-                "analysis": analysis
-            }
-        }),
-    ]
+    fledge_testkit::fixtures::app_objects(namespace, envoy_admin_url, analysis)
 }
 
 /// Fail with `what` and the logs when `probe` does not hold within `timeout`.

@@ -18,6 +18,7 @@ use fledge_core::contract::ResponseClass;
 use fledge_core::observe::{LatencyHistogram, Observation, ObservationError, SubsetTraffic};
 use fledge_core::rollout::Phase;
 use fledge_testkit::fake_api::{FakeApiServer, RecordedRequest};
+use fledge_testkit::fixtures;
 use kube::runtime::controller::Action;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
@@ -73,37 +74,11 @@ fn canary_object(analysis: Value, istio: Value) -> Value {
 }
 
 pub(super) fn virtual_service() -> Value {
-    json!({
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "VirtualService",
-        "metadata": {"name": "app", "namespace": NS},
-        "spec": {
-            "hosts": ["app.example.com"],
-            "gateways": ["istio-system/public"],
-            "http": [{
-                "name": "primary",
-                "route": [
-                    {"destination": {"host": "app", "subset": "stable"}, "weight": 100},
-                    {"destination": {"host": "app", "subset": "canary"}, "weight": 0}
-                ]
-            }]
-        }
-    })
+    fixtures::virtual_service(NS)
 }
 
 fn destination_rule() -> Value {
-    json!({
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "DestinationRule",
-        "metadata": {"name": "app", "namespace": NS},
-        "spec": {
-            "host": "app",
-            "subsets": [
-                {"name": "stable", "labels": {"version": "v1"}},
-                {"name": "canary", "labels": {"version": "v2"}}
-            ]
-        }
-    })
+    fixtures::destination_rule(NS)
 }
 
 /// Observations handed out by every source the test backends build. Like the Envoy admin

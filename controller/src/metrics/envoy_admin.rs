@@ -754,79 +754,20 @@ fn index_filter_samples(samples: &[Sample]) -> PageIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::extract::{RawQuery, State};
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    use std::sync::{Arc, Mutex};
+    use fledge_testkit::http::{FakeEndpoint, Reply};
 
-    /// What the fake admin answers on `/stats/prometheus`.
-    #[derive(Clone)]
-    enum Reply {
-        Text(String),
-        Status(StatusCode),
-        /// Answer only after this long (to trip the client's timeout).
-        Slow(Duration),
+    const STATS: &str = "/stats/prometheus";
+
+    /// A fake Envoy admin answering `text` on `/stats/prometheus`; stopped when dropped.
+    async fn fake_admin(text: &str) -> FakeEndpoint {
+        let admin = FakeEndpoint::start().await.unwrap();
+        admin.reply(STATS, Reply::text(text));
+        admin
     }
 
-    #[derive(Clone)]
-    struct FakeState {
-        reply: Arc<Mutex<Reply>>,
-        last_query: Arc<Mutex<Option<String>>>,
-    }
-
-    /// A fake Envoy admin on 127.0.0.1:<free port>; stopped when dropped.
-    struct FakeAdmin {
-        url: String,
-        state: FakeState,
-        server: tokio::task::JoinHandle<()>,
-    }
-
-    impl FakeAdmin {
-        async fn start(text: &str) -> FakeAdmin {
-            let state = FakeState {
-                reply: Arc::new(Mutex::new(Reply::Text(text.to_string()))),
-                last_query: Arc::new(Mutex::new(None)),
-            };
-            let app = axum::Router::new()
-                .route("/stats/prometheus", get(serve_stats))
-                .with_state(state.clone());
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}", listener.local_addr().unwrap());
-            let server = tokio::spawn(async move {
-                axum::serve(listener, app).await.unwrap();
-            });
-            FakeAdmin { url, state, server }
-        }
-
-        fn set(&self, reply: Reply) {
-            *self.state.reply.lock().unwrap() = reply;
-        }
-
-        fn set_text(&self, text: &str) {
-            self.set(Reply::Text(text.to_string()));
-        }
-    }
-
-    impl Drop for FakeAdmin {
-        fn drop(&mut self) {
-            self.server.abort();
-        }
-    }
-
-    async fn serve_stats(
-        State(state): State<FakeState>,
-        RawQuery(query): RawQuery,
-    ) -> (StatusCode, String) {
-        *state.last_query.lock().unwrap() = query;
-        let reply = state.reply.lock().unwrap().clone();
-        match reply {
-            Reply::Text(text) => (StatusCode::OK, text),
-            Reply::Status(status) => (status, "unavailable".to_string()),
-            Reply::Slow(delay) => {
-                tokio::time::sleep(delay).await;
-                (StatusCode::OK, String::new())
-            }
-        }
+    /// The query string of the last request the fake admin received.
+    fn last_query(admin: &FakeEndpoint) -> Option<String> {
+        admin.requests().last().and_then(|r| r.query.clone())
     }
 
     fn selector() -> SubsetSelector {
@@ -886,7 +827,7 @@ mod tests {
 
     #[tokio::test]
     async fn first_call_is_baseline_then_deltas() {
-        let admin = FakeAdmin::start(&envoy_text(
+        let admin = fake_admin(&envoy_text(
             &[
                 ("stable", 100, 1, [90, 100], 101),
                 ("canary", 10, 0, [9, 10], 10),
@@ -894,20 +835,23 @@ mod tests {
             Some(50),
         ))
         .await;
-        let mut source = source(&[&admin.url]);
+        let mut source = source(&[admin.url()]);
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
         assert_eq!(
-            admin.state.last_query.lock().unwrap().as_deref(),
+            last_query(&admin).as_deref(),
             Some("filter=fledge_request%7C%5Eserver%5C.uptime%24")
         );
 
-        admin.set_text(&envoy_text(
-            &[
-                ("stable", 150, 2, [135, 150], 152),
-                ("canary", 20, 3, [15, 22], 23),
-            ],
-            Some(60),
-        ));
+        admin.reply(
+            STATS,
+            Reply::text(&envoy_text(
+                &[
+                    ("stable", 150, 2, [135, 150], 152),
+                    ("canary", 20, 3, [15, 22], 23),
+                ],
+                Some(60),
+            )),
+        );
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.stable), (50, 1));
         assert_eq!(requests(&observation.canary), (10, 3));
@@ -926,84 +870,111 @@ mod tests {
 
     #[tokio::test]
     async fn two_endpoints_are_summed_and_a_restart_of_one_counts_from_its_restart() {
-        let a = FakeAdmin::start(&envoy_text(
+        let a = fake_admin(&envoy_text(
             &[("stable", 100, 0, [100, 100], 100)],
             Some(500),
         ))
         .await;
-        let b = FakeAdmin::start(&envoy_text(
+        let b = fake_admin(&envoy_text(
             &[("stable", 200, 0, [200, 200], 200)],
             Some(500),
         ))
         .await;
-        let mut source = source(&[&a.url, &b.url]);
+        let mut source = source(&[a.url(), b.url()]);
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
 
-        a.set_text(&envoy_text(
-            &[("stable", 110, 0, [110, 110], 110)],
-            Some(510),
-        ));
-        b.set_text(&envoy_text(
-            &[("stable", 205, 0, [205, 205], 205)],
-            Some(510),
-        ));
+        a.reply(
+            STATS,
+            Reply::text(&envoy_text(
+                &[("stable", 110, 0, [110, 110], 110)],
+                Some(510),
+            )),
+        );
+        b.reply(
+            STATS,
+            Reply::text(&envoy_text(
+                &[("stable", 205, 0, [205, 205], 205)],
+                Some(510),
+            )),
+        );
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.stable), (15, 0));
         assert_eq!(observation.stable.latency.count, 15);
 
         // b restarted: its counters went down to 7.
-        a.set_text(&envoy_text(
-            &[("stable", 120, 0, [120, 120], 120)],
-            Some(520),
-        ));
-        b.set_text(&envoy_text(&[("stable", 7, 1, [8, 8], 8)], Some(3)));
+        a.reply(
+            STATS,
+            Reply::text(&envoy_text(
+                &[("stable", 120, 0, [120, 120], 120)],
+                Some(520),
+            )),
+        );
+        b.reply(
+            STATS,
+            Reply::text(&envoy_text(&[("stable", 7, 1, [8, 8], 8)], Some(3))),
+        );
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.stable), (10 + 7, 1));
         assert_eq!(observation.stable.latency.cumulative, vec![18, 18]);
 
         // b restarted again and already counted more than before; only uptime reveals it.
-        a.set_text(&envoy_text(
-            &[("stable", 120, 0, [120, 120], 120)],
-            Some(530),
-        ));
-        b.set_text(&envoy_text(&[("stable", 30, 1, [31, 31], 31)], Some(2)));
+        a.reply(
+            STATS,
+            Reply::text(&envoy_text(
+                &[("stable", 120, 0, [120, 120], 120)],
+                Some(530),
+            )),
+        );
+        b.reply(
+            STATS,
+            Reply::text(&envoy_text(&[("stable", 30, 1, [31, 31], 31)], Some(2))),
+        );
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.stable), (30, 1));
     }
 
     #[tokio::test]
     async fn a_failed_endpoint_fails_the_interval_and_keeps_every_previous_reading() {
-        let a = FakeAdmin::start(&envoy_text(&[("canary", 10, 0, [10, 10], 10)], None)).await;
-        let b = FakeAdmin::start(&envoy_text(&[("canary", 20, 0, [20, 20], 20)], None)).await;
-        let mut source = source(&[&a.url, &b.url]);
+        let a = fake_admin(&envoy_text(&[("canary", 10, 0, [10, 10], 10)], None)).await;
+        let b = fake_admin(&envoy_text(&[("canary", 20, 0, [20, 20], 20)], None)).await;
+        let mut source = source(&[a.url(), b.url()]);
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
 
-        a.set_text(&envoy_text(&[("canary", 15, 0, [15, 15], 15)], None));
-        b.set(Reply::Status(StatusCode::SERVICE_UNAVAILABLE));
+        a.reply(
+            STATS,
+            Reply::text(&envoy_text(&[("canary", 15, 0, [15, 15], 15)], None)),
+        );
+        b.reply(STATS, Reply::status(503));
         match source.observe().await {
             Err(ObservationError::Unreachable(message)) => {
-                assert!(message.contains(&b.url), "{message}");
+                assert!(message.contains(b.url()), "{message}");
                 assert!(message.contains("503"), "{message}");
-                assert!(!message.contains(&a.url), "{message}");
+                assert!(!message.contains(a.url()), "{message}");
             }
             other => panic!("expected Unreachable, got {other:?}"),
         }
 
         // Both back: each endpoint's delta runs from the last full scrape (10 and 20).
-        a.set_text(&envoy_text(&[("canary", 17, 0, [17, 17], 17)], None));
-        b.set_text(&envoy_text(&[("canary", 26, 0, [26, 26], 26)], None));
+        a.reply(
+            STATS,
+            Reply::text(&envoy_text(&[("canary", 17, 0, [17, 17], 17)], None)),
+        );
+        b.reply(
+            STATS,
+            Reply::text(&envoy_text(&[("canary", 26, 0, [26, 26], 26)], None)),
+        );
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.canary), (7 + 6, 0));
     }
 
     #[tokio::test]
     async fn unreachable_and_slow_endpoints_are_named() {
-        let good = FakeAdmin::start(&envoy_text(&[], None)).await;
+        let good = fake_admin(&envoy_text(&[], None)).await;
         let closed_port_url = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             format!("http://{}", listener.local_addr().unwrap())
         };
-        let mut closed = source(&[&good.url, &closed_port_url]);
+        let mut closed = source(&[good.url(), &closed_port_url]);
         match closed.observe().await {
             Err(ObservationError::Unreachable(message)) => {
                 assert!(message.contains(&closed_port_url), "{message}")
@@ -1011,10 +982,10 @@ mod tests {
             other => panic!("expected Unreachable, got {other:?}"),
         }
 
-        let slow = FakeAdmin::start("").await;
-        slow.set(Reply::Slow(Duration::from_secs(5)));
+        let slow = fake_admin("").await;
+        slow.reply(STATS, Reply::Slow(Duration::from_secs(5)));
         let mut timing_out = EnvoyAdminSource::new(
-            vec![slow.url.clone()],
+            vec![slow.url().to_string()],
             selector(),
             Duration::from_millis(100),
         )
@@ -1022,7 +993,7 @@ mod tests {
         let started = std::time::Instant::now();
         match timing_out.observe().await {
             Err(ObservationError::Unreachable(message)) => {
-                assert!(message.contains(&slow.url), "{message}");
+                assert!(message.contains(slow.url()), "{message}");
                 assert!(message.contains("timed out"), "{message}");
             }
             other => panic!("expected Unreachable, got {other:?}"),
@@ -1048,19 +1019,19 @@ mod tests {
                 "fledge_request_duration_ms_bucket{fledge_service=\"app\",fledge_subset=\"canary\"} 1",
             ),
         ];
-        let admin = FakeAdmin::start("").await;
+        let admin = fake_admin("").await;
         for (what, body) in cases {
-            admin.set_text(body);
-            let mut source = source(&[&admin.url]);
+            admin.reply(STATS, Reply::text(*body));
+            let mut source = source(&[admin.url()]);
             match source.observe().await {
                 Err(ObservationError::Malformed(message)) => {
-                    assert!(message.contains(&admin.url), "{what}: {message}")
+                    assert!(message.contains(admin.url()), "{what}: {message}")
                 }
                 other => panic!("{what}: expected Malformed, got {other:?}"),
             }
         }
-        admin.set_text("<html>oops</html>");
-        let mut source = source(&[&admin.url]);
+        admin.reply(STATS, Reply::text("<html>oops</html>"));
+        let mut source = source(&[admin.url()]);
         let Err(ObservationError::Malformed(message)) = source.observe().await else {
             panic!("expected Malformed");
         };
@@ -1078,13 +1049,16 @@ mod tests {
              fledge_request_duration_ms_bucket{{{series},le=\"+Inf\"}} 4\n\
              fledge_request_duration_ms_count{{{series}}} 4\n"
         );
-        let admin = FakeAdmin::start(&torn).await;
-        let mut source = source(&[&admin.url]);
+        let admin = fake_admin(&torn).await;
+        let mut source = source(&[admin.url()]);
         assert!(matches!(
             source.observe().await,
             Err(ObservationError::Baseline)
         ));
-        admin.set_text(&torn.replace("} 5", "} 6").replace("} 4", "} 6"));
+        admin.reply(
+            STATS,
+            Reply::text(&torn.replace("} 5", "} 6").replace("} 4", "} 6")),
+        );
         let observation = source.observe().await.expect("an observation");
         assert_eq!(observation.canary.latency.count, 2);
         assert_eq!(observation.canary.latency.cumulative, vec![2, 2]);
@@ -1094,26 +1068,32 @@ mod tests {
     async fn missing_subsets_and_other_services_count_as_zero() {
         let other_service = "fledge_requests_total{fledge_service=\"other\",fledge_subset=\"canary\",fledge_class=\"5xx\"} 99\n\
                              fledge_requests_total{fledge_service=\"app\",fledge_subset=\"v3\",fledge_class=\"5xx\"} 99\n";
-        let admin = FakeAdmin::start(&format!(
+        let admin = fake_admin(&format!(
             "{other_service}{}",
             envoy_text(&[("stable", 10, 0, [10, 10], 10)], None)
         ))
         .await;
-        let mut source = source(&[&admin.url]);
+        let mut source = source(&[admin.url()]);
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
-        admin.set_text(&format!(
-            "{other_service}{}",
-            envoy_text(&[("stable", 12, 0, [12, 12], 12)], None)
-        ));
+        admin.reply(
+            STATS,
+            Reply::text(&format!(
+                "{other_service}{}",
+                envoy_text(&[("stable", 12, 0, [12, 12], 12)], None)
+            )),
+        );
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.stable), (2, 0));
         assert_eq!(observation.canary, SubsetTraffic::default());
 
         // The canary's first requests: everything it has counted is the interval.
-        admin.set_text(&envoy_text(
-            &[("stable", 12, 0, [12, 12], 12), ("canary", 3, 1, [4, 4], 4)],
-            None,
-        ));
+        admin.reply(
+            STATS,
+            Reply::text(&envoy_text(
+                &[("stable", 12, 0, [12, 12], 12), ("canary", 3, 1, [4, 4], 4)],
+                None,
+            )),
+        );
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.canary), (3, 1));
         assert_eq!(observation.canary.latency.count, 4);
@@ -1122,10 +1102,13 @@ mod tests {
     #[tokio::test]
     async fn histogram_appearing_after_counters_is_not_counted_twice() {
         let counters_only = "fledge_requests_total{fledge_service=\"app\",fledge_subset=\"canary\",fledge_class=\"2xx\"} 5\n";
-        let admin = FakeAdmin::start(counters_only).await;
-        let mut source = source(&[&admin.url]);
+        let admin = fake_admin(counters_only).await;
+        let mut source = source(&[admin.url()]);
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
-        admin.set_text(&envoy_text(&[("canary", 8, 0, [8, 8], 8)], None));
+        admin.reply(
+            STATS,
+            Reply::text(&envoy_text(&[("canary", 8, 0, [8, 8], 8)], None)),
+        );
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.canary), (3, 0));
         assert_eq!(observation.canary.latency.count, 8);
@@ -1133,18 +1116,21 @@ mod tests {
 
     #[tokio::test]
     async fn different_buckets_across_endpoints_are_malformed() {
-        let a = FakeAdmin::start(&envoy_text(&[("canary", 0, 0, [0, 0], 0)], None)).await;
+        let a = fake_admin(&envoy_text(&[("canary", 0, 0, [0, 0], 0)], None)).await;
         let b_text = |n: u64| {
             format!(
                 "fledge_request_duration_ms_bucket{{fledge_service=\"app\",fledge_subset=\"canary\",le=\"5\"}} {n}\n\
                  fledge_request_duration_ms_count{{fledge_service=\"app\",fledge_subset=\"canary\"}} {n}\n"
             )
         };
-        let b = FakeAdmin::start(&b_text(0)).await;
-        let mut source = source(&[&a.url, &b.url]);
+        let b = fake_admin(&b_text(0)).await;
+        let mut source = source(&[a.url(), b.url()]);
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
-        a.set_text(&envoy_text(&[("canary", 1, 0, [1, 1], 1)], None));
-        b.set_text(&b_text(1));
+        a.reply(
+            STATS,
+            Reply::text(&envoy_text(&[("canary", 1, 0, [1, 1], 1)], None)),
+        );
+        b.reply(STATS, Reply::text(&b_text(1)));
         match source.observe().await {
             Err(ObservationError::Malformed(message)) => {
                 assert!(
@@ -1152,7 +1138,7 @@ mod tests {
                     "{message}"
                 );
                 assert!(
-                    message.contains(&a.url) && message.contains(&b.url),
+                    message.contains(a.url()) && message.contains(b.url()),
                     "{message}"
                 );
             }
@@ -1163,9 +1149,9 @@ mod tests {
     #[tokio::test]
     async fn escaped_label_values_select_series() {
         let text = "fledge_requests_total{fledge_service=\"app\",fledge_subset=\"can\\\"ary\\\\x\",fledge_class=\"2xx\"} 4\n";
-        let admin = FakeAdmin::start(text).await;
+        let admin = fake_admin(text).await;
         let mut source = EnvoyAdminSource::new(
-            vec![admin.url.clone()],
+            vec![admin.url().to_string()],
             SubsetSelector {
                 service: "app".to_string(),
                 stable_subset: "stable".to_string(),
@@ -1175,7 +1161,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
-        admin.set_text(&text.replace("} 4", "} 9"));
+        admin.reply(STATS, Reply::text(&text.replace("} 4", "} 9")));
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.canary), (5, 0));
     }
@@ -1236,29 +1222,29 @@ mod tests {
         let gauge = |service: &str, value: u64| {
             format!("# TYPE fledge_guard_tripped gauge\nfledge_guard_tripped{{fledge_service=\"{service}\"}} {value}\n")
         };
-        let a = FakeAdmin::start(&gauge("app", 0)).await;
-        let b = FakeAdmin::start(&(gauge("app", 0) + &gauge("other", 1_700_000_500))).await;
-        let mut src = source(&[&a.url, &b.url]);
+        let a = fake_admin(&gauge("app", 0)).await;
+        let b = fake_admin(&(gauge("app", 0) + &gauge("other", 1_700_000_500))).await;
+        let mut src = source(&[a.url(), b.url()]);
         assert_eq!(src.guard_tripped_at().await, Ok(None));
         assert_eq!(
-            a.state.last_query.lock().unwrap().as_deref(),
+            last_query(&a).as_deref(),
             Some("filter=fledge_guard_tripped")
         );
-        b.set_text(&gauge("app", 1_700_000_100));
-        a.set_text(&gauge("app", 1_700_000_050));
+        b.reply(STATS, Reply::text(&gauge("app", 1_700_000_100)));
+        a.reply(STATS, Reply::text(&gauge("app", 1_700_000_050)));
         let newest = chrono::DateTime::from_timestamp(1_700_000_100, 0);
         assert_eq!(src.guard_tripped_at().await, Ok(newest));
         // One gateway down: the trip seen on the other still counts; with no trip, the error.
-        a.set(Reply::Status(StatusCode::SERVICE_UNAVAILABLE));
+        a.reply(STATS, Reply::status(503));
         assert_eq!(src.guard_tripped_at().await, Ok(newest));
-        b.set_text(&gauge("app", 0));
+        b.reply(STATS, Reply::text(&gauge("app", 0)));
         assert!(matches!(
             src.guard_tripped_at().await,
             Err(ObservationError::Unreachable(_))
         ));
         // A filter without a guard for this service: no series, armed.
-        a.set_text("");
-        b.set_text("");
+        a.reply(STATS, Reply::text(""));
+        b.reply(STATS, Reply::text(""));
         assert_eq!(src.guard_tripped_at().await, Ok(None));
     }
 }

@@ -1242,99 +1242,35 @@ fn whole_count(series: &str, value: f64) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::extract::State;
-    use axum::http::StatusCode;
-    use axum::routing::post;
-    use axum::Form;
+    use fledge_testkit::http::{FakeEndpoint, Reply};
     use serde_json::{json, Value};
-    use std::sync::{Arc, Mutex};
 
-    /// What the fake Prometheus answers to one query.
-    #[derive(Clone)]
-    enum Reply {
-        /// A JSON body with this HTTP status.
-        Json(StatusCode, Value),
-        /// A non-JSON body with this HTTP status.
-        Text(StatusCode, String),
-        /// Answer only after this long (to trip the client's timeout).
-        Slow(Duration),
+    /// A fake Prometheus query API; stopped when dropped. It answers each PromQL set with
+    /// [`set_reply`] / [`reply_ok`]; any other query gets a `bad_data` error.
+    async fn fake_prometheus() -> FakeEndpoint {
+        FakeEndpoint::start_with_fallback(|request| {
+            let query = request.param("query").unwrap_or_default();
+            Reply::json(
+                400,
+                &json!({"status": "error", "errorType": "bad_data", "error": format!("fake: unexpected query {query}")}),
+            )
+        })
+        .await
+        .unwrap()
     }
 
-    #[derive(Clone, Default)]
-    struct FakeState {
-        /// Replies by exact PromQL; any other query gets a `bad_data` error.
-        replies: Arc<Mutex<BTreeMap<String, Reply>>>,
-        /// Every query received, in order.
-        queries: Arc<Mutex<Vec<String>>>,
+    fn set_reply(prometheus: &FakeEndpoint, promql: &str, reply: Reply) {
+        prometheus.reply_when(QUERY_PATH, "query", promql, reply);
     }
 
-    /// A fake Prometheus API on 127.0.0.1:<free port>; stopped when dropped.
-    struct FakePrometheus {
-        url: String,
-        state: FakeState,
-        server: tokio::task::JoinHandle<()>,
+    fn reply_ok(prometheus: &FakeEndpoint, promql: &str, data: Value) {
+        let body = json!({"status": "success", "data": data});
+        set_reply(prometheus, promql, Reply::json(200, &body));
     }
 
-    impl FakePrometheus {
-        async fn start() -> FakePrometheus {
-            let state = FakeState::default();
-            let app = axum::Router::new()
-                .route(QUERY_PATH, post(serve_query))
-                .with_state(state.clone());
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}", listener.local_addr().unwrap());
-            let server = tokio::spawn(async move {
-                axum::serve(listener, app).await.unwrap();
-            });
-            FakePrometheus { url, state, server }
-        }
-
-        fn reply(&self, promql: &str, reply: Reply) {
-            self.state
-                .replies
-                .lock()
-                .unwrap()
-                .insert(promql.to_string(), reply);
-        }
-
-        fn reply_ok(&self, promql: &str, data: Value) {
-            self.reply(
-                promql,
-                Reply::Json(StatusCode::OK, json!({"status": "success", "data": data})),
-            );
-        }
-
-        fn queries(&self) -> Vec<String> {
-            self.state.queries.lock().unwrap().clone()
-        }
-    }
-
-    impl Drop for FakePrometheus {
-        fn drop(&mut self) {
-            self.server.abort();
-        }
-    }
-
-    async fn serve_query(
-        State(state): State<FakeState>,
-        Form(form): Form<BTreeMap<String, String>>,
-    ) -> (StatusCode, String) {
-        let query = form.get("query").cloned().unwrap_or_default();
-        state.queries.lock().unwrap().push(query.clone());
-        let reply = state.replies.lock().unwrap().get(&query).cloned();
-        match reply {
-            Some(Reply::Json(status, body)) => (status, body.to_string()),
-            Some(Reply::Text(status, body)) => (status, body),
-            Some(Reply::Slow(delay)) => {
-                tokio::time::sleep(delay).await;
-                (StatusCode::OK, String::new())
-            }
-            None => (
-                StatusCode::BAD_REQUEST,
-                json!({"status": "error", "errorType": "bad_data", "error": format!("fake: unexpected query {query}")})
-                    .to_string(),
-            ),
-        }
+    /// Every PromQL the fake received, in order.
+    fn queries_sent(prometheus: &FakeEndpoint) -> Vec<String> {
+        prometheus.params("query")
     }
 
     fn selector() -> SubsetSelector {
@@ -1347,9 +1283,9 @@ mod tests {
 
     const TRAFFIC_QUERY: &str = r#"{__name__=~"fledge_requests_total|fledge_request_duration_ms_bucket|fledge_request_duration_ms_sum|fledge_request_duration_ms_count",fledge_service="app",fledge_subset=~"stable|canary"}"#;
 
-    fn source(prometheus: &FakePrometheus, custom: &[(&str, &str)]) -> PrometheusSource {
+    fn source(prometheus: &FakeEndpoint, custom: &[(&str, &str)]) -> PrometheusSource {
         PrometheusSource::new(
-            &prometheus.url,
+            prometheus.url(),
             selector(),
             custom
                 .iter()
@@ -1488,8 +1424,9 @@ mod tests {
 
     #[tokio::test]
     async fn first_call_is_a_baseline_then_exact_deltas_summed_over_replicas() {
-        let prometheus = FakePrometheus::start().await;
-        prometheus.reply_ok(
+        let prometheus = fake_prometheus().await;
+        reply_ok(
+            &prometheus,
             TRAFFIC_QUERY,
             traffic(&[
                 series("gw-a:9901", "stable", 100, 1),
@@ -1499,9 +1436,10 @@ mod tests {
         );
         let mut source = source(&prometheus, &[]);
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
-        assert_eq!(prometheus.queries(), vec![TRAFFIC_QUERY.to_string()]);
+        assert_eq!(queries_sent(&prometheus), vec![TRAFFIC_QUERY.to_string()]);
 
-        prometheus.reply_ok(
+        reply_ok(
+            &prometheus,
             TRAFFIC_QUERY,
             traffic(&[
                 series("gw-a:9901", "stable", 150, 2),
@@ -1527,13 +1465,14 @@ mod tests {
         let observation = source.observe().await.unwrap();
         assert_eq!(observation.stable.requests(), 0);
         assert_eq!(observation.canary.requests(), 0);
-        assert_eq!(prometheus.queries().len(), 3);
+        assert_eq!(queries_sent(&prometheus).len(), 3);
     }
 
     #[tokio::test]
     async fn restarted_new_and_vanished_replicas() {
-        let prometheus = FakePrometheus::start().await;
-        prometheus.reply_ok(
+        let prometheus = fake_prometheus().await;
+        reply_ok(
+            &prometheus,
             TRAFFIC_QUERY,
             traffic(&[
                 series("a", "stable", 1000, 0),
@@ -1544,7 +1483,8 @@ mod tests {
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
 
         // a restarted (its counters went down to 7), c is a new replica, b was not scraped.
-        prometheus.reply_ok(
+        reply_ok(
+            &prometheus,
             TRAFFIC_QUERY,
             traffic(&[series("a", "stable", 7, 1), series("c", "stable", 40, 0)]),
         );
@@ -1552,7 +1492,8 @@ mod tests {
         assert_eq!(requests(&observation.stable), (7 + 40, 1));
 
         // b is back: it is counted from where it left off, not from zero.
-        prometheus.reply_ok(
+        reply_ok(
+            &prometheus,
             TRAFFIC_QUERY,
             traffic(&[
                 series("a", "stable", 10, 1),
@@ -1566,13 +1507,13 @@ mod tests {
 
     #[tokio::test]
     async fn histogram_appearing_after_counters_is_not_counted_twice() {
-        let prometheus = FakePrometheus::start().await;
+        let prometheus = fake_prometheus().await;
         let counters_only = vector(vec![sample(
             json!({"__name__": "fledge_requests_total", "instance": "a", "fledge_service": "app",
                    "fledge_subset": "canary", "fledge_class": "2xx"}),
             "5",
         )]);
-        prometheus.reply_ok(TRAFFIC_QUERY, counters_only);
+        reply_ok(&prometheus, TRAFFIC_QUERY, counters_only);
         let mut source = source(&prometheus, &[]);
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
         let mut with_histogram = series("a", "canary", 8, 0);
@@ -1581,7 +1522,7 @@ mod tests {
         for s in &mut samples {
             s["metric"].as_object_mut().unwrap().remove("job");
         }
-        prometheus.reply_ok(TRAFFIC_QUERY, vector(samples));
+        reply_ok(&prometheus, TRAFFIC_QUERY, vector(samples));
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.canary), (3, 0));
         assert_eq!(observation.canary.latency.count, 8);
@@ -1589,8 +1530,12 @@ mod tests {
 
     #[tokio::test]
     async fn custom_queries_are_sent_as_rendered_and_judged_by_their_answer() {
-        let prometheus = FakePrometheus::start().await;
-        prometheus.reply_ok(TRAFFIC_QUERY, traffic(&[series("a", "canary", 1, 0)]));
+        let prometheus = fake_prometheus().await;
+        reply_ok(
+            &prometheus,
+            TRAFFIC_QUERY,
+            traffic(&[series("a", "canary", 1, 0)]),
+        );
         let one_sample = vector(vec![sample(json!({}), "0.25")]);
         let cases: Vec<(&str, Value, Option<f64>)> = vec![
             ("vector", one_sample, Some(0.25)),
@@ -1623,7 +1568,7 @@ mod tests {
             })
             .collect();
         for ((_, promql), (_, data, _)) in queries.iter().zip(&cases) {
-            prometheus.reply_ok(promql, data.clone());
+            reply_ok(&prometheus, promql, data.clone());
         }
         let custom: Vec<(&str, &str)> = queries
             .iter()
@@ -1632,7 +1577,7 @@ mod tests {
         let mut source = source(&prometheus, &custom);
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
         assert_eq!(
-            prometheus.queries(),
+            queries_sent(&prometheus),
             vec![TRAFFIC_QUERY.to_string()],
             "the baseline does not evaluate custom queries"
         );
@@ -1640,7 +1585,7 @@ mod tests {
         for (metric, _, want) in &cases {
             assert_eq!(observation.custom.get(*metric).copied(), *want, "{metric}");
         }
-        let mut sent = prometheus.queries();
+        let mut sent = queries_sent(&prometheus);
         sent.sort();
         let mut expected: Vec<String> = queries.iter().map(|(_, q)| q.clone()).collect();
         expected.push(TRAFFIC_QUERY.to_string());
@@ -1651,13 +1596,17 @@ mod tests {
 
     /// Observe once after the baseline with one custom query answered by `reply`.
     async fn observe_custom(reply: Reply) -> (Result<Observation, ObservationError>, String) {
-        let prometheus = FakePrometheus::start().await;
-        prometheus.reply_ok(TRAFFIC_QUERY, traffic(&[series("a", "canary", 1, 0)]));
+        let prometheus = fake_prometheus().await;
+        reply_ok(
+            &prometheus,
+            TRAFFIC_QUERY,
+            traffic(&[series("a", "canary", 1, 0)]),
+        );
         let promql = "sum by (pod) (errors)";
-        prometheus.reply(promql, reply);
+        set_reply(&prometheus, promql, reply);
         let mut source = source(&prometheus, &[("error-count", promql)]);
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
-        (source.observe().await, prometheus.url.clone())
+        (source.observe().await, prometheus.url().to_string())
     }
 
     #[tokio::test]
@@ -1666,9 +1615,9 @@ mod tests {
             sample(json!({"pod": "p1"}), "1"),
             sample(json!({"pod": "p2"}), "2"),
         ]);
-        let (result, _) = observe_custom(Reply::Json(
-            StatusCode::OK,
-            json!({"status": "success", "data": data}),
+        let (result, _) = observe_custom(Reply::json(
+            200,
+            &json!({"status": "success", "data": data}),
         ))
         .await;
         let Err(ObservationError::Malformed(message)) = result else {
@@ -1688,9 +1637,9 @@ mod tests {
     #[tokio::test]
     async fn custom_query_returning_a_range_vector_is_malformed() {
         let data = json!({"resultType": "matrix", "result": []});
-        let (result, _) = observe_custom(Reply::Json(
-            StatusCode::OK,
-            json!({"status": "success", "data": data}),
+        let (result, _) = observe_custom(Reply::json(
+            200,
+            &json!({"status": "success", "data": data}),
         ))
         .await;
         let Err(ObservationError::Malformed(message)) = result else {
@@ -1701,9 +1650,9 @@ mod tests {
 
     #[tokio::test]
     async fn prometheus_errors_carry_their_text_and_the_query() {
-        let (result, _) = observe_custom(Reply::Json(
-            StatusCode::BAD_REQUEST,
-            json!({"status": "error", "errorType": "bad_data",
+        let (result, _) = observe_custom(Reply::json(
+            400,
+            &json!({"status": "error", "errorType": "bad_data",
                    "error": "1:8: parse error: unexpected \")\""}),
         ))
         .await;
@@ -1720,9 +1669,7 @@ mod tests {
         }
 
         // A query Prometheus could not finish in time says nothing about the query itself.
-        let (result, url) = observe_custom(Reply::Json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"status": "error", "errorType": "timeout", "error": "query timed out in expression evaluation"}),
+        let (result, url) = observe_custom(Reply::json(503, &json!({"status": "error", "errorType": "timeout", "error": "query timed out in expression evaluation"}),
         ))
         .await;
         let Err(ObservationError::Unreachable(message)) = result else {
@@ -1736,11 +1683,8 @@ mod tests {
 
     #[tokio::test]
     async fn http_errors_and_timeouts_are_unreachable_and_name_the_address() {
-        let (result, url) = observe_custom(Reply::Text(
-            StatusCode::BAD_GATEWAY,
-            "<html>bad gateway</html>".to_string(),
-        ))
-        .await;
+        let (result, url) =
+            observe_custom(Reply::Body(502, "<html>bad gateway</html>".to_string())).await;
         let Err(ObservationError::Unreachable(message)) = result else {
             panic!("expected Unreachable, got {result:?}");
         };
@@ -1775,20 +1719,36 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_call_keeps_the_previous_reading() {
-        let prometheus = FakePrometheus::start().await;
-        prometheus.reply_ok(TRAFFIC_QUERY, traffic(&[series("a", "canary", 10, 0)]));
+        let prometheus = fake_prometheus().await;
+        reply_ok(
+            &prometheus,
+            TRAFFIC_QUERY,
+            traffic(&[series("a", "canary", 10, 0)]),
+        );
         let mut source = source(&prometheus, &[("ratio", "vector(1)")]);
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
 
         // Traffic moved on, but the custom query fails: no observation, nothing committed.
-        prometheus.reply_ok(TRAFFIC_QUERY, traffic(&[series("a", "canary", 15, 0)]));
+        reply_ok(
+            &prometheus,
+            TRAFFIC_QUERY,
+            traffic(&[series("a", "canary", 15, 0)]),
+        );
         assert!(matches!(
             source.observe().await,
             Err(ObservationError::Malformed(message)) if message.contains("unexpected query vector(1)")
         ));
 
-        prometheus.reply_ok("vector(1)", vector(vec![sample(json!({}), "1")]));
-        prometheus.reply_ok(TRAFFIC_QUERY, traffic(&[series("a", "canary", 17, 0)]));
+        reply_ok(
+            &prometheus,
+            "vector(1)",
+            vector(vec![sample(json!({}), "1")]),
+        );
+        reply_ok(
+            &prometheus,
+            TRAFFIC_QUERY,
+            traffic(&[series("a", "canary", 17, 0)]),
+        );
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.canary), (7, 0));
         assert_eq!(observation.custom.get("ratio"), Some(&1.0));
@@ -1806,44 +1766,44 @@ mod tests {
         let cases: Vec<(&str, Reply, &str)> = vec![
             (
                 "scalar",
-                Reply::Json(
-                    StatusCode::OK,
-                    json!({"status": "success", "data": {"resultType": "scalar", "result": [1.0, "1"]}}),
+                Reply::json(
+                    200,
+                    &json!({"status": "success", "data": {"resultType": "scalar", "result": [1.0, "1"]}}),
                 ),
                 "returned a scalar instead of a vector",
             ),
             (
                 "not json",
-                Reply::Text(StatusCode::OK, "<html>login</html>".to_string()),
+                Reply::Body(200, "<html>login</html>".to_string()),
                 "not a Prometheus API answer",
             ),
             (
                 "unknown class",
-                Reply::Json(
-                    StatusCode::OK,
-                    json!({"status": "success", "data": vector(vec![
+                Reply::json(
+                    200,
+                    &json!({"status": "success", "data": vector(vec![
                     sample(labels("fledge_requests_total", json!({"fledge_class": "6xx"})), "1")])}),
                 ),
                 "unknown fledge_class \"6xx\"",
             ),
             (
                 "negative counter",
-                Reply::Json(
-                    StatusCode::OK,
-                    json!({"status": "success", "data": vector(vec![
+                Reply::json(
+                    200,
+                    &json!({"status": "success", "data": vector(vec![
                     sample(labels("fledge_requests_total", json!({"fledge_class": "2xx"})), "-3")])}),
                 ),
                 "expected a non-negative count",
             ),
         ];
         for (what, reply, needle) in cases {
-            let prometheus = FakePrometheus::start().await;
-            prometheus.reply(TRAFFIC_QUERY, reply);
+            let prometheus = fake_prometheus().await;
+            set_reply(&prometheus, TRAFFIC_QUERY, reply);
             let mut source = source(&prometheus, &[]);
             match source.observe().await {
                 Err(ObservationError::Malformed(message)) => {
                     assert!(message.contains(needle), "{what}: {message}");
-                    assert!(message.contains(&prometheus.url), "{what}: {message}");
+                    assert!(message.contains(prometheus.url()), "{what}: {message}");
                     assert!(message.contains(TRAFFIC_QUERY), "{what}: {message}");
                 }
                 other => panic!("{what}: expected Malformed, got {other:?}"),
@@ -1853,7 +1813,7 @@ mod tests {
 
     #[tokio::test]
     async fn other_services_and_subsets_are_ignored_and_missing_subsets_count_as_zero() {
-        let prometheus = FakePrometheus::start().await;
+        let prometheus = fake_prometheus().await;
         let mut foreign = series("a", "v3", 99, 99).samples();
         foreign.extend(
             series("a", "canary", 99, 99)
@@ -1866,12 +1826,12 @@ mod tests {
         );
         let mut samples = foreign.clone();
         samples.extend(series("a", "stable", 10, 0).samples());
-        prometheus.reply_ok(TRAFFIC_QUERY, vector(samples));
+        reply_ok(&prometheus, TRAFFIC_QUERY, vector(samples));
         let mut source = source(&prometheus, &[]);
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
         let mut samples = foreign;
         samples.extend(series("a", "stable", 12, 0).samples());
-        prometheus.reply_ok(TRAFFIC_QUERY, vector(samples));
+        reply_ok(&prometheus, TRAFFIC_QUERY, vector(samples));
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.stable), (2, 0));
         assert_eq!(observation.canary, SubsetTraffic::default());
