@@ -844,7 +844,7 @@ mod tests {
 
         admin.reply(
             STATS,
-            Reply::text(&envoy_text(
+            Reply::text(envoy_text(
                 &[
                     ("stable", 150, 2, [135, 150], 152),
                     ("canary", 20, 3, [15, 22], 23),
@@ -885,14 +885,14 @@ mod tests {
 
         a.reply(
             STATS,
-            Reply::text(&envoy_text(
+            Reply::text(envoy_text(
                 &[("stable", 110, 0, [110, 110], 110)],
                 Some(510),
             )),
         );
         b.reply(
             STATS,
-            Reply::text(&envoy_text(
+            Reply::text(envoy_text(
                 &[("stable", 205, 0, [205, 205], 205)],
                 Some(510),
             )),
@@ -904,14 +904,14 @@ mod tests {
         // b restarted: its counters went down to 7.
         a.reply(
             STATS,
-            Reply::text(&envoy_text(
+            Reply::text(envoy_text(
                 &[("stable", 120, 0, [120, 120], 120)],
                 Some(520),
             )),
         );
         b.reply(
             STATS,
-            Reply::text(&envoy_text(&[("stable", 7, 1, [8, 8], 8)], Some(3))),
+            Reply::text(envoy_text(&[("stable", 7, 1, [8, 8], 8)], Some(3))),
         );
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.stable), (10 + 7, 1));
@@ -920,14 +920,14 @@ mod tests {
         // b restarted again and already counted more than before; only uptime reveals it.
         a.reply(
             STATS,
-            Reply::text(&envoy_text(
+            Reply::text(envoy_text(
                 &[("stable", 120, 0, [120, 120], 120)],
                 Some(530),
             )),
         );
         b.reply(
             STATS,
-            Reply::text(&envoy_text(&[("stable", 30, 1, [31, 31], 31)], Some(2))),
+            Reply::text(envoy_text(&[("stable", 30, 1, [31, 31], 31)], Some(2))),
         );
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.stable), (30, 1));
@@ -942,7 +942,7 @@ mod tests {
 
         a.reply(
             STATS,
-            Reply::text(&envoy_text(&[("canary", 15, 0, [15, 15], 15)], None)),
+            Reply::text(envoy_text(&[("canary", 15, 0, [15, 15], 15)], None)),
         );
         b.reply(STATS, Reply::status(503));
         match source.observe().await {
@@ -957,11 +957,11 @@ mod tests {
         // Both back: each endpoint's delta runs from the last full scrape (10 and 20).
         a.reply(
             STATS,
-            Reply::text(&envoy_text(&[("canary", 17, 0, [17, 17], 17)], None)),
+            Reply::text(envoy_text(&[("canary", 17, 0, [17, 17], 17)], None)),
         );
         b.reply(
             STATS,
-            Reply::text(&envoy_text(&[("canary", 26, 0, [26, 26], 26)], None)),
+            Reply::text(envoy_text(&[("canary", 26, 0, [26, 26], 26)], None)),
         );
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.canary), (7 + 6, 0));
@@ -1057,7 +1057,7 @@ mod tests {
         ));
         admin.reply(
             STATS,
-            Reply::text(&torn.replace("} 5", "} 6").replace("} 4", "} 6")),
+            Reply::text(torn.replace("} 5", "} 6").replace("} 4", "} 6")),
         );
         let observation = source.observe().await.expect("an observation");
         assert_eq!(observation.canary.latency.count, 2);
@@ -1077,7 +1077,7 @@ mod tests {
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
         admin.reply(
             STATS,
-            Reply::text(&format!(
+            Reply::text(format!(
                 "{other_service}{}",
                 envoy_text(&[("stable", 12, 0, [12, 12], 12)], None)
             )),
@@ -1089,7 +1089,7 @@ mod tests {
         // The canary's first requests: everything it has counted is the interval.
         admin.reply(
             STATS,
-            Reply::text(&envoy_text(
+            Reply::text(envoy_text(
                 &[("stable", 12, 0, [12, 12], 12), ("canary", 3, 1, [4, 4], 4)],
                 None,
             )),
@@ -1107,7 +1107,7 @@ mod tests {
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
         admin.reply(
             STATS,
-            Reply::text(&envoy_text(&[("canary", 8, 0, [8, 8], 8)], None)),
+            Reply::text(envoy_text(&[("canary", 8, 0, [8, 8], 8)], None)),
         );
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.canary), (3, 0));
@@ -1128,9 +1128,9 @@ mod tests {
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
         a.reply(
             STATS,
-            Reply::text(&envoy_text(&[("canary", 1, 0, [1, 1], 1)], None)),
+            Reply::text(envoy_text(&[("canary", 1, 0, [1, 1], 1)], None)),
         );
-        b.reply(STATS, Reply::text(&b_text(1)));
+        b.reply(STATS, Reply::text(b_text(1)));
         match source.observe().await {
             Err(ObservationError::Malformed(message)) => {
                 assert!(
@@ -1161,7 +1161,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(source.observe().await, Err(ObservationError::Baseline));
-        admin.reply(STATS, Reply::text(&text.replace("} 4", "} 9")));
+        admin.reply(STATS, Reply::text(text.replace("} 4", "} 9")));
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.canary), (5, 0));
     }
@@ -1230,14 +1230,14 @@ mod tests {
             last_query(&a).as_deref(),
             Some("filter=fledge_guard_tripped")
         );
-        b.reply(STATS, Reply::text(&gauge("app", 1_700_000_100)));
-        a.reply(STATS, Reply::text(&gauge("app", 1_700_000_050)));
+        b.reply(STATS, Reply::text(gauge("app", 1_700_000_100)));
+        a.reply(STATS, Reply::text(gauge("app", 1_700_000_050)));
         let newest = chrono::DateTime::from_timestamp(1_700_000_100, 0);
         assert_eq!(src.guard_tripped_at().await, Ok(newest));
         // One gateway down: the trip seen on the other still counts; with no trip, the error.
         a.reply(STATS, Reply::status(503));
         assert_eq!(src.guard_tripped_at().await, Ok(newest));
-        b.reply(STATS, Reply::text(&gauge("app", 0)));
+        b.reply(STATS, Reply::text(gauge("app", 0)));
         assert!(matches!(
             src.guard_tripped_at().await,
             Err(ObservationError::Unreachable(_))
