@@ -18,7 +18,7 @@
 mod paths;
 
 use fledge_controller::config::parse_canaries;
-use fledge_controller::k8s::crd::{crd_json, Canary as CanaryResource};
+use fledge_controller::k8s::crd::{crd_json, CanaryResource};
 use fledge_controller::router::istio::{read_routes, IstioSettings};
 use fledge_core::filter_config::{FilterConfig, FilterModule};
 use serde_json::{json, Map, Value};

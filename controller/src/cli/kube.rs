@@ -4,14 +4,14 @@
 //! against `fledge run`.
 
 use super::{ClientError, Verb};
-use crate::k8s::crd::{Canary, COMMAND_ANNOTATIONS};
+use crate::k8s::crd::{CanaryResource, COMMAND_ANNOTATIONS};
 use fledge_core::rollout::{Command, Phase};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{json, Value};
 
 /// Canaries of one namespace of a Kubernetes cluster.
 pub struct KubeTarget {
-    api: Api<Canary>,
+    api: Api<CanaryResource>,
     namespace: String,
 }
 
@@ -34,7 +34,7 @@ fn from_kube(error: kube::Error, name: &str, namespace: &str) -> ClientError {
 }
 
 /// The API's view of one canary (`GET /api/v1/canaries/{name}` shape) from a Canary object.
-pub fn view_of(canary: &Canary) -> Value {
+pub fn view_of(canary: &CanaryResource) -> Value {
     let status = canary
         .status
         .as_ref()
@@ -225,7 +225,7 @@ mod tests {
                 "lastTransitionTime": "2026-11-29T10:00:00Z"
             }]
         });
-        let canary: Canary = serde_json::from_value(object).unwrap();
+        let canary: CanaryResource = serde_json::from_value(object).unwrap();
         let view = view_of(&canary);
         assert_eq!(
             view["routerError"],
@@ -235,12 +235,12 @@ mod tests {
         let text = render_canary(&doc, Style::PLAIN);
         assert!(text.contains("blocked   ✘ RouteConflict"), "{text}");
 
-        let ready: Canary = serde_json::from_value(canary_object("app")).unwrap();
+        let ready: CanaryResource = serde_json::from_value(canary_object("app")).unwrap();
         assert!(view_of(&ready)["routerError"].is_null());
     }
 
     async fn set_status(server: &FakeApiServer, name: &str, status: Value) {
-        let api: Api<Canary> = Api::namespaced(server.client("test"), "shop");
+        let api: Api<CanaryResource> = Api::namespaced(server.client("test"), "shop");
         api.patch_status(
             name,
             &PatchParams::default(),

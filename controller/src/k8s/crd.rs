@@ -39,6 +39,9 @@ pub const COMMAND_ANNOTATIONS: [(&str, Command); 6] = [
     group = "fledge.dev",
     version = "v1alpha1",
     kind = "Canary",
+    // The root type is `CanaryResource`: `Canary` is the spec as `fledge run` reads it
+    // (`fledge_core::spec::Canary`).
+    root = "CanaryResource",
     namespaced,
     status = "CanaryResourceStatus",
     category = "fledge",
@@ -288,7 +291,7 @@ impl CanaryResourceStatus {
     }
 }
 
-impl Canary {
+impl CanaryResource {
     /// The core view of this object (what `fledge run` would read), for validation, backends and
     /// query templates.
     pub fn to_core(&self) -> fledge_core::spec::Canary {
@@ -354,8 +357,14 @@ fn drop_unknown_formats(schema: &mut Value) {
 /// The CustomResourceDefinition as JSON, with formats Kubernetes does not know removed
 /// (schemars writes e.g. `uint8`; the bounds stay as `minimum`/`maximum`).
 pub fn crd_json() -> Result<Value, serde_json::Error> {
-    let mut crd = serde_json::to_value(Canary::crd())?;
+    let mut crd = serde_json::to_value(CanaryResource::crd())?;
     drop_unknown_formats(&mut crd);
+    // The schema's title is the kind users write, not the Rust type's name.
+    if let Some(versions) = crd["spec"]["versions"].as_array_mut() {
+        for version in versions {
+            version["schema"]["openAPIV3Schema"]["title"] = Value::from("Canary");
+        }
+    }
     Ok(crd)
 }
 
@@ -553,7 +562,7 @@ spec:
     stepWeights: [10, 50]
     compareWithStable: {}
 "#;
-        let canary: Canary = serde_yaml::from_str(yaml).unwrap();
+        let canary: CanaryResource = serde_yaml::from_str(yaml).unwrap();
         assert_eq!(canary.spec.service, "app");
         let core = canary.to_core();
         assert_eq!(core.validate(), Ok(()));

@@ -4,7 +4,7 @@
 //! each other (the Canary's route exists in the VirtualService, the DestinationRule has the
 //! subsets).
 
-use super::crd::{crd_yaml, Canary};
+use super::crd::{crd_yaml, CanaryResource};
 use super::rbac::{Permission, CLUSTER_PERMISSIONS, LEASE_PERMISSIONS};
 use crate::router::factory::weights_in;
 use serde::Deserialize;
@@ -259,7 +259,7 @@ fn examples_are_valid_and_fit_together() {
         "examples/canary.yaml",
         "examples/canary-gateway-sidecar.yaml",
     ] {
-        let canary: Canary =
+        let canary: CanaryResource =
             serde_yaml::from_str(&read(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         let core = canary.to_core();
         core.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
@@ -287,7 +287,7 @@ fn workload_example_is_valid_and_fits_together() {
     use fledge_core::workload::{check_autoscaler, check_target, primary_object, Owner};
     let file = "examples/workload.yaml";
     let docs = documents(file);
-    let canary: Canary = serde_json::from_value(find(&docs, "Canary", "app").clone())
+    let canary: CanaryResource = serde_json::from_value(find(&docs, "Canary", "app").clone())
         .unwrap_or_else(|e| panic!("{file}: {e}"));
     let core = canary.to_core();
     core.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
@@ -369,7 +369,7 @@ fn gateway_api_examples_are_valid_and_fit_together() {
         ),
     ] {
         let docs = documents(file);
-        let canary: Canary = serde_json::from_value(find(&docs, "Canary", "app").clone())
+        let canary: CanaryResource = serde_json::from_value(find(&docs, "Canary", "app").clone())
             .unwrap_or_else(|e| panic!("{file}: {e}"));
         let core = canary.to_core();
         core.validate().unwrap_or_else(|e| panic!("{file}: {e}"));

@@ -30,7 +30,7 @@
 //! verdict" — the current step simply holds for one more interval.
 
 use super::clock::Clock;
-use super::crd::{reason, Canary, CanaryResourceStatus, Readiness, COMMAND_ANNOTATIONS};
+use super::crd::{reason, CanaryResource, CanaryResourceStatus, Readiness, COMMAND_ANNOTATIONS};
 use super::factory::Backends;
 use super::lease::{run_election, LeaseLock, LeaseSettings};
 use super::routes::{self, route_of, ConfirmedRoutes, RouteIndex, RouteObjects};
@@ -212,7 +212,7 @@ impl Context {
         &self,
         key: &str,
         fingerprint: &str,
-        canary: &Canary,
+        canary: &CanaryResource,
     ) -> Option<CanaryResourceStatus> {
         let runtime = self
             .cached_runtime(key)
@@ -336,7 +336,7 @@ impl Context {
         self.registry.telemetry().observe_status(key, status);
     }
 
-    async fn publish(&self, canary: &Canary, warning: bool, reason: &str, message: &str) {
+    async fn publish(&self, canary: &CanaryResource, warning: bool, reason: &str, message: &str) {
         let mut note = message.to_string();
         if note.len() > 1000 {
             let cut = (0..=1000)
@@ -369,7 +369,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     }
 }
 
-fn key_of(canary: &Canary) -> String {
+fn key_of(canary: &CanaryResource) -> String {
     format!(
         "{}/{}",
         canary.namespace().unwrap_or_default(),
@@ -381,7 +381,7 @@ fn key_of(canary: &Canary) -> String {
 /// every spec change, and only then) plus the rollout annotation. Unlike a hash of the parsed
 /// spec, this does not change when a newer controller knows more (defaulted) spec fields, so
 /// upgrading the controller never restarts running rollouts.
-fn rollout_fingerprint(canary: &Canary) -> String {
+fn rollout_fingerprint(canary: &CanaryResource) -> String {
     let spec = match canary.metadata.generation {
         Some(generation) => format!("generation-{generation}"),
         None => crate::state::fingerprint(&canary.spec.canary),
@@ -397,7 +397,7 @@ fn rollout_fingerprint(canary: &Canary) -> String {
 /// next reconcile. It is marked handled only when the state machine is given it, so a command
 /// that arrives while the routes or the route ownership block the rollout waits, not vanishes.
 fn pending_command(
-    canary: &Canary,
+    canary: &CanaryResource,
     status: &CanaryResourceStatus,
 ) -> Option<(&'static str, String, Command)> {
     COMMAND_ANNOTATIONS.iter().find_map(|(key, command)| {
@@ -473,15 +473,15 @@ fn desired_routes(status: &CanaryResourceStatus) -> Option<DesiredRoutes> {
 /// Write `status` with the resourceVersion `canary` was read at (409 → [`Error::Conflict`]);
 /// returns the Canary as written.
 async fn write_status(
-    canary: &Canary,
+    canary: &CanaryResource,
     status: &CanaryResourceStatus,
     ctx: &Context,
-) -> Result<Canary> {
+) -> Result<CanaryResource> {
     let namespace = canary
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = canary.name_any();
-    let api: Api<Canary> = Api::namespaced(ctx.client.clone(), &namespace);
+    let api: Api<CanaryResource> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut object = canary.clone();
     object.status = Some(status.clone());
     object.metadata.managed_fields = None;
@@ -501,7 +501,7 @@ async fn write_status(
 }
 
 /// Entry point for kube-runtime's `Controller`.
-pub async fn reconcile(canary: Arc<Canary>, ctx: Arc<Context>) -> Result<Action> {
+pub async fn reconcile(canary: Arc<CanaryResource>, ctx: Arc<Context>) -> Result<Action> {
     if !*ctx.leader.borrow() {
         return Ok(Action::requeue(ctx.retry_delay));
     }
@@ -518,7 +518,7 @@ pub async fn reconcile(canary: Arc<Canary>, ctx: Arc<Context>) -> Result<Action>
     let namespace = canary
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
-    let api: Api<Canary> = Api::namespaced(ctx.client.clone(), &namespace);
+    let api: Api<CanaryResource> = Api::namespaced(ctx.client.clone(), &namespace);
     finalizer(&api, FINALIZER, canary, |event| async {
         match event {
             FinalizerEvent::Apply(canary) => apply(canary, &ctx).await,
@@ -531,7 +531,7 @@ pub async fn reconcile(canary: Arc<Canary>, ctx: Arc<Context>) -> Result<Action>
 
 /// What to do after an error: conflicts are retried at once (with the fresh object), anything
 /// else after `retry_delay`.
-pub fn error_policy(canary: Arc<Canary>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(canary: Arc<CanaryResource>, error: &Error, ctx: Arc<Context>) -> Action {
     let conflict = match error {
         Error::Conflict(_) => true,
         Error::Finalizer(inner) => matches!(
@@ -607,7 +607,7 @@ async fn guard_watch(
 
 /// A live Canary (not being deleted): one pass of short, named steps. Each step either lets
 /// the pass go on or ends it with the action to take.
-async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
+async fn apply(canary: Arc<CanaryResource>, ctx: &Context) -> Result<Action> {
     let now = ctx.clock.now();
     let core = canary.to_core();
     if let Err(errors) = core.validate() {
@@ -647,7 +647,7 @@ async fn apply(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
 /// An invalid spec: `Ready=False/InvalidSpec` (every problem names its field and fix), one
 /// Warning Event, and nothing moves until the spec is edited.
 async fn invalid_spec(
-    canary: &Canary,
+    canary: &CanaryResource,
     core: &fledge_core::spec::Canary,
     errors: String,
     now: DateTime<Utc>,
@@ -671,7 +671,7 @@ async fn invalid_spec(
 /// One reconcile of a valid, live Canary: what it read and what it has decided so far.
 struct Pass<'a> {
     ctx: &'a Context,
-    canary: &'a Canary,
+    canary: &'a CanaryResource,
     core: fledge_core::spec::Canary,
     key: String,
     now: DateTime<Utc>,
@@ -714,7 +714,7 @@ impl<'a> Pass<'a> {
     /// Read where the rollout stands: a changed spec or rollout annotation starts a new
     /// rollout; a pending command (or else a guard trip) is what this pass acts on.
     fn begin(
-        canary: &'a Canary,
+        canary: &'a CanaryResource,
         core: fledge_core::spec::Canary,
         now: DateTime<Utc>,
         ctx: &'a Context,
@@ -1034,7 +1034,7 @@ impl<'a> Pass<'a> {
     ///
     /// Only what a reader needs is written at once (see [`must_persist`]); analysis progress
     /// alone (evidence, the last report, `lastTickAt`) is kept in memory and checkpointed.
-    async fn persist(&mut self) -> Result<Canary> {
+    async fn persist(&mut self) -> Result<CanaryResource> {
         let generation = self.canary.metadata.generation;
         self.status.observed_generation = generation;
         self.status
@@ -1075,7 +1075,7 @@ impl<'a> Pass<'a> {
     /// requeue for the next interval.
     async fn act(
         mut self,
-        written: Canary,
+        written: CanaryResource,
         decided: Option<Decided>,
         workload: Option<WorkloadPass>,
         router: &dyn TrafficRouter,
@@ -1215,7 +1215,7 @@ impl<'a> Pass<'a> {
 /// `fledge controller` tells people through Kubernetes Events on the Canary.
 struct KubernetesEvents<'a> {
     ctx: &'a Context,
-    canary: &'a Canary,
+    canary: &'a CanaryResource,
     key: &'a str,
 }
 
@@ -1266,7 +1266,7 @@ impl KubernetesEvents<'_> {
 
 /// Record that the Canary is not ready (one Warning Event per change of reason or message).
 async fn not_ready(
-    canary: &Canary,
+    canary: &CanaryResource,
     previous: CanaryResourceStatus,
     mut status: CanaryResourceStatus,
     why: &str,
@@ -1298,7 +1298,7 @@ async fn not_ready(
 /// A deleted Canary: mid-rollout, all traffic goes back to stable and every route the router
 /// manages besides the weights (testers route, mirror, guard route) is removed; a finished
 /// rollout's routes are left alone. Then it may go.
-async fn cleanup(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
+async fn cleanup(canary: Arc<CanaryResource>, ctx: &Context) -> Result<Action> {
     let key = key_of(&canary);
     if let Some(runtime) = ctx.cached_runtime(&key) {
         // Event notifications in flight get a moment (each is bounded by its own timeout).
@@ -1368,7 +1368,11 @@ async fn cleanup(canary: Arc<Canary>, ctx: &Context) -> Result<Action> {
 /// the primary, which is released to keep serving — or, with `revertOnDeletion`, the target
 /// gets the primary's template back, is scaled up and given all traffic, and the primary goes
 /// with the Canary. Until that is done the Canary stays (`Error::Waiting` looks again soon).
-async fn cleanup_workload(canary: &Canary, namespace: &str, ctx: &Context) -> Result<Action> {
+async fn cleanup_workload(
+    canary: &CanaryResource,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<Action> {
     let key = key_of(canary);
     let now = ctx.clock.now();
     let mut status = canary.status.clone().unwrap_or_default();
@@ -1450,12 +1454,12 @@ impl Clients {
 /// `shard`'s namespaces before they are cached (other shards' Canaries cost no memory here),
 /// without managed fields (not needed, and a large part of each object).
 fn owned_canaries(
-    api: Api<Canary>,
+    api: Api<CanaryResource>,
     selector: Option<&str>,
     shard: Option<Shard>,
 ) -> (
-    Store<Canary>,
-    impl futures::Stream<Item = std::result::Result<Canary, watcher::Error>> + Send + 'static,
+    Store<CanaryResource>,
+    impl futures::Stream<Item = std::result::Result<CanaryResource, watcher::Error>> + Send + 'static,
 ) {
     let mut config = watcher::Config::default();
     if let Some(selector) = selector {
@@ -1463,7 +1467,7 @@ fn owned_canaries(
     }
     let writer = kube::runtime::reflector::store::Writer::default();
     let store = writer.as_reader();
-    let owned = move |canary: &Canary| {
+    let owned = move |canary: &CanaryResource| {
         shard.is_none_or(|shard| shard.owns(&canary.namespace().unwrap_or_default()))
     };
     let events = watcher(api, config)
@@ -1520,7 +1524,7 @@ pub async fn run(
         tracing::info!(identity = %options.lease.identity, "leading: starting the Canary controller");
         registry.set_note(None);
         let (guard_trigger, guard_trips) = futures::channel::mpsc::unbounded();
-        let canaries: Api<Canary> = match &options.namespace {
+        let canaries: Api<CanaryResource> = match &options.namespace {
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
         };

@@ -3,7 +3,7 @@
 //! makes (like controller-rs's `ApiServerVerifier`).
 
 use super::clock::TokioClock;
-use super::crd::{condition, Canary, CanaryResourceStatus};
+use super::crd::{condition, CanaryResource, CanaryResourceStatus};
 use super::factory::Backends;
 use super::lease::LeaseSettings;
 use super::rbac;
@@ -216,7 +216,7 @@ fn seeded(canary: Value) -> FakeApiServer {
     server
 }
 
-pub(super) fn stored_canary(server: &FakeApiServer) -> Canary {
+pub(super) fn stored_canary(server: &FakeApiServer) -> CanaryResource {
     serde_json::from_value(
         server
             .get(FLEDGE, "canaries", NS, "app")
@@ -234,7 +234,7 @@ fn status_in(server: &FakeApiServer, namespace: &str) -> CanaryResourceStatus {
     let object = server
         .get(FLEDGE, "canaries", namespace, "app")
         .expect("canary exists");
-    serde_json::from_value::<Canary>(object)
+    serde_json::from_value::<CanaryResource>(object)
         .expect("a valid Canary")
         .status
         .unwrap_or_default()
@@ -245,7 +245,7 @@ fn status_of(server: &FakeApiServer, name: &str) -> CanaryResourceStatus {
     let object = server
         .get(FLEDGE, "canaries", NS, name)
         .expect("canary exists");
-    serde_json::from_value::<Canary>(object)
+    serde_json::from_value::<CanaryResource>(object)
         .expect("a valid Canary")
         .status
         .unwrap_or_default()
@@ -260,13 +260,13 @@ fn vs_weights(server: &FakeApiServer) -> Weights {
 fn stored_canary_or_default_spec(server: &FakeApiServer) -> fledge_core::spec::CanarySpec {
     match server.get(FLEDGE, "canaries", NS, "app") {
         Some(object) => {
-            serde_json::from_value::<Canary>(object)
+            serde_json::from_value::<CanaryResource>(object)
                 .unwrap()
                 .spec
                 .canary
         }
         None => {
-            serde_json::from_value::<Canary>(canary_object(json!({}), json!({})))
+            serde_json::from_value::<CanaryResource>(canary_object(json!({}), json!({})))
                 .unwrap()
                 .spec
                 .canary

@@ -11,7 +11,7 @@
 //! With 10,000 Canaries the difference is 10,000 VirtualService reads per interval (one per
 //! reconcile) against none while nothing changes.
 
-use super::crd::Canary;
+use super::crd::CanaryResource;
 use crate::router::factory::{route_key, route_kinds};
 use crate::router::{DesiredRoutes, RouteKey};
 use futures::{Stream, StreamExt};
@@ -34,7 +34,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The route of `canary` (its spec's router, in its namespace).
-pub fn route_of(canary: &Canary) -> Option<RouteKey> {
+pub fn route_of(canary: &CanaryResource) -> Option<RouteKey> {
     route_key(&canary.spec.canary, &canary.namespace()?)
 }
 
@@ -97,7 +97,7 @@ impl ConfirmedRoutes {
 #[derive(Clone)]
 struct RouteUser {
     key: String,
-    object: ObjectRef<Canary>,
+    object: ObjectRef<CanaryResource>,
     /// Oldest first, then by name: the oldest steers.
     rank: (Option<String>, String),
     /// Finished with its final routes applied: it steers nothing any more.
@@ -116,11 +116,11 @@ struct Indexed {
 /// Which Canaries name each route: rebuilt from the Canary cache at most once per
 /// [`RouteIndex::FRESH_FOR`], and at once when a Canary it does not know yet asks.
 pub struct RouteIndex {
-    canaries: Store<Canary>,
+    canaries: Store<CanaryResource>,
     indexed: Mutex<Indexed>,
 }
 
-fn key_of(canary: &Canary) -> String {
+fn key_of(canary: &CanaryResource) -> String {
     format!(
         "{}/{}",
         canary.namespace().unwrap_or_default(),
@@ -132,7 +132,7 @@ impl RouteIndex {
     /// How long an index is used before it is rebuilt.
     pub const FRESH_FOR: Duration = Duration::from_secs(1);
 
-    pub fn new(canaries: Store<Canary>) -> Self {
+    pub fn new(canaries: Store<CanaryResource>) -> Self {
         RouteIndex {
             canaries,
             indexed: Mutex::new(Indexed::default()),
@@ -151,7 +151,7 @@ impl RouteIndex {
         indexed
     }
 
-    fn build(canaries: &Store<Canary>) -> Indexed {
+    fn build(canaries: &Store<CanaryResource>) -> Indexed {
         let mut indexed = Indexed {
             built: Some(Instant::now()),
             ..Indexed::default()
@@ -199,7 +199,7 @@ impl RouteIndex {
     /// (then the first by name) of those naming it that has not finished and handed its routes
     /// back (a Canary with a workload never hands its route back). Two Canaries moving one route's weights would undo each other's steps and judge
     /// traffic neither of them set.
-    pub fn taken_by(&self, canary: &Canary, route: &RouteKey) -> Option<String> {
+    pub fn taken_by(&self, canary: &CanaryResource, route: &RouteKey) -> Option<String> {
         let key = key_of(canary);
         let indexed = self.current(Some(&key));
         let rank = (
@@ -220,7 +220,11 @@ impl RouteIndex {
     }
 
     /// The Canaries (key and reference) whose route is held by `object` of `kind`.
-    pub fn users_of(&self, kind: &str, object: &DynamicObject) -> Vec<(String, ObjectRef<Canary>)> {
+    pub fn users_of(
+        &self,
+        kind: &str,
+        object: &DynamicObject,
+    ) -> Vec<(String, ObjectRef<CanaryResource>)> {
         let indexed = self.current(None);
         let object_key = (
             kind.to_string(),
@@ -249,7 +253,7 @@ pub fn watch(
     confirmed: Arc<ConfirmedRoutes>,
 ) -> (
     RouteObjects,
-    impl Stream<Item = ObjectRef<Canary>> + Send + 'static,
+    impl Stream<Item = ObjectRef<CanaryResource>> + Send + 'static,
 ) {
     let mut objects = RouteObjects::default();
     let mut watches = Vec::new();

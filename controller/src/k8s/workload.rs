@@ -8,7 +8,7 @@
 //! create that finds the object already there is not an error (the next pass checks whose it
 //! is).
 
-use super::crd::Canary;
+use super::crd::CanaryResource;
 use super::{api_status_code, Error, Result};
 use crate::router::Weights;
 use fledge_core::workload::{self, Action as WorkloadAction, Facts, Owner};
@@ -77,7 +77,7 @@ impl WorkloadApi {
 
     /// Everything the lifecycle looks at for `canary`. `routed` is the canary weight the route
     /// was last confirmed at, if known.
-    pub async fn facts(&self, canary: &Canary, routed: Option<u8>) -> Result<Facts> {
+    pub async fn facts(&self, canary: &CanaryResource, routed: Option<u8>) -> Result<Facts> {
         let spec = &canary.spec.canary;
         let mut facts = Facts {
             owner: owner_of(canary),
@@ -360,7 +360,7 @@ fn spec_ops(spec: &Value) -> Vec<Value> {
 }
 
 /// The Canary as an owner.
-pub fn owner_of(canary: &Canary) -> Owner {
+pub fn owner_of(canary: &CanaryResource) -> Owner {
     Owner {
         namespace: canary.namespace().unwrap_or_default(),
         name: canary.name_any(),
@@ -376,10 +376,10 @@ pub fn weights(canary_weight: u8) -> Weights {
 /// Canaries whose workload includes `object` (of kind `kind`): their target, its primary, or
 /// one of their HPAs.
 fn canaries_of(
-    store: &Store<Canary>,
+    store: &Store<CanaryResource>,
     kind: &str,
     object: &DynamicObject,
-) -> Vec<ObjectRef<Canary>> {
+) -> Vec<ObjectRef<CanaryResource>> {
     let namespace = object.namespace();
     let name = object.name_any();
     store
@@ -408,8 +408,8 @@ fn canaries_of(
 pub fn workload_changes(
     client: &Client,
     namespace: Option<&str>,
-    store: Store<Canary>,
-) -> impl Stream<Item = ObjectRef<Canary>> + Send + 'static {
+    store: Store<CanaryResource>,
+) -> impl Stream<Item = ObjectRef<CanaryResource>> + Send + 'static {
     let watches = [deployments_resource(), autoscalers_resource()]
         .into_iter()
         .map(move |resource| {

@@ -25,7 +25,7 @@
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use clap::Parser;
-use fledge_controller::k8s::crd::{Canary, CanaryResourceStatus, Readiness};
+use fledge_controller::k8s::crd::{CanaryResource, CanaryResourceStatus, Readiness};
 use fledge_controller::router::istio::{plan_patch, IstioSettings};
 use fledge_controller::router::DesiredRoutes;
 use fledge_e2e::process::{free_port, wait_until, Proc, ScratchDir};
@@ -340,7 +340,7 @@ struct Observed {
 
 fn observe(server: &FakeApiServer, interval: Duration) -> Arc<Mutex<Observed>> {
     let observed = Arc::new(Mutex::new(Observed::default()));
-    let api: kube::Api<Canary> = kube::Api::all(server.client("bench-observer"));
+    let api: kube::Api<CanaryResource> = kube::Api::all(server.client("bench-observer"));
     let sink = observed.clone();
     let interval = chrono::Duration::from_std(interval).unwrap_or_default();
     tokio::spawn(async move {
