@@ -416,8 +416,9 @@ fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Op
     None
 }
 
-/// Wait until an interval passes with fewer API requests than 5 per second (the start-up —
-/// first reads, writes queued behind the client-side limit — is over); false on `limit`.
+/// Wait until the start-up (first reads, writes queued behind the client-side limit) is over:
+/// an interval whose API requests run below 90% of the controller's default limit and within
+/// 25% of the interval before (a steady state: steps and checkpoints go on); false on `limit`.
 async fn settle(
     controller: &ControllerProc,
     cluster: &Cluster,
@@ -426,22 +427,26 @@ async fn settle(
 ) -> Result<bool> {
     let started = Instant::now();
     let total = |tallies: &BTreeMap<String, u64>| tallies.values().sum::<u64>();
+    let below_limit = 0.9 * fledge_controller::k8s::serve::DEFAULT_API_QPS * interval.as_secs_f64();
+    let mut previous: Option<f64> = None;
     loop {
         let before = total(&cluster.server.request_tallies());
         tokio::time::sleep(interval).await;
-        let requests = total(&cluster.server.request_tallies()) - before;
+        let requests = (total(&cluster.server.request_tallies()) - before) as f64;
         if ProcSample::read(controller.proc.pid()).is_err() {
             bail!(
                 "fledge controller exited:\n{}",
                 controller.proc.log_tail(30)
             );
         }
-        if (requests as f64) < 5.0 * interval.as_secs_f64() {
+        let steady = previous.is_some_and(|p| (requests - p).abs() <= 0.25 * p.max(requests));
+        if requests < below_limit && steady {
             return Ok(true);
         }
         if started.elapsed() >= limit {
             return Ok(false);
         }
+        previous = Some(requests);
     }
 }
 
