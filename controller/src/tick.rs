@@ -266,7 +266,8 @@ mod tests {
     use fledge_core::contract::ResponseClass;
     use fledge_core::observe::{LatencyHistogram, SubsetTraffic};
     use fledge_core::rollout::EventReason;
-    use std::sync::{Arc, Mutex};
+    use fledge_testkit::http::{FakeEndpoint, Reply};
+    use std::sync::Mutex;
 
     fn canary(webhooks: &str) -> Canary {
         let yaml = format!(
@@ -409,20 +410,12 @@ spec:
 
     #[tokio::test]
     async fn a_confirm_promotion_hook_that_says_no_holds_the_promotion() {
-        let denials = Arc::new(Mutex::new(0));
-        let counted = denials.clone();
-        let app = axum::Router::new().fallback(move || {
-            let counted = counted.clone();
-            async move {
-                *counted.lock().unwrap() += 1;
-                axum::http::StatusCode::FORBIDDEN
-            }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let approver = FakeEndpoint::start_with_fallback(|_| Reply::status(403))
+            .await
+            .unwrap();
+        let address = approver.url();
         let hooks = format!(
-            "  webhooks: [{{name: approve, type: confirm-promotion, url: \"http://{address}/\"}}]\n"
+            "  webhooks: [{{name: approve, type: confirm-promotion, url: \"{address}/\"}}]\n"
         );
         let mut analysis = CanaryAnalysis::new(&canary(&hooks), "app", Telemetry::new());
 
@@ -442,7 +435,7 @@ spec:
             "{}",
             decided.status.message
         );
-        assert_eq!(*denials.lock().unwrap(), 1);
+        assert_eq!(approver.requests().len(), 1);
         let announced = Recorded::default();
         analysis.notify(&decided, &announced).await;
         assert_eq!(announced.0.lock().unwrap().len(), 1);
@@ -457,7 +450,6 @@ spec:
             .await
             .unwrap();
         assert_eq!(decided.status.phase, Phase::Promoted);
-        assert_eq!(*denials.lock().unwrap(), 1);
-        server.abort();
+        assert_eq!(approver.requests().len(), 1);
     }
 }

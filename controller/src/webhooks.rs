@@ -448,53 +448,33 @@ impl WebhookCaller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::extract::State;
-    use axum::http::StatusCode;
-    use axum::routing::post;
-    use axum::{Json, Router};
+    use fledge_testkit::http::{FakeEndpoint, Reply};
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// A local receiver: `/ok` answers 200, `/deny` 403, `/flaky` 503 twice then 200,
-    /// `/slow` sleeps 2 s. Every body is recorded.
-    #[derive(Clone, Default)]
-    struct Receiver {
-        bodies: Arc<Mutex<Vec<(String, Value)>>>,
-        flaky: Arc<AtomicU32>,
+    /// `/slow` 200 after 2 s, anything else 404. Every request is recorded.
+    async fn start_receiver() -> (String, FakeEndpoint) {
+        let flaky = AtomicU32::new(0);
+        let receiver =
+            FakeEndpoint::start_with_fallback(move |request| match request.path.as_str() {
+                "/flaky" if flaky.fetch_add(1, Ordering::SeqCst) < 2 => Reply::status(503),
+                "/ok" | "/flaky" => Reply::status(200),
+                "/deny" => Reply::status(403),
+                "/slow" => Reply::Slow(Duration::from_secs(2)),
+                _ => Reply::status(404),
+            })
+            .await
+            .unwrap();
+        (receiver.url().to_string(), receiver)
     }
 
-    async fn start_receiver() -> (String, Receiver) {
-        let receiver = Receiver::default();
-        let app = Router::new()
-            .route(
-                "/{kind}",
-                post(
-                    |State(r): State<Receiver>,
-                     axum::extract::Path(kind): axum::extract::Path<String>,
-                     Json(body): Json<Value>| async move {
-                        r.bodies.lock().unwrap().push((kind.clone(), body));
-                        match kind.as_str() {
-                            "ok" => StatusCode::OK,
-                            "deny" => StatusCode::FORBIDDEN,
-                            "flaky" if r.flaky.fetch_add(1, Ordering::SeqCst) < 2 => {
-                                StatusCode::SERVICE_UNAVAILABLE
-                            }
-                            "flaky" => StatusCode::OK,
-                            "slow" => {
-                                tokio::time::sleep(Duration::from_secs(2)).await;
-                                StatusCode::OK
-                            }
-                            _ => StatusCode::NOT_FOUND,
-                        }
-                    },
-                ),
-            )
-            .with_state(receiver.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        (format!("http://{addr}"), receiver)
+    /// The JSON bodies the receiver got, in order, with their paths.
+    fn bodies(receiver: &FakeEndpoint) -> Vec<(String, Value)> {
+        receiver
+            .requests()
+            .into_iter()
+            .map(|r| (r.path, serde_json::from_str(&r.body).unwrap_or(Value::Null)))
+            .collect()
     }
 
     fn canary_with(hooks: &str) -> Canary {
@@ -572,7 +552,7 @@ spec:
             "{failure}"
         );
 
-        let bodies = receiver.bodies.lock().unwrap().clone();
+        let bodies = bodies(&receiver);
         let (_, first) = &bodies[0];
         assert_eq!(first["type"], "rollback");
         assert_eq!(first["canary"]["name"], "app");
@@ -581,7 +561,7 @@ spec:
 
     #[tokio::test]
     async fn a_2xx_rollback_hook_asks_for_a_rollback() {
-        let (base, _) = start_receiver().await;
+        let (base, _receiver) = start_receiver().await;
         let canary = canary_with(&format!(
             "    - {{name: pager, type: rollback, url: \"{base}/ok\"}}\n"
         ));
@@ -621,7 +601,7 @@ spec:
             ],
         );
         caller.drain().await;
-        let bodies = receiver.bodies.lock().unwrap().clone();
+        let bodies = bodies(&receiver);
         assert_eq!(bodies.len(), 2);
         let generic = bodies.iter().find(|(_, b)| b["type"] == "event").unwrap();
         assert_eq!(generic.1["event"]["reason"], "RollbackTriggered");

@@ -131,6 +131,15 @@ impl FakeEndpoint {
         &self.url
     }
 
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_default()
+    }
+
     /// Answer every request to `path` with `reply` (replacing what was set for it).
     pub fn reply(&self, path: &str, reply: Reply) {
         let mut replies = self.shared.lock();
@@ -162,6 +171,13 @@ impl FakeEndpoint {
             .filter_map(|r| r.param(key))
             .collect()
     }
+}
+
+/// `http://127.0.0.1:<port>` of a port nothing listens on (bound, then released), for
+/// "unreachable" cases.
+pub fn closed_port_url() -> std::io::Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(format!("http://{}", listener.local_addr()?))
 }
 
 impl Drop for FakeEndpoint {

@@ -19,6 +19,7 @@ use fledge_core::observe::{LatencyHistogram, Observation, ObservationError, Subs
 use fledge_core::rollout::Phase;
 use fledge_testkit::fake_api::{FakeApiServer, RecordedRequest};
 use fledge_testkit::fixtures;
+use fledge_testkit::http::{FakeEndpoint, Reply};
 use kube::runtime::controller::Action;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
@@ -1230,48 +1231,27 @@ fn instance_with_clock(server: &FakeApiServer, clock: ManualClock) -> Instance {
     }
 }
 
-/// A webhook receiver on 127.0.0.1: `POST /{hook}` answers the status set for that hook
-/// (200 unless set) and records the body.
-#[derive(Clone, Default)]
-struct HookReceiver {
-    answers: Arc<Mutex<std::collections::HashMap<String, u16>>>,
-    calls: Arc<Mutex<Vec<(String, Value)>>>,
-}
+/// A webhook receiver on 127.0.0.1 (testkit's endpoint): `POST /{hook}` answers the status
+/// set for that hook (200 unless set) and records the body.
+struct HookReceiver(FakeEndpoint);
 
 impl HookReceiver {
-    async fn start() -> (String, HookReceiver, tokio::task::JoinHandle<()>) {
-        use axum::extract::{Path, State};
-        let receiver = HookReceiver::default();
-        let app = axum::Router::new()
-            .route(
-                "/{hook}",
-                axum::routing::post(
-                    |State(r): State<HookReceiver>,
-                     Path(hook): Path<String>,
-                     axum::Json(body): axum::Json<Value>| async move {
-                        let code = r.answers.lock().unwrap().get(&hook).copied().unwrap_or(200);
-                        r.calls.lock().unwrap().push((hook, body));
-                        axum::http::StatusCode::from_u16(code).unwrap()
-                    },
-                ),
-            )
-            .with_state(receiver.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        (base, receiver, task)
+    async fn start() -> (String, HookReceiver) {
+        let endpoint = FakeEndpoint::start_with_fallback(|_| Reply::status(200))
+            .await
+            .unwrap();
+        (endpoint.url().to_string(), HookReceiver(endpoint))
     }
     fn answer(&self, hook: &str, code: u16) {
-        self.answers.lock().unwrap().insert(hook.to_string(), code);
+        self.0.reply(&format!("/{hook}"), Reply::status(code));
     }
     fn calls(&self, hook: &str) -> Vec<Value> {
-        let calls = self.calls.lock().unwrap();
-        calls
-            .iter()
-            .filter(|(h, _)| h == hook)
-            .map(|(_, body)| body.clone())
+        let path = format!("/{hook}");
+        self.0
+            .requests()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .map(|r| serde_json::from_str(&r.body).unwrap_or(Value::Null))
             .collect()
     }
 }
@@ -1305,7 +1285,7 @@ async fn http_get(app: axum::Router, uri: &str) -> (u16, Value) {
 
 #[tokio::test]
 async fn webhooks_gate_a_kubernetes_rollout_and_the_dashboard_and_metrics_show_it() {
-    let (base, hooks, _receiver) = HookReceiver::start().await;
+    let (base, hooks) = HookReceiver::start().await;
     hooks.answer("pre", 503);
     hooks.answer("confirm", 403);
     let mut object = canary_object(json!({}), json!({}));
@@ -1475,7 +1455,7 @@ async fn webhooks_gate_a_kubernetes_rollout_and_the_dashboard_and_metrics_show_i
 
 #[tokio::test]
 async fn a_rollback_webhook_rolls_a_kubernetes_rollout_back() {
-    let (base, hooks, _receiver) = HookReceiver::start().await;
+    let (base, hooks) = HookReceiver::start().await;
     hooks.answer("stop", 404); // "no objection" until it answers 2xx
     let mut object = canary_object(json!({}), json!({}));
     object["spec"]["webhooks"] = json!([hook("stop", "rollback", &base)]);

@@ -754,7 +754,7 @@ fn index_filter_samples(samples: &[Sample]) -> PageIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fledge_testkit::http::{FakeEndpoint, Reply};
+    use fledge_testkit::http::{closed_port_url, FakeEndpoint, Reply};
 
     const STATS: &str = "/stats/prometheus";
 
@@ -970,10 +970,7 @@ mod tests {
     #[tokio::test]
     async fn unreachable_and_slow_endpoints_are_named() {
         let good = fake_admin(&envoy_text(&[], None)).await;
-        let closed_port_url = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            format!("http://{}", listener.local_addr().unwrap())
-        };
+        let closed_port_url = closed_port_url().unwrap();
         let mut closed = source(&[good.url(), &closed_port_url]);
         match closed.observe().await {
             Err(ObservationError::Unreachable(message)) => {

@@ -1242,7 +1242,7 @@ fn whole_count(series: &str, value: f64) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fledge_testkit::http::{FakeEndpoint, Reply};
+    use fledge_testkit::http::{closed_port_url, FakeEndpoint, Reply};
     use serde_json::{json, Value};
 
     /// A fake Prometheus query API; stopped when dropped. It answers each PromQL set with
@@ -1698,10 +1698,7 @@ mod tests {
         assert!(message.contains(&url), "{message}");
         assert!(message.contains("timed out"), "{message}");
 
-        let closed_port_url = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            format!("http://{}", listener.local_addr().unwrap())
-        };
+        let closed_port_url = closed_port_url().unwrap();
         let mut closed = PrometheusSource::new(
             &closed_port_url,
             selector(),

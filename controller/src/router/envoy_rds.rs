@@ -939,7 +939,7 @@ fn next_version(current: Option<String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fledge_testkit::http::{FakeEndpoint, Reply};
+    use fledge_testkit::http::{closed_port_url, FakeEndpoint, Reply};
     use serde_json::json;
 
     const EXAMPLE_JSON: &str = r#"{"version_info":"1","resources":[{"@type":"type.googleapis.com/envoy.config.route.v3.RouteConfiguration","name":"fledge_route","virtual_hosts":[{"name":"app","domains":["*"],"routes":[{"name":"primary","match":{"prefix":"/"},"route":{"weighted_clusters":{"clusters":[{"name":"app_stable","weight":100},{"name":"app_canary","weight":0}]}}}]}]}]}"#;
@@ -1479,10 +1479,7 @@ resources:
 
     #[tokio::test]
     async fn verify_without_an_admin_is_an_admin_error() {
-        let closed_port_url = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            format!("http://{}", listener.local_addr().unwrap())
-        };
+        let closed_port_url = closed_port_url().unwrap();
         let mut settings = settings(Path::new("/unused/routes.json"), &closed_port_url);
         settings.verify_timeout = Duration::from_millis(200);
         let router = EnvoyRdsRouter::new(settings).unwrap();

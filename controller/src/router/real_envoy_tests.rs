@@ -12,31 +12,15 @@ use super::envoy_rds::{EnvoyRdsRouter, EnvoyRdsSettings};
 use super::Weights;
 use crate::metrics::{promtext, EnvoyAdminSource, MetricsSource, SubsetSelector};
 use fledge_core::observe::ObservationError;
+use fledge_testkit::http::{FakeEndpoint, Reply};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// An upstream answering every request with its own name; stopped when dropped.
-struct Upstream {
-    port: u16,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Upstream {
-    async fn start(name: &'static str) -> Upstream {
-        let app = axum::Router::new().fallback(move || async move { name });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Upstream { port, server }
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
+async fn upstream(name: &'static str) -> FakeEndpoint {
+    FakeEndpoint::start_with_fallback(move |_| Reply::text(name))
+        .await
+        .unwrap()
 }
 
 /// A running Envoy; killed when dropped.
@@ -184,9 +168,9 @@ async fn check_router_with(file_name: &str, initial: &str) {
     std::fs::create_dir(&rds_dir).unwrap();
     let rds_file = rds_dir.join(file_name);
     std::fs::write(&rds_file, initial).unwrap();
-    let stable = Upstream::start("stable").await;
-    let canary = Upstream::start("canary").await;
-    let envoy = Envoy::start(&binary, dir.path(), &rds_file, stable.port, canary.port).await;
+    let stable = upstream("stable").await;
+    let canary = upstream("canary").await;
+    let envoy = Envoy::start(&binary, dir.path(), &rds_file, stable.port(), canary.port()).await;
 
     let router = EnvoyRdsRouter::new(EnvoyRdsSettings {
         path: rds_file.clone(),
