@@ -203,6 +203,47 @@ fn parse_labels(mut text: &str) -> Option<(BTreeMap<String, String>, &str)> {
     }
 }
 
+/// A webhook receiver on 127.0.0.1: every request's path and body go to `answer`, whose
+/// status code is sent back (empty body, connection closed). Returns the port; the receiver
+/// lives as long as the test process.
+pub fn serve_hooks(answer: impl Fn(&str, &[u8]) -> u16 + Send + 'static) -> Result<u16> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut reader = BufReader::new(&stream);
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':') {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+            let mut body = vec![0u8; length.min(1 << 20)];
+            let _ = reader.read_exact(&mut body);
+            let code = answer(path, &body);
+            let mut stream = &stream;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {code} -\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+        }
+    });
+    Ok(port)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

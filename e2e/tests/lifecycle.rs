@@ -19,8 +19,6 @@ use fledge_e2e::{
 };
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -563,47 +561,14 @@ struct HookCounter {
 
 impl HookCounter {
     fn start() -> Result<HookCounter> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
         let calls = Arc::new(Mutex::new(BTreeMap::new()));
         let log = calls.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut reader = BufReader::new(&stream);
-                let mut request_line = String::new();
-                if reader.read_line(&mut request_line).is_err() {
-                    continue;
-                }
-                let path = request_line
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap_or("/")
-                    .to_string();
-                let mut length = 0usize;
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
-                        break;
-                    }
-                    if let Some((name, value)) = line.split_once(':') {
-                        if name.eq_ignore_ascii_case("content-length") {
-                            length = value.trim().parse().unwrap_or(0);
-                        }
-                    }
-                }
-                let mut body = vec![0u8; length.min(1 << 20)];
-                let _ = reader.read_exact(&mut body);
-                if let Ok(mut calls) = log.lock() {
-                    *calls.entry(path).or_insert(0) += 1;
-                }
-                let mut stream = stream;
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                );
+        let port = fledge_e2e::http::serve_hooks(move |path, _| {
+            if let Ok(mut calls) = log.lock() {
+                *calls.entry(path.to_string()).or_insert(0) += 1;
             }
-        });
+            200
+        })?;
         Ok(HookCounter { port, calls })
     }
 

@@ -10,8 +10,6 @@ use fledge_e2e::{
     ScratchDir,
 };
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,52 +33,18 @@ struct Receiver {
 
 impl Receiver {
     fn start() -> Result<Receiver> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
         let gate_open = Arc::new(AtomicBool::new(false));
         let calls = Arc::new(Mutex::new(Vec::new()));
         let (gate, log) = (gate_open.clone(), calls.clone());
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut reader = BufReader::new(&stream);
-                let mut request_line = String::new();
-                if reader.read_line(&mut request_line).is_err() {
-                    continue;
-                }
-                let path = request_line
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap_or("/")
-                    .to_string();
-                let mut length = 0usize;
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
-                        break;
-                    }
-                    if let Some((name, value)) = line.split_once(':') {
-                        if name.eq_ignore_ascii_case("content-length") {
-                            length = value.trim().parse().unwrap_or(0);
-                        }
-                    }
-                }
-                let mut body = vec![0u8; length.min(1 << 20)];
-                let _ = reader.read_exact(&mut body);
-                let json = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                log.lock().unwrap().push((path.clone(), json));
-                let status = if path == "/gate" && !gate.load(Ordering::SeqCst) {
-                    "403 Forbidden"
-                } else {
-                    "200 OK"
-                };
-                let mut stream = stream;
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                );
+        let port = fledge_e2e::http::serve_hooks(move |path, body| {
+            let json = serde_json::from_slice(body).unwrap_or(Value::Null);
+            log.lock().unwrap().push((path.to_string(), json));
+            if path == "/gate" && !gate.load(Ordering::SeqCst) {
+                403
+            } else {
+                200
             }
-        });
+        })?;
         Ok(Receiver {
             port,
             gate_open,
