@@ -79,22 +79,7 @@ pub fn routing_and_canary(
         spec.extend(extra.clone());
     }
     vec![
-        json!({
-            "apiVersion": "networking.istio.io/v1",
-            "kind": "VirtualService",
-            "metadata": {"name": "app", "namespace": namespace},
-            "spec": {
-                "hosts": ["app.example.com"],
-                "gateways": ["istio-system/public"],
-                "http": [{
-                    "name": "primary",
-                    "route": [
-                        {"destination": {"host": "app", "subset": "stable"}, "weight": 100},
-                        {"destination": {"host": "app", "subset": "canary"}, "weight": 0}
-                    ]
-                }]
-            }
-        }),
+        fledge_testkit::fixtures::virtual_service(namespace),
         json!({
             "apiVersion": "networking.istio.io/v1",
             "kind": "DestinationRule",
