@@ -51,7 +51,7 @@ demo: build-filter build
 # Seeded simulation of thousands of rollouts through the controller's own state machine:
 # Fledge's sequential tests vs Flagger-style thresholds vs a repeated fixed-sample test.
 bench-decisions:
-	$(CARGO) run --release -p fledge-sim --bin fledge-bench-decisions
+	$(CARGO) run --release -p fledge-rollout-sim --bin fledge-bench-decisions
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -91,7 +91,7 @@ e2e-kind:
 # playwright-core from npm). `make test`, `make e2e` and `make demo` build both.
 .PHONY: simulator setup-browser
 simulator: setup
-	@bash simulator/build.sh
+	@bash rollout-sim-web/build.sh
 
 setup-browser:
 	@bash e2e/browser/setup.sh

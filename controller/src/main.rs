@@ -235,7 +235,7 @@ fn simulate(
     let spec =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let answer: serde_json::Value =
-        serde_json::from_str(&fledge_simulator::simulate(&spec, scenario))?;
+        serde_json::from_str(&fledge_rollout_sim_web::simulate(&spec, scenario))?;
     if output == cli::Output::Json {
         println!("{answer}");
     } else if let Some(error) = answer["error"].as_str() {

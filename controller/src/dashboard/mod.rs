@@ -6,8 +6,8 @@
 //!   latency charts, the checks of the last analysis, webhooks and the decision log. It polls
 //!   the JSON API every 2 s and never sends commands (read-only).
 //! - `/simulator` — the decision simulator: `fledge-core` compiled to WebAssembly
-//!   (`simulator/`), so a pasted Canary spec is decided in the browser by the code the
-//!   controller runs. Embedded when `make simulator` has built `simulator/pkg` before the
+//!   (`rollout-sim-web/`), so a pasted Canary spec is decided in the browser by the code the
+//!   controller runs. Embedded when `make simulator` has built `rollout-sim-web/pkg` before the
 //!   controller (see `controller/build.rs`); otherwise the page says how to build it.
 //! - [`series`]: the bounded per-interval time series the runner keeps for the charts.
 
@@ -25,19 +25,19 @@ const SIMULATOR_JS: &str = include_str!("assets/simulator.js");
 const CHARTS_JS: &str = include_str!("assets/charts.js");
 const STYLE_CSS: &str = include_str!("assets/style.css");
 
-#[cfg(fledge_simulator)]
+#[cfg(fledge_rollout_sim_web)]
 const SIMULATOR_WASM: Option<&[u8]> = Some(include_bytes!(concat!(
-    env!("FLEDGE_SIMULATOR_PKG"),
-    "/fledge_simulator_bg.wasm"
+    env!("FLEDGE_ROLLOUT_SIM_WEB_PKG"),
+    "/fledge_rollout_sim_web_bg.wasm"
 )));
-#[cfg(fledge_simulator)]
+#[cfg(fledge_rollout_sim_web)]
 const SIMULATOR_GLUE: Option<&str> = Some(include_str!(concat!(
-    env!("FLEDGE_SIMULATOR_PKG"),
-    "/fledge_simulator.js"
+    env!("FLEDGE_ROLLOUT_SIM_WEB_PKG"),
+    "/fledge_rollout_sim_web.js"
 )));
-#[cfg(not(fledge_simulator))]
+#[cfg(not(fledge_rollout_sim_web))]
 const SIMULATOR_WASM: Option<&[u8]> = None;
-#[cfg(not(fledge_simulator))]
+#[cfg(not(fledge_rollout_sim_web))]
 const SIMULATOR_GLUE: Option<&str> = None;
 
 /// Whether the WebAssembly simulator is embedded in this binary.
@@ -92,7 +92,7 @@ pub fn routes() -> Router {
             get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
         )
         .route(
-            "/ui/pkg/fledge_simulator.js",
+            "/ui/pkg/fledge_rollout_sim_web.js",
             get(|| async {
                 match SIMULATOR_GLUE {
                     Some(glue) => asset("text/javascript; charset=utf-8", glue),
@@ -101,7 +101,7 @@ pub fn routes() -> Router {
             }),
         )
         .route(
-            "/ui/pkg/fledge_simulator_bg.wasm",
+            "/ui/pkg/fledge_rollout_sim_web_bg.wasm",
             get(|| async {
                 match SIMULATOR_WASM {
                     Some(wasm) => (

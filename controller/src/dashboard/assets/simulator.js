@@ -1,5 +1,5 @@
 // The decision simulator page: runs fledge-core (WebAssembly) on a pasted spec.
-import init, { simulate, version } from "/ui/pkg/fledge_simulator.js";
+import init, { simulate, version } from "/ui/pkg/fledge_rollout_sim_web.js";
 
 const esc = window.FledgeCharts.esc;
 const $ = (id) => document.getElementById(id);
@@ -141,7 +141,7 @@ async function main() {
     presets.appendChild(button);
   }
   try {
-    await init({ module_or_path: "/ui/pkg/fledge_simulator_bg.wasm" });
+    await init({ module_or_path: "/ui/pkg/fledge_rollout_sim_web_bg.wasm" });
   } catch (e) {
     $("engine").textContent = "simulator not available";
     $("result").innerHTML = `<div class="outcome Error" data-testid="sim-outcome" data-outcome="Unavailable">The WebAssembly simulator is not in this build of fledge: run <code>make simulator</code>, then rebuild fledge. (${esc(e.message)})</div>`;

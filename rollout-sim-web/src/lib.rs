@@ -1,7 +1,7 @@
-//! # fledge-simulator — "what would Fledge decide?" in the browser
+//! # fledge-rollout-sim-web — `fledge-rollout-sim` in the browser: "what would Fledge decide?"
 //!
 //! Runs a pasted Canary spec through `fledge_core::rollout::step` — the exact function the
-//! controller calls every interval — over seeded, generated traffic from `fledge_sim::World`
+//! controller calls every interval — over seeded, generated traffic from `fledge_rollout_sim::World`
 //! (Poisson request counts, binomial canary share and errors, log-normal latency in Envoy's
 //! default buckets, volume and error rate swinging ±50% over a compressed day of 720
 //! intervals). Compiled to WebAssembly with `wasm-bindgen` (`make simulator`), it is served by
@@ -19,7 +19,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use fledge_core::observe::{Observation, SubsetTraffic};
 use fledge_core::rollout::{self, CanaryStatus, Command, Input, Phase};
 use fledge_core::spec::{Canary, SpecError};
-use fledge_sim::{TrafficModel, World};
+use fledge_rollout_sim::{TrafficModel, World};
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::wasm_bindgen;
 

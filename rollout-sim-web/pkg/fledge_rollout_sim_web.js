@@ -59,7 +59,7 @@ function __wbg_get_imports() {
     };
     return {
         __proto__: null,
-        "./fledge_simulator_bg.js": import0,
+        "./fledge_rollout_sim_web_bg.js": import0,
     };
 }
 
@@ -232,7 +232,7 @@ async function __wbg_init_once(module_or_path) {
     }
 
     if (module_or_path === undefined) {
-        module_or_path = new URL('fledge_simulator_bg.wasm', import.meta.url);
+        module_or_path = new URL('fledge_rollout_sim_web_bg.wasm', import.meta.url);
     }
     const imports = __wbg_get_imports();
 

@@ -6,7 +6,7 @@
 
 #![forbid(unsafe_code)]
 
-use fledge_sim::{
+use fledge_rollout_sim::{
     flagger_policy, fledge_policy, simulate, Policy, RepeatedZTest, Summary, TrafficModel,
     HORIZON_MINUTES, INTERVAL_SECONDS, MINUTES_PER_STEP, SWING_PERIOD_MINUTES, WEIGHTS,
 };

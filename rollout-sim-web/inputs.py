@@ -1,20 +1,20 @@
 #!/usr/bin/env python3
-"""The inputs of the committed browser simulator package (simulator/pkg), one line each.
+"""The inputs of the committed browser simulator package (rollout-sim-web/pkg), one line each.
 
-simulator/pkg is committed so that a fresh machine need not compile wasm-bindgen-cli (minutes)
+rollout-sim-web/pkg is committed so that a fresh machine need not compile wasm-bindgen-cli (minutes)
 to build it. It stays valid while what it is compiled from is unchanged:
 
-  - the Rust sources of fledge-simulator, fledge-sim and fledge-core (whole-line comments,
+  - the Rust sources of fledge-rollout-sim-web, fledge-rollout-sim and fledge-core (whole-line comments,
     `#[cfg(test)] mod tests` blocks, test files `tests.rs` / `*_tests.rs` and `src/bin` left
-    out: they do not change the package), their Cargo.toml files and simulator/build.sh;
-  - the locked versions (Cargo.lock) of every crate fledge-simulator depends on, among them
+    out: they do not change the package), their Cargo.toml files and rollout-sim-web/build.sh;
+  - the locked versions (Cargo.lock) of every crate fledge-rollout-sim-web depends on, among them
     the pinned wasm-bindgen.
 
-  python3 simulator/inputs.py              print the manifest (name and SHA-256 per input)
-  python3 simulator/inputs.py --check      exit 1, naming the changed inputs, when
-                                           simulator/pkg/inputs.txt differs from it
+  python3 rollout-sim-web/inputs.py              print the manifest (name and SHA-256 per input)
+  python3 rollout-sim-web/inputs.py --check      exit 1, naming the changed inputs, when
+                                           rollout-sim-web/pkg/inputs.txt differs from it
 
-simulator/build.sh writes simulator/pkg/inputs.txt next to the package it builds.
+rollout-sim-web/build.sh writes rollout-sim-web/pkg/inputs.txt next to the package it builds.
 """
 
 import hashlib
@@ -23,9 +23,9 @@ import sys
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MANIFEST = ROOT / "simulator" / "pkg" / "inputs.txt"
-CRATES = ["simulator", "sim", "core"]
-ROOT_PACKAGE = "fledge-simulator"
+MANIFEST = ROOT / "rollout-sim-web" / "pkg" / "inputs.txt"
+CRATES = ["rollout-sim-web", "rollout-sim", "core"]
+ROOT_PACKAGE = "fledge-rollout-sim-web"
 
 
 def significant_source(text: str) -> str:
@@ -49,7 +49,7 @@ def significant_source(text: str) -> str:
 
 
 def source_inputs():
-    files = [ROOT / "simulator" / "build.sh"]
+    files = [ROOT / "rollout-sim-web" / "build.sh"]
     for crate in CRATES:
         files.append(ROOT / crate / "Cargo.toml")
         files.extend(

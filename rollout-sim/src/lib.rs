@@ -1,4 +1,4 @@
-//! # fledge-sim — seeded rollout simulations
+//! # fledge-rollout-sim — seeded rollout simulations
 //!
 //! Simulates canary rollouts with a known truth and runs them through the *same* pure code the
 //! controller runs (`fledge_core::rollout::step`), one analysis interval at a time:
