@@ -7,7 +7,7 @@ TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 FILTER_WASM := $(TARGET_DIR)/$(WASM_TARGET)/release/fledge_filter.wasm
 OBSERVER_WASM := $(TARGET_DIR)/$(WASM_TARGET)/release/fledge_observer.wasm
 
-.PHONY: all setup build build-filter test unit e2e demo lint fmt clean bench-decisions
+.PHONY: all setup build build-filter build-tests test unit e2e demo lint fmt clean bench-decisions
 
 all: build build-filter
 
@@ -24,10 +24,18 @@ build-filter: setup
 build: setup
 	$(CARGO) build --workspace --bins
 
-# Everything: unit tests, then the end-to-end scenarios on real Envoy.
-test: build-filter build
-	FLEDGE_REQUIRE_WASM=1 $(CARGO) test --workspace --exclude fledge-e2e --no-fail-fast
-	FLEDGE_REQUIRE_WASM=1 $(CARGO) test -p fledge-e2e --no-fail-fast -- --test-threads=2
+# The binaries the e2e tests start (fledge, fledge-testbackend, ...) and every test, in one cargo
+# build with one feature set. Built apart (`cargo build --bins`, `cargo test --exclude
+# fledge-e2e`, `cargo test -p fledge-e2e`), each selection resolved features its own way
+# (dev-dependencies add tokio's test-util, e2e adds its own), so tokio, hyper, kube, reqwest,
+# rustls and the controller were compiled three times.
+build-tests: setup simulator
+	$(CARGO) build --workspace --bins --tests
+
+# Everything: unit tests and the end-to-end scenarios on real Envoy (one e2e test binary, two
+# tests at a time), then the fuzz smoke test.
+test: build-filter build-tests
+	FLEDGE_REQUIRE_WASM=1 $(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 	$(MAKE) --no-print-directory fuzz-smoke
 
 # The fuzz crate is its own workspace (cargo-fuzz builds it with its own flags), so nothing
@@ -41,8 +49,8 @@ fuzz-smoke:
 unit:
 	$(CARGO) test --workspace --exclude fledge-e2e
 
-e2e: build-filter build
-	FLEDGE_REQUIRE_WASM=1 $(CARGO) test -p fledge-e2e --no-fail-fast -- --test-threads=2
+e2e: build-filter build-tests
+	FLEDGE_REQUIRE_WASM=1 $(CARGO) test --workspace --no-fail-fast --test e2e -- --test-threads=2
 
 # A live local canary: v2 promoted step by step, then a v3 answering 20% 5xx rolled back.
 demo: build-filter build
