@@ -4,8 +4,7 @@
 //! (`none`), a bad plugin configuration (fail open + error counter), oversized or odd headers,
 //! and each module's export list (what Envoy calls into).
 
-#[path = "support/filter.rs"]
-mod support;
+use crate::support;
 
 use anyhow::{ensure, Context, Result};
 use fledge_core::contract;

@@ -4,8 +4,7 @@
 //! endpoint metadata or an upstream header and the duration buckets (counters in Prometheus'
 //! histogram shape, configurable bounds).
 
-#[path = "support/filter.rs"]
-mod support;
+use crate::support;
 
 use anyhow::{ensure, Context, Result};
 use fledge_core::contract;

@@ -22,6 +22,9 @@ mod lifecycle;
 mod operator_cli;
 mod prometheus;
 mod scenarios;
+// The real-Envoy filter fixtures of filter_robustness and filter_tagging.
+#[path = "support/filter.rs"]
+mod support;
 mod warnings;
 mod workload_standins;
 
@@ -39,7 +42,10 @@ fn every_test_file_is_a_module() {
         let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
             continue;
         };
-        if path.extension().is_some_and(|e| e == "rs") && stem != "main" && !declared.contains(&stem) {
+        if path.extension().is_some_and(|e| e == "rs")
+            && stem != "main"
+            && !declared.contains(&stem)
+        {
             missing.push(format!("mod {stem};"));
         }
     }
