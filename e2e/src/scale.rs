@@ -583,11 +583,11 @@ fn answer(state: &PrometheusState, promql: &str) -> axum::response::Response {
         Some(text) => text,
         None => {
             let body = if guard {
-                guard_answer(promql, &known, now)
+                guard_answer(promql, &known, now).to_string()
             } else {
                 traffic_answer(&known, scraped, now)
             };
-            let text = bytes::Bytes::from(body.to_string());
+            let text = bytes::Bytes::from(body);
             if let Ok(mut answers) = state.answers.lock() {
                 // Only this scrape's answers are kept.
                 answers.retain(|_, (at, _)| *at == scraped);
@@ -658,46 +658,173 @@ fn guard_answer(promql: &str, services: &[(&str, usize)], now: f64) -> Value {
     json!({"status": "success", "data": {"resultType": "vector", "result": result}})
 }
 
-fn traffic_answer(services: &[(&str, usize)], scraped: f64, now: f64) -> Value {
-    let mut result = Vec::with_capacity(services.len() * 2 * 28 * REPLICAS.len());
+/// The answer to the shared traffic query, written as text: with 1,000 services it holds
+/// 112,000 series (about 25 MB), and building it as `serde_json::Value`s took the fake longer
+/// than the controller's query timeout on a busy machine (the bench, not the controller, was the
+/// bottleneck).
+fn traffic_answer(services: &[(&str, usize)], scraped: f64, now: f64) -> String {
+    let mut text = String::with_capacity(services.len() * 2 * 28 * REPLICAS.len() * 240 + 128);
+    text.push_str(r#"{"status":"success","data":{"resultType":"vector","result":["#);
+    let mut first = true;
+    let mut series = |text: &mut String, labels: &str, extra: &str, value: &str| {
+        if !first {
+            text.push(',');
+        }
+        first = false;
+        let _ = write!(
+            text,
+            r#"{{"metric":{{{labels}{extra}}},"value":[{now:.3},"{value}"]}}"#
+        );
+    };
     for (name, index) in services {
+        let name = serde_json::to_string(name).unwrap_or_default();
         for (subset, canary) in [("stable", false), ("canary", true)] {
             // Each replica serves half the traffic.
             let counts = SubsetCounts::of(*index, canary, scraped);
             for (instance, pod) in REPLICAS {
-                let labels = |name_label: &str| {
-                    json!({
-                        "__name__": name_label,
-                        "fledge_service": name,
-                        "fledge_subset": subset,
-                        "instance": instance,
-                        "job": "envoy-stats",
-                        "namespace": "istio-system",
-                        "pod": pod,
-                    })
+                let labels = |metric: &str| {
+                    format!(
+                        r#""__name__":"{metric}","fledge_service":{name},"fledge_subset":"{subset}","instance":"{instance}","job":"envoy-stats","namespace":"istio-system","pod":"{pod}""#
+                    )
                 };
                 let half = |n: u64| (n / 2).to_string();
+                let requests = labels("fledge_requests_total");
                 for (class, count) in CLASSES.iter().zip(counts.by_class) {
-                    let mut metric = labels("fledge_requests_total");
-                    metric["fledge_class"] = json!(class);
-                    result.push(json!({"metric": metric, "value": [now, half(count)]}));
+                    let extra = format!(r#","fledge_class":"{class}""#);
+                    series(&mut text, &requests, &extra, &half(count));
                 }
+                let bucket = labels("fledge_request_duration_ms_bucket");
                 for (le, count) in ENVOY_BUCKETS.iter().zip(counts.buckets) {
-                    let mut metric = labels("fledge_request_duration_ms_bucket");
-                    metric["le"] = json!(le);
-                    result.push(json!({"metric": metric, "value": [now, half(count)]}));
+                    let extra = format!(r#","le":"{le}""#);
+                    series(&mut text, &bucket, &extra, &half(count));
                 }
-                let mut metric = labels("fledge_request_duration_ms_bucket");
-                metric["le"] = json!("+Inf");
-                result.push(json!({"metric": metric, "value": [now, half(counts.total)]}));
-                result.push(json!({"metric": labels("fledge_request_duration_ms_sum"),
-                    "value": [now, (counts.sum_ms / 2.0).to_string()]}));
-                result.push(json!({"metric": labels("fledge_request_duration_ms_count"),
-                    "value": [now, half(counts.total)]}));
+                series(&mut text, &bucket, r#","le":"+Inf""#, &half(counts.total));
+                let sum = labels("fledge_request_duration_ms_sum");
+                series(&mut text, &sum, "", &(counts.sum_ms / 2.0).to_string());
+                let count = labels("fledge_request_duration_ms_count");
+                series(&mut text, &count, "", &half(counts.total));
             }
         }
     }
-    json!({"status": "success", "data": {"resultType": "vector", "result": result}})
+    text.push_str("]}}");
+    text
+}
+
+/// The RDS file of `member` for standalone `fledge run` (`router.envoyRds`): one
+/// RouteConfiguration `{name}` with one virtual host and the route `primary` at stable 100.
+pub fn rds_file(member: &Member) -> Value {
+    let name = member.service();
+    json!({
+        "version_info": "1",
+        "resources": [{
+            "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+            "name": name,
+            "virtual_hosts": [{
+                "name": name,
+                "domains": [format!("{name}.example.com")],
+                "routes": [{
+                    "name": "primary",
+                    "match": {"prefix": "/"},
+                    "route": {"weighted_clusters": {"clusters": [
+                        {"name": format!("{name}_stable"), "weight": 100},
+                        {"name": format!("{name}_canary"), "weight": 0}
+                    ]}}
+                }]
+            }]
+        }]
+    })
+}
+
+impl Fleet {
+    /// `member` as a standalone Canary document (`fledge run -f`): the same analysis and
+    /// metrics source, the `envoyRds` router on `rds_dir/{name}.json`, verified through
+    /// `{rds_admin}/{name}` (a [`FakeRdsAdmin`]).
+    pub fn standalone_document(
+        &self,
+        member: &Member,
+        gateway_urls: &[String],
+        prometheus_url: &str,
+        rds_dir: &std::path::Path,
+        rds_admin: &str,
+    ) -> Value {
+        let name = member.service();
+        let mut spec = self.spec(member, gateway_urls, prometheus_url);
+        spec["stable"] = json!({"subset": "stable"});
+        spec["router"] = json!({"envoyRds": {
+            "path": rds_dir.join(format!("{name}.json")).display().to_string(),
+            "routeConfiguration": name,
+            "virtualHost": name,
+            "route": "primary",
+            "stableCluster": format!("{name}_stable"),
+            "canaryCluster": format!("{name}_canary"),
+            "adminUrl": format!("{rds_admin}/{name}"),
+        }});
+        json!({
+            "apiVersion": "fledge.dev/v1alpha1",
+            "kind": "Canary",
+            "metadata": {"name": name},
+            "spec": spec,
+        })
+    }
+}
+
+/// The part of Envoy's admin that `router.envoyRds` verifies with:
+/// `GET /{name}/config_dump?resource=dynamic_route_configs` answers the RouteConfiguration in
+/// `dir/{name}.json` as Envoy would once it has loaded the file (at once: there is no Envoy).
+pub struct FakeRdsAdmin {
+    pub url: String,
+    pub hits: Arc<Hits>,
+}
+
+struct RdsAdminState {
+    dir: std::path::PathBuf,
+    hits: Arc<Hits>,
+}
+
+impl FakeRdsAdmin {
+    pub async fn start(
+        dir: &std::path::Path,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<FakeRdsAdmin> {
+        let hits = Arc::new(Hits::default());
+        let state = Arc::new(RdsAdminState {
+            dir: dir.to_path_buf(),
+            hits: hits.clone(),
+        });
+        let app = axum::Router::new()
+            .route("/{name}/config_dump", get(config_dump))
+            .with_state(state);
+        let url = serve(app, shutdown).await?;
+        Ok(FakeRdsAdmin { url, hits })
+    }
+}
+
+async fn config_dump(
+    State(state): State<Arc<RdsAdminState>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    state.hits.traffic.fetch_add(1, Ordering::Relaxed);
+    let path = state.dir.join(format!("{name}.json"));
+    let loaded = std::fs::read(&path)
+        .ok()
+        .and_then(|text| serde_json::from_slice::<Value>(&text).ok());
+    let Some(file) = loaded else {
+        return (axum::http::StatusCode::NOT_FOUND, "no such route file").into_response();
+    };
+    let configs: Vec<Value> = file["resources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|route_config| {
+            json!({
+                "@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump.DynamicRouteConfig",
+                "version_info": file["version_info"],
+                "route_config": route_config,
+            })
+        })
+        .collect();
+    axum::Json(json!({"configs": configs})).into_response()
 }
 
 /// CPU time and resident memory of a process, from `/proc`.
@@ -801,6 +928,21 @@ mod tests {
             named_services(r#"max(fledge_guard_tripped{fledge_service="svc-3"})"#),
             Some(vec!["svc-3".to_string()])
         );
+    }
+
+    #[test]
+    fn a_prometheus_answer_is_json_with_every_series() {
+        let text = traffic_answer(&[("svc-1", 1), ("svc-\"2", 2)], 5.0, 1.5);
+        let answer: Value = serde_json::from_str(&text).unwrap();
+        let result = answer["data"]["result"].as_array().unwrap();
+        assert_eq!(result.len(), 2 * 2 * REPLICAS.len() * 28);
+        assert_eq!(result[0]["metric"]["fledge_service"], "svc-1");
+        assert_eq!(result[0]["metric"]["fledge_class"], "1xx");
+        assert!(result[0]["value"][1]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .is_ok());
     }
 
     #[test]

@@ -35,6 +35,7 @@ use super::factory::Backends;
 use super::lease::{run_election, LeaseLock, LeaseSettings};
 use super::routes::{self, route_of, ConfirmedRoutes, RouteIndex, RouteObjects};
 use super::shard::Shard;
+use super::throttle::TokenBucket;
 use super::workload::WorkloadApi;
 use super::{api_status_code, Error, Result, CONTROLLER_NAME, FINALIZER};
 use crate::dashboard::series::SharedSeries;
@@ -142,6 +143,9 @@ pub struct Context {
     /// How often analysis progress alone is written to `.status` (see [`must_persist`]);
     /// zero: with every change.
     pub status_checkpoint: Duration,
+    /// The client-side API limit: a checkpoint that finds it without room waits for a later
+    /// tick, so decisions never queue behind checkpoints (`None`: unlimited).
+    pub api_budget: Option<TokenBucket>,
 }
 
 impl Context {
@@ -160,6 +164,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             started: clock.now(),
             status_checkpoint: Duration::ZERO,
+            api_budget: None,
             client,
             backends,
             clock,
@@ -336,7 +341,15 @@ impl Context {
         self.registry.telemetry().observe_status(key, status);
     }
 
+    /// Publish a Kubernetes Event, if the client-side API limit has room: Events tell people
+    /// what the status already records, so under load they give way to the status writes and
+    /// route changes decisions need (a gateway going down makes one Event per Canary behind
+    /// it; queued, they would hold every decision of the fleet). A dropped Event is logged.
     async fn publish(&self, canary: &CanaryResource, warning: bool, reason: &str, message: &str) {
+        if !self.api_budget.as_ref().is_none_or(TokenBucket::has_room) {
+            tracing::debug!(canary = %key_of(canary), reason, "Kubernetes Event not published: the API request budget (--kube-api-qps) is in use by status writes");
+            return;
+        }
         let mut note = message.to_string();
         if note.len() > 1000 {
             let cut = (0..=1000)
@@ -411,14 +424,35 @@ fn pending_command(
 
 /// Whether `new` differs from the persisted `previous` in something a reader needs now or a
 /// restarted controller needs to continue correctly: phase, weight, step and when it began,
-/// failed checks (a rollback threshold must survive restarts), metrics failures, a pause by the
-/// operator, the history, commands handled, conditions, final routes, the rollout's fingerprint
-/// and generation. Not: the sequential tests' evidence, the last analysis report and message,
-/// the passing checks of the step and `lastTickAt` — progress within a step that a restart may
-/// re-gather (ticks are aligned, so `lastTickAt` is not needed to schedule them), written with
-/// the next change or at the next checkpoint.
+/// failed checks (a rollback threshold must survive restarts), a pause by the operator, the
+/// history, commands handled, conditions, final routes, the rollout's fingerprint and
+/// generation. Written at once, before any traffic moves, whatever else waits for the API.
+///
+/// Not: the sequential tests' evidence, the last analysis report and message, the passing
+/// checks of the step and `lastTickAt` — progress within a step that a restart may re-gather
+/// (ticks are aligned, so `lastTickAt` is not needed to schedule them), written with the next
+/// change or at the next checkpoint; and the count of intervals without metrics, written as
+/// soon as the API budget has room (see [`progress_due`]).
 fn must_persist(previous: &CanaryResourceStatus, new: &CanaryResourceStatus) -> bool {
     durable(previous) != durable(new)
+}
+
+/// Whether the progress in `new` (everything [`must_persist`] leaves out) is due for a write
+/// when the API budget has room: at the checkpoint, or when the count of intervals without
+/// metrics changed. That count is not urgent: one metrics endpoint serves many Canaries, so
+/// when it fails they all count at once (1,000 Canaries behind one gateway: 1,000 writes, and
+/// as many again when it recovers) — written at once, that would hold every decision of the
+/// fleet behind the queue it makes. A restart may lose the part of the count not written yet,
+/// which delays a rollback for missing metrics by at most that many intervals.
+fn progress_due(
+    previous: &CanaryResourceStatus,
+    new: &CanaryResourceStatus,
+    now: DateTime<Utc>,
+    checkpoint: Duration,
+    key: &str,
+) -> bool {
+    previous.rollout.metrics_failures != new.rollout.metrics_failures
+        || checkpoint_due(previous, now, checkpoint, key)
 }
 
 /// `status` without the fields that are only checkpointed (see [`must_persist`]).
@@ -427,6 +461,7 @@ fn durable(status: &CanaryResourceStatus) -> CanaryResourceStatus {
     durable.rollout.last_analysis = None;
     durable.rollout.analysis_state = Default::default();
     durable.rollout.step_passed_checks = 0;
+    durable.rollout.metrics_failures = 0;
     durable.rollout.message.clear();
     durable.last_tick_at = None;
     for condition in &mut durable.conditions {
@@ -1033,22 +1068,29 @@ impl<'a> Pass<'a> {
     /// (409) ends the pass and nothing below happens. Returns the Canary as written.
     ///
     /// Only what a reader needs is written at once (see [`must_persist`]); analysis progress
-    /// alone (evidence, the last report, `lastTickAt`) is kept in memory and checkpointed.
+    /// alone (evidence, the last report, `lastTickAt`, metrics failures) is kept in memory and
+    /// written when due ([`progress_due`]) and the client-side API limit has room: it never
+    /// makes a decision wait for a token, and waits for a later tick instead.
     async fn persist(&mut self) -> Result<CanaryResource> {
         let generation = self.canary.metadata.generation;
         self.status.observed_generation = generation;
         self.status
             .set_conditions(&Readiness::ok(), generation, self.now);
-        let checkpoint_due = checkpoint_due(
+        let progress_due = progress_due(
             &self.previous,
+            &self.status,
             self.now,
             self.ctx.status_checkpoint,
             &self.key,
-        );
+        ) && self
+            .ctx
+            .api_budget
+            .as_ref()
+            .is_none_or(TokenBucket::has_room);
         let written = if self.status == self.previous {
             self.ctx.keep_unpersisted(&self.key, None);
             self.canary.clone()
-        } else if checkpoint_due || must_persist(&self.previous, &self.status) {
+        } else if progress_due || must_persist(&self.previous, &self.status) {
             let written = write_status(self.canary, &self.status, self.ctx).await?;
             self.ctx.keep_unpersisted(&self.key, None);
             written
@@ -1438,14 +1480,18 @@ pub struct ControllerOptions {
 pub struct Clients {
     pub api: Client,
     pub election: Client,
+    /// The client-side limit `api` is held to, if any: checkpoints are written only while it
+    /// has room (see [`Context::api_budget`]).
+    pub budget: Option<TokenBucket>,
 }
 
 impl Clients {
-    /// One client for both (tests).
+    /// One unthrottled client for both (tests).
     pub fn single(client: Client) -> Self {
         Clients {
             api: client.clone(),
             election: client,
+            budget: None,
         }
     }
 }
@@ -1511,6 +1557,7 @@ pub async fn run(
     let leader = is_leader.subscribe();
     let (stop_election, election_stopped) = watch::channel(false);
     let client = clients.api;
+    let api_budget = clients.budget;
     let lock = LeaseLock::new(clients.election, options.lease.clone(), clock.clone());
     let election = tokio::spawn(run_election(lock, is_leader, election_stopped));
 
@@ -1543,6 +1590,7 @@ pub async fn run(
         let ctx = Arc::new(Context {
             retry_delay: options.retry_delay,
             status_checkpoint: options.status_checkpoint,
+            api_budget: api_budget.clone(),
             registry: registry.clone(),
             guard_trigger: Some(guard_trigger),
             routes: Some(RouteState {

@@ -146,14 +146,16 @@ pub async fn run_until(options: ServeOptions, signal: impl Future<Output = ()>) 
         ))
     };
     let config = kube::Config::infer().await.map_err(|e| unreachable(&e))?;
+    let throttle = ThrottleLayer::new(options.api_qps, options.api_burst);
     let throttled = kube::client::ClientBuilder::try_from(config.clone())
         .map_err(|e| unreachable(&e))?
-        .with_layer(&ThrottleLayer::new(options.api_qps, options.api_burst))
+        .with_layer(&throttle)
         .build();
     let election = kube::Client::try_from(config).map_err(|e| unreachable(&e))?;
     let clients = Clients {
         api: throttled,
         election,
+        budget: Some(throttle.bucket()),
     };
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await

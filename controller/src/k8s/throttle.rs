@@ -42,8 +42,16 @@ impl TokenBucket {
         }
     }
 
-    /// Take a token now, or say how long until one is there.
-    pub fn try_take(&self) -> Result<(), Duration> {
+    /// Whether at least half the burst is saved up: no request is queued and a burst of
+    /// urgent ones would still pass at once. Deferrable work (analysis checkpoints) is done
+    /// only then, so it never makes a decision wait for a token.
+    pub fn has_room(&self) -> bool {
+        let bucket = self.refilled();
+        bucket.tokens >= self.burst / 2.0 + 1.0
+    }
+
+    /// The bucket, with the tokens earned since it was last counted.
+    fn refilled(&self) -> std::sync::MutexGuard<'_, Bucket> {
         let mut bucket = match self.bucket.lock() {
             Ok(bucket) => bucket,
             Err(poisoned) => poisoned.into_inner(),
@@ -52,6 +60,12 @@ impl TokenBucket {
         let refill = now.duration_since(bucket.at).as_secs_f64() * self.qps;
         bucket.tokens = (bucket.tokens + refill).min(self.burst);
         bucket.at = now;
+        bucket
+    }
+
+    /// Take a token now, or say how long until one is there.
+    pub fn try_take(&self) -> Result<(), Duration> {
+        let mut bucket = self.refilled();
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             Ok(())
@@ -72,6 +86,11 @@ impl ThrottleLayer {
         ThrottleLayer {
             bucket: TokenBucket::new(qps, burst),
         }
+    }
+
+    /// The bucket every request through this layer takes its token from.
+    pub fn bucket(&self) -> TokenBucket {
+        self.bucket.clone()
     }
 }
 
@@ -159,5 +178,18 @@ mod tests {
             throttled.ready().await.unwrap().call(()).await.unwrap();
         }
         assert!(before.elapsed() < Duration::from_millis(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn room_means_half_the_burst_is_saved_up() {
+        let bucket = TokenBucket::new(10.0, 10);
+        assert!(bucket.has_room(), "a full bucket");
+        for _ in 0..5 {
+            bucket.try_take().unwrap();
+        }
+        assert!(!bucket.has_room(), "5 of 10 left: urgent requests only");
+        // 0.1 s later one more token: 6 ≥ 10/2 + 1.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(bucket.has_room());
     }
 }

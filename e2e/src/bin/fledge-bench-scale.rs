@@ -30,7 +30,7 @@ use fledge_controller::router::istio::{plan_patch, IstioSettings};
 use fledge_controller::router::DesiredRoutes;
 use fledge_e2e::process::{free_port, wait_until, Proc, ScratchDir};
 use fledge_e2e::scale::{
-    load_average, quantile, FakeGateway, FakePrometheus, Fleet, Member, ProcSample,
+    load_average, quantile, FakeGateway, FakePrometheus, FakeRdsAdmin, Fleet, Member, ProcSample,
 };
 use fledge_e2e::{http, paths};
 use fledge_testkit::fake_api::{apply_json_patch, FakeApiServer};
@@ -66,6 +66,18 @@ struct Args {
     /// Where logs and files go (default: a temporary directory, removed at the end).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Canaries of the standalone `fledge run` part (0: skip it).
+    #[arg(long, default_value_t = 1000)]
+    standalone: usize,
+    /// Skip the restart and leader-handoff figures (taken at the largest size).
+    #[arg(long)]
+    no_faults: bool,
+    /// Canaries of the memory part: RSS after 10 and after 100 intervals (0: skip it).
+    #[arg(long, default_value_t = 1000)]
+    memory_canaries: usize,
+    /// Analysis interval of the memory part, seconds (100 intervals at 2 s: 200 s).
+    #[arg(long, default_value_t = 2)]
+    memory_interval: u64,
 }
 
 /// What one size measured.
@@ -90,6 +102,94 @@ impl Summary {
             self.api_requests_per_s
         )
     }
+
+    /// Standalone `fledge run` has no API server: the same figures without that one.
+    fn standalone_line(&self) -> String {
+        format!(
+            "scale (fledge run): canaries={} rss_mib={:.0} cpu_ms_per_canary_interval={:.3} lag_p99_ms={:.0} scrapes_per_interval={:.2}",
+            self.canaries,
+            self.rss_mib,
+            self.cpu_ms_per_canary_interval,
+            self.lag_p99_ms,
+            self.scrapes_per_interval,
+        )
+    }
+}
+
+/// A new leader taking over mid-rollout: how soon each Canary was judged again, at which step.
+struct Resumption {
+    canaries: usize,
+    /// Canaries judged (a new `lastAnalysis`) within 2 intervals of the fault.
+    within_two: usize,
+    /// Canaries judged at all before the bench stopped looking (4 intervals).
+    resumed: usize,
+    /// Seconds from the fault to each Canary's first judged analysis: p99 and the slowest.
+    p99_s: f64,
+    slowest_s: f64,
+    /// Canaries judged at a step other than the one persisted at the fault (or the next one,
+    /// when its pause ended meanwhile).
+    wrong_step: usize,
+}
+
+impl Resumption {
+    fn figures(&self, interval: Duration) -> String {
+        let i = interval.as_secs_f64();
+        format!(
+            "resumed={}/{} within_2_intervals={} p99_intervals={:.2} slowest_intervals={:.2} at_another_step={}",
+            self.resumed,
+            self.canaries,
+            self.within_two,
+            self.p99_s / i,
+            self.slowest_s / i,
+            self.wrong_step
+        )
+    }
+}
+
+/// The fault figures of the largest size.
+struct Faults {
+    canaries: usize,
+    interval: Duration,
+    restart: Resumption,
+    handoff: Resumption,
+    steps_taken: u64,
+    taken_twice: usize,
+}
+
+impl Faults {
+    fn lines(&self) -> String {
+        format!(
+            "faults: canaries={} restart {}\nfaults: canaries={} handoff {}\nfaults: canaries={} steps_taken={} steps_taken_twice={}",
+            self.canaries,
+            self.restart.figures(self.interval),
+            self.canaries,
+            self.handoff.figures(self.interval),
+            self.canaries,
+            self.steps_taken,
+            self.taken_twice
+        )
+    }
+}
+
+/// Memory of one controller after 10 and after 100 intervals.
+struct MemoryGrowth {
+    canaries: usize,
+    interval: Duration,
+    after_10_mib: f64,
+    after_100_mib: f64,
+}
+
+impl MemoryGrowth {
+    fn line(&self) -> String {
+        format!(
+            "memory: canaries={} interval_s={} rss_mib_after_10_intervals={:.0} rss_mib_after_100_intervals={:.0} change_pct={:+.1}",
+            self.canaries,
+            self.interval.as_secs(),
+            self.after_10_mib,
+            self.after_100_mib,
+            (self.after_100_mib / self.after_10_mib - 1.0) * 100.0
+        )
+    }
 }
 
 fn main() -> Result<()> {
@@ -98,16 +198,55 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let scratch = ScratchDir::at_or_temp(args.dir.as_deref(), "fledge-bench-scale")?;
+    let started = Instant::now();
+    let mut standalone = None;
+    if args.standalone > 0 {
+        let dir = scratch.path().join(format!("run-{}", args.standalone));
+        let summary = runtime.block_on(standalone_run(&args, args.standalone, &dir))?;
+        println!("{}", summary.standalone_line());
+        standalone = Some(summary);
+    }
     let mut summaries = Vec::new();
+    let mut faults = None;
+    let largest = args.sizes.iter().copied().max().unwrap_or(0);
     for &size in &args.sizes {
         let dir = scratch.path().join(format!("controller-{size}"));
-        let summary = runtime.block_on(kubernetes_run(&args, size, &dir))?;
+        let with_faults = !args.no_faults && size == largest && faults.is_none();
+        let (summary, fault_figures) =
+            runtime.block_on(kubernetes_run(&args, size, &dir, with_faults))?;
         println!("{}", summary.line());
+        if let Some(figures) = &fault_figures {
+            println!("{}", figures.lines());
+        }
         summaries.push(summary);
+        faults = faults.or(fault_figures);
+    }
+    let mut memory = None;
+    if args.memory_canaries > 0 {
+        let dir = scratch
+            .path()
+            .join(format!("memory-{}", args.memory_canaries));
+        let growth = runtime.block_on(memory_run(&args, &dir))?;
+        println!("{}", growth.line());
+        memory = Some(growth);
     }
     println!();
+    println!(
+        "== fledge-bench-scale done in {:.0}s; load average {}",
+        started.elapsed().as_secs_f64(),
+        load_average()
+    );
+    if let Some(summary) = &standalone {
+        println!("{}", summary.standalone_line());
+    }
     for summary in &summaries {
         println!("{}", summary.line());
+    }
+    if let Some(faults) = &faults {
+        println!("{}", faults.lines());
+    }
+    if let Some(memory) = &memory {
+        println!("{}", memory.line());
     }
     Ok(())
 }
@@ -312,30 +451,59 @@ impl ControllerProc {
 
     /// The controller's `fledge_analysis_lag_seconds` histogram: (upper bound, cumulative count).
     fn lag_histogram(&self) -> Option<Vec<(f64, f64)>> {
-        let (_, text) = http::get(&self.url("/metrics"), Duration::from_secs(30)).ok()?;
-        let buckets: Vec<(f64, f64)> = text
-            .lines()
-            .filter(|l| l.starts_with("fledge_analysis_lag_seconds_bucket"))
-            .filter_map(|l| {
-                let le = l.split("le=\"").nth(1)?.split('"').next()?;
-                let le = if le == "+Inf" {
-                    f64::INFINITY
-                } else {
-                    le.parse().ok()?
-                };
-                let value = l.rsplit(' ').next()?.parse().ok()?;
-                Some((le, value))
-            })
-            .collect();
-        (!buckets.is_empty()).then_some(buckets)
+        metrics_lag_histogram(&self.url("/metrics"))
     }
 }
 
-/// Status writes that carried a new `lastTickAt`, seen through a watch: (seen at, lag in ms).
+/// The `fledge_analysis_lag_seconds` buckets of a `/metrics` page.
+fn parse_lag_histogram(text: &str) -> Option<Vec<(f64, f64)>> {
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with("fledge_analysis_lag_seconds_bucket"))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let value = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le, value))
+        })
+        .collect();
+    (!buckets.is_empty()).then_some(buckets)
+}
+
+/// Status writes that carried a new `lastTickAt`, seen through a watch: (seen at, lag in ms);
+/// and every step each Canary entered, to find a step taken twice.
 #[derive(Default)]
 struct Observed {
     last_tick: HashMap<String, DateTime<Utc>>,
     lags: Vec<(Instant, f64)>,
+    /// Canary → step → when that step began, as first written.
+    steps: HashMap<String, HashMap<usize, Option<DateTime<Utc>>>>,
+    /// Steps entered (a status with a step not seen before for that Canary).
+    steps_taken: u64,
+    /// Canaries that entered a step again (the same step with another start).
+    taken_twice: std::collections::BTreeSet<String>,
+}
+
+impl Observed {
+    fn saw_step(&mut self, key: &str, step: usize, started: Option<DateTime<Utc>>, initial: bool) {
+        let steps = self.steps.entry(key.to_string()).or_default();
+        match steps.get(&step) {
+            None => {
+                steps.insert(step, started);
+                if !initial {
+                    self.steps_taken += 1;
+                }
+            }
+            Some(first) if *first != started => {
+                self.taken_twice.insert(key.to_string());
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 fn observe(server: &FakeApiServer, interval: Duration) -> Arc<Mutex<Observed>> {
@@ -347,14 +515,12 @@ fn observe(server: &FakeApiServer, interval: Duration) -> Arc<Mutex<Observed>> {
         let mut events =
             kube::runtime::watcher(api, kube::runtime::watcher::Config::default()).boxed();
         while let Some(event) = events.next().await {
-            let canary = match event {
-                Ok(
-                    kube::runtime::watcher::Event::Apply(canary)
-                    | kube::runtime::watcher::Event::InitApply(canary),
-                ) => canary,
+            let (canary, initial) = match event {
+                Ok(kube::runtime::watcher::Event::Apply(canary)) => (canary, false),
+                Ok(kube::runtime::watcher::Event::InitApply(canary)) => (canary, true),
                 _ => continue,
             };
-            let Some(tick) = canary.status.as_ref().and_then(|s| s.last_tick_at) else {
+            let Some(status) = canary.status.as_ref() else {
                 continue;
             };
             let key = format!(
@@ -366,6 +532,15 @@ fn observe(server: &FakeApiServer, interval: Duration) -> Arc<Mutex<Observed>> {
             let mut observed = match sink.lock() {
                 Ok(o) => o,
                 Err(p) => p.into_inner(),
+            };
+            observed.saw_step(
+                &key,
+                status.rollout.step,
+                status.rollout.step_started_at,
+                initial,
+            );
+            let Some(tick) = status.last_tick_at else {
+                continue;
             };
             if let Some(previous) = observed.last_tick.insert(key, tick) {
                 if tick > previous {
@@ -472,7 +647,12 @@ fn hits_delta(before: &(u64, u64, u64), after: &(u64, u64, u64)) -> (u64, u64, u
     (after.0 - before.0, after.1 - before.1, after.2 - before.2)
 }
 
-async fn kubernetes_run(args: &Args, size: usize, dir: &Path) -> Result<Summary> {
+async fn kubernetes_run(
+    args: &Args,
+    size: usize,
+    dir: &Path,
+    with_faults: bool,
+) -> Result<(Summary, Option<Faults>)> {
     let interval = Duration::from_secs(args.interval);
     let fleet = Fleet::new(
         size,
@@ -510,7 +690,28 @@ async fn kubernetes_run(args: &Args, size: usize, dir: &Path) -> Result<Summary>
         "   warm-up {:.0}s (start-up requests done: {settled})",
         warm_up.as_secs_f64() + settling.elapsed().as_secs_f64()
     );
-    let before = tokio::task::block_in_place(|| read(&controller, &cluster))?;
+    let summary = measure_window(args, size, &fleet, &controller, &cluster, &observed).await?;
+    let faults = if with_faults {
+        Some(faults(args, size, dir, &fleet, controller, &cluster, &observed).await?)
+    } else {
+        let _ = controller.proc.stop();
+        None
+    };
+    Ok((summary, faults))
+}
+
+/// The measured window of one size: `--intervals` intervals of the controller at work.
+async fn measure_window(
+    args: &Args,
+    size: usize,
+    fleet: &Fleet,
+    controller: &ControllerProc,
+    cluster: &Cluster,
+    observed: &Arc<Mutex<Observed>>,
+) -> Result<Summary> {
+    let interval = Duration::from_secs(args.interval);
+    let bench_before = ProcSample::read(std::process::id())?;
+    let before = tokio::task::block_in_place(|| read(controller, cluster))?;
     let window = interval * args.intervals;
     let mut peak_rss = before.proc.rss_kib;
     let window_started = Instant::now();
@@ -520,7 +721,8 @@ async fn kubernetes_run(args: &Args, size: usize, dir: &Path) -> Result<Summary>
             peak_rss = peak_rss.max(sample.rss_kib);
         }
     }
-    let after = tokio::task::block_in_place(|| read(&controller, &cluster))?;
+    let after = tokio::task::block_in_place(|| read(controller, cluster))?;
+    let bench_after = ProcSample::read(std::process::id())?;
     let seconds = after.proc.at.duration_since(before.proc.at).as_secs_f64();
     let intervals = seconds / interval.as_secs_f64();
 
@@ -563,11 +765,7 @@ async fn kubernetes_run(args: &Args, size: usize, dir: &Path) -> Result<Summary>
     };
     let observed_count = observed_lags.len();
     let observed_p99 = quantile(&mut observed_lags.clone(), 0.99);
-    let self_reported = match (&before.lag_histogram, &after.lag_histogram) {
-        (Some(b), Some(a)) => histogram_quantile(b, a, 0.99),
-        (None, Some(a)) => histogram_quantile(&[], a, 0.99),
-        _ => None,
-    };
+    let self_reported = lag_quantile(&before.lag_histogram, &after.lag_histogram);
     let lag_p99_ms = match self_reported {
         Some((seconds, _)) => seconds * 1000.0,
         None => observed_p99,
@@ -583,6 +781,10 @@ async fn kubernetes_run(args: &Args, size: usize, dir: &Path) -> Result<Summary>
         peak_rss as f64 / 1024.0,
         cpu_ms,
         cpu_ms / seconds / 10.0
+    );
+    println!(
+        "   this bench process (fake API server, gateways, Prometheus, observer): cpu {:.1}% of a core",
+        (bench_after.cpu_ms - bench_before.cpu_ms) / seconds / 10.0
     );
     match self_reported {
         Some((p99, count)) => println!(
@@ -615,7 +817,6 @@ async fn kubernetes_run(args: &Args, size: usize, dir: &Path) -> Result<Summary>
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let _ = controller.proc.stop();
     Ok(Summary {
         canaries: size,
         rss_mib: after.proc.rss_mib(),
@@ -623,5 +824,381 @@ async fn kubernetes_run(args: &Args, size: usize, dir: &Path) -> Result<Summary>
         lag_p99_ms,
         scrapes_per_interval,
         api_requests_per_s: api_total as f64 / seconds,
+    })
+}
+
+/// p99 of the lag histogram's increase between two readings, and the number of decisions.
+fn lag_quantile(
+    before: &Option<Vec<(f64, f64)>>,
+    after: &Option<Vec<(f64, f64)>>,
+) -> Option<(f64, f64)> {
+    match (before, after) {
+        (Some(b), Some(a)) => histogram_quantile(b, a, 0.99),
+        (None, Some(a)) => histogram_quantile(&[], a, 0.99),
+        _ => None,
+    }
+}
+
+/// Each Canary's persisted step, as the API server holds it now.
+fn persisted_steps(server: &FakeApiServer, fleet: &Fleet) -> HashMap<String, usize> {
+    fleet
+        .members
+        .iter()
+        .filter_map(|m| server.get("fledge.dev", "canaries", &m.namespace, &m.name))
+        .filter_map(|object| {
+            let canary: CanaryResource = serde_json::from_value(object).ok()?;
+            let key = format!(
+                "{}/{}",
+                canary.metadata.namespace.clone()?,
+                canary.metadata.name.clone()?
+            );
+            Some((key, canary.status?.rollout.step))
+        })
+        .collect()
+}
+
+/// Watch a new leader's status API until every Canary has been judged after `fault` (a new
+/// `lastAnalysis`), for at most 4 intervals: when (from the analysis' own time) and at which
+/// step, against the steps persisted at the fault.
+async fn resumption(
+    controller: &ControllerProc,
+    steps: &HashMap<String, usize>,
+    fault: DateTime<Utc>,
+    interval: Duration,
+) -> Result<Resumption> {
+    let mut judged: HashMap<String, (f64, usize)> = HashMap::new();
+    let started = Instant::now();
+    let url = controller.url("/api/v1/canaries");
+    while judged.len() < steps.len() && started.elapsed() < interval * 4 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let Ok(views) =
+            tokio::task::block_in_place(|| http::get_json(&url, Duration::from_secs(30)))
+        else {
+            continue;
+        };
+        for view in views.as_array().into_iter().flatten() {
+            let (Some(name), Some(step)) = (view["name"].as_str(), view["step"].as_u64()) else {
+                continue;
+            };
+            let at = view["lastAnalysis"]["at"]
+                .as_str()
+                .and_then(|at| DateTime::parse_from_rfc3339(at).ok())
+                .map(|at| at.with_timezone(&Utc));
+            if let Some(at) = at.filter(|at| *at > fault) {
+                let after_s = (at - fault).num_milliseconds() as f64 / 1000.0;
+                judged
+                    .entry(name.to_string())
+                    .or_insert((after_s, step as usize));
+            }
+        }
+    }
+    let mut times: Vec<f64> = judged.values().map(|(t, _)| *t).collect();
+    let wrong_step = judged
+        .iter()
+        .filter(|(name, (_, step))| {
+            steps
+                .get(*name)
+                .is_none_or(|before| *step != *before && *step != before + 1)
+        })
+        .count();
+    let two = 2.0 * interval.as_secs_f64();
+    Ok(Resumption {
+        canaries: steps.len(),
+        within_two: times.iter().filter(|t| **t <= two).count(),
+        resumed: judged.len(),
+        p99_s: quantile(&mut times, 0.99),
+        slowest_s: times.iter().copied().fold(0.0, f64::max),
+        wrong_step,
+    })
+}
+
+/// Send SIGTERM (a graceful shutdown: in-flight reconciles finish, the Lease is released) and
+/// wait up to `grace` for the process to exit.
+fn terminate(proc: &mut Proc, grace: Duration) -> Result<()> {
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(proc.pid().to_string())
+        .status()
+        .context("kill -TERM")?;
+    let deadline = Instant::now() + grace;
+    while proc.is_running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if proc.is_running() {
+        bail!("{} did not exit within {grace:?} of SIGTERM", proc.name());
+    }
+    Ok(())
+}
+
+/// Restart (SIGKILL, then the same identity again, as a restarted pod) and leader handoff (a
+/// standby takes over from a leader shut down gracefully), each measured by [`resumption`];
+/// steps taken twice over the whole run from the observer.
+async fn faults(
+    args: &Args,
+    size: usize,
+    dir: &Path,
+    fleet: &Fleet,
+    mut leader: ControllerProc,
+    cluster: &Cluster,
+    observed: &Arc<Mutex<Observed>>,
+) -> Result<Faults> {
+    let interval = Duration::from_secs(args.interval);
+    // Restart: the process dies mid-rollout and comes back under the same name.
+    let steps = persisted_steps(&cluster.server, fleet);
+    let fault = Utc::now();
+    leader.proc.kill_now();
+    let mut restarted =
+        ControllerProc::start(&cluster.kubeconfig, "bench-a", &dir.join("restarted.log"))?;
+    let leading = tokio::task::block_in_place(|| restarted.wait_leading(Duration::from_secs(60)))?;
+    let restart = resumption(&restarted, &steps, fault, interval).await?;
+    println!(
+        "   restart (SIGKILL, same identity): leading after {:.1}s; {}; load average {}",
+        leading.as_secs_f64(),
+        restart.figures(interval),
+        load_average()
+    );
+
+    // Handoff: a standby is ready; the leader shuts down; the standby takes over.
+    let mut standby =
+        ControllerProc::start(&cluster.kubeconfig, "bench-b", &dir.join("standby.log"))?;
+    let standby_url = standby.url("/readyz");
+    tokio::task::block_in_place(|| {
+        wait_until("the standby to answer", Duration::from_secs(60), || {
+            Ok(http::get(&standby_url, Duration::from_secs(2))
+                .ok()
+                .filter(|(code, _)| *code == 200)
+                .map(|_| ()))
+        })
+    })?;
+    tokio::time::sleep(interval).await;
+    let steps = persisted_steps(&cluster.server, fleet);
+    let fault = Utc::now();
+    tokio::task::block_in_place(|| terminate(&mut restarted.proc, Duration::from_secs(180)))?;
+    let stopped = (Utc::now() - fault).num_milliseconds() as f64 / 1000.0;
+    let taking_over =
+        tokio::task::block_in_place(|| standby.wait_leading(Duration::from_secs(60)))?;
+    let handoff = resumption(&standby, &steps, fault, interval).await?;
+    println!(
+        "   handoff (leader stopped in {stopped:.1}s, standby leading {:.1}s later): {}; load average {}",
+        taking_over.as_secs_f64(),
+        handoff.figures(interval),
+        load_average()
+    );
+    let _ = standby.proc.stop();
+    let observed = observed
+        .lock()
+        .map_err(|_| anyhow::anyhow!("observer lock"))?;
+    Ok(Faults {
+        canaries: size,
+        interval,
+        restart,
+        handoff,
+        steps_taken: observed.steps_taken,
+        taken_twice: observed.taken_twice.len(),
+    })
+}
+
+/// Standalone `fledge run` with `size` canaries from one multi-document spec file, each with
+/// its own RDS file (verified through a [`FakeRdsAdmin`]), reading the same fake gateways and
+/// Prometheus. They start from the beginning (a baseline, then the first weight step).
+async fn standalone_run(args: &Args, size: usize, dir: &Path) -> Result<Summary> {
+    let interval = Duration::from_secs(args.interval);
+    let fleet = Fleet::new(
+        size,
+        args.services_per_gateway,
+        interval,
+        Duration::from_secs(args.pause),
+    );
+    println!(
+        "== fledge run (standalone), {size} canaries: {} gateways, {} via Prometheus, router envoyRds (one file each), interval {}s, {} intervals measured",
+        fleet.gateways,
+        fleet.on_prometheus().len(),
+        args.interval,
+        args.intervals
+    );
+    std::fs::create_dir_all(dir)?;
+    let rds_dir = dir.join("rds");
+    std::fs::create_dir_all(&rds_dir)?;
+    let (shutdown, stopped) = tokio::sync::watch::channel(false);
+    let _stop_on_drop = scopeguard_send(shutdown);
+    let started = Instant::now();
+    let mut gateways = Vec::new();
+    for g in 0..fleet.gateways {
+        gateways.push(FakeGateway::start(&fleet.on_gateway(g), started, stopped.clone()).await?);
+    }
+    let prometheus =
+        FakePrometheus::start(&fleet.on_prometheus(), started, stopped.clone()).await?;
+    let rds_admin = FakeRdsAdmin::start(&rds_dir, stopped.clone()).await?;
+    let gateway_urls: Vec<String> = gateways.iter().map(|g| g.url.clone()).collect();
+    let mut documents = String::new();
+    for member in &fleet.members {
+        std::fs::write(
+            rds_dir.join(format!("{}.json", member.service())),
+            serde_json::to_vec(&fledge_e2e::scale::rds_file(member))?,
+        )?;
+        let document = fleet.standalone_document(
+            member,
+            &gateway_urls,
+            &prometheus.url,
+            &rds_dir,
+            &rds_admin.url,
+        );
+        documents.push_str("---\n");
+        documents.push_str(&serde_json::to_string(&document)?);
+        documents.push('\n');
+    }
+    let specs = dir.join("canaries.yaml");
+    std::fs::write(&specs, documents)?;
+    let port = free_port()?;
+    let mut command = Command::new(paths::fledge_binary()?);
+    command
+        .arg("run")
+        .arg("-f")
+        .arg(&specs)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--state-dir")
+        .arg(dir.join("state"));
+    let mut proc = Proc::spawn("fledge run", command, &dir.join("run.log"))?;
+    let base = format!("http://127.0.0.1:{port}");
+    let canaries_url = format!("{base}/api/v1/canaries");
+    // Warm-up: every canary has taken its baseline and its first step (setWeight 10).
+    let warm = Instant::now();
+    tokio::task::block_in_place(|| {
+        wait_until(
+            "every canary at its first weight",
+            Duration::from_secs(600),
+            || {
+                fledge_e2e::process::abort_if_exited(&mut proc)?;
+                let views = http::get_json(&canaries_url, Duration::from_secs(30)).ok();
+                let at_weight = views
+                    .as_ref()
+                    .and_then(|v| v.as_array())
+                    .map(|v| {
+                        v.iter()
+                            .filter(|c| c["canaryWeight"].as_u64() == Some(10))
+                            .count()
+                    })
+                    .unwrap_or(0);
+                Ok((at_weight == size).then_some(()))
+            },
+        )
+    })
+    .with_context(|| format!("fledge run log:\n{}", proc.log_tail(20)))?;
+    tokio::time::sleep(interval * 2).await;
+    println!(
+        "   warm-up {:.0}s (every canary at weight 10, then 2 intervals)",
+        warm.elapsed().as_secs_f64()
+    );
+    let lag_histogram = || metrics_lag_histogram(&format!("{base}/metrics"));
+    let bench_before = ProcSample::read(std::process::id())?;
+    let before = ProcSample::read(proc.pid())?;
+    let lag_before = tokio::task::block_in_place(lag_histogram);
+    let hits_before: Vec<(u64, u64, u64)> = gateways.iter().map(|g| g.hits.snapshot()).collect();
+    let prometheus_before = prometheus.hits.snapshot();
+    tokio::time::sleep(interval * args.intervals).await;
+    let lag_after = tokio::task::block_in_place(lag_histogram);
+    let after = ProcSample::read(proc.pid())?;
+    let bench_after = ProcSample::read(std::process::id())?;
+    let seconds = after.at.duration_since(before.at).as_secs_f64();
+    let intervals = seconds / interval.as_secs_f64();
+    let scrapes: u64 = gateways
+        .iter()
+        .zip(&hits_before)
+        .map(|(g, b)| hits_delta(b, &g.hits.snapshot()).0)
+        .sum();
+    let prometheus_queries = hits_delta(&prometheus_before, &prometheus.hits.snapshot()).0;
+    let cpu_ms = after.cpu_ms - before.cpu_ms;
+    let lag = lag_quantile(&lag_before, &lag_after);
+    let summary = Summary {
+        canaries: size,
+        rss_mib: after.rss_mib(),
+        cpu_ms_per_canary_interval: cpu_ms / (size as f64 * intervals),
+        lag_p99_ms: lag.map_or(f64::NAN, |(p99, _)| p99 * 1000.0),
+        scrapes_per_interval: scrapes as f64 / intervals / fleet.gateways.max(1) as f64,
+        api_requests_per_s: 0.0,
+    };
+    println!(
+        "   window {seconds:.0}s = {intervals:.1} intervals; load average {}",
+        load_average()
+    );
+    println!(
+        "   fledge run: rss {:.0} MiB; cpu {cpu_ms:.0} ms = {:.1}% of a core; decisions {:.0} ({:.2} per canary-interval); Prometheus: {prometheus_queries} traffic queries ({:.2} per interval); route checks {}",
+        after.rss_mib(),
+        cpu_ms / seconds / 10.0,
+        lag.map_or(0.0, |(_, n)| n),
+        lag.map_or(0.0, |(_, n)| n) / (size as f64 * intervals),
+        prometheus_queries as f64 / intervals,
+        rds_admin.hits.snapshot().0
+    );
+    println!(
+        "   this bench process (gateways, Prometheus, RDS admin): cpu {:.1}% of a core",
+        (bench_after.cpu_ms - bench_before.cpu_ms) / seconds / 10.0
+    );
+    let _ = proc.stop();
+    Ok(summary)
+}
+
+/// Sends `true` when dropped (stops the fake endpoints of a part on every exit path).
+fn scopeguard_send(sender: tokio::sync::watch::Sender<bool>) -> impl Drop {
+    struct StopOnDrop(tokio::sync::watch::Sender<bool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.send_replace(true);
+        }
+    }
+    StopOnDrop(sender)
+}
+
+/// `fledge_analysis_lag_seconds` of a `/metrics` page: (upper bound, cumulative count).
+fn metrics_lag_histogram(url: &str) -> Option<Vec<(f64, f64)>> {
+    let (_, text) = http::get(url, Duration::from_secs(30)).ok()?;
+    parse_lag_histogram(&text)
+}
+
+/// The memory part: one controller with `--memory-canaries` at `--memory-interval`, its RSS
+/// after 10 and after 100 intervals (from its start).
+async fn memory_run(args: &Args, dir: &Path) -> Result<MemoryGrowth> {
+    let size = args.memory_canaries;
+    let interval = Duration::from_secs(args.memory_interval);
+    let fleet = Fleet::new(
+        size,
+        args.services_per_gateway,
+        interval,
+        Duration::from_secs(args.pause),
+    );
+    println!(
+        "== memory: fledge controller, {size} canaries, interval {}s, RSS after 10 and 100 intervals",
+        args.memory_interval
+    );
+    let cluster = start_cluster(&fleet, dir).await?;
+    let mut controller =
+        ControllerProc::start(&cluster.kubeconfig, "bench-m", &dir.join("controller.log"))?;
+    tokio::task::block_in_place(|| controller.wait_leading(Duration::from_secs(60)))?;
+    let started = Instant::now();
+    let rss_at = |n: u32| {
+        let at = interval * n;
+        let controller = &controller;
+        async move {
+            tokio::time::sleep(at.saturating_sub(started.elapsed())).await;
+            ProcSample::read(controller.proc.pid()).map(|s| s.rss_mib())
+        }
+    };
+    let after_10_mib = rss_at(10).await?;
+    println!(
+        "   after 10 intervals: rss {after_10_mib:.0} MiB; load average {}",
+        load_average()
+    );
+    let after_100_mib = rss_at(100).await?;
+    println!(
+        "   after 100 intervals: rss {after_100_mib:.0} MiB; load average {}",
+        load_average()
+    );
+    let _ = controller.proc.stop();
+    Ok(MemoryGrowth {
+        canaries: size,
+        interval,
+        after_10_mib,
+        after_100_mib,
     })
 }
