@@ -854,12 +854,27 @@ fn start_with(
     backends: ScriptedBackends,
     clock: TokioClock,
 ) -> Running {
+    start_with_budget(server, options, backends, clock, None)
+}
+
+/// [`start_with`], the API budget (the client-side limit's bucket) given.
+fn start_with_budget(
+    server: &FakeApiServer,
+    options: ControllerOptions,
+    backends: ScriptedBackends,
+    clock: TokioClock,
+    budget: Option<super::throttle::TokenBucket>,
+) -> Running {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (leader_tx, leader) = watch::channel(false);
     let registry = Registry::default();
     let identity = options.lease.identity.clone();
+    let clients = Clients {
+        budget,
+        ..Clients::single(server.client(&identity))
+    };
     let task = tokio::spawn(run(
-        Clients::single(server.client(&identity)),
+        clients,
         options,
         Arc::new(backends),
         Arc::new(clock),
@@ -1821,6 +1836,50 @@ async fn analysis_progress_is_checkpointed_steps_are_written_at_once_and_routes_
         st.rollout.history
     );
     successor.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_room_in_the_api_budget_checkpoints_and_events_wait_but_steps_do_not() {
+    let server = seeded(canary_object(
+        json!({
+            "interval": "10s",
+            "stepWeights": null,
+            "steps": [{"setWeight": 20}, {"pause": {"duration": "40s"}}, {"setWeight": 50}]
+        }),
+        json!({}),
+    ));
+    let backends = ScriptedBackends::default();
+    // A bucket that never refills enough: 5 of 10 tokens, never the 6 that mean room.
+    let budget = super::throttle::TokenBucket::new(0.000_001, 10);
+    for _ in 0..5 {
+        budget.try_take().unwrap();
+    }
+    let controller = start_with_budget(
+        &server,
+        ControllerOptions {
+            status_checkpoint: Duration::from_secs(10),
+            ..options("a")
+        },
+        backends.clone(),
+        TokioClock::starting_at(t0()),
+        Some(budget),
+    );
+    tokio::time::sleep(Duration::from_secs(55)).await;
+    // Every step written at once (20 %, the pause, 50 %), each entered once; no checkpoint
+    // in between, although one was due every 10–20 s; no Event.
+    let st = status(&server);
+    assert_eq!((st.rollout.step, st.rollout.canary_weight), (2, 50));
+    assert_eq!(vs_weights(&server), Weights::canary_percent(50));
+    let steps: Vec<usize> = st.rollout.history.iter().map(|t| t.step).collect();
+    assert_eq!(steps, [0, 1, 2], "{:?}", st.rollout.history);
+    let requests = server.take_requests();
+    let writes = count_kind(&requests, "a", "PUT canaries/status");
+    assert!(
+        (3..=4).contains(&writes),
+        "{writes} status writes: {requests:?}"
+    );
+    assert_eq!(count_kind(&requests, "a", "POST events"), 0);
+    controller.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
