@@ -838,9 +838,8 @@ struct ApiResponse {
     warnings: Vec<String>,
 }
 
-/// The `data` of an instant query.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "resultType", content = "result", rename_all = "lowercase")]
+/// The `data` of an instant query (deserialized by [`QueryDataVisitor`]).
+#[derive(Debug)]
 enum QueryData {
     Vector(Vec<VectorSample>),
     Scalar(SampleValue),
@@ -857,6 +856,75 @@ impl QueryData {
             QueryData::Matrix(_) => "range vector (matrix)",
             QueryData::String(_) => "string",
         }
+    }
+}
+
+const RESULT_TYPES: &[&str] = &["vector", "scalar", "matrix", "string"];
+
+impl<'de> Deserialize<'de> for QueryData {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(QueryDataVisitor)
+    }
+}
+
+/// `{"resultType": ..., "result": ...}` in either order. With the type first (as Prometheus
+/// writes it) the result is read straight into its type; with the result first it is kept as
+/// its JSON text until the type is known. (serde's adjacently tagged enums buffer such a
+/// result as generic content: with 10,000 canaries' series, hundreds of MB for a moment.)
+struct QueryDataVisitor;
+
+impl<'de> serde::de::Visitor<'de> for QueryDataVisitor {
+    type Value = QueryData;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a query result with resultType and result")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<QueryData, A::Error> {
+        use serde::de::Error;
+        let mut result_type: Option<String> = None;
+        let mut data = None;
+        let mut early: Option<Box<serde_json::value::RawValue>> = None;
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "resultType" => result_type = Some(map.next_value()?),
+                "result" => match result_type.as_deref() {
+                    Some(kind) => data = Some(map.next_value_seed(ResultOf(kind))?),
+                    None => early = Some(map.next_value()?),
+                },
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        let kind = result_type.ok_or_else(|| A::Error::missing_field("resultType"))?;
+        if let Some(data) = data {
+            return Ok(data);
+        }
+        let raw = early.ok_or_else(|| A::Error::missing_field("result"))?;
+        let mut result = serde_json::Deserializer::from_str(raw.get());
+        serde::de::DeserializeSeed::deserialize(ResultOf(&kind), &mut result)
+            .map_err(A::Error::custom)
+    }
+}
+
+/// A `result` of the named `resultType`.
+struct ResultOf<'a>(&'a str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for ResultOf<'_> {
+    type Value = QueryData;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<QueryData, D::Error> {
+        Ok(match self.0 {
+            "vector" => QueryData::Vector(Deserialize::deserialize(deserializer)?),
+            "scalar" => QueryData::Scalar(Deserialize::deserialize(deserializer)?),
+            "matrix" => QueryData::Matrix(Deserialize::deserialize(deserializer)?),
+            "string" => QueryData::String(Deserialize::deserialize(deserializer)?),
+            other => return Err(serde::de::Error::unknown_variant(other, RESULT_TYPES)),
+        })
     }
 }
 
@@ -1244,6 +1312,56 @@ mod tests {
     use super::*;
     use fledge_testkit::http::{closed_port_url, FakeEndpoint, Reply};
     use serde_json::{json, Value};
+
+    #[test]
+    fn a_query_result_parses_with_its_type_before_or_after_it() {
+        let sample = r#"{"metric": {"__name__": "up", "job": "a"}, "value": [1.5, "2"]}"#;
+        for data in [
+            format!(r#"{{"resultType": "vector", "result": [{sample}, {sample}]}}"#),
+            format!(r#"{{"result": [{sample}, {sample}], "resultType": "vector"}}"#),
+        ] {
+            let QueryData::Vector(samples) = serde_json::from_str::<QueryData>(&data).unwrap()
+            else {
+                panic!("{data}: not a vector");
+            };
+            assert_eq!(samples.len(), 2, "{data}");
+            assert_eq!(samples[1].metric["job"], "a");
+            assert_eq!(samples[1].value.as_ref().unwrap().number(), Ok(2.0));
+        }
+        for (data, kind) in [
+            (
+                r#"{"result": [1, "-Inf"], "resultType": "scalar"}"#,
+                "scalar",
+            ),
+            (
+                r#"{"resultType": "matrix", "result": [{"values": []}]}"#,
+                "range vector (matrix)",
+            ),
+            (
+                r#"{"result": [1, "x"], "resultType": "string", "stats": {}}"#,
+                "string",
+            ),
+        ] {
+            assert_eq!(
+                serde_json::from_str::<QueryData>(data).unwrap().type_name(),
+                kind
+            );
+        }
+        for (data, problem) in [
+            (
+                r#"{"resultType": "histogram", "result": []}"#,
+                "unknown variant `histogram`",
+            ),
+            (r#"{"result": []}"#, "missing field `resultType`"),
+            (r#"{"resultType": "vector"}"#, "missing field `result`"),
+            (r#"{"result": {}, "resultType": "vector"}"#, "invalid type"),
+        ] {
+            let error = serde_json::from_str::<QueryData>(data)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(problem), "{data}: {error}");
+        }
+    }
 
     /// A fake Prometheus query API; stopped when dropped. It answers each PromQL set with
     /// [`set_reply`] / [`reply_ok`]; any other query gets a `bad_data` error.
