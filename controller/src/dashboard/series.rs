@@ -26,23 +26,6 @@ pub struct SubsetPoint {
     pub p99_ms: Option<f64>,
 }
 
-impl SubsetPoint {
-    fn from_traffic(traffic: &SubsetTraffic, seconds: f64) -> Self {
-        let requests = traffic.requests();
-        SubsetPoint {
-            requests,
-            rps: if seconds > 0.0 {
-                requests as f64 / seconds
-            } else {
-                0.0
-            },
-            success_rate: traffic.success_rate_percent(),
-            p50_ms: traffic.latency.quantile(0.5),
-            p99_ms: traffic.latency.quantile(0.99),
-        }
-    }
-}
-
 /// One analysis interval: what each subset served and the weight it was served at.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -111,10 +94,89 @@ impl SharedSeries {
     }
 }
 
-/// The last [`SERIES_LIMIT`] intervals of one canary.
+/// One interval as kept in memory: 56 bytes where an [`IntervalPoint`] takes 160, for up to
+/// [`SERIES_LIMIT`] points per canary (10,000 canaries × 720 points: 400 MB instead of 1.15 GB).
+/// Rates are derived when read; success rates and latency quantiles are kept as `f32` (7
+/// significant digits, read back as the shortest decimal that `f32` holds) with NaN for none;
+/// times to the millisecond.
+#[derive(Debug, Clone, Copy)]
+struct StoredPoint {
+    at_ms: i64,
+    /// Requests of the stable and the canary subset.
+    requests: [u64; 2],
+    /// Length of the interval.
+    millis: u32,
+    /// Success rate, p50 and p99 of the stable and the canary subset.
+    measures: [[f32; 3]; 2],
+    canary_weight: u8,
+    phase: Phase,
+    verdict: Option<Verdict>,
+}
+
+fn narrow(value: Option<f64>) -> f32 {
+    value.map_or(f32::NAN, |v| v as f32)
+}
+
+/// The `f64` a reader expects from a stored `f32`: the shortest decimal that rounds to it
+/// (`99.95`, not `99.94999694824219`).
+fn widen(value: f32) -> Option<f64> {
+    if value.is_nan() {
+        return None;
+    }
+    Some(value.to_string().parse().unwrap_or(f64::from(value)))
+}
+
+impl StoredPoint {
+    fn subset(traffic: &SubsetTraffic) -> (u64, [f32; 3]) {
+        (
+            traffic.requests(),
+            [
+                narrow(traffic.success_rate_percent()),
+                narrow(traffic.latency.quantile(0.5)),
+                narrow(traffic.latency.quantile(0.99)),
+            ],
+        )
+    }
+
+    fn subset_point(&self, subset: usize) -> SubsetPoint {
+        let requests = self.requests[subset];
+        let seconds = self.seconds();
+        let [success_rate, p50_ms, p99_ms] = self.measures[subset].map(widen);
+        SubsetPoint {
+            requests,
+            rps: if seconds > 0.0 {
+                requests as f64 / seconds
+            } else {
+                0.0
+            },
+            success_rate,
+            p50_ms,
+            p99_ms,
+        }
+    }
+
+    fn seconds(&self) -> f64 {
+        f64::from(self.millis) / 1000.0
+    }
+
+    fn point(&self) -> IntervalPoint {
+        IntervalPoint {
+            at: DateTime::from_timestamp_millis(self.at_ms).unwrap_or_default(),
+            seconds: self.seconds(),
+            canary_weight: self.canary_weight,
+            phase: self.phase,
+            stable: self.subset_point(0),
+            canary: self.subset_point(1),
+            verdict: self.verdict,
+        }
+    }
+}
+
+/// The last [`SERIES_LIMIT`] intervals of one canary. Its buffer grows with the points (a
+/// canary that has run a few intervals holds a few points) and never beyond the limit.
 #[derive(Debug, Clone, Default)]
 pub struct Series {
-    points: VecDeque<IntervalPoint>,
+    points: VecDeque<StoredPoint>,
     last_at: Option<DateTime<Utc>>,
 }
 
@@ -130,24 +192,30 @@ impl Series {
         observation: &Observation,
         verdict: Option<Verdict>,
     ) {
-        let seconds = self
+        let millis = self
             .last_at
-            .map(|last| (at - last).num_milliseconds() as f64 / 1000.0)
-            .filter(|s| *s > 0.0)
-            .unwrap_or(nominal_seconds);
+            .map(|last| (at - last).num_milliseconds())
+            .filter(|ms| *ms > 0)
+            .unwrap_or((nominal_seconds * 1000.0).round() as i64);
         self.last_at = Some(at);
-        self.points.push_back(IntervalPoint {
-            at,
-            seconds,
+        let (stable_requests, stable) = StoredPoint::subset(&observation.stable);
+        let (canary_requests, canary) = StoredPoint::subset(&observation.canary);
+        if self.points.len() >= SERIES_LIMIT {
+            self.points.pop_front();
+        } else if self.points.len() == self.points.capacity() {
+            // Double, but never past the limit (a VecDeque alone would reach 1,024 slots).
+            let wanted = (self.points.capacity() * 2).clamp(4, SERIES_LIMIT);
+            self.points.reserve_exact(wanted - self.points.len());
+        }
+        self.points.push_back(StoredPoint {
+            at_ms: at.timestamp_millis(),
+            requests: [stable_requests, canary_requests],
+            millis: u32::try_from(millis.max(0)).unwrap_or(u32::MAX),
+            measures: [stable, canary],
             canary_weight,
             phase,
-            stable: SubsetPoint::from_traffic(&observation.stable, seconds),
-            canary: SubsetPoint::from_traffic(&observation.canary, seconds),
             verdict,
         });
-        while self.points.len() > SERIES_LIMIT {
-            self.points.pop_front();
-        }
     }
 
     /// Note that time passed without an observation (e.g. metrics unreachable), so the next
@@ -157,7 +225,7 @@ impl Series {
     }
 
     pub fn points(&self) -> Vec<IntervalPoint> {
-        self.points.iter().cloned().collect()
+        self.points.iter().map(StoredPoint::point).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -243,5 +311,69 @@ mod tests {
         }
         assert_eq!(series.len(), SERIES_LIMIT);
         assert_eq!(series.points()[0].at, at(10));
+        assert_eq!(
+            series.points()[SERIES_LIMIT - 1].at,
+            at(SERIES_LIMIT as i64 + 9)
+        );
+        assert!(
+            series.points.capacity() <= SERIES_LIMIT + 8,
+            "the buffer stops at the limit: {}",
+            series.points.capacity()
+        );
+    }
+
+    #[test]
+    fn a_young_series_holds_only_its_points() {
+        let mut series = Series::default();
+        for i in 0..10 {
+            series.record(
+                at(i),
+                1.0,
+                5,
+                Phase::Progressing,
+                &Observation::default(),
+                None,
+            );
+        }
+        assert!(
+            series.points.capacity() < 32,
+            "{}",
+            series.points.capacity()
+        );
+    }
+
+    #[test]
+    fn a_stored_point_is_small_and_reads_back_as_recorded() {
+        assert!(std::mem::size_of::<StoredPoint>() <= 56);
+        let mut series = Series::default();
+        let observation = Observation {
+            stable: traffic(1_999_000, 1_000),
+            canary: traffic(0, 0),
+            ..Default::default()
+        };
+        series.record(
+            at(0),
+            7.5,
+            1,
+            Phase::Paused,
+            &observation,
+            Some(Verdict::NoData),
+        );
+        let point = &series.points()[0];
+        assert_eq!(point.seconds, 7.5);
+        assert_eq!(point.stable.requests, 2_000_000);
+        assert_eq!(
+            point.stable.success_rate,
+            Some(99.95),
+            "not 99.94999694824219"
+        );
+        assert_eq!(point.stable.rps, 2_000_000.0 / 7.5);
+        assert_eq!((point.canary.requests, point.canary.rps), (0, 0.0));
+        assert_eq!(point.canary.success_rate, None);
+        assert_eq!(point.canary.p50_ms, None);
+        assert_eq!(
+            (point.phase, point.verdict),
+            (Phase::Paused, Some(Verdict::NoData))
+        );
     }
 }
