@@ -9,6 +9,9 @@
 //! - `cluster-stats`: no filter either — what `metricsSource.envoyClusterStats` runs — as a
 //!   process of its own, so its ratio to `none` shows how much two identical Envoys differ here;
 //! - `empty`: an empty Rust proxy-wasm SDK filter (`fledge-empty-filter`), the Wasm floor;
+//! - `floor`: `fledge-floor-filter`, only `on_log` and the four reads per-subset classes and
+//!   durations need (cluster, code, code details, duration): what any proxy-wasm filter with
+//!   these metrics pays on this host, so the table shows how far each module is above it;
 //! - `observer`: the metrics-only module (`fledge_observer.wasm`), default configuration plus
 //!   the two clusters' names;
 //! - `tagging`: the full module (`fledge_filter.wasm`) with `responseHeader`, `sticky` and
@@ -70,8 +73,8 @@ struct Args {
     connections: u32,
     #[arg(long, default_value_t = 2)]
     threads: u32,
-    /// Only these built-in variants (comma-separated: none, cluster-stats, empty, observer,
-    /// tagging, guard); `empty` is always kept (the ratios need it).
+    /// Only these built-in variants (comma-separated: none, cluster-stats, empty, floor,
+    /// observer, tagging, guard); `empty` is always kept (the ratios need it).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// More variants measured alongside, as NAME=JSON (the full module with that
@@ -125,7 +128,7 @@ fn clusters_config() -> serde_json::Value {
     })
 }
 
-fn builtin_variants(full: &Path, observer: &Path, empty: &Path) -> Vec<Variant> {
+fn builtin_variants(full: &Path, observer: &Path, empty: &Path, floor: &Path) -> Vec<Variant> {
     let tagging = json!({
         "clusters": clusters_config(),
         "sticky": {"header": USER_HEADER},
@@ -159,6 +162,12 @@ fn builtin_variants(full: &Path, observer: &Path, empty: &Path) -> Vec<Variant> 
             name: "empty".into(),
             about: "empty Rust proxy-wasm SDK filter".into(),
             filter: filter(empty, String::new()),
+            fledge_metrics: false,
+        },
+        Variant {
+            name: "floor".into(),
+            about: "on_log + the 4 reads metrics need (cluster, code, details, duration)".into(),
+            filter: filter(floor, String::new()),
             fledge_metrics: false,
         },
         Variant {
@@ -208,7 +217,8 @@ fn main() -> Result<()> {
     let full = paths::filter_wasm()?;
     let observer = full.with_file_name("fledge_observer.wasm");
     let empty = full.with_file_name("fledge_empty_filter.wasm");
-    let mut variants: Vec<Variant> = builtin_variants(&full, &observer, &empty)
+    let floor = full.with_file_name("fledge_floor_filter.wasm");
+    let mut variants: Vec<Variant> = builtin_variants(&full, &observer, &empty, &floor)
         .into_iter()
         .filter(|v| args.only.is_empty() || v.name == "empty" || args.only.contains(&v.name))
         .collect();
@@ -219,7 +229,7 @@ fn main() -> Result<()> {
         if let Some(filter) = &variant.filter {
             ensure!(
                 filter.wasm.is_file(),
-                "{} missing; run make build-filter and cargo build -p fledge-empty-filter --target wasm32-wasip1 --release",
+                "{} missing; run make build-filter and cargo build -p fledge-empty-filter -p fledge-floor-filter --target wasm32-wasip1 --release",
                 filter.wasm.display()
             );
         }
@@ -412,6 +422,28 @@ fn main() -> Result<()> {
                 "{} ÷ empty = {value:.3} (target >= {target}): {}",
                 r.variant.name,
                 if value >= target { "met" } else { "MISSED" }
+            ));
+        }
+    }
+    // Each Fledge module against the floor of its reads, per round (both against the same
+    // round's empty filter): how much of the gap to the empty filter is the module's own.
+    if let Some(floor) = running.iter().position(|r| r.variant.name == "floor") {
+        for (i, r) in running.iter().enumerate() {
+            if !r.variant.fledge_metrics {
+                continue;
+            }
+            let vs_floor: Vec<f64> = vs_empty(i)
+                .iter()
+                .zip(vs_empty(floor))
+                .map(|(v, f)| v / f)
+                .collect();
+            verdicts.push(format!(
+                "{} ÷ floor = {:.3} [{:.3}..{:.3}] (floor ÷ empty = {:.3}: the reads every metrics filter makes)",
+                r.variant.name,
+                median(&vs_floor),
+                min(&vs_floor),
+                max(&vs_floor),
+                median(&vs_empty(floor)),
             ));
         }
     }

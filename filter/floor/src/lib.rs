@@ -1,0 +1,285 @@
+//! The floor of what the filter's metrics cost through proxy-wasm, for `make bench-filter`:
+//! a module that exports only `proxy_on_log` (and the tick that publishes its counts) and makes,
+//! per request, exactly the four reads per-subset metrics need — `xds.cluster_name` (which
+//! subset), `response.code` (the class), `response.code_details` (did the upstream answer,
+//! completely: resets, local replies and cut-off responses are `none`) and `request.duration`
+//! — then counts in memory. No gRPC status, no configuration, no guard: whatever a real
+//! metrics filter costs above this is its own doing; this much any proxy-wasm filter with
+//! these metrics pays.
+//!
+//! Counts are published once a second as `fledge_floor_requests_total.<cluster>.<class>`
+//! counters (so the bench can see it counted) and nothing else.
+//!
+//! With the cargo feature `cel`, the four reads are one CEL expression instead, compiled once
+//! with Envoy's `expr_create` and evaluated per request with `expr_evaluate` (one hostcall, one
+//! allocator entry). docs/filter-performance.md has what each costs; to compare:
+//!
+//! ```sh
+//! cargo build -p fledge-floor-filter --features cel --target wasm32-wasip1 --release --target-dir /tmp/cel
+//! make bench-filter BENCH_ARGS="--only floor --variant cel@/tmp/cel/wasm32-wasip1/release/fledge_floor_filter.wasm="
+//! ```
+
+#[cfg(target_arch = "wasm32")]
+// The proxy-wasm ABI: raw imports and `#[no_mangle]` exports, each with a SAFETY comment.
+#[allow(unsafe_code)]
+mod wasm {
+    use std::cell::RefCell;
+    use std::ptr::null_mut;
+
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        #[cfg(not(feature = "cel"))]
+        fn proxy_get_property(
+            path_data: *const u8,
+            path_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+        ) -> u32;
+        fn proxy_define_metric(
+            metric_type: u32,
+            name_data: *const u8,
+            name_size: usize,
+            return_id: *mut u32,
+        ) -> u32;
+        fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+        fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+        #[cfg(feature = "cel")]
+        fn proxy_call_foreign_function(
+            name_data: *const u8,
+            name_size: usize,
+            arguments_data: *const u8,
+            arguments_size: usize,
+            results_data: *mut *mut u8,
+            results_size: *mut usize,
+        ) -> u32;
+    }
+
+    /// `2xx`…`5xx`, `none`.
+    const CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "none"];
+    /// Distinct clusters counted; more are folded into the last.
+    const MAX_CLUSTERS: usize = 16;
+
+    #[derive(Default)]
+    struct Cluster {
+        name: Vec<u8>,
+        pending: [i64; 5],
+        ids: [Option<u32>; 5],
+        duration_ms: i64,
+    }
+
+    thread_local! {
+        static CLUSTERS: RefCell<Vec<Cluster>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Take the bytes the host wrote into memory from `proxy_on_memory_allocate`.
+    fn owned(status: u32, data: *mut u8, size: usize) -> Option<Vec<u8>> {
+        if status != 0 || data.is_null() {
+            return None;
+        }
+        // SAFETY: the host filled `size` bytes it got from `proxy_on_memory_allocate`.
+        Some(unsafe { Vec::from_raw_parts(data, size, size) })
+    }
+
+    #[cfg(not(feature = "cel"))]
+    fn property(path: &[u8]) -> Option<Vec<u8>> {
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: `path` is live for the call; out-pointers are valid locals.
+        let status = unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
+        owned(status, data, size)
+    }
+
+    /// The four values of a finished request: cluster, code, code details, duration (ns).
+    type Values = (Vec<u8>, Option<i64>, Option<Vec<u8>>, Option<i64>);
+
+    #[cfg(not(feature = "cel"))]
+    fn values() -> Values {
+        (
+            property(b"xds\0cluster_name").unwrap_or_default(),
+            int(property(b"response\0code")),
+            property(b"response\0code_details"),
+            int(property(b"request\0duration")),
+        )
+    }
+
+    #[cfg(feature = "cel")]
+    const EXPRESSION: &str = "[has(xds.cluster_name) ? xds.cluster_name : '', \
+        has(response.code) ? response.code : 0, \
+        has(response.code_details) ? response.code_details : '', \
+        has(request.duration) ? request.duration : -1]";
+
+    #[cfg(feature = "cel")]
+    thread_local! {
+        static TOKEN: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+    }
+
+    #[cfg(feature = "cel")]
+    fn foreign(name: &str, arguments: &[u8]) -> Option<Vec<u8>> {
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: `name` and `arguments` are live for the call; out-pointers are valid locals.
+        let status = unsafe {
+            proxy_call_foreign_function(
+                name.as_ptr(),
+                name.len(),
+                arguments.as_ptr(),
+                arguments.len(),
+                &mut data,
+                &mut size,
+            )
+        };
+        owned(status, data, size)
+    }
+
+    /// `expr_evaluate`'s list: a count, (key size, value size) per item, then NUL-terminated
+    /// keys and values; the items are the keys.
+    #[cfg(feature = "cel")]
+    fn values() -> Values {
+        let result = TOKEN
+            .get()
+            .and_then(|token| foreign("expr_evaluate", &token.to_le_bytes()))
+            .unwrap_or_default();
+        let word = |at: usize| -> usize {
+            result
+                .get(at..at + 4)
+                .and_then(|w| w.try_into().ok())
+                .map_or(0, |w| u32::from_le_bytes(w) as usize)
+        };
+        let mut items: [Vec<u8>; 4] = Default::default();
+        if word(0) == 4 {
+            let mut at = 4 + 4 * 8;
+            for (i, item) in items.iter_mut().enumerate() {
+                let (key, value) = (word(4 + i * 8), word(8 + i * 8));
+                *item = result.get(at..at + key).unwrap_or_default().to_vec();
+                at += key + 1 + value + 1;
+            }
+        }
+        let [cluster, code, details, duration] = items;
+        (cluster, int(Some(code)), Some(details), int(Some(duration)))
+    }
+
+    fn int(bytes: Option<Vec<u8>>) -> Option<i64> {
+        Some(i64::from_le_bytes(bytes?.as_slice().try_into().ok()?))
+    }
+
+    fn class(code: Option<i64>, via_upstream: bool) -> usize {
+        match (code, via_upstream) {
+            (Some(code @ 200..=599), true) => (code / 100 - 2) as usize,
+            (Some(code), true) if code < 200 => 0,
+            _ => 4,
+        }
+    }
+
+    #[cfg(target_os = "wasi")]
+    extern "C" {
+        fn __wasm_call_ctors();
+    }
+
+    #[no_mangle]
+    pub extern "C" fn _initialize() {
+        #[cfg(target_os = "wasi")]
+        // SAFETY: the WASI reactor contract: static constructors once, before anything else.
+        unsafe {
+            __wasm_call_ctors();
+        }
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_abi_version_0_2_1() {}
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
+        let buffer: Box<[std::mem::MaybeUninit<u8>]> = Box::new_uninit_slice(size);
+        Box::into_raw(buffer).cast::<u8>()
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_vm_start(_root_id: u32, _size: usize) -> bool {
+        true
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_configure(_root_id: u32, _size: usize) -> bool {
+        #[cfg(feature = "cel")]
+        if TOKEN.get().is_none() {
+            let token = foreign("expr_create", EXPRESSION.as_bytes())
+                .and_then(|t| t.as_slice().try_into().ok())
+                .map(u32::from_le_bytes);
+            TOKEN.set(token);
+        }
+        // SAFETY: plain integer.
+        unsafe {
+            proxy_set_tick_period_milliseconds(1000);
+        }
+        true
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_log(_context_id: u32) {
+        let (cluster, code, details, duration) = values();
+        let via_upstream = details.as_deref() == Some(b"via_upstream");
+        let duration_ms = duration.filter(|d| *d >= 0).map(|nanos| nanos / 1_000_000);
+        let class = class(code.filter(|_| !cluster.is_empty()), via_upstream);
+        CLUSTERS.with(|clusters| {
+            let Ok(mut clusters) = clusters.try_borrow_mut() else {
+                return;
+            };
+            let index = match clusters.iter().position(|c| c.name == cluster) {
+                Some(index) => index,
+                None if clusters.len() < MAX_CLUSTERS => {
+                    clusters.push(Cluster {
+                        name: cluster,
+                        ..Cluster::default()
+                    });
+                    clusters.len() - 1
+                }
+                None => MAX_CLUSTERS - 1,
+            };
+            if let Some(entry) = clusters.get_mut(index) {
+                if let Some(count) = entry.pending.get_mut(class) {
+                    *count += 1;
+                }
+                entry.duration_ms += duration_ms.unwrap_or(0);
+            }
+        });
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_tick(_root_id: u32) {
+        CLUSTERS.with(|clusters| {
+            let Ok(mut clusters) = clusters.try_borrow_mut() else {
+                return;
+            };
+            for cluster in clusters.iter_mut() {
+                for (class, name) in CLASSES.iter().enumerate() {
+                    let (Some(count), Some(id)) = (
+                        cluster.pending.get(class).copied(),
+                        cluster.ids.get_mut(class),
+                    ) else {
+                        continue;
+                    };
+                    if count == 0 {
+                        continue;
+                    }
+                    if id.is_none() {
+                        let metric = format!(
+                            "fledge_floor_requests_total.{}.{name}",
+                            String::from_utf8_lossy(&cluster.name)
+                        );
+                        let mut new_id = 0u32;
+                        // SAFETY: `metric` is live for the call; out-pointer is a valid local.
+                        let status = unsafe {
+                            proxy_define_metric(0, metric.as_ptr(), metric.len(), &mut new_id)
+                        };
+                        *id = (status == 0).then_some(new_id);
+                    }
+                    if let Some(id) = *id {
+                        // SAFETY: plain integers.
+                        unsafe {
+                            proxy_increment_metric(id, count);
+                        }
+                    }
+                }
+                cluster.pending = [0; 5];
+            }
+        });
+    }
+}
