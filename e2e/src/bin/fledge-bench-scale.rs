@@ -19,8 +19,21 @@
 //! - `scrapes_per_interval`: `/stats/prometheus` traffic scrapes per gateway per interval;
 //! - `api_requests_per_s`: every request the API server served during the window.
 //!
+//! The bench process' own CPU is printed next to the controller's, to show the measuring side
+//! is not the bottleneck.
+//!
+//! Besides the sizes (in this order): standalone `fledge run` with `--standalone` canaries (one
+//! RDS file each, verified through a fake Envoy admin); at the largest size, after its window, a
+//! restart (SIGKILL, the same identity again) and a leader handoff (a standby takes over from a
+//! leader stopped gracefully), each measured from the fault to every Canary's first judged
+//! analysis under the new leader (its own `lastAnalysis.at`, read from the status API) and its
+//! step there against the step persisted at the fault, and the steps taken over the whole run
+//! (from a watch: a step entered twice is one seen again with another start); then the memory
+//! part: `--memory-canaries` at `--memory-interval`, RSS after 10 and after 100 intervals.
+//!
 //! It ends with one line per size:
 //! `scale: canaries=N rss_mib=… cpu_ms_per_canary_interval=… lag_p99_ms=… scrapes_per_interval=… api_requests_per_s=…`
+//! and `scale (fledge run): …`, `faults: …` and `memory: …` lines.
 
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
@@ -789,7 +802,7 @@ async fn measure_window(
     );
     match self_reported {
         Some((p99, count)) => println!(
-            "   decisions: {count:.0} in the window ({:.2} per canary-interval); lag p99 {:.0} ms (fledge_analysis_lag_seconds); status writes with a new lastTickAt seen: {observed_count} (p99 {observed_p99:.0} ms)",
+            "   decisions: {count:.0} in the window ({:.2} per canary-interval); lag p99 {:.0} ms (fledge_analysis_lag_seconds); status writes carrying analysis progress (checkpoints, or with a step) seen: {observed_count}",
             count / canary_intervals,
             p99 * 1000.0
         ),
