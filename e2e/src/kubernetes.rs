@@ -174,6 +174,24 @@ pub struct KubeController {
     port: u16,
 }
 
+/// `fledge controller` on 127.0.0.1:`port` as `identity`, with `kubeconfig` and the Lease in
+/// `fledge-system`; without the in-cluster variables, so it never takes a test's pod for its own.
+pub fn controller_command(kubeconfig: &Path, identity: &str, port: u16) -> Result<Command> {
+    let mut command = Command::new(paths::fledge_binary()?);
+    command
+        .arg("controller")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--lease-namespace")
+        .arg("fledge-system")
+        .arg("--identity")
+        .arg(identity)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("POD_NAME")
+        .env_remove("POD_NAMESPACE");
+    Ok(command)
+}
+
 impl KubeController {
     /// Start `fledge controller --identity IDENTITY` with the cluster's kubeconfig and wait
     /// until its `/readyz` answers.
@@ -189,19 +207,8 @@ impl KubeController {
         args: &[&str],
     ) -> Result<KubeController> {
         let port = free_port()?;
-        let mut command = Command::new(paths::fledge_binary()?);
-        command
-            .arg("controller")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--lease-namespace")
-            .arg("fledge-system")
-            .arg("--identity")
-            .arg(identity)
-            .args(args)
-            .env("KUBECONFIG", cluster.kubeconfig())
-            .env_remove("POD_NAME")
-            .env_remove("POD_NAMESPACE");
+        let mut command = controller_command(cluster.kubeconfig(), identity, port)?;
+        command.args(args);
         let mut proc = Proc::spawn("fledge controller", command, log_path)?;
         let url = format!("http://127.0.0.1:{port}/readyz");
         wait_until("fledge controller /readyz", Duration::from_secs(20), || {

@@ -885,15 +885,7 @@ impl FakeApiServer {
         name: &str,
         change: impl FnOnce(&mut Value),
     ) {
-        let Some(mut object) = self.get(group, plural, namespace, name) else {
-            panic!("fake API server: {plural} {namespace}/{name} does not exist");
-        };
-        change(&mut object);
-        if let Err(Failure(_, _, message)) =
-            self.update_object(group, plural, namespace, name, object, false)
-        {
-            panic!("fake API server: edit failed: {message}");
-        }
+        self.change_stored(group, plural, namespace, name, false, change);
         self.react(group, plural, namespace, name);
     }
 
@@ -907,14 +899,29 @@ impl FakeApiServer {
         name: &str,
         change: impl FnOnce(&mut Value),
     ) {
+        self.change_stored(group, plural, namespace, name, true, change);
+    }
+
+    /// Read, change and write back one stored object, with the main-resource or the status
+    /// rules; a test that edits what is not there, or what the rules refuse, fails here.
+    fn change_stored(
+        &self,
+        group: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+        status: bool,
+        change: impl FnOnce(&mut Value),
+    ) {
         let Some(mut object) = self.get(group, plural, namespace, name) else {
             panic!("fake API server: {plural} {namespace}/{name} does not exist");
         };
         change(&mut object);
         if let Err(Failure(_, _, message)) =
-            self.update_object(group, plural, namespace, name, object, true)
+            self.update_object(group, plural, namespace, name, object, status)
         {
-            panic!("fake API server: status edit failed: {message}");
+            let what = if status { "status edit" } else { "edit" };
+            panic!("fake API server: {what} failed: {message}");
         }
     }
 

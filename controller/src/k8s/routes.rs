@@ -104,6 +104,12 @@ struct RouteUser {
     done: bool,
 }
 
+/// Which of two Canaries naming one route keeps it: the older, then the first by name.
+fn rank_of(canary: &CanaryResource) -> (Option<String>, String) {
+    let created = canary.metadata.creation_timestamp.as_ref();
+    (created.map(|t| t.0.to_string()), canary.name_any())
+}
+
 #[derive(Default)]
 struct Indexed {
     built: Option<Instant>,
@@ -171,14 +177,7 @@ impl RouteIndex {
             let user = RouteUser {
                 key,
                 object: ObjectRef::from_obj(canary.as_ref()),
-                rank: (
-                    canary
-                        .metadata
-                        .creation_timestamp
-                        .as_ref()
-                        .map(|t| t.0.to_string()),
-                    canary.name_any(),
-                ),
+                rank: rank_of(&canary),
                 done,
             };
             let object = (
@@ -197,19 +196,12 @@ impl RouteIndex {
 
     /// The Canary that already steers `route` for `canary`, if another one does: the oldest
     /// (then the first by name) of those naming it that has not finished and handed its routes
-    /// back (a Canary with a workload never hands its route back). Two Canaries moving one route's weights would undo each other's steps and judge
-    /// traffic neither of them set.
+    /// back (a Canary with a workload never hands its route back). Two Canaries moving one
+    /// route's weights would undo each other's steps and judge traffic neither of them set.
     pub fn taken_by(&self, canary: &CanaryResource, route: &RouteKey) -> Option<String> {
         let key = key_of(canary);
         let indexed = self.current(Some(&key));
-        let rank = (
-            canary
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0.to_string()),
-            canary.name_any(),
-        );
+        let rank = rank_of(canary);
         indexed
             .by_route
             .get(route)?

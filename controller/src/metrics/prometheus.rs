@@ -51,7 +51,7 @@
 //! [`ObservationError::Malformed`] with Prometheus' message and the query. After any error no
 //! reading is committed, so the next successful call covers everything since the last one.
 
-use super::shared::{within, SharedReads};
+use super::shared::{within, SharedRead, SharedReads};
 use super::{describe_request_error, MergedSubset, MetricsSource, SubsetSelector};
 use async_trait::async_trait;
 use fledge_core::contract::{
@@ -254,12 +254,7 @@ impl PrometheusSource {
                     async move { read_traffic(&client, &url, &address, &query, timeout).await }
                         .boxed()
                 });
-        let index = within(read, self.request_timeout).await.ok_or_else(|| {
-            ObservationError::Unreachable(format!(
-                "Prometheus {}: traffic query: timed out after {:?}",
-                self.address, self.request_timeout
-            ))
-        })?;
+        let index = self.await_query(read, "traffic query").await?;
         let index = index.as_ref().as_ref().map_err(Clone::clone)?;
         let origins = index.origins(&self.selector).map_err(|problem| {
             ObservationError::Malformed(format!(
@@ -268,6 +263,21 @@ impl PrometheusSource {
             ))
         })?;
         Ok((seq, origins))
+    }
+
+    /// Wait for a shared query (started by whichever canary asked first) for at most this
+    /// canary's request timeout.
+    async fn await_query<V>(
+        &self,
+        read: SharedRead<V>,
+        what: &str,
+    ) -> Result<Arc<V>, ObservationError> {
+        within(read, self.request_timeout).await.ok_or_else(|| {
+            ObservationError::Unreachable(format!(
+                "Prometheus {}: {what}: timed out after {:?}",
+                self.address, self.request_timeout
+            ))
+        })
     }
 
     /// Evaluate every custom query concurrently. Metrics without a finite value are left out.
@@ -388,12 +398,7 @@ impl MetricsSource for PrometheusSource {
                 let timeout = self.request_timeout;
                 async move { read_guards(&client, &url, &address, &promql, timeout).await }.boxed()
             });
-        let guards = within(read, self.request_timeout).await.ok_or_else(|| {
-            ObservationError::Unreachable(format!(
-                "Prometheus {}: guard query: timed out after {:?}",
-                self.address, self.request_timeout
-            ))
-        })?;
+        let guards = self.await_query(read, "guard query").await?;
         let guards = guards.as_ref().as_ref().map_err(Clone::clone)?;
         Ok(guards
             .get(&self.selector.service)

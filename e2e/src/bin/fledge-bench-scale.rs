@@ -41,6 +41,7 @@ use clap::Parser;
 use fledge_controller::k8s::crd::{CanaryResource, CanaryResourceStatus, Readiness};
 use fledge_controller::router::istio::{plan_patch, IstioSettings};
 use fledge_controller::router::DesiredRoutes;
+use fledge_e2e::kubernetes::controller_command;
 use fledge_e2e::process::{free_port, wait_until, Proc, ScratchDir};
 use fledge_e2e::scale::{
     load_average, quantile, FakeGateway, FakePrometheus, FakeRdsAdmin, Fleet, Member, ProcSample,
@@ -427,18 +428,7 @@ struct ControllerProc {
 impl ControllerProc {
     fn start(kubeconfig: &Path, identity: &str, log: &Path) -> Result<ControllerProc> {
         let port = free_port()?;
-        let mut command = Command::new(paths::fledge_binary()?);
-        command
-            .arg("controller")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--lease-namespace")
-            .arg("fledge-system")
-            .arg("--identity")
-            .arg(identity)
-            .env("KUBECONFIG", kubeconfig)
-            .env_remove("POD_NAME")
-            .env_remove("POD_NAMESPACE");
+        let command = controller_command(kubeconfig, identity, port)?;
         let proc = Proc::spawn("fledge controller", command, log)?;
         Ok(ControllerProc { proc, port })
     }
@@ -660,6 +650,16 @@ fn hits_delta(before: &(u64, u64, u64), after: &(u64, u64, u64)) -> (u64, u64, u
     (after.0 - before.0, after.1 - before.1, after.2 - before.2)
 }
 
+/// The bench's fleet of `size` Canaries at `interval`, spread over gateways as `args` say.
+fn fleet_of(args: &Args, size: usize, interval: Duration) -> Fleet {
+    Fleet::new(
+        size,
+        args.services_per_gateway,
+        interval,
+        Duration::from_secs(args.pause),
+    )
+}
+
 async fn kubernetes_run(
     args: &Args,
     size: usize,
@@ -667,12 +667,7 @@ async fn kubernetes_run(
     with_faults: bool,
 ) -> Result<(Summary, Option<Faults>)> {
     let interval = Duration::from_secs(args.interval);
-    let fleet = Fleet::new(
-        size,
-        args.services_per_gateway,
-        interval,
-        Duration::from_secs(args.pause),
-    );
+    let fleet = fleet_of(args, size, interval);
     println!(
         "== fledge controller, {size} canaries: {} gateways × ≤{} services (Envoy admin), {} via Prometheus (2 gateway replicas), interval {}s, {} intervals measured",
         fleet.gateways,
@@ -1017,12 +1012,7 @@ async fn faults(
 /// Prometheus. They start from the beginning (a baseline, then the first weight step).
 async fn standalone_run(args: &Args, size: usize, dir: &Path) -> Result<Summary> {
     let interval = Duration::from_secs(args.interval);
-    let fleet = Fleet::new(
-        size,
-        args.services_per_gateway,
-        interval,
-        Duration::from_secs(args.pause),
-    );
+    let fleet = fleet_of(args, size, interval);
     println!(
         "== fledge run (standalone), {size} canaries: {} gateways, {} via Prometheus, router envoyRds (one file each), interval {}s, {} intervals measured",
         fleet.gateways,
@@ -1175,12 +1165,7 @@ fn metrics_lag_histogram(url: &str) -> Option<Vec<(f64, f64)>> {
 async fn memory_run(args: &Args, dir: &Path) -> Result<MemoryGrowth> {
     let size = args.memory_canaries;
     let interval = Duration::from_secs(args.memory_interval);
-    let fleet = Fleet::new(
-        size,
-        args.services_per_gateway,
-        interval,
-        Duration::from_secs(args.pause),
-    );
+    let fleet = fleet_of(args, size, interval);
     println!(
         "== memory: fledge controller, {size} canaries, interval {}s, RSS after 10 and 100 intervals",
         args.memory_interval
