@@ -549,6 +549,18 @@ fn choose_latency_boundaries(
             }
         }
     }
+    // Every stable request faster than every quantile's bucket (a fast service, an idle
+    // machine): compare at the stable's slowest bucket, so a canary slower than anything the
+    // stable served still shows — never "boundaries chosen" with nothing to compare.
+    if chosen.is_empty() {
+        let stable_max = stable
+            .bounds_ms
+            .iter()
+            .zip(&stable.cumulative)
+            .find(|(_, cum)| **cum >= stable.count)
+            .map(|(b, _)| *b);
+        chosen.extend(stable_max);
+    }
     let limit = spec.metrics.iter().find_map(|m| match m.kind() {
         Some(MetricKind::Duration { .. }) => m.threshold_range.max,
         _ => None,
@@ -1359,6 +1371,53 @@ mod tests {
         let report = evaluate(&spec, &mut state, &busy, t(1));
         assert!(report.warnings.is_empty(), "{:?}", report.warnings);
         assert!(state.latency_boundaries_chosen);
+    }
+
+    /// A stable version faster than every bucket still gets a boundary: its slowest bucket.
+    /// (Choosing none marked the boundaries chosen, cleared the warning, and then compared
+    /// no latency at all for the rest of the rollout.)
+    #[test]
+    fn a_stable_faster_than_every_bucket_still_has_its_latency_compared() {
+        let spec = compare_spec();
+        let mut state = AnalysisState::default();
+        let mut detected = false;
+        for i in 0..30 {
+            // No stable request slower than 50 ms; 10% of canary requests slower than 500 ms.
+            let o = Observation {
+                stable: traffic(400, 0, 0),
+                canary: traffic(100, 0, 10),
+                ..Default::default()
+            };
+            let report = evaluate(&spec, &mut state, &o, t(i));
+            assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+            assert!(
+                report.checks.iter().any(|c| c.name == "latency-vs-stable"),
+                "{:?}",
+                report.checks
+            );
+            if let Some(check) = report.decisive_failure() {
+                assert_eq!(check.name, "latency-vs-stable");
+                assert!(
+                    check.reason.contains("slower than 50 ms"),
+                    "{}",
+                    check.reason
+                );
+                detected = true;
+                break;
+            }
+        }
+        assert_eq!(
+            state
+                .latency
+                .iter()
+                .map(|l| l.boundary_ms)
+                .collect::<Vec<_>>(),
+            [50.0]
+        );
+        assert!(
+            detected,
+            "a canary slower than all of the stable was not caught"
+        );
     }
 
     #[test]

@@ -492,8 +492,8 @@ pub struct CompareSpec {
     /// Latency bucket boundaries to compare at, in milliseconds; each must be a bucket
     /// boundary of the latency histogram (a warning says when one is not). Default: chosen from
     /// the first interval in which the stable version serves at least 50 requests (near its
-    /// p50, p90, p99) plus the `request-duration` limit; until then latency is not compared,
-    /// and a warning says so.
+    /// p50, p90, p99, or its slowest bucket when it is faster than those) plus the
+    /// `request-duration` limit; until then latency is not compared, and a warning says so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_boundaries_ms: Option<Vec<f64>>,
     /// If set, a step only advances once the canary's error ratio to stable is shown (with
