@@ -85,6 +85,11 @@ struct Args {
     /// Skip the fixed-rate latency phase.
     #[arg(long)]
     no_latency: bool,
+    /// Also measure what each read of the metrics costs: `filter/floor` with 0, 1, 2 and 3 of
+    /// its 4 reads, and with the 4 plus the observer's hostcalls that return no value (two clock
+    /// reads, an absent header) — the per-read cost table of docs/filter-performance.md.
+    #[arg(long)]
+    reads: bool,
 }
 
 const USER_HEADER: &str = "x-user-id";
@@ -191,6 +196,43 @@ fn builtin_variants(full: &Path, observer: &Path, empty: &Path, floor: &Path) ->
     ]
 }
 
+/// `filter/floor` variants for `--reads`: (name, the reads its configuration lists, what).
+/// The builtin `floor` makes all four reads.
+const READ_LADDER: [(&str, &str, &str); 5] = [
+    ("floor-0", "none", "on_log only, no hostcall"),
+    ("floor-1", "xds.cluster_name", "on_log + 1 read: cluster"),
+    (
+        "floor-2",
+        "xds.cluster_name,response.code",
+        "on_log + 2 reads: cluster, code",
+    ),
+    (
+        "floor-3",
+        "xds.cluster_name,response.code,response.code_details",
+        "on_log + 3 reads: cluster, code, details",
+    ),
+    (
+        "floor+calls",
+        "xds.cluster_name,response.code,response.code_details,request.duration,now,now,hdr:grpc-status",
+        "the 4 reads + 2 clock reads + an absent header (hostcalls returning no value)",
+    ),
+];
+
+fn read_ladder(floor: &Path) -> Vec<Variant> {
+    READ_LADDER
+        .iter()
+        .map(|(name, reads, about)| Variant {
+            name: (*name).to_string(),
+            about: (*about).to_string(),
+            filter: Some(WasmFilter {
+                wasm: floor.to_path_buf(),
+                plugin_config: (*reads).to_string(),
+            }),
+            fledge_metrics: false,
+        })
+        .collect()
+}
+
 /// `NAME=JSON` or `NAME@/path/x.wasm=JSON`.
 fn extra_variant(spec: &str, full: &Path) -> Result<Variant> {
     let (name, config) = spec
@@ -222,6 +264,9 @@ fn main() -> Result<()> {
         .into_iter()
         .filter(|v| args.only.is_empty() || v.name == "empty" || args.only.contains(&v.name))
         .collect();
+    if args.reads {
+        variants.extend(read_ladder(&floor));
+    }
     for spec in &args.variants {
         variants.push(extra_variant(spec, &full)?);
     }
@@ -297,7 +342,7 @@ fn main() -> Result<()> {
             cpu_us[i].push(value);
             cpu_ref[i].push(reference);
         }
-        println!("{line}");
+        println!("{line} (load {})", load_average());
     }
     let rate = if args.rate > 0 {
         args.rate
@@ -374,14 +419,24 @@ fn main() -> Result<()> {
     println!();
     println!(
         "== Envoy CPU per request (utime+stime ÷ requests served), medians of {} alternating rounds [min..max of the per-round values]; \
-         ÷ empty: against the empty filter measured right before and after the variant ==",
+         ÷ empty: against the empty filter measured right before and after the variant; +µs: CPU per request above it ==",
         args.rounds
     );
+    // CPU(variant) − CPU(empty) in µs per request, per round, against the same empty
+    // measurements as the ratio.
+    let added_us = |i: usize| -> Vec<f64> {
+        cpu_us[i]
+            .iter()
+            .zip(&cpu_ref[i])
+            .map(|(v, e)| v - e)
+            .collect()
+    };
     println!(
-        "{:<14} {:>12}  {:>24}  {:>9}  {:>11}  {:>22}  what",
+        "{:<14} {:>12}  {:>24}  {:>8}  {:>9}  {:>11}  {:>22}  what",
         "variant",
         "CPU µs/req",
         "÷ empty [min..max]",
+        "+µs",
         "÷ none",
         "req/s",
         format!("p50/p99 µs at {rate}/s")
@@ -406,11 +461,17 @@ fn main() -> Result<()> {
         } else {
             format!("{:.0}/{:.0}", median(&p50[i]), median(&p99[i]))
         };
+        let added = if i == empty_index {
+            "0".to_string()
+        } else {
+            format!("{:+.2}", median(&added_us(i)))
+        };
         println!(
-            "{:<14} {:>12.2}  {:>24}  {:>9}  {:>11.0}  {:>22}  {}",
+            "{:<14} {:>12.2}  {:>24}  {:>8}  {:>9}  {:>11.0}  {:>22}  {}",
             r.variant.name,
             median(&cpu_us[i]),
             vs_empty_text,
+            added,
             vs_none.map_or("-".into(), |v| format!("{v:.3}")),
             median(&throughput[i]),
             latency,
@@ -424,6 +485,10 @@ fn main() -> Result<()> {
                 if value >= target { "met" } else { "MISSED" }
             ));
         }
+    }
+    if args.reads {
+        let names: Vec<&str> = running.iter().map(|r| r.variant.name.as_str()).collect();
+        verdicts.extend(read_costs(&names, |i| median(&added_us(i))));
     }
     // Each Fledge module against the floor of its reads, per round (both against the same
     // round's empty filter): how much of the gap to the empty filter is the module's own.
@@ -500,6 +565,39 @@ fn main() -> Result<()> {
         load_average()
     );
     Ok(())
+}
+
+/// `--reads`: what each step of the floor's read ladder adds, from the medians of +µs.
+/// `names` are the variants in measurement order; `added(i)` is variant i's median +µs.
+fn read_costs(names: &[&str], added: impl Fn(usize) -> f64) -> Vec<String> {
+    let index = |name: &str| names.iter().position(|n| *n == name);
+    let steps = [
+        (
+            "floor-0",
+            "empty",
+            "on_log only instead of the SDK's 7 callbacks",
+        ),
+        ("floor-1", "floor-0", "1st read (xds.cluster_name)"),
+        ("floor-2", "floor-1", "2nd read (response.code)"),
+        ("floor-3", "floor-2", "3rd read (response.code_details)"),
+        ("floor", "floor-3", "4th read (request.duration)"),
+        (
+            "floor+calls",
+            "floor",
+            "2 clock reads + 1 absent header (no value returned)",
+        ),
+    ];
+    steps
+        .iter()
+        .filter_map(|(to, from, what)| {
+            let to_value = added(index(to)?);
+            let from_value = added(index(from)?);
+            Some(format!(
+                "read cost: {what}: {:+.2} µs per request ({to} {to_value:+.2} vs {from} {from_value:+.2})",
+                to_value - from_value
+            ))
+        })
+        .collect()
 }
 
 fn start_envoy(variant: &Variant, upstream_port: u16, dir: &Path) -> Result<Envoy> {
@@ -889,6 +987,20 @@ mod tests {
         assert_eq!(latency_verdict(20.0, 30.0), "met");
         assert_eq!(latency_verdict(80.0, 30.0), "MISSED");
         assert!(latency_verdict(-4000.0, 9000.0).starts_with("NOT MEASURABLE"));
+    }
+
+    #[test]
+    fn read_costs_are_the_steps_of_the_ladder() {
+        let names = ["empty", "floor", "floor-0", "floor-1", "floor-3"];
+        let added = [0.0, 4.0, -1.5, 1.0, 2.5];
+        let costs = read_costs(&names, |i| added[i]);
+        // floor-2 was not measured: the steps from and to it are left out.
+        assert_eq!(costs.len(), 3, "{costs:?}");
+        assert!(costs[0].contains("-1.50 µs"), "{}", costs[0]);
+        assert!(costs[1].starts_with("read cost: 1st read"), "{}", costs[1]);
+        assert!(costs[1].contains("+2.50 µs"), "{}", costs[1]);
+        assert!(costs[2].starts_with("read cost: 4th read"), "{}", costs[2]);
+        assert!(costs[2].contains("+1.50 µs"), "{}", costs[2]);
     }
 
     #[test]

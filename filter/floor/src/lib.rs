@@ -7,6 +7,11 @@
 //! metrics filter costs above this is its own doing; this much any proxy-wasm filter with
 //! these metrics pays.
 //!
+//! Its plugin configuration can list other reads instead, to measure what each costs
+//! (`make bench-filter BENCH_ARGS=--reads` runs such a ladder): `none`, or reads separated by
+//! commas — property paths with dots (`xds.cluster_name`, `response.code`, ...), `hdr:NAME` (a
+//! response header) and `now` (a clock read). An empty configuration means the four above.
+//!
 //! Counts are published once a second as `fledge_floor_requests_total.<cluster>.<class>`
 //! counters (so the bench can see it counted) and nothing else.
 //!
@@ -34,6 +39,24 @@ mod wasm {
             path_size: usize,
             return_value_data: *mut *mut u8,
             return_value_size: *mut usize,
+        ) -> u32;
+        #[cfg(not(feature = "cel"))]
+        fn proxy_get_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+        ) -> u32;
+        #[cfg(not(feature = "cel"))]
+        fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+        #[cfg(not(feature = "cel"))]
+        fn proxy_get_buffer_bytes(
+            buffer_type: u32,
+            start: usize,
+            max_size: usize,
+            return_buffer_data: *mut *mut u8,
+            return_buffer_size: *mut usize,
         ) -> u32;
         fn proxy_define_metric(
             metric_type: u32,
@@ -76,8 +99,45 @@ mod wasm {
         if status != 0 || data.is_null() {
             return None;
         }
+        #[cfg(feature = "bump")]
+        if bump::contains(data) {
+            // SAFETY: the host filled `size` bytes of the arena, which stay put until the
+            // next `proxy_on_log` resets it.
+            return Some(unsafe { std::slice::from_raw_parts(data, size) }.to_vec());
+        }
         // SAFETY: the host filled `size` bytes it got from `proxy_on_memory_allocate`.
         Some(unsafe { Vec::from_raw_parts(data, size, size) })
+    }
+
+    /// Experiment (`bump`): host-written values land in a static arena, reset per `on_log`.
+    #[cfg(feature = "bump")]
+    mod bump {
+        use std::cell::Cell;
+        const SIZE: usize = 16 * 1024;
+        static mut ARENA: [u8; SIZE] = [0; SIZE];
+        thread_local! {
+            static USED: Cell<usize> = const { Cell::new(0) };
+        }
+        fn base() -> *mut u8 {
+            std::ptr::addr_of_mut!(ARENA).cast::<u8>()
+        }
+        pub fn alloc(size: usize) -> Option<*mut u8> {
+            let used = USED.get();
+            let end = used.checked_add(size)?;
+            if end > SIZE {
+                return None;
+            }
+            USED.set(end);
+            // SAFETY: `used + size <= SIZE`, inside the arena.
+            Some(unsafe { base().add(used) })
+        }
+        pub fn reset() {
+            USED.set(0);
+        }
+        pub fn contains(p: *mut u8) -> bool {
+            let (start, p) = (base() as usize, p as usize);
+            p >= start && p < start + SIZE
+        }
     }
 
     #[cfg(not(feature = "cel"))]
@@ -93,12 +153,124 @@ mod wasm {
 
     #[cfg(not(feature = "cel"))]
     fn values() -> Values {
-        (
-            property(b"xds\0cluster_name").unwrap_or_default(),
-            int(property(b"response\0code")),
-            property(b"response\0code_details"),
-            int(property(b"request\0duration")),
-        )
+        READS.with(|reads| match reads.try_borrow().ok().as_deref() {
+            Some(Some(reads)) => configured_values(reads),
+            _ => (
+                property(b"xds\0cluster_name").unwrap_or_default(),
+                int(property(b"response\0code")),
+                property(b"response\0code_details"),
+                int(property(b"request\0duration")),
+            ),
+        })
+    }
+
+    #[cfg(not(feature = "cel"))]
+    /// What a configured read stands for (its value feeds the counts, or is dropped).
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Role {
+        Cluster,
+        Code,
+        Details,
+        Duration,
+        Other,
+    }
+
+    #[cfg(not(feature = "cel"))]
+    /// One hostcall per request, from the plugin configuration (to measure what each costs).
+    enum Read {
+        /// A property path, NUL-separated.
+        Property(Vec<u8>, Role),
+        /// A response header (a `:status` value is parsed as the code).
+        Header(String, Role),
+        /// A clock read.
+        Now,
+    }
+
+    #[cfg(not(feature = "cel"))]
+    thread_local! {
+        /// `None`: the four default reads (empty configuration).
+        static READS: RefCell<Option<Vec<Read>>> = const { RefCell::new(None) };
+    }
+
+    /// `none`, or reads separated by commas or spaces: property paths with dots
+    /// (`xds.cluster_name`, `cluster_name`, `response.code`, `response.code_details`,
+    /// `request.duration`, ...), `hdr:NAME` (a response header) or `now` (the clock).
+    #[cfg(not(feature = "cel"))]
+    fn parse_reads(config: &str) -> Option<Vec<Read>> {
+        let config = config.trim();
+        if config.is_empty() {
+            return None;
+        }
+        let role = |name: &str| match name {
+            _ if name.ends_with("cluster_name") => Role::Cluster,
+            "response.code" | ":status" => Role::Code,
+            "response.code_details" => Role::Details,
+            "request.duration" => Role::Duration,
+            _ => Role::Other,
+        };
+        let reads = config
+            .split([',', ' '])
+            .filter(|token| !token.is_empty() && *token != "none")
+            .map(|token| match token {
+                "now" => Read::Now,
+                _ => match token.strip_prefix("hdr:") {
+                    Some(name) => Read::Header(name.to_string(), role(name)),
+                    None => Read::Property(token.replace('.', "\0").into_bytes(), role(token)),
+                },
+            })
+            .collect();
+        Some(reads)
+    }
+
+    #[cfg(not(feature = "cel"))]
+    fn configured_values(reads: &[Read]) -> Values {
+        let mut values: Values = (Vec::new(), None, None, None);
+        for read in reads {
+            let (value, role) = match read {
+                Read::Property(path, role) => (property(path), *role),
+                Read::Header(name, role) => (response_header(name), *role),
+                Read::Now => {
+                    let mut nanos = 0u64;
+                    // SAFETY: out-pointer is a valid local.
+                    unsafe {
+                        proxy_get_current_time_nanoseconds(&mut nanos);
+                    }
+                    continue;
+                }
+            };
+            match role {
+                Role::Cluster => values.0 = value.unwrap_or_default(),
+                Role::Code if matches!(read, Read::Header(..)) => {
+                    values.1 =
+                        value.and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<i64>().ok())
+                }
+                Role::Code => values.1 = int(value),
+                Role::Details => values.2 = value,
+                Role::Duration => values.3 = int(value),
+                Role::Other => {}
+            }
+        }
+        values
+    }
+
+    #[cfg(not(feature = "cel"))]
+    fn response_header(name: &str) -> Option<Vec<u8>> {
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: `name` is live for the call; out-pointers are valid locals.
+        let status = unsafe {
+            proxy_get_header_map_value(2, name.as_ptr(), name.len(), &mut data, &mut size)
+        };
+        owned(status, data, size)
+    }
+
+    #[cfg(not(feature = "cel"))]
+    fn plugin_configuration() -> String {
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: out-pointers are valid locals.
+        let status = unsafe { proxy_get_buffer_bytes(7, 0, usize::MAX, &mut data, &mut size) };
+        owned(status, data, size)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
     }
 
     #[cfg(feature = "cel")]
@@ -187,6 +359,10 @@ mod wasm {
 
     #[no_mangle]
     pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
+        #[cfg(feature = "bump")]
+        if let Some(p) = bump::alloc(size) {
+            return p;
+        }
         let buffer: Box<[std::mem::MaybeUninit<u8>]> = Box::new_uninit_slice(size);
         Box::into_raw(buffer).cast::<u8>()
     }
@@ -205,6 +381,12 @@ mod wasm {
                 .map(u32::from_le_bytes);
             TOKEN.set(token);
         }
+        #[cfg(not(feature = "cel"))]
+        READS.with(|reads| {
+            if let Ok(mut reads) = reads.try_borrow_mut() {
+                *reads = parse_reads(&plugin_configuration());
+            }
+        });
         // SAFETY: plain integer.
         unsafe {
             proxy_set_tick_period_milliseconds(1000);
@@ -214,6 +396,8 @@ mod wasm {
 
     #[no_mangle]
     pub extern "C" fn proxy_on_log(_context_id: u32) {
+        #[cfg(feature = "bump")]
+        bump::reset();
         let (cluster, code, details, duration) = values();
         let via_upstream = details.as_deref() == Some(b"via_upstream");
         let duration_ms = duration.filter(|d| *d >= 0).map(|nanos| nanos / 1_000_000);
