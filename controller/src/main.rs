@@ -290,7 +290,7 @@ async fn run(
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
 
     // One scrape (or query) per metrics endpoint per tick, shared by every canary reading it.
-    let reads = std::sync::Arc::new(fledge_controller::metrics::ReadHub::new());
+    let reads = std::sync::Arc::new(fledge_controller::metrics::ReadHub::on_own_threads());
     let mut supervisor = Supervisor::new(files, store, registry.clone(), reads, exit_when_done);
     supervisor.start(canaries)?;
 

@@ -46,9 +46,10 @@ pub struct DefaultBackends {
 }
 
 impl Default for DefaultBackends {
+    /// Reads on threads of their own (see [`ReadHub::on_own_threads`]).
     fn default() -> Self {
         DefaultBackends {
-            reads: Arc::new(ReadHub::new()),
+            reads: Arc::new(ReadHub::on_own_threads()),
         }
     }
 }

@@ -95,6 +95,9 @@ pub enum Error {
     Lease(String),
     #[error("{0}")]
     Startup(String),
+    /// A reconcile's task panicked (a bug) or was cancelled.
+    #[error("reconcile task failed: {0}")]
+    Task(String),
 }
 
 impl Error {
@@ -112,6 +115,7 @@ impl Error {
             Error::Finalizer(_) => "finalizer",
             Error::Lease(_) => "lease",
             Error::Startup(_) => "startup",
+            Error::Task(_) => "task",
         }
     }
 }

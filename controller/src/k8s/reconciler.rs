@@ -35,7 +35,7 @@ use super::factory::Backends;
 use super::lease::{run_election, LeaseLock, LeaseSettings};
 use super::routes::{self, route_of, ConfirmedRoutes, RouteIndex, RouteObjects};
 use super::shard::Shard;
-use super::throttle::TokenBucket;
+use super::throttle::{RoomClaim, TokenBucket};
 use super::workload::WorkloadApi;
 use super::{api_status_code, Error, Result, CONTROLLER_NAME, FINALIZER};
 use crate::dashboard::series::SharedSeries;
@@ -346,10 +346,10 @@ impl Context {
     /// route changes decisions need (a gateway going down makes one Event per Canary behind
     /// it; queued, they would hold every decision of the fleet). A dropped Event is logged.
     async fn publish(&self, canary: &CanaryResource, warning: bool, reason: &str, message: &str) {
-        if !self.api_budget.as_ref().is_none_or(TokenBucket::has_room) {
+        let Some(_room) = self.deferrable_room() else {
             tracing::debug!(canary = %key_of(canary), reason, "Kubernetes Event not published: the API request budget (--kube-api-qps) is in use by status writes");
             return;
-        }
+        };
         let mut note = message.to_string();
         if note.len() > 1000 {
             let cut = (0..=1000)
@@ -371,6 +371,17 @@ impl Context {
         };
         if let Err(e) = self.recorder.publish(&event, &canary.object_ref(&())).await {
             tracing::warn!(canary = %canary.name_any(), reason, error = %e, "could not publish a Kubernetes Event");
+        }
+    }
+}
+
+impl Context {
+    /// Room in the client-side API budget for one deferrable request (see
+    /// [`TokenBucket::claim_room`]); hold it until the request is done. `None`: no room now.
+    fn deferrable_room(&self) -> Option<Option<RoomClaim>> {
+        match &self.api_budget {
+            None => Some(None),
+            Some(budget) => budget.claim_room().map(Some),
         }
     }
 }
@@ -535,8 +546,30 @@ async fn write_status(
     }
 }
 
-/// Entry point for kube-runtime's `Controller`.
+/// Entry point for kube-runtime's `Controller`: each pass runs as a task of its own. The
+/// controller polls every reconcile in flight from one task, so the 1,000 Canaries behind one
+/// gateway, judged at one tick, would otherwise be decided one after another on one core (and
+/// a new leader's 10,000 first passes likewise). Kube still runs at most one pass per Canary at
+/// a time: it waits for the task. A pass dropped by the controller (the term ended and its
+/// grace passed) is aborted with it.
 pub async fn reconcile(canary: Arc<CanaryResource>, ctx: Arc<Context>) -> Result<Action> {
+    use tracing::Instrument;
+    let task = tokio::spawn(reconcile_pass(canary, ctx).in_current_span());
+    let _abort_with_caller = AbortOnDrop(task.abort_handle());
+    task.await.map_err(|e| Error::Task(e.to_string()))?
+}
+
+/// Aborts a task when its caller goes away.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One pass of [`reconcile`].
+async fn reconcile_pass(canary: Arc<CanaryResource>, ctx: Arc<Context>) -> Result<Action> {
     if !*ctx.leader.borrow() {
         return Ok(Action::requeue(ctx.retry_delay));
     }
@@ -1078,21 +1111,23 @@ impl<'a> Pass<'a> {
         self.status.observed_generation = generation;
         self.status
             .set_conditions(&Readiness::ok(), generation, self.now);
-        let progress_due = progress_due(
-            &self.previous,
-            &self.status,
-            self.now,
-            self.ctx.status_checkpoint,
-            &self.key,
-        ) && self
-            .ctx
-            .api_budget
-            .as_ref()
-            .is_none_or(TokenBucket::has_room);
-        let written = if self.status == self.previous {
+        let unchanged = self.status == self.previous;
+        let must = !unchanged && must_persist(&self.previous, &self.status);
+        let progress_due = !unchanged
+            && !must
+            && progress_due(
+                &self.previous,
+                &self.status,
+                self.now,
+                self.ctx.status_checkpoint,
+                &self.key,
+            );
+        // Held until the write is done: see `TokenBucket::claim_room`.
+        let room = progress_due.then(|| self.ctx.deferrable_room()).flatten();
+        let written = if unchanged {
             self.ctx.keep_unpersisted(&self.key, None);
             self.canary.clone()
-        } else if progress_due || must_persist(&self.previous, &self.status) {
+        } else if must || room.is_some() {
             let written = write_status(self.canary, &self.status, self.ctx).await?;
             self.ctx.keep_unpersisted(&self.key, None);
             written
@@ -1474,7 +1509,18 @@ pub struct ControllerOptions {
     pub shard: Option<Shard>,
     /// Only the Canaries with these labels (`--selector`, a Kubernetes label selector).
     pub selector: Option<String>,
+    /// How long in-flight reconciles may take to finish when a term ends (shutdown, or the
+    /// Lease lost) before they are abandoned and the Lease released (see [`SHUTDOWN_GRACE`]).
+    pub shutdown_grace: Duration,
 }
+
+/// How long in-flight reconciles get to finish when a leadership term ends. A reconcile
+/// writes the status before it acts, so one abandoned later (say, queued behind the client-side
+/// API limit) loses no step: the next leader continues from the status, and its routes follow
+/// it. Bounded so that a successor takes over within seconds (and well inside Kubernetes'
+/// 30 s termination grace, after which the process would be killed without releasing the
+/// Lease, and the successor would wait for it to expire).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The Kubernetes clients of a controller: `api` for everything but leader election, which
 /// has its own (unthrottled) client so that queued requests never delay a Lease renewal.
@@ -1535,6 +1581,22 @@ fn owned_canaries(
         });
     let stream = kube::runtime::reflector(writer, events).applied_objects();
     (store, stream)
+}
+
+/// Resolves when a leadership term ends: leadership lost or shutdown asked for.
+fn term_end(
+    mut leader: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) -> futures::future::Shared<futures::future::BoxFuture<'static, ()>> {
+    use futures::FutureExt;
+    async move {
+        tokio::select! {
+            _ = leader.wait_for(|l| !*l) => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
+    }
+    .boxed()
+    .shared()
 }
 
 /// Run the controller until `shutdown` turns true: elect a leader; while leading, reconcile
@@ -1608,26 +1670,25 @@ pub async fn run(
                 &options.lease.identity,
             )
         });
-        let mut term_leader = leader.clone();
-        let mut term_shutdown = shutdown.clone();
-        controller
+        let term_ends = term_end(leader.clone(), shutdown.clone());
+        let term = controller
             .reconcile_on(route_changes)
             .reconcile_on(workload_changes)
             .reconcile_all_on(guard_trips)
-            .graceful_shutdown_on(async move {
-                tokio::select! {
-                    _ = term_leader.wait_for(|l| !*l) => {}
-                    _ = term_shutdown.wait_for(|s| *s) => {}
-                }
-            })
+            .graceful_shutdown_on(term_ends.clone())
             .run(reconcile, error_policy, ctx)
             .for_each(|result| async move {
                 match result {
                     Ok((canary, _)) => tracing::debug!(canary = %canary, "reconciled"),
                     Err(e) => tracing::debug!(error = %e, "reconcile error"),
                 }
-            })
-            .await;
+            });
+        tokio::select! {
+            _ = term => {}
+            _ = async { term_ends.await; tokio::time::sleep(options.shutdown_grace).await } => {
+                tracing::warn!(grace = ?options.shutdown_grace, "in-flight reconciles did not finish in time after the term ended; abandoning them (each wrote its status before acting: the next leader continues from it)");
+            }
+        }
         tracing::info!("Canary controller stopped");
         // What this term showed is no longer kept up to date.
         registry.clear(Some(standby_note.clone()));

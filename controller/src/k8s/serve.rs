@@ -90,6 +90,7 @@ impl ServeOptions {
                 status_checkpoint: DEFAULT_STATUS_CHECKPOINT,
                 shard: None,
                 selector: None,
+                shutdown_grace: super::reconciler::SHUTDOWN_GRACE,
             },
             listen,
             api_qps: DEFAULT_API_QPS,

@@ -50,6 +50,23 @@ impl TokenBucket {
         bucket.tokens >= self.burst / 2.0 + 1.0
     }
 
+    /// Claim room for one deferrable request (a checkpoint, an Event): `None` unless
+    /// [`TokenBucket::has_room`]. The claim holds a token until it is dropped (after the
+    /// request, which takes its own token): without it, 1,000 Canaries judged at one tick would
+    /// all see room at the same instant, and their 1,000 writes would queue ahead of the
+    /// decisions' writes for 20 s. With it, at most half the burst of deferrable requests is
+    /// ever in flight, and urgent requests never wait behind them.
+    pub fn claim_room(&self) -> Option<RoomClaim> {
+        let mut bucket = self.refilled();
+        if bucket.tokens < self.burst / 2.0 + 1.0 {
+            return None;
+        }
+        bucket.tokens -= 1.0;
+        Some(RoomClaim {
+            bucket: self.clone(),
+        })
+    }
+
     /// The bucket, with the tokens earned since it was last counted.
     fn refilled(&self) -> std::sync::MutexGuard<'_, Bucket> {
         let mut bucket = match self.bucket.lock() {
@@ -72,6 +89,19 @@ impl TokenBucket {
         } else {
             Err(Duration::from_secs_f64((1.0 - bucket.tokens) / self.qps))
         }
+    }
+}
+
+/// Room claimed for one deferrable request; its token goes back when dropped.
+#[derive(Debug)]
+pub struct RoomClaim {
+    bucket: TokenBucket,
+}
+
+impl Drop for RoomClaim {
+    fn drop(&mut self) {
+        let mut bucket = self.bucket.refilled();
+        bucket.tokens = (bucket.tokens + 1.0).min(self.bucket.burst);
     }
 }
 
@@ -191,5 +221,37 @@ mod tests {
         // 0.1 s later one more token: 6 ≥ 10/2 + 1.
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(bucket.has_room());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn claims_stop_a_stampede_of_deferrable_requests() {
+        // (tokens saved up, claims asked for at one instant) → (claims granted, tokens after
+        // every claimed request took its own token and its claim was dropped)
+        let cases = [
+            (100, 1000, 50, 50.0),
+            (100, 10, 10, 90.0),
+            (51, 1000, 1, 50.0),
+            (50, 1000, 0, 50.0),
+            (60, 1000, 10, 50.0),
+        ];
+        for (saved, asked, granted, left) in cases {
+            let bucket = TokenBucket::new(50.0, 100);
+            for _ in saved..100 {
+                bucket.try_take().unwrap();
+            }
+            let claims: Vec<RoomClaim> = (0..asked).filter_map(|_| bucket.claim_room()).collect();
+            assert_eq!(claims.len(), granted, "{saved} saved, {asked} asked");
+            // Urgent requests still find at least half the burst.
+            assert!(bucket.refilled().tokens >= 50.0, "{saved} saved");
+            for claim in claims {
+                bucket.try_take().unwrap();
+                drop(claim);
+            }
+            assert_eq!(
+                bucket.refilled().tokens,
+                left,
+                "{saved} saved, {asked} asked"
+            );
+        }
     }
 }

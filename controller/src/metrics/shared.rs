@@ -22,8 +22,9 @@ use fledge_core::observe::ObservationError;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
+use tokio::runtime::Handle;
 
 /// Reads not asked for this long are forgotten (their endpoint is no longer read).
 const FORGET_AFTER: Duration = Duration::from_secs(600);
@@ -44,14 +45,24 @@ pub struct SingleFlight<V> {
     next_seq: AtomicU64,
     /// Reads started (not joined), for tests and self-metrics.
     started: AtomicU64,
+    /// Where reads run (`None`: on the caller's runtime).
+    runtime: Option<Handle>,
 }
 
 impl<V> Default for SingleFlight<V> {
     fn default() -> Self {
+        Self::on(None)
+    }
+}
+
+impl<V> SingleFlight<V> {
+    /// Reads run on `runtime` (`None`: on the caller's).
+    fn on(runtime: Option<Handle>) -> Self {
         SingleFlight {
             slots: Mutex::new(HashMap::new()),
             next_seq: AtomicU64::new(1),
             started: AtomicU64::new(0),
+            runtime,
         }
     }
 }
@@ -78,7 +89,9 @@ impl<V: Send + Sync + 'static> SingleFlight<V> {
         }
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         self.started.fetch_add(1, Ordering::Relaxed);
-        let read = start().map(Arc::new).boxed().shared();
+        let read = run_apart(start().map(Arc::new), self.runtime.as_ref())
+            .boxed()
+            .shared();
         if !slots.contains_key(key) {
             slots.retain(|_, slot| now.saturating_duration_since(slot.used) < FORGET_AFTER);
         }
@@ -105,6 +118,45 @@ impl<V: Send + Sync + 'static> SingleFlight<V> {
             Err(poisoned) => poisoned.into_inner(),
         }
     }
+}
+
+/// Run `read` as a task of its own on `runtime` (else the current Tokio runtime; inline when
+/// there is none): its callers only wait for it. Polled by its callers instead, a scrape would
+/// progress only when one of them is polled — reconciles, 10,000 of which become due at once
+/// when a new leader starts — and time out behind them. Dropping the returned future (every
+/// caller gone) cancels the task.
+fn run_apart<V: Send + 'static>(
+    read: impl std::future::Future<Output = V> + Send + 'static,
+    runtime: Option<&Handle>,
+) -> BoxFuture<'static, V> {
+    match runtime.cloned().or_else(|| Handle::try_current().ok()) {
+        Some(runtime) => {
+            let (task, result) = read.remote_handle();
+            runtime.spawn(task);
+            result.boxed()
+        }
+        None => read.boxed(),
+    }
+}
+
+/// The runtime of [`ReadHub::on_own_threads`]: two threads that only read metrics endpoints
+/// (and index what they read), made on first use and kept for the life of the process.
+fn reads_runtime() -> Option<Handle> {
+    static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("fledge-reads")
+                .enable_all()
+                .build()
+                .inspect_err(|error| {
+                    tracing::warn!(%error, "cannot start the metrics-read threads; reads share the main runtime")
+                })
+                .ok()
+        })
+        .as_ref()
+        .map(|runtime| runtime.handle().clone())
 }
 
 /// The reads of one process: every canary's metrics source reads through it.
@@ -138,13 +190,25 @@ impl Default for ReadHub {
 }
 
 impl ReadHub {
+    /// Reads run as tasks of their own on the caller's runtime.
     pub fn new() -> Self {
+        Self::on(None)
+    }
+
+    /// Reads run on threads of their own (the binaries): a new leader's first reconciles,
+    /// thousands at once, keep the main runtime's threads busy for seconds, and a scrape
+    /// queued behind them would time out.
+    pub fn on_own_threads() -> Self {
+        Self::on(reads_runtime())
+    }
+
+    fn on(runtime: Option<Handle>) -> Self {
         ReadHub {
             http: crate::http::client(),
-            stats_pages: SingleFlight::default(),
-            guard_pages: SingleFlight::default(),
-            prometheus_traffic: SingleFlight::default(),
-            prometheus_guard: SingleFlight::default(),
+            stats_pages: SingleFlight::on(runtime.clone()),
+            guard_pages: SingleFlight::on(runtime.clone()),
+            prometheus_traffic: SingleFlight::on(runtime.clone()),
+            prometheus_guard: SingleFlight::on(runtime),
             prometheus: PrometheusRegistry::default(),
         }
     }
@@ -236,6 +300,40 @@ mod tests {
         let (_, d) = flight.read("other", max_age, None, counting(&reads));
         assert_eq!(*d.await, 3);
         assert_eq!(flight.started(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_read_runs_without_its_callers_polling_it() {
+        let flight = SingleFlight::<usize>::default();
+        let reads = Arc::new(AtomicUsize::new(0));
+        let (_, read) = flight.read("gw", Duration::from_secs(5), None, counting(&reads));
+        // No caller awaits it (they may all be busy): it is done anyway.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        assert_eq!(*read.await, 1);
+    }
+
+    #[tokio::test]
+    async fn reads_can_run_on_threads_of_their_own() {
+        let hub = ReadHub::on_own_threads();
+        let here = std::thread::current().id();
+        let (_, read) = hub
+            .stats_pages
+            .read("gw", Duration::from_secs(5), None, || {
+                async {
+                    Err(ObservationError::Unreachable(format!(
+                        "{:?}",
+                        std::thread::current().name()
+                    )))
+                }
+                .boxed()
+            });
+        let answer = read.await;
+        let Err(ObservationError::Unreachable(thread)) = answer.as_ref() else {
+            panic!("the read's own answer");
+        };
+        assert_eq!(thread, "Some(\"fledge-reads\")");
+        assert_eq!(std::thread::current().id(), here);
     }
 
     #[tokio::test]
