@@ -43,6 +43,39 @@ pub fn next_tick(
     DateTime::from_timestamp_millis(due)
 }
 
+/// When a leadership term that began at `start` takes its first reading of a canary already
+/// under way (a restarted controller or a new leader: its metrics sources have no previous
+/// reading, so that tick is only a baseline). Not at once for all of them — 10,000 baselines
+/// at one instant would starve each other — but each endpoint's canaries at the last moment
+/// that still lets their first judged tick be the earliest aligned tick at least half an
+/// interval plus `lead` after `start`: `lead` (a fifth of the interval) is the time their
+/// baseline may take. So the first judgement comes at most one and a half intervals plus
+/// `lead` after the term began, and the baselines of different endpoints are spread over the
+/// interval like their ticks.
+pub fn first_reading(start: DateTime<Utc>, interval: Duration, phase: Duration) -> DateTime<Utc> {
+    let lead = first_reading_lead(interval);
+    let half = interval / 2;
+    let Ok(before_judged) = chrono::Duration::from_std(half + lead) else {
+        return start;
+    };
+    // The first aligned tick at least `half + lead` after `start`, found like any tick after
+    // a reading at `start + lead` (which needs half an interval).
+    let judged = next_tick(
+        start.checked_add_signed(chrono::Duration::from_std(lead).unwrap_or_default()),
+        interval,
+        phase,
+    );
+    judged
+        .and_then(|judged| judged.checked_sub_signed(before_judged))
+        .map_or(start, |reading| reading.max(start))
+}
+
+/// How long before the last possible moment a new term's first reading is taken (see
+/// [`first_reading`]): a fifth of the interval (2 s at 10 s).
+pub fn first_reading_lead(interval: Duration) -> Duration {
+    interval / 5
+}
+
 /// Whether an analysis is due at `now` after a tick at `last`.
 pub fn is_due(
     last: Option<DateTime<Utc>>,
@@ -129,6 +162,50 @@ mod tests {
             due - chrono::Duration::milliseconds(1)
         ));
         assert!(is_due(Some(last), TEN_S, phase, due));
+    }
+
+    #[test]
+    fn a_new_term_reads_each_endpoint_at_the_last_moment_that_keeps_its_first_judgement_early() {
+        // Term start 1_000_000_000 ms, interval 10 s (lead 2 s): (phase ms) → (first reading,
+        // first judged tick), both in ms after the start.
+        let start = 1_000_000_000_i64;
+        let cases = [
+            // Aligned ticks at …000: the first one ≥ 7 s after the start is at +10 s.
+            (0, 3_000, 10_000),
+            // Ticks at …7000: +7 s is far enough; read at once.
+            (7_000, 0, 7_000),
+            // Ticks at …6999: +6.999 s is too soon; the next is +16.999 s.
+            (6_999, 9_999, 16_999),
+            (9_999, 2_999, 9_999),
+            (2_500, 5_500, 12_500),
+        ];
+        for (phase_ms, reading_ms, judged_ms) in cases {
+            let phase = Duration::from_millis(phase_ms);
+            let reading = first_reading(at(start), TEN_S, phase);
+            assert_eq!(reading, at(start + reading_ms), "phase {phase_ms}");
+            // The tick after that reading is the judged one, as the reconciler schedules it.
+            let judged = next_tick(Some(reading), TEN_S, phase).unwrap();
+            assert_eq!(judged, at(start + judged_ms), "phase {phase_ms}");
+        }
+    }
+
+    #[test]
+    fn a_new_terms_first_judgements_come_within_one_and_a_half_intervals_plus_the_lead() {
+        let start = at(1_700_000_000_123);
+        let mut readings = std::collections::BTreeSet::new();
+        for phase_ms in (0..10_000).step_by(7) {
+            let phase = Duration::from_millis(phase_ms);
+            let reading = first_reading(start, TEN_S, phase);
+            // Even if reading them all takes the whole lead, the judged tick stays the same.
+            let late = reading + chrono::Duration::seconds(2);
+            let judged = next_tick(Some(late), TEN_S, phase).unwrap();
+            assert_eq!(judged, next_tick(Some(reading), TEN_S, phase).unwrap());
+            let after = (judged - start).num_milliseconds();
+            assert!((7_000..17_000).contains(&after), "{phase_ms}: {after}");
+            assert!(reading >= start && reading < start + chrono::Duration::seconds(10));
+            readings.insert((reading - start).num_seconds());
+        }
+        assert_eq!(readings.len(), 10, "spread over the interval: {readings:?}");
     }
 
     #[test]

@@ -60,7 +60,8 @@ use kube::runtime::reflector::Store;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -86,6 +87,8 @@ struct CanaryRuntime {
     /// Status decided but not written yet (analysis progress between checkpoints).
     unpersisted: Mutex<Option<Unpersisted>>,
     guard_watch: Mutex<Option<GuardWatch>>,
+    /// An analysis interval ran in this term (its metrics source has read at least once).
+    ticked: AtomicBool,
 }
 
 /// A status decided after the Canary's last write, and the resourceVersion it builds on: it
@@ -140,6 +143,8 @@ pub struct Context {
     superseded: Mutex<HashMap<String, String>>,
     /// When this context (this leadership term) began.
     pub started: DateTime<Utc>,
+    /// When its first reconcile ran (see [`Context::term_ready`]).
+    first_pass: OnceLock<DateTime<Utc>>,
     /// How often analysis progress alone is written to `.status` (see [`must_persist`]);
     /// zero: with every change.
     pub status_checkpoint: Duration,
@@ -163,6 +168,7 @@ impl Context {
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             started: clock.now(),
+            first_pass: OnceLock::new(),
             status_checkpoint: Duration::ZERO,
             api_budget: None,
             client,
@@ -207,6 +213,7 @@ impl Context {
             unpersisted: Mutex::new(None),
             analysis: tokio::sync::Mutex::new(analysis),
             guard_watch: Mutex::new(None),
+            ticked: AtomicBool::new(false),
         });
         runtimes.insert(key.to_string(), runtime.clone());
         runtime
@@ -233,6 +240,18 @@ impl Context {
         if let Some(runtime) = self.cached_runtime(key) {
             *lock(&runtime.unpersisted) = unpersisted;
         }
+    }
+
+    /// Whether `key`'s rollout (`fingerprint`) ran an analysis interval in this term.
+    fn ticked(&self, key: &str, fingerprint: &str) -> bool {
+        self.cached_runtime(key)
+            .is_some_and(|r| r.fingerprint == fingerprint && r.ticked.load(Ordering::Relaxed))
+    }
+
+    /// When this term's reconciles began (its Canary cache filled): where a restarted
+    /// controller's or a new leader's first readings are scheduled from.
+    fn term_ready(&self) -> DateTime<Utc> {
+        *self.first_pass.get_or_init(|| self.clock.now())
     }
 
     fn cached_runtime(&self, key: &str) -> Option<Arc<CanaryRuntime>> {
@@ -573,6 +592,7 @@ async fn reconcile_pass(canary: Arc<CanaryResource>, ctx: Arc<Context>) -> Resul
     if !*ctx.leader.borrow() {
         return Ok(Action::requeue(ctx.retry_delay));
     }
+    ctx.term_ready();
     let stale = {
         let superseded = lock(&ctx.superseded);
         canary
@@ -958,8 +978,17 @@ impl<'a> Pass<'a> {
     /// When the next analysis is due: the first aligned tick half an interval or more after
     /// `lastTickAt` ([`schedule`]: every Canary reading one metrics endpoint is judged at the
     /// same instants, so one read serves them all); `None`: at once.
+    ///
+    /// A rollout under way that this term has not read yet (a restarted controller, a new
+    /// leader) is read first at [`schedule::first_reading`]: the baselines of a whole fleet
+    /// are spread by endpoint instead of all due at once, and each Canary's first judgement
+    /// still comes as early as the aligned ticks allow.
     fn next_tick(&self) -> Option<DateTime<Utc>> {
         let interval = self.core.spec.analysis.interval.0;
+        if self.status.last_tick_at.is_some() && !self.ctx.ticked(&self.key, &self.fingerprint) {
+            let start = self.ctx.term_ready();
+            return Some(schedule::first_reading(start, interval, self.phase));
+        }
         schedule::next_tick(self.status.last_tick_at, interval, self.phase)
     }
 
@@ -990,6 +1019,7 @@ impl<'a> Pass<'a> {
         self.interval_deferred = self.interval_due() && self.command.is_some();
         let interval_due = self.interval_due() && self.command.is_none();
         if !interval_due && self.command.is_none() {
+            self.prepare_source().await;
             return Ok(None);
         }
         let runtime = self.ctx.runtime(&self.key, &self.core, &self.fingerprint);
@@ -1010,6 +1040,7 @@ impl<'a> Pass<'a> {
         }
         if interval_due {
             self.judged_due = Some(self.next_tick().unwrap_or(self.now));
+            runtime.ticked.store(true, Ordering::Relaxed);
             self.status.last_tick_at = Some(self.now);
         }
         if self.status.rollout.phase == Phase::Initializing {
@@ -1017,6 +1048,28 @@ impl<'a> Pass<'a> {
             self.status.last_tick_at = None;
         }
         Ok(Some(decided))
+    }
+
+    /// Build the metrics source of a rollout that will be analysed before its first tick is
+    /// due (a new term's first pass: see [`schedule::first_reading`]): a source joins its
+    /// endpoint's shared reads when built, and when 1,000 Canaries of one Prometheus joined
+    /// while their first reads were under way, each read asked for a different set of series
+    /// (one query each instead of one for all). Failing here is left for the tick to report.
+    async fn prepare_source(&self) {
+        let resting = self
+            .status
+            .workload
+            .as_ref()
+            .is_some_and(|w| !w.phase.analysing());
+        if resting || self.status.rollout.phase.is_terminal() || self.status.last_tick_at.is_none()
+        {
+            return;
+        }
+        let runtime = self.ctx.runtime(&self.key, &self.core, &self.fingerprint);
+        let mut source = runtime.source.lock().await;
+        if source.is_none() {
+            *source = self.ctx.backends.metrics_source(&self.core).ok();
+        }
     }
 
     /// With `targetRef`: read the workload and let the lifecycle (`fledge_core::workload`)
@@ -1145,6 +1198,9 @@ impl<'a> Pass<'a> {
             let due = due.max(self.ctx.started);
             let lag = (self.ctx.clock.now() - due).to_std().unwrap_or_default();
             self.ctx.registry.telemetry().record_lag(lag);
+            if lag > Duration::from_secs(1) {
+                tracing::debug!(target: "fledge::lag", canary = %self.key, lag_ms = lag.as_millis() as u64, %due, "analysis decided late");
+            }
         }
         Ok(written)
     }

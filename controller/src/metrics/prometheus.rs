@@ -242,18 +242,25 @@ impl PrometheusSource {
     /// came from.
     async fn read_origins(&self) -> Result<(u64, BTreeMap<OriginKey, Origin>), ObservationError> {
         let hub = &self.reads.hub;
-        let query = hub.prometheus.traffic_query(&self.address);
-        let key = format!("{}\n{query}", self.address);
-        let (seq, read) =
-            hub.prometheus_traffic
-                .read(&key, self.reads.max_age, self.previous_read, || {
-                    let client = hub.http.clone();
-                    let url = self.query_url.clone();
-                    let address = self.address.clone();
-                    let timeout = self.request_timeout;
-                    async move { read_traffic(&client, &url, &address, &query, timeout).await }
-                        .boxed()
-                });
+        // One read per Prometheus and tick, asking for every canary registered when it starts;
+        // a canary joins only one started after it registered (keyed by its query instead,
+        // 1,000 canaries registering one by one made as many queries).
+        let key = format!("{}\ntraffic", self.address);
+        let since = Some(self.registration.at);
+        let (seq, read) = hub.prometheus_traffic.read_since(
+            &key,
+            self.reads.max_age,
+            self.previous_read,
+            since,
+            || {
+                let query = hub.prometheus.traffic_query(&self.address);
+                let client = hub.http.clone();
+                let url = self.query_url.clone();
+                let address = self.address.clone();
+                let timeout = self.request_timeout;
+                async move { read_traffic(&client, &url, &address, &query, timeout).await }.boxed()
+            },
+        );
         let index = self.await_query(read, "traffic query").await?;
         let index = index.as_ref().as_ref().map_err(Clone::clone)?;
         let origins = index.origins(&self.selector).map_err(|problem| {
@@ -387,17 +394,19 @@ impl MetricsSource for PrometheusSource {
         &mut self,
     ) -> Result<Option<chrono::DateTime<chrono::Utc>>, ObservationError> {
         let hub = &self.reads.hub;
-        let promql = hub.prometheus.guard_query(&self.address);
-        let key = format!("{}\n{promql}", self.address);
-        let (_, read) = hub
-            .prometheus_guard
-            .read(&key, self.reads.guard_max_age, None, || {
-                let client = hub.http.clone();
-                let url = self.query_url.clone();
-                let address = self.address.clone();
-                let timeout = self.request_timeout;
-                async move { read_guards(&client, &url, &address, &promql, timeout).await }.boxed()
-            });
+        let key = format!("{}\nguard", self.address);
+        let since = Some(self.registration.at);
+        let (_, read) =
+            hub.prometheus_guard
+                .read_since(&key, self.reads.guard_max_age, None, since, || {
+                    let promql = hub.prometheus.guard_query(&self.address);
+                    let client = hub.http.clone();
+                    let url = self.query_url.clone();
+                    let address = self.address.clone();
+                    let timeout = self.request_timeout;
+                    async move { read_guards(&client, &url, &address, &promql, timeout).await }
+                        .boxed()
+                });
         let guards = self.await_query(read, "guard query").await?;
         let guards = guards.as_ref().as_ref().map_err(Clone::clone)?;
         Ok(guards
@@ -620,6 +629,8 @@ struct Registration {
     hub: Arc<super::shared::ReadHub>,
     address: String,
     key: SelectorKey,
+    /// When it registered: shared reads started since ask for its series.
+    at: std::time::Instant,
 }
 
 impl Registration {
@@ -641,6 +652,7 @@ impl Registration {
             hub: reads.hub.clone(),
             address: address.to_string(),
             key,
+            at: std::time::Instant::now(),
         }
     }
 }

@@ -78,10 +78,25 @@ impl<V: Send + Sync + 'static> SingleFlight<V> {
         seen: Option<u64>,
         start: impl FnOnce() -> BoxFuture<'static, V>,
     ) -> (u64, SharedRead<V>) {
+        self.read_since(key, max_age, seen, None, start)
+    }
+
+    /// [`SingleFlight::read`], joining only a read started at or after `since` (e.g. when the
+    /// caller began to count in what a read asks for: a read started before may not ask for
+    /// its series). The read the key holds is what `start` made of every caller known then.
+    pub fn read_since(
+        &self,
+        key: &str,
+        max_age: Duration,
+        seen: Option<u64>,
+        since: Option<Instant>,
+        start: impl FnOnce() -> BoxFuture<'static, V>,
+    ) -> (u64, SharedRead<V>) {
         let now = Instant::now();
         let mut slots = self.lock();
         if let Some(slot) = slots.get_mut(key) {
-            let fresh = now.saturating_duration_since(slot.started) <= max_age;
+            let fresh = now.saturating_duration_since(slot.started) <= max_age
+                && since.is_none_or(|since| slot.started >= since);
             if fresh && Some(slot.seq) != seen {
                 slot.used = now;
                 return (slot.seq, slot.read.clone());
@@ -89,7 +104,8 @@ impl<V: Send + Sync + 'static> SingleFlight<V> {
         }
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         self.started.fetch_add(1, Ordering::Relaxed);
-        let read = run_apart(start().map(Arc::new), self.runtime.as_ref())
+        let timed = timed(key.to_string(), start());
+        let read = run_apart(timed.map(Arc::new), self.runtime.as_ref())
             .boxed()
             .shared();
         if !slots.contains_key(key) {
@@ -118,6 +134,14 @@ impl<V: Send + Sync + 'static> SingleFlight<V> {
             Err(poisoned) => poisoned.into_inner(),
         }
     }
+}
+
+/// `read`, logging how long it took (target `fledge::reads`, debug level).
+async fn timed<V>(key: String, read: impl std::future::Future<Output = V>) -> V {
+    let started = Instant::now();
+    let value = read.await;
+    tracing::debug!(target: "fledge::reads", key = %key.lines().next().unwrap_or_default(), elapsed_ms = started.elapsed().as_millis() as u64, "shared read done");
+    value
 }
 
 /// Run `read` as a task of its own on `runtime` (else the current Tokio runtime; inline when
@@ -334,6 +358,22 @@ mod tests {
         };
         assert_eq!(thread, "Some(\"fledge-reads\")");
         assert_eq!(std::thread::current().id(), here);
+    }
+
+    #[tokio::test]
+    async fn a_caller_joins_only_reads_started_since_it_counts_in() {
+        let flight = SingleFlight::<usize>::default();
+        let reads = Arc::new(AtomicUsize::new(0));
+        let max_age = Duration::from_secs(5);
+        let before = Instant::now();
+        let (first, _) = flight.read_since("prom", max_age, None, None, counting(&reads));
+        let after = Instant::now() + Duration::from_millis(1);
+        // (since) → joins the first read?
+        for (since, joins) in [(None, true), (Some(before), true), (Some(after), false)] {
+            let (seq, read) = flight.read_since("prom", max_age, None, since, counting(&reads));
+            assert_eq!(seq == first, joins, "since {since:?}");
+            read.await;
+        }
     }
 
     #[tokio::test]
