@@ -48,9 +48,10 @@ pub fn next_tick(
 /// reading, so that tick is only a baseline). Not at once for all of them — 10,000 baselines
 /// at one instant would starve each other — but each endpoint's canaries at the last moment
 /// that still lets their first judged tick be the earliest aligned tick at least half an
-/// interval plus `lead` after `start`: `lead` (a fifth of the interval) is the time their
-/// baseline may take. So the first judgement comes at most one and a half intervals plus
-/// `lead` after the term began, and the baselines of different endpoints are spread over the
+/// interval plus `lead` after `start`: `lead` (a tenth of the interval) is the time their
+/// baseline passes may take to begin (a tick counts from its pass' start, not from when its
+/// read returns). So the first judgement comes at most one and a half intervals plus `lead`
+/// after the term began, and the baselines of different endpoints are spread over the
 /// interval like their ticks.
 pub fn first_reading(start: DateTime<Utc>, interval: Duration, phase: Duration) -> DateTime<Utc> {
     let lead = first_reading_lead(interval);
@@ -71,9 +72,9 @@ pub fn first_reading(start: DateTime<Utc>, interval: Duration, phase: Duration) 
 }
 
 /// How long before the last possible moment a new term's first reading is taken (see
-/// [`first_reading`]): a fifth of the interval (2 s at 10 s).
+/// [`first_reading`]): a tenth of the interval (1 s at 10 s).
 pub fn first_reading_lead(interval: Duration) -> Duration {
-    interval / 5
+    interval / 10
 }
 
 /// Whether an analysis is due at `now` after a tick at `last`.
@@ -166,18 +167,18 @@ mod tests {
 
     #[test]
     fn a_new_term_reads_each_endpoint_at_the_last_moment_that_keeps_its_first_judgement_early() {
-        // Term start 1_000_000_000 ms, interval 10 s (lead 2 s): (phase ms) → (first reading,
+        // Term start 1_000_000_000 ms, interval 10 s (lead 1 s): (phase ms) → (first reading,
         // first judged tick), both in ms after the start.
         let start = 1_000_000_000_i64;
         let cases = [
-            // Aligned ticks at …000: the first one ≥ 7 s after the start is at +10 s.
-            (0, 3_000, 10_000),
-            // Ticks at …7000: +7 s is far enough; read at once.
-            (7_000, 0, 7_000),
-            // Ticks at …6999: +6.999 s is too soon; the next is +16.999 s.
-            (6_999, 9_999, 16_999),
-            (9_999, 2_999, 9_999),
-            (2_500, 5_500, 12_500),
+            // Aligned ticks at …000: the first one ≥ 6 s after the start is at +10 s.
+            (0, 4_000, 10_000),
+            // Ticks at …6000: +6 s is far enough; read at once.
+            (6_000, 0, 6_000),
+            // Ticks at …5999: +5.999 s is too soon; the next is +15.999 s.
+            (5_999, 9_999, 15_999),
+            (9_999, 3_999, 9_999),
+            (2_500, 6_500, 12_500),
         ];
         for (phase_ms, reading_ms, judged_ms) in cases {
             let phase = Duration::from_millis(phase_ms);
@@ -190,18 +191,18 @@ mod tests {
     }
 
     #[test]
-    fn a_new_terms_first_judgements_come_within_one_and_a_half_intervals_plus_the_lead() {
+    fn a_new_terms_first_judgements_come_within_one_and_a_half_intervals_and_the_lead() {
         let start = at(1_700_000_000_123);
         let mut readings = std::collections::BTreeSet::new();
         for phase_ms in (0..10_000).step_by(7) {
             let phase = Duration::from_millis(phase_ms);
             let reading = first_reading(start, TEN_S, phase);
-            // Even if reading them all takes the whole lead, the judged tick stays the same.
-            let late = reading + chrono::Duration::seconds(2);
+            // Even if their passes begin as late as the lead, the judged tick stays the same.
+            let late = reading + chrono::Duration::seconds(1);
             let judged = next_tick(Some(late), TEN_S, phase).unwrap();
             assert_eq!(judged, next_tick(Some(reading), TEN_S, phase).unwrap());
             let after = (judged - start).num_milliseconds();
-            assert!((7_000..17_000).contains(&after), "{phase_ms}: {after}");
+            assert!((6_000..16_000).contains(&after), "{phase_ms}: {after}");
             assert!(reading >= start && reading < start + chrono::Duration::seconds(10));
             readings.insert((reading - start).num_seconds());
         }

@@ -432,13 +432,13 @@ async fn a_restarted_controller_continues_at_the_same_step_with_no_double_step()
 
     // A new process, same API server state, 5 s later: nothing is due, nothing is written.
     // b has no previous reading: it takes one (a baseline) at the last moment that still lets
-    // it judge at the next aligned tick (t0 + 30 s, half an interval and a fifth more away):
-    // at t0 + 9 s.
+    // it judge at the next aligned tick (t0 + 30 s, half an interval and a tenth more away):
+    // at t0 + 12 s.
     tokio::time::advance(Duration::from_secs(5)).await;
     let b = instance(&server, "b", &clock);
     assert_eq!(
         reconcile_now(&server, &b).await,
-        Action::requeue(Duration::from_secs(4))
+        Action::requeue(Duration::from_secs(7))
     );
     assert_eq!(
         lines(&server.take_requests()),
@@ -447,10 +447,10 @@ async fn a_restarted_controller_continues_at_the_same_step_with_no_double_step()
     assert_eq!(status(&server), at_crash);
 
     // The baseline is no verdict. Same step, same weight, no route write.
-    tokio::time::advance(Duration::from_secs(4)).await;
+    tokio::time::advance(Duration::from_secs(7)).await;
     assert_eq!(
         reconcile_now(&server, &b).await,
-        Action::requeue(Duration::from_secs(21))
+        Action::requeue(Duration::from_secs(18))
     );
     let requests = server.take_requests();
     assert_eq!(
@@ -466,7 +466,7 @@ async fn a_restarted_controller_continues_at_the_same_step_with_no_double_step()
         st.rollout.history, at_crash.rollout.history,
         "no new transition"
     );
-    assert_eq!(st.last_tick_at, Some(t0() + chrono::Duration::seconds(9)));
+    assert_eq!(st.last_tick_at, Some(t0() + chrono::Duration::seconds(12)));
     assert_eq!(
         (b.backends.sources_built(), b.backends.observations()),
         (1, 0)
@@ -474,7 +474,7 @@ async fn a_restarted_controller_continues_at_the_same_step_with_no_double_step()
 
     // At the aligned tick (one interval after the crashed instance's last) it judges and
     // advances exactly one step.
-    tokio::time::advance(Duration::from_secs(21)).await;
+    tokio::time::advance(Duration::from_secs(18)).await;
     reconcile_now(&server, &b).await;
     let st = status(&server);
     assert_eq!((st.rollout.step, st.rollout.canary_weight), (1, 50));
@@ -1042,19 +1042,19 @@ async fn only_the_lease_holder_reconciles_and_a_successor_continues_without_doub
         .unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "b");
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
-    // b leads from about 46 s. Its first reading (a baseline: no verdict) comes at 69 s, the
+    // b leads from about 46 s. Its first reading (a baseline: no verdict) comes at 72 s, the
     // last moment that still lets it judge at the aligned tick of 90 s (half an interval and a
-    // fifth before it); at 90 s it advances one step.
-    tokio::time::sleep(Duration::from_secs(20)).await; // t ≈ 68 s
+    // tenth before it); at 90 s it advances one step.
+    tokio::time::sleep(Duration::from_secs(23)).await; // t ≈ 71 s
     assert_eq!(status(&server).last_tick_at, at_handover.last_tick_at);
-    tokio::time::sleep(Duration::from_secs(7)).await; // t ≈ 75 s
+    tokio::time::sleep(Duration::from_secs(4)).await; // t ≈ 75 s
     let st = status(&server);
     assert_eq!(
         (st.rollout.step, st.rollout.canary_weight),
         (1, 20),
         "a baseline tick does not advance"
     );
-    assert_eq!(st.last_tick_at, Some(t0() + chrono::Duration::seconds(69)));
+    assert_eq!(st.last_tick_at, Some(t0() + chrono::Duration::seconds(72)));
     tokio::time::sleep(Duration::from_secs(23)).await; // t ≈ 98 s
     let st = status(&server);
     assert_eq!((st.rollout.step, st.rollout.canary_weight), (2, 30));
