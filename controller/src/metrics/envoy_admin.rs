@@ -21,7 +21,7 @@
 //! the stable/canary comparison still covers one common window and nothing is lost or counted
 //! twice.
 
-use super::promtext::{self, Sample};
+use super::promtext::{self, SampleRef};
 use super::shared::{within, SharedReads};
 use super::{describe_request_error, MergedSubset, MetricsSource, SubsetSelector};
 use async_trait::async_trait;
@@ -59,8 +59,10 @@ pub trait StatsReader: std::fmt::Debug + Send + Sync {
     /// of one kind send the same filter, so their canaries share the scrape.
     fn stats_filter(&self) -> String;
     /// Every group of series this kind of reader tells apart in a page (the filter's
-    /// service/subset pairs, Envoy's clusters), summed. Done once per scrape for every canary.
-    fn index(&self, samples: &[Sample]) -> PageIndex;
+    /// service/subset pairs, Envoy's clusters), summed. Done once per scrape for every canary,
+    /// sample by sample as the page is parsed (a page is megabytes: its samples are never all
+    /// held at once).
+    fn index(&self, page: &str) -> Result<PageIndex, promtext::ParseError>;
     /// This canary's cumulative traffic in an indexed page.
     fn read(&self, page: &PageIndex) -> Result<EndpointReading, String>;
 }
@@ -104,16 +106,19 @@ pub(super) struct PageIndexer {
 }
 
 impl PageIndexer {
-    /// Add `sample` to `group` with `add`.
+    /// Add a sample to `group` with `add` (the group's name is copied only the first time).
     pub(super) fn add(
         &mut self,
-        group: String,
+        group: &str,
         add: impl FnOnce(&mut SubsetAccumulator) -> Result<(), String>,
     ) {
-        let accumulator = self
-            .groups
-            .entry(group)
-            .or_insert_with(|| Ok(SubsetAccumulator::default()));
+        if !self.groups.contains_key(group) {
+            self.groups
+                .insert(group.to_string(), Ok(SubsetAccumulator::default()));
+        }
+        let Some(accumulator) = self.groups.get_mut(group) else {
+            return;
+        };
         if let Ok(series) = accumulator {
             if let Err(problem) = add(series) {
                 *accumulator = Err(problem);
@@ -144,7 +149,17 @@ pub struct FilterMetrics {
 
 /// The index group of a service's subset.
 fn filter_group(service: &str, subset: &str) -> String {
-    format!("{service}\u{1f}{subset}")
+    let mut group = String::new();
+    write_filter_group(&mut group, service, subset);
+    group
+}
+
+/// [`filter_group`] into a reused buffer.
+fn write_filter_group(group: &mut String, service: &str, subset: &str) {
+    group.clear();
+    group.push_str(service);
+    group.push('\u{1f}');
+    group.push_str(subset);
 }
 
 impl StatsReader for FilterMetrics {
@@ -152,8 +167,8 @@ impl StatsReader for FilterMetrics {
         STATS_FILTER.to_string()
     }
 
-    fn index(&self, samples: &[Sample]) -> PageIndex {
-        index_filter_samples(samples)
+    fn index(&self, page: &str) -> Result<PageIndex, promtext::ParseError> {
+        index_filter_page(page)
     }
 
     fn read(&self, page: &PageIndex) -> Result<EndpointReading, String> {
@@ -516,10 +531,9 @@ async fn scrape(
     let large = body.len() > PARSE_OFF_WORKERS_BYTES;
     let base_url = base_url.to_string();
     let index = move || {
-        let samples = promtext::parse(&body).map_err(|error| {
+        reader.index(&body).map_err(|error| {
             ObservationError::Malformed(format!("{base_url}/stats/prometheus: {error}"))
-        })?;
-        Ok(reader.index(&samples))
+        })
     };
     if large {
         tokio::task::spawn_blocking(index)
@@ -573,20 +587,19 @@ async fn read_guards(
     timeout: Duration,
 ) -> Result<HashMap<String, u64>, ObservationError> {
     let body = fetch(client, url, base_url, timeout).await?;
-    let samples = promtext::parse(&body).map_err(|error| {
-        ObservationError::Malformed(format!("{base_url}/stats/prometheus: {error}"))
-    })?;
     let mut guards: HashMap<String, u64> = HashMap::new();
-    for sample in samples
-        .iter()
-        .filter(|s| s.name == GUARD_TRIPPED)
-        .filter(|s| s.value.is_finite() && s.value >= 0.0)
-    {
+    promtext::parse_each(&body, |sample| {
+        if sample.name != GUARD_TRIPPED || !(sample.value.is_finite() && sample.value >= 0.0) {
+            return;
+        }
         if let Some(service) = sample.label(TAG_SERVICE) {
             let value = guards.entry(service.to_string()).or_default();
             *value = (*value).max(sample.value as u64);
         }
-    }
+    })
+    .map_err(|error| {
+        ObservationError::Malformed(format!("{base_url}/stats/prometheus: {error}"))
+    })?;
     Ok(guards)
 }
 
@@ -607,7 +620,7 @@ impl SubsetAccumulator {
     pub(super) fn add_class(
         &mut self,
         class: ResponseClass,
-        sample: &Sample,
+        sample: &SampleRef<'_>,
     ) -> Result<(), String> {
         let n = whole_count(sample)?;
         if let Some(slot) = self.by_class.get_mut(class.index()) {
@@ -616,7 +629,7 @@ impl SubsetAccumulator {
         Ok(())
     }
 
-    fn add_requests(&mut self, sample: &Sample) -> Result<(), String> {
+    fn add_requests(&mut self, sample: &SampleRef<'_>) -> Result<(), String> {
         let class_label = sample
             .label(TAG_CLASS)
             .ok_or_else(|| format!("{} sample without a {TAG_CLASS} label", sample.name))?;
@@ -630,7 +643,7 @@ impl SubsetAccumulator {
         self.add_class(class, sample)
     }
 
-    pub(super) fn add_bucket(&mut self, sample: &Sample) -> Result<(), String> {
+    pub(super) fn add_bucket(&mut self, sample: &SampleRef<'_>) -> Result<(), String> {
         let le_text = sample
             .label("le")
             .ok_or_else(|| format!("{} sample without an le label", sample.name))?;
@@ -650,7 +663,7 @@ impl SubsetAccumulator {
         Ok(())
     }
 
-    pub(super) fn add_sum(&mut self, sample: &Sample) -> Result<(), String> {
+    pub(super) fn add_sum(&mut self, sample: &SampleRef<'_>) -> Result<(), String> {
         if !sample.value.is_finite() || sample.value < 0.0 {
             return Err(format!(
                 "{} is {}, expected a non-negative number",
@@ -661,7 +674,7 @@ impl SubsetAccumulator {
         Ok(())
     }
 
-    pub(super) fn add_count(&mut self, sample: &Sample) -> Result<(), String> {
+    pub(super) fn add_count(&mut self, sample: &SampleRef<'_>) -> Result<(), String> {
         let n = whole_count(sample)?;
         self.count = Some(self.count.unwrap_or(0).saturating_add(n));
         Ok(())
@@ -691,7 +704,7 @@ impl SubsetAccumulator {
 }
 
 /// A counter value as an integer; Envoy prints counters as whole numbers.
-fn whole_count(sample: &Sample) -> Result<u64, String> {
+fn whole_count(sample: &SampleRef<'_>) -> Result<u64, String> {
     let value = sample.value;
     // 2^64: the first value that does not fit.
     if value.is_finite()
@@ -711,17 +724,18 @@ fn whole_count(sample: &Sample) -> Result<u64, String> {
 /// Every service's subsets in one scrape of the filter's metrics, by [`filter_group`]. A subset
 /// without series has seen no request yet (the filter creates a series on the first request)
 /// and counts as zero.
-fn index_filter_samples(samples: &[Sample]) -> PageIndex {
+fn index_filter_page(page: &str) -> Result<PageIndex, promtext::ParseError> {
     let bucket_name = format!("{REQUEST_DURATION_MS}_bucket");
     let sum_name = format!("{REQUEST_DURATION_MS}_sum");
     let count_name = format!("{REQUEST_DURATION_MS}_count");
 
     let mut index = PageIndexer::default();
-    for sample in samples {
-        let name = sample.name.as_str();
+    let mut group = String::new();
+    promtext::parse_each(page, |sample| {
+        let name = sample.name;
         if name == UPTIME_GAUGE {
             index.uptime_seconds = Some(sample.value).filter(|v| v.is_finite());
-            continue;
+            return;
         }
         let is_ours =
             name == REQUESTS_TOTAL || name == bucket_name || name == sum_name || name == count_name;
@@ -730,13 +744,14 @@ fn index_filter_samples(samples: &[Sample]) -> PageIndex {
             if name.contains(REQUESTS_TOTAL) && name.contains(TAG_SUBSET) {
                 index.untagged_series += 1;
             }
-            continue;
+            return;
         }
         let (Some(service), Some(subset)) = (sample.label(TAG_SERVICE), sample.label(TAG_SUBSET))
         else {
-            continue;
+            return;
         };
-        index.add(filter_group(service, subset), |series| {
+        write_filter_group(&mut group, service, subset);
+        index.add(&group, |series| {
             if name == REQUESTS_TOTAL {
                 series.add_requests(sample)
             } else if name == bucket_name {
@@ -747,8 +762,8 @@ fn index_filter_samples(samples: &[Sample]) -> PageIndex {
                 series.add_count(sample)
             }
         });
-    }
-    index.finish()
+    })?;
+    Ok(index.finish())
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@
 use super::envoy_admin::{
     EndpointReading, PageIndex, PageIndexer, StatsReader, SubsetAccumulator, UPTIME_GAUGE,
 };
-use super::promtext::Sample;
+use super::promtext::{self, SampleRef};
 use fledge_core::contract::ResponseClass;
 
 /// `upstream_rq_<N>xx` of a cluster, tag-extracted.
@@ -54,21 +54,21 @@ impl StatsReader for ClusterStats {
     }
 
     /// Every cluster's classes and latency, by cluster name.
-    fn index(&self, samples: &[Sample]) -> PageIndex {
+    fn index(&self, page: &str) -> Result<PageIndex, promtext::ParseError> {
         let bucket = format!("{LATENCY_HISTOGRAM}_bucket");
         let sum = format!("{LATENCY_HISTOGRAM}_sum");
         let count = format!("{LATENCY_HISTOGRAM}_count");
         let mut index = PageIndexer::default();
-        for sample in samples {
-            let name = sample.name.as_str();
+        promtext::parse_each(page, |sample| {
+            let name = sample.name;
             if name == UPTIME_GAUGE {
                 index.uptime_seconds = Some(sample.value).filter(|v| v.is_finite());
-                continue;
+                return;
             }
             let Some(cluster) = sample.label(CLUSTER_LABEL) else {
-                continue;
+                return;
             };
-            let add: fn(&mut SubsetAccumulator, &Sample) -> Result<(), String> = if name
+            let add: fn(&mut SubsetAccumulator, &SampleRef<'_>) -> Result<(), String> = if name
                 == CLASS_COUNTER
             {
                 |series, sample| {
@@ -88,11 +88,11 @@ impl StatsReader for ClusterStats {
             } else if name == count {
                 SubsetAccumulator::add_count
             } else {
-                continue;
+                return;
             };
-            index.add(cluster.to_string(), |series| add(series, sample));
-        }
-        index.finish()
+            index.add(cluster, |series| add(series, sample));
+        })?;
+        Ok(index.finish())
     }
 
     fn read(&self, page: &PageIndex) -> Result<EndpointReading, String> {
@@ -119,7 +119,6 @@ fn class_of(label: &str) -> Option<ResponseClass> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::promtext;
 
     const ISTIO_CANARY: &str = "outbound|80|canary|app.shop.svc.cluster.local";
 
@@ -144,9 +143,8 @@ mod tests {
     }
 
     fn read(text: &str) -> Result<EndpointReading, String> {
-        let samples = promtext::parse(text).unwrap();
         let reader = reader();
-        reader.read(&reader.index(&samples))
+        reader.read(&reader.index(text).unwrap())
     }
 
     #[test]

@@ -51,20 +51,22 @@
 //! [`ObservationError::Malformed`] with Prometheus' message and the query. After any error no
 //! reading is committed, so the next successful call covers everything since the last one.
 
-use super::shared::{within, SharedRead, SharedReads};
+use super::shared::{within, Coverage, SharedRead, SharedReads};
 use super::{describe_request_error, MergedSubset, MetricsSource, SubsetSelector};
 use async_trait::async_trait;
-use fledge_core::contract::{
-    ResponseClass, REQUESTS_TOTAL, REQUEST_DURATION_MS, TAG_CLASS, TAG_SERVICE, TAG_SUBSET,
-};
-use fledge_core::observe::{LatencyHistogram, Observation, ObservationError, SubsetTraffic};
+use fledge_core::contract::{REQUESTS_TOTAL, REQUEST_DURATION_MS, TAG_SERVICE, TAG_SUBSET};
+use fledge_core::observe::{Observation, ObservationError, SubsetTraffic};
 use fledge_core::spec::{render_query, Canary, MetricKind, PrometheusSpec, QueryVariables};
+use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
+
+mod traffic_answer;
+use traffic_answer::TrafficData;
 
 /// The Prometheus instant-query endpoint, relative to the configured address.
 const QUERY_PATH: &str = "/api/v1/query";
@@ -242,23 +244,27 @@ impl PrometheusSource {
     /// came from.
     async fn read_origins(&self) -> Result<(u64, BTreeMap<OriginKey, Origin>), ObservationError> {
         let hub = &self.reads.hub;
-        // One read per Prometheus and tick, asking for every canary registered when it starts;
-        // a canary joins only one started after it registered (keyed by its query instead,
-        // 1,000 canaries registering one by one made as many queries).
-        let key = format!("{}\ntraffic", self.address);
-        let since = Some(self.registration.at);
-        let (seq, read) = hub.prometheus_traffic.read_since(
-            &key,
+        // One read per Prometheus in flight, asking for every canary registered when it is
+        // sent; a canary joins a read sent after it registered, or one still waiting to be
+        // sent (keyed by its query instead, 1,000 canaries registering one by one made as
+        // many queries).
+        let (seq, read) = hub.prometheus_traffic.read_covering(
+            &self.address,
             self.reads.max_age,
             self.previous_read,
-            since,
-            || {
-                let query = hub.prometheus.traffic_query(&self.address);
+            self.registration.version,
+            |coverage| {
                 let client = hub.http.clone();
                 let url = self.query_url.clone();
                 let address = self.address.clone();
                 let timeout = self.request_timeout;
-                async move { read_traffic(&client, &url, &address, &query, timeout).await }.boxed()
+                let registry = hub.prometheus.clone();
+                registry
+                    .send(address.clone(), QueryKind::Traffic, coverage, move |promql| {
+                        async move { read_traffic(&client, &url, &address, &promql, timeout).await }
+                            .boxed()
+                    })
+                    .boxed()
             },
         );
         let index = self.await_query(read, "traffic query").await?;
@@ -394,19 +400,25 @@ impl MetricsSource for PrometheusSource {
         &mut self,
     ) -> Result<Option<chrono::DateTime<chrono::Utc>>, ObservationError> {
         let hub = &self.reads.hub;
-        let key = format!("{}\nguard", self.address);
-        let since = Some(self.registration.at);
-        let (_, read) =
-            hub.prometheus_guard
-                .read_since(&key, self.reads.guard_max_age, None, since, || {
-                    let promql = hub.prometheus.guard_query(&self.address);
-                    let client = hub.http.clone();
-                    let url = self.query_url.clone();
-                    let address = self.address.clone();
-                    let timeout = self.request_timeout;
-                    async move { read_guards(&client, &url, &address, &promql, timeout).await }
-                        .boxed()
-                });
+        let (_, read) = hub.prometheus_guard.read_covering(
+            &self.address,
+            self.reads.guard_max_age,
+            None,
+            self.registration.version,
+            |coverage| {
+                let client = hub.http.clone();
+                let url = self.query_url.clone();
+                let address = self.address.clone();
+                let timeout = self.request_timeout;
+                let registry = hub.prometheus.clone();
+                registry
+                    .send(address.clone(), QueryKind::Guard, coverage, move |promql| {
+                        async move { read_guards(&client, &url, &address, &promql, timeout).await }
+                            .boxed()
+                    })
+                    .boxed()
+            },
+        );
         let guards = self.await_query(read, "guard query").await?;
         let guards = guards.as_ref().as_ref().map_err(Clone::clone)?;
         Ok(guards
@@ -578,28 +590,52 @@ fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
 /// (service, stable subset, canary subset) of a registered canary.
 type SelectorKey = (String, String, String);
 
-/// address → registered canaries → how many sources read for each.
-type Registered = HashMap<String, BTreeMap<SelectorKey, usize>>;
+/// The canaries reading one Prometheus, and its turns (one answer of each kind in flight).
+#[derive(Debug, Default)]
+struct AddressRegistrations {
+    /// Registered canaries → how many sources read for each.
+    selectors: BTreeMap<SelectorKey, usize>,
+    traffic_turn: Arc<tokio::sync::Mutex<()>>,
+    guard_turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+#[derive(Debug, Default)]
+struct Registered {
+    by_address: HashMap<String, AddressRegistrations>,
+    /// Bumped by every registration (at any address): a read settled on version `v`
+    /// ([`Coverage`]) asks for every canary registered at `v` or before.
+    version: u64,
+}
 
 /// The canaries reading each Prometheus: the shared queries ask for all of their series.
 #[derive(Debug, Default)]
 pub struct PrometheusRegistry {
-    by_address: Mutex<Registered>,
+    registered: Mutex<Registered>,
+}
+
+/// Which shared query of an address.
+#[derive(Debug, Clone, Copy)]
+enum QueryKind {
+    Traffic,
+    Guard,
 }
 
 impl PrometheusRegistry {
     fn lock(&self) -> std::sync::MutexGuard<'_, Registered> {
-        match self.by_address.lock() {
+        match self.registered.lock() {
             Ok(map) => map,
             Err(poisoned) => poisoned.into_inner(),
         }
     }
 
-    fn selectors(&self, address: &str) -> Vec<SubsetSelector> {
-        self.lock()
+    fn selectors(&self, address: &str) -> (u64, Vec<SubsetSelector>) {
+        let registered = self.lock();
+        let selectors = registered
+            .by_address
             .get(address)
-            .map(|selectors| {
-                selectors
+            .map(|registrations| {
+                registrations
+                    .selectors
                     .keys()
                     .map(|(service, stable, canary)| SubsetSelector {
                         service: service.clone(),
@@ -608,29 +644,91 @@ impl PrometheusRegistry {
                     })
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        (registered.version, selectors)
     }
 
-    /// The traffic query for every canary reading `address`.
-    pub fn traffic_query(&self, address: &str) -> String {
-        traffic_query(&self.selectors(address))
+    /// The query of `kind` for every canary registered now at `address`, and the registration
+    /// version it covers.
+    fn query_now(&self, address: &str, kind: QueryKind) -> (u64, String) {
+        let (version, selectors) = self.selectors(address);
+        let promql = match kind {
+            QueryKind::Traffic => traffic_query(&selectors),
+            QueryKind::Guard => {
+                guard_query(&distinct(selectors.iter().map(|s| s.service.as_str())))
+            }
+        };
+        (version, promql)
     }
 
-    /// The guard query for every canary reading `address`.
-    pub fn guard_query(&self, address: &str) -> String {
-        let selectors = self.selectors(address);
-        guard_query(&distinct(selectors.iter().map(|s| s.service.as_str())))
+    /// The lock one query of `kind` at `address` holds while in flight: one answer at a time
+    /// (each can be megabytes), and the next read asks for everyone who registered meanwhile.
+    fn turn(&self, address: &str, kind: QueryKind) -> Arc<tokio::sync::Mutex<()>> {
+        let mut registered = self.lock();
+        let registrations = registered
+            .by_address
+            .entry(address.to_string())
+            .or_default();
+        match kind {
+            QueryKind::Traffic => registrations.traffic_turn.clone(),
+            QueryKind::Guard => registrations.guard_turn.clone(),
+        }
+    }
+
+    /// Add one source of `key` at `address`; the registration version it needs a read to cover.
+    fn register(&self, address: &str, key: &SelectorKey) -> u64 {
+        let mut registered = self.lock();
+        registered.version += 1;
+        *registered
+            .by_address
+            .entry(address.to_string())
+            .or_default()
+            .selectors
+            .entry(key.clone())
+            .or_default() += 1;
+        registered.version
+    }
+
+    fn unregister(&self, address: &str, key: &SelectorKey) {
+        let mut registered = self.lock();
+        if let Some(registrations) = registered.by_address.get_mut(address) {
+            if let Some(count) = registrations.selectors.get_mut(key) {
+                *count -= 1;
+                if *count == 0 {
+                    registrations.selectors.remove(key);
+                }
+            }
+            if registrations.selectors.is_empty() {
+                registered.by_address.remove(address);
+            }
+        }
+    }
+
+    /// Send the shared query of `kind` for `address` once it is its turn, asking for every
+    /// canary registered by then (settling `coverage` on it).
+    async fn send<V>(
+        self: Arc<Self>,
+        address: String,
+        kind: QueryKind,
+        coverage: Arc<Coverage>,
+        send: impl FnOnce(String) -> BoxFuture<'static, V>,
+    ) -> V {
+        let turn = self.turn(&address, kind);
+        let _turn = turn.lock().await;
+        let (version, promql) = self.query_now(&address, kind);
+        coverage.settle(version);
+        send(promql).await
     }
 }
 
 /// A source's place in its Prometheus' shared queries, left when dropped.
 #[derive(Debug)]
 struct Registration {
-    hub: Arc<super::shared::ReadHub>,
+    registry: Arc<PrometheusRegistry>,
     address: String,
     key: SelectorKey,
-    /// When it registered: shared reads started since ask for its series.
-    at: std::time::Instant,
+    /// The registration version a shared read must cover to include this source.
+    version: u64,
 }
 
 impl Registration {
@@ -640,37 +738,20 @@ impl Registration {
             selector.stable_subset.clone(),
             selector.canary_subset.clone(),
         );
-        *reads
-            .hub
-            .prometheus
-            .lock()
-            .entry(address.to_string())
-            .or_default()
-            .entry(key.clone())
-            .or_default() += 1;
+        let registry = reads.hub.prometheus.clone();
+        let version = registry.register(address, &key);
         Registration {
-            hub: reads.hub.clone(),
+            registry,
             address: address.to_string(),
             key,
-            at: std::time::Instant::now(),
+            version,
         }
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut by_address = self.hub.prometheus.lock();
-        if let Some(selectors) = by_address.get_mut(&self.address) {
-            if let Some(count) = selectors.get_mut(&self.key) {
-                *count -= 1;
-                if *count == 0 {
-                    selectors.remove(&self.key);
-                }
-            }
-            if selectors.is_empty() {
-                by_address.remove(&self.address);
-            }
-        }
+        self.registry.unregister(&self.address, &self.key);
     }
 }
 
@@ -718,16 +799,18 @@ async fn read_traffic(
     let large = body.0.len() > PARSE_OFF_WORKERS_BYTES;
     let address = address.to_string();
     let promql = promql.to_string();
-    let index = move || {
-        let data = parse_answer(&body.0, body.1, &address, "traffic query", &promql)?;
-        match data {
-            QueryData::Vector(samples) => Ok(index_samples(samples)),
-            other => Err(ObservationError::Malformed(format!(
-                "Prometheus {address}: traffic query returned a {} instead of a vector; query: {}",
-                other.type_name(),
-                excerpt(&promql)
-            ))),
-        }
+    let index = move || match parse_answer::<TrafficData>(
+        &body.0,
+        body.1,
+        &address,
+        "traffic query",
+        &promql,
+    )? {
+        TrafficData::Index(index) => Ok(index),
+        TrafficData::Other(kind) => Err(ObservationError::Malformed(format!(
+            "Prometheus {address}: traffic query returned a {kind} instead of a vector; query: {}",
+            excerpt(&promql)
+        ))),
     };
     if large {
         tokio::task::spawn_blocking(index)
@@ -841,18 +924,22 @@ fn query_url(address: &str) -> Result<reqwest::Url, PrometheusSourceError> {
     Ok(url)
 }
 
-/// The body of every Prometheus API answer.
+/// The body of every Prometheus API answer, its `data` read as `D`.
 #[derive(Debug, Deserialize)]
-struct ApiResponse {
+struct ApiResponse<D> {
     status: String,
-    #[serde(default)]
-    data: Option<QueryData>,
+    #[serde(default = "none")]
+    data: Option<D>,
     #[serde(default, rename = "errorType")]
     error_type: Option<String>,
     #[serde(default)]
     error: Option<String>,
     #[serde(default)]
     warnings: Vec<String>,
+}
+
+fn none<D>() -> Option<D> {
+    None
 }
 
 /// The `data` of an instant query (deserialized by [`QueryDataVisitor`]).
@@ -987,7 +1074,7 @@ async fn instant_query(
     timeout: Duration,
 ) -> Result<QueryData, ObservationError> {
     let (body, status) = query_body(client, url, address, what, promql, timeout).await?;
-    parse_answer(&body, status, address, what, promql)
+    parse_answer::<QueryData>(&body, status, address, what, promql)
 }
 
 /// Send `promql`; the answer's body and HTTP status.
@@ -1020,13 +1107,13 @@ async fn query_body(
 }
 
 /// The `data` of a Prometheus API answer, or the error it reports.
-fn parse_answer(
-    body: &str,
+fn parse_answer<'a, D: Deserialize<'a>>(
+    body: &'a str,
     status: reqwest::StatusCode,
     address: &str,
     what: &str,
     promql: &str,
-) -> Result<QueryData, ObservationError> {
+) -> Result<D, ObservationError> {
     let unreachable = |problem: String| {
         ObservationError::Unreachable(format!("Prometheus {address}: {what}: {problem}"))
     };
@@ -1035,7 +1122,7 @@ fn parse_answer(
     // Prometheus answers API errors (bad query: 400, execution error: 422, timeout: 503) with
     // a JSON body; anything else that is not 2xx comes from somewhere else (a proxy, a wrong
     // address) and says nothing about the query.
-    let parsed = serde_json::from_str::<ApiResponse>(body);
+    let parsed = serde_json::from_str::<ApiResponse<D>>(body);
     let api = match parsed {
         Ok(api) => api,
         Err(_) if !status.is_success() => {
@@ -1129,10 +1216,23 @@ fn custom_value(data: &QueryData) -> Result<Option<f64>, String> {
 }
 
 fn format_labels(labels: &BTreeMap<String, String>) -> String {
-    let name = labels.get("__name__").map(String::as_str).unwrap_or("");
+    let pairs: Vec<(&str, &str)> = labels
+        .iter()
+        .map(|(key, value)| (key.as_str(), value.as_str()))
+        .collect();
+    format_label_pairs(&pairs)
+}
+
+/// `name{label="value",...}` out of a series' labels (`__name__` among them, in any place).
+fn format_label_pairs(labels: &[(&str, &str)]) -> String {
+    let name = labels
+        .iter()
+        .find(|(key, _)| *key == "__name__")
+        .map(|(_, value)| *value)
+        .unwrap_or("");
     let pairs: Vec<String> = labels
         .iter()
-        .filter(|(key, _)| key.as_str() != "__name__")
+        .filter(|(key, _)| *key != "__name__")
         .map(|(key, value)| format!("{key}={}", promql_string(value)))
         .collect();
     format!("{name}{{{}}}", pairs.join(","))
@@ -1145,188 +1245,10 @@ struct Origin {
     traffic: SubsetTraffic,
 }
 
-/// Group a traffic answer's samples by origin and build each origin's cumulative traffic, by
-/// service. A problem with a series sticks to its origin (only canaries reading that origin
-/// fail on it).
-fn index_samples(samples: Vec<VectorSample>) -> TrafficIndex {
-    let bucket_name = format!("{REQUEST_DURATION_MS}_bucket");
-    let sum_name = format!("{REQUEST_DURATION_MS}_sum");
-    let count_name = format!("{REQUEST_DURATION_MS}_count");
-
-    let mut accumulators: BTreeMap<OriginKey, Result<OriginAccumulator, String>> = BTreeMap::new();
-    for sample in samples {
-        let labels = &sample.metric;
-        if !labels.contains_key(TAG_SERVICE) || !labels.contains_key(TAG_SUBSET) {
-            continue;
-        }
-        let key: OriginKey = labels
-            .iter()
-            .filter(|(label, _)| !matches!(label.as_str(), "__name__" | "le" | TAG_CLASS))
-            .map(|(label, value)| (label.clone(), value.clone()))
-            .collect();
-        let accumulator = accumulators
-            .entry(key)
-            .or_insert_with(|| Ok(OriginAccumulator::default()));
-        let Ok(series) = accumulator else {
-            continue;
-        };
-        if let Err(problem) = add_sample(series, &sample, [&bucket_name, &sum_name, &count_name]) {
-            *accumulator = Err(problem);
-        }
-    }
-    let mut index = TrafficIndex::default();
-    for (key, accumulator) in accumulators {
-        let traffic = accumulator.map(OriginAccumulator::finish);
-        let (Some(service), Some(subset)) = (key.get(TAG_SERVICE), key.get(TAG_SUBSET)) else {
-            continue;
-        };
-        let (service, subset) = (service.clone(), subset.clone());
-        index
-            .by_service
-            .entry(service)
-            .or_default()
-            .push((key, subset, traffic));
-    }
-    index
-}
-
-/// Add one sample of the traffic query to its origin's series.
-fn add_sample(
-    series: &mut OriginAccumulator,
-    sample: &VectorSample,
-    [bucket_name, sum_name, count_name]: [&String; 3],
-) -> Result<(), String> {
-    let labels = &sample.metric;
-    let name = labels.get("__name__").map(String::as_str).unwrap_or("");
-    let described = format_labels(labels);
-    let value = sample
-        .value
-        .as_ref()
-        .ok_or_else(|| format!("{described} is a native histogram, expected a float sample"))?
-        .number()
-        .map_err(|problem| format!("{described}: {problem}"))?;
-    if name == REQUESTS_TOTAL {
-        series.add_requests(labels, &described, value)
-    } else if name == bucket_name {
-        series.add_bucket(labels, &described, value)
-    } else if name == sum_name {
-        series.add_sum(&described, value)
-    } else if name == count_name {
-        series.count = Some(whole_count(&described, value)?);
-        Ok(())
-    } else {
-        Ok(())
-    }
-}
-
-/// One origin's series, as they arrive.
-#[derive(Default)]
-struct OriginAccumulator {
-    by_class: [u64; 6],
-    /// `(le, cumulative count)` for finite bounds, unordered.
-    finite_buckets: Vec<(f64, u64)>,
-    infinite_bucket: Option<u64>,
-    sum_ms: Option<f64>,
-    count: Option<u64>,
-}
-
-impl OriginAccumulator {
-    fn add_requests(
-        &mut self,
-        labels: &BTreeMap<String, String>,
-        series: &str,
-        value: f64,
-    ) -> Result<(), String> {
-        let class_label = labels
-            .get(TAG_CLASS)
-            .ok_or_else(|| format!("{series} has no {TAG_CLASS} label"))?;
-        let class = ResponseClass::from_label(class_label).ok_or_else(|| {
-            format!(
-                "{series} has unknown {TAG_CLASS} {class_label:?}; this controller knows {}",
-                ResponseClass::ALL.map(ResponseClass::label).join(", ")
-            )
-        })?;
-        let n = whole_count(series, value)?;
-        if let Some(slot) = self.by_class.get_mut(class.index()) {
-            *slot = slot.saturating_add(n);
-        }
-        Ok(())
-    }
-
-    fn add_bucket(
-        &mut self,
-        labels: &BTreeMap<String, String>,
-        series: &str,
-        value: f64,
-    ) -> Result<(), String> {
-        let le_text = labels
-            .get("le")
-            .ok_or_else(|| format!("{series} has no le label"))?;
-        let le = parse_prometheus_float(le_text)
-            .ok()
-            .filter(|le| !le.is_nan())
-            .ok_or_else(|| format!("{series} has an invalid le {le_text:?}"))?;
-        let n = whole_count(series, value)?;
-        if le == f64::INFINITY {
-            self.infinite_bucket = Some(self.infinite_bucket.unwrap_or(0).saturating_add(n));
-        } else if let Some(bucket) = self.finite_buckets.iter_mut().find(|(b, _)| *b == le) {
-            // `1` and `1.0` are different label values of the same bound.
-            bucket.1 = bucket.1.saturating_add(n);
-        } else {
-            self.finite_buckets.push((le, n));
-        }
-        Ok(())
-    }
-
-    fn add_sum(&mut self, series: &str, value: f64) -> Result<(), String> {
-        if !value.is_finite() || value < 0.0 {
-            return Err(format!(
-                "{series} is {value}, expected a non-negative number"
-            ));
-        }
-        self.sum_ms = Some(value);
-        Ok(())
-    }
-
-    /// The subset's traffic; buckets a scrape caught mid-flush are clipped
-    /// ([`LatencyHistogram::from_scrape`]).
-    fn finish(mut self) -> SubsetTraffic {
-        self.finite_buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let bounds_ms: Vec<f64> = self.finite_buckets.iter().map(|(le, _)| *le).collect();
-        let cumulative: Vec<u64> = self.finite_buckets.iter().map(|(_, n)| *n).collect();
-        let highest_finite = cumulative.last().copied().unwrap_or(0);
-        let count = self
-            .count
-            .or(self.infinite_bucket)
-            .unwrap_or(highest_finite);
-        SubsetTraffic {
-            by_class: self.by_class,
-            latency: LatencyHistogram::from_scrape(
-                bounds_ms,
-                cumulative,
-                count,
-                self.sum_ms.unwrap_or(0.0),
-            ),
-        }
-    }
-}
-
-/// A counter value as a whole number. Raw Envoy counters are integers; anything else (a
-/// recording rule in between, say) is rounded to the nearest request.
-fn whole_count(series: &str, value: f64) -> Result<u64, String> {
-    // 2^64: the first value that does not fit.
-    if (0.0..18_446_744_073_709_551_616.0).contains(&value) {
-        Ok(value.round() as u64)
-    } else {
-        Err(format!(
-            "{series} is {value}, expected a non-negative count"
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fledge_core::contract::ResponseClass;
     use fledge_testkit::http::{closed_port_url, FakeEndpoint, Reply};
     use serde_json::{json, Value};
 
@@ -1884,6 +1806,44 @@ mod tests {
         let observation = source.observe().await.unwrap();
         assert_eq!(requests(&observation.canary), (7, 0));
         assert_eq!(observation.custom.get("ratio"), Some(&1.0));
+    }
+
+    #[tokio::test]
+    async fn canaries_starting_together_send_two_queries_not_one_each() {
+        let prometheus = fake_prometheus().await;
+        let hub = Arc::new(super::super::ReadHub::new());
+        let reads = SharedReads::through(hub, Duration::from_secs(10), Duration::from_secs(10));
+        let selectors: Vec<SubsetSelector> = (0..50)
+            .map(|i| SubsetSelector {
+                service: format!("svc-{i:02}"),
+                ..selector()
+            })
+            .collect();
+        reply_ok(&prometheus, &traffic_query(&selectors), vector(vec![]));
+        // Each canary starts its source and reads at once, as a burst of reconciles does: the
+        // first read names one service; every later canary joins the one read waiting for its
+        // turn, which then names them all.
+        let started = selectors.iter().map(|selector| {
+            let (url, reads) = (prometheus.url().to_string(), reads.clone());
+            async move {
+                let timeout = Duration::from_secs(5);
+                let source = PrometheusSource::new(&url, selector.clone(), vec![], timeout);
+                let mut source = source.unwrap().sharing(reads);
+                let result = source.observe().await;
+                (source, result)
+            }
+        });
+        let (_sources, results): (Vec<_>, Vec<_>) =
+            futures::future::join_all(started).await.into_iter().unzip();
+        let sent = queries_sent(&prometheus);
+        assert_eq!(sent.len(), 2, "{sent:#?}");
+        assert_eq!(sent[0], traffic_query(&selectors[..1]));
+        assert_eq!(sent[1], traffic_query(&selectors));
+        let baselines = results
+            .iter()
+            .filter(|r| matches!(r, Err(ObservationError::Baseline)))
+            .count();
+        assert_eq!(baselines, 49, "{results:?}");
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@
 //! The parser must never panic whatever the input (it is fuzzed): it walks the text with
 //! iterators and checked splits only, never with indexing.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// The type a `# TYPE` line declared for a metric family.
@@ -59,6 +60,41 @@ impl Sample {
     }
 }
 
+/// One sample line borrowed from the text: a label value is copied only when it has escapes.
+/// [`parse_each`] reuses one for every line, so reading a page allocates almost nothing.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SampleRef<'a> {
+    pub name: &'a str,
+    /// Labels in the order they appeared; label names are unique within a sample.
+    pub labels: Vec<(&'a str, Cow<'a, str>)>,
+    pub value: f64,
+    pub timestamp_ms: Option<i64>,
+}
+
+impl SampleRef<'_> {
+    /// The value of label `key`, if the sample has it.
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(name, _)| *name == key)
+            .map(|(_, value)| value.as_ref())
+    }
+
+    fn to_owned_sample(&self) -> Sample {
+        Sample {
+            name: self.name.to_string(),
+            labels: self
+                .labels
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect(),
+            value: self.value,
+            timestamp_ms: self.timestamp_ms,
+            metric_type: MetricType::Untyped,
+        }
+    }
+}
+
 /// Why a text could not be parsed, and on which line (1-based).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line}: {problem}")]
@@ -69,8 +105,27 @@ pub struct ParseError {
 
 /// Parse a whole exposition. Fails on the first malformed line.
 pub fn parse(text: &str) -> Result<Vec<Sample>, ParseError> {
-    let mut declared_types: HashMap<String, MetricType> = HashMap::new();
     let mut samples = Vec::new();
+    let declared_types = parse_lines(text, |sample| samples.push(sample.to_owned_sample()))?;
+    for sample in &mut samples {
+        sample.metric_type = family_type(&sample.name, &declared_types);
+    }
+    Ok(samples)
+}
+
+/// Call `each` with every sample of `text`, in order, without collecting them. Fails on the
+/// first malformed line (`each` has then seen the samples before it).
+pub fn parse_each<'a>(text: &'a str, each: impl FnMut(&SampleRef<'a>)) -> Result<(), ParseError> {
+    parse_lines(text, each).map(|_| ())
+}
+
+/// Every line of `text`: samples go to `each`; the `# TYPE` declarations are returned.
+fn parse_lines<'a>(
+    text: &'a str,
+    mut each: impl FnMut(&SampleRef<'a>),
+) -> Result<HashMap<String, MetricType>, ParseError> {
+    let mut declared_types: HashMap<String, MetricType> = HashMap::new();
+    let mut sample = SampleRef::default();
     for (index, raw_line) in text.split('\n').enumerate() {
         let line_number = index + 1;
         let line = raw_line.strip_suffix('\r').unwrap_or(raw_line);
@@ -82,17 +137,14 @@ pub fn parse(text: &str) -> Result<Vec<Sample>, ParseError> {
         let outcome = if cursor.eat('#') {
             parse_comment(cursor, &mut declared_types)
         } else {
-            parse_sample(cursor).map(|sample| samples.push(sample))
+            parse_sample(cursor, &mut sample).map(|()| each(&sample))
         };
         outcome.map_err(|problem| ParseError {
             line: line_number,
             problem,
         })?;
     }
-    for sample in &mut samples {
-        sample.metric_type = family_type(&sample.name, &declared_types);
-    }
-    Ok(samples)
+    Ok(declared_types)
 }
 
 /// The declared type of the family `sample_name` belongs to.
@@ -172,14 +224,15 @@ fn expect_metric_name_after_blank<'a>(
     take_metric_name(cursor)
 }
 
-fn parse_sample(mut cursor: Cursor<'_>) -> Result<Sample, String> {
-    let name = take_metric_name(&mut cursor)?.to_string();
+/// One sample line into `sample` (its previous contents are replaced).
+fn parse_sample<'a>(mut cursor: Cursor<'a>, sample: &mut SampleRef<'a>) -> Result<(), String> {
+    let name = take_metric_name(&mut cursor)?;
+    sample.name = name;
+    sample.labels.clear();
     cursor.skip_blanks();
-    let labels = if cursor.eat('{') {
-        parse_labels(&mut cursor)?
-    } else {
-        Vec::new()
-    };
+    if cursor.eat('{') {
+        parse_labels(&mut cursor, &mut sample.labels)?;
+    }
     cursor.skip_blanks();
     let value_text = cursor.take_token();
     if value_text.is_empty() {
@@ -188,11 +241,11 @@ fn parse_sample(mut cursor: Cursor<'_>) -> Result<Sample, String> {
             cursor.describe_next()
         ));
     }
-    let value = parse_value(value_text).ok_or_else(|| {
+    sample.value = parse_value(value_text).ok_or_else(|| {
         format!("invalid value {value_text:?} for {name} (expected a number, +Inf, -Inf or NaN)")
     })?;
     cursor.skip_blanks();
-    let timestamp_ms = if cursor.is_at_end() {
+    sample.timestamp_ms = if cursor.is_at_end() {
         None
     } else {
         let timestamp_text = cursor.take_token();
@@ -210,23 +263,19 @@ fn parse_sample(mut cursor: Cursor<'_>) -> Result<Sample, String> {
             cursor.describe_next()
         ));
     }
-    Ok(Sample {
-        name,
-        labels,
-        value,
-        timestamp_ms,
-        metric_type: MetricType::Untyped,
-    })
+    Ok(())
 }
 
-/// Labels after the opening `{`, up to and including the closing `}`. A trailing comma is
-/// allowed, as in Prometheus' own parser.
-fn parse_labels(cursor: &mut Cursor<'_>) -> Result<Vec<(String, String)>, String> {
-    let mut labels: Vec<(String, String)> = Vec::new();
+/// Labels after the opening `{`, up to and including the closing `}`, into `labels`. A
+/// trailing comma is allowed, as in Prometheus' own parser.
+fn parse_labels<'a>(
+    cursor: &mut Cursor<'a>,
+    labels: &mut Vec<(&'a str, Cow<'a, str>)>,
+) -> Result<(), String> {
     loop {
         cursor.skip_blanks();
         if cursor.eat('}') {
-            return Ok(labels);
+            return Ok(());
         }
         let label_name = cursor.take_while(is_label_name_char);
         if !is_valid_name_start(label_name, false) {
@@ -250,16 +299,16 @@ fn parse_labels(cursor: &mut Cursor<'_>) -> Result<Vec<(String, String)>, String
             ));
         }
         let label_value = parse_label_value(cursor, label_name)?;
-        if labels.iter().any(|(existing, _)| existing == label_name) {
+        if labels.iter().any(|(existing, _)| *existing == label_name) {
             return Err(format!("label {label_name} appears twice"));
         }
-        labels.push((label_name.to_string(), label_value));
+        labels.push((label_name, label_value));
         cursor.skip_blanks();
         if cursor.eat(',') {
             continue;
         }
         if cursor.eat('}') {
-            return Ok(labels);
+            return Ok(());
         }
         return Err(format!(
             "expected `,` or `}}` after the value of label {label_name}, found {}",
@@ -268,13 +317,21 @@ fn parse_labels(cursor: &mut Cursor<'_>) -> Result<Vec<(String, String)>, String
     }
 }
 
-/// A label value after its opening quote, up to and including the closing quote.
-fn parse_label_value(cursor: &mut Cursor<'_>, label_name: &str) -> Result<String, String> {
-    let mut value = String::new();
+/// A label value after its opening quote, up to and including the closing quote: borrowed
+/// from the line unless it has escapes.
+fn parse_label_value<'a>(
+    cursor: &mut Cursor<'a>,
+    label_name: &str,
+) -> Result<Cow<'a, str>, String> {
+    let plain = cursor.take_while(|c| c != '"' && c != '\\');
+    if cursor.eat('"') {
+        return Ok(Cow::Borrowed(plain));
+    }
+    let mut value = plain.to_string();
     loop {
         match cursor.bump() {
             None => return Err(format!("unterminated value of label {label_name}")),
-            Some('"') => return Ok(value),
+            Some('"') => return Ok(Cow::Owned(value)),
             Some('\\') => match cursor.bump() {
                 Some('\\') => value.push('\\'),
                 Some('"') => value.push('"'),
@@ -619,6 +676,52 @@ fledge_request_duration_ms_count{fledge_service=\"app\",fledge_subset=\"canary\"
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn parse_each_borrows_plain_values_and_matches_parse() {
+        let text = "# TYPE m counter\nm{a=\"plain\",b=\"x\\\"y\",c=\"\"} 1 5\nn 2\nm{a=\"é✓\"} 3\n";
+        let owned = parse(text).unwrap();
+        let mut seen = Vec::new();
+        parse_each(text, |sample| {
+            let borrowed: Vec<bool> = sample
+                .labels
+                .iter()
+                .map(|(_, value)| matches!(value, Cow::Borrowed(_)))
+                .collect();
+            seen.push((sample.to_owned_sample(), borrowed));
+        })
+        .unwrap();
+        assert_eq!(seen.len(), owned.len());
+        for ((sample, _), expected) in seen.iter().zip(&owned) {
+            assert_eq!(
+                (
+                    &sample.name,
+                    &sample.labels,
+                    sample.value,
+                    sample.timestamp_ms
+                ),
+                (
+                    &expected.name,
+                    &expected.labels,
+                    expected.value,
+                    expected.timestamp_ms
+                )
+            );
+        }
+        // Only the value with an escape is copied.
+        assert_eq!(seen[0].1, [true, false, true]);
+        assert_eq!(seen[0].0.labels[1].1, "x\"y");
+        assert_eq!(
+            seen[1].0.labels,
+            labels(&[]),
+            "a reused sample starts without labels"
+        );
+        assert_eq!(seen[2].1, [true]);
+        // An error stops at its line; the samples before it were seen.
+        let mut names = Vec::new();
+        let error = parse_each("a 1\nb{x=\"\\t\"} 2\nc 3\n", |s| names.push(s.name)).unwrap_err();
+        assert_eq!((error.line, names), (2, vec!["a"]));
     }
 
     #[test]

@@ -15,6 +15,12 @@
 //! computes its own delta, so baselines, counter resets and all-or-nothing commits are exactly
 //! as they were per canary. A caller never gets the read it already used (`seen`): two ticks of
 //! one canary always read two different instants, so an interval is never empty by accident.
+//!
+//! A read may cover only some callers: a Prometheus query names the services registered when it
+//! is sent. Such a read carries a [`Coverage`]: callers that registered later start a new read,
+//! but a read that has not been sent yet (it waits for its endpoint's previous answer) covers
+//! whoever joins it. So a thousand canaries starting at once send two queries, not a thousand
+//! growing ones.
 
 use super::envoy_admin::PageIndex;
 use super::prometheus::{PrometheusRegistry, TrafficIndex};
@@ -36,7 +42,28 @@ struct Slot<V> {
     seq: u64,
     started: Instant,
     used: Instant,
+    coverage: Arc<Coverage>,
     read: SharedRead<V>,
+}
+
+/// Up to which registration a read covers (see the module docs): every one until the read
+/// [`settles`](Coverage::settle) what it asks for, then those up to what it settled on.
+#[derive(Debug)]
+pub struct Coverage(AtomicU64);
+
+impl Coverage {
+    fn open() -> Self {
+        Coverage(AtomicU64::new(u64::MAX))
+    }
+
+    /// The read now asks for registrations up to `version` (and no later ones).
+    pub fn settle(&self, version: u64) {
+        self.0.store(version, Ordering::SeqCst);
+    }
+
+    fn covers(&self, needs: u64) -> bool {
+        self.0.load(Ordering::SeqCst) >= needs
+    }
 }
 
 /// Single-flight reads by key.
@@ -78,33 +105,34 @@ impl<V: Send + Sync + 'static> SingleFlight<V> {
         seen: Option<u64>,
         start: impl FnOnce() -> BoxFuture<'static, V>,
     ) -> (u64, SharedRead<V>) {
-        self.read_since(key, max_age, seen, None, start)
+        self.read_covering(key, max_age, seen, 0, |_| start())
     }
 
-    /// [`SingleFlight::read`], joining only a read started at or after `since` (e.g. when the
-    /// caller began to count in what a read asks for: a read started before may not ask for
-    /// its series). The read the key holds is what `start` made of every caller known then.
-    pub fn read_since(
+    /// [`SingleFlight::read`] for a caller that needs a read covering its registration
+    /// `needs`: a read settled on an earlier one is not joined. `start` gets the new read's
+    /// [`Coverage`] to settle once it knows what it asks for. A new read replaces the key's
+    /// previous one (callers of that one keep it until they are done).
+    pub fn read_covering(
         &self,
         key: &str,
         max_age: Duration,
         seen: Option<u64>,
-        since: Option<Instant>,
-        start: impl FnOnce() -> BoxFuture<'static, V>,
+        needs: u64,
+        start: impl FnOnce(Arc<Coverage>) -> BoxFuture<'static, V>,
     ) -> (u64, SharedRead<V>) {
         let now = Instant::now();
         let mut slots = self.lock();
         if let Some(slot) = slots.get_mut(key) {
-            let fresh = now.saturating_duration_since(slot.started) <= max_age
-                && since.is_none_or(|since| slot.started >= since);
-            if fresh && Some(slot.seq) != seen {
+            let fresh = now.saturating_duration_since(slot.started) <= max_age;
+            if fresh && Some(slot.seq) != seen && slot.coverage.covers(needs) {
                 slot.used = now;
                 return (slot.seq, slot.read.clone());
             }
         }
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         self.started.fetch_add(1, Ordering::Relaxed);
-        let timed = timed(key.to_string(), start());
+        let coverage = Arc::new(Coverage::open());
+        let timed = timed(key.to_string(), start(coverage.clone()));
         let read = run_apart(timed.map(Arc::new), self.runtime.as_ref())
             .boxed()
             .shared();
@@ -117,6 +145,7 @@ impl<V: Send + Sync + 'static> SingleFlight<V> {
                 seq,
                 started: now,
                 used: now,
+                coverage,
                 read: read.clone(),
             },
         );
@@ -196,7 +225,7 @@ pub struct ReadHub {
     /// Prometheus guard queries: each service's newest trip.
     pub(crate) prometheus_guard: SingleFlight<Result<HashMap<String, f64>, ObservationError>>,
     /// Which canaries read each Prometheus (their series are asked for together).
-    pub(crate) prometheus: PrometheusRegistry,
+    pub(crate) prometheus: Arc<PrometheusRegistry>,
 }
 
 impl std::fmt::Debug for ReadHub {
@@ -233,7 +262,7 @@ impl ReadHub {
             guard_pages: SingleFlight::on(runtime.clone()),
             prometheus_traffic: SingleFlight::on(runtime.clone()),
             prometheus_guard: SingleFlight::on(runtime),
-            prometheus: PrometheusRegistry::default(),
+            prometheus: Arc::default(),
         }
     }
 
@@ -361,19 +390,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_caller_joins_only_reads_started_since_it_counts_in() {
+    async fn a_read_covers_who_joined_before_it_settled_and_no_one_later() {
         let flight = SingleFlight::<usize>::default();
         let reads = Arc::new(AtomicUsize::new(0));
         let max_age = Duration::from_secs(5);
-        let before = Instant::now();
-        let (first, _) = flight.read_since("prom", max_age, None, None, counting(&reads));
-        let after = Instant::now() + Duration::from_millis(1);
-        // (since) → joins the first read?
-        for (since, joins) in [(None, true), (Some(before), true), (Some(after), false)] {
-            let (seq, read) = flight.read_since("prom", max_age, None, since, counting(&reads));
-            assert_eq!(seq == first, joins, "since {since:?}");
-            read.await;
-        }
+        let settled = Arc::new(std::sync::Mutex::new(None));
+        let start = |counter: &Arc<AtomicUsize>| {
+            let start = counting(counter);
+            let settled = settled.clone();
+            move |coverage: Arc<Coverage>| {
+                *settled.lock().unwrap() = Some(coverage);
+                start()
+            }
+        };
+        let (first, _) = flight.read_covering("prom", max_age, None, 3, start(&reads));
+        // Not settled yet: it covers any registration.
+        let (joined, _) = flight.read_covering("prom", max_age, None, 7, start(&reads));
+        assert_eq!(joined, first);
+        settled.lock().unwrap().take().unwrap().settle(7);
+        let (covered, _) = flight.read_covering("prom", max_age, None, 7, start(&reads));
+        assert_eq!(covered, first);
+        // Registered after it settled: a new read, which replaces it for later callers.
+        let (later, read) = flight.read_covering("prom", max_age, None, 8, start(&reads));
+        assert_ne!(later, first);
+        let (again, _) = flight.read_covering("prom", max_age, None, 1, start(&reads));
+        assert_eq!(again, later);
+        assert_eq!(*read.await, 2);
+        assert_eq!(flight.started(), 2);
     }
 
     #[tokio::test]
