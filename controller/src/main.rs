@@ -16,8 +16,9 @@ use std::process::ExitCode;
 /// rarely returns freed memory, so each aligned tick's burst (10,000 reconciles, parsed
 /// gateway pages) left its high-water mark resident. Measured with `fledge-bench-scale`, 1,000
 /// Canaries: 283 MiB with glibc, 191 with `MALLOC_ARENA_MAX=2`, 182 with mimalloc (docs/operating.md,
-/// "Memory per Canary"). Build with `--features system-allocator` to profile with heaptrack
-/// or valgrind, which see only malloc.
+/// "Memory per Canary"). Built without transparent huge pages (Cargo.toml): with them, every
+/// partly used 2 MiB page of mimalloc's arenas was resident whole. Build with `--features
+/// system-allocator` to profile with heaptrack or valgrind, which see only malloc.
 #[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
