@@ -1820,24 +1820,37 @@ mod tests {
             })
             .collect();
         reply_ok(&prometheus, &traffic_query(&selectors), vector(vec![]));
-        // Each canary starts its source and reads at once, as a burst of reconciles does: the
-        // first read names one service; every later canary joins the one read waiting for its
-        // turn, which then names them all.
-        let started = selectors.iter().map(|selector| {
+        let first = &selectors[..1];
+        set_reply(
+            &prometheus,
+            &traffic_query(first),
+            Reply::Slow(Duration::from_millis(300)),
+        );
+        let start = |selector: SubsetSelector| {
             let (url, reads) = (prometheus.url().to_string(), reads.clone());
             async move {
                 let timeout = Duration::from_secs(5);
-                let source = PrometheusSource::new(&url, selector.clone(), vec![], timeout);
+                let source = PrometheusSource::new(&url, selector, vec![], timeout);
                 let mut source = source.unwrap().sharing(reads);
                 let result = source.observe().await;
                 (source, result)
             }
-        });
+        };
+        // The first canary's query is in flight (slow) when the other 49 start their sources
+        // and read at once, as a burst of reconciles does: each of them registers after that
+        // read was sent, and all of them join the one read waiting for its turn, which then
+        // names them all.
+        let alone = tokio::spawn(start(selectors[0].clone()));
+        while queries_sent(&prometheus).is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let burst = selectors[1..].iter().cloned().map(start);
         let (_sources, results): (Vec<_>, Vec<_>) =
-            futures::future::join_all(started).await.into_iter().unzip();
+            futures::future::join_all(burst).await.into_iter().unzip();
+        let _first_source = alone.await.unwrap();
         let sent = queries_sent(&prometheus);
         assert_eq!(sent.len(), 2, "{sent:#?}");
-        assert_eq!(sent[0], traffic_query(&selectors[..1]));
+        assert_eq!(sent[0], traffic_query(first));
         assert_eq!(sent[1], traffic_query(&selectors));
         let baselines = results
             .iter()

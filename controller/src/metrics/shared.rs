@@ -415,7 +415,7 @@ mod tests {
         assert_ne!(later, first);
         let (again, _) = flight.read_covering("prom", max_age, None, 1, start(&reads));
         assert_eq!(again, later);
-        assert_eq!(*read.await, 2);
+        read.await;
         assert_eq!(flight.started(), 2);
     }
 
