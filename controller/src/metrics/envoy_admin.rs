@@ -23,13 +23,14 @@
 
 use super::promtext::{self, SampleRef};
 use super::shared::{within, SharedReads};
+use super::traffic_parts::TrafficParts;
 use super::{describe_request_error, MergedSubset, MetricsSource, SubsetSelector};
 use async_trait::async_trait;
 use fledge_core::contract::{
     ResponseClass, GUARD_TRIPPED, REQUESTS_TOTAL, REQUEST_DURATION_MS, TAG_CLASS, TAG_SERVICE,
     TAG_SUBSET,
 };
-use fledge_core::observe::{LatencyHistogram, Observation, ObservationError, SubsetTraffic};
+use fledge_core::observe::{Observation, ObservationError, SubsetTraffic};
 use futures::FutureExt;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -606,14 +607,7 @@ async fn read_guards(
 /// Accumulates one subset's series. Series that differ in labels other than ours (e.g. extra
 /// tags) are summed.
 #[derive(Default)]
-pub(super) struct SubsetAccumulator {
-    by_class: [u64; 6],
-    /// `(le, cumulative count)` for finite bounds, unordered.
-    finite_buckets: Vec<(f64, u64)>,
-    infinite_bucket: Option<u64>,
-    sum_ms: Option<f64>,
-    count: Option<u64>,
-}
+pub(super) struct SubsetAccumulator(TrafficParts);
 
 impl SubsetAccumulator {
     /// Count `sample` (a whole number) as requests of `class`.
@@ -622,10 +616,7 @@ impl SubsetAccumulator {
         class: ResponseClass,
         sample: &SampleRef<'_>,
     ) -> Result<(), String> {
-        let n = whole_count(sample)?;
-        if let Some(slot) = self.by_class.get_mut(class.index()) {
-            *slot = slot.saturating_add(n);
-        }
+        self.0.add_class(class, whole_count(sample)?);
         Ok(())
     }
 
@@ -652,14 +643,7 @@ impl SubsetAccumulator {
             .ok()
             .filter(|le| !le.is_nan())
             .ok_or_else(|| format!("{} has an invalid le {le_text:?}", sample.name))?;
-        let n = whole_count(sample)?;
-        if le == f64::INFINITY {
-            self.infinite_bucket = Some(self.infinite_bucket.unwrap_or(0).saturating_add(n));
-        } else if let Some(bucket) = self.finite_buckets.iter_mut().find(|(b, _)| *b == le) {
-            bucket.1 = bucket.1.saturating_add(n);
-        } else {
-            self.finite_buckets.push((le, n));
-        }
+        self.0.add_bucket(le, whole_count(sample)?);
         Ok(())
     }
 
@@ -670,36 +654,19 @@ impl SubsetAccumulator {
                 sample.name, sample.value
             ));
         }
-        self.sum_ms = Some(self.sum_ms.unwrap_or(0.0) + sample.value);
+        self.0.sum_ms = Some(self.0.sum_ms.unwrap_or(0.0) + sample.value);
         Ok(())
     }
 
     pub(super) fn add_count(&mut self, sample: &SampleRef<'_>) -> Result<(), String> {
         let n = whole_count(sample)?;
-        self.count = Some(self.count.unwrap_or(0).saturating_add(n));
+        self.0.count = Some(self.0.count.unwrap_or(0).saturating_add(n));
         Ok(())
     }
 
-    /// The subset's traffic. Buckets caught mid-flush are clipped
-    /// ([`LatencyHistogram::from_scrape`]).
-    pub(super) fn finish(mut self) -> SubsetTraffic {
-        self.finite_buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let bounds_ms: Vec<f64> = self.finite_buckets.iter().map(|(le, _)| *le).collect();
-        let cumulative: Vec<u64> = self.finite_buckets.iter().map(|(_, n)| *n).collect();
-        let highest_finite = cumulative.last().copied().unwrap_or(0);
-        let count = self
-            .count
-            .or(self.infinite_bucket)
-            .unwrap_or(highest_finite);
-        SubsetTraffic {
-            by_class: self.by_class,
-            latency: LatencyHistogram::from_scrape(
-                bounds_ms,
-                cumulative,
-                count,
-                self.sum_ms.unwrap_or(0.0),
-            ),
-        }
+    /// The subset's traffic ([`TrafficParts::finish`]).
+    pub(super) fn finish(self) -> SubsetTraffic {
+        self.0.finish()
     }
 }
 

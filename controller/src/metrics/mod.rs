@@ -12,6 +12,7 @@ pub mod envoy_cluster_stats;
 pub mod prometheus;
 pub mod promtext;
 pub mod shared;
+pub(crate) mod traffic_parts;
 
 pub use envoy_admin::{EnvoyAdminSource, EnvoyAdminSourceError};
 pub use prometheus::{PrometheusSource, PrometheusSourceError};

@@ -8,10 +8,11 @@
 //! accumulator at once and dropped; only one owned key per origin is built.
 
 use super::{OriginKey, TrafficIndex};
+use crate::metrics::traffic_parts::TrafficParts;
 use fledge_core::contract::{
     ResponseClass, REQUESTS_TOTAL, REQUEST_DURATION_MS, TAG_CLASS, TAG_SERVICE, TAG_SUBSET,
 };
-use fledge_core::observe::{LatencyHistogram, SubsetTraffic};
+use fledge_core::observe::SubsetTraffic;
 use serde::de::{DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess};
 use serde::Deserialize;
 use std::borrow::Cow;
@@ -290,14 +291,7 @@ fn origin_text(labels: &Labels<'_>, out: &mut String) {
 
 /// One origin's series, as they arrive.
 #[derive(Default)]
-struct OriginAccumulator {
-    by_class: [u64; 6],
-    /// `(le, cumulative count)` for finite bounds, unordered.
-    finite_buckets: Vec<(f64, u64)>,
-    infinite_bucket: Option<u64>,
-    sum_ms: Option<f64>,
-    count: Option<u64>,
-}
+struct OriginAccumulator(TrafficParts);
 
 impl OriginAccumulator {
     /// Add one sample of the traffic query (other metric names are ignored).
@@ -322,7 +316,7 @@ impl OriginAccumulator {
             Some("_bucket") => self.add_bucket(labels, value),
             Some("_sum") => self.add_sum(labels, value),
             Some("_count") => {
-                self.count = Some(whole_count(labels, value)?);
+                self.0.count = Some(whole_count(labels, value)?);
                 Ok(())
             }
             _ => Ok(()),
@@ -340,10 +334,7 @@ impl OriginAccumulator {
                 ResponseClass::ALL.map(ResponseClass::label).join(", ")
             )
         })?;
-        let n = whole_count(labels, value)?;
-        if let Some(slot) = self.by_class.get_mut(class.index()) {
-            *slot = slot.saturating_add(n);
-        }
+        self.0.add_class(class, whole_count(labels, value)?);
         Ok(())
     }
 
@@ -355,15 +346,7 @@ impl OriginAccumulator {
             .ok()
             .filter(|le| !le.is_nan())
             .ok_or_else(|| format!("{} has an invalid le {le_text:?}", labels.describe()))?;
-        let n = whole_count(labels, value)?;
-        if le == f64::INFINITY {
-            self.infinite_bucket = Some(self.infinite_bucket.unwrap_or(0).saturating_add(n));
-        } else if let Some(bucket) = self.finite_buckets.iter_mut().find(|(b, _)| *b == le) {
-            // `1` and `1.0` are different label values of the same bound.
-            bucket.1 = bucket.1.saturating_add(n);
-        } else {
-            self.finite_buckets.push((le, n));
-        }
+        self.0.add_bucket(le, whole_count(labels, value)?);
         Ok(())
     }
 
@@ -374,30 +357,13 @@ impl OriginAccumulator {
                 labels.describe()
             ));
         }
-        self.sum_ms = Some(value);
+        self.0.sum_ms = Some(value);
         Ok(())
     }
 
-    /// The subset's traffic; buckets a scrape caught mid-flush are clipped
-    /// ([`LatencyHistogram::from_scrape`]).
-    fn finish(mut self) -> SubsetTraffic {
-        self.finite_buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let bounds_ms: Vec<f64> = self.finite_buckets.iter().map(|(le, _)| *le).collect();
-        let cumulative: Vec<u64> = self.finite_buckets.iter().map(|(_, n)| *n).collect();
-        let highest_finite = cumulative.last().copied().unwrap_or(0);
-        let count = self
-            .count
-            .or(self.infinite_bucket)
-            .unwrap_or(highest_finite);
-        SubsetTraffic {
-            by_class: self.by_class,
-            latency: LatencyHistogram::from_scrape(
-                bounds_ms,
-                cumulative,
-                count,
-                self.sum_ms.unwrap_or(0.0),
-            ),
-        }
+    /// The origin's traffic ([`TrafficParts::finish`]).
+    fn finish(self) -> SubsetTraffic {
+        self.0.finish()
     }
 }
 
