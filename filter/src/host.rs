@@ -472,6 +472,17 @@ pub extern "C" fn proxy_on_log(context_id: u32) {
 /// `Continue`, the only answer the filter gives: it never holds a stream.
 const CONTINUE: u32 = 0;
 
+/// Every chunk of a response body (both modules): only the end of stream is noted.
+#[no_mangle]
+pub extern "C" fn proxy_on_response_body(
+    context_id: u32,
+    body_size: usize,
+    end_of_stream: bool,
+) -> u32 {
+    with_vm(|vm| vm.on_response_body(context_id, body_size, end_of_stream));
+    CONTINUE
+}
+
 #[no_mangle]
 pub extern "C" fn proxy_on_response_trailers(context_id: u32, _num_trailers: usize) -> u32 {
     with_vm(|vm| vm.on_response_trailers(context_id, &mut Hostcalls));

@@ -17,6 +17,7 @@
 //!                sticky key? ── FNV-1a bucket → route = <bucket>;  else strip client's route hdr
 //!                guard tripped? ── guard header = <tripped services> (→ stable); else strip it
 //! response hdrs: (full) bodiless? grpc-status; responseHeader ← subset (resolves the pair)
+//! response body: (both; every chunk, no hostcall) end of stream after data → complete
 //! trailers:      (both; only responses with trailers) grpc-status
 //! on_log:        xds.cluster_name ──MetricCache::pair_for──▶ pair (name, else endpoint
 //!                metadata / subset header; bounded); :status; response.code_details unless

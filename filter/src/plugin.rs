@@ -121,7 +121,11 @@ pub struct StreamState {
     /// The response headers went through the filter's response phase (full module): a
     /// bodiless response's `grpc-status` was read there.
     saw_response_headers: bool,
-    /// The response ended normally (end of stream seen in the headers or the trailers).
+    /// A non-empty response body went through the filter: the response is not trailers-only.
+    saw_body: bool,
+    /// The response ended normally: end of stream seen in the headers, in a body that carried
+    /// data, or the trailers. A response the upstream cut off mid-body never gets one (Envoy
+    /// resets the stream instead).
     complete: bool,
     /// An upstream cluster was picked (no cluster: no route, `direct_response`, redirect).
     has_cluster: bool,
@@ -138,6 +142,21 @@ impl StreamState {
             started_nanos: now_nanos,
             tracked: true,
             ..StreamState::default()
+        }
+    }
+
+    /// A chunk of the response body went through the filter (`body_size`: the body bytes Envoy
+    /// holds for it; `end_of_stream`: the last chunk). Envoy calls this for every chunk, so it
+    /// makes no hostcall. The end of a body that carried data marks the response complete,
+    /// which spares `on_log` the `response.code_details` read for a 2xx/3xx; an empty body
+    /// ending the stream does not (a trailers-only gRPC response could look like that), so it
+    /// falls back to the reads.
+    pub fn response_body(&mut self, body_size: usize, end_of_stream: bool) {
+        if body_size > 0 {
+            self.saw_body = true;
+        }
+        if end_of_stream && self.saw_body {
+            self.complete = true;
         }
     }
 }
@@ -214,9 +233,10 @@ impl Finished {
     /// - the status from `:status` (absent: no response was sent);
     /// - for an HTTP 200, `grpc-status` from the trailers (seen in their own callback) or, for
     ///   a trailers-only response, from the headers; a stream whose response headers the filter
-    ///   saw with a body following cannot be trailers-only;
-    /// - whether the upstream produced it: a complete response below 400 (and no gRPC error)
-    ///   is the upstream's; otherwise (a status of 400 or more, a gRPC error, or an end of
+    ///   saw with a body following, or whose body it saw, cannot be trailers-only;
+    /// - whether the upstream produced it: a complete response below 400 (and no gRPC error;
+    ///   complete = end of stream seen in its headers, body or trailers) is the upstream's;
+    ///   otherwise (a status of 400 or more, a gRPC error, or an end of
     ///   stream the filter did not see) `response.code_details` says (`via_upstream`;
     ///   `response.flags == 0` only on a host without that property). Envoy's own 2xx/3xx
     ///   replies on a route with a cluster (a CORS preflight) would count as the upstream's;
@@ -287,7 +307,8 @@ impl Finished {
 
 /// The `grpc-status` of an HTTP 200 the callbacks did not report: a trailers-only response
 /// carries it in the headers (only possible when the filter saw neither a body-carrying response
-/// header phase nor trailers); a stream the module lost track of may also have it in trailers.
+/// header phase, nor a body, nor trailers); a stream the module lost track of may also have it
+/// in trailers.
 fn grpc_status_in_log(stream: &StreamState, host: &mut impl StreamHost) -> Option<u32> {
     let mut read = |map: Headers| {
         host.header(map, "grpc-status")
@@ -297,7 +318,7 @@ fn grpc_status_in_log(stream: &StreamState, host: &mut impl StreamHost) -> Optio
     if !stream.tracked {
         return read(Headers::ResponseTrailers).or_else(|| read(Headers::Response));
     }
-    if stream.saw_response_headers || stream.complete {
+    if stream.saw_response_headers || stream.saw_body || stream.complete {
         return None;
     }
     read(Headers::Response)
