@@ -29,7 +29,10 @@
 //! analysis under the new leader (its own `lastAnalysis.at`, read from the status API) and its
 //! step there against the step persisted at the fault, and the steps taken over the whole run
 //! (from a watch: a step entered twice is one seen again with another start); then the memory
-//! part: `--memory-canaries` at `--memory-interval`, RSS after 10 and after 100 intervals.
+//! part: `--memory-canaries` at `--memory-interval`, RSS after 10 and after 100 intervals, each
+//! the median (and the peak) of samples every 100 ms over the 2 intervals up to that point: RSS
+//! swings by tens of MiB within each tick, so a single instant would mostly say where in the
+//! tick it fell.
 //!
 //! It ends with one line per size:
 //! `scale: canaries=N rss_mib=… cpu_ms_per_canary_interval=… lag_p99_ms=… scrapes_per_interval=… api_requests_per_s=…`
@@ -189,20 +192,57 @@ impl Faults {
 struct MemoryGrowth {
     canaries: usize,
     interval: Duration,
-    after_10_mib: f64,
-    after_100_mib: f64,
+    after_10: RssWindow,
+    after_100: RssWindow,
 }
 
 impl MemoryGrowth {
     fn line(&self) -> String {
+        let change = |at_10: f64, at_100: f64| (at_100 / at_10 - 1.0) * 100.0;
         format!(
-            "memory: canaries={} interval_s={} rss_mib_after_10_intervals={:.0} rss_mib_after_100_intervals={:.0} change_pct={:+.1}",
+            "memory: canaries={} interval_s={} rss_mib_after_10_intervals={:.0} rss_mib_after_100_intervals={:.0} change_pct={:+.1} peak_mib={:.0}/{:.0} peak_change_pct={:+.1}",
             self.canaries,
             self.interval.as_secs(),
-            self.after_10_mib,
-            self.after_100_mib,
-            (self.after_100_mib / self.after_10_mib - 1.0) * 100.0
+            self.after_10.median_mib,
+            self.after_100.median_mib,
+            change(self.after_10.median_mib, self.after_100.median_mib),
+            self.after_10.peak_mib,
+            self.after_100.peak_mib,
+            change(self.after_10.peak_mib, self.after_100.peak_mib),
         )
+    }
+}
+
+/// RSS over the last [`RSS_WINDOW_INTERVALS`] intervals up to a point: within each tick RSS
+/// swings by tens of MiB (a gateway page indexed, every Canary's reconcile), so one instant
+/// says more about where in the tick it fell than about the memory held.
+struct RssWindow {
+    median_mib: f64,
+    peak_mib: f64,
+    samples: usize,
+}
+
+/// Intervals sampled for one memory reading, and how often.
+const RSS_WINDOW_INTERVALS: u32 = 2;
+const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+impl RssWindow {
+    fn of(mut samples_mib: Vec<f64>) -> Result<Self> {
+        if samples_mib.is_empty() {
+            bail!("no RSS sample in the window");
+        }
+        samples_mib.sort_by(f64::total_cmp);
+        let n = samples_mib.len();
+        let median_mib = if n % 2 == 1 {
+            samples_mib[n / 2]
+        } else {
+            (samples_mib[n / 2 - 1] + samples_mib[n / 2]) / 2.0
+        };
+        Ok(RssWindow {
+            median_mib,
+            peak_mib: samples_mib[n - 1],
+            samples: n,
+        })
     }
 }
 
@@ -1175,29 +1215,40 @@ async fn memory_run(args: &Args, dir: &Path) -> Result<MemoryGrowth> {
         ControllerProc::start(&cluster.kubeconfig, "bench-m", &dir.join("controller.log"))?;
     tokio::task::block_in_place(|| controller.wait_leading(Duration::from_secs(60)))?;
     let started = Instant::now();
-    let rss_at = |n: u32| {
-        let at = interval * n;
-        let controller = &controller;
-        async move {
-            tokio::time::sleep(at.saturating_sub(started.elapsed())).await;
-            ProcSample::read(controller.proc.pid()).map(|s| s.rss_mib())
-        }
-    };
-    let after_10_mib = rss_at(10).await?;
-    println!(
-        "   after 10 intervals: rss {after_10_mib:.0} MiB; load average {}",
-        load_average()
-    );
-    let after_100_mib = rss_at(100).await?;
-    println!(
-        "   after 100 intervals: rss {after_100_mib:.0} MiB; load average {}",
-        load_average()
-    );
+    let pid = controller.proc.pid();
+    let mut readings = Vec::new();
+    for n in [10, 100] {
+        let window = rss_window(pid, started, interval, n).await?;
+        println!(
+            "   after {n} intervals: rss median {:.0} MiB, peak {:.0} MiB ({} samples over the last {RSS_WINDOW_INTERVALS} intervals); load average {}",
+            window.median_mib,
+            window.peak_mib,
+            window.samples,
+            load_average()
+        );
+        readings.push(window);
+    }
     let _ = controller.proc.stop();
+    let after_100 = readings.pop().context("no reading after 100 intervals")?;
+    let after_10 = readings.pop().context("no reading after 10 intervals")?;
     Ok(MemoryGrowth {
         canaries: size,
         interval,
-        after_10_mib,
-        after_100_mib,
+        after_10,
+        after_100,
     })
+}
+
+/// The controller's RSS sampled every [`RSS_SAMPLE_EVERY`] over the [`RSS_WINDOW_INTERVALS`]
+/// intervals that end `n` intervals after `started`.
+async fn rss_window(pid: u32, started: Instant, interval: Duration, n: u32) -> Result<RssWindow> {
+    let from = interval * n.saturating_sub(RSS_WINDOW_INTERVALS);
+    let to = interval * n;
+    tokio::time::sleep(from.saturating_sub(started.elapsed())).await;
+    let mut samples = Vec::new();
+    while started.elapsed() < to {
+        samples.push(ProcSample::read(pid)?.rss_mib());
+        tokio::time::sleep(RSS_SAMPLE_EVERY).await;
+    }
+    RssWindow::of(samples)
 }
