@@ -25,7 +25,10 @@
 //! first, last and between every two other variants (whose order rotates from round to round),
 //! and each variant's ratio is taken against the mean of the empty filter's measurements right
 //! before and after it, so the machine's drift (other work starting and stopping) cancels; the
-//! table shows the median over rounds. A ratio "÷ empty" is CPU(empty) ÷ CPU(variant): 1.0 = as
+//! table shows the median over rounds. Every round after the first runs on fresh Envoy
+//! processes (same configuration and ports, warmed up again): two processes running the same
+//! module differ by a few µs per request for their whole life, so one process per variant
+//! would bias the whole run (`--same-envoys` keeps them). A ratio "÷ empty" is CPU(empty) ÷ CPU(variant): 1.0 = as
 //! cheap as the empty filter, 0.97 = 3% more CPU per request.
 //!
 //! Then latency: open loop at a fixed rate below the knee (`--rate`, default a quarter of the
@@ -89,6 +92,13 @@ struct Args {
     /// Skip the fixed-rate latency phase.
     #[arg(long)]
     no_latency: bool,
+    /// Keep one Envoy per variant for the whole run instead of starting fresh ones every
+    /// round. Each Envoy process keeps an offset of its own (measured here: 4–6 µs per request
+    /// between two Envoys running the same module), which one process per variant turns into
+    /// a bias of the whole run; fresh processes every round turn it into per-round noise that
+    /// the median averages out.
+    #[arg(long)]
+    same_envoys: bool,
     /// Also measure what each read of the metrics costs: `filter/floor` with 0, 1, 2 and 3 of
     /// its 4 reads, and with the 4 plus the observer's hostcalls that return no value (two clock
     /// reads, an absent header) — the per-read cost table of docs/filter-performance.md.
@@ -257,6 +267,43 @@ fn extra_variant(spec: &str, full: &Path) -> Result<Variant> {
     })
 }
 
+/// An Envoy for `variant` that answers 200.
+fn answering_envoy(variant: &Variant, upstream_port: u16, dir: &Path) -> Result<Envoy> {
+    let envoy = start_envoy(variant, upstream_port, dir)?;
+    expect_200(&variant.name, &envoy)?;
+    Ok(envoy)
+}
+
+fn expect_200(name: &str, envoy: &Envoy) -> Result<()> {
+    let reply = http_get_once(envoy.listener_port())?;
+    if !reply.starts_with("HTTP/1.1 200") {
+        bail!("{name} does not answer 200: {reply}");
+    }
+    Ok(())
+}
+
+/// Replace every variant's Envoy process with a fresh one, same configuration and ports (see
+/// `--same-envoys`); the metrics check then counts the requests sent to the last one.
+fn restart_envoys(running: &mut [Running]) -> Result<()> {
+    for r in running {
+        r.envoy.restart()?;
+        expect_200(&r.variant.name, &r.envoy)?;
+        r.sent = 1;
+        r.in_flight = 0;
+    }
+    Ok(())
+}
+
+/// Warm up every Envoy (VM start and compilation, connection pools) before it is measured.
+fn warm_up(wrk: &Path, running: &mut [Running], args: &Args) -> Result<()> {
+    for r in running {
+        let result = run_wrk(wrk, r, 2, args)?;
+        r.sent += result.requests;
+        r.in_flight += u64::from(args.connections);
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     fledge_e2e::init_tracing();
@@ -289,11 +336,7 @@ fn main() -> Result<()> {
 
     let mut running = Vec::new();
     for variant in variants {
-        let envoy = start_envoy(&variant, upstream_port, dir.path())?;
-        let reply = http_get_once(envoy.listener_port())?;
-        if !reply.starts_with("HTTP/1.1 200") {
-            bail!("{} does not answer 200: {reply}", variant.name);
-        }
+        let envoy = answering_envoy(&variant, upstream_port, dir.path())?;
         running.push(Running {
             variant,
             envoy,
@@ -309,12 +352,7 @@ fn main() -> Result<()> {
         "plan: {} rounds x {n} variants; CPU per request under closed-loop wrk -t{} -c{} {}s; latency open loop {}s; Envoy --concurrency 1, upstream = Envoy direct_response",
         args.rounds, args.threads, args.connections, args.seconds, args.latency_seconds
     );
-    // Warm up every Envoy (VM start, connection pools).
-    for r in &mut running {
-        let result = run_wrk(&wrk, r, 2, &args)?;
-        r.sent += result.requests;
-        r.in_flight += u64::from(args.connections);
-    }
+    warm_up(&wrk, &mut running, &args)?;
 
     let empty_index = running
         .iter()
@@ -326,6 +364,10 @@ fn main() -> Result<()> {
     let mut cpu_ref = vec![Vec::new(); n];
     let mut throughput = vec![Vec::new(); n];
     for round in 0..args.rounds {
+        if round > 0 && !args.same_envoys {
+            restart_envoys(&mut running)?;
+            warm_up(&wrk, &mut running, &args)?;
+        }
         let mut line = format!("round {}/{} CPU µs/req:", round + 1, args.rounds);
         let mut measure = |i: usize, line: &mut String| -> Result<f64> {
             let r = &mut running[i];
