@@ -61,6 +61,7 @@ pub mod prometheus;
 pub mod rollback;
 pub mod scale;
 pub mod stack;
+pub mod stats;
 pub mod workload;
 
 pub use backend::{Backend, BackendOptions, BackendStats};

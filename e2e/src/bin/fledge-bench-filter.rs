@@ -48,6 +48,7 @@ use clap::Parser;
 use fledge_core::contract;
 use fledge_e2e::envoy::{CANARY_CLUSTER, STABLE_CLUSTER};
 use fledge_e2e::process::{free_port, port_accepts, wait_until, Proc, ScratchDir};
+use fledge_e2e::stats::{max, median};
 use fledge_e2e::{paths, Envoy, EnvoyOptions, RouteWeights, WasmFilter};
 use serde_json::json;
 use std::io::{Read, Write};
@@ -997,22 +998,8 @@ fn bracket(
     Ok(out)
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(|a, b| a.total_cmp(b));
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
-
 fn min(values: &[f64]) -> f64 {
     values.iter().copied().fold(f64::INFINITY, f64::min)
-}
-
-fn max(values: &[f64]) -> f64 {
-    values.iter().copied().fold(f64::NEG_INFINITY, f64::max)
 }
 
 /// `q`-quantile of sorted samples (nearest rank).

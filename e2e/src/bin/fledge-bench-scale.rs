@@ -49,7 +49,7 @@ use fledge_e2e::process::{free_port, wait_until, Proc, ScratchDir};
 use fledge_e2e::scale::{
     load_average, quantile, FakeGateway, FakePrometheus, FakeRdsAdmin, Fleet, Member, ProcSample,
 };
-use fledge_e2e::{http, paths};
+use fledge_e2e::{http, paths, stats};
 use fledge_testkit::fake_api::{apply_json_patch, FakeApiServer};
 use futures::StreamExt;
 use serde_json::json;
@@ -227,21 +227,14 @@ const RSS_WINDOW_INTERVALS: u32 = 2;
 const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
 impl RssWindow {
-    fn of(mut samples_mib: Vec<f64>) -> Result<Self> {
+    fn of(samples_mib: &[f64]) -> Result<Self> {
         if samples_mib.is_empty() {
             bail!("no RSS sample in the window");
         }
-        samples_mib.sort_by(f64::total_cmp);
-        let n = samples_mib.len();
-        let median_mib = if n % 2 == 1 {
-            samples_mib[n / 2]
-        } else {
-            (samples_mib[n / 2 - 1] + samples_mib[n / 2]) / 2.0
-        };
         Ok(RssWindow {
-            median_mib,
-            peak_mib: samples_mib[n - 1],
-            samples: n,
+            median_mib: stats::median(samples_mib),
+            peak_mib: stats::max(samples_mib),
+            samples: samples_mib.len(),
         })
     }
 }
@@ -1250,5 +1243,5 @@ async fn rss_window(pid: u32, started: Instant, interval: Duration, n: u32) -> R
         samples.push(ProcSample::read(pid)?.rss_mib());
         tokio::time::sleep(RSS_SAMPLE_EVERY).await;
     }
-    RssWindow::of(samples)
+    RssWindow::of(&samples)
 }
