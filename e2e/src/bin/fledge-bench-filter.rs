@@ -105,6 +105,13 @@ struct Args {
     /// reads, an absent header) — the per-read cost table of docs/filter-performance.md.
     #[arg(long)]
     reads: bool,
+    /// Pairs of variants to compare round by round, as A:B (comma-separated): the median over
+    /// rounds of A's CPU per request above the empty filter around it minus B's, and in how
+    /// many rounds A was cheaper. The difference of two variants' medians mixes rounds and
+    /// carries both spreads; a paired difference does not. Each Fledge variant is paired with
+    /// `observer` anyway when both run.
+    #[arg(long, value_delimiter = ',')]
+    paired: Vec<String>,
 }
 
 const USER_HEADER: &str = "x-user-id";
@@ -322,6 +329,15 @@ fn main() -> Result<()> {
     for spec in &args.variants {
         variants.push(extra_variant(spec, &full)?);
     }
+    let names: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
+    let pairs = pairs_to_compare(&args.paired, &variants)?;
+    for (a, b) in &pairs {
+        ensure!(
+            names.contains(&a.as_str()) && names.contains(&b.as_str()),
+            "--paired {a}:{b}: both must be variants of this run ({})",
+            names.join(", ")
+        );
+    }
     for variant in &variants {
         if let Some(filter) = &variant.filter {
             ensure!(
@@ -536,6 +552,16 @@ fn main() -> Result<()> {
     if args.reads {
         let names: Vec<&str> = running.iter().map(|r| r.variant.name.as_str()).collect();
         verdicts.extend(read_costs(&names, |i| median(&added_us(i))));
+    }
+    let index_of = |name: &str| running.iter().position(|r| r.variant.name == name);
+    for (a, b) in &pairs {
+        if let (Some(ia), Some(ib)) = (index_of(a), index_of(b)) {
+            let diff = Paired::of(&added_us(ia), &added_us(ib));
+            verdicts.push(format!(
+                "paired {a} - {b} = {:+.2} µs per request [{:+.1}..{:+.1}] ({a} cheaper in {}/{} rounds)",
+                diff.median, diff.min, diff.max, diff.cheaper, diff.rounds
+            ));
+        }
     }
     // Each Fledge module against the floor of its reads, per round (both against the same
     // round's empty filter): how much of the gap to the empty filter is the module's own.
@@ -998,6 +1024,53 @@ fn bracket(
     Ok(out)
 }
 
+/// `--paired` as (A, B), plus each Fledge variant against `observer` when it runs.
+fn pairs_to_compare(specs: &[String], variants: &[Variant]) -> Result<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    if variants.iter().any(|v| v.name == "observer") {
+        for v in variants {
+            if v.fledge_metrics && v.name != "observer" {
+                pairs.push((v.name.clone(), "observer".to_string()));
+            }
+        }
+    }
+    for spec in specs {
+        let (a, b) = spec
+            .split_once(':')
+            .with_context(|| format!("--paired wants A:B, got {spec}"))?;
+        let pair = (a.to_string(), b.to_string());
+        if !pairs.contains(&pair) {
+            pairs.push(pair);
+        }
+    }
+    Ok(pairs)
+}
+
+/// Two variants compared round by round: per-round differences of their CPU per request above
+/// the empty filter measured around each.
+#[derive(Debug, PartialEq)]
+struct Paired {
+    median: f64,
+    min: f64,
+    max: f64,
+    /// Rounds where the first variant cost less than the second.
+    cheaper: usize,
+    rounds: usize,
+}
+
+impl Paired {
+    fn of(a: &[f64], b: &[f64]) -> Paired {
+        let diffs: Vec<f64> = a.iter().zip(b).map(|(a, b)| a - b).collect();
+        Paired {
+            median: median(&diffs),
+            min: min(&diffs),
+            max: max(&diffs),
+            cheaper: diffs.iter().filter(|d| **d < 0.0).count(),
+            rounds: diffs.len(),
+        }
+    }
+}
+
 fn min(values: &[f64]) -> f64 {
     values.iter().copied().fold(f64::INFINITY, f64::min)
 }
@@ -1034,6 +1107,52 @@ mod tests {
         assert!(costs[1].contains("+2.50 µs"), "{}", costs[1]);
         assert!(costs[2].starts_with("read cost: 4th read"), "{}", costs[2]);
         assert!(costs[2].contains("+1.50 µs"), "{}", costs[2]);
+    }
+
+    #[test]
+    fn paired_differences_are_taken_round_by_round() {
+        // Round noise moves both variants together: a is 1 µs dearer than b in every round but
+        // one, although b's median (3.0) is above a's (2.5) when the medians mix rounds.
+        let a = [1.0, 2.0, 3.0, 9.0];
+        let b = [0.0, 1.0, 5.0, 8.0];
+        assert_eq!(
+            Paired::of(&a, &b),
+            Paired {
+                median: 1.0,
+                min: -2.0,
+                max: 1.0,
+                cheaper: 1,
+                rounds: 4
+            }
+        );
+        assert_eq!(Paired::of(&[], &[]).rounds, 0);
+    }
+
+    #[test]
+    fn fledge_variants_are_paired_with_the_observer() {
+        let variant = |name: &str, fledge_metrics| Variant {
+            name: name.into(),
+            about: String::new(),
+            filter: None,
+            fledge_metrics,
+        };
+        let variants = [
+            variant("empty", false),
+            variant("observer", true),
+            variant("guard", true),
+            variant("x", false),
+        ];
+        let asked = ["x:guard".to_string(), "guard:observer".to_string()];
+        let pairs = pairs_to_compare(&asked, &variants).unwrap();
+        assert_eq!(
+            pairs,
+            [
+                ("guard".to_string(), "observer".to_string()),
+                ("x".to_string(), "guard".to_string())
+            ]
+        );
+        assert!(pairs_to_compare(&["x-guard".to_string()], &variants).is_err());
+        assert!(pairs_to_compare(&[], &variants[2..]).unwrap().is_empty());
     }
 
     #[test]
