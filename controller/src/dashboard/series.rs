@@ -172,11 +172,25 @@ impl StoredPoint {
     }
 }
 
-/// The last [`SERIES_LIMIT`] intervals of one canary. Its buffer grows with the points (a
-/// canary that has run a few intervals holds a few points) and never beyond the limit.
+/// Points per chunk of a [`Series`]: 896 bytes, one allocation.
+const CHUNK_POINTS: usize = 16;
+
+// A full series is whole chunks, so it holds exactly the limit.
+const _: () = assert!(SERIES_LIMIT.is_multiple_of(CHUNK_POINTS));
+
+/// The last [`SERIES_LIMIT`] intervals of one canary, in chunks of [`CHUNK_POINTS`] points:
+/// the series grows a chunk at a time (a canary that has run a few intervals holds one chunk)
+/// up to the limit. Not one buffer that doubles, because every Canary with the same interval
+/// records on the same tick: at 1,000 Canaries one tick reallocated and copied 1,000 buffers
+/// (3.5 KB to 7 KB at the 65th point), freeing 1,000 of the smaller size, and a 100-point
+/// series held 128 slots (112 now). A full series is a ring over its chunks: each new point
+/// takes the oldest one's slot, so it allocates nothing more.
 #[derive(Debug, Clone, Default)]
 pub struct Series {
-    points: VecDeque<StoredPoint>,
+    chunks: VecDeque<Vec<StoredPoint>>,
+    /// Where the oldest point is, once the series is full (0 until then).
+    head: usize,
+    len: usize,
     last_at: Option<DateTime<Utc>>,
 }
 
@@ -200,14 +214,7 @@ impl Series {
         self.last_at = Some(at);
         let (stable_requests, stable) = StoredPoint::subset(&observation.stable);
         let (canary_requests, canary) = StoredPoint::subset(&observation.canary);
-        if self.points.len() >= SERIES_LIMIT {
-            self.points.pop_front();
-        } else if self.points.len() == self.points.capacity() {
-            // Double, but never past the limit (a VecDeque alone would reach 1,024 slots).
-            let wanted = (self.points.capacity() * 2).clamp(4, SERIES_LIMIT);
-            self.points.reserve_exact(wanted - self.points.len());
-        }
-        self.points.push_back(StoredPoint {
+        self.push(StoredPoint {
             at_ms: at.timestamp_millis(),
             requests: [stable_requests, canary_requests],
             millis: u32::try_from(millis.max(0)).unwrap_or(u32::MAX),
@@ -218,6 +225,41 @@ impl Series {
         });
     }
 
+    fn push(&mut self, point: StoredPoint) {
+        if self.len >= SERIES_LIMIT {
+            self.replace_oldest(point);
+            return;
+        }
+        let newest_full = self
+            .chunks
+            .back()
+            .is_none_or(|newest| newest.len() >= CHUNK_POINTS);
+        if newest_full {
+            self.chunks.push_back(Vec::with_capacity(CHUNK_POINTS));
+        }
+        if let Some(newest) = self.chunks.back_mut() {
+            newest.push(point);
+            self.len += 1;
+        }
+    }
+
+    /// A full series: the newest point takes the oldest one's slot (in the first chunk); once
+    /// the first chunk holds only newer points than the others, it becomes the last.
+    fn replace_oldest(&mut self, point: StoredPoint) {
+        if let Some(slot) = self
+            .chunks
+            .front_mut()
+            .and_then(|oldest| oldest.get_mut(self.head))
+        {
+            *slot = point;
+        }
+        self.head += 1;
+        if self.head == CHUNK_POINTS {
+            self.head = 0;
+            self.chunks.rotate_left(1);
+        }
+    }
+
     /// Note that time passed without an observation (e.g. metrics unreachable), so the next
     /// point's rate is computed over its own interval only.
     pub fn skip(&mut self, at: DateTime<Utc>) {
@@ -225,15 +267,30 @@ impl Series {
     }
 
     pub fn points(&self) -> Vec<IntervalPoint> {
-        self.points.iter().map(StoredPoint::point).collect()
+        // Oldest first: from the head to the end, then the newest points before the head.
+        let slots = || self.chunks.iter().flatten();
+        let mut points = Vec::with_capacity(self.len);
+        points.extend(
+            slots()
+                .skip(self.head)
+                .chain(slots().take(self.head))
+                .map(StoredPoint::point),
+        );
+        points
     }
 
     pub fn len(&self) -> usize {
-        self.points.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.points.is_empty()
+        self.len == 0
+    }
+
+    /// Points the series has room for without allocating.
+    #[cfg(test)]
+    fn slots(&self) -> usize {
+        self.chunks.iter().map(Vec::capacity).sum()
     }
 }
 
@@ -316,10 +373,57 @@ mod tests {
             at(SERIES_LIMIT as i64 + 9)
         );
         assert!(
-            series.points.capacity() <= SERIES_LIMIT + 8,
+            series.slots() <= SERIES_LIMIT,
             "the buffer stops at the limit: {}",
-            series.points.capacity()
+            series.slots()
         );
+    }
+
+    #[test]
+    fn chunks_keep_the_last_points_in_order_at_every_edge() {
+        // (points recorded, slots held): a chunk at a time, never past the limit.
+        let table = [
+            (0, 0),
+            (1, 16),
+            (15, 16),
+            (16, 16),
+            (17, 32),
+            (100, 112),
+            (719, 720),
+            (720, 720),
+            (721, 720),
+            (735, 720),
+            (736, 720),
+            (737, 720),
+            (2 * SERIES_LIMIT, 720),
+            (2 * SERIES_LIMIT + 3, 720),
+        ];
+        for (recorded, slots) in table {
+            let mut series = Series::default();
+            for i in 0..recorded as i64 {
+                series.record(
+                    at(i),
+                    1.0,
+                    (i % 100) as u8,
+                    Phase::Progressing,
+                    &Observation::default(),
+                    None,
+                );
+            }
+            let kept = recorded.min(SERIES_LIMIT);
+            let first = (recorded - kept) as i64;
+            let expected: Vec<DateTime<Utc>> = (first..recorded as i64).map(at).collect();
+            let points = series.points();
+            let times: Vec<DateTime<Utc>> = points.iter().map(|p| p.at).collect();
+            assert_eq!(times, expected, "{recorded} recorded");
+            assert!(points
+                .iter()
+                .zip(first..)
+                .all(|(p, i)| i64::from(p.canary_weight) == i % 100));
+            assert_eq!(series.len(), kept, "{recorded} recorded");
+            assert_eq!(series.is_empty(), kept == 0);
+            assert_eq!(series.slots(), slots, "{recorded} recorded");
+        }
     }
 
     #[test]
@@ -335,11 +439,7 @@ mod tests {
                 None,
             );
         }
-        assert!(
-            series.points.capacity() < 32,
-            "{}",
-            series.points.capacity()
-        );
+        assert_eq!(series.slots(), CHUNK_POINTS);
     }
 
     #[test]
