@@ -11,6 +11,11 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// The smallest of `values`; +∞ when empty.
+pub fn min(values: &[f64]) -> f64 {
+    values.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
 /// The largest of `values`; −∞ when empty.
 pub fn max(values: &[f64]) -> f64 {
     values.iter().copied().fold(f64::NEG_INFINITY, f64::max)
@@ -21,10 +26,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn median_of_odd_and_even_counts_and_max() {
+    fn median_of_odd_and_even_counts_min_and_max() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
         assert!(median(&[]).is_nan());
         assert_eq!(max(&[1.0, 5.0, 2.0]), 5.0);
+        assert_eq!(min(&[3.0, 1.0, 2.0]), 1.0);
     }
 }

@@ -48,7 +48,7 @@ use clap::Parser;
 use fledge_core::contract;
 use fledge_e2e::envoy::{CANARY_CLUSTER, STABLE_CLUSTER};
 use fledge_e2e::process::{free_port, port_accepts, wait_until, Proc, ScratchDir};
-use fledge_e2e::stats::{max, median};
+use fledge_e2e::stats::{max, median, min};
 use fledge_e2e::{paths, Envoy, EnvoyOptions, RouteWeights, WasmFilter};
 use serde_json::json;
 use std::io::{Read, Write};
@@ -1069,10 +1069,6 @@ impl Paired {
             rounds: diffs.len(),
         }
     }
-}
-
-fn min(values: &[f64]) -> f64 {
-    values.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
 /// `q`-quantile of sorted samples (nearest rank).
