@@ -1209,21 +1209,9 @@ async fn memory_run(args: &Args, dir: &Path) -> Result<MemoryGrowth> {
     tokio::task::block_in_place(|| controller.wait_leading(Duration::from_secs(60)))?;
     let started = Instant::now();
     let pid = controller.proc.pid();
-    let mut readings = Vec::new();
-    for n in [10, 100] {
-        let window = rss_window(pid, started, interval, n).await?;
-        println!(
-            "   after {n} intervals: rss median {:.0} MiB, peak {:.0} MiB ({} samples over the last {RSS_WINDOW_INTERVALS} intervals); load average {}",
-            window.median_mib,
-            window.peak_mib,
-            window.samples,
-            load_average()
-        );
-        readings.push(window);
-    }
+    let after_10 = rss_window(pid, started, interval, 10).await?;
+    let after_100 = rss_window(pid, started, interval, 100).await?;
     let _ = controller.proc.stop();
-    let after_100 = readings.pop().context("no reading after 100 intervals")?;
-    let after_10 = readings.pop().context("no reading after 10 intervals")?;
     Ok(MemoryGrowth {
         canaries: size,
         interval,
@@ -1243,5 +1231,13 @@ async fn rss_window(pid: u32, started: Instant, interval: Duration, n: u32) -> R
         samples.push(ProcSample::read(pid)?.rss_mib());
         tokio::time::sleep(RSS_SAMPLE_EVERY).await;
     }
-    RssWindow::of(&samples)
+    let window = RssWindow::of(&samples)?;
+    println!(
+        "   after {n} intervals: rss median {:.0} MiB, peak {:.0} MiB ({} samples over the last {RSS_WINDOW_INTERVALS} intervals); load average {}",
+        window.median_mib,
+        window.peak_mib,
+        window.samples,
+        load_average()
+    );
+    Ok(window)
 }
