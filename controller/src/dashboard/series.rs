@@ -94,12 +94,11 @@ impl SharedSeries {
     }
 }
 
-/// One interval as kept in memory: 56 bytes where an [`IntervalPoint`] takes 160, for up to
-/// [`SERIES_LIMIT`] points per canary (10,000 canaries × 720 points: 400 MB instead of 1.15 GB).
+/// One interval as the series encodes it (56 bytes decoded; about 23 encoded, see [`Series`]).
 /// Rates are derived when read; success rates and latency quantiles are kept as `f32` (7
 /// significant digits, read back as the shortest decimal that `f32` holds) with NaN for none;
-/// times to the millisecond.
-#[derive(Debug, Clone, Copy)]
+/// times to the millisecond. The default is what a chunk's first point is encoded against.
+#[derive(Debug, Clone, Copy, Default)]
 struct StoredPoint {
     at_ms: i64,
     /// Requests of the stable and the canary subset.
@@ -172,24 +171,32 @@ impl StoredPoint {
     }
 }
 
-/// Points per chunk of a [`Series`]: 896 bytes, one allocation.
+/// Points per chunk of a [`Series`].
 const CHUNK_POINTS: usize = 16;
 
-// A full series is whole chunks, so it holds exactly the limit.
-const _: () = assert!(SERIES_LIMIT.is_multiple_of(CHUNK_POINTS));
+/// The open chunk's first allocation: 16 bench-like points take about 370 bytes (see the
+/// size test), so most chunks fill it without growing.
+const OPEN_CHUNK_BYTES: usize = 384;
 
-/// The last [`SERIES_LIMIT`] intervals of one canary, in chunks of [`CHUNK_POINTS`] points:
-/// the series grows a chunk at a time (a canary that has run a few intervals holds one chunk)
-/// up to the limit. Not one buffer that doubles, because every Canary with the same interval
-/// records on the same tick: at 1,000 Canaries one tick reallocated and copied 1,000 buffers
-/// (3.5 KB to 7 KB at the 65th point), freeing 1,000 of the smaller size, and a 100-point
-/// series held 128 slots (112 now). A full series is a ring over its chunks: each new point
-/// takes the oldest one's slot, so it allocates nothing more.
+/// The last [`SERIES_LIMIT`] intervals of one canary, encoded in chunks of [`CHUNK_POINTS`]
+/// points. Consecutive points are alike (time advances by about one interval; weight, phase
+/// and verdict seldom change; request counts are small), so each point is stored as its
+/// difference from the one before (`encode`): about 23 bytes where a [`StoredPoint`] takes
+/// 56. A chunk's first point is encoded against the default point, so each chunk decodes on
+/// its own and the oldest one can be dropped. Chunks, not one buffer, because every Canary
+/// with the same interval records on the same tick: a doubling buffer reallocated and copied
+/// 1,000 series at once. A full chunk is sealed into an allocation of its exact size.
 #[derive(Debug, Clone, Default)]
 pub struct Series {
-    chunks: VecDeque<Vec<StoredPoint>>,
-    /// Where the oldest point is, once the series is full (0 until then).
-    head: usize,
+    /// Full chunks, oldest first, each of [`CHUNK_POINTS`] points.
+    sealed: VecDeque<Box<[u8]>>,
+    /// The chunk being filled (its buffer is reused for the next one).
+    open: Vec<u8>,
+    open_points: usize,
+    /// The newest point: the next point of the open chunk is encoded against it.
+    newest: StoredPoint,
+    /// Points at the front of the oldest chunk that are past the limit (fewer than a chunk).
+    dropped: usize,
     len: usize,
     last_at: Option<DateTime<Utc>>,
 }
@@ -226,37 +233,44 @@ impl Series {
     }
 
     fn push(&mut self, point: StoredPoint) {
-        if self.len >= SERIES_LIMIT {
-            self.replace_oldest(point);
-            return;
+        let previous = if self.open_points == 0 {
+            StoredPoint::default()
+        } else {
+            self.newest
+        };
+        if self.open.capacity() == 0 {
+            self.open.reserve_exact(OPEN_CHUNK_BYTES);
         }
-        let newest_full = self
-            .chunks
-            .back()
-            .is_none_or(|newest| newest.len() >= CHUNK_POINTS);
-        if newest_full {
-            self.chunks.push_back(Vec::with_capacity(CHUNK_POINTS));
+        encode(&point, &previous, &mut self.open);
+        self.newest = point;
+        self.open_points += 1;
+        self.len += 1;
+        if self.open_points == CHUNK_POINTS {
+            self.seal();
         }
-        if let Some(newest) = self.chunks.back_mut() {
-            newest.push(point);
-            self.len += 1;
+        if self.len > SERIES_LIMIT {
+            self.drop_oldest();
         }
     }
 
-    /// A full series: the newest point takes the oldest one's slot (in the first chunk); once
-    /// the first chunk holds only newer points than the others, it becomes the last.
-    fn replace_oldest(&mut self, point: StoredPoint) {
-        if let Some(slot) = self
-            .chunks
-            .front_mut()
-            .and_then(|oldest| oldest.get_mut(self.head))
-        {
-            *slot = point;
+    fn seal(&mut self) {
+        self.sealed.push_back(Box::from(self.open.as_slice()));
+        self.open.clear();
+        self.open_points = 0;
+        // A chunk of unusual points grew the buffer: do not keep that for every later chunk.
+        if self.open.capacity() > OPEN_CHUNK_BYTES {
+            self.open.shrink_to(OPEN_CHUNK_BYTES);
         }
-        self.head += 1;
-        if self.head == CHUNK_POINTS {
-            self.head = 0;
-            self.chunks.rotate_left(1);
+    }
+
+    /// Past the limit (so the oldest chunk is sealed): skip its oldest point, and drop the
+    /// chunk once all of its points are skipped. At most `SERIES_LIMIT + 15` points are held.
+    fn drop_oldest(&mut self) {
+        self.len -= 1;
+        self.dropped += 1;
+        if self.dropped == CHUNK_POINTS {
+            self.sealed.pop_front();
+            self.dropped = 0;
         }
     }
 
@@ -266,16 +280,19 @@ impl Series {
         self.last_at = Some(at);
     }
 
+    /// The kept points as stored, oldest first.
+    fn stored_points(&self) -> impl Iterator<Item = StoredPoint> + '_ {
+        self.sealed
+            .iter()
+            .map(|chunk| &chunk[..])
+            .chain(std::iter::once(self.open.as_slice()))
+            .flat_map(decode_chunk)
+            .skip(self.dropped)
+    }
+
     pub fn points(&self) -> Vec<IntervalPoint> {
-        // Oldest first: from the head to the end, then the newest points before the head.
-        let slots = || self.chunks.iter().flatten();
         let mut points = Vec::with_capacity(self.len);
-        points.extend(
-            slots()
-                .skip(self.head)
-                .chain(slots().take(self.head))
-                .map(StoredPoint::point),
-        );
+        points.extend(self.stored_points().map(|point| point.point()));
         points
     }
 
@@ -286,11 +303,199 @@ impl Series {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
 
-    /// Points the series has room for without allocating.
-    #[cfg(test)]
-    fn slots(&self) -> usize {
-        self.chunks.iter().map(Vec::capacity).sum()
+/// Flag bits of an encoded point: bit `i` (0–5) set when measure `i` (stable success rate,
+/// p50, p99, then the canary's) has the previous point's bits; then the weight, and the phase
+/// with the verdict.
+const SAME_WEIGHT: u8 = 1 << 6;
+const SAME_STATE: u8 = 1 << 7;
+
+/// Appends `point` as its difference from `previous`: the flags byte; the time and the
+/// interval's length as zigzag varint deltas; the two request counts as varints; the weight
+/// and the packed phase and verdict only when changed; each changed measure as 4 bytes.
+fn encode(point: &StoredPoint, previous: &StoredPoint, out: &mut Vec<u8>) {
+    let measures = point.measures.as_flattened();
+    let mut flags = 0;
+    for (index, (now, before)) in measures
+        .iter()
+        .zip(previous.measures.as_flattened())
+        .enumerate()
+    {
+        // Bits, not `==`: NaN (none) equals NaN, and -0.0 stays -0.0.
+        if now.to_bits() == before.to_bits() {
+            flags |= 1 << index;
+        }
+    }
+    if point.canary_weight == previous.canary_weight {
+        flags |= SAME_WEIGHT;
+    }
+    let state = pack_state(point.phase, point.verdict);
+    if state == pack_state(previous.phase, previous.verdict) {
+        flags |= SAME_STATE;
+    }
+    out.push(flags);
+    put_signed(out, point.at_ms.wrapping_sub(previous.at_ms));
+    put_signed(out, i64::from(point.millis) - i64::from(previous.millis));
+    for requests in point.requests {
+        put_varint(out, requests);
+    }
+    if flags & SAME_WEIGHT == 0 {
+        out.push(point.canary_weight);
+    }
+    if flags & SAME_STATE == 0 {
+        out.push(state);
+    }
+    for (index, measure) in measures.iter().enumerate() {
+        if flags & (1 << index) == 0 {
+            out.extend_from_slice(&measure.to_le_bytes());
+        }
+    }
+}
+
+/// The point that [`encode`] wrote after `previous`, or `None` where the bytes end or make no
+/// sense.
+fn decode(reader: &mut Reader<'_>, previous: &StoredPoint) -> Option<StoredPoint> {
+    let flags = reader.byte()?;
+    let at_ms = previous.at_ms.wrapping_add(reader.signed()?);
+    let millis = i64::from(previous.millis).checked_add(reader.signed()?)?;
+    let requests = [reader.varint()?, reader.varint()?];
+    let canary_weight = match flags & SAME_WEIGHT {
+        0 => reader.byte()?,
+        _ => previous.canary_weight,
+    };
+    let (phase, verdict) = match flags & SAME_STATE {
+        0 => unpack_state(reader.byte()?)?,
+        _ => (previous.phase, previous.verdict),
+    };
+    let mut measures = previous.measures;
+    for (index, measure) in measures.as_flattened_mut().iter_mut().enumerate() {
+        if flags & (1 << index) == 0 {
+            *measure = reader.f32()?;
+        }
+    }
+    Some(StoredPoint {
+        at_ms,
+        requests,
+        millis: u32::try_from(millis).ok()?,
+        measures,
+        canary_weight,
+        phase,
+        verdict,
+    })
+}
+
+/// The points of one chunk; stops at the first that does not decode.
+fn decode_chunk(bytes: &[u8]) -> impl Iterator<Item = StoredPoint> + '_ {
+    let mut reader = Reader { bytes };
+    let mut previous = StoredPoint::default();
+    std::iter::from_fn(move || {
+        if reader.bytes.is_empty() {
+            return None;
+        }
+        let point = decode(&mut reader, &previous)?;
+        previous = point;
+        Some(point)
+    })
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value & 0x7f) as u8 | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// Zigzag: small differences of either sign take one byte.
+fn put_signed(out: &mut Vec<u8>, value: i64) {
+    put_varint(out, ((value << 1) ^ (value >> 63)) as u64);
+}
+
+/// Checked reads of what [`encode`] wrote.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl Reader<'_> {
+    fn byte(&mut self) -> Option<u8> {
+        let (&first, rest) = self.bytes.split_first()?;
+        self.bytes = rest;
+        Some(first)
+    }
+
+    fn varint(&mut self) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.byte()?;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    fn signed(&mut self) -> Option<i64> {
+        let zigzag = self.varint()?;
+        Some((zigzag >> 1) as i64 ^ -((zigzag & 1) as i64))
+    }
+
+    fn f32(&mut self) -> Option<f32> {
+        let (bytes, rest) = self.bytes.split_first_chunk::<4>()?;
+        self.bytes = rest;
+        Some(f32::from_le_bytes(*bytes))
+    }
+}
+
+/// Phase and verdict in one byte: the phase's code times 4 plus the verdict's.
+fn pack_state(phase: Phase, verdict: Option<Verdict>) -> u8 {
+    phase_code(phase) * 4 + verdict_code(verdict)
+}
+
+fn unpack_state(byte: u8) -> Option<(Phase, Option<Verdict>)> {
+    Some((phase_of(byte / 4)?, verdict_of(byte % 4)?))
+}
+
+fn phase_code(phase: Phase) -> u8 {
+    match phase {
+        Phase::Initializing => 0,
+        Phase::Progressing => 1,
+        Phase::Paused => 2,
+        Phase::Halted => 3,
+        Phase::Promoted => 4,
+        Phase::RolledBack => 5,
+    }
+}
+
+fn phase_of(code: u8) -> Option<Phase> {
+    match code {
+        0 => Some(Phase::Initializing),
+        1 => Some(Phase::Progressing),
+        2 => Some(Phase::Paused),
+        3 => Some(Phase::Halted),
+        4 => Some(Phase::Promoted),
+        5 => Some(Phase::RolledBack),
+        _ => None,
+    }
+}
+
+fn verdict_code(verdict: Option<Verdict>) -> u8 {
+    match verdict {
+        None => 0,
+        Some(Verdict::Pass) => 1,
+        Some(Verdict::Fail) => 2,
+        Some(Verdict::NoData) => 3,
+    }
+}
+
+fn verdict_of(code: u8) -> Option<Option<Verdict>> {
+    match code {
+        0 => Some(None),
+        1 => Some(Some(Verdict::Pass)),
+        2 => Some(Some(Verdict::Fail)),
+        3 => Some(Some(Verdict::NoData)),
+        _ => None,
     }
 }
 
@@ -373,32 +578,36 @@ mod tests {
             at(SERIES_LIMIT as i64 + 9)
         );
         assert!(
-            series.slots() <= SERIES_LIMIT,
-            "the buffer stops at the limit: {}",
-            series.slots()
+            series.held_points() < SERIES_LIMIT + CHUNK_POINTS,
+            "the chunks stop at the limit: {}",
+            series.held_points()
         );
     }
 
     #[test]
     fn chunks_keep_the_last_points_in_order_at_every_edge() {
-        // (points recorded, slots held): a chunk at a time, never past the limit.
+        // (points recorded, points held): the oldest chunk is dropped once all of its points
+        // are past the limit, so never more than 15 points past it.
         let table = [
             (0, 0),
-            (1, 16),
-            (15, 16),
+            (1, 1),
+            (15, 15),
             (16, 16),
-            (17, 32),
-            (100, 112),
-            (719, 720),
+            (17, 17),
+            (100, 100),
+            (719, 719),
             (720, 720),
-            (721, 720),
-            (735, 720),
+            (721, 721),
+            (735, 735),
             (736, 720),
-            (737, 720),
+            (737, 721),
+            (720 + 16, 720),
             (2 * SERIES_LIMIT, 720),
-            (2 * SERIES_LIMIT + 3, 720),
+            (2 * SERIES_LIMIT + 3, 723),
+            (2000, 720),
+            (2005, 725),
         ];
-        for (recorded, slots) in table {
+        for (recorded, held) in table {
             let mut series = Series::default();
             for i in 0..recorded as i64 {
                 series.record(
@@ -422,7 +631,7 @@ mod tests {
                 .all(|(p, i)| i64::from(p.canary_weight) == i % 100));
             assert_eq!(series.len(), kept, "{recorded} recorded");
             assert_eq!(series.is_empty(), kept == 0);
-            assert_eq!(series.slots(), slots, "{recorded} recorded");
+            assert_eq!(series.held_points(), held, "{recorded} recorded");
         }
     }
 
@@ -439,12 +648,16 @@ mod tests {
                 None,
             );
         }
-        assert_eq!(series.slots(), CHUNK_POINTS);
+        assert_eq!(series.held_points(), 10);
+        assert_eq!(
+            series.held_bytes(),
+            OPEN_CHUNK_BYTES,
+            "one buffer, not grown"
+        );
     }
 
     #[test]
-    fn a_stored_point_is_small_and_reads_back_as_recorded() {
-        assert!(std::mem::size_of::<StoredPoint>() <= 56);
+    fn a_point_reads_back_as_recorded() {
         let mut series = Series::default();
         let observation = Observation {
             stable: traffic(1_999_000, 1_000),
@@ -475,5 +688,443 @@ mod tests {
             (point.phase, point.verdict),
             (Phase::Paused, Some(Verdict::NoData))
         );
+    }
+
+    impl Series {
+        /// Points encoded, kept or past the limit.
+        fn held_points(&self) -> usize {
+            self.sealed.len() * CHUNK_POINTS + self.open_points
+        }
+
+        /// Bytes the chunks hold (the open one's whole buffer).
+        fn held_bytes(&self) -> usize {
+            self.sealed.iter().map(|chunk| chunk.len()).sum::<usize>() + self.open.capacity()
+        }
+    }
+
+    /// The series before it was encoded: every point stored whole, the newest
+    /// [`SERIES_LIMIT`] kept.
+    #[derive(Default)]
+    struct Reference {
+        points: VecDeque<StoredPoint>,
+    }
+
+    impl Reference {
+        fn push(&mut self, point: StoredPoint) {
+            if self.points.len() == SERIES_LIMIT {
+                self.points.pop_front();
+            }
+            self.points.push_back(point);
+        }
+
+        fn points(&self) -> Vec<IntervalPoint> {
+            self.points.iter().map(StoredPoint::point).collect()
+        }
+    }
+
+    /// Every bit of a stored point, to compare NaN and -0.0 exactly.
+    fn bits(point: &StoredPoint) -> impl PartialEq + std::fmt::Debug {
+        (
+            point.at_ms,
+            point.requests,
+            point.millis,
+            point.measures.map(|subset| subset.map(f32::to_bits)),
+            point.canary_weight,
+            point.phase,
+            point.verdict,
+        )
+    }
+
+    fn assert_same(series: &Series, reference: &Reference, context: &str) {
+        let stored: Vec<_> = series.stored_points().map(|p| bits(&p)).collect();
+        let expected: Vec<_> = reference.points.iter().map(bits).collect();
+        assert_eq!(stored, expected, "{context}");
+        // Debug, not `==`: it tells -0.0 from 0.0.
+        assert_eq!(
+            format!("{:?}", series.points()),
+            format!("{:?}", reference.points()),
+            "{context}"
+        );
+        assert_eq!(series.len(), reference.points.len(), "{context}");
+    }
+
+    /// SplitMix64: deterministic sequences without a dependency.
+    struct Random(u64);
+
+    impl Random {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+
+        fn pick<T: Copy>(&mut self, values: &[T]) -> T {
+            values[self.below(values.len() as u64) as usize]
+        }
+    }
+
+    const PHASES: [Phase; 6] = [
+        Phase::Initializing,
+        Phase::Progressing,
+        Phase::Paused,
+        Phase::Halted,
+        Phase::Promoted,
+        Phase::RolledBack,
+    ];
+    const VERDICTS: [Option<Verdict>; 4] = [
+        None,
+        Some(Verdict::Pass),
+        Some(Verdict::Fail),
+        Some(Verdict::NoData),
+    ];
+    const EDGE_MEASURES: [f32; 12] = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        -0.0,
+        0.0,
+        1e-45, // the smallest subnormal
+        f32::MIN_POSITIVE / 2.0,
+        f32::MAX,
+        f32::MIN,
+        100.0,
+        98.36066,
+        f32::from_bits(0x7fc0_0001), // a NaN with a payload
+    ];
+
+    fn point_at(at_ms: i64) -> StoredPoint {
+        StoredPoint {
+            at_ms,
+            requests: [60, 61],
+            millis: 2_000,
+            measures: [[100.0, 3.5, 9.25], [100.0, 3.75, 9.5]],
+            canary_weight: 10,
+            phase: Phase::Progressing,
+            verdict: Some(Verdict::Pass),
+        }
+    }
+
+    #[test]
+    fn edge_values_round_trip() {
+        let base = point_at(1_700_000_000_000);
+        let mut table: Vec<(&str, StoredPoint)> = vec![
+            ("default", StoredPoint::default()),
+            ("bench-like", base),
+            (
+                "time at i64::MIN",
+                StoredPoint {
+                    at_ms: i64::MIN,
+                    ..base
+                },
+            ),
+            (
+                "time at i64::MAX",
+                StoredPoint {
+                    at_ms: i64::MAX,
+                    ..base
+                },
+            ),
+            ("before the epoch", StoredPoint { at_ms: -1, ..base }),
+            (
+                "backwards",
+                StoredPoint {
+                    at_ms: base.at_ms - 3_600_000,
+                    ..base
+                },
+            ),
+            (
+                "huge jump",
+                StoredPoint {
+                    at_ms: base.at_ms + (1 << 50),
+                    ..base
+                },
+            ),
+            (
+                "back to i64::MIN",
+                StoredPoint {
+                    at_ms: i64::MIN,
+                    ..base
+                },
+            ),
+            (
+                "u32::MAX millis",
+                StoredPoint {
+                    millis: u32::MAX,
+                    ..base
+                },
+            ),
+            ("zero millis", StoredPoint { millis: 0, ..base }),
+            (
+                "u32::MAX millis again",
+                StoredPoint {
+                    millis: u32::MAX,
+                    ..base
+                },
+            ),
+            (
+                "u64::MAX requests",
+                StoredPoint {
+                    requests: [u64::MAX, u64::MAX],
+                    ..base
+                },
+            ),
+            (
+                "no requests",
+                StoredPoint {
+                    requests: [0, 0],
+                    ..base
+                },
+            ),
+            (
+                "weight 255",
+                StoredPoint {
+                    canary_weight: 255,
+                    ..base
+                },
+            ),
+            (
+                "weight 0",
+                StoredPoint {
+                    canary_weight: 0,
+                    ..base
+                },
+            ),
+        ];
+        for measure in EDGE_MEASURES {
+            table.push((
+                "every measure",
+                StoredPoint {
+                    measures: [[measure; 3]; 2],
+                    ..base
+                },
+            ));
+            table.push((
+                "one measure",
+                StoredPoint {
+                    measures: [[1.0, 2.0, measure], [measure, 5.0, 6.0]],
+                    ..base
+                },
+            ));
+        }
+        for phase in PHASES {
+            for verdict in VERDICTS {
+                table.push((
+                    "phase and verdict",
+                    StoredPoint {
+                        phase,
+                        verdict,
+                        ..base
+                    },
+                ));
+            }
+        }
+        // Each alone (against the chunk's default start), and all in sequence (each against
+        // the one before), across several chunks.
+        for (name, point) in &table {
+            let mut series = Series::default();
+            let mut reference = Reference::default();
+            series.push(*point);
+            reference.push(*point);
+            assert_same(&series, &reference, name);
+        }
+        let mut series = Series::default();
+        let mut reference = Reference::default();
+        for (name, point) in &table {
+            series.push(*point);
+            reference.push(*point);
+            assert_same(&series, &reference, name);
+        }
+        assert!(table.len() > 3 * CHUNK_POINTS);
+    }
+
+    /// A point like `previous` in some fields (as in a real series) and an edge or random
+    /// value in the others.
+    fn random_point(random: &mut Random, previous: &StoredPoint) -> StoredPoint {
+        let mut point = *previous;
+        if random.below(4) > 0 {
+            point.at_ms = match random.below(10) {
+                0 => random.next() as i64,
+                1 => random.pick(&[i64::MIN, i64::MAX, 0, -1]),
+                2 => previous.at_ms.wrapping_sub(random.below(100_000) as i64),
+                _ => previous.at_ms.wrapping_add(1_990 + random.below(20) as i64),
+            };
+        }
+        if random.below(3) == 0 {
+            point.millis = match random.below(4) {
+                0 => random.next() as u32,
+                1 => random.pick(&[0, 1, u32::MAX]),
+                _ => 1_990 + random.below(20) as u32,
+            };
+        }
+        for requests in &mut point.requests {
+            *requests = match random.below(6) {
+                0 => random.next(),
+                1 => random.pick(&[0, u64::MAX, 127, 128]),
+                _ => 50 + random.below(20),
+            };
+        }
+        for measure in point.measures.as_flattened_mut() {
+            *measure = match random.below(6) {
+                0 => random.pick(&EDGE_MEASURES),
+                1 => f32::from_bits(random.next() as u32),
+                2 => random.below(10_000) as f32 / 100.0,
+                _ => *measure,
+            };
+        }
+        if random.below(8) == 0 {
+            point.canary_weight = random.next() as u8;
+        }
+        if random.below(8) == 0 {
+            point.phase = random.pick(&PHASES);
+            point.verdict = random.pick(&VERDICTS);
+        }
+        point
+    }
+
+    #[test]
+    fn random_sequences_read_back_as_the_reference() {
+        // (seed, points): short, across chunks, and past the limit.
+        let table = [
+            (1, 5),
+            (2, 16),
+            (3, 17),
+            (4, 100),
+            (5, 721),
+            (6, 1_000),
+            (7, 2_000),
+        ];
+        for (seed, count) in table {
+            let mut random = Random(seed);
+            let mut series = Series::default();
+            let mut reference = Reference::default();
+            let mut previous = StoredPoint::default();
+            for i in 0..count {
+                let point = random_point(&mut random, &previous);
+                series.push(point);
+                reference.push(point);
+                previous = point;
+                if i % 97 == 0 || i + 1 == count {
+                    assert_same(&series, &reference, &format!("seed {seed}, point {i}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_limit_keeps_exactly_the_newest_points() {
+        for count in [719, 720, 721, 720 + 16, 2_000] {
+            let mut series = Series::default();
+            let mut reference = Reference::default();
+            for i in 0..count {
+                let point = point_at(i64::from(i) * 2_000);
+                series.push(point);
+                reference.push(point);
+            }
+            assert_same(&series, &reference, &format!("{count} points"));
+            assert!(series.held_points() < SERIES_LIMIT + CHUNK_POINTS);
+        }
+    }
+
+    #[test]
+    fn any_bytes_decode_without_panicking() {
+        let mut series = Series::default();
+        let mut random = Random(11);
+        let mut previous = point_at(1_700_000_000_000);
+        for _ in 0..CHUNK_POINTS {
+            previous = random_point(&mut random, &previous);
+            series.push(previous);
+        }
+        let chunk = series.sealed[0].clone();
+        let whole: Vec<_> = decode_chunk(&chunk).map(|p| bits(&p)).collect();
+        assert_eq!(whole.len(), CHUNK_POINTS);
+        // A cut chunk decodes to a prefix of its points.
+        for end in 0..chunk.len() {
+            let cut: Vec<_> = decode_chunk(&chunk[..end]).map(|p| bits(&p)).collect();
+            assert!(cut.len() < CHUNK_POINTS);
+            assert_eq!(cut[..], whole[..cut.len()], "cut at {end}");
+        }
+        // Flipped bits and random bytes decode to something or stop.
+        for flip in 0..chunk.len() * 8 {
+            let mut bytes = chunk.to_vec();
+            bytes[flip / 8] ^= 1 << (flip % 8);
+            assert!(decode_chunk(&bytes).count() <= bytes.len());
+        }
+        for length in 0..200 {
+            let bytes: Vec<u8> = (0..length).map(|_| random.next() as u8).collect();
+            assert!(decode_chunk(&bytes).count() <= bytes.len());
+        }
+        let endless = [0xff_u8; 40];
+        assert_eq!(
+            decode_chunk(&endless).count(),
+            0,
+            "a varint longer than 10 bytes"
+        );
+    }
+
+    /// 100 intervals as the memory part of `fledge-bench-scale` records them: 2 s apart
+    /// (a few ms late), about 60 requests per subset, success 100 % or one 5xx, latency
+    /// quantiles that vary, a steady weight.
+    fn bench_like(count: usize) -> Vec<StoredPoint> {
+        let mut random = Random(42);
+        let mut at_ms = 1_700_000_000_000_i64;
+        (0..count)
+            .map(|_| {
+                let late = random.below(30) as i64;
+                let millis = 2_000 + late;
+                at_ms += millis;
+                let mut subset = || {
+                    let requests = 55 + random.below(11);
+                    let errors = u64::from(random.below(10) == 0);
+                    let success = 100.0 * (requests - errors) as f64 / requests as f64;
+                    let p50 = 2.0 + random.below(1_000) as f64 / 500.0;
+                    let p99 = 8.0 + random.below(1_000) as f64 / 100.0;
+                    (requests, [success, p50, p99].map(|v| narrow(Some(v))))
+                };
+                let (stable_requests, stable) = subset();
+                let (canary_requests, canary) = subset();
+                StoredPoint {
+                    at_ms,
+                    requests: [stable_requests, canary_requests],
+                    millis: millis as u32,
+                    measures: [stable, canary],
+                    canary_weight: 10,
+                    phase: Phase::Progressing,
+                    verdict: Some(Verdict::Pass),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_bench_like_series_takes_under_half_the_bytes() {
+        let mut series = Series::default();
+        let mut reference = Reference::default();
+        for point in bench_like(100) {
+            series.push(point);
+            reference.push(point);
+        }
+        assert_same(&series, &reference, "bench-like");
+        let bytes = series.held_bytes();
+        let per_point = bytes as f64 / 100.0;
+        println!("100 bench-like points: {bytes} bytes, {per_point:.1} per point (56 decoded)");
+        assert!(per_point <= 28.0, "{per_point} bytes per point");
+        let full: usize = {
+            let mut full = Series::default();
+            bench_like(SERIES_LIMIT)
+                .into_iter()
+                .for_each(|p| full.push(p));
+            full.held_bytes()
+        };
+        println!(
+            "{SERIES_LIMIT} bench-like points: {full} bytes (was {})",
+            SERIES_LIMIT * 56
+        );
+        assert!(full <= SERIES_LIMIT * 56 / 2);
     }
 }
