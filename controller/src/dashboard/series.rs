@@ -94,7 +94,7 @@ impl SharedSeries {
     }
 }
 
-/// One interval as the series encodes it (56 bytes decoded; about 23 encoded, see [`Series`]).
+/// One interval as the series encodes it (56 bytes decoded; about 24 encoded, see [`Series`]).
 /// Rates are derived when read; success rates and latency quantiles are kept as `f32` (7
 /// significant digits, read back as the shortest decimal that `f32` holds) with NaN for none;
 /// times to the millisecond. The default is what a chunk's first point is encoded against.
@@ -181,7 +181,7 @@ const OPEN_CHUNK_BYTES: usize = 384;
 /// The last [`SERIES_LIMIT`] intervals of one canary, encoded in chunks of [`CHUNK_POINTS`]
 /// points. Consecutive points are alike (time advances by about one interval; weight, phase
 /// and verdict seldom change; request counts are small), so each point is stored as its
-/// difference from the one before (`encode`): about 23 bytes where a [`StoredPoint`] takes
+/// difference from the one before (`encode`): about 24 bytes where a [`StoredPoint`] takes
 /// 56. A chunk's first point is encoded against the default point, so each chunk decodes on
 /// its own and the oldest one can be dropped. Chunks, not one buffer, because every Canary
 /// with the same interval records on the same tick: a doubling buffer reallocated and copied
