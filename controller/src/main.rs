@@ -12,16 +12,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// mimalloc instead of glibc's malloc: glibc keeps a heap per thread (up to 8 per core) and
-/// rarely returns freed memory, so each aligned tick's burst (10,000 reconciles, parsed
-/// gateway pages) left its high-water mark resident. Measured with `fledge-bench-scale`, 1,000
-/// Canaries: 283 MiB with glibc, 191 with `MALLOC_ARENA_MAX=2`, 182 with mimalloc (docs/operating.md,
-/// "Memory per Canary"). Built without transparent huge pages (Cargo.toml): with them, every
-/// partly used 2 MiB page of mimalloc's arenas was resident whole. Build with `--features
-/// system-allocator` to profile with heaptrack or valgrind, which see only malloc.
+/// jemalloc, configured in `.cargo/config.toml` to purge freed pages in a background thread
+/// after 1 s: every Canary with one interval is judged on the same tick, so each tick's burst
+/// (gateway pages, Prometheus answers, reconciles in flight) is freed together, and an
+/// allocator that keeps it leaves the process' RSS wherever the last bursts left it. Measured
+/// side by side with `fledge-bench-scale`, 1,000 Canaries at the end of the window: mimalloc
+/// 89–105 MiB, this 69–71 MiB, with less CPU (docs/operating.md, "Memory per Canary"; glibc's
+/// malloc, earlier, kept 283 MiB). Build with `--features system-allocator` to profile with
+/// heaptrack or valgrind, which see only malloc.
 #[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(

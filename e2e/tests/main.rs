@@ -6,6 +6,7 @@
 //! Every `tests/*.rs` file must be a module below: `every_test_file_is_a_module` fails otherwise,
 //! so that a new file is never silently left out (`autotests = false` in Cargo.toml).
 
+mod allocator;
 mod cluster_stats;
 mod dashboard;
 mod dashboard_grafana;
