@@ -149,11 +149,47 @@ fn render(samples: &[promtext::Sample]) -> String {
     text
 }
 
+/// A sample as [`streamed`] compares them: name, labels, value bits, timestamp.
+type SeenSample = (String, Vec<(String, String)>, u64, Option<i64>);
+
+/// What [`promtext::LineParser`] gives for `pieces` fed in turn: the samples and the outcome.
+fn streamed(pieces: &[&[u8]]) -> (Vec<SeenSample>, Result<(), promtext::ParseError>) {
+    let mut seen = Vec::new();
+    let mut keep = |sample: &promtext::SampleRef<'_>| {
+        let labels = sample
+            .labels
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        let value = sample.value.to_bits();
+        seen.push((sample.name.to_string(), labels, value, sample.timestamp_ms));
+    };
+    let mut parser = promtext::LineParser::new();
+    for piece in pieces {
+        if let Err(error) = parser.feed(piece, &mut keep) {
+            return (seen, Err(error));
+        }
+    }
+    let outcome = parser.finish(&mut keep);
+    (seen, outcome)
+}
+
 /// The Prometheus text parser. Accepted input re-rendered must parse to the same samples
 /// (names, labels, values bit for bit, timestamps).
 pub fn prometheus_text(data: &[u8]) -> u64 {
+    // The Envoy-admin source parses a page chunk by chunk as it arrives: cut anywhere (here
+    // where the first byte says, and byte by byte), it must read the same as whole.
+    let whole = streamed(&[data]);
+    let cut = data
+        .first()
+        .map_or(0, |b| usize::from(*b) * 7919 % (data.len() + 1));
+    let (head, tail) = data.split_at(cut);
+    assert_eq!(streamed(&[head, tail]), whole, "cut at byte {cut}");
+    let bytes: Vec<&[u8]> = data.chunks(1).collect();
+    assert_eq!(streamed(&bytes), whole, "byte by byte");
     let Ok(text) = std::str::from_utf8(data) else {
-        // Envoy's admin answers UTF-8; the source decodes lossily before parsing.
+        // The source refuses a page that is not UTF-8; the rest of it is still checked.
+        assert!(whole.1.is_err(), "text that is not UTF-8 was accepted");
         let lossy = String::from_utf8_lossy(data);
         return prometheus_text(lossy.as_bytes()) ^ 1;
     };

@@ -4,7 +4,10 @@
 //! Supported: `# TYPE` and `# HELP` lines (other `#` lines are comments), blank lines, samples
 //! `name{k="v",...} value [timestamp_ms]` with optional empty braces (`envoy_server_uptime{} 7`,
 //! as Envoy prints unlabelled stats), label value escapes `\\`, `\"` and `\n`, and the values
-//! `+Inf`, `-Inf` and `NaN`. Lines may end in `\r\n`.
+//! `+Inf`, `-Inf` and `NaN`. Lines may end in `\r\n`, and must be UTF-8.
+//!
+//! A text is read whole ([`parse`], [`parse_each`]) or in pieces as they arrive
+//! ([`LineParser`], which both of those use): one parser, holding only an unfinished line.
 //!
 //! The parser must never panic whatever the input (it is fuzzed): it walks the text with
 //! iterators and checked splits only, never with indexing.
@@ -61,7 +64,8 @@ impl Sample {
 }
 
 /// One sample line borrowed from the text: a label value is copied only when it has escapes.
-/// [`parse_each`] reuses one for every line, so reading a page allocates almost nothing.
+/// [`LineParser`] reuses one for every line of a piece, so reading a page allocates almost
+/// nothing.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SampleRef<'a> {
     pub name: &'a str,
@@ -103,10 +107,18 @@ pub struct ParseError {
     pub problem: String,
 }
 
+/// The longest line [`LineParser`] accepts, in bytes without its `\n`. Envoy's lines are a few
+/// hundred bytes; a longer one means a broken page, and holding it whole is what streaming
+/// avoids.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
 /// Parse a whole exposition. Fails on the first malformed line.
 pub fn parse(text: &str) -> Result<Vec<Sample>, ParseError> {
     let mut samples = Vec::new();
-    let declared_types = parse_lines(text, |sample| samples.push(sample.to_owned_sample()))?;
+    let mut parser = LineParser::new();
+    let mut keep = |sample: &SampleRef<'_>| samples.push(sample.to_owned_sample());
+    parser.feed(text.as_bytes(), &mut keep)?;
+    let declared_types = parser.finish_declared(&mut keep)?;
     for sample in &mut samples {
         sample.metric_type = family_type(&sample.name, &declared_types);
     }
@@ -115,36 +127,157 @@ pub fn parse(text: &str) -> Result<Vec<Sample>, ParseError> {
 
 /// Call `each` with every sample of `text`, in order, without collecting them. Fails on the
 /// first malformed line (`each` has then seen the samples before it).
-pub fn parse_each<'a>(text: &'a str, each: impl FnMut(&SampleRef<'a>)) -> Result<(), ParseError> {
-    parse_lines(text, each).map(|_| ())
+pub fn parse_each(text: &str, mut each: impl FnMut(&SampleRef<'_>)) -> Result<(), ParseError> {
+    let mut parser = LineParser::new();
+    parser.feed(text.as_bytes(), &mut each)?;
+    parser.finish(each)
 }
 
-/// Every line of `text`: samples go to `each`; the `# TYPE` declarations are returned.
-fn parse_lines<'a>(
-    text: &'a str,
-    mut each: impl FnMut(&SampleRef<'a>),
-) -> Result<HashMap<String, MetricType>, ParseError> {
-    let mut declared_types: HashMap<String, MetricType> = HashMap::new();
-    let mut sample = SampleRef::default();
-    for (index, raw_line) in text.split('\n').enumerate() {
-        let line_number = index + 1;
-        let line = raw_line.strip_suffix('\r').unwrap_or(raw_line);
+/// An exposition parsed as it arrives, in pieces of any size (a response body's chunks): only
+/// the unfinished last line is kept between pieces, so a page is never held whole. `# TYPE`
+/// declarations and line numbers carry across pieces: however a text is cut, the same samples
+/// reach `each` and the same error names the same line. Lines are UTF-8 (a line that is not
+/// is an error); a piece may end anywhere, even inside a character. After an error, stop.
+#[derive(Debug)]
+pub struct LineParser {
+    declared_types: HashMap<String, MetricType>,
+    /// Lines whose `\n` was seen.
+    lines_ended: usize,
+    /// The last line's bytes so far.
+    unfinished: Vec<u8>,
+    max_line_bytes: usize,
+}
+
+impl Default for LineParser {
+    fn default() -> Self {
+        Self::with_max_line_bytes(MAX_LINE_BYTES)
+    }
+}
+
+impl LineParser {
+    /// A parser for lines of up to [`MAX_LINE_BYTES`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A parser for lines of up to `max_line_bytes` (without the `\n`).
+    pub fn with_max_line_bytes(max_line_bytes: usize) -> Self {
+        LineParser {
+            declared_types: HashMap::new(),
+            lines_ended: 0,
+            unfinished: Vec::new(),
+            max_line_bytes,
+        }
+    }
+
+    /// Parse every line `piece` ends, giving their samples to `each`; keep the rest for the
+    /// next piece (or [`LineParser::finish`]).
+    pub fn feed(
+        &mut self,
+        piece: &[u8],
+        mut each: impl FnMut(&SampleRef<'_>),
+    ) -> Result<(), ParseError> {
+        let mut rest = piece;
+        if !self.unfinished.is_empty() {
+            let Some((head, tail)) = split_at_newline(rest) else {
+                return self.keep_unfinished(rest);
+            };
+            self.check_length(self.unfinished.len() + head.len())?;
+            self.unfinished.extend_from_slice(head);
+            // Taken out for the call (samples borrow it), then given back for its capacity.
+            let line = std::mem::take(&mut self.unfinished);
+            let outcome = self.end_line(&line, &mut SampleRef::default(), &mut each);
+            self.unfinished = line;
+            self.unfinished.clear();
+            outcome?;
+            rest = tail;
+        }
+        // One sample for all of the piece's lines: its label list is allocated once.
+        let mut sample = SampleRef::default();
+        while let Some((line, tail)) = split_at_newline(rest) {
+            self.end_line(line, &mut sample, &mut each)?;
+            rest = tail;
+        }
+        self.keep_unfinished(rest)
+    }
+
+    /// The end of the text: parse its last line if it had no `\n`.
+    pub fn finish(self, each: impl FnMut(&SampleRef<'_>)) -> Result<(), ParseError> {
+        self.finish_declared(each).map(|_| ())
+    }
+
+    /// [`LineParser::finish`], returning the `# TYPE` declarations.
+    fn finish_declared(
+        mut self,
+        mut each: impl FnMut(&SampleRef<'_>),
+    ) -> Result<HashMap<String, MetricType>, ParseError> {
+        if !self.unfinished.is_empty() {
+            let line = std::mem::take(&mut self.unfinished);
+            self.end_line(&line, &mut SampleRef::default(), &mut each)?;
+        }
+        Ok(self.declared_types)
+    }
+
+    fn keep_unfinished(&mut self, rest: &[u8]) -> Result<(), ParseError> {
+        self.check_length(self.unfinished.len() + rest.len())?;
+        self.unfinished.extend_from_slice(rest);
+        Ok(())
+    }
+
+    /// The line being read, `length` bytes long so far, is not too long.
+    fn check_length(&self, length: usize) -> Result<(), ParseError> {
+        if length <= self.max_line_bytes {
+            return Ok(());
+        }
+        Err(ParseError {
+            line: self.lines_ended + 1,
+            problem: format!(
+                "line longer than {} bytes (Envoy's lines are far shorter: a broken page?)",
+                self.max_line_bytes
+            ),
+        })
+    }
+
+    /// One whole line (without its `\n`): a sample goes to `each`, a `# TYPE` is recorded.
+    fn end_line<'a>(
+        &mut self,
+        raw_line: &'a [u8],
+        sample: &mut SampleRef<'a>,
+        each: &mut impl FnMut(&SampleRef<'_>),
+    ) -> Result<(), ParseError> {
+        self.check_length(raw_line.len())?;
+        self.lines_ended += 1;
+        let line_number = self.lines_ended;
+        let error = |problem: String| ParseError {
+            line: line_number,
+            problem,
+        };
+        let text = std::str::from_utf8(raw_line).map_err(|utf8| {
+            error(format!(
+                "invalid UTF-8 at byte {} of the line",
+                utf8.valid_up_to() + 1
+            ))
+        })?;
+        let line = text.strip_suffix('\r').unwrap_or(text);
         let mut cursor = Cursor::new(line);
         cursor.skip_blanks();
         if cursor.is_at_end() {
-            continue;
+            return Ok(());
         }
         let outcome = if cursor.eat('#') {
-            parse_comment(cursor, &mut declared_types)
+            parse_comment(cursor, &mut self.declared_types)
         } else {
-            parse_sample(cursor, &mut sample).map(|()| each(&sample))
+            parse_sample(cursor, sample).map(|()| each(sample))
         };
-        outcome.map_err(|problem| ParseError {
-            line: line_number,
-            problem,
-        })?;
+        outcome.map_err(error)
     }
-    Ok(declared_types)
+}
+
+/// The bytes before the first `\n` and those after it, if there is one.
+fn split_at_newline(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let newline = bytes.iter().position(|byte| *byte == b'\n')?;
+    let (line, rest) = bytes.split_at_checked(newline)?;
+    Some((line, rest.get(1..).unwrap_or_default()))
 }
 
 /// The declared type of the family `sample_name` belongs to.
@@ -720,8 +853,138 @@ fledge_request_duration_ms_count{fledge_service=\"app\",fledge_subset=\"canary\"
         assert_eq!(seen[2].1, [true]);
         // An error stops at its line; the samples before it were seen.
         let mut names = Vec::new();
-        let error = parse_each("a 1\nb{x=\"\\t\"} 2\nc 3\n", |s| names.push(s.name)).unwrap_err();
-        assert_eq!((error.line, names), (2, vec!["a"]));
+        let error = parse_each("a 1\nb{x=\"\\t\"} 2\nc 3\n", |s| {
+            names.push(s.name.to_string())
+        })
+        .unwrap_err();
+        assert_eq!((error.line, names), (2, vec!["a".to_string()]));
+    }
+
+    /// What feeding `pieces` to a parser with lines of at most `max_line` bytes gives: every
+    /// sample (owned) and the outcome.
+    fn fed(pieces: &[&[u8]], max_line: usize) -> (Vec<Sample>, Result<(), ParseError>) {
+        let mut samples = Vec::new();
+        let mut keep = |sample: &SampleRef<'_>| samples.push(sample.to_owned_sample());
+        let mut parser = LineParser::with_max_line_bytes(max_line);
+        let mut outcome = Ok(());
+        for piece in pieces {
+            outcome = parser.feed(piece, &mut keep);
+            if outcome.is_err() {
+                break;
+            }
+        }
+        if outcome.is_ok() {
+            outcome = parser.finish(&mut keep);
+        }
+        (samples, outcome)
+    }
+
+    /// A page gives the same samples and the same error however it is cut: whole, line by
+    /// line, in two pieces at every byte offset, and byte by byte.
+    #[test]
+    fn a_page_cut_anywhere_parses_the_same() {
+        const MAX_LINE: usize = 40;
+        let long_line = format!("a{{x=\"{}\"}} 1\n", "y".repeat(MAX_LINE));
+        /// (what, page, the samples' names, the error's line and words)
+        type Case<'a> = (&'a str, Vec<u8>, &'a [&'a str], Option<(usize, &'a str)>);
+        let cases: Vec<Case> = vec![
+            (
+                "types, crlf, multi-byte values, a last line without \\n",
+                "# TYPE m counter\r\nm{x=\"é✓\"} 1\r\n\n# TYPE m counter\nn{y=\"ü\\\"\"} 2\nm 3"
+                    .into(),
+                &["m", "n", "m"],
+                None,
+            ),
+            ("empty", Vec::new(), &[], None),
+            ("only newlines", b"\n\r\n\n".to_vec(), &[], None),
+            (
+                "an error after samples",
+                "a 1\nb{x=\"✓\"} 2\nc{x=\"\\t\"} 3\nd 4\n".into(),
+                &["a", "b"],
+                Some((3, "invalid escape")),
+            ),
+            (
+                "a type declared twice, across lines",
+                b"# TYPE a counter\na 1\n# TYPE a gauge\n".to_vec(),
+                &["a"],
+                Some((3, "declared as Counter and again as Gauge")),
+            ),
+            (
+                "invalid UTF-8",
+                [b"a 1\nb{x=\"".as_slice(), &[0xC3, 0x28], b"\"} 2\nc 3\n"].concat(),
+                &["a"],
+                Some((2, "invalid UTF-8 at byte 6")),
+            ),
+            (
+                "a character cut short at the end",
+                [b"a 1\nb{x=\"\xE2\x9C\"} 2".as_slice()].concat(),
+                &["a"],
+                Some((2, "invalid UTF-8")),
+            ),
+            (
+                "an over-long line",
+                format!("a 1\n{long_line}b 2\n").into(),
+                &["a"],
+                Some((2, "line longer than 40 bytes")),
+            ),
+            (
+                "an over-long last line without \\n",
+                format!("a 1\n{}", long_line.trim_end()).into(),
+                &["a"],
+                Some((2, "line longer than 40 bytes")),
+            ),
+            (
+                "a line of exactly the limit",
+                format!("a{{x=\"{}\"}} 1\n", "y".repeat(MAX_LINE - 9)).into(),
+                &["a"],
+                None,
+            ),
+        ];
+        for (what, page, want_names, want_error) in &cases {
+            let whole = fed(&[page], MAX_LINE);
+            let names: Vec<&str> = whole.0.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(names, *want_names, "{what}");
+            match (&whole.1, want_error) {
+                (Ok(()), None) => {}
+                (Err(error), Some((line, words))) => {
+                    assert_eq!(error.line, *line, "{what}: {error}");
+                    assert!(error.problem.contains(words), "{what}: {error}");
+                }
+                (got, want) => panic!("{what}: got {got:?}, want an error {want:?}"),
+            }
+            let by_line: Vec<&[u8]> = page.split_inclusive(|b| *b == b'\n').collect();
+            assert_eq!(fed(&by_line, MAX_LINE), whole, "{what}: line by line");
+            let by_byte: Vec<&[u8]> = page.chunks(1).collect();
+            assert_eq!(fed(&by_byte, MAX_LINE), whole, "{what}: byte by byte");
+            for cut in 0..=page.len() {
+                let (head, tail) = page.split_at(cut);
+                assert_eq!(fed(&[head, tail], MAX_LINE), whole, "{what}: cut at {cut}");
+            }
+        }
+    }
+
+    /// A line that never ends is refused as soon as it passes the limit, not held until the
+    /// page ends.
+    #[test]
+    fn an_endless_line_is_refused_as_it_grows() {
+        let mut parser = LineParser::with_max_line_bytes(10);
+        assert_eq!(parser.feed(b"a 1\nb{x=", |_| {}), Ok(()));
+        assert_eq!(parser.feed(b"\"yyyyy", |_| {}), Ok(()));
+        let error = parser
+            .feed(b"y", |_| {})
+            .expect_err("the 11th byte of line 2");
+        assert_eq!(error.line, 2, "{error}");
+        assert!(error.problem.contains("longer than 10 bytes"), "{error}");
+    }
+
+    #[test]
+    fn parse_each_and_parse_take_lines_up_to_the_limit() {
+        let line = |length: usize| format!("a{{x=\"{}\"}} 1", "y".repeat(length - 9));
+        assert_eq!(line(MAX_LINE_BYTES).len(), MAX_LINE_BYTES);
+        assert_eq!(parse(&line(MAX_LINE_BYTES)).map(|s| s.len()), Ok(1));
+        let error = parse_each(&format!("a 1\n{}", line(MAX_LINE_BYTES + 1)), |_| {})
+            .expect_err("a line over the limit");
+        assert_eq!(error.line, 2, "{error}");
     }
 
     #[test]
