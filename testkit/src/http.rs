@@ -17,6 +17,8 @@ use std::time::Duration;
 pub enum Reply {
     /// This HTTP status and body.
     Body(u16, String),
+    /// This HTTP status and these bytes as the body (e.g. text that is not UTF-8).
+    Bytes(u16, Vec<u8>),
     /// `200` with an empty body, only after this long (to trip a client's timeout).
     Slow(Duration),
 }
@@ -191,7 +193,8 @@ async fn answer(
     method: Method,
     uri: Uri,
     body: Bytes,
-) -> (StatusCode, String) {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let request = Request {
         method: method.to_string(),
         path: uri.path().to_string(),
@@ -211,14 +214,14 @@ async fn answer(
         });
         matching.unwrap_or_else(|| (replies.fallback)(&request))
     };
+    let status =
+        |code: u16| StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     match reply {
-        Reply::Body(status, body) => (
-            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            body,
-        ),
+        Reply::Body(code, body) => (status(code), body).into_response(),
+        Reply::Bytes(code, body) => (status(code), body).into_response(),
         Reply::Slow(delay) => {
             tokio::time::sleep(delay).await;
-            (StatusCode::OK, String::new())
+            (StatusCode::OK, String::new()).into_response()
         }
     }
 }
@@ -274,8 +277,11 @@ mod tests {
         );
         fake.reply("/stats", Reply::text("a 2"));
         assert_eq!(get(&format!("{url}/stats")).await.1, "a 2");
+        fake.reply("/raw", Reply::Bytes(200, vec![b'a', 0xC3, 0x28]));
+        let raw = reqwest::get(format!("{url}/raw")).await.unwrap();
+        assert_eq!(raw.bytes().await.unwrap().as_ref(), [b'a', 0xC3, 0x28]);
         let requests = fake.requests();
-        assert_eq!(requests.len(), 6);
+        assert_eq!(requests.len(), 7);
         assert_eq!(requests[0].query.as_deref(), Some("format=x"));
         assert_eq!(requests[1].method, "POST");
         assert_eq!(fake.params("query"), ["up", "up", "down"]);

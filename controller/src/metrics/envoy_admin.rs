@@ -49,23 +49,36 @@ const STATS_FILTER: &str = r"fledge_request|^server\.uptime$";
 /// Envoy's uptime gauge in seconds, as `/stats/prometheus` names it.
 pub(super) const UPTIME_GAUGE: &str = "envoy_server_uptime";
 
-/// Pages larger than this are parsed off the async workers (a 1,000-service gateway's page is
-/// about 2.6 MB: tens of milliseconds of parsing).
-const PARSE_OFF_WORKERS_BYTES: usize = 256 * 1024;
-
 /// What one scrape of an Envoy's `/stats/prometheus` is read for.
 pub trait StatsReader: std::fmt::Debug + Send + Sync {
     /// The `filter` regex sent with the scrape. Envoy matches it against full stat names
     /// before tag extraction (see [`STATS_FILTER`]); it should keep `^server\.uptime$`. Readers
     /// of one kind send the same filter, so their canaries share the scrape.
     fn stats_filter(&self) -> String;
-    /// Every group of series this kind of reader tells apart in a page (the filter's
-    /// service/subset pairs, Envoy's clusters), summed. Done once per scrape for every canary,
-    /// sample by sample as the page is parsed (a page is megabytes: its samples are never all
-    /// held at once).
-    fn index(&self, page: &str) -> Result<PageIndex, promtext::ParseError>;
+    /// A new index of every group of series this kind of reader tells apart in a page (the
+    /// filter's service/subset pairs, Envoy's clusters), summed. Built once per scrape for
+    /// every canary, fed sample by sample as the page arrives and is parsed (a page is
+    /// megabytes: neither it nor its samples are ever held whole).
+    fn indexer(&self) -> Box<dyn SampleIndexer>;
     /// This canary's cumulative traffic in an indexed page.
     fn read(&self, page: &PageIndex) -> Result<EndpointReading, String>;
+}
+
+/// Indexes one page, one sample at a time, for a [`StatsReader`].
+pub trait SampleIndexer: Send {
+    fn add(&mut self, sample: &SampleRef<'_>);
+    fn finish(self: Box<Self>) -> PageIndex;
+}
+
+/// A whole `page` indexed by `reader` (what a scrape does chunk by chunk).
+#[cfg(test)]
+pub(super) fn index_page(
+    reader: &dyn StatsReader,
+    page: &str,
+) -> Result<PageIndex, promtext::ParseError> {
+    let mut indexer = reader.indexer();
+    promtext::parse_each(page, |sample| indexer.add(sample))?;
+    Ok(indexer.finish())
 }
 
 /// One scrape, indexed: each group's cumulative traffic (or why it cannot be read).
@@ -168,8 +181,8 @@ impl StatsReader for FilterMetrics {
         STATS_FILTER.to_string()
     }
 
-    fn index(&self, page: &str) -> Result<PageIndex, promtext::ParseError> {
-        index_filter_page(page)
+    fn indexer(&self) -> Box<dyn SampleIndexer> {
+        Box::new(FilterPageIndexer::default())
     }
 
     fn read(&self, page: &PageIndex) -> Result<EndpointReading, String> {
@@ -528,55 +541,97 @@ async fn scrape(
     reader: Arc<dyn StatsReader>,
     timeout: Duration,
 ) -> Result<PageIndex, ObservationError> {
-    let body = fetch(client, url, base_url, timeout).await?;
-    let large = body.len() > PARSE_OFF_WORKERS_BYTES;
-    let base_url = base_url.to_string();
-    let index = move || {
-        reader.index(&body).map_err(|error| {
-            ObservationError::Malformed(format!("{base_url}/stats/prometheus: {error}"))
-        })
-    };
-    if large {
-        tokio::task::spawn_blocking(index)
-            .await
-            .unwrap_or_else(|error| {
-                Err(ObservationError::Malformed(format!(
-                    "indexing a scrape failed: {error}"
-                )))
-            })
-    } else {
-        index()
-    }
+    let mut indexer = reader.indexer();
+    read_samples(client, url, base_url, timeout, |sample| indexer.add(sample)).await?;
+    Ok(indexer.finish())
 }
 
-/// `GET url` (2xx) as text.
-async fn fetch(
+/// `GET url` (2xx), its body parsed chunk by chunk as it arrives: every sample goes to `each`.
+/// Only a chunk and the unfinished line before it are held, never the page; each chunk's parse
+/// is short (at most hyper's read buffer, a few hundred KB), so it runs on the reading task.
+async fn read_samples(
     client: &reqwest::Client,
     url: reqwest::Url,
     base_url: &str,
     timeout: Duration,
-) -> Result<String, ObservationError> {
+    mut each: impl FnMut(&SampleRef<'_>) + Send,
+) -> Result<(), ObservationError> {
     let unreachable = |what: String| ObservationError::Unreachable(format!("{base_url}: {what}"));
-    let response = client
+    let mut response = client
         .get(url)
         .timeout(timeout)
         .send()
         .await
         .map_err(|error| unreachable(describe_request_error(&error)))?;
     let status = response.status();
-    let body = response.text().await.map_err(|error| {
+    if !status.is_success() {
+        let excerpt = body_excerpt(&mut response).await;
+        return Err(unreachable(format!(
+            "HTTP {status} from /stats/prometheus: {excerpt}"
+        )));
+    }
+    let malformed = |error: promtext::ParseError| {
+        ObservationError::Malformed(format!("{base_url}/stats/prometheus: {error}"))
+    };
+    let mut parser = promtext::LineParser::new();
+    let mut chunks = ChunkStats::default();
+    while let Some(chunk) = response.chunk().await.map_err(|error| {
         unreachable(format!(
             "reading the response: {}",
             describe_request_error(&error)
         ))
-    })?;
-    if !status.is_success() {
-        return Err(unreachable(format!(
-            "HTTP {status} from /stats/prometheus: {}",
-            body.chars().take(200).collect::<String>().trim()
-        )));
+    })? {
+        let started = std::time::Instant::now();
+        parser.feed(&chunk, &mut each).map_err(malformed)?;
+        chunks.add(chunk.len(), started.elapsed());
     }
-    Ok(body)
+    parser.finish(&mut each).map_err(malformed)?;
+    tracing::debug!(
+        target: "fledge::reads",
+        endpoint = base_url,
+        bytes = chunks.bytes,
+        chunks = chunks.count,
+        largest_chunk = chunks.largest,
+        slowest_parse_us = chunks.slowest.as_micros() as u64,
+        "page parsed"
+    );
+    Ok(())
+}
+
+/// The chunks of one page: how they came and how long the slowest took to parse.
+#[derive(Default)]
+struct ChunkStats {
+    bytes: usize,
+    count: usize,
+    largest: usize,
+    slowest: Duration,
+}
+
+impl ChunkStats {
+    fn add(&mut self, bytes: usize, parsed_in: Duration) {
+        self.bytes += bytes;
+        self.count += 1;
+        self.largest = self.largest.max(bytes);
+        self.slowest = self.slowest.max(parsed_in);
+    }
+}
+
+/// The start of an error answer's body, for its message (the rest is not read).
+async fn body_excerpt(response: &mut reqwest::Response) -> String {
+    const EXCERPT_CHARS: usize = 200;
+    let mut start = Vec::new();
+    while start.len() < EXCERPT_CHARS * 4 {
+        match response.chunk().await {
+            Ok(Some(chunk)) => start.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&start);
+    text.chars()
+        .take(EXCERPT_CHARS)
+        .collect::<String>()
+        .trim()
+        .to_string()
 }
 
 /// Every service's guard gauge at one endpoint (Unix seconds of the trip, 0 while armed); a
@@ -587,9 +642,8 @@ async fn read_guards(
     base_url: &str,
     timeout: Duration,
 ) -> Result<HashMap<String, u64>, ObservationError> {
-    let body = fetch(client, url, base_url, timeout).await?;
     let mut guards: HashMap<String, u64> = HashMap::new();
-    promtext::parse_each(&body, |sample| {
+    read_samples(client, url, base_url, timeout, |sample| {
         if sample.name != GUARD_TRIPPED || !(sample.value.is_finite() && sample.value >= 0.0) {
             return;
         }
@@ -598,9 +652,7 @@ async fn read_guards(
             *value = (*value).max(sample.value as u64);
         }
     })
-    .map_err(|error| {
-        ObservationError::Malformed(format!("{base_url}/stats/prometheus: {error}"))
-    })?;
+    .await?;
     Ok(guards)
 }
 
@@ -691,25 +743,42 @@ fn whole_count(sample: &SampleRef<'_>) -> Result<u64, String> {
 /// Every service's subsets in one scrape of the filter's metrics, by [`filter_group`]. A subset
 /// without series has seen no request yet (the filter creates a series on the first request)
 /// and counts as zero.
-fn index_filter_page(page: &str) -> Result<PageIndex, promtext::ParseError> {
-    let bucket_name = format!("{REQUEST_DURATION_MS}_bucket");
-    let sum_name = format!("{REQUEST_DURATION_MS}_sum");
-    let count_name = format!("{REQUEST_DURATION_MS}_count");
+struct FilterPageIndexer {
+    bucket_name: String,
+    sum_name: String,
+    count_name: String,
+    index: PageIndexer,
+    /// The current sample's group, in a reused buffer.
+    group: String,
+}
 
-    let mut index = PageIndexer::default();
-    let mut group = String::new();
-    promtext::parse_each(page, |sample| {
+impl Default for FilterPageIndexer {
+    fn default() -> Self {
+        FilterPageIndexer {
+            bucket_name: format!("{REQUEST_DURATION_MS}_bucket"),
+            sum_name: format!("{REQUEST_DURATION_MS}_sum"),
+            count_name: format!("{REQUEST_DURATION_MS}_count"),
+            index: PageIndexer::default(),
+            group: String::new(),
+        }
+    }
+}
+
+impl SampleIndexer for FilterPageIndexer {
+    fn add(&mut self, sample: &SampleRef<'_>) {
         let name = sample.name;
         if name == UPTIME_GAUGE {
-            index.uptime_seconds = Some(sample.value).filter(|v| v.is_finite());
+            self.index.uptime_seconds = Some(sample.value).filter(|v| v.is_finite());
             return;
         }
-        let is_ours =
-            name == REQUESTS_TOTAL || name == bucket_name || name == sum_name || name == count_name;
+        let is_ours = name == REQUESTS_TOTAL
+            || name == self.bucket_name
+            || name == self.sum_name
+            || name == self.count_name;
         if !is_ours {
             // Without stats_tags Envoy folds the tags into the name instead.
             if name.contains(REQUESTS_TOTAL) && name.contains(TAG_SUBSET) {
-                index.untagged_series += 1;
+                self.index.untagged_series += 1;
             }
             return;
         }
@@ -717,8 +786,9 @@ fn index_filter_page(page: &str) -> Result<PageIndex, promtext::ParseError> {
         else {
             return;
         };
-        write_filter_group(&mut group, service, subset);
-        index.add(&group, |series| {
+        write_filter_group(&mut self.group, service, subset);
+        let (bucket_name, sum_name) = (&self.bucket_name, &self.sum_name);
+        self.index.add(&self.group, |series| {
             if name == REQUESTS_TOTAL {
                 series.add_requests(sample)
             } else if name == bucket_name {
@@ -729,8 +799,11 @@ fn index_filter_page(page: &str) -> Result<PageIndex, promtext::ParseError> {
                 series.add_count(sample)
             }
         });
-    })?;
-    Ok(index.finish())
+    }
+
+    fn finish(self: Box<Self>) -> PageIndex {
+        self.index.finish()
+    }
 }
 
 #[cfg(test)]
@@ -1015,6 +1088,65 @@ mod tests {
             panic!("expected Malformed");
         };
         assert!(message.contains("line 1"), "{message}");
+    }
+
+    /// A page is parsed as it arrives: an over-long line or one that is not UTF-8 fails the
+    /// scrape naming the endpoint and the line (nothing is decoded lossily).
+    #[tokio::test]
+    async fn over_long_and_non_utf8_lines_are_malformed_naming_the_line() {
+        let good = envoy_text(&[("canary", 1, 0, [1, 1], 1)], Some(5));
+        let good_lines = good.lines().count();
+        let long_line = format!("a{{x=\"{}\"}} 1\n", "y".repeat(promtext::MAX_LINE_BYTES));
+        let not_utf8 = [good.as_bytes(), b"a{x=\"\xC3\x28\"} 1\n"].concat();
+        let cases: [(&str, Reply, &str); 2] = [
+            (
+                "over-long",
+                Reply::text(format!("{good}{long_line}")),
+                "longer than 65536 bytes",
+            ),
+            ("not UTF-8", Reply::Bytes(200, not_utf8), "invalid UTF-8"),
+        ];
+        let admin = fake_admin("").await;
+        for (what, reply, words) in cases {
+            admin.reply(STATS, reply);
+            let Err(ObservationError::Malformed(message)) = source(&[admin.url()]).observe().await
+            else {
+                panic!("{what}: expected Malformed");
+            };
+            let line = format!("line {}:", good_lines + 1);
+            assert!(message.contains(admin.url()), "{what}: {message}");
+            assert!(message.contains(&line), "{what}: {message}");
+            assert!(message.contains(words), "{what}: {message}");
+        }
+    }
+
+    /// A page of megabytes comes in many chunks; lines cut between them are read whole.
+    #[tokio::test]
+    async fn a_page_of_many_chunks_is_read_whole() {
+        let others: String = (0..20_000)
+            .map(|n| {
+                format!("fledge_requests_total{{fledge_service=\"other-{n}\",fledge_subset=\"canary\",fledge_class=\"2xx\"}} {n}\n")
+            })
+            .collect();
+        let page = |ok: u64| {
+            format!(
+                "{others}{}",
+                envoy_text(&[("canary", ok, 1, [3, 4], 5)], Some(9))
+            )
+        };
+        assert!(page(0).len() > 1_000_000);
+        let admin = fake_admin(&page(10)).await;
+        // Debug builds parse slowly: more than the other tests' 500 ms.
+        let mut source = EnvoyAdminSource::new(
+            vec![admin.url().to_string()],
+            selector(),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(source.observe().await, Err(ObservationError::Baseline));
+        admin.reply(STATS, Reply::text(page(17)));
+        let observation = source.observe().await.unwrap();
+        assert_eq!(requests(&observation.canary), (7, 0));
     }
 
     /// The filter's bucket counters are published one by one: a scrape during a flush may see

@@ -27,9 +27,10 @@
 //! zero, like a subset the filter has not seen.
 
 use super::envoy_admin::{
-    EndpointReading, PageIndex, PageIndexer, StatsReader, SubsetAccumulator, UPTIME_GAUGE,
+    EndpointReading, PageIndex, PageIndexer, SampleIndexer, StatsReader, SubsetAccumulator,
+    UPTIME_GAUGE,
 };
-use super::promtext::{self, SampleRef};
+use super::promtext::SampleRef;
 use fledge_core::contract::ResponseClass;
 
 /// `upstream_rq_<N>xx` of a cluster, tag-extracted.
@@ -54,45 +55,8 @@ impl StatsReader for ClusterStats {
     }
 
     /// Every cluster's classes and latency, by cluster name.
-    fn index(&self, page: &str) -> Result<PageIndex, promtext::ParseError> {
-        let bucket = format!("{LATENCY_HISTOGRAM}_bucket");
-        let sum = format!("{LATENCY_HISTOGRAM}_sum");
-        let count = format!("{LATENCY_HISTOGRAM}_count");
-        let mut index = PageIndexer::default();
-        promtext::parse_each(page, |sample| {
-            let name = sample.name;
-            if name == UPTIME_GAUGE {
-                index.uptime_seconds = Some(sample.value).filter(|v| v.is_finite());
-                return;
-            }
-            let Some(cluster) = sample.label(CLUSTER_LABEL) else {
-                return;
-            };
-            let add: fn(&mut SubsetAccumulator, &SampleRef<'_>) -> Result<(), String> = if name
-                == CLASS_COUNTER
-            {
-                |series, sample| {
-                    let cluster = sample.label(CLUSTER_LABEL).unwrap_or_default();
-                    let class = sample.label(CLASS_LABEL).and_then(class_of).ok_or_else(|| {
-                        format!(
-                            "{CLASS_COUNTER} of cluster {cluster:?} has no {CLASS_LABEL} of 1 to 5: {:?}",
-                            sample.labels
-                        )
-                    })?;
-                    series.add_class(class, sample)
-                }
-            } else if name == bucket {
-                SubsetAccumulator::add_bucket
-            } else if name == sum {
-                SubsetAccumulator::add_sum
-            } else if name == count {
-                SubsetAccumulator::add_count
-            } else {
-                return;
-            };
-            index.add(cluster, |series| add(series, sample));
-        })?;
-        Ok(index.finish())
+    fn indexer(&self) -> Box<dyn SampleIndexer> {
+        Box::new(ClusterPageIndexer::default())
     }
 
     fn read(&self, page: &PageIndex) -> Result<EndpointReading, String> {
@@ -103,6 +67,70 @@ impl StatsReader for ClusterStats {
             untagged_series: 0,
         })
     }
+}
+
+/// Indexes a page's clusters: each one's classes and latency.
+struct ClusterPageIndexer {
+    bucket: String,
+    sum: String,
+    count: String,
+    index: PageIndexer,
+}
+
+impl Default for ClusterPageIndexer {
+    fn default() -> Self {
+        ClusterPageIndexer {
+            bucket: format!("{LATENCY_HISTOGRAM}_bucket"),
+            sum: format!("{LATENCY_HISTOGRAM}_sum"),
+            count: format!("{LATENCY_HISTOGRAM}_count"),
+            index: PageIndexer::default(),
+        }
+    }
+}
+
+impl SampleIndexer for ClusterPageIndexer {
+    fn add(&mut self, sample: &SampleRef<'_>) {
+        let name = sample.name;
+        if name == UPTIME_GAUGE {
+            self.index.uptime_seconds = Some(sample.value).filter(|v| v.is_finite());
+            return;
+        }
+        let Some(cluster) = sample.label(CLUSTER_LABEL) else {
+            return;
+        };
+        let add: fn(&mut SubsetAccumulator, &SampleRef<'_>) -> Result<(), String> =
+            if name == CLASS_COUNTER {
+                add_class
+            } else if name == self.bucket {
+                SubsetAccumulator::add_bucket
+            } else if name == self.sum {
+                SubsetAccumulator::add_sum
+            } else if name == self.count {
+                SubsetAccumulator::add_count
+            } else {
+                return;
+            };
+        self.index.add(cluster, |series| add(series, sample));
+    }
+
+    fn finish(self: Box<Self>) -> PageIndex {
+        self.index.finish()
+    }
+}
+
+/// A class counter of a cluster, by its `envoy_response_code_class`.
+fn add_class(series: &mut SubsetAccumulator, sample: &SampleRef<'_>) -> Result<(), String> {
+    let cluster = sample.label(CLUSTER_LABEL).unwrap_or_default();
+    let class = sample
+        .label(CLASS_LABEL)
+        .and_then(class_of)
+        .ok_or_else(|| {
+            format!(
+                "{CLASS_COUNTER} of cluster {cluster:?} has no {CLASS_LABEL} of 1 to 5: {:?}",
+                sample.labels
+            )
+        })?;
+    series.add_class(class, sample)
 }
 
 fn class_of(label: &str) -> Option<ResponseClass> {
@@ -144,7 +172,7 @@ mod tests {
 
     fn read(text: &str) -> Result<EndpointReading, String> {
         let reader = reader();
-        reader.read(&reader.index(text).unwrap())
+        reader.read(&super::super::envoy_admin::index_page(&reader, text).unwrap())
     }
 
     #[test]
