@@ -366,6 +366,9 @@ impl GatewayPage {
     }
 }
 
+/// Traffic reads whose instants [`Hits`] keeps (the newest): hours of one read per tick.
+const TRAFFIC_INSTANTS_KEPT: usize = 100_000;
+
 /// Requests a fake endpoint served.
 #[derive(Debug, Default)]
 pub struct Hits {
@@ -375,6 +378,8 @@ pub struct Hits {
     pub guard: AtomicU64,
     /// Response bytes.
     pub bytes: AtomicU64,
+    /// When each traffic read came (the newest [`TRAFFIC_INSTANTS_KEPT`]).
+    traffic_at: std::sync::Mutex<std::collections::VecDeque<Instant>>,
 }
 
 impl Hits {
@@ -384,6 +389,65 @@ impl Hits {
             self.guard.load(Ordering::Relaxed),
             self.bytes.load(Ordering::Relaxed),
         )
+    }
+
+    /// Count a traffic read, now.
+    pub fn traffic_read(&self) {
+        self.traffic.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut instants) = self.traffic_at.lock() {
+            if instants.len() == TRAFFIC_INSTANTS_KEPT {
+                instants.pop_front();
+            }
+            instants.push_back(Instant::now());
+        }
+    }
+
+    /// The traffic reads from `from` to `to` and the ticks they fell in (see [`ticks`]).
+    pub fn traffic_ticks(&self, from: Instant, to: Instant, gap: Duration) -> ReadsInTicks {
+        let instants: Vec<Instant> = match self.traffic_at.lock() {
+            Ok(instants) => instants
+                .iter()
+                .copied()
+                .filter(|at| *at >= from && *at <= to)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        ReadsInTicks {
+            reads: instants.len() as u64,
+            ticks: ticks(&instants, gap),
+        }
+    }
+}
+
+/// Reads of one endpoint and the ticks they came in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadsInTicks {
+    pub reads: u64,
+    pub ticks: u64,
+}
+
+/// How many ticks `instants` (in order) came in: an instant more than `gap` after the one
+/// before it starts a new tick. With the gap half an interval, a controller that reads each
+/// endpoint once per tick gives as many ticks as reads, however the window's edges fall.
+pub fn ticks(instants: &[Instant], gap: Duration) -> u64 {
+    let new_ticks = instants
+        .windows(2)
+        .filter(|pair| matches!(pair, [before, at] if at.saturating_duration_since(*before) > gap))
+        .count();
+    match instants {
+        [] => 0,
+        _ => 1 + new_ticks as u64,
+    }
+}
+
+/// Reads per endpoint per tick over `endpoints` (0 when no tick was seen).
+pub fn reads_per_tick(endpoints: &[ReadsInTicks]) -> f64 {
+    let reads: u64 = endpoints.iter().map(|e| e.reads).sum();
+    let ticks: u64 = endpoints.iter().map(|e| e.ticks).sum();
+    if ticks == 0 {
+        0.0
+    } else {
+        reads as f64 / ticks as f64
     }
 }
 
@@ -465,7 +529,7 @@ async fn serve_page(
     if guard {
         state.hits.guard.fetch_add(1, Ordering::Relaxed);
     } else {
-        state.hits.traffic.fetch_add(1, Ordering::Relaxed);
+        state.hits.traffic_read();
     }
     state
         .hits
@@ -578,7 +642,7 @@ fn answer(state: &PrometheusState, promql: &str) -> axum::response::Response {
     if guard {
         state.hits.guard.fetch_add(1, Ordering::Relaxed);
     } else {
-        state.hits.traffic.fetch_add(1, Ordering::Relaxed);
+        state.hits.traffic_read();
     }
     let cached = state.answers.lock().ok().and_then(|answers| {
         answers
@@ -811,7 +875,7 @@ async fn config_dump(
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    state.hits.traffic.fetch_add(1, Ordering::Relaxed);
+    state.hits.traffic_read();
     let path = state.dir.join(format!("{name}.json"));
     let loaded = std::fs::read(&path)
         .ok()
@@ -915,6 +979,63 @@ fn clock_ticks_per_second() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads (at these seconds) grouped into ticks half an interval (2 s) apart at most.
+    #[test]
+    fn reads_are_counted_per_tick() {
+        let start = Instant::now();
+        let at = |seconds: &[f64]| -> Vec<Instant> {
+            seconds
+                .iter()
+                .map(|s| start + Duration::from_secs_f64(*s))
+                .collect()
+        };
+        let gap = Duration::from_secs(2);
+        // (what, read instants, ticks)
+        let cases: &[(&str, &[f64], u64)] = &[
+            ("none", &[], 0),
+            ("one", &[3.0], 1),
+            ("one per tick", &[0.1, 4.1, 8.2, 12.05], 4),
+            (
+                "eleven ticks in a ten-interval window",
+                &[
+                    0.0, 4.0, 8.0, 12.0, 16.0, 20.0, 24.0, 28.0, 32.0, 36.0, 40.0,
+                ],
+                11,
+            ),
+            ("twice in one tick", &[0.1, 0.3, 4.1, 4.2], 2),
+            ("a late read within the gap", &[0.0, 2.0, 4.5], 2),
+        ];
+        for (what, seconds, want) in cases {
+            assert_eq!(ticks(&at(seconds), gap), *want, "{what}");
+        }
+        let per_tick = |reads: &[(u64, u64)]| {
+            let endpoints: Vec<ReadsInTicks> = reads
+                .iter()
+                .map(|(reads, ticks)| ReadsInTicks {
+                    reads: *reads,
+                    ticks: *ticks,
+                })
+                .collect();
+            reads_per_tick(&endpoints)
+        };
+        assert_eq!(per_tick(&[(11, 11), (10, 10)]), 1.0);
+        assert_eq!(per_tick(&[(20, 10), (10, 10)]), 1.5);
+        assert_eq!(per_tick(&[]), 0.0);
+    }
+
+    #[test]
+    fn hits_keep_the_instants_of_traffic_reads() {
+        let hits = Hits::default();
+        let before = Instant::now();
+        hits.traffic_read();
+        hits.traffic_read();
+        let after = Instant::now();
+        hits.traffic_read();
+        assert_eq!(hits.snapshot().0, 3);
+        let window = hits.traffic_ticks(before, after, Duration::from_secs(1));
+        assert_eq!(window, ReadsInTicks { reads: 2, ticks: 1 });
+    }
 
     #[test]
     fn a_page_parses_as_the_controller_reads_it() {

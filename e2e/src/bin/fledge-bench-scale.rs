@@ -16,7 +16,9 @@
 //!   recorded — the controller's `fledge_analysis_lag_seconds` histogram when it has one, else
 //!   seen from here: a status write carrying a new `lastTickAt`, compared with the previous
 //!   `lastTickAt` plus the interval;
-//! - `scrapes_per_interval`: `/stats/prometheus` traffic scrapes per gateway per interval;
+//! - `scrapes_per_interval`: `/stats/prometheus` traffic scrapes per gateway per tick (scrapes
+//!   grouped into ticks by their instants: one more than half an interval after the previous
+//!   starts a tick), so a window that holds 11 ticks of 10 intervals still reads 1.00;
 //! - `api_requests_per_s`: every request the API server served during the window.
 //!
 //! The bench process' own CPU is printed next to the controller's, to show the measuring side
@@ -47,7 +49,8 @@ use fledge_controller::router::DesiredRoutes;
 use fledge_e2e::kubernetes::controller_command;
 use fledge_e2e::process::{free_port, wait_until, Proc, ScratchDir};
 use fledge_e2e::scale::{
-    load_average, quantile, FakeGateway, FakePrometheus, FakeRdsAdmin, Fleet, Member, ProcSample,
+    load_average, quantile, reads_per_tick, FakeGateway, FakePrometheus, FakeRdsAdmin, Fleet,
+    Member, ProcSample, ReadsInTicks,
 };
 use fledge_e2e::{http, paths, stats};
 use fledge_testkit::fake_api::{apply_json_patch, FakeApiServer};
@@ -679,6 +682,20 @@ fn read(controller: &ControllerProc, cluster: &Cluster) -> Result<Reading> {
     })
 }
 
+/// Each gateway's traffic scrapes between two samples and the ticks they came in: a scrape
+/// more than half an interval after the one before it starts a tick.
+fn gateway_ticks(
+    gateways: &[FakeGateway],
+    from: &ProcSample,
+    to: &ProcSample,
+    interval: Duration,
+) -> Vec<ReadsInTicks> {
+    gateways
+        .iter()
+        .map(|g| g.hits.traffic_ticks(from.at, to.at, interval / 2))
+        .collect()
+}
+
 fn hits_delta(before: &(u64, u64, u64), after: &(u64, u64, u64)) -> (u64, u64, u64) {
     (after.0 - before.0, after.1 - before.1, after.2 - before.2)
 }
@@ -732,7 +749,7 @@ async fn kubernetes_run(
         "   warm-up {:.0}s (start-up requests done: {settled})",
         warm_up.as_secs_f64() + settling.elapsed().as_secs_f64()
     );
-    let summary = measure_window(args, size, &fleet, &controller, &cluster, &observed).await?;
+    let summary = measure_window(args, size, &controller, &cluster, &observed).await?;
     let faults = if with_faults {
         Some(faults(args, size, dir, &fleet, controller, &cluster, &observed).await?)
     } else {
@@ -746,7 +763,6 @@ async fn kubernetes_run(
 async fn measure_window(
     args: &Args,
     size: usize,
-    fleet: &Fleet,
     controller: &ControllerProc,
     cluster: &Cluster,
     observed: &Arc<Mutex<Observed>>,
@@ -792,7 +808,9 @@ async fn measure_window(
     let guard_reads: u64 = gateway.iter().map(|h| h.1).sum();
     let scraped_bytes: u64 = gateway.iter().map(|h| h.2).sum();
     let prometheus = hits_delta(&before.prometheus_hits, &after.prometheus_hits);
-    let scrapes_per_interval = scrapes as f64 / intervals / fleet.gateways.max(1) as f64;
+    let in_ticks = gateway_ticks(&cluster.gateways, &before.proc, &after.proc, interval);
+    let ticks: u64 = in_ticks.iter().map(|g| g.ticks).sum();
+    let scrapes_per_interval = reads_per_tick(&in_ticks);
 
     let observed_lags: Vec<f64> = {
         let observed = observed
@@ -840,7 +858,7 @@ async fn measure_window(
         ),
     }
     println!(
-        "   gateways: {scrapes} traffic scrapes ({scrapes_per_interval:.2} per gateway per interval, {:.1} MB/s), {guard_reads} guard reads ({:.1}/s); Prometheus: {} traffic queries ({:.2} per interval), {} guard queries",
+        "   gateways: {scrapes} traffic scrapes in {ticks} gateway ticks ({scrapes_per_interval:.2} per gateway per tick, {:.1} MB/s), {guard_reads} guard reads ({:.1}/s); Prometheus: {} traffic queries ({:.2} per interval), {} guard queries",
         scraped_bytes as f64 / seconds / 1e6,
         guard_reads as f64 / seconds,
         prometheus.0,
@@ -1131,7 +1149,6 @@ async fn standalone_run(args: &Args, size: usize, dir: &Path) -> Result<Summary>
     let bench_before = ProcSample::read(std::process::id())?;
     let before = ProcSample::read(proc.pid())?;
     let lag_before = tokio::task::block_in_place(lag_histogram);
-    let hits_before: Vec<(u64, u64, u64)> = gateways.iter().map(|g| g.hits.snapshot()).collect();
     let prometheus_before = prometheus.hits.snapshot();
     tokio::time::sleep(interval * args.intervals).await;
     let lag_after = tokio::task::block_in_place(lag_histogram);
@@ -1139,11 +1156,7 @@ async fn standalone_run(args: &Args, size: usize, dir: &Path) -> Result<Summary>
     let bench_after = ProcSample::read(std::process::id())?;
     let seconds = after.at.duration_since(before.at).as_secs_f64();
     let intervals = seconds / interval.as_secs_f64();
-    let scrapes: u64 = gateways
-        .iter()
-        .zip(&hits_before)
-        .map(|(g, b)| hits_delta(b, &g.hits.snapshot()).0)
-        .sum();
+    let in_ticks = gateway_ticks(&gateways, &before, &after, interval);
     let prometheus_queries = hits_delta(&prometheus_before, &prometheus.hits.snapshot()).0;
     let cpu_ms = after.cpu_ms - before.cpu_ms;
     let lag = lag_quantile(&lag_before, &lag_after);
@@ -1152,7 +1165,7 @@ async fn standalone_run(args: &Args, size: usize, dir: &Path) -> Result<Summary>
         rss_mib: after.rss_mib(),
         cpu_ms_per_canary_interval: cpu_ms / (size as f64 * intervals),
         lag_p99_ms: lag.map_or(f64::NAN, |(p99, _)| p99 * 1000.0),
-        scrapes_per_interval: scrapes as f64 / intervals / fleet.gateways.max(1) as f64,
+        scrapes_per_interval: reads_per_tick(&in_ticks),
         api_requests_per_s: 0.0,
     };
     println!(
