@@ -502,6 +502,7 @@ fn verdict_of(code: u8) -> Option<Option<Verdict>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::PHASES;
     use chrono::TimeZone;
     use fledge_core::contract::ResponseClass;
     use fledge_core::observe::LatencyHistogram;
@@ -769,14 +770,6 @@ mod tests {
         }
     }
 
-    const PHASES: [Phase; 6] = [
-        Phase::Initializing,
-        Phase::Progressing,
-        Phase::Paused,
-        Phase::Halted,
-        Phase::Promoted,
-        Phase::RolledBack,
-    ];
     const VERDICTS: [Option<Verdict>; 4] = [
         None,
         Some(Verdict::Pass),
