@@ -119,7 +119,49 @@ pub(super) struct PageIndexer {
     groups: HashMap<String, Result<SubsetAccumulator, String>>,
 }
 
+/// How a sample adds to a subset's series.
+pub(super) type AddSample = fn(&mut SubsetAccumulator, &SampleRef<'_>) -> Result<(), String>;
+
+/// The three series of one histogram family (`_bucket`, `_sum`, `_count`), named once per page.
+pub(super) struct HistogramNames {
+    bucket: String,
+    sum: String,
+    count: String,
+}
+
+impl HistogramNames {
+    pub(super) fn of(family: &str) -> Self {
+        HistogramNames {
+            bucket: format!("{family}_bucket"),
+            sum: format!("{family}_sum"),
+            count: format!("{family}_count"),
+        }
+    }
+
+    /// How a sample named `name` adds to a subset's series, if it is one of the three.
+    pub(super) fn adder(&self, name: &str) -> Option<AddSample> {
+        if name == self.bucket {
+            Some(SubsetAccumulator::add_bucket)
+        } else if name == self.sum {
+            Some(SubsetAccumulator::add_sum)
+        } else if name == self.count {
+            Some(SubsetAccumulator::add_count)
+        } else {
+            None
+        }
+    }
+}
+
 impl PageIndexer {
+    /// Note Envoy's uptime if `sample` is its gauge; true when it was.
+    pub(super) fn take_uptime(&mut self, sample: &SampleRef<'_>) -> bool {
+        if sample.name != UPTIME_GAUGE {
+            return false;
+        }
+        self.uptime_seconds = Some(sample.value).filter(|v| v.is_finite());
+        true
+    }
+
     /// Add a sample to `group` with `add` (the group's name is copied only the first time).
     pub(super) fn add(
         &mut self,
@@ -744,9 +786,7 @@ fn whole_count(sample: &SampleRef<'_>) -> Result<u64, String> {
 /// without series has seen no request yet (the filter creates a series on the first request)
 /// and counts as zero.
 struct FilterPageIndexer {
-    bucket_name: String,
-    sum_name: String,
-    count_name: String,
+    histogram: HistogramNames,
     index: PageIndexer,
     /// The current sample's group, in a reused buffer.
     group: String,
@@ -755,9 +795,7 @@ struct FilterPageIndexer {
 impl Default for FilterPageIndexer {
     fn default() -> Self {
         FilterPageIndexer {
-            bucket_name: format!("{REQUEST_DURATION_MS}_bucket"),
-            sum_name: format!("{REQUEST_DURATION_MS}_sum"),
-            count_name: format!("{REQUEST_DURATION_MS}_count"),
+            histogram: HistogramNames::of(REQUEST_DURATION_MS),
             index: PageIndexer::default(),
             group: String::new(),
         }
@@ -766,39 +804,27 @@ impl Default for FilterPageIndexer {
 
 impl SampleIndexer for FilterPageIndexer {
     fn add(&mut self, sample: &SampleRef<'_>) {
-        let name = sample.name;
-        if name == UPTIME_GAUGE {
-            self.index.uptime_seconds = Some(sample.value).filter(|v| v.is_finite());
+        if self.index.take_uptime(sample) {
             return;
         }
-        let is_ours = name == REQUESTS_TOTAL
-            || name == self.bucket_name
-            || name == self.sum_name
-            || name == self.count_name;
-        if !is_ours {
+        let name = sample.name;
+        let add: AddSample = if name == REQUESTS_TOTAL {
+            SubsetAccumulator::add_requests
+        } else if let Some(add) = self.histogram.adder(name) {
+            add
+        } else {
             // Without stats_tags Envoy folds the tags into the name instead.
             if name.contains(REQUESTS_TOTAL) && name.contains(TAG_SUBSET) {
                 self.index.untagged_series += 1;
             }
             return;
-        }
+        };
         let (Some(service), Some(subset)) = (sample.label(TAG_SERVICE), sample.label(TAG_SUBSET))
         else {
             return;
         };
         write_filter_group(&mut self.group, service, subset);
-        let (bucket_name, sum_name) = (&self.bucket_name, &self.sum_name);
-        self.index.add(&self.group, |series| {
-            if name == REQUESTS_TOTAL {
-                series.add_requests(sample)
-            } else if name == bucket_name {
-                series.add_bucket(sample)
-            } else if name == sum_name {
-                series.add_sum(sample)
-            } else {
-                series.add_count(sample)
-            }
-        });
+        self.index.add(&self.group, |series| add(series, sample));
     }
 
     fn finish(self: Box<Self>) -> PageIndex {

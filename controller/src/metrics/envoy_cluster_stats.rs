@@ -27,8 +27,8 @@
 //! zero, like a subset the filter has not seen.
 
 use super::envoy_admin::{
-    EndpointReading, PageIndex, PageIndexer, SampleIndexer, StatsReader, SubsetAccumulator,
-    UPTIME_GAUGE,
+    AddSample, EndpointReading, HistogramNames, PageIndex, PageIndexer, SampleIndexer, StatsReader,
+    SubsetAccumulator,
 };
 use super::promtext::SampleRef;
 use fledge_core::contract::ResponseClass;
@@ -71,18 +71,14 @@ impl StatsReader for ClusterStats {
 
 /// Indexes a page's clusters: each one's classes and latency.
 struct ClusterPageIndexer {
-    bucket: String,
-    sum: String,
-    count: String,
+    histogram: HistogramNames,
     index: PageIndexer,
 }
 
 impl Default for ClusterPageIndexer {
     fn default() -> Self {
         ClusterPageIndexer {
-            bucket: format!("{LATENCY_HISTOGRAM}_bucket"),
-            sum: format!("{LATENCY_HISTOGRAM}_sum"),
-            count: format!("{LATENCY_HISTOGRAM}_count"),
+            histogram: HistogramNames::of(LATENCY_HISTOGRAM),
             index: PageIndexer::default(),
         }
     }
@@ -90,26 +86,19 @@ impl Default for ClusterPageIndexer {
 
 impl SampleIndexer for ClusterPageIndexer {
     fn add(&mut self, sample: &SampleRef<'_>) {
-        let name = sample.name;
-        if name == UPTIME_GAUGE {
-            self.index.uptime_seconds = Some(sample.value).filter(|v| v.is_finite());
+        if self.index.take_uptime(sample) {
             return;
         }
         let Some(cluster) = sample.label(CLUSTER_LABEL) else {
             return;
         };
-        let add: fn(&mut SubsetAccumulator, &SampleRef<'_>) -> Result<(), String> =
-            if name == CLASS_COUNTER {
-                add_class
-            } else if name == self.bucket {
-                SubsetAccumulator::add_bucket
-            } else if name == self.sum {
-                SubsetAccumulator::add_sum
-            } else if name == self.count {
-                SubsetAccumulator::add_count
-            } else {
-                return;
-            };
+        let add: AddSample = if sample.name == CLASS_COUNTER {
+            add_class
+        } else if let Some(add) = self.histogram.adder(sample.name) {
+            add
+        } else {
+            return;
+        };
         self.index.add(cluster, |series| add(series, sample));
     }
 
