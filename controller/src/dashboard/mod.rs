@@ -11,6 +11,7 @@
 //!   controller (see `controller/build.rs`); otherwise the page says how to build it.
 //! - [`series`]: the bounded per-interval time series the runner keeps for the charts.
 
+mod latency_code;
 pub mod series;
 
 use axum::http::{header, StatusCode};
