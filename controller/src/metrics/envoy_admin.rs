@@ -616,7 +616,7 @@ async fn read_samples(
         ObservationError::Malformed(format!("{base_url}/stats/prometheus: {error}"))
     };
     let mut parser = promtext::LineParser::new();
-    let mut chunks = ChunkStats::default();
+    let mut chunks = super::ChunkStats::default();
     while let Some(chunk) = response.chunk().await.map_err(|error| {
         unreachable(format!(
             "reading the response: {}",
@@ -638,24 +638,6 @@ async fn read_samples(
         "page parsed"
     );
     Ok(())
-}
-
-/// The chunks of one page: how they came and how long the slowest took to parse.
-#[derive(Default)]
-struct ChunkStats {
-    bytes: usize,
-    count: usize,
-    largest: usize,
-    slowest: Duration,
-}
-
-impl ChunkStats {
-    fn add(&mut self, bytes: usize, parsed_in: Duration) {
-        self.bytes += bytes;
-        self.count += 1;
-        self.largest = self.largest.max(bytes);
-        self.slowest = self.slowest.max(parsed_in);
-    }
 }
 
 /// The start of an error answer's body, for its message (the rest is not read).

@@ -109,3 +109,21 @@ pub(crate) fn describe_request_error(error: &reqwest::Error) -> String {
     }
     message
 }
+
+/// The chunks of one body (an Envoy page, a Prometheus answer): how they came and how long the slowest took to parse.
+#[derive(Default)]
+pub(crate) struct ChunkStats {
+    pub(crate) bytes: usize,
+    pub(crate) count: usize,
+    pub(crate) largest: usize,
+    pub(crate) slowest: std::time::Duration,
+}
+
+impl ChunkStats {
+    pub(crate) fn add(&mut self, bytes: usize, parsed_in: std::time::Duration) {
+        self.bytes += bytes;
+        self.count += 1;
+        self.largest = self.largest.max(bytes);
+        self.slowest = self.slowest.max(parsed_in);
+    }
+}

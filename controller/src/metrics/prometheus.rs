@@ -59,14 +59,15 @@ use fledge_core::observe::{Observation, ObservationError, SubsetTraffic};
 use fledge_core::spec::{render_query, Canary, MetricKind, PrometheusSpec, QueryVariables};
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
+mod answer;
 mod traffic_answer;
-use traffic_answer::TrafficData;
+use answer::{AnswerData, AnswerReader, BorrowedSample, QueryContext, Samples};
+use traffic_answer::TrafficIndexer;
 
 /// The Prometheus instant-query endpoint, relative to the configured address.
 const QUERY_PATH: &str = "/api/v1/query";
@@ -81,9 +82,6 @@ const BODY_EXCERPT_CHARS: usize = 200;
 
 /// Longest part of a query quoted in an error message (a shared query names many services).
 const QUERY_EXCERPT_CHARS: usize = 400;
-
-/// Answers larger than this are parsed off the async workers.
-const PARSE_OFF_WORKERS_BYTES: usize = 256 * 1024;
 
 /// A custom metric's query, already rendered from its template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -787,7 +785,7 @@ impl TrafficIndex {
     }
 }
 
-/// Send the shared traffic query and index its answer.
+/// Send the shared traffic query and index its answer as it arrives.
 async fn read_traffic(
     client: &reqwest::Client,
     url: &reqwest::Url,
@@ -795,33 +793,18 @@ async fn read_traffic(
     promql: &str,
     timeout: Duration,
 ) -> Result<TrafficIndex, ObservationError> {
-    let body = query_body(client, url, address, "traffic query", promql, timeout).await?;
-    let large = body.0.len() > PARSE_OFF_WORKERS_BYTES;
-    let address = address.to_string();
-    let promql = promql.to_string();
-    let index = move || match parse_answer::<TrafficData>(
-        &body.0,
-        body.1,
-        &address,
-        "traffic query",
-        &promql,
-    )? {
-        TrafficData::Index(index) => Ok(index),
-        TrafficData::Other(kind) => Err(ObservationError::Malformed(format!(
-            "Prometheus {address}: traffic query returned a {kind} instead of a vector; query: {}",
-            excerpt(&promql)
-        ))),
+    let query = QueryContext {
+        address,
+        what: "traffic query",
+        promql,
     };
-    if large {
-        tokio::task::spawn_blocking(index)
-            .await
-            .unwrap_or_else(|error| {
-                Err(ObservationError::Malformed(format!(
-                    "indexing a Prometheus answer failed: {error}"
-                )))
-            })
-    } else {
-        index()
+    match read_answer(client, url, &query, timeout, TrafficIndexer::default()).await? {
+        AnswerData::Vector(indexer) => Ok(indexer.finish()),
+        other => Err(ObservationError::Malformed(format!(
+            "Prometheus {address}: traffic query returned a {} instead of a vector; query: {}",
+            other.type_name(),
+            excerpt(promql)
+        ))),
     }
 }
 
@@ -833,28 +816,53 @@ async fn read_guards(
     promql: &str,
     timeout: Duration,
 ) -> Result<HashMap<String, f64>, ObservationError> {
-    let data = instant_query(client, url, address, "guard query", promql, timeout).await?;
-    let QueryData::Vector(samples) = data else {
-        return Err(ObservationError::Malformed(format!(
-            "Prometheus {address}: guard query returned a {} instead of a vector; query: {}",
-            data.type_name(),
-            excerpt(promql)
-        )));
+    let query = QueryContext {
+        address,
+        what: "guard query",
+        promql,
     };
-    let mut guards = HashMap::new();
-    for sample in samples {
-        let (Some(service), Some(value)) = (sample.metric.get(TAG_SERVICE), sample.value) else {
-            continue;
-        };
-        let value = value.number().map_err(|problem| {
-            ObservationError::Malformed(format!(
-                "Prometheus {address}: guard query: {problem}; query: {}",
+    let guards = match read_answer(client, url, &query, timeout, GuardSamples::default()).await? {
+        AnswerData::Vector(guards) => guards,
+        other => {
+            return Err(ObservationError::Malformed(format!(
+                "Prometheus {address}: guard query returned a {} instead of a vector; query: {}",
+                other.type_name(),
                 excerpt(promql)
-            ))
-        })?;
-        guards.insert(service.clone(), value);
+            )))
+        }
+    };
+    match guards.problem {
+        Some(problem) => Err(ObservationError::Malformed(format!(
+            "Prometheus {address}: guard query: {problem}; query: {}",
+            excerpt(promql)
+        ))),
+        None => Ok(guards.trips),
     }
-    Ok(guards)
+}
+
+/// What the guard query keeps: each service's value; the first value that is not a number.
+#[derive(Debug, Default)]
+struct GuardSamples {
+    trips: HashMap<String, f64>,
+    problem: Option<String>,
+}
+
+impl Samples for GuardSamples {
+    fn add(&mut self, sample: &[u8]) -> Result<(), serde_json::Error> {
+        let sample: BorrowedSample<'_> = serde_json::from_slice(sample)?;
+        let (Some(service), Some(value)) = (sample.metric.get(TAG_SERVICE), sample.value) else {
+            return Ok(());
+        };
+        match parse_prometheus_float(&value.1) {
+            Ok(value) => {
+                self.trips.insert(service.to_string(), value);
+            }
+            Err(problem) => {
+                self.problem.get_or_insert(problem);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A query for an error message: whole when short, else its start and its length.
@@ -924,134 +932,6 @@ fn query_url(address: &str) -> Result<reqwest::Url, PrometheusSourceError> {
     Ok(url)
 }
 
-/// The body of every Prometheus API answer, its `data` read as `D`.
-#[derive(Debug, Deserialize)]
-struct ApiResponse<D> {
-    status: String,
-    #[serde(default = "none")]
-    data: Option<D>,
-    #[serde(default, rename = "errorType")]
-    error_type: Option<String>,
-    #[serde(default)]
-    error: Option<String>,
-    #[serde(default)]
-    warnings: Vec<String>,
-}
-
-fn none<D>() -> Option<D> {
-    None
-}
-
-/// The `data` of an instant query (deserialized by [`QueryDataVisitor`]).
-#[derive(Debug)]
-enum QueryData {
-    Vector(Vec<VectorSample>),
-    Scalar(SampleValue),
-    /// Only the type matters: a custom query must not return one.
-    Matrix(#[allow(dead_code)] serde::de::IgnoredAny),
-    String(#[allow(dead_code)] serde::de::IgnoredAny),
-}
-
-impl QueryData {
-    fn type_name(&self) -> &'static str {
-        match self {
-            QueryData::Vector(_) => "vector",
-            QueryData::Scalar(_) => "scalar",
-            QueryData::Matrix(_) => "range vector (matrix)",
-            QueryData::String(_) => "string",
-        }
-    }
-}
-
-const RESULT_TYPES: &[&str] = &["vector", "scalar", "matrix", "string"];
-
-impl<'de> Deserialize<'de> for QueryData {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(QueryDataVisitor)
-    }
-}
-
-/// `{"resultType": ..., "result": ...}` in either order. With the type first (as Prometheus
-/// writes it) the result is read straight into its type; with the result first it is kept as
-/// its JSON text until the type is known. (serde's adjacently tagged enums buffer such a
-/// result as generic content: with 10,000 canaries' series, hundreds of MB for a moment.)
-struct QueryDataVisitor;
-
-impl<'de> serde::de::Visitor<'de> for QueryDataVisitor {
-    type Value = QueryData;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a query result with resultType and result")
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<QueryData, A::Error> {
-        use serde::de::Error;
-        let mut result_type: Option<String> = None;
-        let mut data = None;
-        let mut early: Option<Box<serde_json::value::RawValue>> = None;
-        while let Some(key) = map.next_key::<String>()? {
-            match key.as_str() {
-                "resultType" => result_type = Some(map.next_value()?),
-                "result" => match result_type.as_deref() {
-                    Some(kind) => data = Some(map.next_value_seed(ResultOf(kind))?),
-                    None => early = Some(map.next_value()?),
-                },
-                _ => {
-                    map.next_value::<serde::de::IgnoredAny>()?;
-                }
-            }
-        }
-        let kind = result_type.ok_or_else(|| A::Error::missing_field("resultType"))?;
-        if let Some(data) = data {
-            return Ok(data);
-        }
-        let raw = early.ok_or_else(|| A::Error::missing_field("result"))?;
-        let mut result = serde_json::Deserializer::from_str(raw.get());
-        serde::de::DeserializeSeed::deserialize(ResultOf(&kind), &mut result)
-            .map_err(A::Error::custom)
-    }
-}
-
-/// A `result` of the named `resultType`.
-struct ResultOf<'a>(&'a str);
-
-impl<'de> serde::de::DeserializeSeed<'de> for ResultOf<'_> {
-    type Value = QueryData;
-
-    fn deserialize<D: serde::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> Result<QueryData, D::Error> {
-        Ok(match self.0 {
-            "vector" => QueryData::Vector(Deserialize::deserialize(deserializer)?),
-            "scalar" => QueryData::Scalar(Deserialize::deserialize(deserializer)?),
-            "matrix" => QueryData::Matrix(Deserialize::deserialize(deserializer)?),
-            "string" => QueryData::String(Deserialize::deserialize(deserializer)?),
-            other => return Err(serde::de::Error::unknown_variant(other, RESULT_TYPES)),
-        })
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct VectorSample {
-    #[serde(default)]
-    metric: BTreeMap<String, String>,
-    /// Absent for native histogram samples (which carry `histogram` instead).
-    #[serde(default)]
-    value: Option<SampleValue>,
-}
-
-/// `[<unix time>, "<value>"]`; the value is a string so that NaN and ±Inf survive JSON. The
-/// time is Prometheus' evaluation time, the same for every sample of an instant query.
-#[derive(Debug, Deserialize)]
-struct SampleValue(#[allow(dead_code)] f64, String);
-
-impl SampleValue {
-    fn number(&self) -> Result<f64, String> {
-        parse_prometheus_float(&self.1)
-    }
-}
-
 /// Prometheus writes floats as Go does: digits, `NaN`, `+Inf`, `-Inf`.
 fn parse_prometheus_float(text: &str) -> Result<f64, String> {
     match text {
@@ -1064,99 +944,57 @@ fn parse_prometheus_float(text: &str) -> Result<f64, String> {
     }
 }
 
-/// Send one instant query; `what` names it in messages ("traffic query", "custom metric ...").
-async fn instant_query(
+/// Send `promql` and read the answer as it arrives, its vector's samples into `samples`.
+/// Only a chunk and the sample cut at its end are held, never the body; each chunk's parse is
+/// short (at most hyper's read buffer, a few hundred KB), so it runs on the reading task.
+async fn read_answer<S: Samples>(
     client: &reqwest::Client,
     url: &reqwest::Url,
-    address: &str,
-    what: &str,
-    promql: &str,
+    query: &QueryContext<'_>,
     timeout: Duration,
-) -> Result<QueryData, ObservationError> {
-    let (body, status) = query_body(client, url, address, what, promql, timeout).await?;
-    parse_answer::<QueryData>(&body, status, address, what, promql)
-}
-
-/// Send `promql`; the answer's body and HTTP status.
-async fn query_body(
-    client: &reqwest::Client,
-    url: &reqwest::Url,
-    address: &str,
-    what: &str,
-    promql: &str,
-    timeout: Duration,
-) -> Result<(String, reqwest::StatusCode), ObservationError> {
+    samples: S,
+) -> Result<AnswerData<S>, ObservationError> {
     let unreachable = |problem: String| {
-        ObservationError::Unreachable(format!("Prometheus {address}: {what}: {problem}"))
+        ObservationError::Unreachable(format!(
+            "Prometheus {}: {}: {problem}",
+            query.address, query.what
+        ))
     };
-    let response = client
+    let mut response = client
         .post(url.clone())
         .timeout(timeout)
-        .form(&[("query", promql)])
+        .form(&[("query", query.promql)])
         .send()
         .await
         .map_err(|error| unreachable(describe_request_error(&error)))?;
     let status = response.status();
-    let body = response.text().await.map_err(|error| {
+    let mut reader = AnswerReader::new(samples);
+    let mut chunks = super::ChunkStats::default();
+    while let Some(chunk) = response.chunk().await.map_err(|error| {
         unreachable(format!(
             "reading the response: {}",
             describe_request_error(&error)
         ))
-    })?;
-    Ok((body, status))
-}
-
-/// The `data` of a Prometheus API answer, or the error it reports.
-fn parse_answer<'a, D: Deserialize<'a>>(
-    body: &'a str,
-    status: reqwest::StatusCode,
-    address: &str,
-    what: &str,
-    promql: &str,
-) -> Result<D, ObservationError> {
-    let unreachable = |problem: String| {
-        ObservationError::Unreachable(format!("Prometheus {address}: {what}: {problem}"))
-    };
-    let excerpt_body = || body.chars().take(BODY_EXCERPT_CHARS).collect::<String>();
-    let promql = excerpt(promql);
-    // Prometheus answers API errors (bad query: 400, execution error: 422, timeout: 503) with
-    // a JSON body; anything else that is not 2xx comes from somewhere else (a proxy, a wrong
-    // address) and says nothing about the query.
-    let parsed = serde_json::from_str::<ApiResponse<D>>(body);
-    let api = match parsed {
-        Ok(api) => api,
-        Err(_) if !status.is_success() => {
-            return Err(unreachable(format!(
-                "HTTP {status} from {QUERY_PATH}: {}",
-                excerpt_body().trim()
-            )))
+    })? {
+        let started = Instant::now();
+        let wants_more = reader.feed(&chunk);
+        chunks.add(chunk.len(), started.elapsed());
+        if !wants_more {
+            // Not an API answer, and its start (for the message) is read.
+            break;
         }
-        Err(error) => {
-            return Err(ObservationError::Malformed(format!(
-                "Prometheus {address}: {what}: not a Prometheus API answer ({error}): {}; query: {promql}",
-                excerpt_body().trim()
-            )))
-        }
-    };
-    for warning in &api.warnings {
-        tracing::warn!(prometheus = %address, query = %promql, %warning, "Prometheus warning");
     }
-    if api.status != "success" {
-        let error_type = api.error_type.unwrap_or_else(|| "unknown".to_string());
-        let message = format!(
-            "Prometheus {address}: {what} failed: {error_type}: {}; query: {promql}",
-            api.error.unwrap_or_else(|| "no error message".to_string())
-        );
-        return Err(match error_type.as_str() {
-            "timeout" | "canceled" | "unavailable" => ObservationError::Unreachable(message),
-            _ => ObservationError::Malformed(message),
-        });
-    }
-    api.data.ok_or_else(|| {
-        ObservationError::Malformed(format!(
-            "Prometheus {address}: {what}: answer has no data; query: {promql}"
-        ))
-    })
+    tracing::debug!(
+        target: "fledge::reads",
+        prometheus = query.address,
+        query = query.what,
+        bytes = chunks.bytes,
+        chunks = chunks.count,
+        largest_chunk = chunks.largest,
+        slowest_parse_us = chunks.slowest.as_micros() as u64,
+        "answer parsed"
+    );
+    reader.finish(query, status)
 }
 
 /// The value of one custom metric: `Ok(None)` when it has no data (empty, NaN, ±Inf).
@@ -1168,7 +1006,12 @@ async fn evaluate_custom(
     timeout: Duration,
 ) -> Result<Option<f64>, ObservationError> {
     let what = format!("custom metric {:?}", custom.metric);
-    let data = instant_query(client, url, address, &what, &custom.promql, timeout).await?;
+    let query = QueryContext {
+        address,
+        what: &what,
+        promql: &custom.promql,
+    };
+    let data = read_answer(client, url, &query, timeout, CustomSamples::default()).await?;
     custom_value(&data).map_err(|problem| {
         ObservationError::Malformed(format!(
             "Prometheus {address}: {what} {problem}; query: {}",
@@ -1177,29 +1020,51 @@ async fn evaluate_custom(
     })
 }
 
+/// What a custom query keeps of a vector: how many samples, the first one's value (`None`
+/// for a native histogram), and the labels of the first few for a message.
+#[derive(Debug, Default)]
+struct CustomSamples {
+    count: usize,
+    first_value: Option<String>,
+    shown: Vec<String>,
+}
+
+/// How many series of an answer with several a message names.
+const SERIES_SHOWN: usize = 3;
+
+impl Samples for CustomSamples {
+    fn add(&mut self, sample: &[u8]) -> Result<(), serde_json::Error> {
+        let mut sample: BorrowedSample<'_> = serde_json::from_slice(sample)?;
+        self.count += 1;
+        if self.count == 1 {
+            self.first_value = sample.value.map(|value| value.1.to_string());
+        }
+        if self.shown.len() < SERIES_SHOWN {
+            // In label order, as a map of them would print (the answer's order is not promised).
+            sample.metric.0.sort_by(|a, b| a.0.cmp(&b.0));
+            self.shown.push(sample.metric.describe());
+        }
+        Ok(())
+    }
+}
+
 /// One number out of a custom query's answer (see the module docs).
-fn custom_value(data: &QueryData) -> Result<Option<f64>, String> {
+fn custom_value(data: &AnswerData<CustomSamples>) -> Result<Option<f64>, String> {
     let value = match data {
-        QueryData::Scalar(value) => value,
-        QueryData::Vector(samples) => match samples.as_slice() {
-            [] => return Ok(None),
-            [sample] => sample.value.as_ref().ok_or_else(|| {
+        AnswerData::Scalar(value) => &value.1,
+        AnswerData::Vector(samples) => match samples.count {
+            0 => return Ok(None),
+            1 => samples.first_value.as_ref().ok_or_else(|| {
                 "returned a native histogram; a custom query must return one number, e.g. \
                  histogram_quantile(0.99, ...)"
                     .to_string()
             })?,
             several => {
-                let shown: Vec<String> = several
-                    .iter()
-                    .take(3)
-                    .map(|sample| format_labels(&sample.metric))
-                    .collect();
                 return Err(format!(
-                    "returned {} series ({}{}); a custom query must return one number: \
+                    "returned {several} series ({}{}); a custom query must return one number: \
                      aggregate it, e.g. sum(...) or max(...)",
-                    several.len(),
-                    shown.join(", "),
-                    if several.len() > 3 { ", ..." } else { "" }
+                    samples.shown.join(", "),
+                    if several > SERIES_SHOWN { ", ..." } else { "" }
                 ));
             }
         },
@@ -1211,7 +1076,7 @@ fn custom_value(data: &QueryData) -> Result<Option<f64>, String> {
             ))
         }
     };
-    let number = value.number()?;
+    let number = parse_prometheus_float(value)?;
     Ok(number.is_finite().then_some(number))
 }
 
@@ -1252,52 +1117,103 @@ mod tests {
     use fledge_testkit::http::{closed_port_url, FakeEndpoint, Reply};
     use serde_json::{json, Value};
 
+    /// A custom query's value out of a successful answer with `data` (read whole and in
+    /// 1-byte pieces, which must agree).
+    fn custom_value_of(data: &str) -> Result<Option<f64>, String> {
+        let body = format!(r#"{{"status": "success", "data": {data}}}"#);
+        let read = |cuts: &[usize]| {
+            answer::read_in_pieces(body.as_bytes(), cuts, CustomSamples::default(), 200)
+                .map_err(|error| error.to_string())
+                .and_then(|data| custom_value(&data))
+        };
+        let bytes: Vec<usize> = (1..body.len()).collect();
+        let whole = read(&[]);
+        assert_eq!(
+            format!("{:?}", read(&bytes)),
+            format!("{whole:?}"),
+            "{body}"
+        );
+        whole
+    }
+
     #[test]
-    fn a_query_result_parses_with_its_type_before_or_after_it() {
-        let sample = r#"{"metric": {"__name__": "up", "job": "a"}, "value": [1.5, "2"]}"#;
-        for data in [
-            format!(r#"{{"resultType": "vector", "result": [{sample}, {sample}]}}"#),
-            format!(r#"{{"result": [{sample}, {sample}], "resultType": "vector"}}"#),
+    fn a_custom_value_with_its_type_before_or_after_it() {
+        let sample = r#"{"metric": {"job": "a", "__name__": "up"}, "value": [1.5, "2"]}"#;
+        let nan = r#"{"metric": {}, "value": [1.5, "NaN"]}"#;
+        for (data, value) in [
+            (
+                format!(r#"{{"resultType": "vector", "result": [{sample}]}}"#),
+                Some(2.0),
+            ),
+            (
+                format!(r#"{{"result": [{sample}], "resultType": "vector"}}"#),
+                Some(2.0),
+            ),
+            (
+                format!(r#"{{"resultType": "vector", "result": [{nan}]}}"#),
+                None,
+            ),
+            (
+                r#"{"resultType": "vector", "result": []}"#.to_string(),
+                None,
+            ),
+            (
+                r#"{"result": [1, "-Inf"], "resultType": "scalar"}"#.to_string(),
+                None,
+            ),
+            (
+                r#"{"resultType": "scalar", "result": [1, "0.25"]}"#.to_string(),
+                Some(0.25),
+            ),
         ] {
-            let QueryData::Vector(samples) = serde_json::from_str::<QueryData>(&data).unwrap()
-            else {
-                panic!("{data}: not a vector");
-            };
-            assert_eq!(samples.len(), 2, "{data}");
-            assert_eq!(samples[1].metric["job"], "a");
-            assert_eq!(samples[1].value.as_ref().unwrap().number(), Ok(2.0));
-        }
-        for (data, kind) in [
-            (
-                r#"{"result": [1, "-Inf"], "resultType": "scalar"}"#,
-                "scalar",
-            ),
-            (
-                r#"{"resultType": "matrix", "result": [{"values": []}]}"#,
-                "range vector (matrix)",
-            ),
-            (
-                r#"{"result": [1, "x"], "resultType": "string", "stats": {}}"#,
-                "string",
-            ),
-        ] {
-            assert_eq!(
-                serde_json::from_str::<QueryData>(data).unwrap().type_name(),
-                kind
-            );
+            assert_eq!(custom_value_of(&data), Ok(value), "{data}");
         }
         for (data, problem) in [
             (
-                r#"{"resultType": "histogram", "result": []}"#,
-                "unknown variant `histogram`",
+                format!(r#"{{"resultType": "vector", "result": [{sample}, {sample}]}}"#),
+                r#"returned 2 series (up{job="a"}, up{job="a"})"#,
             ),
-            (r#"{"result": []}"#, "missing field `resultType`"),
-            (r#"{"resultType": "vector"}"#, "missing field `result`"),
-            (r#"{"result": {}, "resultType": "vector"}"#, "invalid type"),
+            (
+                format!(
+                    r#"{{"result": [{sample}, {sample}, {sample}, {sample}], "resultType": "vector"}}"#
+                ),
+                r#"returned 4 series (up{job="a"}, up{job="a"}, up{job="a"}, ...)"#,
+            ),
+            (
+                r#"{"resultType": "vector", "result": [{"metric": {}, "histogram": [1, {}]}]}"#
+                    .to_string(),
+                "returned a native histogram",
+            ),
+            (
+                r#"{"resultType": "matrix", "result": [{"values": []}]}"#.to_string(),
+                "returned a range vector (matrix)",
+            ),
+            (
+                r#"{"result": [1, "x"], "resultType": "string", "stats": {}}"#.to_string(),
+                "returned a string",
+            ),
+            (
+                r#"{"resultType": "histogram", "result": []}"#.to_string(),
+                "returned a result of an unknown type",
+            ),
+            (
+                r#"{"result": []}"#.to_string(),
+                "missing field `resultType`",
+            ),
+            (
+                r#"{"resultType": "vector"}"#.to_string(),
+                "missing field `result`",
+            ),
+            (
+                r#"{"result": {}, "resultType": "vector"}"#.to_string(),
+                "invalid type",
+            ),
+            (
+                r#"{"resultType": "scalar", "result": [1]}"#.to_string(),
+                "invalid length",
+            ),
         ] {
-            let error = serde_json::from_str::<QueryData>(data)
-                .unwrap_err()
-                .to_string();
+            let error = custom_value_of(&data).unwrap_err();
             assert!(error.contains(problem), "{data}: {error}");
         }
     }

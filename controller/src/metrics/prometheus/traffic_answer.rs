@@ -1,218 +1,21 @@
-//! The shared traffic query's answer, indexed as it is parsed.
+//! The shared traffic query's answer, indexed as it is read.
 //!
-//! An answer holds every origin's series of every canary reading this Prometheus: at 1,000
+//! An answer holds every origin's series of every canary reading this Prometheus: at 10,000
 //! services, 112,000 samples and about 25 MB of JSON. Parsing it into owned samples first (a map
 //! of owned label strings per sample) cost several times the body in short-lived allocations,
-//! and the allocator kept much of that high-water mark. Here each sample is read with its labels
-//! borrowed from the body (copied only when a value has JSON escapes), added to its origin's
-//! accumulator at once and dropped; only one owned key per origin is built.
+//! and the allocator kept much of that high-water mark. Here each sample, handed over by
+//! [`super::answer::AnswerReader`] as soon as it has arrived, is read with its labels borrowed
+//! from its text (copied only when a value has JSON escapes), added to its origin's accumulator
+//! at once and dropped; only one owned key per origin is built.
 
+use super::answer::{BorrowedSample, Labels, Samples};
 use super::{OriginKey, TrafficIndex};
 use crate::metrics::traffic_parts::TrafficParts;
 use fledge_core::contract::{
     ResponseClass, REQUESTS_TOTAL, REQUEST_DURATION_MS, TAG_CLASS, TAG_SERVICE, TAG_SUBSET,
 };
 use fledge_core::observe::SubsetTraffic;
-use serde::de::{DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess};
-use serde::Deserialize;
-use std::borrow::Cow;
 use std::collections::HashMap;
-
-/// The `data` of the traffic query's answer: the index of a vector, or the type it was instead.
-#[derive(Debug)]
-pub(super) enum TrafficData {
-    Index(TrafficIndex),
-    /// Another `resultType` (as [`result_type_name`] names it).
-    Other(&'static str),
-}
-
-/// A result type as messages name it.
-pub(super) fn result_type_name(result_type: &str) -> &'static str {
-    match result_type {
-        "vector" => "vector",
-        "scalar" => "scalar",
-        "matrix" => "range vector (matrix)",
-        "string" => "string",
-        _ => "result of an unknown type",
-    }
-}
-
-impl<'de> Deserialize<'de> for TrafficData {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(TrafficDataVisitor)
-    }
-}
-
-/// `{"resultType": ..., "result": ...}` in either order. With the type first (as Prometheus
-/// writes it) the samples are indexed as they are read; with the result first it is kept as
-/// its borrowed JSON text until the type is known.
-struct TrafficDataVisitor;
-
-impl<'de> serde::de::Visitor<'de> for TrafficDataVisitor {
-    type Value = TrafficData;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a query result with resultType and result")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TrafficData, A::Error> {
-        let mut result_type: Option<Str<'de>> = None;
-        let mut data: Option<TrafficData> = None;
-        let mut early: Option<&'de serde_json::value::RawValue> = None;
-        while let Some(key) = map.next_key::<Str<'de>>()? {
-            match &*key {
-                "resultType" => result_type = Some(map.next_value()?),
-                "result" => match result_type.as_deref() {
-                    Some("vector") => {
-                        data = Some(TrafficData::Index(map.next_value_seed(Indexing)?))
-                    }
-                    Some(other) => {
-                        map.next_value::<IgnoredAny>()?;
-                        data = Some(TrafficData::Other(result_type_name(other)));
-                    }
-                    None => early = Some(map.next_value()?),
-                },
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        let kind = result_type.ok_or_else(|| A::Error::missing_field("resultType"))?;
-        if let Some(data) = data {
-            return Ok(data);
-        }
-        let raw = early.ok_or_else(|| A::Error::missing_field("result"))?;
-        if &*kind != "vector" {
-            return Ok(TrafficData::Other(result_type_name(&kind)));
-        }
-        let mut result = serde_json::Deserializer::from_str(raw.get());
-        Indexing
-            .deserialize(&mut result)
-            .map(TrafficData::Index)
-            .map_err(A::Error::custom)
-    }
-}
-
-/// Reads a vector result sample by sample into a [`TrafficIndex`].
-struct Indexing;
-
-impl<'de> DeserializeSeed<'de> for Indexing {
-    type Value = TrafficIndex;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<TrafficIndex, D::Error> {
-        deserializer.deserialize_seq(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for Indexing {
-    type Value = TrafficIndex;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a list of samples")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TrafficIndex, A::Error> {
-        let mut indexer = TrafficIndexer::default();
-        while let Some(sample) = seq.next_element::<BorrowedSample<'de>>()? {
-            indexer.add(sample);
-        }
-        Ok(indexer.finish())
-    }
-}
-
-/// One sample of a vector, its strings borrowed from the body unless they hold escapes.
-#[derive(Debug, Deserialize)]
-struct BorrowedSample<'a> {
-    #[serde(borrow, default)]
-    metric: Labels<'a>,
-    /// Absent for native histogram samples (which carry `histogram` instead).
-    #[serde(borrow, default)]
-    value: Option<BorrowedValue<'a>>,
-}
-
-/// `[<unix time>, "<value>"]` (the time is the same for every sample of an instant query).
-#[derive(Debug, Deserialize)]
-struct BorrowedValue<'a>(IgnoredAny, #[serde(borrow)] Str<'a>);
-
-/// A JSON string borrowed from the body, or owned when it had escapes. (serde's own `Cow`
-/// always owns unless it is a derived field marked `borrow`.)
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Str<'a>(Cow<'a, str>);
-
-impl std::ops::Deref for Str<'_> {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct StrVisitor;
-        impl<'de> serde::de::Visitor<'de> for StrVisitor {
-            type Value = Str<'de>;
-
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-
-            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Str<'de>, E> {
-                Ok(Str(Cow::Borrowed(v)))
-            }
-
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Str<'de>, E> {
-                Ok(Str(Cow::Owned(v.to_string())))
-            }
-
-            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Str<'de>, E> {
-                Ok(Str(Cow::Owned(v)))
-            }
-        }
-        deserializer.deserialize_str(StrVisitor)
-    }
-}
-
-/// A sample's labels in answer order (Prometheus writes them sorted by name).
-#[derive(Debug, Default)]
-struct Labels<'a>(Vec<(Str<'a>, Str<'a>)>);
-
-impl<'a> Labels<'a> {
-    fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(label, _)| &**label == name)
-            .map(|(_, value)| &**value)
-    }
-
-    /// `name{label="value",...}` for messages.
-    fn describe(&self) -> String {
-        let pairs: Vec<(&str, &str)> = self.0.iter().map(|(k, v)| (&**k, &**v)).collect();
-        super::format_label_pairs(&pairs)
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Labels<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct LabelsVisitor;
-        impl<'de> serde::de::Visitor<'de> for LabelsVisitor {
-            type Value = Labels<'de>;
-
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a map of label names to values")
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Labels<'de>, A::Error> {
-                let mut labels = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some((name, value)) = map.next_entry::<Str<'de>, Str<'de>>()? {
-                    labels.push((name, value));
-                }
-                Ok(Labels(labels))
-            }
-        }
-        deserializer.deserialize_map(LabelsVisitor)
-    }
-}
 
 /// Labels that tell the series of one origin apart rather than the origin itself.
 fn is_series_label(name: &str) -> bool {
@@ -222,15 +25,22 @@ fn is_series_label(name: &str) -> bool {
 /// Builds a [`TrafficIndex`]: one accumulator per origin; an origin's first problem sticks to
 /// it (only canaries reading that origin fail on it).
 #[derive(Default)]
-struct TrafficIndexer {
+pub(super) struct TrafficIndexer {
     /// An origin's labels written out unambiguously ([`origin_text`]) → its key and series.
     origins: HashMap<String, (OriginKey, Result<OriginAccumulator, String>)>,
     /// Reused for every sample's origin text.
     scratch: String,
 }
 
+impl Samples for TrafficIndexer {
+    fn add(&mut self, sample: &[u8]) -> Result<(), serde_json::Error> {
+        self.index(serde_json::from_slice(sample)?);
+        Ok(())
+    }
+}
+
 impl TrafficIndexer {
-    fn add(&mut self, mut sample: BorrowedSample<'_>) {
+    fn index(&mut self, mut sample: BorrowedSample<'_>) {
         let labels = &mut sample.metric;
         if labels.get(TAG_SERVICE).is_none() || labels.get(TAG_SUBSET).is_none() {
             return;
@@ -260,7 +70,7 @@ impl TrafficIndexer {
         }
     }
 
-    fn finish(self) -> TrafficIndex {
+    pub(super) fn finish(self) -> TrafficIndex {
         let mut index = TrafficIndex::default();
         for (_, (key, accumulator)) in self.origins {
             let traffic = accumulator.map(OriginAccumulator::finish);
@@ -383,11 +193,56 @@ fn whole_count(labels: &Labels<'_>, value: f64) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::answer::{read_in_pieces, AnswerData};
     use super::*;
     use fledge_core::contract::ResponseClass;
 
+    #[derive(Debug)]
+    enum TrafficData {
+        Index(TrafficIndex),
+        Other(&'static str),
+    }
+
+    /// A successful answer with `data`, read whole; read in 1-byte pieces and cut at a few
+    /// places, it gives the same index or error.
     fn parse(data: &str) -> Result<TrafficData, String> {
-        serde_json::from_str::<TrafficData>(data).map_err(|e| e.to_string())
+        let body = format!(r#"{{"status":"success","data":{data}}}"#);
+        let read = |cuts: &[usize]| -> Result<TrafficData, String> {
+            match read_in_pieces(body.as_bytes(), cuts, TrafficIndexer::default(), 200) {
+                Ok(AnswerData::Vector(indexer)) => Ok(TrafficData::Index(indexer.finish())),
+                Ok(other) => Ok(TrafficData::Other(other.type_name())),
+                Err(error) => Err(error.to_string()),
+            }
+        };
+        let whole = read(&[]);
+        let bytes: Vec<usize> = (1..body.len()).collect();
+        let thirds = [body.len() / 3, 2 * body.len() / 3];
+        for cuts in [&bytes[..], &thirds[..], &[body.len() / 2]] {
+            assert_eq!(
+                render(&read(cuts)),
+                render(&whole),
+                "{body} cut at {cuts:?}"
+            );
+        }
+        whole
+    }
+
+    /// An outcome in a stable order, to compare.
+    fn render(outcome: &Result<TrafficData, String>) -> String {
+        let Ok(TrafficData::Index(index)) = outcome else {
+            return format!("{outcome:?}");
+        };
+        let mut origins: Vec<String> = index
+            .by_service
+            .iter()
+            .flat_map(|(service, origins)| {
+                origins
+                    .iter()
+                    .map(move |origin| format!("{service}: {origin:?}"))
+            })
+            .collect();
+        origins.sort();
+        origins.join("\n")
     }
 
     fn index(data: &str) -> TrafficIndex {
@@ -562,8 +417,29 @@ mod tests {
                 r#"{"result": [{"metric": 3}], "resultType": "vector"}"#,
                 "invalid type",
             ),
-            (r#"{"resultType": "vector", "result": ["#, "EOF"),
-            (r#"[]"#, "invalid type"),
+            (
+                r#"{"resultType": "vector", "result": ["#,
+                "expected sample 1",
+            ),
+            (
+                r#"{"resultType": "vector", "result": [{} {}]}"#,
+                "expected `,` or `]`",
+            ),
+            (
+                r#"{"resultType": "vector", "result": [,]}"#,
+                "expected sample 1",
+            ),
+            (
+                r#"{"resultType": "vector", "result": [{}, ]}"#,
+                "expected sample 2",
+            ),
+            (
+                r#"{"resultType": "vector", "result": [{}"#,
+                "after sample 1",
+            ),
+            (r#"{"resultType": "vector", "result": []"#, "EOF"),
+            (r#"[]"#, "not a Prometheus API answer"),
+            (r#"3"#, "invalid type"),
         ] {
             let error = parse(data).unwrap_err();
             assert!(error.contains(problem), "{data}: {error}");
