@@ -93,7 +93,7 @@ pub(super) struct AnswerReader<S> {
     samples: S,
     /// The start of the body, for messages.
     head: Vec<u8>,
-    /// Why the body is not an API answer, once known (nothing more is read).
+    /// Why the body is not an API answer, once known (no more samples are read).
     failed: Option<String>,
 }
 
@@ -134,43 +134,18 @@ impl<S: Samples> AnswerReader<S> {
             Some(problem) => Err(problem),
             None => self.parse_rest(),
         };
+        let (api, data) = parsed.map_err(|problem| self.not_an_answer(query, status, &problem))?;
         let promql = excerpt(query.promql);
-        let (address, what) = (query.address, query.what);
-        // Prometheus answers API errors (bad query: 400, execution error: 422, timeout: 503)
-        // with a JSON body; anything else that is not 2xx comes from somewhere else (a proxy, a
-        // wrong address) and says nothing about the query.
-        let (api, data) = match parsed {
-            Ok(parsed) => parsed,
-            Err(_) if !status.is_success() => {
-                return Err(ObservationError::Unreachable(format!(
-                    "Prometheus {address}: {what}: HTTP {status} from {QUERY_PATH}: {}",
-                    self.excerpt()
-                )))
-            }
-            Err(problem) => {
-                return Err(ObservationError::Malformed(format!(
-                    "Prometheus {address}: {what}: not a Prometheus API answer ({problem}): {}; query: {promql}",
-                    self.excerpt()
-                )))
-            }
-        };
         for warning in &api.warnings {
-            tracing::warn!(prometheus = %address, query = %promql, %warning, "Prometheus warning");
+            tracing::warn!(prometheus = %query.address, query = %promql, %warning, "Prometheus warning");
         }
         if api.status != "success" {
-            let error_type = api.error_type.unwrap_or_else(|| "unknown".to_string());
-            let message = format!(
-                "Prometheus {address}: {what} failed: {error_type}: {}; query: {promql}",
-                api.error.unwrap_or_else(|| "no error message".to_string())
-            );
-            return Err(match error_type.as_str() {
-                "timeout" | "canceled" | "unavailable" => ObservationError::Unreachable(message),
-                _ => ObservationError::Malformed(message),
-            });
+            return Err(api_error(api, query));
         }
         let data = data.ok_or_else(|| {
             ObservationError::Malformed(format!(
-                "Prometheus {address}: {what}: answer has no data; query: {promql}"
+                "Prometheus {}: {}: answer has no data; query: {promql}",
+                query.address, query.what
             ))
         })?;
         Ok(match data {
@@ -178,6 +153,29 @@ impl<S: Samples> AnswerReader<S> {
             Settled::Scalar(value) => AnswerData::Scalar(value),
             Settled::Other(kind) => AnswerData::Other(kind),
         })
+    }
+
+    /// A body that is no API answer: Prometheus answers API errors (bad query: 400, execution
+    /// error: 422, timeout: 503) with a JSON body, so anything else that is not 2xx comes from
+    /// somewhere else (a proxy, a wrong address) and says nothing about the query.
+    fn not_an_answer(
+        &self,
+        query: &QueryContext<'_>,
+        status: reqwest::StatusCode,
+        problem: &str,
+    ) -> ObservationError {
+        let (address, what) = (query.address, query.what);
+        if !status.is_success() {
+            return ObservationError::Unreachable(format!(
+                "Prometheus {address}: {what}: HTTP {status} from {QUERY_PATH}: {}",
+                self.excerpt()
+            ));
+        }
+        ObservationError::Malformed(format!(
+            "Prometheus {address}: {what}: not a Prometheus API answer ({problem}): {}; query: {}",
+            self.excerpt(),
+            excerpt(query.promql)
+        ))
     }
 
     /// The rest of the answer parsed, and its data settled: a vector whose samples were kept in
@@ -216,6 +214,23 @@ impl<S: Samples> AnswerReader<S> {
             .collect::<String>()
             .trim()
             .to_string()
+    }
+}
+
+/// The error an answer reports: one Prometheus could not finish in time says nothing about the
+/// query (`Unreachable`); any other is the query's (`Malformed`).
+fn api_error(api: ApiResponse, query: &QueryContext<'_>) -> ObservationError {
+    let error_type = api.error_type.unwrap_or_else(|| "unknown".to_string());
+    let message = format!(
+        "Prometheus {}: {} failed: {error_type}: {}; query: {}",
+        query.address,
+        query.what,
+        api.error.unwrap_or_else(|| "no error message".to_string()),
+        excerpt(query.promql)
+    );
+    match error_type.as_str() {
+        "timeout" | "canceled" | "unavailable" => ObservationError::Unreachable(message),
+        _ => ObservationError::Malformed(message),
     }
 }
 
