@@ -66,6 +66,7 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p fledge-filter --target $(WASM_TARGET) -- -D warnings
 	$(CARGO) clippy -p fledge-observer --target $(WASM_TARGET) -- -D warnings
+	$(CARGO) clippy -p fledge-empty-filter -p fledge-floor-filter -p fledge-floor-tagging-filter --target $(WASM_TARGET) -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all
@@ -115,7 +116,7 @@ e2e: setup-browser
 .PHONY: bench-filter
 bench-filter: build-filter
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; } || { echo "wrk is needed: apt-get install -y wrk"; exit 1; }
-	$(CARGO) build -p fledge-empty-filter -p fledge-floor-filter --target $(WASM_TARGET) --release
+	$(CARGO) build -p fledge-empty-filter -p fledge-floor-filter -p fledge-floor-tagging-filter --target $(WASM_TARGET) --release
 	# Optimized load client without LTO (quicker to build; LTO does not change its speed).
 	CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 $(CARGO) build -p fledge-e2e --release --bin fledge-bench-filter
 	# nice -n -10 where allowed (root): other work on a shared machine then preempts the measured

@@ -16,7 +16,12 @@
 //!   the two clusters' names;
 //! - `tagging`: the full module (`fledge_filter.wasm`) with `responseHeader`, `sticky` and
 //!   `forceCanary` (the bench sends a sticky key on every request);
-//! - `guard`: the full module with a data-plane guard configured.
+//! - `guard`: the full module with a data-plane guard configured;
+//! - `floor-tagging`, `floor-guard`: `fledge-floor-tagging-filter` (the floor's source with its
+//!   header callbacks) making the four reads plus exactly the hostcalls the `tagging` and `guard`
+//!   configurations ask of Envoy (sticky key read, route header write, absent header lookups, a
+//!   response header write): what any proxy-wasm filter doing that work pays here. When a floor
+//!   misses its configuration's target too, the verdict says so.
 //!
 //! The measure is Envoy's **CPU time per request**: utime + stime of the measured Envoy process
 //! (`/proc/<pid>/stat`) across a measurement ÷ the requests it served meanwhile (closed loop,
@@ -82,7 +87,8 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     threads: u32,
     /// Only these built-in variants (comma-separated: none, cluster-stats, empty, floor,
-    /// observer, tagging, guard); `empty` is always kept (the ratios need it).
+    /// observer, tagging, guard, floor-tagging, floor-guard); `empty` is always kept (the
+    /// ratios need it).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// More variants measured alongside, as NAME=JSON (the full module with that
@@ -128,6 +134,28 @@ fn target_vs_empty(name: &str) -> Option<f64> {
 const TARGET_ADDED_P99_MICROS: f64 = 50.0;
 const TARGET_WASM_KIB: f64 = 300.0;
 
+/// The floor variant measured for a Fledge variant's configuration: the same hostcalls with
+/// nothing else (see [`floor_variants`]).
+fn floor_of(name: &str) -> Option<&'static str> {
+    match name {
+        "observer" => Some("floor"),
+        "tagging" => Some("floor-tagging"),
+        "guard" => Some("floor-guard"),
+        _ => None,
+    }
+}
+
+/// The verdict's note when the floor of the variant's hostcalls also misses the target: then
+/// no proxy-wasm filter doing that work met it in this run.
+fn out_of_reach(value: f64, target: f64, floor_vs_empty: Option<f64>) -> String {
+    match floor_vs_empty {
+        Some(floor) if value < target && floor < target => format!(
+            " (its floor, the same hostcalls and nothing else, measured {floor:.3}: also below the target)"
+        ),
+        _ => String::new(),
+    }
+}
+
 /// One Envoy under test.
 struct Variant {
     name: String,
@@ -155,7 +183,54 @@ fn clusters_config() -> serde_json::Value {
     })
 }
 
-fn builtin_variants(full: &Path, observer: &Path, empty: &Path, floor: &Path) -> Vec<Variant> {
+/// Where the wasm files of a run are.
+struct Modules {
+    full: PathBuf,
+    observer: PathBuf,
+    empty: PathBuf,
+    floor: PathBuf,
+    floor_tagging: PathBuf,
+}
+
+/// The floor's four reads, as its configuration lists them (an empty configuration means the
+/// same four).
+const FLOOR_READS: &str = "xds.cluster_name,response.code,response.code_details,request.duration";
+
+/// `floor-tagging` and `floor-guard`: the floor's reads plus the hostcalls the `tagging` and
+/// `guard` configurations make per request on the bench's traffic (the requests carry the
+/// sticky key and none of the forced-canary, guard or route headers).
+fn floor_variants(floor_tagging: &Path) -> Vec<Variant> {
+    let variant = |name: &str, work: &str, about: &str| Variant {
+        name: name.into(),
+        about: about.into(),
+        filter: Some(WasmFilter {
+            wasm: floor_tagging.to_path_buf(),
+            plugin_config: format!("{FLOOR_READS},{work}"),
+        }),
+        fledge_metrics: false,
+    };
+    vec![
+        variant(
+            "floor-tagging",
+            "req:x-fledge-canary,sticky,resp-set",
+            "the 4 reads + tagging's hostcalls: forced-canary lookup, sticky key read, route header write, response header write",
+        ),
+        variant(
+            "floor-guard",
+            "req:x-fledge-guard,req:x-fledge-route",
+            "the 4 reads + the guard's hostcalls: header callbacks, guard and route header lookups",
+        ),
+    ]
+}
+
+fn builtin_variants(modules: &Modules) -> Vec<Variant> {
+    let Modules {
+        full,
+        observer,
+        empty,
+        floor,
+        ..
+    } = modules;
     let tagging = json!({
         "clusters": clusters_config(),
         "sticky": {"header": USER_HEADER},
@@ -172,7 +247,7 @@ fn builtin_variants(full: &Path, observer: &Path, empty: &Path, floor: &Path) ->
             plugin_config: config,
         })
     };
-    vec![
+    let mut variants = vec![
         Variant {
             name: "none".into(),
             about: "no filter".into(),
@@ -215,7 +290,9 @@ fn builtin_variants(full: &Path, observer: &Path, empty: &Path, floor: &Path) ->
             filter: filter(full, guard.to_string()),
             fledge_metrics: true,
         },
-    ]
+    ];
+    variants.extend(floor_variants(&modules.floor_tagging));
+    variants
 }
 
 /// `filter/floor` variants for `--reads`: (name, the reads its configuration lists, what).
@@ -316,10 +393,16 @@ fn main() -> Result<()> {
     let args = Args::parse();
     fledge_e2e::init_tracing();
     let full = paths::filter_wasm()?;
-    let observer = full.with_file_name("fledge_observer.wasm");
-    let empty = full.with_file_name("fledge_empty_filter.wasm");
-    let floor = full.with_file_name("fledge_floor_filter.wasm");
-    let mut variants: Vec<Variant> = builtin_variants(&full, &observer, &empty, &floor)
+    let modules = Modules {
+        observer: full.with_file_name("fledge_observer.wasm"),
+        empty: full.with_file_name("fledge_empty_filter.wasm"),
+        floor: full.with_file_name("fledge_floor_filter.wasm"),
+        floor_tagging: full.with_file_name("fledge_floor_tagging_filter.wasm"),
+        full,
+    };
+    let floor = modules.floor.clone();
+    let full = modules.full.clone();
+    let mut variants: Vec<Variant> = builtin_variants(&modules)
         .into_iter()
         .filter(|v| args.only.is_empty() || v.name == "empty" || args.only.contains(&v.name))
         .collect();
@@ -342,7 +425,7 @@ fn main() -> Result<()> {
         if let Some(filter) = &variant.filter {
             ensure!(
                 filter.wasm.is_file(),
-                "{} missing; run make build-filter and cargo build -p fledge-empty-filter -p fledge-floor-filter --target wasm32-wasip1 --release",
+                "{} missing; run make build-filter and cargo build -p fledge-empty-filter -p fledge-floor-filter -p fledge-floor-tagging-filter --target wasm32-wasip1 --release",
                 filter.wasm.display()
             );
         }
@@ -504,6 +587,12 @@ fn main() -> Result<()> {
         "req/s",
         format!("p50/p99 µs at {rate}/s")
     );
+    // A Fledge variant's floor ÷ empty (median), when its floor ran.
+    let floor_vs_empty = |name: &str| -> Option<f64> {
+        let floor = floor_of(name)?;
+        let index = running.iter().position(|r| r.variant.name == floor)?;
+        Some(median(&vs_empty(index)))
+    };
     let mut verdicts = Vec::new();
     for (i, r) in running.iter().enumerate() {
         let vs_empty = vs_empty(i);
@@ -542,10 +631,12 @@ fn main() -> Result<()> {
         );
         if let Some(target) = target {
             let value = median(&vs_empty);
+            let floor = floor_vs_empty(&r.variant.name);
             verdicts.push(format!(
-                "{} ÷ empty = {value:.3} (target >= {target}): {}",
+                "{} ÷ empty = {value:.3} (target >= {target}): {}{}",
                 r.variant.name,
-                if value >= target { "met" } else { "MISSED" }
+                if value >= target { "met" } else { "MISSED" },
+                out_of_reach(value, target, floor),
             ));
         }
     }
@@ -563,27 +654,34 @@ fn main() -> Result<()> {
             ));
         }
     }
-    // Each Fledge module against the floor of its reads, per round (both against the same
-    // round's empty filter): how much of the gap to the empty filter is the module's own.
-    if let Some(floor) = running.iter().position(|r| r.variant.name == "floor") {
-        for (i, r) in running.iter().enumerate() {
-            if !r.variant.fledge_metrics {
-                continue;
-            }
-            let vs_floor: Vec<f64> = vs_empty(i)
-                .iter()
-                .zip(vs_empty(floor))
-                .map(|(v, f)| v / f)
-                .collect();
-            verdicts.push(format!(
-                "{} ÷ floor = {:.3} [{:.3}..{:.3}] (floor ÷ empty = {:.3}: the reads every metrics filter makes)",
-                r.variant.name,
-                median(&vs_floor),
-                min(&vs_floor),
-                max(&vs_floor),
-                median(&vs_empty(floor)),
-            ));
-        }
+    // Each Fledge module against the floor of its configuration's hostcalls, per round (both
+    // against the same round's empty filter): how much of the gap to the empty filter is the
+    // module's own, and how much any proxy-wasm filter doing the same work pays here.
+    for (i, r) in running.iter().enumerate() {
+        let Some(floor_name) = floor_of(&r.variant.name) else {
+            continue;
+        };
+        let Some(floor) = index_of(floor_name) else {
+            continue;
+        };
+        let vs_floor: Vec<f64> = vs_empty(i)
+            .iter()
+            .zip(vs_empty(floor))
+            .map(|(v, f)| v / f)
+            .collect();
+        verdicts.push(format!(
+            "{} ÷ {floor_name} = {:.3} [{:.3}..{:.3}] ({floor_name} ÷ empty = {:.3}: {})",
+            r.variant.name,
+            median(&vs_floor),
+            min(&vs_floor),
+            max(&vs_floor),
+            median(&vs_empty(floor)),
+            if floor_name == "floor" {
+                "the reads every metrics filter makes"
+            } else {
+                "what any proxy-wasm filter making this configuration's hostcalls pays here"
+            },
+        ));
     }
     if !args.no_latency {
         // The same Envoy measured a few seconds apart differs this much: a difference below it
@@ -1089,6 +1187,45 @@ mod tests {
         assert_eq!(latency_verdict(20.0, 30.0), "met");
         assert_eq!(latency_verdict(80.0, 30.0), "MISSED");
         assert!(latency_verdict(-4000.0, 9000.0).starts_with("NOT MEASURABLE"));
+    }
+
+    #[test]
+    fn a_target_above_its_floor_is_called_out_of_reach() {
+        assert!(out_of_reach(0.84, 0.93, Some(0.87)).contains("measured 0.870"));
+        // The floor reaches the target: the module's own cost is the gap, no excuse printed.
+        assert_eq!(out_of_reach(0.90, 0.93, Some(0.95)), "");
+        assert_eq!(out_of_reach(0.95, 0.93, Some(0.87)), "");
+        assert_eq!(out_of_reach(0.84, 0.93, None), "");
+    }
+
+    #[test]
+    fn each_fledge_variant_has_a_floor_doing_its_hostcalls() {
+        let modules = Modules {
+            full: "/m/full.wasm".into(),
+            observer: "/m/observer.wasm".into(),
+            empty: "/m/empty.wasm".into(),
+            floor: "/m/floor.wasm".into(),
+            floor_tagging: "/m/floor-tagging.wasm".into(),
+        };
+        let variants = builtin_variants(&modules);
+        for variant in variants.iter().filter(|v| v.fledge_metrics) {
+            let floor = floor_of(&variant.name).expect("a floor");
+            let floor = variants.iter().find(|v| v.name == floor).expect("built in");
+            assert!(floor.filter.is_some() && !floor.fledge_metrics);
+        }
+        let config = |name: &str| {
+            let variant = variants.iter().find(|v| v.name == name).expect(name);
+            variant
+                .filter
+                .as_ref()
+                .expect("a filter")
+                .plugin_config
+                .clone()
+        };
+        // The floors make the metrics' four reads and the configuration's request work.
+        assert!(config("floor-tagging").starts_with(FLOOR_READS));
+        assert!(config("floor-tagging").contains("sticky"));
+        assert!(config("floor-guard").contains("req:x-fledge-guard"));
     }
 
     #[test]

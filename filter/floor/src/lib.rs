@@ -19,6 +19,15 @@
 //! with Envoy's `expr_create` and evaluated per request with `expr_evaluate` (one hostcall, one
 //! allocator entry). docs/filter-performance.md has what each costs; to compare:
 //!
+//! With the cargo feature `tagging`, the module also exports the request- and response-headers
+//! callbacks, and its configuration can add, next to the reads: `sticky` (read the `x-user-id`
+//! request header, hash it to a bucket and write it as `x-fledge-route`, which the bench's
+//! weighted route picks on: what sticky routing costs any proxy-wasm filter), `sticky-read` (the
+//! read alone), `req:NAME` (look a request header up by name; the bench's requests carry none of
+//! the forced-canary, guard or route headers, so these are the lookups that find nothing) and
+//! `resp-set` (write `x-fledge-subset: canary` into the response headers). Each callback returns
+//! at once when it has nothing to do. The package `fledge-floor-tagging-filter` is this build.
+//!
 //! ```sh
 //! cargo build -p fledge-floor-filter --features cel --target wasm32-wasip1 --release --target-dir /tmp/cel
 //! make bench-filter BENCH_ARGS="--only floor --variant cel@/tmp/cel/wasm32-wasip1/release/fledge_floor_filter.wasm="
@@ -65,6 +74,14 @@ mod wasm {
             return_id: *mut u32,
         ) -> u32;
         fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+        #[cfg(feature = "tagging")]
+        fn proxy_replace_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+        ) -> u32;
         fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
         #[cfg(feature = "cel")]
         fn proxy_call_foreign_function(
@@ -210,7 +227,7 @@ mod wasm {
         };
         let reads = config
             .split([',', ' '])
-            .filter(|token| !token.is_empty() && *token != "none")
+            .filter(|token| !token.is_empty() && *token != "none" && !is_header_phase(token))
             .map(|token| match token {
                 "now" => Read::Now,
                 _ => match token.strip_prefix("hdr:") {
@@ -220,6 +237,119 @@ mod wasm {
             })
             .collect();
         Some(reads)
+    }
+
+    /// Whether a configuration token is request- or response-phase work (the `tagging` build),
+    /// not a log-phase read.
+    #[cfg(not(feature = "cel"))]
+    fn is_header_phase(token: &str) -> bool {
+        matches!(token, "sticky" | "sticky-read" | "resp-set") || token.starts_with("req:")
+    }
+
+    /// What the `tagging` build does in the header callbacks (from the configuration).
+    #[cfg(feature = "tagging")]
+    #[derive(Default)]
+    struct Tagging {
+        /// Request headers looked up by name first (absent on the bench's requests, as the
+        /// forced-canary, guard and route headers are); values dropped.
+        lookups: Vec<String>,
+        sticky_read: bool,
+        sticky_write: bool,
+        response_set: bool,
+    }
+
+    #[cfg(feature = "tagging")]
+    thread_local! {
+        static TAGGING_WORK: RefCell<Tagging> = RefCell::new(Tagging::default());
+    }
+
+    #[cfg(feature = "tagging")]
+    fn parse_tagging(config: &str) -> Tagging {
+        let tokens = || config.split([',', ' ']);
+        let has = |name: &str| tokens().any(|token| token == name);
+        Tagging {
+            lookups: tokens()
+                .filter_map(|token| token.strip_prefix("req:").map(str::to_string))
+                .collect(),
+            sticky_read: has("sticky") || has("sticky-read"),
+            sticky_write: has("sticky"),
+            response_set: has("resp-set"),
+        }
+    }
+
+    /// FNV-1a of the key, to a bucket of 10000 (what the full module's sticky routing computes,
+    /// without its salt and finalizer).
+    #[cfg(feature = "tagging")]
+    fn bucket(key: &[u8]) -> u64 {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in key {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        hash % 10_000
+    }
+
+    #[cfg(feature = "tagging")]
+    fn request_header(name: &str) -> Option<Vec<u8>> {
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: `name` is live for the call; out-pointers are valid locals.
+        let status = unsafe {
+            proxy_get_header_map_value(0, name.as_ptr(), name.len(), &mut data, &mut size)
+        };
+        owned(status, data, size)
+    }
+
+    #[cfg(feature = "tagging")]
+    fn replace_header(map_type: u32, name: &str, value: &[u8]) {
+        // SAFETY: `name` and `value` are live for the call.
+        unsafe {
+            proxy_replace_header_map_value(
+                map_type,
+                name.as_ptr(),
+                name.len(),
+                value.as_ptr(),
+                value.len(),
+            );
+        }
+    }
+
+    #[cfg(feature = "tagging")]
+    #[no_mangle]
+    pub extern "C" fn proxy_on_request_headers(
+        _context_id: u32,
+        _headers: usize,
+        _end: bool,
+    ) -> u32 {
+        TAGGING_WORK.with(|work| {
+            let Ok(work) = work.try_borrow() else {
+                return;
+            };
+            for name in &work.lookups {
+                let _ = request_header(name);
+            }
+            if !work.sticky_read {
+                return;
+            }
+            if let (Some(key), true) = (request_header("x-user-id"), work.sticky_write) {
+                let digits = bucket(&key).to_string();
+                replace_header(0, "x-fledge-route", digits.as_bytes());
+            }
+        });
+        0
+    }
+
+    #[cfg(feature = "tagging")]
+    #[no_mangle]
+    pub extern "C" fn proxy_on_response_headers(
+        _context_id: u32,
+        _headers: usize,
+        _end: bool,
+    ) -> u32 {
+        let set = TAGGING_WORK.with(|work| work.try_borrow().is_ok_and(|work| work.response_set));
+        if set {
+            replace_header(2, "x-fledge-subset", b"canary");
+        }
+        0
     }
 
     #[cfg(not(feature = "cel"))]
@@ -382,9 +512,17 @@ mod wasm {
             TOKEN.set(token);
         }
         #[cfg(not(feature = "cel"))]
+        let configuration = plugin_configuration();
+        #[cfg(feature = "tagging")]
+        TAGGING_WORK.with(|work| {
+            if let Ok(mut work) = work.try_borrow_mut() {
+                *work = parse_tagging(&configuration);
+            }
+        });
+        #[cfg(not(feature = "cel"))]
         READS.with(|reads| {
             if let Ok(mut reads) = reads.try_borrow_mut() {
-                *reads = parse_reads(&plugin_configuration());
+                *reads = parse_reads(&configuration);
             }
         });
         // SAFETY: plain integer.
