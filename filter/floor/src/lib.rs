@@ -19,6 +19,11 @@
 //! with Envoy's `expr_create` and evaluated per request with `expr_evaluate` (one hostcall, one
 //! allocator entry). docs/filter-performance.md has what each costs; to compare:
 //!
+//! ```sh
+//! cargo build -p fledge-floor-filter --features cel --target wasm32-wasip1 --release --target-dir /tmp/cel
+//! make bench-filter BENCH_ARGS="--only floor --variant cel@/tmp/cel/wasm32-wasip1/release/fledge_floor_filter.wasm="
+//! ```
+//!
 //! With the cargo feature `tagging`, the module also exports the request- and response-headers
 //! callbacks, and its configuration can add, next to the reads: `sticky` (read the `x-user-id`
 //! request header, hash it to a bucket and write it as `x-fledge-route`, which the bench's
@@ -27,11 +32,6 @@
 //! the forced-canary, guard or route headers, so these are the lookups that find nothing) and
 //! `resp-set` (write `x-fledge-subset: canary` into the response headers). Each callback returns
 //! at once when it has nothing to do. The package `fledge-floor-tagging-filter` is this build.
-//!
-//! ```sh
-//! cargo build -p fledge-floor-filter --features cel --target wasm32-wasip1 --release --target-dir /tmp/cel
-//! make bench-filter BENCH_ARGS="--only floor --variant cel@/tmp/cel/wasm32-wasip1/release/fledge_floor_filter.wasm="
-//! ```
 
 #[cfg(target_arch = "wasm32")]
 // The proxy-wasm ABI: raw imports and `#[no_mangle]` exports, each with a SAFETY comment.
