@@ -400,17 +400,15 @@ fn main() -> Result<()> {
         floor_tagging: full.with_file_name("fledge_floor_tagging_filter.wasm"),
         full,
     };
-    let floor = modules.floor.clone();
-    let full = modules.full.clone();
     let mut variants: Vec<Variant> = builtin_variants(&modules)
         .into_iter()
         .filter(|v| args.only.is_empty() || v.name == "empty" || args.only.contains(&v.name))
         .collect();
     if args.reads {
-        variants.extend(read_ladder(&floor));
+        variants.extend(read_ladder(&modules.floor));
     }
     for spec in &args.variants {
-        variants.push(extra_variant(spec, &full)?);
+        variants.push(extra_variant(spec, &modules.full)?);
     }
     let names: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
     let pairs = pairs_to_compare(&args.paired, &variants)?;
@@ -587,12 +585,10 @@ fn main() -> Result<()> {
         "req/s",
         format!("p50/p99 µs at {rate}/s")
     );
+    let index_of = |name: &str| running.iter().position(|r| r.variant.name == name);
     // A Fledge variant's floor ÷ empty (median), when its floor ran.
-    let floor_vs_empty = |name: &str| -> Option<f64> {
-        let floor = floor_of(name)?;
-        let index = running.iter().position(|r| r.variant.name == floor)?;
-        Some(median(&vs_empty(index)))
-    };
+    let floor_vs_empty =
+        |name: &str| -> Option<f64> { Some(median(&vs_empty(index_of(floor_of(name)?)?))) };
     let mut verdicts = Vec::new();
     for (i, r) in running.iter().enumerate() {
         let vs_empty = vs_empty(i);
@@ -644,7 +640,6 @@ fn main() -> Result<()> {
         let names: Vec<&str> = running.iter().map(|r| r.variant.name.as_str()).collect();
         verdicts.extend(read_costs(&names, |i| median(&added_us(i))));
     }
-    let index_of = |name: &str| running.iter().position(|r| r.variant.name == name);
     for (a, b) in &pairs {
         if let (Some(ia), Some(ib)) = (index_of(a), index_of(b)) {
             let diff = Paired::of(&added_us(ia), &added_us(ib));
