@@ -117,6 +117,11 @@ pub struct EnvoyOptions {
     /// `weighted_clusters.header_name` of `primary`: the pick is `header value mod total weight`
     /// (sticky canaries). `None`: random picks.
     pub weighted_header_name: Option<String>,
+    /// Sticky users without the filter: `primary` picks from Envoy's hash of a request header.
+    pub native_sticky: Option<NativeSticky>,
+    /// Every route to one cluster (and each of `primary`'s weighted clusters) adds this response
+    /// header naming its subset, without the filter.
+    pub native_subset_header: Option<String>,
     /// More static clusters (raw Envoy JSON), e.g. one with endpoint metadata.
     pub extra_clusters: Vec<Value>,
     /// `stats_config.histogram_bucket_settings` entries (raw Envoy JSON).
@@ -142,6 +147,8 @@ impl EnvoyOptions {
             work_dir: None,
             routes_before_primary: Vec::new(),
             weighted_header_name: None,
+            native_sticky: None,
+            native_subset_header: None,
             extra_clusters: Vec::new(),
             histogram_bucket_settings: Vec::new(),
             http_filters_before_wasm: Vec::new(),
@@ -176,6 +183,22 @@ impl EnvoyOptions {
     /// Make `primary`'s weighted pick deterministic from `header` (sticky canaries).
     pub fn with_weighted_header_name(mut self, header: &str) -> EnvoyOptions {
         self.weighted_header_name = Some(header.to_string());
+        self
+    }
+
+    /// Make `primary`'s weighted pick Envoy's own hash of the request header `header`, salted
+    /// (sticky canaries without the filter; see [`NativeSticky`]).
+    pub fn with_native_sticky(mut self, header: &str, salt: &str) -> EnvoyOptions {
+        self.native_sticky = Some(NativeSticky {
+            header: header.to_string(),
+            salt: salt.to_string(),
+        });
+        self
+    }
+
+    /// Have the routes add `header: <subset>` to their responses (no filter needed).
+    pub fn with_native_subset_header(mut self, header: &str) -> EnvoyOptions {
+        self.native_subset_header = Some(header.to_string());
         self
     }
 
@@ -214,6 +237,8 @@ impl EnvoyOptions {
         RouteShape {
             routes_before_primary: self.routes_before_primary.clone(),
             weighted_header_name: self.weighted_header_name.clone(),
+            native_sticky: self.native_sticky.clone(),
+            native_subset_header: self.native_subset_header.clone(),
         }
     }
 
@@ -233,6 +258,49 @@ impl EnvoyOptions {
 pub struct RouteShape {
     pub routes_before_primary: Vec<Value>,
     pub weighted_header_name: Option<String>,
+    pub native_sticky: Option<NativeSticky>,
+    pub native_subset_header: Option<String>,
+}
+
+/// Envoy's own sticky pick: the route's `hash_policy` hashes the request header (its value
+/// prefixed with `salt` by `regex_rewrite`) and `weighted_clusters.use_hash_policy` picks
+/// `hash mod total weight` in list order, as `header_name` does with the filter's bucket.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NativeSticky {
+    pub header: String,
+    pub salt: String,
+}
+
+impl NativeSticky {
+    /// The route's `hash_policy` entry (no rewrite without a salt).
+    pub fn hash_policy(&self) -> Value {
+        let mut header = json!({"header_name": self.header});
+        if !self.salt.is_empty() {
+            header["regex_rewrite"] = json!({
+                "pattern": {"regex": "^(.*)$"},
+                "substitution": format!("{}\\1", self.salt),
+            });
+        }
+        json!({"header": header})
+    }
+}
+
+/// The subset Fledge's e2e clusters serve.
+fn subset_of(cluster: &str) -> Option<&'static str> {
+    match cluster {
+        STABLE_CLUSTER => Some("stable"),
+        CANARY_CLUSTER => Some("canary"),
+        _ => None,
+    }
+}
+
+/// `response_headers_to_add` naming `cluster`'s subset, replacing what the upstream sent.
+fn subset_header_to_add(header: &str, cluster: &str) -> Option<Value> {
+    let subset = subset_of(cluster)?;
+    Some(json!([{
+        "header": {"key": header, "value": subset},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    }]))
 }
 
 /// A running Envoy; stopped on drop.
@@ -475,18 +543,42 @@ pub fn route_configuration(weights: RouteWeights) -> Value {
 /// The route configuration resource for `weights`, with `shape`'s extra routes before `primary`
 /// and its `header_name` on `primary`'s weighted clusters.
 pub fn route_configuration_with(shape: &RouteShape, weights: RouteWeights) -> Value {
-    let mut weighted = json!({"clusters": [
-        {"name": STABLE_CLUSTER, "weight": weights.stable},
-        {"name": CANARY_CLUSTER, "weight": weights.canary},
-    ]});
+    let mut clusters = [
+        json!({"name": STABLE_CLUSTER, "weight": weights.stable}),
+        json!({"name": CANARY_CLUSTER, "weight": weights.canary}),
+    ];
+    let mut routes = shape.routes_before_primary.clone();
+    if let Some(header) = &shape.native_subset_header {
+        for cluster in &mut clusters {
+            let name = cluster["name"].as_str().unwrap_or_default().to_string();
+            if let Some(add) = subset_header_to_add(header, &name) {
+                cluster["response_headers_to_add"] = add;
+            }
+        }
+        for route in &mut routes {
+            let name = route["route"]["cluster"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if let Some(add) = subset_header_to_add(header, &name) {
+                route["response_headers_to_add"] = add;
+            }
+        }
+    }
+    let mut weighted = json!({"clusters": clusters});
     if let Some(header) = &shape.weighted_header_name {
         weighted["header_name"] = json!(header);
     }
-    let mut routes = shape.routes_before_primary.clone();
+    let mut action = json!({});
+    if let Some(sticky) = &shape.native_sticky {
+        weighted["use_hash_policy"] = json!(true);
+        action["hash_policy"] = json!([sticky.hash_policy()]);
+    }
+    action["weighted_clusters"] = weighted;
     routes.push(json!({
         "name": ROUTE_NAME,
         "match": {"prefix": "/"},
-        "route": {"weighted_clusters": weighted}
+        "route": action
     }));
     json!({
         "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",

@@ -344,7 +344,7 @@ impl MeshSync {
                             version += 1;
                             let shape = RouteShape {
                                 routes_before_primary: state.1.clone(),
-                                weighted_header_name: None,
+                                ..RouteShape::default()
                             };
                             match write_rds_file_with(&rds_path, &shape, state.0, version) {
                                 Ok(()) => {

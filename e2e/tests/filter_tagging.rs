@@ -444,3 +444,135 @@ fn subsets_by(module: FilterModule, wasm: &Path) -> Result<()> {
     ensure!(!series("fledge_request_duration_ms_sum").is_empty());
     Ok(())
 }
+
+/// Sticky users and the subset response header done by Envoy's route, with the filter left to
+/// what needs code (metrics and the forced-canary token): the lean way to tag on Envoy.
+#[test]
+fn sticky_users_and_subset_header_from_the_route_alone() -> Result<()> {
+    init_tracing();
+    let Some(wasm) = filter_wasm_or_skip("native sticky users")? else {
+        return Ok(());
+    };
+    let (stable, canary) = (RawUpstream::start("v1")?, RawUpstream::start("v2")?);
+    let native = |salt: &str, subset_header: &str| {
+        let config =
+            json!({"clusters": clusters(), "forceCanary": {"header": "stage", "secret": SECRET}});
+        EnvoyOptions::new(stable.port(), canary.port())
+            .with_filter(filter(&wasm, config))
+            .with_header_route_to_canary(
+                contract::DEFAULT_ROUTE_HEADER,
+                contract::FORCED_CANARY_ROUTE_VALUE,
+            )
+            .with_native_sticky("x-user-id", salt)
+            .with_native_subset_header(subset_header)
+    };
+    let envoy = Envoy::start(native("rollout-1:", "x-fledge-subset"))?;
+    let url = envoy.listener_url();
+    const USERS: usize = 400;
+    let mut on_canary = vec![Vec::new(); USERS];
+    for weight in [10u32, 30, 60] {
+        envoy.apply_route_weights(RouteWeights::canary_percent(weight))?;
+        let canary_users = ask_every_user(&url, &mut on_canary, "x-fledge-subset")?;
+        let share = canary_users as f64 / USERS as f64;
+        eprintln!(
+            "native sticky, weight {weight}%: {canary_users}/{USERS} users on canary ({:.1}%)",
+            100.0 * share
+        );
+        ensure!(
+            (share - f64::from(weight) / 100.0).abs() <= 0.07,
+            "canary share {share:.3} at weight {weight}%"
+        );
+        let before: Vec<bool> = on_canary.iter().map(|h| h.last() == Some(&true)).collect();
+        ask_every_user(&url, &mut on_canary, "x-fledge-subset")?;
+        let flipped = on_canary
+            .iter()
+            .zip(&before)
+            .filter(|(history, was)| history.last() != Some(*was))
+            .count();
+        ensure!(flipped == 0, "{flipped} users flipped within one weight");
+    }
+    let went_back = on_canary
+        .iter()
+        .filter(|steps| steps.windows(2).any(|w| w[0] && !w[1]))
+        .count();
+    let moved_forward = on_canary
+        .iter()
+        .filter(|steps| steps.windows(2).any(|w| !w[0] && w[1]))
+        .count();
+    eprintln!(
+        "native sticky: users moved stable→canary: {moved_forward}; canary→stable: {went_back}"
+    );
+    ensure!(went_back == 0 && moved_forward > 0);
+
+    // Requests without a key keep random picks (about 60% canary).
+    let mut canary_count = 0;
+    for _ in 0..200 {
+        canary_count += usize::from(get(&url, &[])?.version() == "v2");
+    }
+    ensure!(
+        (90..=150).contains(&canary_count),
+        "anonymous canary picks {canary_count}/200"
+    );
+    // The forced route carries the header too, and a valid token still wins at any weight.
+    envoy.apply_route_weights(RouteWeights::ALL_STABLE)?;
+    let valid = token(unix_now() + 600)?;
+    let reply = get(
+        &url,
+        &[("stage", valid.as_bytes()), ("x-user-id", b"user-1")],
+    )?;
+    ensure!(
+        reply.version() == "v2" && reply.header("x-fledge-subset") == Some("canary"),
+        "forced canary: {reply:?}"
+    );
+    envoy.stop();
+
+    // Another salt picks other users first; the header replaces the upstream's own value.
+    let envoy = Envoy::start(native("rollout-2:", "x-version"))?;
+    envoy.apply_route_weights(RouteWeights::canary_percent(30))?;
+    let mut salted = vec![Vec::new(); USERS];
+    ask_every_user(&envoy.listener_url(), &mut salted, "x-version")?;
+    let both = on_canary
+        .iter()
+        .zip(&salted)
+        .filter(|(a, b)| a.get(2) == Some(&true) && b.first() == Some(&true))
+        .count();
+    eprintln!("native sticky: users on canary at 30% under both salts: {both}");
+    ensure!(
+        both < 80,
+        "{both} users on canary at 30% under both salts: the salt does not change the pick"
+    );
+    envoy.stop();
+
+    // Envoy's own 503 for an unreachable canary names the subset as well.
+    let dead = fledge_e2e::process::free_port()?;
+    let mut options = native("rollout-1:", "x-fledge-subset");
+    options.canary_port = dead;
+    options.initial_weights = RouteWeights::canary_percent(100);
+    let envoy = Envoy::start(options)?;
+    let reply = get(&envoy.listener_url(), &[("x-user-id", b"user-1")])?;
+    ensure!(
+        reply.status == 503 && reply.header("x-fledge-subset") == Some("canary"),
+        "unreachable canary: {reply:?}"
+    );
+    Ok(())
+}
+
+/// Each user asks once; appends where they landed, checking the subset header agrees with the
+/// upstream that answered. Returns how many landed on the canary.
+fn ask_every_user(url: &str, on_canary: &mut [Vec<bool>], subset_header: &str) -> Result<usize> {
+    let mut canary_users = 0;
+    for (user, history) in on_canary.iter_mut().enumerate() {
+        let key = format!("user-{user}");
+        let reply = get(url, &[("x-user-id", key.as_bytes())])?;
+        ensure!(reply.status == 200, "{reply:?}");
+        let is_canary = reply.version() == "v2";
+        let tagged = if is_canary { "canary" } else { "stable" };
+        ensure!(
+            reply.header(subset_header) == Some(tagged),
+            "{subset_header} disagrees with the upstream: {reply:?}"
+        );
+        canary_users += usize::from(is_canary);
+        history.push(is_canary);
+    }
+    Ok(canary_users)
+}

@@ -385,10 +385,22 @@ fn string_match(matcher: &HeaderMatcher) -> Value {
     }
 }
 
+/// One of the weighted route's destinations as the only one of an inserted route: its
+/// `destination` and its own `headers` (e.g. a response header naming the subset), no weight.
+fn unweighted(route_destination: &Value) -> Value {
+    let mut copy = route_destination.as_object().cloned().unwrap_or_default();
+    copy.remove("weight");
+    Value::Object(copy)
+}
+
 /// A route Fledge inserts for the weighted route `route`: a copy of it (so rewrites, timeouts
 /// and retries match) whose every match also requires `header_route`'s conditions, sending
-/// everything to `destination`.
-fn desired_header_route(header_route: &HeaderRoute, route: &Value, destination: &Value) -> Value {
+/// everything to `route_destination` (a destination with its headers, no weight).
+fn desired_header_route(
+    header_route: &HeaderRoute,
+    route: &Value,
+    route_destination: &Value,
+) -> Value {
     let mut copy = route.as_object().cloned().unwrap_or_default();
     for owned_elsewhere in [
         "name",
@@ -425,7 +437,7 @@ fn desired_header_route(header_route: &HeaderRoute, route: &Value, destination: 
     };
     copy.insert("name".into(), json!(header_route.name));
     copy.insert("match".into(), Value::Array(matches));
-    copy.insert("route".into(), json!([{"destination": destination}]));
+    copy.insert("route".into(), json!([route_destination]));
     Value::Object(copy)
 }
 
@@ -515,16 +527,15 @@ pub fn plan_patch(
     }
 
     // Route insertions and removals shift indexes, so they come last.
-    let stable_destination = located.destinations[located.stable]
-        .get("destination")
-        .cloned()
-        .unwrap_or(Value::Null);
     plan_header_routes(
         vs,
         settings,
         desired,
         &located,
-        [&stable_destination, &canary_destination],
+        [
+            &unweighted(&located.destinations[located.stable]),
+            &unweighted(&located.destinations[located.canary]),
+        ],
         &mut ops,
     )?;
 
@@ -1043,6 +1054,32 @@ mod tests {
         let done = DesiredRoutes::weights_only(Weights::canary_percent(0));
         let ops = plan_patch(&after, &s, &done).unwrap().unwrap();
         assert_eq!(apply(&after, &ops), vs());
+    }
+
+    #[test]
+    fn inserted_routes_keep_their_destinations_own_headers() {
+        // A response header naming the subset, set per destination by the operator (the lean
+        // way to tag responses), must also be on the testers and guard routes.
+        let mut doc = vs();
+        for (i, subset) in [(0, "stable"), (1, "canary")] {
+            doc["spec"]["http"][1]["route"][i]["headers"] =
+                json!({"response": {"set": {"x-fledge-subset": subset}}});
+        }
+        let mut s = settings();
+        s.header_route = Some(HeaderRoute {
+            name: "testers".into(),
+            conditions: exact("stage", "canary"),
+        });
+        let ops = plan_patch(&doc, &s, &weights(0)).unwrap().unwrap();
+        let after = apply(&doc, &ops);
+        assert_eq!(
+            after["spec"]["http"][1]["route"],
+            json!([{
+                "destination": {"host": "app", "subset": "canary", "port": {"number": 80}},
+                "headers": {"response": {"set": {"x-fledge-subset": "canary"}}}
+            }])
+        );
+        assert_eq!(plan_patch(&after, &s, &weights(0)).unwrap(), None);
     }
 
     #[test]

@@ -87,7 +87,7 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     threads: u32,
     /// Only these built-in variants (comma-separated: none, cluster-stats, empty, floor,
-    /// observer, tagging, guard, floor-tagging, floor-guard); `empty` is always kept (the
+    /// observer, tagging, tagging-native, guard, floor-tagging, floor-tagging-native, floor-guard); `empty` is always kept (the
     /// ratios need it).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -127,7 +127,7 @@ const SECRET: &str = "bench-secret-0123456789abcdef";
 fn target_vs_empty(name: &str) -> Option<f64> {
     match name {
         "observer" => Some(0.97),
-        "tagging" | "guard" => Some(0.93),
+        "tagging" | "tagging-native" | "guard" => Some(0.93),
         _ => None,
     }
 }
@@ -140,6 +140,7 @@ fn floor_of(name: &str) -> Option<&'static str> {
     match name {
         "observer" => Some("floor"),
         "tagging" => Some("floor-tagging"),
+        "tagging-native" => Some("floor-tagging-native"),
         "guard" => Some("floor-guard"),
         _ => None,
     }
@@ -164,6 +165,8 @@ struct Variant {
     filter: Option<WasmFilter>,
     /// Whether it emits Fledge metrics (checked at the end).
     fledge_metrics: bool,
+    /// Whether Envoy's route does the sticky pick and the subset response header itself.
+    native_route: bool,
 }
 
 struct Running {
@@ -200,7 +203,7 @@ const FLOOR_READS: &str = "xds.cluster_name,response.code,response.code_details,
 /// `guard` configurations make per request on the bench's traffic (the requests carry the
 /// sticky key and none of the forced-canary, guard or route headers).
 fn floor_variants(floor_tagging: &Path) -> Vec<Variant> {
-    let variant = |name: &str, work: &str, about: &str| Variant {
+    let variant = |name: &str, work: &str, about: &str, native_route: bool| Variant {
         name: name.into(),
         about: about.into(),
         filter: Some(WasmFilter {
@@ -208,17 +211,26 @@ fn floor_variants(floor_tagging: &Path) -> Vec<Variant> {
             plugin_config: format!("{FLOOR_READS},{work}"),
         }),
         fledge_metrics: false,
+        native_route,
     };
     vec![
         variant(
             "floor-tagging",
             "req:x-fledge-canary,sticky,resp-set",
             "the 4 reads + tagging's hostcalls: forced-canary lookup, sticky key read, route header write, response header write",
+            false,
+        ),
+        variant(
+            "floor-tagging-native",
+            "req:x-fledge-stage,req:x-fledge-route",
+            "the 4 reads + tagging-native's hostcalls: forced-canary and route header lookups; the route does sticky and the header",
+            true,
         ),
         variant(
             "floor-guard",
             "req:x-fledge-guard,req:x-fledge-route",
             "the 4 reads + the guard's hostcalls: header callbacks, guard and route header lookups",
+            false,
         ),
     ]
 }
@@ -237,6 +249,12 @@ fn builtin_variants(modules: &Modules) -> Vec<Variant> {
         "responseHeader": "x-fledge-subset",
         "forceCanary": {"secret": SECRET},
     });
+    // Sticky users and the subset header from Envoy's route (`native_route`); the filter keeps
+    // what needs code: the metrics and the forced-canary token.
+    let tagging_native = json!({
+        "clusters": clusters_config(),
+        "forceCanary": {"secret": SECRET},
+    });
     let guard = json!({
         "clusters": clusters_config(),
         "guard": {"services": {"app": {}}},
@@ -253,42 +271,56 @@ fn builtin_variants(modules: &Modules) -> Vec<Variant> {
             about: "no filter".into(),
             filter: None,
             fledge_metrics: false,
+            native_route: false,
         },
         Variant {
             name: "cluster-stats".into(),
             about: "envoyClusterStats: no filter (a second identical Envoy)".into(),
             filter: None,
             fledge_metrics: false,
+            native_route: false,
         },
         Variant {
             name: "empty".into(),
             about: "empty Rust proxy-wasm SDK filter".into(),
             filter: filter(empty, String::new()),
             fledge_metrics: false,
+            native_route: false,
         },
         Variant {
             name: "floor".into(),
             about: "on_log + the 4 reads metrics need (cluster, code, details, duration)".into(),
             filter: filter(floor, String::new()),
             fledge_metrics: false,
+            native_route: false,
         },
         Variant {
             name: "observer".into(),
             about: "fledge_observer.wasm: metrics only".into(),
             filter: filter(observer, json!({"clusters": clusters_config()}).to_string()),
             fledge_metrics: true,
+            native_route: false,
         },
         Variant {
             name: "tagging".into(),
             about: "fledge_filter.wasm: responseHeader + sticky + forceCanary".into(),
             filter: filter(full, tagging.to_string()),
             fledge_metrics: true,
+            native_route: false,
+        },
+        Variant {
+            name: "tagging-native".into(),
+            about: "fledge_filter.wasm: forceCanary; the route: sticky (hash_policy) + the subset header".into(),
+            filter: filter(full, tagging_native.to_string()),
+            fledge_metrics: true,
+            native_route: true,
         },
         Variant {
             name: "guard".into(),
             about: "fledge_filter.wasm: guard configured".into(),
             filter: filter(full, guard.to_string()),
             fledge_metrics: true,
+            native_route: false,
         },
     ];
     variants.extend(floor_variants(&modules.floor_tagging));
@@ -328,6 +360,7 @@ fn read_ladder(floor: &Path) -> Vec<Variant> {
                 plugin_config: (*reads).to_string(),
             }),
             fledge_metrics: false,
+            native_route: false,
         })
         .collect()
 }
@@ -349,6 +382,7 @@ fn extra_variant(spec: &str, full: &Path) -> Result<Variant> {
             plugin_config: config.to_string(),
         }),
         fledge_metrics: false,
+        native_route: false,
     })
 }
 
@@ -767,14 +801,22 @@ fn read_costs(names: &[&str], added: impl Fn(usize) -> f64) -> Vec<String> {
 }
 
 fn start_envoy(variant: &Variant, upstream_port: u16, dir: &Path) -> Result<Envoy> {
-    // Identical routes everywhere (forced-canary route, sticky header_name, 90/10).
+    // The same forced-canary route and 90/10 everywhere; the sticky pick from the filter's
+    // bucket (`header_name`), or, for a native route, from Envoy's own hash of the user key,
+    // with the subset header added by the route.
     let mut options = EnvoyOptions::new(upstream_port, upstream_port)
         .with_header_route_to_canary(
             contract::DEFAULT_ROUTE_HEADER,
             contract::FORCED_CANARY_ROUTE_VALUE,
         )
-        .with_weighted_header_name(contract::DEFAULT_ROUTE_HEADER)
         .in_dir(&dir.join(&variant.name));
+    options = if variant.native_route {
+        options
+            .with_native_sticky(USER_HEADER, "bench:")
+            .with_native_subset_header("x-fledge-subset")
+    } else {
+        options.with_weighted_header_name(contract::DEFAULT_ROUTE_HEADER)
+    };
     options.initial_weights = RouteWeights::canary_percent(10);
     options.log_level = "warn".into();
     if let Some(filter) = &variant.filter {
@@ -1221,6 +1263,13 @@ mod tests {
         assert!(config("floor-tagging").starts_with(FLOOR_READS));
         assert!(config("floor-tagging").contains("sticky"));
         assert!(config("floor-guard").contains("req:x-fledge-guard"));
+        // A floor runs on its variant's route.
+        for variant in variants.iter().filter(|v| v.fledge_metrics) {
+            let floor = floor_of(&variant.name).expect("a floor");
+            let floor = variants.iter().find(|v| v.name == floor).expect("built in");
+            assert_eq!(floor.native_route, variant.native_route, "{}", variant.name);
+        }
+        assert!(!config("tagging-native").contains("sticky"));
     }
 
     #[test]
@@ -1263,6 +1312,7 @@ mod tests {
             about: String::new(),
             filter: None,
             fledge_metrics,
+            native_route: false,
         };
         let variants = [
             variant("empty", false),
