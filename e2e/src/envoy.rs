@@ -104,6 +104,10 @@ pub struct EnvoyOptions {
     pub canary_port: u16,
     /// The Fledge filter, or `None` for a plain proxy.
     pub filter: Option<WasmFilter>,
+    /// A second Fledge filter (the full module, for forced canaries) that Envoy runs only on the
+    /// routes of requests carrying the forced-canary or the route header; `filter` is turned off
+    /// there, so each request is counted once (see [`ForcedCanaryRoutes`]).
+    pub forced_canary: Option<ForcedCanaryRoutes>,
     /// Worker threads (`--concurrency`).
     pub concurrency: u32,
     pub initial_weights: RouteWeights,
@@ -141,6 +145,7 @@ impl EnvoyOptions {
             stable_port,
             canary_port,
             filter: None,
+            forced_canary: None,
             concurrency: 1,
             initial_weights: RouteWeights::ALL_STABLE,
             log_level: "info".into(),
@@ -173,7 +178,7 @@ impl EnvoyOptions {
     /// cluster (the filter's forced-canary route: `x-fledge-route: canary`).
     pub fn with_header_route_to_canary(mut self, header: &str, value: &str) -> EnvoyOptions {
         self.routes_before_primary.push(json!({
-            "name": "forced-canary",
+            "name": FORCED_CANARY_ROUTE_NAME,
             "match": {"prefix": "/", "headers": [{"name": header, "string_match": {"exact": value}}]},
             "route": {"cluster": CANARY_CLUSTER}
         }));
@@ -199,6 +204,16 @@ impl EnvoyOptions {
     /// Have the routes add `header: <subset>` to their responses (no filter needed).
     pub fn with_native_subset_header(mut self, header: &str) -> EnvoyOptions {
         self.native_subset_header = Some(header.to_string());
+        self
+    }
+
+    /// Run `filter` (the full module with `forceCanary`) only for requests carrying `header`
+    /// (the forced-canary token) or the route header; see [`ForcedCanaryRoutes`].
+    pub fn with_forced_canary_routes(mut self, filter: WasmFilter, header: &str) -> EnvoyOptions {
+        self.forced_canary = Some(ForcedCanaryRoutes {
+            filter,
+            header: header.to_string(),
+        });
         self
     }
 
@@ -239,6 +254,7 @@ impl EnvoyOptions {
             weighted_header_name: self.weighted_header_name.clone(),
             native_sticky: self.native_sticky.clone(),
             native_subset_header: self.native_subset_header.clone(),
+            forced_canary_header: self.forced_canary.as_ref().map(|f| f.header.clone()),
         }
     }
 
@@ -260,6 +276,59 @@ pub struct RouteShape {
     pub weighted_header_name: Option<String>,
     pub native_sticky: Option<NativeSticky>,
     pub native_subset_header: Option<String>,
+    /// The forced-canary header of [`ForcedCanaryRoutes`], when the forced-canary filter runs
+    /// only on its routes.
+    pub forced_canary_header: Option<String>,
+}
+
+/// Forced canaries without a request-phase hostcall on everyone else's requests.
+///
+/// Two Fledge filters: the main one (the observer) and, disabled by default
+/// (`HttpFilter.disabled`), the full module with `forceCanary`. Envoy picks a request's filters
+/// from the route it matches when the stream starts, so routes that match the token header or
+/// the route header, placed before all others, turn the full module on and the main filter off
+/// (`typed_per_filter_config`); every other request runs the main filter alone. The full module
+/// always removes both headers, which makes Envoy pick the route again: a valid token lands on
+/// the forced route (`x-fledge-route: canary`), anything else on the weighted route. The checking
+/// routes themselves send to stable, which only a failed filter would leave in place.
+#[derive(Debug, Clone)]
+pub struct ForcedCanaryRoutes {
+    pub filter: WasmFilter,
+    /// The header testers send their token in (`forceCanary.header`).
+    pub header: String,
+}
+
+/// The HCM filter names, which per-route configuration refers to.
+/// The route [`EnvoyOptions::with_header_route_to_canary`] adds.
+pub const FORCED_CANARY_ROUTE_NAME: &str = "forced-canary";
+pub const MAIN_FILTER_NAME: &str = "envoy.filters.http.wasm";
+pub const FORCED_CANARY_FILTER_NAME: &str = "fledge-forced-canary";
+
+/// `typed_per_filter_config` of a route where the forced-canary filter runs instead of the main
+/// one.
+fn forced_canary_filters_on() -> Value {
+    const FILTER_CONFIG: &str = "type.googleapis.com/envoy.config.route.v3.FilterConfig";
+    // An empty `config` turns on a filter that is disabled by default.
+    json!({
+        MAIN_FILTER_NAME: {"@type": FILTER_CONFIG, "disabled": true},
+        FORCED_CANARY_FILTER_NAME: {"@type": FILTER_CONFIG, "config": {}},
+    })
+}
+
+/// The routes placed first that hand a request carrying `header` or the route header to the
+/// forced-canary filter.
+fn forced_canary_check_routes(header: &str) -> Vec<Value> {
+    [header, contract::DEFAULT_ROUTE_HEADER]
+        .iter()
+        .map(|name| {
+            json!({
+                "name": format!("fledge-check-{name}"),
+                "match": {"prefix": "/", "headers": [{"name": name, "present_match": true}]},
+                "route": {"cluster": STABLE_CLUSTER},
+                "typed_per_filter_config": forced_canary_filters_on(),
+            })
+        })
+        .collect()
 }
 
 /// Envoy's own sticky pick: the route's `hash_policy` hashes the request header (its value
@@ -548,6 +617,15 @@ pub fn route_configuration_with(shape: &RouteShape, weights: RouteWeights) -> Va
         json!({"name": CANARY_CLUSTER, "weight": weights.canary}),
     ];
     let mut routes = shape.routes_before_primary.clone();
+    if let Some(header) = &shape.forced_canary_header {
+        for route in routes
+            .iter_mut()
+            .filter(|r| r["name"] == FORCED_CANARY_ROUTE_NAME)
+        {
+            route["typed_per_filter_config"] = forced_canary_filters_on();
+        }
+        routes.extend(forced_canary_check_routes(header));
+    }
     if let Some(header) = &shape.native_subset_header {
         for cluster in &mut clusters {
             let name = cluster["name"].as_str().unwrap_or_default().to_string();
@@ -734,13 +812,14 @@ fn static_cluster(name: &str, port: u16) -> Value {
     })
 }
 
-fn wasm_http_filter(filter: &WasmFilter) -> Value {
+/// The HCM entry `name` running `filter` in its own VM `vm_id`.
+fn wasm_http_filter(filter: &WasmFilter, name: &str, vm_id: &str) -> Value {
     json!({
-        "name": "envoy.filters.http.wasm",
+        "name": name,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
             "config": {
-                "name": "fledge",
+                "name": vm_id,
                 "root_id": "fledge",
                 "failure_policy": "FAIL_OPEN",
                 "configuration": {
@@ -748,7 +827,7 @@ fn wasm_http_filter(filter: &WasmFilter) -> Value {
                     "value": filter.plugin_config,
                 },
                 "vm_config": {
-                    "vm_id": "fledge",
+                    "vm_id": vm_id,
                     "runtime": "envoy.wasm.runtime.v8",
                     "code": {"local": {"filename": filter.wasm.display().to_string()}}
                 }
@@ -771,7 +850,16 @@ fn bootstrap_config(
         if !filter.wasm.is_file() {
             bail!("filter {} does not exist", filter.wasm.display());
         }
-        http_filters.push(wasm_http_filter(filter));
+        http_filters.push(wasm_http_filter(filter, MAIN_FILTER_NAME, "fledge"));
+    }
+    if let Some(forced) = &options.forced_canary {
+        let mut filter = wasm_http_filter(
+            &forced.filter,
+            FORCED_CANARY_FILTER_NAME,
+            FORCED_CANARY_FILTER_NAME,
+        );
+        filter["disabled"] = json!(true);
+        http_filters.push(filter);
     }
     http_filters.push(json!({
         "name": "envoy.filters.http.router",

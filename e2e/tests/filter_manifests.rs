@@ -1,12 +1,13 @@
-//! The plain-Envoy example in `manifests/filter/envoy.yaml` is accepted by a real Envoy with the
-//! built filter (`envoy --mode validate`: full config load, Wasm VM included, nothing bound).
+//! The plain-Envoy examples in `manifests/filter/` (`envoy.yaml`, and `envoy-lean.yaml` with its
+//! route-scoped token checker) are accepted by a real Envoy with the built modules (`envoy --mode
+//! validate`: full config load, Wasm VMs and routes included, nothing bound).
 
 use anyhow::{ensure, Context, Result};
 use fledge_e2e::paths;
 use std::process::Command;
 
 #[test]
-fn plain_envoy_example_validates_with_the_built_filter() -> Result<()> {
+fn plain_envoy_examples_validate_with_the_built_modules() -> Result<()> {
     let require = std::env::var("FLEDGE_REQUIRE_WASM").is_ok_and(|v| v == "1");
     let wasm = match paths::filter_wasm() {
         Ok(wasm) => wasm,
@@ -16,19 +17,29 @@ fn plain_envoy_example_validates_with_the_built_filter() -> Result<()> {
         }
         Err(error) => return Err(error),
     };
-    let example = paths::workspace_root().join("manifests/filter/envoy.yaml");
-    let text = std::fs::read_to_string(&example)
-        .with_context(|| format!("reading {}", example.display()))?;
-    ensure!(text.contains("/etc/fledge/fledge_filter.wasm"));
+    for example in ["envoy.yaml", "envoy-lean.yaml"] {
+        validate(example, &wasm)?;
+    }
+    Ok(())
+}
+
+fn validate(example: &str, full: &std::path::Path) -> Result<()> {
+    let path = paths::workspace_root()
+        .join("manifests/filter")
+        .join(example);
+    let mut text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    ensure!(text.contains("/etc/fledge/fledge_filter.wasm"), "{example}");
+    for module in ["fledge_filter.wasm", "fledge_observer.wasm"] {
+        let built = full.with_file_name(module);
+        text = text.replace(
+            &format!("/etc/fledge/{module}"),
+            &built.display().to_string(),
+        );
+    }
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("envoy.yaml");
-    std::fs::write(
-        &config,
-        text.replace(
-            "/etc/fledge/fledge_filter.wasm",
-            &wasm.display().to_string(),
-        ),
-    )?;
+    let config = dir.path().join(example);
+    std::fs::write(&config, text)?;
     let output = Command::new(paths::envoy_binary()?)
         .args([
             "--mode",
@@ -44,7 +55,7 @@ fn plain_envoy_example_validates_with_the_built_filter() -> Result<()> {
         + &String::from_utf8_lossy(&output.stdout);
     ensure!(
         output.status.success() && log.contains("OK"),
-        "envoy rejected the example:\n{log}"
+        "envoy rejected {example}:\n{log}"
     );
     Ok(())
 }

@@ -576,3 +576,110 @@ fn ask_every_user(url: &str, on_canary: &mut [Vec<bool>], subset_header: &str) -
     }
     Ok(canary_users)
 }
+
+/// The leanest tagging on Envoy: the observer on every request, the full module only on the
+/// routes of requests that carry the token or the route header, sticky users and the subset
+/// header from the route. Each request is still counted exactly once.
+#[test]
+fn forced_canary_filter_runs_only_where_a_token_or_route_header_is() -> Result<()> {
+    init_tracing();
+    let Some(full) = filter_wasm_or_skip("route-scoped forced canary")? else {
+        return Ok(());
+    };
+    let observer = full.with_file_name("fledge_observer.wasm");
+    let (stable, canary) = (RawUpstream::start("v1")?, RawUpstream::start("v2")?);
+    let forced =
+        json!({"clusters": clusters(), "forceCanary": {"header": "stage", "secret": SECRET}});
+    let envoy = Envoy::start(
+        EnvoyOptions::new(stable.port(), canary.port())
+            .with_filter(filter(&observer, json!({"clusters": clusters()})))
+            .with_forced_canary_routes(filter(&full, forced), "stage")
+            .with_header_route_to_canary(
+                contract::DEFAULT_ROUTE_HEADER,
+                contract::FORCED_CANARY_ROUTE_VALUE,
+            )
+            .with_native_sticky("x-user-id", "rollout-1:")
+            .with_native_subset_header("x-fledge-subset"),
+    )?;
+    let url = envoy.listener_url();
+    let mut sent = 0.0;
+    let mut ask = |headers: &[(&str, &[u8])]| -> Result<Reply> {
+        sent += 1.0;
+        get(&url, headers)
+    };
+    let valid = token(unix_now() + 600)?;
+    let reply = ask(&[("stage", valid.as_bytes())])?;
+    ensure!(
+        reply.version() == "v2" && reply.header("x-fledge-subset") == Some("canary"),
+        "valid token at 0% canary: {reply:?}\n{}",
+        envoy.log_tail(15)
+    );
+    ensure!(
+        !reply.upstream_saw("stage"),
+        "token upstream: {}",
+        reply.body
+    );
+
+    let expired = token(unix_now() - 1)?;
+    for value in ["canary", expired.as_str()] {
+        let reply = ask(&[("stage", value.as_bytes())])?;
+        ensure!(
+            reply.version() == "v1" && reply.header("x-fledge-subset") == Some("stable"),
+            "untrusted {value:?}: {reply:?}"
+        );
+        ensure!(!reply.upstream_saw("stage"), "{}", reply.body);
+    }
+    // A client-sent route header never routes and never reaches the upstream, whatever its
+    // value (the full module is on for it and strips it).
+    for value in ["canary", "99"] {
+        let reply = ask(&[(contract::DEFAULT_ROUTE_HEADER, value.as_bytes())])?;
+        ensure!(
+            reply.version() == "v1",
+            "spoofed {value:?} routed: {reply:?}"
+        );
+        ensure!(
+            !reply.upstream_saw(contract::DEFAULT_ROUTE_HEADER),
+            "{}",
+            reply.body
+        );
+    }
+    // Everyone else: the weighted route, the observer alone.
+    envoy.apply_route_weights(RouteWeights::canary_percent(50))?;
+    let mut canary_users = 0;
+    for user in 0..100 {
+        let key = format!("user-{user}");
+        let reply = ask(&[("x-user-id", key.as_bytes())])?;
+        let is_canary = reply.version() == "v2";
+        canary_users += usize::from(is_canary);
+        ensure!(
+            reply.header("x-fledge-subset") == Some(if is_canary { "canary" } else { "stable" }),
+            "{reply:?}"
+        );
+    }
+    ensure!(
+        (30..=70).contains(&canary_users),
+        "{canary_users}/100 on canary at 50%"
+    );
+
+    wait_for_total(&envoy, sent)?;
+    let accepted = metric_sum(&envoy, contract::FORCED_CANARY_ACCEPTED_TOTAL, &[])?;
+    let rejected = metric_sum(&envoy, contract::FORCED_CANARY_REJECTED_TOTAL, &[])?;
+    ensure!(
+        accepted == 1.0 && rejected == 2.0,
+        "accepted {accepted}, rejected {rejected}"
+    );
+    let canary_2xx = requests_total(
+        &envoy,
+        &[("fledge_subset", "canary"), ("fledge_class", "2xx")],
+    )?;
+    ensure!(
+        canary_2xx == 1.0 + canary_users as f64,
+        "canary requests counted {canary_2xx}, served {}",
+        1 + canary_users
+    );
+    // Counted once each: nothing beyond what was sent shows up a moment later.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let total = requests_total(&envoy, &[])?;
+    ensure!(total == sent, "{total} requests counted, {sent} sent");
+    Ok(())
+}

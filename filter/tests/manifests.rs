@@ -224,6 +224,103 @@ fn plain_envoy_example_has_labels_routes_and_a_valid_config() {
 }
 
 #[test]
+fn lean_envoy_example_counts_each_request_once_and_tags_from_the_route() {
+    let docs = documents("envoy-lean.yaml");
+    let hcm = at(
+        &docs[0],
+        "static_resources.listeners.0.filter_chains.0.filters.0.typed_config",
+    );
+    let filters = hcm["http_filters"].as_array().expect("http_filters");
+    let names: Vec<&str> = filters.iter().filter_map(|f| f["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "fledge-observer",
+            "fledge-forced-canary",
+            "envoy.filters.http.router"
+        ]
+    );
+    let config_of = |filter: &Value| {
+        let module = module_of(str_at(
+            filter,
+            "typed_config.config.vm_config.code.local.filename",
+        ));
+        FilterConfig::parse_for(
+            module,
+            str_at(filter, "typed_config.config.configuration.value").as_bytes(),
+        )
+        .unwrap_or_else(|e| panic!("envoy-lean.yaml configuration rejected: {e}"))
+    };
+    let observer = config_of(&filters[0]);
+    assert!(
+        filters[0].get("disabled").is_none(),
+        "the observer runs by default"
+    );
+    assert_eq!(
+        filters[1]["disabled"], true,
+        "the token checker is off by default"
+    );
+    let checker = config_of(&filters[1]);
+    let token_header = checker
+        .force_canary
+        .as_ref()
+        .expect("forceCanary")
+        .header
+        .clone();
+    assert!(checker.sticky.is_none() && checker.response_header.is_none());
+
+    let routes = at(hcm, "route_config.virtual_hosts.0.routes")
+        .as_array()
+        .expect("routes");
+    // Every route but the weighted one runs the checker instead of the observer, and matches
+    // the token or the route header.
+    let (primary, checked) = routes.split_last().expect("routes");
+    let mut matched = Vec::new();
+    for route in checked {
+        let per_filter = &route["typed_per_filter_config"];
+        assert_eq!(per_filter["fledge-observer"]["disabled"], true, "{route}");
+        assert!(
+            per_filter["fledge-forced-canary"]["config"].is_object(),
+            "{route}"
+        );
+        let header = &route["match"]["headers"][0];
+        matched.push((
+            header["name"].as_str().expect("header").to_string(),
+            header["string_match"]["exact"].as_str().map(str::to_string),
+        ));
+    }
+    assert_eq!(
+        matched,
+        [
+            (
+                checker.route_header.clone(),
+                Some(contract::FORCED_CANARY_ROUTE_VALUE.to_string())
+            ),
+            (token_header, None),
+            (checker.route_header.clone(), None),
+        ]
+    );
+    assert_eq!(str_at(&routes[0], "route.cluster"), "app_canary");
+    // Sticky from Envoy's hash; the subset header per cluster, as the filter would name it.
+    assert_eq!(
+        primary["route"]["weighted_clusters"]["use_hash_policy"],
+        true
+    );
+    assert!(primary["route"]["hash_policy"][0]["cookie"]["name"].is_string());
+    let clusters = primary["route"]["weighted_clusters"]["clusters"]
+        .as_array()
+        .expect("clusters");
+    assert_eq!(clusters[0]["name"], "app_stable");
+    for cluster in clusters {
+        let name = cluster["name"].as_str().expect("name");
+        let subset = observer.clusters[name].subset.as_deref();
+        let added = &cluster["response_headers_to_add"][0];
+        assert_eq!(added["header"]["value"].as_str(), subset, "{name}");
+        assert_eq!(added["append_action"], "OVERWRITE_IF_EXISTS_OR_ADD");
+    }
+}
+
+#[test]
 fn istio_routing_uses_the_route_header() {
     let docs = documents("routing.yaml");
     let virtual_service = docs
@@ -249,6 +346,39 @@ fn istio_routing_uses_the_route_header() {
             "spec.configPatches.0.patch.value.route.weighted_clusters.header_name"
         ),
         contract::DEFAULT_ROUTE_HEADER
+    );
+}
+
+#[test]
+fn istio_native_routing_hashes_the_user_and_names_each_subset() {
+    let docs = documents("routing-native.yaml");
+    let virtual_service = docs
+        .iter()
+        .find(|d| d["kind"] == "VirtualService")
+        .expect("VirtualService");
+    for route in at(virtual_service, "spec.http").as_array().expect("http") {
+        for destination in route["route"].as_array().expect("route") {
+            assert_eq!(
+                at(destination, "headers.response.set.x-fledge-subset"),
+                at(destination, "destination.subset"),
+                "{destination}"
+            );
+        }
+    }
+    let sticky = docs
+        .iter()
+        .find(|d| d["kind"] == "EnvoyFilter")
+        .expect("EnvoyFilter");
+    let route = at(sticky, "spec.configPatches.0.patch.value.route");
+    assert_eq!(route["weighted_clusters"]["use_hash_policy"], true);
+    assert!(route["weighted_clusters"].get("header_name").is_none());
+    assert!(route["hash_policy"][0]["header"]["header_name"].is_string());
+    assert_eq!(
+        str_at(
+            sticky,
+            "spec.configPatches.0.match.routeConfiguration.vhost.route.name"
+        ),
+        str_at(virtual_service, "spec.http.1.name")
     );
 }
 

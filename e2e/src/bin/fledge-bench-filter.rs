@@ -87,8 +87,9 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     threads: u32,
     /// Only these built-in variants (comma-separated: none, cluster-stats, empty, floor,
-    /// observer, tagging, tagging-native, guard, floor-tagging, floor-tagging-native, floor-guard); `empty` is always kept (the
-    /// ratios need it).
+    /// observer, tagging, tagging-native, tagging-lean, guard, floor-tagging,
+    /// floor-tagging-native, floor-lean, floor-guard); `empty` is always kept (the ratios need
+    /// it).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// More variants measured alongside, as NAME=JSON (the full module with that
@@ -127,7 +128,7 @@ const SECRET: &str = "bench-secret-0123456789abcdef";
 fn target_vs_empty(name: &str) -> Option<f64> {
     match name {
         "observer" => Some(0.97),
-        "tagging" | "tagging-native" | "guard" => Some(0.93),
+        "tagging" | "tagging-native" | "tagging-lean" | "guard" => Some(0.93),
         _ => None,
     }
 }
@@ -141,6 +142,7 @@ fn floor_of(name: &str) -> Option<&'static str> {
         "observer" => Some("floor"),
         "tagging" => Some("floor-tagging"),
         "tagging-native" => Some("floor-tagging-native"),
+        "tagging-lean" => Some("floor-lean"),
         "guard" => Some("floor-guard"),
         _ => None,
     }
@@ -167,6 +169,9 @@ struct Variant {
     fledge_metrics: bool,
     /// Whether Envoy's route does the sticky pick and the subset response header itself.
     native_route: bool,
+    /// A second filter Envoy runs instead of `filter` only for requests carrying the
+    /// forced-canary token or the route header (none of the bench's requests do).
+    forced_canary_filter: Option<WasmFilter>,
 }
 
 struct Running {
@@ -212,6 +217,7 @@ fn floor_variants(floor_tagging: &Path) -> Vec<Variant> {
         }),
         fledge_metrics: false,
         native_route,
+        forced_canary_filter: None,
     };
     vec![
         variant(
@@ -272,6 +278,7 @@ fn builtin_variants(modules: &Modules) -> Vec<Variant> {
             filter: None,
             fledge_metrics: false,
             native_route: false,
+            forced_canary_filter: None,
         },
         Variant {
             name: "cluster-stats".into(),
@@ -279,6 +286,7 @@ fn builtin_variants(modules: &Modules) -> Vec<Variant> {
             filter: None,
             fledge_metrics: false,
             native_route: false,
+            forced_canary_filter: None,
         },
         Variant {
             name: "empty".into(),
@@ -286,6 +294,7 @@ fn builtin_variants(modules: &Modules) -> Vec<Variant> {
             filter: filter(empty, String::new()),
             fledge_metrics: false,
             native_route: false,
+            forced_canary_filter: None,
         },
         Variant {
             name: "floor".into(),
@@ -293,6 +302,7 @@ fn builtin_variants(modules: &Modules) -> Vec<Variant> {
             filter: filter(floor, String::new()),
             fledge_metrics: false,
             native_route: false,
+            forced_canary_filter: None,
         },
         Variant {
             name: "observer".into(),
@@ -300,6 +310,7 @@ fn builtin_variants(modules: &Modules) -> Vec<Variant> {
             filter: filter(observer, json!({"clusters": clusters_config()}).to_string()),
             fledge_metrics: true,
             native_route: false,
+            forced_canary_filter: None,
         },
         Variant {
             name: "tagging".into(),
@@ -307,6 +318,7 @@ fn builtin_variants(modules: &Modules) -> Vec<Variant> {
             filter: filter(full, tagging.to_string()),
             fledge_metrics: true,
             native_route: false,
+            forced_canary_filter: None,
         },
         Variant {
             name: "tagging-native".into(),
@@ -314,6 +326,7 @@ fn builtin_variants(modules: &Modules) -> Vec<Variant> {
             filter: filter(full, tagging_native.to_string()),
             fledge_metrics: true,
             native_route: true,
+            forced_canary_filter: None,
         },
         Variant {
             name: "guard".into(),
@@ -321,9 +334,34 @@ fn builtin_variants(modules: &Modules) -> Vec<Variant> {
             filter: filter(full, guard.to_string()),
             fledge_metrics: true,
             native_route: false,
+            forced_canary_filter: None,
         },
     ];
     variants.extend(floor_variants(&modules.floor_tagging));
+    // The observer on every request; the full module, with `forceCanary`, only on the routes of
+    // requests carrying the token or the route header; sticky users and the subset header
+    // from the route. Its floor: `floor` in both places, on the same routes.
+    let lean =
+        |name: &str, about: &str, main: Option<WasmFilter>, forced: Option<WasmFilter>| Variant {
+            name: name.into(),
+            about: about.into(),
+            fledge_metrics: name == "tagging-lean",
+            filter: main,
+            native_route: true,
+            forced_canary_filter: forced,
+        };
+    variants.push(lean(
+        "tagging-lean",
+        "fledge_observer.wasm; fledge_filter.wasm (forceCanary) only on token/route-header routes; the route: sticky + the subset header",
+        filter(observer, json!({"clusters": clusters_config()}).to_string()),
+        filter(full, tagging_native.to_string()),
+    ));
+    variants.push(lean(
+        "floor-lean",
+        "floor, on tagging-lean's routes (floor also as its route-scoped filter)",
+        filter(floor, String::new()),
+        filter(floor, String::new()),
+    ));
     variants
 }
 
@@ -361,6 +399,7 @@ fn read_ladder(floor: &Path) -> Vec<Variant> {
             }),
             fledge_metrics: false,
             native_route: false,
+            forced_canary_filter: None,
         })
         .collect()
 }
@@ -383,6 +422,7 @@ fn extra_variant(spec: &str, full: &Path) -> Result<Variant> {
         }),
         fledge_metrics: false,
         native_route: false,
+        forced_canary_filter: None,
     })
 }
 
@@ -810,6 +850,9 @@ fn start_envoy(variant: &Variant, upstream_port: u16, dir: &Path) -> Result<Envo
             contract::FORCED_CANARY_ROUTE_VALUE,
         )
         .in_dir(&dir.join(&variant.name));
+    if let Some(forced) = &variant.forced_canary_filter {
+        options = options.with_forced_canary_routes(forced.clone(), "x-fledge-stage");
+    }
     options = if variant.native_route {
         options
             .with_native_sticky(USER_HEADER, "bench:")
@@ -1313,6 +1356,7 @@ mod tests {
             filter: None,
             fledge_metrics,
             native_route: false,
+            forced_canary_filter: None,
         };
         let variants = [
             variant("empty", false),
