@@ -298,9 +298,9 @@ pub struct ForcedCanaryRoutes {
     pub header: String,
 }
 
-/// The HCM filter names, which per-route configuration refers to.
 /// The route [`EnvoyOptions::with_header_route_to_canary`] adds.
 pub const FORCED_CANARY_ROUTE_NAME: &str = "forced-canary";
+/// The HCM filter names, which per-route configuration refers to.
 pub const MAIN_FILTER_NAME: &str = "envoy.filters.http.wasm";
 pub const FORCED_CANARY_FILTER_NAME: &str = "fledge-forced-canary";
 
@@ -609,8 +609,29 @@ pub fn route_configuration(weights: RouteWeights) -> Value {
     route_configuration_with(&RouteShape::default(), weights)
 }
 
+/// Adds `response_headers_to_add` naming the subset to each weighted cluster and to each
+/// route sending to one cluster.
+fn add_subset_headers(header: &str, clusters: &mut [Value], routes: &mut [Value]) {
+    for cluster in clusters {
+        let name = cluster["name"].as_str().unwrap_or_default().to_string();
+        if let Some(add) = subset_header_to_add(header, &name) {
+            cluster["response_headers_to_add"] = add;
+        }
+    }
+    for route in routes {
+        let name = route["route"]["cluster"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if let Some(add) = subset_header_to_add(header, &name) {
+            route["response_headers_to_add"] = add;
+        }
+    }
+}
+
 /// The route configuration resource for `weights`, with `shape`'s extra routes before `primary`
-/// and its `header_name` on `primary`'s weighted clusters.
+/// and its `header_name` on `primary`'s weighted clusters, or its native sticky pick, subset
+/// header and forced-canary checking routes.
 pub fn route_configuration_with(shape: &RouteShape, weights: RouteWeights) -> Value {
     let mut clusters = [
         json!({"name": STABLE_CLUSTER, "weight": weights.stable}),
@@ -627,21 +648,7 @@ pub fn route_configuration_with(shape: &RouteShape, weights: RouteWeights) -> Va
         routes.extend(forced_canary_check_routes(header));
     }
     if let Some(header) = &shape.native_subset_header {
-        for cluster in &mut clusters {
-            let name = cluster["name"].as_str().unwrap_or_default().to_string();
-            if let Some(add) = subset_header_to_add(header, &name) {
-                cluster["response_headers_to_add"] = add;
-            }
-        }
-        for route in &mut routes {
-            let name = route["route"]["cluster"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            if let Some(add) = subset_header_to_add(header, &name) {
-                route["response_headers_to_add"] = add;
-            }
-        }
+        add_subset_headers(header, &mut clusters, &mut routes);
     }
     let mut weighted = json!({"clusters": clusters});
     if let Some(header) = &shape.weighted_header_name {
