@@ -853,9 +853,11 @@ fn start_envoy(variant: &Variant, upstream_port: u16, dir: &Path) -> Result<Envo
     if let Some(forced) = &variant.forced_canary_filter {
         options = options.with_forced_canary_routes(forced.clone(), "x-fledge-stage");
     }
+    // Unsalted, as `tagging`'s `sticky` (the filter's default salt is empty); a salt adds a
+    // `regex_rewrite` of the key per request.
     options = if variant.native_route {
         options
-            .with_native_sticky(USER_HEADER, "bench:")
+            .with_native_sticky(USER_HEADER, "")
             .with_native_subset_header("x-fledge-subset")
     } else {
         options.with_weighted_header_name(contract::DEFAULT_ROUTE_HEADER)
