@@ -174,6 +174,33 @@ struct Variant {
     forced_canary_filter: Option<WasmFilter>,
 }
 
+impl Variant {
+    /// A variant on the bench's plain routes (the sticky pick from the filter's bucket).
+    fn new(name: &str, about: &str, filter: Option<WasmFilter>, fledge_metrics: bool) -> Variant {
+        Variant {
+            name: name.into(),
+            about: about.into(),
+            filter,
+            fledge_metrics,
+            native_route: false,
+            forced_canary_filter: None,
+        }
+    }
+
+    /// On routes that do the sticky pick and the subset header themselves.
+    fn on_native_route(mut self) -> Variant {
+        self.native_route = true;
+        self
+    }
+
+    /// With `filter` run instead of the main one for requests carrying a token or the route
+    /// header.
+    fn with_forced_canary_filter(mut self, filter: Option<WasmFilter>) -> Variant {
+        self.forced_canary_filter = filter;
+        self
+    }
+}
+
 struct Running {
     variant: Variant,
     envoy: Envoy,
@@ -208,35 +235,29 @@ const FLOOR_READS: &str = "xds.cluster_name,response.code,response.code_details,
 /// `guard` configurations make per request on the bench's traffic (the requests carry the
 /// sticky key and none of the forced-canary, guard or route headers).
 fn floor_variants(floor_tagging: &Path) -> Vec<Variant> {
-    let variant = |name: &str, work: &str, about: &str, native_route: bool| Variant {
-        name: name.into(),
-        about: about.into(),
-        filter: Some(WasmFilter {
+    let variant = |name: &str, work: &str, about: &str| {
+        let filter = WasmFilter {
             wasm: floor_tagging.to_path_buf(),
             plugin_config: format!("{FLOOR_READS},{work}"),
-        }),
-        fledge_metrics: false,
-        native_route,
-        forced_canary_filter: None,
+        };
+        Variant::new(name, about, Some(filter), false)
     };
     vec![
         variant(
             "floor-tagging",
             "req:x-fledge-canary,sticky,resp-set",
             "the 4 reads + tagging's hostcalls: forced-canary lookup, sticky key read, route header write, response header write",
-            false,
         ),
         variant(
             "floor-tagging-native",
             "req:x-fledge-stage,req:x-fledge-route",
             "the 4 reads + tagging-native's hostcalls: forced-canary and route header lookups; the route does sticky and the header",
-            true,
-        ),
+        )
+        .on_native_route(),
         variant(
             "floor-guard",
             "req:x-fledge-guard,req:x-fledge-route",
             "the 4 reads + the guard's hostcalls: header callbacks, guard and route header lookups",
-            false,
         ),
     ]
 }
@@ -271,97 +292,77 @@ fn builtin_variants(modules: &Modules) -> Vec<Variant> {
             plugin_config: config,
         })
     };
+    let observer_config = json!({"clusters": clusters_config()}).to_string();
     let mut variants = vec![
-        Variant {
-            name: "none".into(),
-            about: "no filter".into(),
-            filter: None,
-            fledge_metrics: false,
-            native_route: false,
-            forced_canary_filter: None,
-        },
-        Variant {
-            name: "cluster-stats".into(),
-            about: "envoyClusterStats: no filter (a second identical Envoy)".into(),
-            filter: None,
-            fledge_metrics: false,
-            native_route: false,
-            forced_canary_filter: None,
-        },
-        Variant {
-            name: "empty".into(),
-            about: "empty Rust proxy-wasm SDK filter".into(),
-            filter: filter(empty, String::new()),
-            fledge_metrics: false,
-            native_route: false,
-            forced_canary_filter: None,
-        },
-        Variant {
-            name: "floor".into(),
-            about: "on_log + the 4 reads metrics need (cluster, code, details, duration)".into(),
-            filter: filter(floor, String::new()),
-            fledge_metrics: false,
-            native_route: false,
-            forced_canary_filter: None,
-        },
-        Variant {
-            name: "observer".into(),
-            about: "fledge_observer.wasm: metrics only".into(),
-            filter: filter(observer, json!({"clusters": clusters_config()}).to_string()),
-            fledge_metrics: true,
-            native_route: false,
-            forced_canary_filter: None,
-        },
-        Variant {
-            name: "tagging".into(),
-            about: "fledge_filter.wasm: responseHeader + sticky + forceCanary".into(),
-            filter: filter(full, tagging.to_string()),
-            fledge_metrics: true,
-            native_route: false,
-            forced_canary_filter: None,
-        },
-        Variant {
-            name: "tagging-native".into(),
-            about: "fledge_filter.wasm: forceCanary; the route: sticky (hash_policy) + the subset header".into(),
-            filter: filter(full, tagging_native.to_string()),
-            fledge_metrics: true,
-            native_route: true,
-            forced_canary_filter: None,
-        },
-        Variant {
-            name: "guard".into(),
-            about: "fledge_filter.wasm: guard configured".into(),
-            filter: filter(full, guard.to_string()),
-            fledge_metrics: true,
-            native_route: false,
-            forced_canary_filter: None,
-        },
+        Variant::new("none", "no filter", None, false),
+        Variant::new(
+            "cluster-stats",
+            "envoyClusterStats: no filter (a second identical Envoy)",
+            None,
+            false,
+        ),
+        Variant::new(
+            "empty",
+            "empty Rust proxy-wasm SDK filter",
+            filter(empty, String::new()),
+            false,
+        ),
+        Variant::new(
+            "floor",
+            "on_log + the 4 reads metrics need (cluster, code, details, duration)",
+            filter(floor, String::new()),
+            false,
+        ),
+        Variant::new(
+            "observer",
+            "fledge_observer.wasm: metrics only",
+            filter(observer, observer_config.clone()),
+            true,
+        ),
+        Variant::new(
+            "tagging",
+            "fledge_filter.wasm: responseHeader + sticky + forceCanary",
+            filter(full, tagging.to_string()),
+            true,
+        ),
+        Variant::new(
+            "tagging-native",
+            "fledge_filter.wasm: forceCanary; the route: sticky (hash_policy) + the subset header",
+            filter(full, tagging_native.to_string()),
+            true,
+        )
+        .on_native_route(),
+        Variant::new(
+            "guard",
+            "fledge_filter.wasm: guard configured",
+            filter(full, guard.to_string()),
+            true,
+        ),
     ];
     variants.extend(floor_variants(&modules.floor_tagging));
     // The observer on every request; the full module, with `forceCanary`, only on the routes of
     // requests carrying the token or the route header; sticky users and the subset header
     // from the route. Its floor: `floor` in both places, on the same routes.
-    let lean =
-        |name: &str, about: &str, main: Option<WasmFilter>, forced: Option<WasmFilter>| Variant {
-            name: name.into(),
-            about: about.into(),
-            fledge_metrics: name == "tagging-lean",
-            filter: main,
-            native_route: true,
-            forced_canary_filter: forced,
-        };
-    variants.push(lean(
-        "tagging-lean",
-        "fledge_observer.wasm; fledge_filter.wasm (forceCanary) only on token/route-header routes; the route: sticky + the subset header",
-        filter(observer, json!({"clusters": clusters_config()}).to_string()),
-        filter(full, tagging_native.to_string()),
-    ));
-    variants.push(lean(
-        "floor-lean",
-        "floor, on tagging-lean's routes (floor also as its route-scoped filter)",
-        filter(floor, String::new()),
-        filter(floor, String::new()),
-    ));
+    variants.push(
+        Variant::new(
+            "tagging-lean",
+            "fledge_observer.wasm; fledge_filter.wasm (forceCanary) only on token/route-header routes; the route: sticky + the subset header",
+            filter(observer, observer_config),
+            true,
+        )
+        .on_native_route()
+        .with_forced_canary_filter(filter(full, tagging_native.to_string())),
+    );
+    variants.push(
+        Variant::new(
+            "floor-lean",
+            "floor, on tagging-lean's routes (floor also as its route-scoped filter)",
+            filter(floor, String::new()),
+            false,
+        )
+        .on_native_route()
+        .with_forced_canary_filter(filter(floor, String::new())),
+    );
     variants
 }
 
@@ -390,16 +391,12 @@ const READ_LADDER: [(&str, &str, &str); 5] = [
 fn read_ladder(floor: &Path) -> Vec<Variant> {
     READ_LADDER
         .iter()
-        .map(|(name, reads, about)| Variant {
-            name: (*name).to_string(),
-            about: (*about).to_string(),
-            filter: Some(WasmFilter {
+        .map(|(name, reads, about)| {
+            let filter = WasmFilter {
                 wasm: floor.to_path_buf(),
                 plugin_config: (*reads).to_string(),
-            }),
-            fledge_metrics: false,
-            native_route: false,
-            forced_canary_filter: None,
+            };
+            Variant::new(name, about, Some(filter), false)
         })
         .collect()
 }
@@ -413,17 +410,12 @@ fn extra_variant(spec: &str, full: &Path) -> Result<Variant> {
         Some((name, path)) => (name, PathBuf::from(path)),
         None => (name, full.to_path_buf()),
     };
-    Ok(Variant {
-        name: name.to_string(),
-        about: format!("{} {config}", file_name(&wasm)),
-        filter: Some(WasmFilter {
-            wasm,
-            plugin_config: config.to_string(),
-        }),
-        fledge_metrics: false,
-        native_route: false,
-        forced_canary_filter: None,
-    })
+    let about = format!("{} {config}", file_name(&wasm));
+    let filter = WasmFilter {
+        wasm,
+        plugin_config: config.to_string(),
+    };
+    Ok(Variant::new(name, &about, Some(filter), false))
 }
 
 /// An Envoy for `variant` that answers 200.
@@ -1313,6 +1305,12 @@ mod tests {
             let floor = floor_of(&variant.name).expect("a floor");
             let floor = variants.iter().find(|v| v.name == floor).expect("built in");
             assert_eq!(floor.native_route, variant.native_route, "{}", variant.name);
+            assert_eq!(
+                floor.forced_canary_filter.is_some(),
+                variant.forced_canary_filter.is_some(),
+                "{}",
+                variant.name
+            );
         }
         assert!(!config("tagging-native").contains("sticky"));
     }
@@ -1352,14 +1350,7 @@ mod tests {
 
     #[test]
     fn fledge_variants_are_paired_with_the_observer() {
-        let variant = |name: &str, fledge_metrics| Variant {
-            name: name.into(),
-            about: String::new(),
-            filter: None,
-            fledge_metrics,
-            native_route: false,
-            forced_canary_filter: None,
-        };
+        let variant = |name: &str, fledge_metrics| Variant::new(name, "", None, fledge_metrics);
         let variants = [
             variant("empty", false),
             variant("observer", true),
