@@ -202,35 +202,9 @@ fn forced_canary_needs_a_valid_token_and_spoofed_headers_are_stripped() -> Resul
 
     let expired = token(unix_now() - 1)?;
     let forged = format!("{}.{}", unix_now() + 600, "0".repeat(64));
-    for value in ["canary", expired.as_str(), forged.as_str()] {
-        let reply = get(&url, &[("stage", value.as_bytes())])?;
-        ensure!(
-            reply.version() == "v1",
-            "untrusted {value:?} reached canary: {reply:?}"
-        );
-        ensure!(
-            reply.header("x-fledge-subset") == Some("stable"),
-            "{reply:?}"
-        );
-        ensure!(
-            !reply.upstream_saw("stage"),
-            "untrusted header passed: {}",
-            reply.body
-        );
-    }
-    // The internal routing header from a client never routes and never reaches the upstream.
-    for value in ["canary", "99"] {
-        let reply = get(&url, &[(contract::DEFAULT_ROUTE_HEADER, value.as_bytes())])?;
-        ensure!(
-            reply.version() == "v1",
-            "spoofed route header {value:?} routed: {reply:?}"
-        );
-        ensure!(
-            !reply.upstream_saw(contract::DEFAULT_ROUTE_HEADER),
-            "{}",
-            reply.body
-        );
-    }
+    let mut ask = |headers: &[(&str, &[u8])]| get(&url, headers);
+    expect_untrusted_tokens_on_stable(&mut ask, &["canary", &expired, &forged])?;
+    expect_spoofed_route_headers_stripped(&mut ask)?;
     wait_for_total(&envoy, 6.0)?;
     let accepted = metric_sum(&envoy, contract::FORCED_CANARY_ACCEPTED_TOTAL, &[])?;
     let rejected = metric_sum(&envoy, contract::FORCED_CANARY_REJECTED_TOTAL, &[])?;
@@ -621,28 +595,9 @@ fn forced_canary_filter_runs_only_where_a_token_or_route_header_is() -> Result<(
     );
 
     let expired = token(unix_now() - 1)?;
-    for value in ["canary", expired.as_str()] {
-        let reply = ask(&[("stage", value.as_bytes())])?;
-        ensure!(
-            reply.version() == "v1" && reply.header("x-fledge-subset") == Some("stable"),
-            "untrusted {value:?}: {reply:?}"
-        );
-        ensure!(!reply.upstream_saw("stage"), "{}", reply.body);
-    }
-    // A client-sent route header never routes and never reaches the upstream, whatever its
-    // value (the full module is on for it and strips it).
-    for value in ["canary", "99"] {
-        let reply = ask(&[(contract::DEFAULT_ROUTE_HEADER, value.as_bytes())])?;
-        ensure!(
-            reply.version() == "v1",
-            "spoofed {value:?} routed: {reply:?}"
-        );
-        ensure!(
-            !reply.upstream_saw(contract::DEFAULT_ROUTE_HEADER),
-            "{}",
-            reply.body
-        );
-    }
+    expect_untrusted_tokens_on_stable(&mut ask, &["canary", &expired])?;
+    // Whatever its value, a client-sent route header turns the full module on, which strips it.
+    expect_spoofed_route_headers_stripped(&mut ask)?;
     // Everyone else: the weighted route, the observer alone.
     envoy.apply_route_weights(RouteWeights::canary_percent(50))?;
     let mut canary_users = 0;
@@ -681,5 +636,42 @@ fn forced_canary_filter_runs_only_where_a_token_or_route_header_is() -> Result<(
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let total = requests_total(&envoy, &[])?;
     ensure!(total == sent, "{total} requests counted, {sent} sent");
+    Ok(())
+}
+
+/// Sends one request with the given headers.
+type Ask<'a> = dyn FnMut(&[(&str, &[u8])]) -> Result<Reply> + 'a;
+
+/// Untrusted tokens (in header `stage`) reach stable, tagged so, and never the upstream.
+fn expect_untrusted_tokens_on_stable(ask: &mut Ask, values: &[&str]) -> Result<()> {
+    for value in values {
+        let reply = ask(&[("stage", value.as_bytes())])?;
+        ensure!(
+            reply.version() == "v1" && reply.header("x-fledge-subset") == Some("stable"),
+            "untrusted {value:?}: {reply:?}"
+        );
+        ensure!(
+            !reply.upstream_saw("stage"),
+            "untrusted header passed: {}",
+            reply.body
+        );
+    }
+    Ok(())
+}
+
+/// The internal routing header from a client never routes and never reaches the upstream.
+fn expect_spoofed_route_headers_stripped(ask: &mut Ask) -> Result<()> {
+    for value in ["canary", "99"] {
+        let reply = ask(&[(contract::DEFAULT_ROUTE_HEADER, value.as_bytes())])?;
+        ensure!(
+            reply.version() == "v1",
+            "spoofed route header {value:?} routed: {reply:?}"
+        );
+        ensure!(
+            !reply.upstream_saw(contract::DEFAULT_ROUTE_HEADER),
+            "{}",
+            reply.body
+        );
+    }
     Ok(())
 }
