@@ -121,35 +121,8 @@ fn sticky_users_only_move_from_stable_to_canary_as_weights_climb() -> Result<()>
             );
         }
     }
-    let went_back: Vec<usize> = on_canary
-        .iter()
-        .enumerate()
-        .filter(|(_, steps)| steps.windows(2).any(|w| w[0] && !w[1]))
-        .map(|(user, _)| user)
-        .collect();
-    let moved_forward = on_canary
-        .iter()
-        .filter(|steps| steps.windows(2).any(|w| !w[0] && w[1]))
-        .count();
-    eprintln!(
-        "users moved stable→canary: {moved_forward}; canary→stable: {}",
-        went_back.len()
-    );
-    ensure!(
-        went_back.is_empty(),
-        "users moved back to stable: {went_back:?}"
-    );
-    ensure!(moved_forward > 0);
-
-    // Requests without a key keep random picks (about 60% canary, mixed).
-    let mut canary_count = 0;
-    for _ in 0..200 {
-        canary_count += usize::from(get(&url, &[])?.version() == "v2");
-    }
-    ensure!(
-        (90..=150).contains(&canary_count),
-        "anonymous canary picks {canary_count}/200"
-    );
+    expect_users_only_moved_to_canary(&on_canary, "")?;
+    expect_keyless_requests_picked_at_random(&url)?;
     // A client cannot pick its own bucket: a spoofed route header is replaced.
     let mut spoofed_canary = 0;
     for _ in 0..50 {
@@ -465,28 +438,8 @@ fn sticky_users_and_subset_header_from_the_route_alone() -> Result<()> {
             .count();
         ensure!(flipped == 0, "{flipped} users flipped within one weight");
     }
-    let went_back = on_canary
-        .iter()
-        .filter(|steps| steps.windows(2).any(|w| w[0] && !w[1]))
-        .count();
-    let moved_forward = on_canary
-        .iter()
-        .filter(|steps| steps.windows(2).any(|w| !w[0] && w[1]))
-        .count();
-    eprintln!(
-        "native sticky: users moved stable→canary: {moved_forward}; canary→stable: {went_back}"
-    );
-    ensure!(went_back == 0 && moved_forward > 0);
-
-    // Requests without a key keep random picks (about 60% canary).
-    let mut canary_count = 0;
-    for _ in 0..200 {
-        canary_count += usize::from(get(&url, &[])?.version() == "v2");
-    }
-    ensure!(
-        (90..=150).contains(&canary_count),
-        "anonymous canary picks {canary_count}/200"
-    );
+    expect_users_only_moved_to_canary(&on_canary, "native sticky: ")?;
+    expect_keyless_requests_picked_at_random(&url)?;
     // The forced route carries the header too, and a valid token still wins at any weight.
     envoy.apply_route_weights(RouteWeights::ALL_STABLE)?;
     let valid = token(unix_now() + 600)?;
@@ -673,5 +626,43 @@ fn expect_spoofed_route_headers_stripped(ask: &mut Ask) -> Result<()> {
             reply.body
         );
     }
+    Ok(())
+}
+
+/// Across the steps (each user's landings, in order), some users moved stable → canary and
+/// none back.
+fn expect_users_only_moved_to_canary(on_canary: &[Vec<bool>], label: &str) -> Result<()> {
+    let went_back: Vec<usize> = on_canary
+        .iter()
+        .enumerate()
+        .filter(|(_, steps)| steps.windows(2).any(|w| w[0] && !w[1]))
+        .map(|(user, _)| user)
+        .collect();
+    let moved_forward = on_canary
+        .iter()
+        .filter(|steps| steps.windows(2).any(|w| !w[0] && w[1]))
+        .count();
+    eprintln!(
+        "{label}users moved stable→canary: {moved_forward}; canary→stable: {}",
+        went_back.len()
+    );
+    ensure!(
+        went_back.is_empty(),
+        "users moved back to stable: {went_back:?}"
+    );
+    ensure!(moved_forward > 0, "no user moved to the canary");
+    Ok(())
+}
+
+/// Requests without a key keep random picks (the caller set 60% canary).
+fn expect_keyless_requests_picked_at_random(url: &str) -> Result<()> {
+    let mut canary_count = 0;
+    for _ in 0..200 {
+        canary_count += usize::from(get(url, &[])?.version() == "v2");
+    }
+    ensure!(
+        (90..=150).contains(&canary_count),
+        "anonymous canary picks {canary_count}/200"
+    );
     Ok(())
 }
