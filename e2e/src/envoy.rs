@@ -126,6 +126,9 @@ pub struct EnvoyOptions {
     /// Every route to one cluster (and each of `primary`'s weighted clusters) adds this response
     /// header naming its subset, without the filter.
     pub native_subset_header: Option<String>,
+    /// The route configuration adds this response header to every routed response, valued
+    /// `%UPSTREAM_CLUSTER%` (the filter's `clusterHeader`).
+    pub cluster_header: Option<String>,
     /// More static clusters (raw Envoy JSON), e.g. one with endpoint metadata.
     pub extra_clusters: Vec<Value>,
     /// `stats_config.histogram_bucket_settings` entries (raw Envoy JSON).
@@ -154,6 +157,7 @@ impl EnvoyOptions {
             weighted_header_name: None,
             native_sticky: None,
             native_subset_header: None,
+            cluster_header: None,
             extra_clusters: Vec::new(),
             histogram_bucket_settings: Vec::new(),
             http_filters_before_wasm: Vec::new(),
@@ -207,6 +211,13 @@ impl EnvoyOptions {
         self
     }
 
+    /// Have Envoy name the upstream cluster in a response header (`%UPSTREAM_CLUSTER%`) on
+    /// every route, for the filter's `clusterHeader`.
+    pub fn with_cluster_header(mut self, header: &str) -> EnvoyOptions {
+        self.cluster_header = Some(header.to_string());
+        self
+    }
+
     /// Run `filter` (the full module with `forceCanary`) only for requests carrying `header`
     /// (the forced-canary token) or the route header; see [`ForcedCanaryRoutes`].
     pub fn with_forced_canary_routes(mut self, filter: WasmFilter, header: &str) -> EnvoyOptions {
@@ -254,6 +265,7 @@ impl EnvoyOptions {
             weighted_header_name: self.weighted_header_name.clone(),
             native_sticky: self.native_sticky.clone(),
             native_subset_header: self.native_subset_header.clone(),
+            cluster_header: self.cluster_header.clone(),
             forced_canary_header: self.forced_canary.as_ref().map(|f| f.header.clone()),
         }
     }
@@ -276,6 +288,8 @@ pub struct RouteShape {
     pub weighted_header_name: Option<String>,
     pub native_sticky: Option<NativeSticky>,
     pub native_subset_header: Option<String>,
+    /// See [`EnvoyOptions::cluster_header`].
+    pub cluster_header: Option<String>,
     /// The forced-canary header of [`ForcedCanaryRoutes`], when the forced-canary filter runs
     /// only on its routes.
     pub forced_canary_header: Option<String>,
@@ -665,7 +679,7 @@ pub fn route_configuration_with(shape: &RouteShape, weights: RouteWeights) -> Va
         "match": {"prefix": "/"},
         "route": action
     }));
-    json!({
+    let mut config = json!({
         "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
         "name": ROUTE_CONFIG_NAME,
         "virtual_hosts": [{
@@ -673,7 +687,15 @@ pub fn route_configuration_with(shape: &RouteShape, weights: RouteWeights) -> Va
             "domains": ["*"],
             "routes": routes
         }]
-    })
+    });
+    if let Some(header) = &shape.cluster_header {
+        // Overwrites an upstream's own copy; an empty value (no cluster) is not added.
+        config["response_headers_to_add"] = json!([{
+            "header": {"key": header, "value": "%UPSTREAM_CLUSTER%"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+        }]);
+    }
+    config
 }
 
 /// Write the RDS `DiscoveryResponse` atomically: a temp file in the same (watched) directory,

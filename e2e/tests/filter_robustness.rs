@@ -57,13 +57,39 @@ fn no_panics(envoy: &Envoy) -> Result<()> {
 fn http2_and_grpc_statuses_are_classed() -> Result<()> {
     init_tracing();
     for (module, wasm) in modules_or_skip("http2 and grpc")? {
-        http2_and_grpc_statuses_are_classed_by(module, &wasm)
-            .with_context(|| format!("{module:?}"))?;
+        for named in [false, true] {
+            http2_and_grpc_statuses_are_classed_by(module, &wasm, named)
+                .with_context(|| format!("{module:?}, cluster named by the route: {named}"))?;
+        }
     }
     Ok(())
 }
 
-fn http2_and_grpc_statuses_are_classed_by(module: FilterModule, wasm: &Path) -> Result<()> {
+/// The header Envoy's route names the upstream cluster in, for `clusterHeader`.
+const CLUSTER_HEADER: &str = "x-fledge-cluster";
+
+/// Options for a filter configured with `config`, plus, when `named`, Envoy naming the
+/// cluster in a response header and the filter reading it from there (`clusterHeader`).
+fn options_with_filter(
+    options: EnvoyOptions,
+    wasm: &Path,
+    mut config: Value,
+    named: bool,
+) -> EnvoyOptions {
+    if !named {
+        return options.with_filter(filter(wasm, &config.to_string()));
+    }
+    config["clusterHeader"] = json!(CLUSTER_HEADER);
+    options
+        .with_cluster_header(CLUSTER_HEADER)
+        .with_filter(filter(wasm, &config.to_string()))
+}
+
+fn http2_and_grpc_statuses_are_classed_by(
+    module: FilterModule,
+    wasm: &Path,
+    named: bool,
+) -> Result<()> {
     let (stable, canary, grpc) = (
         RawUpstream::start("v1")?,
         RawUpstream::start("v2")?,
@@ -75,10 +101,14 @@ fn http2_and_grpc_statuses_are_classed_by(module: FilterModule, wasm: &Path) -> 
         config["responseHeader"] = json!("x-fledge-subset");
     }
     let envoy = Envoy::start(
-        EnvoyOptions::new(stable.port(), canary.port())
-            .with_filter(filter(wasm, &config.to_string()))
-            .with_cluster(grpc_cluster(grpc.port()))
-            .with_route_before_primary(prefix_route("/grpc", "grpc_upstream")),
+        options_with_filter(
+            EnvoyOptions::new(stable.port(), canary.port()),
+            wasm,
+            config,
+            named,
+        )
+        .with_cluster(grpc_cluster(grpc.port()))
+        .with_route_before_primary(prefix_route("/grpc", "grpc_upstream")),
     )?;
     let url = envoy.listener_url();
 
@@ -91,6 +121,10 @@ fn http2_and_grpc_statuses_are_classed_by(module: FilterModule, wasm: &Path) -> 
         );
         ensure!(
             headers.contains("x-fledge-subset: stable") == tagging,
+            "{headers}"
+        );
+        ensure!(
+            headers.contains(&format!("{CLUSTER_HEADER}: {STABLE_CLUSTER}")) == named,
             "{headers}"
         );
     }
@@ -153,25 +187,37 @@ fn http2_and_grpc_statuses_are_classed_by(module: FilterModule, wasm: &Path) -> 
 fn resets_and_local_replies_are_none() -> Result<()> {
     init_tracing();
     for (module, wasm) in modules_or_skip("resets and local replies")? {
-        resets_and_local_replies_are_none_for(&wasm).with_context(|| format!("{module:?}"))?;
+        for named in [false, true] {
+            resets_and_local_replies_are_none_for(&wasm, named)
+                .with_context(|| format!("{module:?}, cluster named by the route: {named}"))?;
+        }
     }
     Ok(())
 }
 
-fn resets_and_local_replies_are_none_for(wasm: &Path) -> Result<()> {
+fn resets_and_local_replies_are_none_for(wasm: &Path, named: bool) -> Result<()> {
     let (stable, canary) = (RawUpstream::start("v1")?, RawUpstream::start("v2")?);
     let config = json!({"clusters": clusters()});
     let envoy = Envoy::start(
-        EnvoyOptions::new(stable.port(), canary.port())
-            .with_filter(filter(wasm, &config.to_string()))
-            .with_route_before_primary(json!({
-                "match": {"prefix": "/local"},
-                "direct_response": {"status": 200, "body": {"inline_string": "local"}}
-            })),
+        options_with_filter(
+            EnvoyOptions::new(stable.port(), canary.port()),
+            wasm,
+            config,
+            named,
+        )
+        .with_route_before_primary(json!({
+            "match": {"prefix": "/local"},
+            "direct_response": {"status": 200, "body": {"inline_string": "local"}}
+        })),
     )?;
     let url = envoy.listener_url();
     let reset = get(&format!("{url}/reset"), &[])?;
     ensure!(reset.status == 503, "{reset:?}");
+    // Envoy's own reply names the cluster too, so the filter reads it from the header.
+    ensure!(
+        (reset.header(CLUSTER_HEADER) == Some(STABLE_CLUSTER)) == named,
+        "{reset:?}"
+    );
     // Headers went out, then the upstream vanished: the client sees a cut-off 200.
     let mid = get(&format!("{url}/reset-mid"), &[])?;
     ensure!(mid.status == 200 && mid.body.len() < 1000, "{mid:?}");

@@ -89,6 +89,16 @@ impl StreamHost for FakeStream {
         self.calls.push(format!("property {}", key(property)));
         self.properties.get(key(property)).cloned()
     }
+    fn response_headers(&mut self) -> Option<Vec<u8>> {
+        self.calls.push("pairs Response".into());
+        (!self.response.is_empty()).then(|| {
+            crate::header_pairs::serialize(
+                self.response
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), value.as_slice())),
+            )
+        })
+    }
     fn now_nanos(&mut self) -> Option<u64> {
         self.calls.push("now".into());
         let now = self.clock;

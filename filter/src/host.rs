@@ -67,6 +67,11 @@ mod abi {
             return_value_data: *mut *mut u8,
             return_value_size: *mut usize,
         ) -> u32;
+        pub fn proxy_get_header_map_pairs(
+            map_type: u32,
+            return_map_data: *mut *mut u8,
+            return_map_size: *mut usize,
+        ) -> u32;
         pub fn proxy_replace_header_map_value(
             map_type: u32,
             key_data: *const u8,
@@ -238,6 +243,15 @@ impl StreamHost for Hostcalls {
         // SAFETY: `path` is static; out-pointers are valid locals.
         let status =
             unsafe { abi::proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
+        owned(status, data, size)
+    }
+
+    fn response_headers(&mut self) -> Option<Vec<u8>> {
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: out-pointers are valid locals.
+        let status = unsafe {
+            abi::proxy_get_header_map_pairs(abi::MAP_RESPONSE_HEADERS, &mut data, &mut size)
+        };
         owned(status, data, size)
     }
 

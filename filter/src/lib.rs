@@ -46,6 +46,7 @@
 #[cfg(test)]
 mod fake;
 pub mod guard;
+pub mod header_pairs;
 pub mod metrics;
 pub mod module;
 pub mod plugin;

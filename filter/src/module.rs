@@ -365,7 +365,34 @@ mod tests {
 
     const APP: &str = r#"{"clusters": {"app_stable": {"service": "app", "subset": "stable"},
                                        "app_canary": {"service": "app", "subset": "canary"}}}"#;
+    /// `APP`, with the cluster named by the route in a response header.
+    const APP_NAMED: &str = r#"{"clusters": {"app_stable": {"service": "app", "subset": "stable"},
+                                             "app_canary": {"service": "app", "subset": "canary"}},
+                                "clusterHeader": "x-fledge-cluster"}"#;
     const ROOT: u32 = 1;
+
+    /// Each module with the cluster from the property (`APP`) and from the route's response
+    /// header (`APP_NAMED`).
+    fn each_setup() -> [(FilterModule, &'static str); 4] {
+        [
+            (FilterModule::Full, APP),
+            (FilterModule::Observer, APP),
+            (FilterModule::Full, APP_NAMED),
+            (FilterModule::Observer, APP_NAMED),
+        ]
+    }
+
+    /// As Envoy shows `stream` when the route names the cluster: every response carries the
+    /// header, and the property is not needed (removed, so a read of it would miss).
+    fn named_by_route(mut stream: FakeStream) -> FakeStream {
+        if stream.response.is_empty() {
+            return stream;
+        }
+        if let Some(cluster) = stream.properties.remove("cluster") {
+            stream.response.insert("x-fledge-cluster".into(), cluster);
+        }
+        stream
+    }
 
     /// Envoy as seen by one VM: the metric store every request adds to, and the next context id.
     struct Envoy {
@@ -512,6 +539,116 @@ mod tests {
             assert_eq!(buckets, [0, 0, 0, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]);
             // Nothing new: a tick makes no hostcall.
             assert!(envoy.tick().calls.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_cluster_named_by_the_route_is_read_with_the_status_in_one_hostcall() {
+        let named = |status| named_by_route(FakeStream::finished("app_canary", status));
+        // (response, shape, the log phase's hostcalls after the start's clock read and the
+        // full module's route-header strip)
+        let grpc_only = || {
+            let mut s = named(200);
+            s.response.insert("grpc-status".into(), b"14".to_vec());
+            s
+        };
+        let unnamed = FakeStream::finished("app_canary", 200);
+        type Case = (
+            &'static str,
+            FakeStream,
+            Response,
+            [&'static [&'static str]; 2],
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "200 with a body: one read for the cluster and the status",
+                named(200),
+                Response::Body,
+                [&["pairs Response", "now"], &["pairs Response", "now"]],
+            ),
+            (
+                // The observer sees no headers phase: the details, but no grpc-status lookup.
+                "200, no body",
+                named(200),
+                Response::Bodiless,
+                [
+                    &["get Response grpc-status", "pairs Response", "now"],
+                    &["pairs Response", "now", "property details"],
+                ],
+            ),
+            (
+                "trailers-only gRPC error",
+                grpc_only(),
+                Response::Bodiless,
+                [
+                    &[
+                        "get Response grpc-status",
+                        "pairs Response",
+                        "now",
+                        "property details",
+                    ],
+                    &["pairs Response", "now", "property details"],
+                ],
+            ),
+            (
+                "503: the details say whose",
+                named(503),
+                Response::Body,
+                [
+                    &["pairs Response", "now", "property details"],
+                    &["pairs Response", "now", "property details"],
+                ],
+            ),
+            (
+                // A route that does not name its cluster: the property, the status still read
+                // once.
+                "no header: the property",
+                unnamed,
+                Response::Body,
+                [
+                    &["pairs Response", "property cluster", "now"],
+                    &["pairs Response", "property cluster", "now"],
+                ],
+            ),
+            (
+                // No response headers at all: the property, and `:status` (absent) alone.
+                "reset before any response",
+                FakeStream::new().with_property("cluster", b"app_canary"),
+                Response::Reset,
+                [
+                    &[
+                        "pairs Response",
+                        "property cluster",
+                        "now",
+                        "get Response :status",
+                    ],
+                    &[
+                        "pairs Response",
+                        "property cluster",
+                        "now",
+                        "get Response :status",
+                    ],
+                ],
+            ),
+        ];
+        let want_class = ["2xx", "2xx", "5xx", "5xx", "2xx", "none"];
+        for (i, module) in both().into_iter().enumerate() {
+            for ((name, stream, response, want), class) in cases.iter().zip(want_class) {
+                let mut envoy = Envoy::new(module, APP_NAMED);
+                let mut copy = FakeStream::new();
+                copy.response = stream.response.clone();
+                copy.properties = stream.properties.clone();
+                let s = envoy.request(copy, *response);
+                let start: &[&str] = match module {
+                    FilterModule::Full => &["now", "get Request x-fledge-route"],
+                    FilterModule::Observer => &["now"],
+                };
+                let (first, rest) = s.calls.split_at(start.len());
+                assert_eq!(first, start, "{module:?}: {name}");
+                assert_eq!(rest, want[i], "{module:?}: {name}");
+                envoy.tick();
+                assert_eq!(envoy.count("canary", class), 1, "{module:?}: {name}");
+            }
         }
     }
 
@@ -667,20 +804,23 @@ mod tests {
                 "none",
             ),
         ];
-        for module in both() {
+        for (module, config) in each_setup() {
             for (name, stream, response, subset, class) in &cases {
-                let mut envoy = Envoy::new(module, APP);
+                let mut envoy = Envoy::new(module, config);
                 let mut copy = FakeStream::new();
                 copy.request = stream.request.clone();
                 copy.response = stream.response.clone();
                 copy.trailers = stream.trailers.clone();
                 copy.properties = stream.properties.clone();
+                if config == APP_NAMED {
+                    copy = named_by_route(copy);
+                }
                 envoy.request(copy, *response);
                 envoy.tick();
-                assert_eq!(envoy.count(subset, class), 1, "{module:?}: {name}");
+                assert_eq!(envoy.count(subset, class), 1, "{module:?} {config}: {name}");
             }
             // No route: (other, other, none) without reading the response.
-            let mut envoy = Envoy::new(module, APP);
+            let mut envoy = Envoy::new(module, config);
             let s = envoy.request(FakeStream::new().with_status(404), Response::Body);
             assert_eq!(
                 s.calls

@@ -4,6 +4,7 @@
 //! [`MetricHost`] with hostcalls; the tests implement them with fakes and count the calls.
 
 use crate::guard::{self, Counts, Settings, SharedData, Window};
+use crate::header_pairs::ResponseHeaders;
 use crate::metrics::{MetricCache, MetricHost, MetricKind, UpstreamSubset};
 use crate::tagging;
 use fledge_core::contract::{self, ResponseClass};
@@ -47,6 +48,9 @@ pub trait StreamHost {
     fn set_header(&mut self, map: Headers, name: &str, value: &[u8]);
     fn remove_header(&mut self, map: Headers, name: &str);
     fn property(&mut self, property: Property) -> Option<Vec<u8>>;
+    /// All response headers in one read, serialized as the ABI does (see [`crate::header_pairs`]);
+    /// `None` when the host has none to give.
+    fn response_headers(&mut self) -> Option<Vec<u8>>;
     /// Wall-clock time in nanoseconds since the Unix epoch.
     fn now_nanos(&mut self) -> Option<u64>;
     /// Make Envoy pick the route again (after a routing header changed).
@@ -242,7 +246,14 @@ impl Finished {
     ///   replies on a route with a cluster (a CORS preflight) would count as the upstream's;
     ///   they are rare and not failures;
     /// - the duration from the clock, or `request.duration` when the start is unknown.
-    pub fn from_stream(stream: &StreamState, host: &mut impl StreamHost) -> Self {
+    ///
+    /// `seen`: the response headers already read in one hostcall (`clusterHeader`); their
+    /// `:status` and `grpc-status` then replace the single header reads.
+    pub fn from_stream(
+        stream: &StreamState,
+        seen: Option<&ResponseHeaders>,
+        host: &mut impl StreamHost,
+    ) -> Self {
         let duration_ms = match stream.started_nanos {
             Some(start) => host
                 .now_nanos()
@@ -261,12 +272,15 @@ impl Finished {
                 grpc_status: None,
             };
         }
-        let status = host
-            .header(Headers::Response, ":status")
-            .as_deref()
-            .and_then(parse_status);
+        let status = match seen {
+            Some(seen) => seen.status,
+            None => host
+                .header(Headers::Response, ":status")
+                .as_deref()
+                .and_then(parse_status),
+        };
         let grpc_status = match (status, stream.grpc_status) {
-            (Some(200), None) => grpc_status_in_log(stream, host),
+            (Some(200), None) => grpc_status_in_log(stream, seen, host),
             (_, grpc_status) => grpc_status,
         };
         // Envoy's own gRPC replies (200 + an error grpc-status, no body) look complete too.
@@ -309,11 +323,17 @@ impl Finished {
 /// carries it in the headers (only possible when the filter saw neither a body-carrying response
 /// header phase, nor a body, nor trailers); a stream the module lost track of may also have it
 /// in trailers.
-fn grpc_status_in_log(stream: &StreamState, host: &mut impl StreamHost) -> Option<u32> {
-    let mut read = |map: Headers| {
-        host.header(map, "grpc-status")
+fn grpc_status_in_log(
+    stream: &StreamState,
+    seen: Option<&ResponseHeaders>,
+    host: &mut impl StreamHost,
+) -> Option<u32> {
+    let mut read = |map: Headers| match (map, seen) {
+        (Headers::Response, Some(seen)) => seen.grpc_status,
+        _ => host
+            .header(map, "grpc-status")
             .as_deref()
-            .and_then(parse_grpc_status)
+            .and_then(parse_grpc_status),
     };
     if !stream.tracked {
         return read(Headers::ResponseTrailers).or_else(|| read(Headers::Response));
@@ -735,14 +755,21 @@ impl Plugin {
         stream: &mut StreamState,
         host: &mut H,
     ) -> Option<GuardEvent> {
+        // `clusterHeader`: the cluster, the status and `grpc-status` in one read; a response
+        // the route did not name (or no response) falls back to the property.
+        let seen = self.config.cluster_header.as_deref().and_then(|name| {
+            host.response_headers()
+                .map(|map| ResponseHeaders::from_map(&map, name))
+        });
         if !stream.resolved {
-            let cluster = host.property(Property::ClusterName);
+            let named = seen.as_ref().and_then(|seen| seen.cluster.clone());
+            let cluster = named.or_else(|| host.property(Property::ClusterName));
             let cluster = cluster.as_deref().filter(|c| !c.is_empty());
             stream.pair = self.resolve_pair(cluster, host);
             stream.resolved = true;
             stream.has_cluster = cluster.is_some();
         }
-        let finished = Finished::from_stream(stream, host);
+        let finished = Finished::from_stream(stream, seen.as_ref(), host);
         self.record(stream.pair, &finished);
         let index = self.guard_of(stream.pair)?;
         let slot = self.guards.get_mut(index)?;

@@ -62,11 +62,12 @@ impl FilterConfigError {
 }
 
 const EXAMPLE: &str = r#"{"clusters": {"app_canary": {"service": "app", "subset": "canary"}}, "istioClusterNames": true}"#;
-const ROOT_KEYS: [&str; 11] = [
+const ROOT_KEYS: [&str; 12] = [
     "clusters",
     "istioClusterNames",
     "endpointMetadata",
     "subsetHeader",
+    "clusterHeader",
     "responseHeader",
     "routeHeader",
     "clearRouteCache",
@@ -75,7 +76,7 @@ const ROOT_KEYS: [&str; 11] = [
     "guard",
     "durationBucketsMs",
 ];
-pub(super) const ROOT_ALLOWED: &str = "clusters, istioClusterNames, endpointMetadata, subsetHeader, responseHeader, routeHeader, clearRouteCache, forceCanary, sticky, guard, durationBucketsMs";
+pub(super) const ROOT_ALLOWED: &str = "clusters, istioClusterNames, endpointMetadata, subsetHeader, clusterHeader, responseHeader, routeHeader, clearRouteCache, forceCanary, sticky, guard, durationBucketsMs";
 const GUARD_KEYS: [&str; 2] = ["header", "services"];
 const GUARD_SERVICE_KEYS: [&str; 5] = [
     "canarySubset",
@@ -147,6 +148,7 @@ impl FilterConfig {
         }
         config.subset_header = opt_header_name(root, "", "subsetHeader")?;
         config.response_header = opt_header_name(root, "", "responseHeader")?;
+        config.cluster_header = opt_header_name(root, "", "clusterHeader")?;
         if let Some(name) = opt_header_name(root, "", "routeHeader")? {
             config.route_header = name;
         }
@@ -191,6 +193,7 @@ impl FilterConfig {
     /// the same name would let clients write it.
     fn check_header_clashes(&self) -> Result<(), FilterConfigError> {
         let route = self.route_header.as_str();
+        self.check_cluster_header()?;
         if let Some(guard) = &self.guard {
             let clash = if guard.header == route {
                 Some("routeHeader")
@@ -251,6 +254,31 @@ impl FilterConfig {
 }
 
 impl FilterConfig {
+    /// `clusterHeader` must name a header only Envoy's route writes: the subset or version
+    /// headers carry other values, and the route header is the client's to try.
+    fn check_cluster_header(&self) -> Result<(), FilterConfigError> {
+        let Some(name) = self.cluster_header.as_deref() else {
+            return Ok(());
+        };
+        let clash = [
+            ("responseHeader", self.response_header.as_deref()),
+            ("subsetHeader", self.subset_header.as_deref()),
+            ("routeHeader", Some(self.route_header.as_str())),
+        ]
+        .into_iter()
+        .find(|(_, other)| *other == Some(name));
+        match clash {
+            Some((other, _)) => Err(FilterConfigError::invalid(
+                "clusterHeader",
+                format!(
+                    "must differ from {other} ({name:?}): it names the upstream cluster, which \
+                     Envoy's route writes; use another name such as \"x-fledge-cluster\""
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Parse a plugin configuration for `module`: [`FilterConfig::parse_bytes`], then
     /// [`FilterConfig::check_module`].
     pub fn parse_for(module: FilterModule, raw: &[u8]) -> Result<Self, FilterConfigError> {

@@ -423,6 +423,7 @@ fn tagging_options_parse_with_defaults() {
     .unwrap();
     assert_eq!(c.response_header.as_deref(), Some("x-fledge-subset"));
     assert_eq!(c.subset_header.as_deref(), Some("x-version"));
+    assert_eq!(c.cluster_header, None);
     assert_eq!(c.route_header, contract::DEFAULT_ROUTE_HEADER);
     assert!(!c.clear_route_cache && c.endpoint_metadata);
     let sticky = c.sticky.clone().unwrap();
@@ -536,6 +537,26 @@ fn tagging_mistakes_name_the_field() {
             "must not be empty",
         ),
         (
+            r#"{"clusterHeader": "x-fledge-subset", "responseHeader": "X-Fledge-Subset"}"#,
+            "clusterHeader",
+            "must differ from responseHeader",
+        ),
+        (
+            r#"{"clusterHeader": "x-version", "subsetHeader": "x-version"}"#,
+            "clusterHeader",
+            "must differ from subsetHeader",
+        ),
+        (
+            r#"{"clusterHeader": "x-fledge-route"}"#,
+            "clusterHeader",
+            "must differ from routeHeader",
+        ),
+        (
+            r#"{"clusterHeader": ":status"}"#,
+            "clusterHeader",
+            "is not an HTTP header name",
+        ),
+        (
             r#"{"clearRouteCache": "yes"}"#,
             "clearRouteCache",
             "true or false",
@@ -608,4 +629,15 @@ fn subset_from_upstream_when_the_name_has_none() {
     );
     assert_eq!(istio_workload_revision("reviews-v2;default"), None);
     assert_eq!(istio_workload_revision(""), None);
+}
+
+#[test]
+fn cluster_header_parses_lowercase_round_trips_and_is_valid_for_the_observer() {
+    let c = FilterConfig::parse(r#"{"clusterHeader": "X-Fledge-Cluster"}"#).unwrap();
+    assert_eq!(c.cluster_header.as_deref(), Some("x-fledge-cluster"));
+    assert!(c
+        .to_json()
+        .contains(r#""clusterHeader":"x-fledge-cluster""#));
+    assert_eq!(FilterConfig::parse(&c.to_json()).unwrap(), c);
+    c.check_module(FilterModule::Observer).unwrap();
 }
