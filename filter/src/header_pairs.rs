@@ -1,5 +1,6 @@
-//! A whole header map as `proxy_get_header_map_pairs` returns it, and the three values the log
-//! phase wants from the response headers when `clusterHeader` is set.
+//! A whole header map as `proxy_get_header_map_pairs` returns it (the log phase's one read of
+//! the response headers when `clusterHeader` is set; see [`crate::plugin::ResponseHeaders`]).
+//! Dependency-free: `filter/floor` includes this file too.
 //!
 //! One such read costs Envoy less than the `xds.cluster_name` property and the `:status`
 //! header read separately (docs/filter-performance.md has the numbers): each value through the
@@ -10,8 +11,6 @@
 //! then `n` times the name's and the value's sizes as two u32s, then each name and each value
 //! followed by a NUL byte. Anything malformed ends the walk: the pairs read so far stand, the
 //! rest are treated as absent (the log phase then falls back to its single reads).
-
-use crate::plugin::{parse_grpc_status, parse_status};
 
 /// The (name, value) pairs of a serialized header map, in order; stops at the first
 /// inconsistency instead of failing.
@@ -33,36 +32,6 @@ pub fn pairs(map: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
 fn word(map: &[u8], at: usize) -> Option<usize> {
     let bytes: [u8; 4] = map.get(at..at.checked_add(4)?)?.try_into().ok()?;
     usize::try_from(u32::from_le_bytes(bytes)).ok()
-}
-
-/// What the log phase takes from the response headers in `clusterHeader` mode.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ResponseHeaders {
-    /// The value of `clusterHeader` (the upstream cluster's name), if the route set it.
-    pub cluster: Option<Vec<u8>>,
-    /// `:status`; `None`: no response was sent.
-    pub status: Option<u16>,
-    /// `grpc-status` (a trailers-only gRPC response carries it here).
-    pub grpc_status: Option<u32>,
-}
-
-impl ResponseHeaders {
-    /// Pick `cluster_header` (lowercase, as Envoy stores names), `:status` and `grpc-status`
-    /// from a serialized response header map.
-    pub fn from_map(map: &[u8], cluster_header: &str) -> Self {
-        let mut found = ResponseHeaders::default();
-        for (name, value) in pairs(map) {
-            match name {
-                b":status" => found.status = parse_status(value),
-                b"grpc-status" => found.grpc_status = parse_grpc_status(value),
-                _ if name == cluster_header.as_bytes() && !value.is_empty() => {
-                    found.cluster = Some(value.to_vec());
-                }
-                _ => {}
-            }
-        }
-        found
-    }
 }
 
 /// Serialize pairs as Envoy does (for the fakes and the tests).
@@ -100,38 +69,14 @@ mod tests {
     }
 
     #[test]
-    fn picks_the_cluster_status_and_grpc_status() {
-        let found = ResponseHeaders::from_map(&map(), "x-fledge-cluster");
-        assert_eq!(
-            found,
-            ResponseHeaders {
-                cluster: Some(b"outbound|80|canary|app.ns.svc.cluster.local".to_vec()),
-                status: Some(503),
-                grpc_status: Some(14),
-            }
-        );
-        let other = ResponseHeaders::from_map(&map(), "x-other");
-        assert_eq!(other.cluster, None);
-        assert_eq!(other.status, Some(503));
-    }
-
-    #[test]
-    fn an_empty_cluster_value_is_absent() {
-        let map = serialize([(":status", b"200".as_slice()), ("x-fledge-cluster", b"")]);
-        assert_eq!(
-            ResponseHeaders::from_map(&map, "x-fledge-cluster").cluster,
-            None
-        );
-    }
-
-    #[test]
-    fn no_headers_at_all_is_no_response() {
-        for map in [Vec::new(), serialize([])] {
-            assert_eq!(
-                ResponseHeaders::from_map(&map, "x-fledge-cluster"),
-                ResponseHeaders::default()
-            );
-        }
+    fn reads_every_pair_in_order() {
+        let map = map();
+        let read: Vec<_> = pairs(&map).collect();
+        assert_eq!(read.len(), 4);
+        assert_eq!(read[0], (b":status".as_slice(), b"503".as_slice()));
+        assert_eq!(read[3], (b"grpc-status".as_slice(), b"14".as_slice()));
+        assert_eq!(pairs(&serialize([])).count(), 0);
+        assert_eq!(pairs(&[]).count(), 0);
     }
 
     #[test]

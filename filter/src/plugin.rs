@@ -4,7 +4,7 @@
 //! [`MetricHost`] with hostcalls; the tests implement them with fakes and count the calls.
 
 use crate::guard::{self, Counts, Settings, SharedData, Window};
-use crate::header_pairs::ResponseHeaders;
+use crate::header_pairs;
 use crate::metrics::{MetricCache, MetricHost, MetricKind, UpstreamSubset};
 use crate::tagging;
 use fledge_core::contract::{self, ResponseClass};
@@ -316,6 +316,36 @@ impl Finished {
             (status, _) => status,
         };
         ResponseClass::classify(status, self.upstream_responded)
+    }
+}
+
+/// What the log phase takes from the response headers in `clusterHeader` mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResponseHeaders {
+    /// The value of `clusterHeader` (the upstream cluster's name), if the route set it.
+    pub cluster: Option<Vec<u8>>,
+    /// `:status`; `None`: no response was sent.
+    pub status: Option<u16>,
+    /// `grpc-status` (a trailers-only gRPC response carries it here).
+    pub grpc_status: Option<u32>,
+}
+
+impl ResponseHeaders {
+    /// Pick `cluster_header` (lowercase, as Envoy stores names), `:status` and `grpc-status`
+    /// from a serialized response header map.
+    pub fn from_map(map: &[u8], cluster_header: &str) -> Self {
+        let mut found = ResponseHeaders::default();
+        for (name, value) in header_pairs::pairs(map) {
+            match name {
+                b":status" => found.status = parse_status(value),
+                b"grpc-status" => found.grpc_status = parse_grpc_status(value),
+                _ if name == cluster_header.as_bytes() && !value.is_empty() => {
+                    found.cluster = Some(value.to_vec());
+                }
+                _ => {}
+            }
+        }
+        found
     }
 }
 

@@ -21,7 +21,14 @@
 //!   header callbacks) making the four reads plus exactly the hostcalls the `tagging` and `guard`
 //!   configurations ask of Envoy (sticky key read, route header write, absent header lookups, a
 //!   response header write): what any proxy-wasm filter doing that work pays here. When a floor
-//!   misses its configuration's target too, the verdict says so.
+//!   misses its configuration's target too, the verdict says so;
+//! - `observer-named`, `guard-named` (and their floors `floor-named`, `floor-guard-named`): the
+//!   same on routes that name the upstream cluster in `x-fledge-cluster` (`%UPSTREAM_CLUSTER%`),
+//!   with the filter's `clusterHeader`, so the log phase reads the cluster and the status in
+//!   one `proxy_get_header_map_pairs`;
+//! - `tagging-native`, `tagging-lean` (and `floor-tagging-native`, `floor-lean`): sticky users
+//!   and the subset header from Envoy's route; `tagging-lean` runs the observer (with
+//!   `clusterHeader`) on every request and the full module only on token routes.
 //!
 //! The measure is Envoy's **CPU time per request**: utime + stime of the measured Envoy process
 //! (`/proc/<pid>/stat`) across a measurement ÷ the requests it served meanwhile (closed loop,
@@ -127,8 +134,8 @@ const SECRET: &str = "bench-secret-0123456789abcdef";
 /// Targets from the issue: CPU(empty) ÷ CPU(variant), medians of the per-round ratios.
 fn target_vs_empty(name: &str) -> Option<f64> {
     match name {
-        "observer" => Some(0.97),
-        "tagging" | "tagging-native" | "tagging-lean" | "guard" => Some(0.93),
+        "observer" | "observer-named" => Some(0.97),
+        "tagging" | "tagging-native" | "tagging-lean" | "guard" | "guard-named" => Some(0.93),
         _ => None,
     }
 }
@@ -144,6 +151,8 @@ fn floor_of(name: &str) -> Option<&'static str> {
         "tagging-native" => Some("floor-tagging-native"),
         "tagging-lean" => Some("floor-lean"),
         "guard" => Some("floor-guard"),
+        "observer-named" => Some("floor-named"),
+        "guard-named" => Some("floor-guard-named"),
         _ => None,
     }
 }
@@ -172,6 +181,9 @@ struct Variant {
     /// A second filter Envoy runs instead of `filter` only for requests carrying the
     /// forced-canary token or the route header (none of the bench's requests do).
     forced_canary_filter: Option<WasmFilter>,
+    /// Whether Envoy's route names the upstream cluster in [`CLUSTER_HEADER`] (what the
+    /// filter's `clusterHeader` reads).
+    cluster_header: bool,
 }
 
 impl Variant {
@@ -184,7 +196,14 @@ impl Variant {
             fledge_metrics,
             native_route: false,
             forced_canary_filter: None,
+            cluster_header: false,
         }
+    }
+
+    /// On routes that name the upstream cluster in [`CLUSTER_HEADER`].
+    fn with_cluster_header(mut self) -> Variant {
+        self.cluster_header = true;
+        self
     }
 
     /// On routes that do the sticky pick and the subset header themselves.
@@ -231,6 +250,13 @@ struct Modules {
 /// same four).
 const FLOOR_READS: &str = "xds.cluster_name,response.code,response.code_details,request.duration";
 
+/// The response header Envoy's route names the upstream cluster in, for `clusterHeader`.
+const CLUSTER_HEADER: &str = "x-fledge-cluster";
+
+/// The floor's reads when the route names the cluster: the response headers in one read (the
+/// cluster and the code), the details, the duration.
+const FLOOR_NAMED_READS: &str = "pairs:x-fledge-cluster,response.code_details,request.duration";
+
 /// `floor-tagging` and `floor-guard`: the floor's reads plus the hostcalls the `tagging` and
 /// `guard` configurations make per request on the bench's traffic (the requests carry the
 /// sticky key and none of the forced-canary, guard or route headers).
@@ -259,6 +285,16 @@ fn floor_variants(floor_tagging: &Path) -> Vec<Variant> {
             "req:x-fledge-guard,req:x-fledge-route",
             "the 4 reads + the guard's hostcalls: header callbacks, guard and route header lookups",
         ),
+        Variant::new(
+            "floor-guard-named",
+            "floor-guard, the cluster and code from the response headers in one read",
+            Some(WasmFilter {
+                wasm: floor_tagging.to_path_buf(),
+                plugin_config: format!("{FLOOR_NAMED_READS},req:x-fledge-guard,req:x-fledge-route"),
+            }),
+            false,
+        )
+        .with_cluster_header(),
     ]
 }
 
@@ -293,6 +329,11 @@ fn builtin_variants(modules: &Modules) -> Vec<Variant> {
         })
     };
     let observer_config = json!({"clusters": clusters_config()}).to_string();
+    let named = |mut config: serde_json::Value| {
+        config["clusterHeader"] = json!(CLUSTER_HEADER);
+        config.to_string()
+    };
+    let observer_named = named(json!({"clusters": clusters_config()}));
     let mut variants = vec![
         Variant::new("none", "no filter", None, false),
         Variant::new(
@@ -316,7 +357,7 @@ fn builtin_variants(modules: &Modules) -> Vec<Variant> {
         Variant::new(
             "observer",
             "fledge_observer.wasm: metrics only",
-            filter(observer, observer_config.clone()),
+            filter(observer, observer_config),
             true,
         ),
         Variant::new(
@@ -338,30 +379,54 @@ fn builtin_variants(modules: &Modules) -> Vec<Variant> {
             filter(full, guard.to_string()),
             true,
         ),
+        Variant::new(
+            "floor-named",
+            "on_log + the reads metrics need when the route names the cluster (response headers, details, duration)",
+            filter(floor, FLOOR_NAMED_READS.to_string()),
+            false,
+        )
+        .with_cluster_header(),
+        Variant::new(
+            "observer-named",
+            "fledge_observer.wasm, clusterHeader: the route names the cluster",
+            filter(observer, observer_named.clone()),
+            true,
+        )
+        .with_cluster_header(),
+        Variant::new(
+            "guard-named",
+            "fledge_filter.wasm: guard configured, clusterHeader",
+            filter(full, named(guard.clone())),
+            true,
+        )
+        .with_cluster_header(),
     ];
     variants.extend(floor_variants(&modules.floor_tagging));
     // The observer on every request; the full module, with `forceCanary`, only on the routes of
     // requests carrying the token or the route header; sticky users and the subset header
     // from the route. Its floor: `floor` in both places, on the same routes.
+    // The routes also name the cluster, so the observer reads it with the status at once.
     variants.push(
         Variant::new(
             "tagging-lean",
-            "fledge_observer.wasm; fledge_filter.wasm (forceCanary) only on token/route-header routes; the route: sticky + the subset header",
-            filter(observer, observer_config),
+            "fledge_observer.wasm (clusterHeader); fledge_filter.wasm (forceCanary) only on token/route-header routes; the route: sticky + the subset header + the cluster header",
+            filter(observer, observer_named),
             true,
         )
         .on_native_route()
-        .with_forced_canary_filter(filter(full, tagging_native.to_string())),
+        .with_cluster_header()
+        .with_forced_canary_filter(filter(full, named(tagging_native.clone()))),
     );
     variants.push(
         Variant::new(
             "floor-lean",
-            "floor, on tagging-lean's routes (floor also as its route-scoped filter)",
-            filter(floor, String::new()),
+            "floor-named, on tagging-lean's routes (floor also as its route-scoped filter)",
+            filter(floor, FLOOR_NAMED_READS.to_string()),
             false,
         )
         .on_native_route()
-        .with_forced_canary_filter(filter(floor, String::new())),
+        .with_cluster_header()
+        .with_forced_canary_filter(filter(floor, FLOOR_NAMED_READS.to_string())),
     );
     variants
 }
@@ -854,6 +919,9 @@ fn start_envoy(variant: &Variant, upstream_port: u16, dir: &Path) -> Result<Envo
     } else {
         options.with_weighted_header_name(contract::DEFAULT_ROUTE_HEADER)
     };
+    if variant.cluster_header {
+        options = options.with_cluster_header(CLUSTER_HEADER);
+    }
     options.initial_weights = RouteWeights::canary_percent(10);
     options.log_level = "warn".into();
     if let Some(filter) = &variant.filter {
@@ -1305,6 +1373,20 @@ mod tests {
             let floor = floor_of(&variant.name).expect("a floor");
             let floor = variants.iter().find(|v| v.name == floor).expect("built in");
             assert_eq!(floor.native_route, variant.native_route, "{}", variant.name);
+            assert_eq!(
+                floor.cluster_header, variant.cluster_header,
+                "{}",
+                variant.name
+            );
+            // A variant reading the cluster from the route's header has a floor doing so.
+            let reads_header = config(&variant.name).contains("clusterHeader");
+            assert_eq!(variant.cluster_header, reads_header, "{}", variant.name);
+            assert_eq!(
+                config(&floor.name).contains("pairs:x-fledge-cluster"),
+                reads_header,
+                "{}",
+                variant.name
+            );
             assert_eq!(
                 floor.forced_canary_filter.is_some(),
                 variant.forced_canary_filter.is_some(),

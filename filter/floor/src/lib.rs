@@ -10,7 +10,8 @@
 //! Its plugin configuration can list other reads instead, to measure what each costs
 //! (`make bench-filter BENCH_ARGS=--reads` runs such a ladder): `none`, or reads separated by
 //! commas — property paths with dots (`xds.cluster_name`, `response.code`, ...), `hdr:NAME` (a
-//! response header) and `now` (a clock read). An empty configuration means the four above.
+//! response header), `pairs:NAME` (all response headers in one read: `:status` is the code,
+//! `NAME` the cluster, as the filter's `clusterHeader` reads them) and `now` (a clock read). An empty configuration means the four above.
 //!
 //! Counts are published once a second as `fledge_floor_requests_total.<cluster>.<class>`
 //! counters (so the bench can see it counted) and nothing else.
@@ -32,6 +33,11 @@
 //! the forced-canary, guard or route headers, so these are the lookups that find nothing) and
 //! `resp-set` (write `x-fledge-subset: canary` into the response headers). Each callback returns
 //! at once when it has nothing to do. The package `fledge-floor-tagging-filter` is this build.
+
+/// The filter's walk of a serialized header map (`pairs:NAME` reads), dependency-free.
+#[cfg(all(target_arch = "wasm32", not(feature = "cel")))]
+#[path = "../../src/header_pairs.rs"]
+mod header_pairs;
 
 #[cfg(target_arch = "wasm32")]
 // The proxy-wasm ABI: raw imports and `#[no_mangle]` exports, each with a SAFETY comment.
@@ -56,6 +62,12 @@ mod wasm {
             key_size: usize,
             return_value_data: *mut *mut u8,
             return_value_size: *mut usize,
+        ) -> u32;
+        #[cfg(not(feature = "cel"))]
+        fn proxy_get_header_map_pairs(
+            map_type: u32,
+            return_map_data: *mut *mut u8,
+            return_map_size: *mut usize,
         ) -> u32;
         #[cfg(not(feature = "cel"))]
         fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
@@ -201,6 +213,9 @@ mod wasm {
         Header(String, Role),
         /// A clock read.
         Now,
+        /// All response headers in one hostcall: `:status` is the code, the named header
+        /// (which Envoy's route sets to the upstream cluster) the cluster.
+        Pairs(String),
     }
 
     #[cfg(not(feature = "cel"))]
@@ -230,9 +245,10 @@ mod wasm {
             .filter(|token| !token.is_empty() && *token != "none" && !is_header_phase(token))
             .map(|token| match token {
                 "now" => Read::Now,
-                _ => match token.strip_prefix("hdr:") {
-                    Some(name) => Read::Header(name.to_string(), role(name)),
-                    None => Read::Property(token.replace('.', "\0").into_bytes(), role(token)),
+                _ => match (token.strip_prefix("hdr:"), token.strip_prefix("pairs:")) {
+                    (Some(name), _) => Read::Header(name.to_string(), role(name)),
+                    (_, Some(name)) => Read::Pairs(name.to_string()),
+                    _ => Read::Property(token.replace('.', "\0").into_bytes(), role(token)),
                 },
             })
             .collect();
@@ -359,6 +375,12 @@ mod wasm {
             let (value, role) = match read {
                 Read::Property(path, role) => (property(path), *role),
                 Read::Header(name, role) => (response_header(name), *role),
+                Read::Pairs(name) => {
+                    let (cluster, code) = response_pairs(name);
+                    values.0 = cluster;
+                    values.1 = code;
+                    continue;
+                }
                 Read::Now => {
                     let mut nanos = 0u64;
                     // SAFETY: out-pointer is a valid local.
@@ -381,6 +403,29 @@ mod wasm {
             }
         }
         values
+    }
+
+    /// The response headers' `cluster_header` and `:status`, from one
+    /// `proxy_get_header_map_pairs` (walked as the filter walks it).
+    #[cfg(not(feature = "cel"))]
+    fn response_pairs(cluster_header: &str) -> (Vec<u8>, Option<i64>) {
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: out-pointers are valid locals.
+        let status = unsafe { proxy_get_header_map_pairs(2, &mut data, &mut size) };
+        let Some(bytes) = owned(status, data, size) else {
+            return (Vec::new(), None);
+        };
+        let (mut cluster, mut code) = (Vec::new(), None);
+        for (name, value) in super::header_pairs::pairs(&bytes) {
+            match name {
+                b":status" => {
+                    code = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+                }
+                _ if name == cluster_header.as_bytes() => cluster = value.to_vec(),
+                _ => {}
+            }
+        }
+        (cluster, code)
     }
 
     #[cfg(not(feature = "cel"))]

@@ -760,3 +760,50 @@ fn reconfiguring_keeps_the_guard_gauge_and_state() {
         s.calls
     );
 }
+
+fn named_response_map() -> Vec<u8> {
+    header_pairs::serialize([
+        (":status", b"503".as_slice()),
+        ("content-type", b"application/grpc"),
+        (
+            "x-fledge-cluster",
+            b"outbound|80|canary|app.ns.svc.cluster.local",
+        ),
+        ("grpc-status", b"14"),
+    ])
+}
+
+#[test]
+fn picks_the_cluster_status_and_grpc_status() {
+    let found = ResponseHeaders::from_map(&named_response_map(), "x-fledge-cluster");
+    assert_eq!(
+        found,
+        ResponseHeaders {
+            cluster: Some(b"outbound|80|canary|app.ns.svc.cluster.local".to_vec()),
+            status: Some(503),
+            grpc_status: Some(14),
+        }
+    );
+    let other = ResponseHeaders::from_map(&named_response_map(), "x-other");
+    assert_eq!(other.cluster, None);
+    assert_eq!(other.status, Some(503));
+}
+
+#[test]
+fn an_empty_cluster_value_is_absent() {
+    let map = header_pairs::serialize([(":status", b"200".as_slice()), ("x-fledge-cluster", b"")]);
+    assert_eq!(
+        ResponseHeaders::from_map(&map, "x-fledge-cluster").cluster,
+        None
+    );
+}
+
+#[test]
+fn no_headers_at_all_is_no_response() {
+    for map in [Vec::new(), header_pairs::serialize([])] {
+        assert_eq!(
+            ResponseHeaders::from_map(&map, "x-fledge-cluster"),
+            ResponseHeaders::default()
+        );
+    }
+}
