@@ -126,8 +126,8 @@ pub struct EnvoyOptions {
     /// Every route to one cluster (and each of `primary`'s weighted clusters) adds this response
     /// header naming its subset, without the filter.
     pub native_subset_header: Option<String>,
-    /// The route configuration adds this response header to every routed response, valued
-    /// `%UPSTREAM_CLUSTER%` (the filter's `clusterHeader`).
+    /// Each weighted cluster and each route to one cluster adds this response header naming
+    /// its cluster (the filter's `clusterHeader`).
     pub cluster_header: Option<String>,
     /// More static clusters (raw Envoy JSON), e.g. one with endpoint metadata.
     pub extra_clusters: Vec<Value>,
@@ -211,8 +211,8 @@ impl EnvoyOptions {
         self
     }
 
-    /// Have Envoy name the upstream cluster in a response header (`%UPSTREAM_CLUSTER%`) on
-    /// every route, for the filter's `clusterHeader`.
+    /// Have each route name its upstream cluster in a response header, for the filter's
+    /// `clusterHeader`.
     pub fn with_cluster_header(mut self, header: &str) -> EnvoyOptions {
         self.cluster_header = Some(header.to_string());
         self
@@ -379,11 +379,15 @@ fn subset_of(cluster: &str) -> Option<&'static str> {
 
 /// `response_headers_to_add` naming `cluster`'s subset, replacing what the upstream sent.
 fn subset_header_to_add(header: &str, cluster: &str) -> Option<Value> {
-    let subset = subset_of(cluster)?;
-    Some(json!([{
-        "header": {"key": header, "value": subset},
+    Some(header_to_add(header, subset_of(cluster)?))
+}
+
+/// One `response_headers_to_add` entry, replacing an upstream's own copy.
+fn header_to_add(header: &str, value: &str) -> Value {
+    json!({
+        "header": {"key": header, "value": value},
         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-    }]))
+    })
 }
 
 /// A running Envoy; stopped on drop.
@@ -626,19 +630,42 @@ pub fn route_configuration(weights: RouteWeights) -> Value {
 /// Adds `response_headers_to_add` naming the subset to each weighted cluster and to each
 /// route sending to one cluster.
 fn add_subset_headers(header: &str, clusters: &mut [Value], routes: &mut [Value]) {
+    add_per_cluster(clusters, routes, |cluster| {
+        subset_header_to_add(header, cluster)
+    });
+}
+
+/// Each weighted cluster and each route to one cluster names its cluster in `header` (what the
+/// filter's `clusterHeader` reads; the route's own value, so Envoy's local replies for that
+/// cluster carry it too).
+fn add_cluster_headers(header: &str, clusters: &mut [Value], routes: &mut [Value]) {
+    add_per_cluster(clusters, routes, |cluster| {
+        Some(header_to_add(header, cluster))
+    });
+}
+
+/// Append `entry(cluster name)` to the `response_headers_to_add` of each weighted cluster and
+/// of each route to one cluster.
+fn add_per_cluster(
+    clusters: &mut [Value],
+    routes: &mut [Value],
+    entry: impl Fn(&str) -> Option<Value>,
+) {
+    let add = |target: &mut Value, cluster: &str| {
+        if let Some(entry) = entry(cluster) {
+            match target["response_headers_to_add"].as_array_mut() {
+                Some(list) => list.push(entry),
+                None => target["response_headers_to_add"] = json!([entry]),
+            }
+        }
+    };
     for cluster in clusters {
         let name = cluster["name"].as_str().unwrap_or_default().to_string();
-        if let Some(add) = subset_header_to_add(header, &name) {
-            cluster["response_headers_to_add"] = add;
-        }
+        add(cluster, &name);
     }
     for route in routes {
-        let name = route["route"]["cluster"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        if let Some(add) = subset_header_to_add(header, &name) {
-            route["response_headers_to_add"] = add;
+        if let Some(name) = route["route"]["cluster"].as_str().map(str::to_string) {
+            add(route, &name);
         }
     }
 }
@@ -664,6 +691,9 @@ pub fn route_configuration_with(shape: &RouteShape, weights: RouteWeights) -> Va
     if let Some(header) = &shape.native_subset_header {
         add_subset_headers(header, &mut clusters, &mut routes);
     }
+    if let Some(header) = &shape.cluster_header {
+        add_cluster_headers(header, &mut clusters, &mut routes);
+    }
     let mut weighted = json!({"clusters": clusters});
     if let Some(header) = &shape.weighted_header_name {
         weighted["header_name"] = json!(header);
@@ -679,7 +709,7 @@ pub fn route_configuration_with(shape: &RouteShape, weights: RouteWeights) -> Va
         "match": {"prefix": "/"},
         "route": action
     }));
-    let mut config = json!({
+    json!({
         "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
         "name": ROUTE_CONFIG_NAME,
         "virtual_hosts": [{
@@ -687,15 +717,7 @@ pub fn route_configuration_with(shape: &RouteShape, weights: RouteWeights) -> Va
             "domains": ["*"],
             "routes": routes
         }]
-    });
-    if let Some(header) = &shape.cluster_header {
-        // Overwrites an upstream's own copy; an empty value (no cluster) is not added.
-        config["response_headers_to_add"] = json!([{
-            "header": {"key": header, "value": "%UPSTREAM_CLUSTER%"},
-            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
-        }]);
-    }
-    config
+    })
 }
 
 /// Write the RDS `DiscoveryResponse` atomically: a temp file in the same (watched) directory,

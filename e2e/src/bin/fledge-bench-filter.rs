@@ -23,7 +23,7 @@
 //!   response header write): what any proxy-wasm filter doing that work pays here. When a floor
 //!   misses its configuration's target too, the verdict says so;
 //! - `observer-named`, `guard-named` (and their floors `floor-named`, `floor-guard-named`): the
-//!   same on routes that name the upstream cluster in `x-fledge-cluster` (`%UPSTREAM_CLUSTER%`),
+//!   same on routes whose weighted clusters name their cluster in `x-fledge-cluster`,
 //!   with the filter's `clusterHeader`, so the log phase reads the cluster and the status in
 //!   one `proxy_get_header_map_pairs`;
 //! - `tagging-native`, `tagging-lean` (and `floor-tagging-native`, `floor-lean`): sticky users
