@@ -20,7 +20,8 @@
 //! response body: (both; every chunk, no hostcall) end of stream after data → complete
 //! trailers:      (both; only responses with trailers) grpc-status
 //! on_log:        xds.cluster_name ──MetricCache::pair_for──▶ pair (name, else endpoint
-//!                metadata / subset header; bounded); :status; response.code_details unless
+//!                metadata / subset header; bounded); :status (with clusterHeader: the response
+//!                headers in one read give the cluster and :status); response.code_details unless
 //!                the response was seen complete below 400; the clock ──▶ class and duration
 //!                counted in the VM; guarded canary? ── would trip → merge into shared data now
 //! on_tick:       every root's counts ──increment──▶ fledge_requests_total{service,subset,class},

@@ -11,7 +11,7 @@
 use fledge_core::contract;
 use fledge_core::filter_config::{FilterConfig, FilterModule};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::path::PathBuf;
 
 fn manifest_dir() -> PathBuf {
@@ -318,6 +318,21 @@ fn lean_envoy_example_counts_each_request_once_and_tags_from_the_route() {
         assert_eq!(added["header"]["value"].as_str(), subset, "{name}");
         assert_eq!(added["append_action"], "OVERWRITE_IF_EXISTS_OR_ADD");
     }
+    // Each route names its cluster in the header both filters read it from (clusterHeader).
+    let cluster_header = observer.cluster_header.clone().expect("clusterHeader");
+    assert_eq!(checker.cluster_header.as_ref(), Some(&cluster_header));
+    let named = |target: &Value| {
+        target["response_headers_to_add"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|added| added["header"]["key"] == cluster_header.as_str())
+            .map(|added| added["header"]["value"].clone())
+    };
+    for cluster in clusters {
+        assert_eq!(named(cluster).as_ref(), Some(&cluster["name"]), "{cluster}");
+    }
+    assert_eq!(named(&routes[0]), Some(json!("app_canary")));
 }
 
 #[test]
@@ -362,6 +377,17 @@ fn istio_native_routing_hashes_the_user_and_names_each_subset() {
                 at(destination, "headers.response.set.x-fledge-subset"),
                 at(destination, "destination.subset"),
                 "{destination}"
+            );
+            // The Istio cluster name of the destination, for clusterHeader.
+            let named = str_at(destination, "headers.response.set.x-fledge-cluster");
+            let config =
+                FilterConfig::parse(r#"{"clusterHeader": "x-fledge-cluster"}"#).expect("config");
+            let labels = config.resolve(Some(named));
+            assert_eq!(labels.service, "app", "{named}");
+            assert_eq!(
+                Some(labels.subset.as_str()),
+                destination["destination"]["subset"].as_str(),
+                "{named}"
             );
         }
     }

@@ -28,6 +28,10 @@
 //!   endpoint); else `subsetHeader`, an upstream response header naming the version.
 //! - Anything else is labelled `(other, other)` ([`contract::OTHER`]).
 //!
+//! The cluster name is Envoy's `xds.cluster_name`, or with `clusterHeader` the value of a
+//! response header each route sets to its cluster's name (one read of the response headers
+//! then gives the cluster and the status; the property stays the fallback).
+//!
 //! Data-plane guard (optional): `guard` sets, per service, a hard ceiling on the canary's error
 //! ratio over a short sliding window; when it is crossed the filter sends new requests of that
 //! service to stable at once (see [`Guard`]).

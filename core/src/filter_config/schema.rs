@@ -23,12 +23,12 @@ pub struct FilterConfig {
     /// response header (lowercase). Off by default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subset_header: Option<String>,
-    /// Response header that Envoy's route sets to the upstream cluster's name (a
-    /// `response_headers_to_add` of `%UPSTREAM_CLUSTER%`, or a fixed value per weighted
-    /// cluster that `clusters` maps). When set, the log phase reads the response headers in one
-    /// hostcall (the cluster, `:status` and `grpc-status` together) instead of the
-    /// `xds.cluster_name` property and the status header, which costs Envoy less per request;
-    /// a response without it falls back to the property. Off by default.
+    /// Response header that Envoy's route sets to the upstream cluster's name (a fixed
+    /// `response_headers_to_add` value per weighted cluster, resolved like a cluster name).
+    /// When set, the log phase reads the response headers in one hostcall (the cluster,
+    /// `:status` and `grpc-status` together) instead of the `xds.cluster_name` property and the
+    /// status header, which costs Envoy less per request; a response without it falls back to
+    /// the property. Off by default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_header: Option<String>,
     /// Response header naming the subset that served the request. Off by default.
