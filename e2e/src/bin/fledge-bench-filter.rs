@@ -1267,10 +1267,20 @@ fn bracket(
 /// `--paired` as (A, B), plus each Fledge variant against `observer` when it runs.
 fn pairs_to_compare(specs: &[String], variants: &[Variant]) -> Result<Vec<(String, String)>> {
     let mut pairs = Vec::new();
-    if variants.iter().any(|v| v.name == "observer") {
+    let runs = |name: &str| variants.iter().any(|v| v.name == name);
+    if runs("observer") {
         for v in variants {
             if v.fledge_metrics && v.name != "observer" {
                 pairs.push((v.name.clone(), "observer".to_string()));
+            }
+        }
+    }
+    // What the route naming the cluster saves: each `-named` variant against its base.
+    for v in variants {
+        if let Some(base) = v.name.strip_suffix("-named").filter(|base| runs(base)) {
+            let pair = (v.name.clone(), base.to_string());
+            if !pairs.contains(&pair) {
+                pairs.push(pair);
             }
         }
     }
@@ -1450,6 +1460,16 @@ mod tests {
         );
         assert!(pairs_to_compare(&["x-guard".to_string()], &variants).is_err());
         assert!(pairs_to_compare(&[], &variants[2..]).unwrap().is_empty());
+        // A `-named` variant is also paired with its base, when that runs.
+        let variants = [
+            variant("observer", true),
+            variant("guard", true),
+            variant("guard-named", true),
+            variant("floor-named", false),
+        ];
+        let pairs = pairs_to_compare(&[], &variants).unwrap();
+        assert!(pairs.contains(&("guard-named".to_string(), "guard".to_string())));
+        assert!(!pairs.iter().any(|(a, _)| a == "floor-named"));
     }
 
     #[test]
