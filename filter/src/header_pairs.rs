@@ -36,7 +36,7 @@ fn word(map: &[u8], at: usize) -> Option<usize> {
 
 /// Serialize pairs as Envoy does (for the fakes and the tests).
 #[cfg(test)]
-pub fn serialize<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])> + Clone) -> Vec<u8> {
+pub fn serialize<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Vec<u8> {
     let list: Vec<(&str, &[u8])> = headers.into_iter().collect();
     let mut out = (list.len() as u32).to_le_bytes().to_vec();
     for (name, value) in &list {
