@@ -52,20 +52,26 @@ pub fn serialize<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> 
     out
 }
 
+/// A gRPC error's response headers, with the cluster named in `x-fledge-cluster` (for tests).
+#[cfg(test)]
+pub fn example_response_map() -> Vec<u8> {
+    serialize([
+        (":status", b"503".as_slice()),
+        ("content-type", b"application/grpc"),
+        (
+            "x-fledge-cluster",
+            b"outbound|80|canary|app.ns.svc.cluster.local",
+        ),
+        ("grpc-status", b"14"),
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn map() -> Vec<u8> {
-        serialize([
-            (":status", b"503".as_slice()),
-            ("content-type", b"application/grpc"),
-            (
-                "x-fledge-cluster",
-                b"outbound|80|canary|app.ns.svc.cluster.local",
-            ),
-            ("grpc-status", b"14"),
-        ])
+        example_response_map()
     }
 
     #[test]

@@ -761,21 +761,10 @@ fn reconfiguring_keeps_the_guard_gauge_and_state() {
     );
 }
 
-fn named_response_map() -> Vec<u8> {
-    header_pairs::serialize([
-        (":status", b"503".as_slice()),
-        ("content-type", b"application/grpc"),
-        (
-            "x-fledge-cluster",
-            b"outbound|80|canary|app.ns.svc.cluster.local",
-        ),
-        ("grpc-status", b"14"),
-    ])
-}
-
 #[test]
 fn picks_the_cluster_status_and_grpc_status() {
-    let found = ResponseHeaders::from_map(&named_response_map(), "x-fledge-cluster");
+    let found =
+        ResponseHeaders::from_map(&header_pairs::example_response_map(), "x-fledge-cluster");
     assert_eq!(
         found,
         ResponseHeaders {
@@ -784,7 +773,7 @@ fn picks_the_cluster_status_and_grpc_status() {
             grpc_status: Some(14),
         }
     );
-    let other = ResponseHeaders::from_map(&named_response_map(), "x-other");
+    let other = ResponseHeaders::from_map(&header_pairs::example_response_map(), "x-other");
     assert_eq!(other.cluster, None);
     assert_eq!(other.status, Some(503));
 }
