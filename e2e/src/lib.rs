@@ -40,6 +40,8 @@
 //!   stand-ins.
 //! - [`scale`]: a fleet of thousands of Canaries mid-rollout, fake gateways and a fake
 //!   Prometheus serving their series, and `/proc` readings (`fledge-bench-scale`).
+//! - [`cpus`]: [`cpus::Placement`], the measured processes of a bench on one CPU and the rest
+//!   on the others.
 //! - [`rollback`]: the canary-fails-hard scenario (data-plane guard and controller rollback
 //!   times), shared by `tests/guard.rs` and `fledge-bench-rollback`.
 //!
@@ -49,6 +51,7 @@
 pub mod backend;
 pub mod browser;
 pub mod controller;
+pub mod cpus;
 pub mod envoy;
 pub mod gateway;
 pub mod http;

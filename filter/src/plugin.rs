@@ -787,12 +787,12 @@ impl Plugin {
     ) -> Option<GuardEvent> {
         // `clusterHeader`: the cluster, the status and `grpc-status` in one read; a response
         // the route did not name (or no response) falls back to the property.
-        let seen = self.config.cluster_header.as_deref().and_then(|name| {
+        let mut seen = self.config.cluster_header.as_deref().and_then(|name| {
             host.response_headers()
                 .map(|map| ResponseHeaders::from_map(&map, name))
         });
         if !stream.resolved {
-            let named = seen.as_ref().and_then(|seen| seen.cluster.clone());
+            let named = seen.as_mut().and_then(|seen| seen.cluster.take());
             let cluster = named.or_else(|| host.property(Property::ClusterName));
             let cluster = cluster.as_deref().filter(|c| !c.is_empty());
             stream.pair = self.resolve_pair(cluster, host);

@@ -33,20 +33,24 @@
 //! The measure is Envoy's **CPU time per request**: utime + stime of the measured Envoy process
 //! (`/proc/<pid>/stat`) across a measurement ÷ the requests it served meanwhile (closed loop,
 //! `wrk -t2 -c16`). CPU per request is far steadier than throughput on a shared machine: time
-//! the process does not get the core is not counted. Each round measures the empty filter
-//! first, last and between every two other variants (whose order rotates from round to round),
-//! and each variant's ratio is taken against the mean of the empty filter's measurements right
-//! before and after it, so the machine's drift (other work starting and stopping) cancels; the
-//! table shows the median over rounds. Every round after the first runs on fresh Envoy
+//! the process does not get the core is not counted. Each measurement loads a variant and the
+//! empty filter **at the same time**, both Envoys pinned to the same CPU (the load generators,
+//! the upstream and the bench on the others; [`fledge_e2e::cpus`]), so whatever the machine
+//! does during those seconds hits both, and the variant's ratio is taken against the empty
+//! filter of the same window. Each round measures every variant once, in an order that rotates
+//! from round to round; the table shows the median over rounds. `empty-again`, a second Envoy
+//! running the empty filter, shows the method's own error (it should read 1). Every round
+//! after the first runs on fresh Envoy
 //! processes (same configuration and ports, warmed up again): two processes running the same
 //! module differ by a few µs per request for their whole life, so one process per variant
 //! would bias the whole run (`--same-envoys` keeps them). A ratio "÷ empty" is CPU(empty) ÷ CPU(variant): 1.0 = as
 //! cheap as the empty filter, 0.97 = 3% more CPU per request.
 //!
-//! Then latency: open loop at a fixed rate below the knee (`--rate`, default a quarter of the
-//! slowest median throughput) from this process over 4 keep-alive connections, in the same
-//! bracketed order; the p99 each variant adds over the empty filter measured around it (median
-//! of the per-round differences).
+//! Then latency, one Envoy at a time: open loop at a fixed rate below the knee (`--rate`,
+//! default a quarter of the slowest median throughput alone, from the warm-ups) from this
+//! process over 4 keep-alive connections, each variant between two measurements of the empty
+//! filter; the p99 each variant adds over the empty filter measured around it (median of the
+//! per-round differences).
 //!
 //! Finally each Fledge variant's own metrics are checked against the requests sent, so a variant
 //! cannot look cheap by not counting.
@@ -58,6 +62,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use fledge_core::contract;
+use fledge_e2e::cpus::Placement;
 use fledge_e2e::envoy::{CANARY_CLUSTER, STABLE_CLUSTER};
 use fledge_e2e::process::{free_port, port_accepts, wait_until, Proc, ScratchDir};
 use fledge_e2e::stats::{max, median, min};
@@ -78,8 +83,8 @@ struct Args {
     /// Rounds; each measures every variant once, in rotated order.
     #[arg(long, default_value_t = 7)]
     rounds: usize,
-    /// Seconds of closed-loop load per measurement (the CPU-per-request measurement); a round
-    /// measures the empty filter before, between and after the other variants.
+    /// Seconds of closed-loop load per measurement (the CPU-per-request measurement), each of
+    /// a variant and the empty filter at the same time.
     #[arg(long, default_value_t = 4)]
     seconds: u64,
     /// Seconds per fixed-rate latency measurement.
@@ -93,8 +98,8 @@ struct Args {
     connections: u32,
     #[arg(long, default_value_t = 2)]
     threads: u32,
-    /// Only these built-in variants (comma-separated: none, cluster-stats, empty, floor,
-    /// observer, tagging, tagging-native, tagging-lean, guard, floor-tagging,
+    /// Only these built-in variants (comma-separated: none, cluster-stats, empty, empty-again,
+    /// floor, observer, tagging, tagging-native, tagging-lean, guard, floor-tagging,
     /// floor-tagging-native, floor-lean, floor-guard); `empty` is always kept (the ratios need
     /// it).
     #[arg(long, value_delimiter = ',')]
@@ -126,6 +131,10 @@ struct Args {
     /// `observer` anyway when both run.
     #[arg(long, value_delimiter = ',')]
     paired: Vec<String>,
+    /// Leave the processes' CPUs to the scheduler instead of sharing one CPU between the two
+    /// Envoys measured together (the others for wrk, the upstream and the bench).
+    #[arg(long)]
+    no_pin: bool,
 }
 
 const USER_HEADER: &str = "x-user-id";
@@ -349,6 +358,12 @@ fn builtin_variants(modules: &Modules) -> Vec<Variant> {
             false,
         ),
         Variant::new(
+            "empty-again",
+            "the empty filter again (a second Envoy): the method's own error",
+            filter(empty, String::new()),
+            false,
+        ),
+        Variant::new(
             "floor",
             "on_log + the 4 reads metrics need (cluster, code, details, duration)",
             filter(floor, String::new()),
@@ -483,9 +498,17 @@ fn extra_variant(spec: &str, full: &Path) -> Result<Variant> {
     Ok(Variant::new(name, &about, Some(filter), false))
 }
 
-/// An Envoy for `variant` that answers 200.
-fn answering_envoy(variant: &Variant, upstream_port: u16, dir: &Path) -> Result<Envoy> {
+/// An Envoy for `variant` that answers 200, on the measured CPU.
+fn answering_envoy(
+    variant: &Variant,
+    upstream_port: u16,
+    dir: &Path,
+    placement: Option<&Placement>,
+) -> Result<Envoy> {
     let envoy = start_envoy(variant, upstream_port, dir)?;
+    if let Some(placement) = placement {
+        placement.measure(envoy.pid())?;
+    }
     expect_200(&variant.name, &envoy)?;
     Ok(envoy)
 }
@@ -500,9 +523,12 @@ fn expect_200(name: &str, envoy: &Envoy) -> Result<()> {
 
 /// Replace every variant's Envoy process with a fresh one, same configuration and ports (see
 /// `--same-envoys`); the metrics check then counts the requests sent to the last one.
-fn restart_envoys(running: &mut [Running]) -> Result<()> {
+fn restart_envoys(running: &mut [Running], placement: Option<&Placement>) -> Result<()> {
     for r in running {
         r.envoy.restart()?;
+        if let Some(placement) = placement {
+            placement.measure(r.envoy.pid())?;
+        }
         expect_200(&r.variant.name, &r.envoy)?;
         r.sent = 1;
         r.in_flight = 0;
@@ -510,14 +536,46 @@ fn restart_envoys(running: &mut [Running]) -> Result<()> {
     Ok(())
 }
 
-/// Warm up every Envoy (VM start and compilation, connection pools) before it is measured.
-fn warm_up(wrk: &Path, running: &mut [Running], args: &Args) -> Result<()> {
+/// Warm up every Envoy (VM start and compilation, connection pools) before it is measured,
+/// one at a time; returns each one's throughput alone (requests per second).
+fn warm_up(wrk: &Path, running: &mut [Running], args: &Args) -> Result<Vec<f64>> {
+    let mut throughput = Vec::new();
     for r in running {
         let result = run_wrk(wrk, r, 2, args)?;
         r.sent += result.requests;
         r.in_flight += u64::from(args.connections);
+        throughput.push(result.rps);
     }
-    Ok(())
+    Ok(throughput)
+}
+
+/// Load the Envoys `a` and `b` at the same time for `args.seconds` (one wrk each); their CPU
+/// time per request, in µs.
+fn measure_together(
+    wrk: &Path,
+    running: &mut [Running],
+    (a, b): (usize, usize),
+    args: &Args,
+) -> Result<(f64, f64)> {
+    let pids = [running[a].envoy.pid(), running[b].envoy.pid()];
+    let before = [cpu_seconds(pids[0])?, cpu_seconds(pids[1])?];
+    let (result_a, result_b) = std::thread::scope(|scope| {
+        let (ra, rb) = (&running[a], &running[b]);
+        let other = scope.spawn(move || run_wrk(wrk, rb, args.seconds, args));
+        let first = run_wrk(wrk, ra, args.seconds, args);
+        (first, other.join())
+    });
+    let result_b = result_b.map_err(|_| anyhow::anyhow!("the wrk thread panicked"))?;
+    let (result_a, result_b) = (result_a?, result_b?);
+    let after = [cpu_seconds(pids[0])?, cpu_seconds(pids[1])?];
+    let mut per_request = [0.0; 2];
+    for (k, (i, result)) in [(a, &result_a), (b, &result_b)].into_iter().enumerate() {
+        let r = &mut running[i];
+        r.sent += result.requests;
+        r.in_flight += u64::from(args.connections);
+        per_request[k] = (after[k] - before[k]) * 1e6 / result.requests.max(1) as f64;
+    }
+    Ok((per_request[0], per_request[1]))
 }
 
 fn main() -> Result<()> {
@@ -560,12 +618,22 @@ fn main() -> Result<()> {
         }
     }
     let wrk = which("wrk").context("wrk not found; apt-get install -y wrk")?;
+    let machine = machine_line();
+    let placement = if args.no_pin {
+        None
+    } else {
+        Placement::detect()
+    };
+    // The upstream and wrk are started by this process and inherit its CPUs.
+    if let Some(placement) = &placement {
+        placement.keep_off(std::process::id())?;
+    }
     let dir = ScratchDir::temp("bench")?;
     let (upstream_port, _upstream) = start_upstream(dir.path())?;
 
     let mut running = Vec::new();
     for variant in variants {
-        let envoy = answering_envoy(&variant, upstream_port, dir.path())?;
+        let envoy = answering_envoy(&variant, upstream_port, dir.path(), placement.as_ref())?;
         running.push(Running {
             variant,
             envoy,
@@ -574,49 +642,56 @@ fn main() -> Result<()> {
         });
     }
 
-    println!("{}", machine_line());
+    println!("{machine}");
+    println!(
+        "CPUs: {}",
+        placement.as_ref().map_or_else(
+            || "not pinned (--no-pin, one CPU, or no taskset)".to_string(),
+            Placement::describe
+        )
+    );
     let load_before = load_average();
     let n = running.len();
     println!(
-        "plan: {} rounds x {n} variants; CPU per request under closed-loop wrk -t{} -c{} {}s; latency open loop {}s; Envoy --concurrency 1, upstream = Envoy direct_response",
+        "plan: {} rounds x {n} variants; CPU per request under closed-loop wrk -t{} -c{} {}s, each variant and the empty filter at the same time; latency open loop {}s; Envoy --concurrency 1, upstream = Envoy direct_response",
         args.rounds, args.threads, args.connections, args.seconds, args.latency_seconds
     );
-    warm_up(&wrk, &mut running, &args)?;
 
     let empty_index = running
         .iter()
         .position(|r| r.variant.name == "empty")
         .context("the empty variant is required")?;
-    // Per variant and round: its value, and the empty filter's, measured right before and after
-    // it (the mean of the two), so slow drift of the machine cancels out of every ratio.
+    // Per variant and round: its value, and the empty filter's, measured at the same time, so
+    // the machine's drift cancels out of every ratio.
     let mut cpu_us = vec![Vec::new(); n];
     let mut cpu_ref = vec![Vec::new(); n];
     let mut throughput = vec![Vec::new(); n];
     for round in 0..args.rounds {
         if round > 0 && !args.same_envoys {
-            restart_envoys(&mut running)?;
-            warm_up(&wrk, &mut running, &args)?;
+            restart_envoys(&mut running, placement.as_ref())?;
         }
-        let mut line = format!("round {}/{} CPU µs/req:", round + 1, args.rounds);
-        let mut measure = |i: usize, line: &mut String| -> Result<f64> {
-            let r = &mut running[i];
-            let before = cpu_seconds(r.envoy.pid())?;
-            let result = run_wrk(&wrk, r, args.seconds, &args)?;
-            let after = cpu_seconds(r.envoy.pid())?;
-            r.sent += result.requests;
-            r.in_flight += u64::from(args.connections);
-            let per_request = (after - before) * 1e6 / result.requests.max(1) as f64;
-            throughput[i].push(result.rps);
-            line.push_str(&format!(" {}={per_request:.1}", r.variant.name));
-            Ok(per_request)
-        };
-        let bracketed = bracket(&schedule(round, n, empty_index), empty_index, |i| {
-            measure(i, &mut line)
-        })?;
-        for (i, value, reference) in bracketed {
+        for (i, rps) in warm_up(&wrk, &mut running, &args)?.into_iter().enumerate() {
+            throughput[i].push(rps);
+        }
+        let mut line = format!(
+            "round {}/{} CPU µs/req variant/empty:",
+            round + 1,
+            args.rounds
+        );
+        let mut empties = Vec::new();
+        for i in rotation(round, n, empty_index) {
+            let (value, empty) = measure_together(&wrk, &mut running, (i, empty_index), &args)?;
+            line.push_str(&format!(
+                " {}={value:.1}/{empty:.1}",
+                running[i].variant.name
+            ));
             cpu_us[i].push(value);
-            cpu_ref[i].push(reference);
+            cpu_ref[i].push(empty);
+            empties.push(empty);
         }
+        let empty_mean = empties.iter().sum::<f64>() / empties.len().max(1) as f64;
+        cpu_us[empty_index].push(empty_mean);
+        cpu_ref[empty_index].push(empty_mean);
         println!("{line} (load {})", load_average());
     }
     let rate = if args.rate > 0 {
@@ -693,8 +768,8 @@ fn main() -> Result<()> {
     };
     println!();
     println!(
-        "== Envoy CPU per request (utime+stime ÷ requests served), medians of {} alternating rounds [min..max of the per-round values]; \
-         ÷ empty: against the empty filter measured right before and after the variant; +µs: CPU per request above it ==",
+        "== Envoy CPU per request (utime+stime ÷ requests served), medians of {} rounds [min..max of the per-round values]; \
+         ÷ empty: against the empty filter loaded at the same time on the same CPU; +µs: CPU per request above it; req/s: alone ==",
         args.rounds
     );
     // CPU(variant) − CPU(empty) in µs per request, per round, against the same empty
@@ -1215,14 +1290,21 @@ fn latency_verdict(added: f64, noise: f64) -> String {
 
 /// One round's order: the empty filter first, last and between every two other variants, whose
 /// order rotates from round to round (E, A, E, B, E, C, E).
-fn schedule(round: usize, n: usize, empty_index: usize) -> Vec<usize> {
+/// The variants other than the empty filter, in the order of round `round` (rotated by one
+/// each round).
+fn rotation(round: usize, n: usize, empty_index: usize) -> Vec<usize> {
     let others: Vec<usize> = (0..n).filter(|i| *i != empty_index).collect();
+    (0..others.len())
+        .filter_map(|k| others.get((k + round) % others.len()).copied())
+        .collect()
+}
+
+/// The latency phase's order: the empty filter first, last and between every two others.
+fn schedule(round: usize, n: usize, empty_index: usize) -> Vec<usize> {
     let mut order = vec![empty_index];
-    for k in 0..others.len() {
-        if let Some(i) = others.get((k + round) % others.len()) {
-            order.push(*i);
-            order.push(empty_index);
-        }
+    for i in rotation(round, n, empty_index) {
+        order.push(i);
+        order.push(empty_index);
     }
     order
 }
@@ -1473,7 +1555,15 @@ mod tests {
     }
 
     #[test]
-    fn every_round_brackets_each_variant_with_the_empty_filter() {
+    fn each_round_measures_every_other_variant_once_in_rotated_order() {
+        assert_eq!(rotation(0, 4, 2), [0, 1, 3]);
+        assert_eq!(rotation(1, 4, 2), [1, 3, 0]);
+        assert_eq!(rotation(3, 4, 2), [0, 1, 3]);
+        assert!(rotation(2, 1, 0).is_empty());
+    }
+
+    #[test]
+    fn every_latency_round_brackets_each_variant_with_the_empty_filter() {
         // Variants 0..4, the empty filter is 2; the others rotate from round to round.
         assert_eq!(schedule(0, 4, 2), [2, 0, 2, 1, 2, 3, 2]);
         assert_eq!(schedule(1, 4, 2), [2, 1, 2, 3, 2, 0, 2]);
