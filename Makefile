@@ -110,8 +110,9 @@ test: setup-browser
 e2e: setup-browser
 
 # What the filter costs Envoy, as CPU per request: no filter / an empty Rust proxy-wasm filter /
-# the observer module / the full module with tagging and with a guard, side by side in
-# alternating rounds, plus added p99 latency at a fixed rate. Method: docs/filter-performance.md.
+# the observer module / the full module with tagging and with a guard, each loaded at the same
+# time as the empty filter on one pinned CPU, in rotating rounds, plus added p99 latency at a
+# fixed rate. Method: docs/filter-performance.md.
 # BENCH_ARGS passes options, e.g. BENCH_ARGS="--rounds 9 --seconds 5" (see --help).
 .PHONY: bench-filter
 bench-filter: build-filter
