@@ -23,11 +23,7 @@ impl Placement {
     /// The last CPU this process may run on for the measured processes, the rest for
     /// everything else; `None` with fewer than two CPUs or without `taskset` (util-linux).
     pub fn detect() -> Option<Placement> {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let allowed = status
-            .lines()
-            .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
-            .and_then(|list| parse_cpu_list(list.trim()))?;
+        let allowed = allowed_cpus("self")?;
         let taskset = Command::new("taskset").arg("-V").output();
         if !taskset.is_ok_and(|out| out.status.success()) {
             return None;
@@ -61,6 +57,15 @@ impl Placement {
             cpu_list(&self.others)
         )
     }
+}
+
+/// The CPUs process `pid` (or `self`) may run on, from `/proc/<pid>/status`.
+pub fn allowed_cpus(pid: &str) -> Option<Vec<usize>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .and_then(|list| parse_cpu_list(list.trim()))
 }
 
 /// Parse a kernel CPU list (`0-3,5`); `None` if malformed.
@@ -137,15 +142,11 @@ mod tests {
         };
         let mut child = Command::new("sleep").arg("5").spawn()?;
         let pinned = placement.measure(child.id());
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
+        let allowed = allowed_cpus(&child.id().to_string());
         child.kill()?;
         child.wait()?;
         pinned?;
-        let allowed = status?
-            .lines()
-            .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
-            .map(|list| list.trim().to_string());
-        assert_eq!(allowed, Some(placement.measured.to_string()));
+        assert_eq!(allowed, Some(vec![placement.measured]));
         Ok(())
     }
 }

@@ -239,6 +239,14 @@ struct Running {
     in_flight: u64,
 }
 
+impl Running {
+    /// A wrk run against it served `requests` (and may have left one per connection in flight).
+    fn served_wrk(&mut self, requests: u64, connections: u32) {
+        self.sent += requests;
+        self.in_flight += u64::from(connections);
+    }
+}
+
 fn clusters_config() -> serde_json::Value {
     json!({
         STABLE_CLUSTER: {"service": "app", "subset": "stable"},
@@ -542,8 +550,7 @@ fn warm_up(wrk: &Path, running: &mut [Running], args: &Args) -> Result<Vec<f64>>
     let mut throughput = Vec::new();
     for r in running {
         let result = run_wrk(wrk, r, 2, args)?;
-        r.sent += result.requests;
-        r.in_flight += u64::from(args.connections);
+        r.served_wrk(result.requests, args.connections);
         throughput.push(result.rps);
     }
     Ok(throughput)
@@ -570,9 +577,7 @@ fn measure_together(
     let after = [cpu_seconds(pids[0])?, cpu_seconds(pids[1])?];
     let mut per_request = [0.0; 2];
     for (k, (i, result)) in [(a, &result_a), (b, &result_b)].into_iter().enumerate() {
-        let r = &mut running[i];
-        r.sent += result.requests;
-        r.in_flight += u64::from(args.connections);
+        running[i].served_wrk(result.requests, args.connections);
         per_request[k] = (after[k] - before[k]) * 1e6 / result.requests.max(1) as f64;
     }
     Ok((per_request[0], per_request[1]))
