@@ -252,6 +252,87 @@ fn resets_and_local_replies_are_none_for(wasm: &Path, named: bool) -> Result<()>
     no_panics(&envoy)
 }
 
+/// Two configurations of one module in one Envoy share a VM (same `vm_config`): the VM has
+/// two root contexts, and no module exports context create, so each stream names its root by
+/// `plugin_name`. Both filters see every request; each counts it under its own labels.
+#[test]
+fn two_configurations_sharing_a_vm_count_their_own_streams() -> Result<()> {
+    init_tracing();
+    for (module, wasm) in modules_or_skip("two configurations in one VM")? {
+        two_configurations_sharing_a_vm_for(&wasm).with_context(|| format!("{module:?}"))?;
+    }
+    Ok(())
+}
+
+fn two_configurations_sharing_a_vm_for(wasm: &Path) -> Result<()> {
+    let (stable, canary) = (RawUpstream::start("v1")?, RawUpstream::start("v2")?);
+    let config = |service: &str| {
+        json!({"clusters": {
+            STABLE_CLUSTER: {"service": service, "subset": "stable"},
+            CANARY_CLUSTER: {"service": service, "subset": "canary"},
+        }})
+        .to_string()
+    };
+    // The same VM as the main filter (its `vm_config`: id `fledge`, this code), another name
+    // (`other_name`) and another configuration.
+    let second = |other_name: &str| {
+        json!({
+            "name": "fledge.second",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": other_name,
+                    "root_id": "fledge",
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": config("web"),
+                    },
+                    "vm_config": {
+                        "vm_id": "fledge",
+                        "runtime": "envoy.wasm.runtime.v8",
+                        "code": {"local": {"filename": wasm.display().to_string()}}
+                    }
+                }
+            }
+        })
+    };
+    let start = |other_name: &str| {
+        Envoy::start(
+            EnvoyOptions::new(stable.port(), canary.port())
+                .with_http_filter_before_wasm(second(other_name))
+                .with_filter(filter(wasm, &config("app"))),
+        )
+    };
+    let envoy = start("fledge-second")?;
+    for _ in 0..10 {
+        let reply = get(&envoy.listener_url(), &[])?;
+        ensure!(reply.status == 200 && reply.version() == "v1", "{reply:?}");
+    }
+    wait_for_total(&envoy, 20.0)?;
+    for service in ["app", "web"] {
+        let counted = requests_total(
+            &envoy,
+            &[("fledge_service", service), ("fledge_class", "2xx")],
+        )?;
+        ensure!(counted == 10.0, "{service}: {counted} of 10 requests");
+    }
+    no_panics(&envoy)?;
+    drop(envoy);
+    // The same name for both (the main filter's plugin name is its VM id): the streams cannot
+    // be told apart, and the filter says so. This warning is only possible in a shared VM.
+    let envoy = start("fledge")?;
+    get(&envoy.listener_url(), &[])?;
+    wait_for_total(&envoy, 2.0)?;
+    ensure!(
+        envoy
+            .log_text()
+            .contains("another filter configuration with this plugin name shares the VM"),
+        "no warning of the name clash:\n{}",
+        envoy.log_tail(20)
+    );
+    no_panics(&envoy)
+}
+
 #[test]
 fn bad_config_fails_open_and_counts_the_error() -> Result<()> {
     init_tracing();
