@@ -498,6 +498,18 @@ fn extra_variant(spec: &str, full: &Path) -> Result<Variant> {
         Some((name, path)) => (name, PathBuf::from(path)),
         None => (name, full.to_path_buf()),
     };
+    // A shell that ate the quotes (e.g. JSON passed through `make BENCH_ARGS=...` unquoted)
+    // leaves `{clusters:...}`: the filter would fail open to its defaults and the variant
+    // would measure something else.
+    if config.trim_start().starts_with('{') {
+        if let Err(error) = serde_json::from_str::<serde_json::Value>(config) {
+            bail!(
+                "--variant {name}: the configuration is not JSON ({error}): {config}; quote it \
+                 for the shell, e.g. make bench-filter BENCH_ARGS=\"--variant '{name}={{...}}'\" \
+                 (make hands BENCH_ARGS to a shell, which drops the double quotes otherwise)"
+            );
+        }
+    }
     let about = format!("{} {config}", file_name(&wasm));
     let filter = WasmFilter {
         wasm,
@@ -1426,6 +1438,24 @@ mod tests {
         assert_eq!(latency_verdict(20.0, 30.0), "met");
         assert_eq!(latency_verdict(80.0, 30.0), "MISSED");
         assert!(latency_verdict(-4000.0, 9000.0).starts_with("NOT MEASURABLE"));
+    }
+
+    #[test]
+    fn a_variant_whose_json_lost_its_quotes_is_refused() {
+        let full = Path::new("/m/full.wasm");
+        let good = extra_variant(r#"g@/m/x.wasm={"clusters": {}}"#, full).unwrap();
+        assert_eq!(good.name, "g");
+        // What a shell leaves of `{"clusters": {}}` passed through make unquoted.
+        let Err(error) = extra_variant("g={clusters: {}}", full) else {
+            panic!("accepted a configuration that is not JSON");
+        };
+        let error = error.to_string();
+        assert!(
+            error.contains("not JSON") && error.contains("quote it"),
+            "{error}"
+        );
+        // Other modules' configurations need not be JSON (the floor's read lists).
+        assert!(extra_variant("r@/m/floor.wasm=xds.cluster_name,now", full).is_ok());
     }
 
     #[test]
