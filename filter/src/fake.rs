@@ -45,13 +45,11 @@ impl FakeStream {
             .insert(":status".into(), status.to_string().into_bytes());
         self
     }
-    /// A finished upstream response: cluster, status, via_upstream, 7 ms (the clock's step
-    /// and `request.duration` agree).
+    /// A finished upstream response: cluster, status, via_upstream, 7 ms.
     pub fn finished(cluster: &str, status: u16) -> Self {
         FakeStream::new()
             .with_property("cluster", cluster.as_bytes())
             .with_property("details", VIA_UPSTREAM)
-            .with_property("duration", &7_000_000i64.to_le_bytes())
             .with_status(status)
     }
     fn map(&mut self, map: Headers) -> &mut BTreeMap<String, Vec<u8>> {
@@ -71,7 +69,6 @@ fn key(property: Property) -> &'static str {
         Property::ResponseCodeDetails => "details",
         Property::ResponseFlags => "flags",
         Property::RequestDuration => "duration",
-        Property::PluginName => "plugin_name",
     }
 }
 

@@ -187,7 +187,6 @@ fn property_path(property: Property) -> &'static [u8] {
         Property::ResponseCodeDetails => b"response\0code_details",
         Property::ResponseFlags => b"response\0flags",
         Property::RequestDuration => b"request\0duration",
-        Property::PluginName => b"plugin_name",
     }
 }
 
@@ -366,14 +365,6 @@ fn log_guard_event(event: &GuardEvent) {
 }
 
 fn log_configured(vm: &Vm, root_id: u32, outcome: &ConfigureOutcome) {
-    if outcome.name_clash {
-        log(
-            LogLevel::Warn,
-            "another filter configuration with this plugin name shares the VM: the streams of \
-             both are recorded under the one configured last; give each configuration its own \
-             name",
-        );
-    }
     match &outcome.configured {
         Configured::Applied {
             clusters,
@@ -470,6 +461,11 @@ pub extern "C" fn proxy_on_configure(root_id: u32, _plugin_configuration_size: u
 }
 
 #[no_mangle]
+pub extern "C" fn proxy_on_context_create(context_id: u32, root_id: u32) {
+    with_vm(|vm| vm.on_context_create(context_id, root_id, &mut Hostcalls));
+}
+
+#[no_mangle]
 pub extern "C" fn proxy_on_tick(root_id: u32) {
     with_vm(|vm| {
         for event in vm.on_tick(root_id, &mut Hostcalls) {
@@ -490,8 +486,7 @@ pub extern "C" fn proxy_on_log(context_id: u32) {
 /// `Continue`, the only answer the filter gives: it never holds a stream.
 const CONTINUE: u32 = 0;
 
-/// Every chunk of a response body (full module): only the end of stream is noted.
-#[cfg(feature = "full-module")]
+/// Every chunk of a response body (both modules): only the end of stream is noted.
 #[no_mangle]
 pub extern "C" fn proxy_on_response_body(
     context_id: u32,

@@ -12,20 +12,18 @@
 //! on_configure:  plugin config JSON ──FilterConfig::parse_for(module)──▶ Plugin per root context
 //!                (bad: log, +1 fledge_config_errors_total, keep previous/defaults; always `true`)
 //!                configured clusters ──define_metric (22 counters each)──▶ cached ids; 1 s tick
-//! request hdrs:  (full) the clock (the stream's start) into a slot of a fixed ring;
-//!                forced-canary header? (token / source CIDR) ── strip; trusted → canary
+//! context create: the clock (the stream's start) into a slot of a fixed ring
+//! request hdrs:  (full) forced-canary header? (token / source CIDR) ── strip; trusted → canary
 //!                sticky key? ── FNV-1a bucket → route = <bucket>;  else strip client's route hdr
 //!                guard tripped? ── guard header = <tripped services> (→ stable); else strip it
 //! response hdrs: (full) bodiless? grpc-status; responseHeader ← subset (resolves the pair)
-//! response body: (full; every chunk, no hostcall) end of stream after data → complete
+//! response body: (both; every chunk, no hostcall) end of stream after data → complete
 //! trailers:      (both; only responses with trailers) grpc-status
-//! (a VM with several plugin configurations: a stream's first callback reads plugin_name)
 //! on_log:        xds.cluster_name ──MetricCache::pair_for──▶ pair (name, else endpoint
 //!                metadata / subset header; bounded); :status (with clusterHeader: the response
 //!                headers in one read give the cluster and :status); response.code_details unless
-//!                the response was seen complete below 400; the clock (full) or
-//!                request.duration (observer) ──▶ class and duration counted in the VM;
-//!                guarded canary? ── would trip → merge into shared data now
+//!                the response was seen complete below 400; the clock ──▶ class and duration
+//!                counted in the VM; guarded canary? ── would trip → merge into shared data now
 //! on_tick:       every root's counts ──increment──▶ fledge_requests_total{service,subset,class},
 //!                fledge_request_duration_ms_{bucket,sum,count} (every 1 s); guards (100 ms):
 //!                merge into the shared window (CAS), learn trips ──▶ fledge_guard_tripped

@@ -3,43 +3,36 @@
 //! functions with the proxy-wasm ABI names; the tests call them the way Envoy does.
 //!
 //! Envoy enters the VM only for the callbacks a module exports (proxy-wasm-cpp-host returns
-//! `Continue` without a VM call for a missing export), and every entry and every hostcall costs
-//! CPU on every request; a hostcall that returns a value costs the most (a lookup, a second VM
-//! entry for the allocator, a copy). So each build exports only what it needs ([`Callback`],
-//! [`exports`]), trading entries against reads as measured (docs/filter-performance.md):
+//! `Continue` without a VM call for a missing export), and every entry costs CPU on every
+//! request. So each build exports only what it needs ([`Callback`], [`exports`]):
 //!
 //! | callback | full (`fledge_filter.wasm`) | observer (`fledge_observer.wasm`) |
 //! |---|---|---|
-//! | request headers | ✓ (clock; tagging, guard, strip) | — |
+//! | context create | ✓ (clock) | ✓ (clock) |
+//! | request headers | ✓ (tagging, guard, strip) | — |
 //! | response headers | ✓ (`responseHeader`, bodiless) | — |
-//! | response body (every chunk; no hostcall) | ✓ (end of stream) | — |
+//! | response body (every chunk; no hostcall) | ✓ (end of stream) | ✓ (end of stream) |
 //! | response trailers (only when there are trailers) | ✓ (`grpc-status`) | ✓ (`grpc-status`) |
 //! | log | ✓ (metrics) | ✓ (metrics) |
 //! | tick (per root context, 1 s or 100 ms) | ✓ | ✓ |
 //!
-//! Neither exports context create, the request body callbacks, `on_done` or `on_delete`. The
-//! first stream callback a module has takes the stream's slot in a fixed ring indexed by
-//! context id (nothing to delete): the request headers in the full module (with the clock: the
-//! start), the trailers in the observer (only responses that have them). The full module's
-//! body callback notes the end of stream (a response whose body ended is complete), sparing
-//! `on_log` the `response.code_details` read for a complete response below 400. The observer
-//! has only the log phase: it reads `request.duration` and `response.code_details` there (one
-//! VM entry and two reads measured cheaper than three entries and two clock reads). Batched
-//! counts of every root context are published by any root's tick, so nothing waits for a
-//! root's `on_done`.
-//!
-//! Without context create, nothing tells which root context (plugin configuration) a stream
-//! belongs to. A VM with one root (the usual case: Envoy shares a root between filters with
-//! the same configuration) needs no telling; when several share the VM, the stream's first
-//! callback reads `plugin_name` and picks the root configured under that name
-//! ([`Vm::on_configure`] reads each root's name, and warns when two share one).
+//! The response body callback only notes the end of stream: a response whose body ended is
+//! complete, so for a 2xx/3xx `on_log` skips the `response.code_details` read (a value read,
+//! ~1–1.5 µs, against ~0.2–0.5 µs for the VM entry), and the observer skips the trailers-only
+//! `grpc-status` lookup for any response with a body. Envoy enters the VM once per body chunk,
+//! so a response streamed in many chunks pays one entry per chunk (docs/filter-performance.md).
+//! No request body callbacks and no `on_done`/`on_delete` in either: the log phase reads what
+//! it needs (see [`crate::plugin::Finished::from_stream`]), stream state lives in a fixed ring
+//! of slots indexed by context id instead of a map that needs deleting, and batched counts of
+//! every root context are published by any root's tick, so nothing waits for a root's
+//! `on_done`.
 //!
 //! The rust SDK's dispatcher would export all callbacks and keep boxed contexts in hash maps;
 //! this module replaces it.
 
 use crate::guard::SharedData;
 use crate::metrics::MetricHost;
-use crate::plugin::{Configured, GuardEvent, Plugin, Property, StreamHost, StreamState};
+use crate::plugin::{Configured, GuardEvent, Plugin, StreamHost, StreamState};
 use fledge_core::filter_config::FilterModule;
 use std::collections::BTreeMap;
 
@@ -47,11 +40,6 @@ use std::collections::BTreeMap;
 /// started on the worker while it was in flight) is still recorded: `on_log` then reads the
 /// duration, the cluster and the gRPC status from Envoy instead of from the slot.
 pub const STREAM_SLOTS: usize = 4096;
-/// Streams remembered as lost: a stream that found its slot held by another one (see
-/// [`Vm::store`]) reads everything in `on_log`. More than this many at once is not expected:
-/// a slot is held from a stream's first callback to its log phase, and 4096 slots are free
-/// unless thousands of streams are in flight on one worker.
-pub const LOST_STREAMS: usize = 16;
 /// Root contexts remembered per VM (one per distinct plugin configuration). Envoy does not tell
 /// a module without `on_delete` that a root context is gone, so beyond this the one that ticked
 /// longest ago is dropped (after publishing its counts).
@@ -66,6 +54,7 @@ pub const GUARD_TICK_MILLIS: u32 = 100;
 /// A callback a module can export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Callback {
+    ContextCreate,
     RequestHeaders,
     ResponseHeaders,
     ResponseBody,
@@ -78,6 +67,7 @@ impl Callback {
     /// The proxy-wasm export name.
     pub const fn export_name(self) -> &'static str {
         match self {
+            Callback::ContextCreate => "proxy_on_context_create",
             Callback::RequestHeaders => "proxy_on_request_headers",
             Callback::ResponseHeaders => "proxy_on_response_headers",
             Callback::ResponseBody => "proxy_on_response_body",
@@ -93,6 +83,7 @@ impl Callback {
 pub const fn exports(module: FilterModule) -> &'static [Callback] {
     match module {
         FilterModule::Full => &[
+            Callback::ContextCreate,
             Callback::RequestHeaders,
             Callback::ResponseHeaders,
             Callback::ResponseBody,
@@ -100,7 +91,13 @@ pub const fn exports(module: FilterModule) -> &'static [Callback] {
             Callback::Log,
             Callback::Tick,
         ],
-        FilterModule::Observer => &[Callback::ResponseTrailers, Callback::Log, Callback::Tick],
+        FilterModule::Observer => &[
+            Callback::ContextCreate,
+            Callback::ResponseBody,
+            Callback::ResponseTrailers,
+            Callback::Log,
+            Callback::Tick,
+        ],
     }
 }
 
@@ -108,9 +105,6 @@ pub const fn exports(module: FilterModule) -> &'static [Callback] {
 #[derive(Debug)]
 struct Root {
     plugin: Plugin,
-    /// `plugin_name` as Envoy reports it in this root: how a stream names its root when
-    /// several share the VM.
-    name: Option<Vec<u8>>,
     tick_millis: u32,
     ticks: u64,
     /// Bumped on every tick; the smallest is the root gone longest (see [`MAX_ROOTS`]).
@@ -131,13 +125,9 @@ pub struct Vm {
     module: FilterModule,
     /// Root contexts by id.
     roots: BTreeMap<u32, Root>,
-    /// The root created last: the one a stream is recorded under when its plugin name does not
-    /// pick one.
+    /// The root created last: the one a stream the VM lost track of is recorded under.
     newest_root: Option<u32>,
     slots: Vec<Slot>,
-    /// Streams whose slot another stream held (a ring, [`LOST_STREAMS`] long).
-    lost: [u32; LOST_STREAMS],
-    lost_next: usize,
     /// Ticks seen by the whole VM, for [`Root::last_tick`].
     clock: u64,
 }
@@ -147,9 +137,6 @@ pub struct Vm {
 pub struct ConfigureOutcome {
     pub configured: Configured,
     pub tick_millis: u32,
-    /// Another root context of this VM has the same `plugin_name` and another configuration:
-    /// streams of the two cannot be told apart, and are recorded under the newer one.
-    pub name_clash: bool,
 }
 
 impl Vm {
@@ -159,8 +146,6 @@ impl Vm {
             roots: BTreeMap::new(),
             newest_root: None,
             slots: vec![Slot::default(); STREAM_SLOTS],
-            lost: [0; LOST_STREAMS],
-            lost_next: 0,
             clock: 0,
         }
     }
@@ -175,40 +160,24 @@ impl Vm {
     }
 
     /// `proxy_on_configure`: (re)configure root context `root_id` with the raw plugin
-    /// configuration, and learn its `plugin_name`. Never fails (see [`Plugin::configure`]).
-    pub fn on_configure<H: StreamHost + MetricHost>(
+    /// configuration. Never fails (see [`Plugin::configure`]).
+    pub fn on_configure<H: MetricHost>(
         &mut self,
         root_id: u32,
         raw: Option<&[u8]>,
         host: &mut H,
     ) -> ConfigureOutcome {
-        let name = host.property(Property::PluginName);
         let root = self.root(root_id, host);
-        root.name = name;
         let configured = root.plugin.configure(raw, host);
         root.tick_millis = if root.plugin.has_guards() {
             GUARD_TICK_MILLIS
         } else {
             COUNTER_FLUSH_MILLIS
         };
-        let tick_millis = root.tick_millis;
         ConfigureOutcome {
             configured,
-            tick_millis,
-            name_clash: self.name_clash(root_id),
+            tick_millis: root.tick_millis,
         }
-    }
-
-    /// Whether another root has root `root_id`'s name and another configuration.
-    fn name_clash(&self, root_id: u32) -> bool {
-        let Some(root) = self.roots.get(&root_id) else {
-            return false;
-        };
-        self.roots.iter().any(|(id, other)| {
-            *id != root_id
-                && other.name == root.name
-                && other.plugin.config() != root.plugin.config()
-        })
     }
 
     /// Root context `root_id`, created if new (dropping the stalest beyond [`MAX_ROOTS`]).
@@ -229,7 +198,6 @@ impl Vm {
             *newest = Some(root_id);
             Root {
                 plugin: Plugin::new(module),
-                name: None,
                 tick_millis: COUNTER_FLUSH_MILLIS,
                 ticks: 0,
                 last_tick: clock,
@@ -237,100 +205,72 @@ impl Vm {
         })
     }
 
-    /// The root context a stream belongs to, asked in its first callback: the only one, or
-    /// (several sharing the VM) the newest root named as `plugin_name` says, else the newest.
-    fn root_of_stream(&self, host: &mut impl StreamHost) -> Option<u32> {
-        if self.roots.len() <= 1 {
-            return self.roots.keys().next().copied();
-        }
-        let name = host.property(Property::PluginName);
-        self.roots
-            .iter()
-            .rev()
-            .find(|(_, root)| name.is_some() && root.name == name)
-            .map(|(id, _)| *id)
-            .or(self.newest_root)
-    }
-
     fn slot_index(context_id: u32) -> usize {
         context_id as usize % STREAM_SLOTS
     }
 
-    /// The slot of stream `context_id`: its root and state, if the stream still holds it.
-    fn slot(&self, context_id: u32) -> Option<(u32, StreamState)> {
-        let slot = self.slots.get(Self::slot_index(context_id))?;
-        (slot.context_id == context_id && context_id != 0).then_some((slot.root_id, slot.state))
+    /// The tracked state of stream `context_id` and its root's plugin; a stream the VM lost
+    /// track of gets a fresh state and the most recently added root.
+    fn stream(&mut self, context_id: u32) -> (Option<&mut Plugin>, StreamState, usize) {
+        let index = Self::slot_index(context_id);
+        let slot = self.slots.get(index).copied().unwrap_or_default();
+        let (root_id, state) = if slot.context_id == context_id && context_id != 0 {
+            (Some(slot.root_id), slot.state)
+        } else {
+            (None, StreamState::default())
+        };
+        let root_id = root_id
+            .filter(|id| self.roots.contains_key(id))
+            .or(self.newest_root);
+        let root = match root_id {
+            Some(id) => self.roots.get_mut(&id),
+            None => None,
+        };
+        let plugin = root.map(|root| &mut root.plugin);
+        (plugin, state, index)
     }
 
-    /// Stream `context_id`'s root and state: from its slot, else (a stream the module meets
-    /// for the first time, or a lost one) its root asked from Envoy and `fresh` — or, for a
-    /// lost stream, a state that reads everything in `on_log`, so it is still recorded.
-    fn stream(
-        &mut self,
-        context_id: u32,
-        fresh: StreamState,
-        host: &mut impl StreamHost,
-    ) -> (Option<u32>, StreamState) {
-        match self.slot(context_id) {
-            Some((root_id, state)) if self.roots.contains_key(&root_id) => (Some(root_id), state),
-            _ if self.lost.contains(&context_id) => {
-                (self.root_of_stream(host), StreamState::default())
+    fn store(&mut self, index: usize, context_id: u32, state: StreamState) {
+        if let Some(slot) = self.slots.get_mut(index) {
+            if slot.context_id == context_id {
+                slot.state = state;
             }
-            _ => (self.root_of_stream(host), fresh),
         }
     }
 
-    /// Keep `state` in the stream's slot. A slot held by another stream (one not logged yet)
-    /// stays with it; this stream is remembered as lost instead.
-    fn store(&mut self, context_id: u32, root_id: Option<u32>, state: StreamState) {
-        let (Some(root_id), Some(slot)) =
-            (root_id, self.slots.get_mut(Self::slot_index(context_id)))
-        else {
+    /// `proxy_on_context_create`: a root context (`root_id == 0`) or a new stream of root
+    /// `root_id`, whose start time is read now.
+    pub fn on_context_create<H: StreamHost + MetricHost>(
+        &mut self,
+        context_id: u32,
+        root_id: u32,
+        host: &mut H,
+    ) {
+        if root_id == 0 {
+            self.root(context_id, host);
             return;
-        };
-        if slot.context_id == 0 || slot.context_id == context_id {
+        }
+        let state = StreamState::started_at(host.now_nanos());
+        if let Some(slot) = self.slots.get_mut(Self::slot_index(context_id)) {
             *slot = Slot {
                 context_id,
                 root_id,
                 state,
             };
-        } else if !self.lost.contains(&context_id) {
-            if let Some(entry) = self.lost.get_mut(self.lost_next) {
-                *entry = context_id;
-            }
-            self.lost_next = (self.lost_next + 1) % LOST_STREAMS;
         }
     }
 
-    /// The state of a stream this module meets first in its response phase: the observer saw
-    /// all it would see; the full module lost track of it (it starts in the request headers).
-    fn response_phase_state(&self) -> StreamState {
-        match self.module {
-            FilterModule::Observer => StreamState::from_response_phase(),
-            FilterModule::Full => StreamState::default(),
-        }
-    }
-
-    fn plugin_mut(&mut self, root_id: Option<u32>) -> Option<&mut Plugin> {
-        self.roots.get_mut(&root_id?).map(|root| &mut root.plugin)
-    }
-
-    /// `proxy_on_request_headers` (full module): the stream's first callback, so it takes the
-    /// stream's slot and reads its start.
+    /// `proxy_on_request_headers` (full module).
     pub fn on_request_headers<H: StreamHost + MetricHost>(
         &mut self,
         context_id: u32,
         host: &mut H,
     ) {
-        if context_id == 0 {
-            return;
-        }
-        let root_id = self.root_of_stream(host);
-        let mut state = StreamState::started_at(host.now_nanos());
-        if let Some(plugin) = self.plugin_mut(root_id) {
+        let (plugin, mut state, index) = self.stream(context_id);
+        if let Some(plugin) = plugin {
             plugin.on_request_headers(&mut state, host);
         }
-        self.store(context_id, root_id, state);
+        self.store(index, context_id, state);
     }
 
     /// `proxy_on_response_headers` (full module).
@@ -340,16 +280,16 @@ impl Vm {
         end_of_stream: bool,
         host: &mut H,
     ) {
-        let (root_id, mut state) = self.stream(context_id, StreamState::default(), host);
-        if let Some(plugin) = self.plugin_mut(root_id) {
+        let (plugin, mut state, index) = self.stream(context_id);
+        if let Some(plugin) = plugin {
             plugin.on_response_headers(&mut state, end_of_stream, host);
         }
-        self.store(context_id, root_id, state);
+        self.store(index, context_id, state);
     }
 
-    /// `proxy_on_response_body` (full module; every chunk of a response body): note the end of
-    /// stream in the stream's slot. No plugin, no hostcall: this runs per chunk. A stream
-    /// without its slot is left alone (`on_log` then reads everything).
+    /// `proxy_on_response_body` (both modules; every chunk of a response body): note the end
+    /// of stream in the stream's slot. No plugin, no hostcall: this runs per chunk. A stream
+    /// whose slot a newer stream took is left alone (`on_log` then reads everything).
     pub fn on_response_body(&mut self, context_id: u32, body_size: usize, end_of_stream: bool) {
         if context_id == 0 {
             return;
@@ -363,12 +303,11 @@ impl Vm {
 
     /// `proxy_on_response_trailers` (both modules; only for responses with trailers).
     pub fn on_response_trailers<H: StreamHost>(&mut self, context_id: u32, host: &mut H) {
-        let fresh = self.response_phase_state();
-        let (root_id, mut state) = self.stream(context_id, fresh, host);
-        if let Some(plugin) = self.plugin_mut(root_id) {
+        let (plugin, mut state, index) = self.stream(context_id);
+        if let Some(plugin) = plugin {
             plugin.on_response_trailers(&mut state, host);
         }
-        self.store(context_id, root_id, state);
+        self.store(index, context_id, state);
     }
 
     /// `proxy_on_log`: record the finished stream. Returns what the guard did, if anything.
@@ -377,19 +316,15 @@ impl Vm {
         context_id: u32,
         host: &mut H,
     ) -> Option<GuardEvent> {
-        let fresh = self.response_phase_state();
-        let (root_id, mut state) = self.stream(context_id, fresh, host);
+        let (plugin, mut state, index) = self.stream(context_id);
+        let event = plugin.and_then(|plugin| plugin.on_log(&mut state, host));
         // The slot is free again; a late callback for this stream finds nothing.
-        if self.slot(context_id).is_some() {
-            if let Some(slot) = self.slots.get_mut(Self::slot_index(context_id)) {
+        if let Some(slot) = self.slots.get_mut(index) {
+            if slot.context_id == context_id {
                 *slot = Slot::default();
             }
         }
-        if let Some(entry) = self.lost.iter_mut().find(|id| **id == context_id) {
-            *entry = 0;
-        }
-        let plugin = self.plugin_mut(root_id)?;
-        plugin.on_log(&mut state, host)
+        event
     }
 
     /// `proxy_on_tick` of root `root_id`: its guards (every tick), and every root's batched
@@ -474,6 +409,7 @@ mod tests {
                 next_context: ROOT + 1,
             };
             let mut s = FakeStream::new();
+            envoy.vm.on_context_create(ROOT, 0, &mut s);
             let outcome = envoy.vm.on_configure(ROOT, Some(config.as_bytes()), &mut s);
             assert!(
                 matches!(outcome.configured, Configured::Applied { .. }),
@@ -491,6 +427,7 @@ mod tests {
             self.next_context += 1;
             s.metrics = std::mem::take(&mut self.metrics);
             let exported = exports(self.vm.module());
+            self.vm.on_context_create(context, ROOT, &mut s);
             if exported.contains(&Callback::RequestHeaders) {
                 self.vm.on_request_headers(context, &mut s);
             }
@@ -565,25 +502,19 @@ mod tests {
         // the duration are counted in the VM and wait for the tick.
         let want = |module| -> Vec<&str> {
             match module {
-                // The request headers start the stream; the body's end of stream (a VM entry, no
-                // hostcall) says the response is complete and not trailers-only: no
-                // `response.code_details` read, no `grpc-status` lookup in the headers.
+                // The body's end of stream (a VM entry, no hostcall) says the response is
+                // complete and not trailers-only: no `response.code_details` read, and no
+                // `grpc-status` lookup in the headers.
                 FilterModule::Full => vec![
-                    "now",                        // request headers: the start
-                    "get Request x-fledge-route", //   strip a client's copy
+                    "now",                        // context create: the start
+                    "get Request x-fledge-route", // request headers: strip a client's copy
                     "property cluster",           // log: the subset
                     "now",                        //   the duration
                     "get Response :status",       //   the class
                 ],
-                // The log phase alone: the duration from Envoy, and a 200 might be a
-                // trailers-only gRPC response (trailers would have had their callback).
-                FilterModule::Observer => vec![
-                    "property cluster",
-                    "property duration",
-                    "get Response :status",
-                    "get Response grpc-status",
-                    "property details",
-                ],
+                FilterModule::Observer => {
+                    vec!["now", "property cluster", "now", "get Response :status"]
+                }
             }
         };
         for module in both() {
@@ -614,8 +545,8 @@ mod tests {
     #[test]
     fn a_cluster_named_by_the_route_is_read_with_the_status_in_one_hostcall() {
         let named = |status| named_by_route(FakeStream::finished("app_canary", status));
-        // (response, shape, the hostcalls after the full module's request phase: its clock
-        // read and route-header strip)
+        // (response, shape, the log phase's hostcalls after the start's clock read and the
+        // full module's route-header strip)
         let grpc_only = || {
             let mut s = named(200);
             s.response.insert("grpc-status".into(), b"14".to_vec());
@@ -633,19 +564,16 @@ mod tests {
                 "200 with a body: one read for the cluster and the status",
                 named(200),
                 Response::Body,
-                [
-                    &["pairs Response", "now"],
-                    &["pairs Response", "property duration", "property details"],
-                ],
+                [&["pairs Response", "now"], &["pairs Response", "now"]],
             ),
             (
-                // Only the full module sees the headers end the stream: complete.
+                // The observer sees no headers phase: the details, but no grpc-status lookup.
                 "200, no body",
                 named(200),
                 Response::Bodiless,
                 [
                     &["get Response grpc-status", "pairs Response", "now"],
-                    &["pairs Response", "property duration", "property details"],
+                    &["pairs Response", "now", "property details"],
                 ],
             ),
             (
@@ -659,7 +587,7 @@ mod tests {
                         "now",
                         "property details",
                     ],
-                    &["pairs Response", "property duration", "property details"],
+                    &["pairs Response", "now", "property details"],
                 ],
             ),
             (
@@ -668,7 +596,7 @@ mod tests {
                 Response::Body,
                 [
                     &["pairs Response", "now", "property details"],
-                    &["pairs Response", "property duration", "property details"],
+                    &["pairs Response", "now", "property details"],
                 ],
             ),
             (
@@ -679,12 +607,7 @@ mod tests {
                 Response::Body,
                 [
                     &["pairs Response", "property cluster", "now"],
-                    &[
-                        "pairs Response",
-                        "property cluster",
-                        "property duration",
-                        "property details",
-                    ],
+                    &["pairs Response", "property cluster", "now"],
                 ],
             ),
             (
@@ -702,7 +625,7 @@ mod tests {
                     &[
                         "pairs Response",
                         "property cluster",
-                        "property duration",
+                        "now",
                         "get Response :status",
                     ],
                 ],
@@ -718,7 +641,7 @@ mod tests {
                 let s = envoy.request(copy, *response);
                 let start: &[&str] = match module {
                     FilterModule::Full => &["now", "get Request x-fledge-route"],
-                    FilterModule::Observer => &[],
+                    FilterModule::Observer => &["now"],
                 };
                 let (first, rest) = s.calls.split_at(start.len());
                 assert_eq!(first, start, "{module:?}: {name}");
@@ -864,7 +787,6 @@ mod tests {
                 "2xx",
             ),
             (
-                // An empty body ending the stream could be trailers-only: the read.
                 "200, an empty end of stream",
                 FakeStream::finished("app_canary", 200),
                 Response::EmptyEnd,
@@ -920,9 +842,8 @@ mod tests {
 
     #[test]
     fn each_module_reads_by_the_shape_of_the_response() {
-        // The hostcalls beyond the cluster, the duration (clock or property), `:status` (and
-        // the full module's route header strip), per module and response shape: what the
-        // callbacks saw spares reads.
+        // The hostcalls beyond the cluster, the clock, `:status` (and the full module's route
+        // header strip), per module and response shape: what the callbacks saw spares reads.
         let grpc_trailers = || {
             let mut s = FakeStream::finished("app_canary", 200);
             s.trailers.insert("grpc-status".into(), b"0".to_vec());
@@ -936,13 +857,11 @@ mod tests {
         );
         let cases: Vec<Case> = vec![
             (
-                // The full module saw the body end: complete, not trailers-only. The observer
-                // sees no body: the details say whether it was complete, and it looks for a
-                // trailers-only gRPC status (absent: a cheap lookup).
+                // Complete (end of stream in the body), not trailers-only.
                 "200 with a body",
                 FakeStream::finished("app_canary", 200),
                 Response::Body,
-                [&[], &["get Response grpc-status", "property details"]],
+                [&[], &[]],
             ),
             (
                 // Complete, but only the full module sees the headers' end of stream (and reads
@@ -956,6 +875,7 @@ mod tests {
                 ],
             ),
             (
+                // An empty body ending the stream could be trailers-only: the reads.
                 "200, an empty end of stream",
                 FakeStream::finished("app_canary", 200),
                 Response::EmptyEnd,
@@ -969,10 +889,7 @@ mod tests {
                 "200 cut off mid-body",
                 FakeStream::finished("app_canary", 200),
                 Response::CutOff,
-                [
-                    &["property details"],
-                    &["get Response grpc-status", "property details"],
-                ],
+                [&["property details"], &["property details"]],
             ),
             (
                 // A status of 400 or more: code_details tells the upstream's from Envoy's.
@@ -1005,7 +922,6 @@ mod tests {
                     "now",
                     "get Request x-fledge-route",
                     "property cluster",
-                    "property duration",
                     "get Response :status",
                 ];
                 let reads: Vec<&str> = s
@@ -1020,25 +936,26 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_whose_slot_another_holds_is_still_recorded() {
+    fn a_stream_the_vm_lost_track_of_is_still_recorded() {
         for module in both() {
             let mut envoy = Envoy::new(module, APP);
-            // Context ids that share a slot: the first stream holds it while the second runs.
+            // Context ids that share a slot: the second stream takes the first one's slot
+            // while the first is in flight.
             let (first, second) = (10, 10 + STREAM_SLOTS as u32);
             let mut s = FakeStream::finished("app_canary", 200);
             s.trailers.insert("grpc-status".into(), b"14".to_vec());
             s.properties
                 .insert("duration", 42_000_000i64.to_le_bytes().to_vec());
             s.metrics = std::mem::take(&mut envoy.metrics);
+            envoy.vm.on_context_create(first, ROOT, &mut s);
+            envoy.vm.on_context_create(second, ROOT, &mut s);
             if module == FilterModule::Full {
                 envoy.vm.on_request_headers(first, &mut s);
-                envoy.vm.on_request_headers(second, &mut s);
             }
             envoy.vm.on_response_trailers(first, &mut s);
-            envoy.vm.on_response_trailers(second, &mut s);
             s.calls.clear();
-            envoy.vm.on_log(second, &mut s);
-            // Lost: the duration from Envoy, the gRPC status from the trailers again, and
+            envoy.vm.on_log(first, &mut s);
+            // Nothing known: the duration from Envoy, the gRPC status from the trailers, and
             // code_details to tell an upstream's gRPC error from Envoy's own.
             assert_eq!(
                 s.calls,
@@ -1051,111 +968,47 @@ mod tests {
                 ],
                 "{module:?}"
             );
-            // The slot's holder kept what its callbacks saw: no read of the trailers again.
-            s.calls.clear();
-            envoy.vm.on_log(first, &mut s);
-            assert!(
-                !s.calls.iter().any(|c| c.contains("grpc-status")),
-                "{module:?}: {:?}",
-                s.calls
-            );
             envoy.metrics = std::mem::take(&mut s.metrics);
             envoy.tick();
-            assert_eq!(envoy.count("canary", "5xx"), 2, "{module:?}");
-            let (count, sum, _) = envoy.metrics.durations("app", "canary");
-            assert_eq!(count, 2, "{module:?}");
-            assert!(sum >= 42, "{module:?}: {sum}");
-            // Both slots are free again: a new stream there is followed as usual.
-            let s = envoy.request(FakeStream::finished("app_canary", 200), Response::Body);
-            assert!(!s
-                .calls
-                .contains(&"get ResponseTrailers grpc-status".to_string()));
+            assert_eq!(envoy.count("canary", "5xx"), 1, "{module:?}");
+            let (count, sum, buckets) = envoy.metrics.durations("app", "canary");
+            assert_eq!((count, sum), (1, 42));
+            assert_eq!(buckets, [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]);
         }
-    }
-
-    /// Configure root `root` of `vm` as plugin `name` with the metric store `metrics`.
-    fn configure_named(
-        vm: &mut Vm,
-        metrics: &mut FakeHost,
-        root: u32,
-        name: &str,
-        config: &str,
-    ) -> ConfigureOutcome {
-        let mut s = FakeStream::new().with_property("plugin_name", name.as_bytes());
-        s.metrics = std::mem::take(metrics);
-        let outcome = vm.on_configure(root, Some(config.as_bytes()), &mut s);
-        *metrics = std::mem::take(&mut s.metrics);
-        outcome
     }
 
     #[test]
     fn a_body_seen_for_a_lost_stream_marks_neither_stream_complete() {
-        let mut envoy = Envoy::new(FilterModule::Full, APP);
-        let (first, second) = (10, 10 + STREAM_SLOTS as u32);
-        let mut s = FakeStream::finished("app_canary", 200);
-        s.metrics = std::mem::take(&mut envoy.metrics);
-        envoy.vm.on_request_headers(first, &mut s);
-        envoy.vm.on_request_headers(second, &mut s);
-        // The second stream's body ends while the first holds the slot.
-        envoy.vm.on_response_body(second, 10, true);
-        s.calls.clear();
-        envoy.vm.on_log(second, &mut s);
-        // Lost: everything is read again, code_details included.
-        assert!(s.calls.contains(&"property details".to_string()));
-        // The first stream (cut off: no end of stream of its own) was not marked complete.
-        envoy.vm.on_response_body(first, 10, false);
-        s.calls.clear();
-        envoy.vm.on_log(first, &mut s);
-        assert_eq!(
-            s.calls,
-            vec![
-                "property cluster",
-                "now",
-                "get Response :status",
-                "property details"
-            ]
-        );
-    }
-
-    #[test]
-    fn streams_are_recorded_under_the_root_their_plugin_name_picks() {
-        const WEB: &str = r#"{"clusters": {"app_canary": {"service": "web", "subset": "canary"}}}"#;
         for module in both() {
-            let mut vm = Vm::new(module);
-            let mut metrics = FakeHost::default();
-            let m = &mut metrics;
-            assert!(!configure_named(&mut vm, m, 1, "a", APP).name_clash);
-            assert!(!configure_named(&mut vm, m, 2, "b", WEB).name_clash);
-            // The same name and configuration (another listener): nothing to tell apart.
-            assert!(!configure_named(&mut vm, m, 3, "a", APP).name_clash);
-            assert!(configure_named(&mut vm, m, 4, "b", APP).name_clash);
-            // One stream of plugin `name`; returns web's 2xx count after it.
-            let send = |vm: &mut Vm, metrics: &mut FakeHost, context: u32, name: &str| {
-                let mut r = FakeStream::finished("app_canary", 200)
-                    .with_property("plugin_name", name.as_bytes());
-                r.metrics = std::mem::take(metrics);
-                if module == FilterModule::Full {
-                    vm.on_request_headers(context, &mut r);
-                    vm.on_response_headers(context, false, &mut r);
-                }
-                vm.on_log(context, &mut r);
-                vm.on_tick(1, &mut r);
-                let reads = r.calls.iter().filter(|c| *c == "property plugin_name");
-                assert_eq!(reads.count(), 1, "{module:?}: {:?}", r.calls);
-                *metrics = std::mem::take(&mut r.metrics);
-                metrics.counter_sum(&requests_name("web", "canary", "2xx"))
-            };
-            // "a": roots 1 and 3 (the same configuration); "b": the newest, root 4 (app).
-            assert_eq!(send(&mut vm, &mut metrics, 10, "a"), 0, "{module:?}");
-            assert_eq!(send(&mut vm, &mut metrics, 11, "b"), 0, "{module:?}");
-            // No root of that name: the newest root (4).
-            assert_eq!(send(&mut vm, &mut metrics, 12, "c"), 0, "{module:?}");
-            let app = metrics.counter_sum(&requests_name("app", "canary", "2xx"));
-            assert_eq!(app, 3, "{module:?}");
-            // Root 4 reconfigured as WEB: "b" streams are web's now.
-            configure_named(&mut vm, &mut metrics, 4, "b", WEB);
-            assert_eq!(send(&mut vm, &mut metrics, 13, "b"), 1, "{module:?}");
-            assert_eq!(send(&mut vm, &mut metrics, 14, "a"), 1, "{module:?}");
+            let mut envoy = Envoy::new(module, APP);
+            let (first, second) = (10, 10 + STREAM_SLOTS as u32);
+            let mut s = FakeStream::finished("app_canary", 200);
+            s.metrics = std::mem::take(&mut envoy.metrics);
+            envoy.vm.on_context_create(first, ROOT, &mut s);
+            envoy.vm.on_context_create(second, ROOT, &mut s);
+            // The first stream's body ends while the second owns the slot.
+            envoy.vm.on_response_body(first, 10, true);
+            s.calls.clear();
+            envoy.vm.on_log(first, &mut s);
+            // Lost: everything is read again, code_details included.
+            assert!(
+                s.calls.contains(&"property details".to_string()),
+                "{module:?}"
+            );
+            // The second stream (no body seen yet, cut off) was not marked complete.
+            envoy.vm.on_response_body(second, 10, false);
+            s.calls.clear();
+            envoy.vm.on_log(second, &mut s);
+            assert_eq!(
+                s.calls,
+                vec![
+                    "property cluster",
+                    "now",
+                    "get Response :status",
+                    "property details"
+                ],
+                "{module:?}"
+            );
         }
     }
 
@@ -1186,8 +1039,7 @@ mod tests {
         let mut vm = Vm::new(FilterModule::Observer);
         let mut s = FakeStream::new();
         for root in 1..=(MAX_ROOTS as u32 + 1) {
-            s.properties
-                .insert("plugin_name", format!("root-{root}").into_bytes());
+            vm.on_context_create(root, 0, &mut s);
             vm.on_configure(root, Some(APP.as_bytes()), &mut s);
             if root > 1 {
                 vm.on_tick(root, &mut s);
@@ -1198,8 +1050,9 @@ mod tests {
         assert!(vm.plugin(MAX_ROOTS as u32 + 1).is_some());
         // A stream of root 2 is counted; root 3's tick publishes it.
         let context = 100;
-        let mut r = FakeStream::finished("app_canary", 200).with_property("plugin_name", b"root-2");
+        let mut r = FakeStream::finished("app_canary", 200);
         r.metrics = std::mem::take(&mut s.metrics);
+        vm.on_context_create(context, 2, &mut r);
         vm.on_log(context, &mut r);
         vm.on_tick(3, &mut r);
         assert_eq!(

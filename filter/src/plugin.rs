@@ -38,9 +38,6 @@ pub enum Property {
     ResponseFlags,
     /// `request.duration`
     RequestDuration,
-    /// `plugin_name`: which plugin configuration a stream belongs to, when several share a VM
-    /// (read per stream only then; see `module.rs`).
-    PluginName,
 }
 
 /// The per-request hostcalls. Implementations swallow failures: an absent or unreadable value is
@@ -126,29 +123,24 @@ pub struct StreamState {
     /// Envoy for `request.duration` instead.
     started_nanos: Option<u64>,
     /// The response headers went through the filter's response phase (full module): a
-    /// bodiless response's `grpc-status` was read there, and a response whose headers did not
-    /// end the stream has a body, so it is not trailers-only.
+    /// bodiless response's `grpc-status` was read there.
     saw_response_headers: bool,
-    /// A non-empty response body went through the filter (full module): not trailers-only.
+    /// A non-empty response body went through the filter: the response is not trailers-only.
     saw_body: bool,
-    /// The response ended normally: end of stream seen in the headers or in a body that
-    /// carried data (both full module), or in the trailers. A response the upstream cut off
-    /// mid-body never gets one (Envoy resets the stream instead). The observer sees neither
-    /// headers nor body: only trailers complete its responses, and `on_log` asks
-    /// `response.code_details` otherwise.
+    /// The response ended normally: end of stream seen in the headers, in a body that carried
+    /// data, or the trailers. A response the upstream cut off mid-body never gets one (Envoy
+    /// resets the stream instead).
     complete: bool,
     /// An upstream cluster was picked (no cluster: no route, `direct_response`, redirect).
     has_cluster: bool,
-    /// Every callback the module exports ran for this stream, so what they did not report did
-    /// not happen (no trailers, no bodiless headers). `false` (the default) when the module
-    /// lost track of the stream (see `module.rs`): `on_log` then reads what the earlier
-    /// callbacks would have seen.
+    /// The module followed this stream from its start. `false` (the default) when it lost
+    /// track (see `module.rs`): `on_log` then reads what the earlier callbacks would have seen.
     tracked: bool,
 }
 
 impl StreamState {
-    /// The state of a stream that reached the filter at `now_nanos` (the clock, read in its
-    /// first callback: the request headers).
+    /// The state of a stream that reached the filter at `now_nanos` (the clock, read when
+    /// Envoy creates the stream's context).
     pub fn started_at(now_nanos: Option<u64>) -> Self {
         StreamState {
             started_nanos: now_nanos,
@@ -157,22 +149,12 @@ impl StreamState {
         }
     }
 
-    /// The state of a stream of a module whose first callback for it is in the response
-    /// (the observer: trailers, else the log phase). Its start is unknown (`on_log` reads
-    /// `request.duration`), and the callbacks it exports saw everything they would see.
-    pub fn from_response_phase() -> Self {
-        StreamState {
-            tracked: true,
-            ..StreamState::default()
-        }
-    }
-
-    /// A chunk of the response body went through the filter (full module; `body_size`: the
-    /// body bytes Envoy holds for it; `end_of_stream`: the last chunk). Envoy calls this for
-    /// every chunk, so it makes no hostcall. The end of a body that carried data marks the
-    /// response complete, which spares `on_log` the `response.code_details` read for a
-    /// 2xx/3xx; an empty body ending the stream does not (a trailers-only gRPC response could
-    /// look like that), so it falls back to the read.
+    /// A chunk of the response body went through the filter (`body_size`: the body bytes Envoy
+    /// holds for it; `end_of_stream`: the last chunk). Envoy calls this for every chunk, so it
+    /// makes no hostcall. The end of a body that carried data marks the response complete,
+    /// which spares `on_log` the `response.code_details` read for a 2xx/3xx; an empty body
+    /// ending the stream does not (a trailers-only gRPC response could look like that), so it
+    /// falls back to the reads.
     pub fn response_body(&mut self, body_size: usize, end_of_stream: bool) {
         if body_size > 0 {
             self.saw_body = true;
@@ -369,7 +351,7 @@ impl ResponseHeaders {
 
 /// The `grpc-status` of an HTTP 200 the callbacks did not report: a trailers-only response
 /// carries it in the headers (only possible when the filter saw neither a body-carrying response
-/// header phase nor trailers); a stream the module lost track of may also have it
+/// header phase, nor a body, nor trailers); a stream the module lost track of may also have it
 /// in trailers.
 fn grpc_status_in_log(
     stream: &StreamState,
