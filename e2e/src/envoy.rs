@@ -74,6 +74,31 @@ pub struct WasmFilter {
 }
 
 impl WasmFilter {
+    /// The HCM entry `name` (raw Envoy JSON) running this filter as plugin `plugin_name` in VM
+    /// `vm_id`: Envoy shares a VM between filters with the same VM id and code.
+    pub fn http_filter(&self, name: &str, plugin_name: &str, vm_id: &str) -> Value {
+        json!({
+            "name": name,
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": plugin_name,
+                    "root_id": "fledge",
+                    "failure_policy": "FAIL_OPEN",
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": self.plugin_config,
+                    },
+                    "vm_config": {
+                        "vm_id": vm_id,
+                        "runtime": "envoy.wasm.runtime.v8",
+                        "code": {"local": {"filename": self.wasm.display().to_string()}}
+                    }
+                }
+            }
+        })
+    }
+
     /// The release build of the filter (errors with "run make build-filter" if missing).
     pub fn built(plugin_config: &str) -> Result<WasmFilter> {
         Ok(WasmFilter {
@@ -316,6 +341,9 @@ pub struct ForcedCanaryRoutes {
 pub const FORCED_CANARY_ROUTE_NAME: &str = "forced-canary";
 /// The HCM filter names, which per-route configuration refers to.
 pub const MAIN_FILTER_NAME: &str = "envoy.filters.http.wasm";
+/// The VM id (and plugin name) of the main filter: another filter with this VM id and the same
+/// code shares its VM.
+pub const MAIN_VM_ID: &str = "fledge";
 pub const FORCED_CANARY_FILTER_NAME: &str = "fledge-forced-canary";
 
 /// `typed_per_filter_config` of a route where the forced-canary filter runs instead of the main
@@ -863,30 +891,6 @@ fn static_cluster(name: &str, port: u16) -> Value {
     })
 }
 
-/// The HCM entry `name` running `filter` in its own VM `vm_id`.
-fn wasm_http_filter(filter: &WasmFilter, name: &str, vm_id: &str) -> Value {
-    json!({
-        "name": name,
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": vm_id,
-                "root_id": "fledge",
-                "failure_policy": "FAIL_OPEN",
-                "configuration": {
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": filter.plugin_config,
-                },
-                "vm_config": {
-                    "vm_id": vm_id,
-                    "runtime": "envoy.wasm.runtime.v8",
-                    "code": {"local": {"filename": filter.wasm.display().to_string()}}
-                }
-            }
-        }
-    })
-}
-
 fn bootstrap_config(
     options: &EnvoyOptions,
     admin_port: u16,
@@ -901,11 +905,11 @@ fn bootstrap_config(
         if !filter.wasm.is_file() {
             bail!("filter {} does not exist", filter.wasm.display());
         }
-        http_filters.push(wasm_http_filter(filter, MAIN_FILTER_NAME, "fledge"));
+        http_filters.push(filter.http_filter(MAIN_FILTER_NAME, MAIN_VM_ID, MAIN_VM_ID));
     }
     if let Some(forced) = &options.forced_canary {
-        let mut filter = wasm_http_filter(
-            &forced.filter,
+        let mut filter = forced.filter.http_filter(
+            FORCED_CANARY_FILTER_NAME,
             FORCED_CANARY_FILTER_NAME,
             FORCED_CANARY_FILTER_NAME,
         );

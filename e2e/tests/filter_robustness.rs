@@ -9,7 +9,7 @@ use crate::support;
 use anyhow::{ensure, Context, Result};
 use fledge_core::contract;
 use fledge_core::filter_config::FilterModule;
-use fledge_e2e::envoy::{CANARY_CLUSTER, STABLE_CLUSTER};
+use fledge_e2e::envoy::{CANARY_CLUSTER, MAIN_VM_ID, STABLE_CLUSTER};
 use fledge_e2e::{init_tracing, Envoy, EnvoyOptions, WasmFilter};
 use fledge_filter::module::{exports, Callback};
 use serde_json::{json, Value};
@@ -273,26 +273,10 @@ fn two_configurations_sharing_a_vm_for(wasm: &Path) -> Result<()> {
         }})
         .to_string()
     };
-    // The main filter's `vm_config` (id `fledge`, this code), another name and configuration.
-    let second = json!({
-        "name": "fledge.second",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": "fledge-second",
-                "root_id": "fledge",
-                "configuration": {
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": config("web"),
-                },
-                "vm_config": {
-                    "vm_id": "fledge",
-                    "runtime": "envoy.wasm.runtime.v8",
-                    "code": {"local": {"filename": wasm.display().to_string()}}
-                }
-            }
-        }
-    });
+    // In the main filter's VM (its id, this code), as another plugin with another
+    // configuration.
+    let second =
+        filter(wasm, &config("web")).http_filter("fledge.second", "fledge-second", MAIN_VM_ID);
     let options =
         EnvoyOptions::new(stable.port(), canary.port()).with_filter(filter(wasm, &config("app")));
     let alone = Envoy::start(options.clone())?;
