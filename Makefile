@@ -20,6 +20,8 @@ build-filter: setup
 	$(CARGO) build -p fledge-filter --target $(WASM_TARGET) --release
 	$(CARGO) build -p fledge-observer --target $(WASM_TARGET) --release
 	@ls -l $(FILTER_WASM) $(OBSERVER_WASM) | awk '{printf "filter: %s (%.1f KiB)\n", $$9, $$5/1024}'
+	# The bench's native reference (an Envoy dynamic module for this machine, not Wasm).
+	$(CARGO) build -p fledge-native-floor --release
 
 build: setup
 	$(CARGO) build --workspace --bins

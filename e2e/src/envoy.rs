@@ -164,6 +164,40 @@ pub struct EnvoyOptions {
     /// The two clusters take their endpoints from files (EDS, `eds/<cluster>/endpoints.json`,
     /// initially empty) instead of the two ports: a stand-in for istiod writes them.
     pub file_eds: bool,
+    /// A native access logger (an Envoy dynamic module) on the listener.
+    pub native_access_log: Option<NativeAccessLog>,
+}
+
+/// An Envoy dynamic module loaded as an access logger: `lib<name>.so` in `dir`.
+#[derive(Debug, Clone)]
+pub struct NativeAccessLog {
+    pub dir: PathBuf,
+    pub name: String,
+}
+
+impl NativeAccessLog {
+    /// `filter/native-floor`, built by `make build-filter`.
+    pub fn built_floor() -> Result<NativeAccessLog> {
+        let path = paths::native_floor_module();
+        let dir = path
+            .parent()
+            .filter(|_| path.exists())
+            .with_context(|| format!("{} is not built: run `make build-filter`", path.display()))?;
+        Ok(NativeAccessLog {
+            dir: dir.to_path_buf(),
+            name: paths::NATIVE_FLOOR_NAME.into(),
+        })
+    }
+
+    fn access_log(&self) -> Value {
+        json!({
+            "name": "envoy.access_loggers.dynamic_modules",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.dynamic_modules.v3.DynamicModuleAccessLog",
+                "dynamic_module_config": {"name": self.name}
+            }
+        })
+    }
 }
 
 impl EnvoyOptions {
@@ -187,6 +221,7 @@ impl EnvoyOptions {
             histogram_bucket_settings: Vec::new(),
             http_filters_before_wasm: Vec::new(),
             file_eds: false,
+            native_access_log: None,
         }
     }
 
@@ -429,7 +464,7 @@ pub struct Envoy {
     rds_version: AtomicU64,
     route_shape: RouteShape,
     /// How to start this Envoy again in place (same bootstrap, ports and RDS file).
-    relaunch: (PathBuf, Vec<String>),
+    relaunch: (PathBuf, Vec<String>, Vec<(String, PathBuf)>),
     restarts: u32,
     _dir: ScratchDir,
 }
@@ -471,7 +506,18 @@ impl Envoy {
             options.log_level.clone(),
         ];
         let log_path = dir.path().join("envoy.log");
-        let proc = launch(&binary, &args, &log_path, admin_port, listener_port)?;
+        // Envoy finds a dynamic module by name in this directory.
+        let env: Vec<(String, PathBuf)> = options
+            .native_access_log
+            .iter()
+            .map(|log| {
+                (
+                    "ENVOY_DYNAMIC_MODULES_SEARCH_PATH".to_string(),
+                    log.dir.clone(),
+                )
+            })
+            .collect();
+        let proc = launch(&binary, &args, &env, &log_path, admin_port, listener_port)?;
         tracing::info!(
             admin_port,
             listener_port,
@@ -485,7 +531,7 @@ impl Envoy {
             rds_path,
             rds_version: AtomicU64::new(1),
             route_shape,
-            relaunch: (binary, args),
+            relaunch: (binary, args, env),
             restarts: 0,
             _dir: dir,
         })
@@ -500,8 +546,15 @@ impl Envoy {
             ._dir
             .path()
             .join(format!("envoy-restart-{}.log", self.restarts));
-        let (binary, args) = &self.relaunch;
-        self.proc = launch(binary, args, &log_path, self.admin_port, self.listener_port)?;
+        let (binary, args, env) = &self.relaunch;
+        self.proc = launch(
+            binary,
+            args,
+            env,
+            &log_path,
+            self.admin_port,
+            self.listener_port,
+        )?;
         Ok(())
     }
 }
@@ -510,6 +563,7 @@ impl Envoy {
 fn launch(
     binary: &Path,
     args: &[String],
+    env: &[(String, PathBuf)],
     log_path: &Path,
     admin_port: u16,
     listener_port: u16,
@@ -517,6 +571,7 @@ fn launch(
     {
         let mut command = Command::new(binary);
         command.args(args);
+        command.envs(env.iter().map(|(key, value)| (key, value)));
         let mut proc = Proc::spawn("envoy", command, log_path)?;
         let admin_url = format!("http://127.0.0.1:{admin_port}");
         let started = Instant::now();
@@ -592,6 +647,21 @@ impl Envoy {
     /// `/stats/prometheus` text.
     pub fn stats_prometheus(&self) -> Result<String> {
         self.admin_get("/stats/prometheus")
+    }
+
+    /// The sum of the counters whose names contain `part` (admin `/stats`, text).
+    pub fn counter_sum(&self, part: &str) -> Result<u64> {
+        let text = self.admin_get("/stats?usedonly")?;
+        let mut sum = 0u64;
+        for (name, value) in text.lines().filter_map(|l| l.split_once(": ")) {
+            if name.contains(part) {
+                sum += value
+                    .trim()
+                    .parse::<u64>()
+                    .with_context(|| format!("counter {name}: {value:?} is not a count"))?;
+            }
+        }
+        Ok(sum)
     }
 
     /// Rewrite the RDS file with new weights (temp file + rename in the watched directory).
@@ -966,7 +1036,8 @@ fn bootstrap_config(
                                 }
                             }
                         },
-                        "http_filters": http_filters
+                        "http_filters": http_filters,
+                        "access_log": options.native_access_log.iter().map(NativeAccessLog::access_log).collect::<Vec<_>>()
                     }
                 }]}]
             }],

@@ -93,6 +93,17 @@ pub fn observer_wasm() -> Result<PathBuf> {
     )
 }
 
+/// The name Envoy loads `filter/native-floor` by (`lib<name>.so`).
+pub const NATIVE_FLOOR_NAME: &str = "fledge_native_floor";
+
+/// Where the release build of `filter/native-floor` is (a shared object for this machine,
+/// `<target>/release/libfledge_native_floor.so`), whether or not it exists.
+pub fn native_floor_module() -> PathBuf {
+    target_dir()
+        .join("release")
+        .join(format!("lib{NATIVE_FLOOR_NAME}.so"))
+}
+
 /// The built filter. Errors (with the fix) if it has not been built.
 pub fn filter_wasm() -> Result<PathBuf> {
     let path = filter_wasm_location();

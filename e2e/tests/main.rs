@@ -20,6 +20,7 @@ mod guard;
 mod harness;
 mod kubernetes;
 mod lifecycle;
+mod native_floor;
 mod operator_cli;
 mod prometheus;
 mod scenarios;

@@ -8,6 +8,9 @@
 //! - `none`: no filter;
 //! - `cluster-stats`: no filter either — what `metricsSource.envoyClusterStats` runs — as a
 //!   process of its own, so its ratio to `none` shows how much two identical Envoys differ here;
+//! - `native-floor`: no filter; `filter/native-floor`, an Envoy dynamic module (a native shared
+//!   object, no Wasm VM) as an access logger, makes the observer's four reads per request:
+//!   what these metrics cost without proxy-wasm;
 //! - `empty`: an empty Rust proxy-wasm SDK filter (`fledge-empty-filter`), the Wasm floor;
 //! - `floor`: `fledge-floor-filter`, only `on_log` and the four reads per-subset classes and
 //!   durations need (cluster, code, code details, duration): what any proxy-wasm filter with
@@ -63,7 +66,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use fledge_core::contract;
 use fledge_e2e::cpus::Placement;
-use fledge_e2e::envoy::{CANARY_CLUSTER, STABLE_CLUSTER};
+use fledge_e2e::envoy::{NativeAccessLog, CANARY_CLUSTER, STABLE_CLUSTER};
 use fledge_e2e::process::{free_port, port_accepts, wait_until, Proc, ScratchDir};
 use fledge_e2e::stats::{max, median, min};
 use fledge_e2e::{paths, Envoy, EnvoyOptions, RouteWeights, WasmFilter};
@@ -193,6 +196,8 @@ struct Variant {
     /// Whether Envoy's route names the upstream cluster in [`CLUSTER_HEADER`] (what the
     /// filter's `clusterHeader` reads).
     cluster_header: bool,
+    /// A native (dynamic-module) access logger instead of a Wasm filter.
+    native_access_log: Option<NativeAccessLog>,
 }
 
 impl Variant {
@@ -206,12 +211,19 @@ impl Variant {
             native_route: false,
             forced_canary_filter: None,
             cluster_header: false,
+            native_access_log: None,
         }
     }
 
     /// On routes that name the upstream cluster in [`CLUSTER_HEADER`].
     fn with_cluster_header(mut self) -> Variant {
         self.cluster_header = true;
+        self
+    }
+
+    /// With a native access logger (no Wasm filter).
+    fn with_native_access_log(mut self, log: NativeAccessLog) -> Variant {
+        self.native_access_log = Some(log);
         self
     }
 
@@ -261,6 +273,7 @@ struct Modules {
     empty: PathBuf,
     floor: PathBuf,
     floor_tagging: PathBuf,
+    native_floor: NativeAccessLog,
 }
 
 /// The floor's four reads, as its configuration lists them (an empty configuration means the
@@ -359,6 +372,13 @@ fn builtin_variants(modules: &Modules) -> Vec<Variant> {
             None,
             false,
         ),
+        Variant::new(
+            "native-floor",
+            "no filter; a native access logger (Envoy dynamic module) making the 4 reads",
+            None,
+            false,
+        )
+        .with_native_access_log(modules.native_floor.clone()),
         Variant::new(
             "empty",
             "empty Rust proxy-wasm SDK filter",
@@ -604,6 +624,7 @@ fn main() -> Result<()> {
         empty: full.with_file_name("fledge_empty_filter.wasm"),
         floor: full.with_file_name("fledge_floor_filter.wasm"),
         floor_tagging: full.with_file_name("fledge_floor_tagging_filter.wasm"),
+        native_floor: NativeAccessLog::built_floor()?,
         full,
     };
     let mut variants: Vec<Variant> = builtin_variants(&modules)
@@ -948,6 +969,9 @@ fn main() -> Result<()> {
         if r.variant.fledge_metrics {
             println!("{}", metrics_check(r)?);
         }
+        if r.variant.native_access_log.is_some() {
+            println!("{}", native_floor_check(r)?);
+        }
     }
     println!(
         "load average before {load_before}, after {} (other work on this machine shares the cores)",
@@ -1019,7 +1043,27 @@ fn start_envoy(variant: &Variant, upstream_port: u16, dir: &Path) -> Result<Envo
     if let Some(filter) = &variant.filter {
         options = options.with_filter(filter.clone());
     }
+    options.native_access_log = variant.native_access_log.clone();
     Envoy::start(options).with_context(|| format!("starting variant {}", variant.name))
+}
+
+/// `native-floor`'s counts against the requests sent to it. It publishes when a request comes
+/// a second after its last publication: one more request (not counted yet) publishes the rest.
+fn native_floor_check(r: &Running) -> Result<String> {
+    expect_200(&r.variant.name, &r.envoy)?;
+    let counted = r.envoy.counter_sum("fledge_native_floor_requests_total.")?;
+    let (low, high) = (r.sent, r.sent + r.in_flight);
+    ensure!(
+        (low..=high).contains(&counted),
+        "{}: the native access logger counted {counted} requests; sent {} (plus up to {} left in flight)",
+        r.variant.name,
+        r.sent,
+        r.in_flight
+    );
+    Ok(format!(
+        "metrics check {}: fledge_native_floor_requests_total {counted}, requests answered {} (+ up to {} in flight when wrk stopped): met",
+        r.variant.name, r.sent, r.in_flight
+    ))
 }
 
 /// The variant's `fledge_requests_total` against the requests sent to it.
@@ -1475,6 +1519,10 @@ mod tests {
             empty: "/m/empty.wasm".into(),
             floor: "/m/floor.wasm".into(),
             floor_tagging: "/m/floor-tagging.wasm".into(),
+            native_floor: NativeAccessLog {
+                dir: "/m".into(),
+                name: "native".into(),
+            },
         };
         let variants = builtin_variants(&modules);
         for variant in variants.iter().filter(|v| v.fledge_metrics) {
