@@ -571,7 +571,7 @@ fn launch(
     {
         let mut command = Command::new(binary);
         command.args(args);
-        command.envs(env.iter().map(|(key, value)| (key, value)));
+        command.envs(env.iter().cloned());
         let mut proc = Proc::spawn("envoy", command, log_path)?;
         let admin_url = format!("http://127.0.0.1:{admin_port}");
         let started = Instant::now();

@@ -9,25 +9,10 @@ use fledge_e2e::envoy::NativeAccessLog;
 use fledge_e2e::{init_tracing, Envoy, EnvoyOptions};
 use std::time::Duration;
 
-/// The built module, or `None` (test skipped) unless `FLEDGE_REQUIRE_WASM=1` (`make test`).
-fn built_or_skip() -> Result<Option<NativeAccessLog>> {
-    let require = std::env::var("FLEDGE_REQUIRE_WASM").is_ok_and(|v| v == "1");
-    match NativeAccessLog::built_floor() {
-        Ok(log) => Ok(Some(log)),
-        Err(error) if !require => {
-            eprintln!(
-                "SKIPPED native floor: {error:#} (set FLEDGE_REQUIRE_WASM=1 to fail instead)"
-            );
-            Ok(None)
-        }
-        Err(error) => Err(error),
-    }
-}
-
 #[test]
 fn the_native_floor_reads_and_classes_every_request() -> Result<()> {
     init_tracing();
-    let Some(log) = built_or_skip()? else {
+    let Some(log) = built_or_skip("native floor", NativeAccessLog::built_floor())? else {
         return Ok(());
     };
     let (stable, canary) = (RawUpstream::start("v1")?, RawUpstream::start("v2")?);

@@ -35,9 +35,15 @@ pub fn modules_or_skip(test: &str) -> Result<Vec<(FilterModule, PathBuf)>> {
 
 /// The built filter, or `None` (test skipped) unless `FLEDGE_REQUIRE_WASM=1`.
 pub fn filter_wasm_or_skip(test: &str) -> Result<Option<PathBuf>> {
+    built_or_skip(test, paths::filter_wasm())
+}
+
+/// A built artifact, or `None` (test skipped, saying why) unless `FLEDGE_REQUIRE_WASM=1`
+/// (`make test`), which turns a missing build into the test's failure.
+pub fn built_or_skip<T>(test: &str, built: Result<T>) -> Result<Option<T>> {
     let require = std::env::var("FLEDGE_REQUIRE_WASM").is_ok_and(|v| v == "1");
-    match paths::filter_wasm() {
-        Ok(wasm) => Ok(Some(wasm)),
+    match built {
+        Ok(artifact) => Ok(Some(artifact)),
         Err(error) if !require => {
             eprintln!("SKIPPED {test}: {error:#} (set FLEDGE_REQUIRE_WASM=1 to fail instead)");
             Ok(None)
