@@ -41,6 +41,8 @@ pub fn class(has_cluster: bool, code: u32, via_upstream: bool) -> usize {
 #[derive(Debug, Default)]
 pub struct Counts {
     clusters: Vec<(Vec<u8>, [u64; 5])>,
+    /// Summed and never published, as `filter/floor` does: the floor uses each value it
+    /// reads, it does not ship a histogram.
     duration_ms: i64,
     last_publish: Option<i64>,
 }
